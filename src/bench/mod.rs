@@ -1,0 +1,102 @@
+//! 基准运行器：每种场景一个运行器，产出变体结果与验收标准判定，再组装成报告。
+
+pub mod calibrate;
+
+use std::time::Instant;
+
+use crate::backend::{BackendContext, BackendKind, SelectedBackend};
+use crate::config::{Scenario, ScenarioKind};
+use crate::error::DsoptError;
+use crate::machine::{MachineInfo, ToolInfo};
+use crate::monitor::{MemorySample, MonitorConfig};
+use crate::report::{BackendReport, Criterion, Report, VariantReport, Verdict, SCHEMA_VERSION};
+
+/// What a runner returns: variants, criteria, run-level notes and the memory time series.
+#[derive(Debug, Default)]
+pub struct RunOutput {
+    /// Variant results.
+    pub variants: Vec<VariantReport>,
+    /// Criteria verdicts.
+    pub criteria: Vec<Criterion>,
+    /// Notes (scale, tuning state, what the baseline is).
+    pub notes: Vec<String>,
+    /// Memory time series.
+    pub memory_series: Vec<MemorySample>,
+}
+
+/// Whether this build has a runner for the kind. Kinds without one exit with code 3.
+pub fn runner_available(kind: ScenarioKind) -> bool {
+    matches!(kind, ScenarioKind::Calibrate)
+}
+
+/// The error for a kind whose runner does not exist yet (exit code 3, no fake output).
+pub fn runner_missing(kind: ScenarioKind) -> DsoptError {
+    let issue = match kind {
+        ScenarioKind::Mla => "SC-001 (MLA)",
+        ScenarioKind::Mtp => "SC-002 (MTP)",
+        ScenarioKind::Moe => "SC-003 (MoE)",
+        ScenarioKind::Calibrate => "calibration",
+    };
+    DsoptError::CannotRun(format!(
+        "the {} runner is not implemented in this version of dsopt: the scenario was parsed and \
+         validated, but {issue} cannot be measured yet, so no report is written",
+        kind.as_str()
+    ))
+}
+
+/// Runs a scenario on backend `B` and returns its runner output.
+pub fn run_scenario<B: burn::tensor::backend::Backend>(
+    scenario: &Scenario,
+    ctx: &BackendContext<B>,
+    monitor: MonitorConfig,
+) -> anyhow::Result<RunOutput> {
+    match scenario {
+        Scenario::Calibrate(s) => calibrate::run(s, ctx, monitor),
+        other => Err(runner_missing(other.kind()).into()),
+    }
+}
+
+/// Assembles a full report (machine, tool, backend, verdict) around a runner's output.
+pub fn assemble(
+    scenario: &Scenario,
+    scenario_file: &str,
+    selected: &SelectedBackend,
+    started: Instant,
+    out: RunOutput,
+) -> Report {
+    let verdict = Verdict::of(&out.criteria);
+    Report {
+        schema_version: SCHEMA_VERSION,
+        tool: ToolInfo::current(),
+        created_at: crate::report::timefmt::rfc3339(crate::report::timefmt::now_secs()),
+        wall_time_s: started.elapsed().as_secs_f64(),
+        machine: MachineInfo::capture(),
+        backend: backend_report(selected),
+        scenario_file: scenario_file.to_string(),
+        scenario: scenario.to_json(),
+        variants: out.variants,
+        criteria: out.criteria,
+        verdict,
+        notes: out.notes,
+        memory_series: out.memory_series,
+    }
+}
+
+/// The report's backend section.
+pub fn backend_report(selected: &SelectedBackend) -> BackendReport {
+    BackendReport {
+        name: selected.kind.to_string(),
+        device: selected.device.clone(),
+        features: selected
+            .kind
+            .features()
+            .into_iter()
+            .map(String::from)
+            .collect(),
+    }
+}
+
+/// True for backends whose memory is a CubeCL device pool.
+pub fn has_device_pool(kind: BackendKind) -> bool {
+    matches!(kind, BackendKind::Wgpu | BackendKind::Cuda)
+}

@@ -1,0 +1,479 @@
+//! The subcommands. Answers go to stdout; progress and logs to stderr.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::Context;
+use serde::Serialize;
+
+use dsopt::backend::{self, BackendContext, BackendJob, SelectedBackend};
+use dsopt::bench::{self, RunOutput};
+use dsopt::config::{Overrides, Scenario};
+use dsopt::error::{DsoptError, EXIT_BAD_INPUT, EXIT_CANNOT_RUN, EXIT_FAIL, EXIT_PASS};
+use dsopt::machine::{MachineInfo, ToolInfo};
+use dsopt::monitor::{progress, MonitorConfig};
+use dsopt::report::{self, gate, Report, Verdict};
+
+use super::{dispatch::dispatch, Cli, Command, Format, OverrideArgs, RunArgs};
+
+/// Runs the parsed command; returns the exit code.
+pub fn run(cli: &Cli) -> anyhow::Result<i32> {
+    match &cli.command {
+        Command::Info { json } => info(*json, cli.quiet),
+        Command::Bench {
+            kind,
+            scenario,
+            run,
+            overrides,
+        } => {
+            let (file, s) = match scenario {
+                Some(path) => (path.display().to_string(), Scenario::load(path)?),
+                None => (
+                    kind.default_scenario().0.to_string(),
+                    Scenario::builtin(*kind),
+                ),
+            };
+            if s.kind() != *kind {
+                return Err(DsoptError::Usage(format!(
+                    "{file} is a `{}` scenario, but `dsopt bench {}` was asked for; use `dsopt \
+                     bench {}` or `dsopt run {file}`",
+                    s.kind().as_str(),
+                    kind.as_str(),
+                    s.kind().as_str()
+                ))
+                .into());
+            }
+            let selected = backend::select(run.backend)?;
+            let report = bench_one(s, &file, overrides, run, &selected, cli.quiet)?;
+            Ok(verdict_code(report.verdict))
+        }
+        Command::Run {
+            paths,
+            run,
+            overrides,
+        } => run_many(paths, run, overrides, cli.quiet),
+        Command::Gate {
+            reports,
+            baseline,
+            noise,
+        } => gate_cmd(reports, baseline.as_deref(), *noise),
+        Command::Validate { paths } => validate(paths),
+    }
+}
+
+fn verdict_code(v: Verdict) -> i32 {
+    match v {
+        Verdict::Pass => EXIT_PASS,
+        Verdict::Fail | Verdict::Error => EXIT_FAIL,
+    }
+}
+
+fn log(quiet: bool, msg: impl AsRef<str>) {
+    if !quiet {
+        eprintln!("{}", msg.as_ref());
+    }
+}
+
+#[derive(Serialize)]
+struct InfoOut {
+    tool: ToolInfo,
+    backends: Vec<backend::BackendStatus>,
+    default_backend: Option<String>,
+    machine: MachineInfo,
+}
+
+fn info(json: bool, quiet: bool) -> anyhow::Result<i32> {
+    let spin = progress::spinner(!quiet, "probing backends and devices…");
+    let backends = backend::probe_all();
+    let default_backend = backend::select(backend::BackendChoice::Auto)
+        .ok()
+        .map(|s| format!("{} ({})", s.kind, s.device));
+    let machine = MachineInfo::capture();
+    spin.finish_and_clear();
+    let out = InfoOut {
+        tool: ToolInfo::current(),
+        backends,
+        default_backend,
+        machine,
+    };
+    if json {
+        println!("{}", serde_json::to_string_pretty(&out)?);
+        return Ok(EXIT_PASS);
+    }
+    let t = &out.tool;
+    println!(
+        "{} {} (git {})",
+        t.name,
+        t.version,
+        t.git_commit.as_deref().unwrap_or("unknown")
+    );
+    let mut table = comfy_table::Table::new();
+    table
+        .load_style(comfy_table::presets::UTF8_FULL_CONDENSED)
+        .set_header(vec![
+            "backend",
+            "compiled",
+            "usable",
+            "features",
+            "devices / reason",
+        ]);
+    for b in &out.backends {
+        let detail = if b.usable {
+            b.devices.join("\n")
+        } else {
+            b.reason.clone().unwrap_or_default()
+        };
+        table.add_row(vec![
+            b.kind.to_string(),
+            if b.compiled { "yes" } else { "no" }.to_string(),
+            if b.usable { "yes" } else { "no" }.to_string(),
+            b.features.join(", "),
+            detail,
+        ]);
+    }
+    println!("{table}");
+    println!(
+        "default backend (--backend auto): {}",
+        out.default_backend.as_deref().unwrap_or("none")
+    );
+    let m = &out.machine;
+    println!(
+        "machine: {} · {} cores · {} RAM · {}",
+        m.cpu,
+        m.cores,
+        report::write::bytes_h(Some(m.ram_bytes)),
+        m.os
+    );
+    if m.gpus.is_empty() {
+        println!("GPUs: none found (NVML absent, no hardware wgpu adapter)");
+    }
+    for g in &m.gpus {
+        println!(
+            "GPU: {} · driver {} · memory {} total, {} used · via {}",
+            g.name,
+            g.driver.as_deref().unwrap_or("?"),
+            report::write::bytes_h(g.memory_bytes),
+            report::write::bytes_h(g.used_bytes),
+            g.source
+        );
+    }
+    Ok(EXIT_PASS)
+}
+
+fn overrides(o: &OverrideArgs) -> Overrides {
+    Overrides {
+        seq: o.seq,
+        batch: o.batch,
+        warmup: o.warmup,
+        repetitions: o.repetitions,
+    }
+}
+
+fn monitor_config(s: &Scenario, quiet: bool) -> MonitorConfig {
+    let (warmup, repetitions) = match s {
+        Scenario::Mla(s) => (s.run.warmup, s.run.repetitions),
+        Scenario::Mtp(s) => (s.run.warmup, s.run.repetitions),
+        Scenario::Moe(s) => (s.run.warmup, s.run.repetitions),
+        Scenario::Calibrate(s) => (s.run.warmup, s.run.repetitions),
+    };
+    MonitorConfig {
+        warmup,
+        repetitions,
+        progress: !quiet,
+        ..Default::default()
+    }
+}
+
+/// The generic job run at the dispatch point.
+struct BenchJob<'a> {
+    scenario: &'a Scenario,
+    monitor: MonitorConfig,
+}
+
+impl BackendJob for BenchJob<'_> {
+    type Output = anyhow::Result<RunOutput>;
+    fn run<B: burn::tensor::backend::Backend>(self, ctx: BackendContext<B>) -> Self::Output {
+        bench::run_scenario(self.scenario, &ctx, self.monitor)
+    }
+}
+
+/// Loads overrides, runs one scenario, writes the report files, prints the verdict.
+fn bench_one(
+    mut s: Scenario,
+    file: &str,
+    o: &OverrideArgs,
+    run: &RunArgs,
+    selected: &SelectedBackend,
+    quiet: bool,
+) -> anyhow::Result<Report> {
+    s.apply(&overrides(o), Path::new(file))?;
+    if !bench::runner_available(s.kind()) {
+        return Err(bench::runner_missing(s.kind()).into());
+    }
+    let started = Instant::now();
+    log(
+        quiet,
+        format!(
+            "dsopt: {} `{}` on {} ({})",
+            s.id(),
+            s.title(),
+            selected.kind,
+            selected.device
+        ),
+    );
+    let job = BenchJob {
+        scenario: &s,
+        monitor: monitor_config(&s, quiet),
+    };
+    let out = dispatch(selected, job)??;
+    let report = bench::assemble(&s, file, selected, started, out);
+    let stem = report::write::file_stem(&report, report::timefmt::now_secs());
+    let files = report::write::write_all(&report, &run.out, &stem)
+        .with_context(|| format!("writing the report into {}", run.out.display()))?;
+    match run.format {
+        Format::Json => print!("{}", report::write::to_json(&report)?),
+        Format::Table => print!("{}", report::table::render(&report)),
+    }
+    log(
+        quiet,
+        format!(
+            "report: {} (+ .csv, -memory.csv, .md) in {:.1} s",
+            files.json.display(),
+            report.wall_time_s
+        ),
+    );
+    Ok(report)
+}
+
+/// Expands directories into their `*.toml` files (sorted).
+fn expand(paths: &[PathBuf]) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for p in paths {
+        if p.is_dir() {
+            let mut files: Vec<PathBuf> = std::fs::read_dir(p)
+                .map(|rd| {
+                    rd.filter_map(|e| e.ok().map(|e| e.path()))
+                        .filter(|f| f.extension().is_some_and(|x| x == "toml"))
+                        .collect()
+                })
+                .unwrap_or_default();
+            files.sort();
+            out.extend(files);
+        } else {
+            out.push(p.clone());
+        }
+    }
+    out
+}
+
+#[derive(Serialize)]
+struct SummaryEntry {
+    scenario_file: String,
+    id: Option<String>,
+    verdict: Option<Verdict>,
+    report: Option<String>,
+    exit_code: i32,
+    error: Option<String>,
+    criteria: Vec<report::Criterion>,
+}
+
+#[derive(Serialize)]
+struct Summary {
+    schema_version: u32,
+    kind: &'static str,
+    tool: ToolInfo,
+    created_at: String,
+    backend: Option<report::BackendReport>,
+    scenarios: Vec<SummaryEntry>,
+    verdict: Verdict,
+    exit_code: i32,
+}
+
+fn run_many(
+    paths: &[PathBuf],
+    run: &RunArgs,
+    o: &OverrideArgs,
+    quiet: bool,
+) -> anyhow::Result<i32> {
+    let files = expand(paths);
+    if files.is_empty() {
+        return Err(DsoptError::Usage(
+            "no scenario files found (a directory is searched for *.toml)".into(),
+        )
+        .into());
+    }
+    let selected = backend::select(run.backend)?;
+    let mut entries = Vec::new();
+    for f in &files {
+        let name = f.display().to_string();
+        let result = Scenario::load(f)
+            .map_err(anyhow::Error::from)
+            .and_then(|s| {
+                let quiet_table = RunArgs {
+                    format: Format::Table,
+                    ..run.clone()
+                };
+                bench_one(s, &name, o, &quiet_table, &selected, quiet)
+            });
+        let entry = match result {
+            Ok(r) => SummaryEntry {
+                scenario_file: name,
+                id: r.scenario["id"].as_str().map(String::from),
+                verdict: Some(r.verdict),
+                report: None,
+                exit_code: verdict_code(r.verdict),
+                error: None,
+                criteria: r.criteria.clone(),
+            },
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                SummaryEntry {
+                    scenario_file: name,
+                    id: None,
+                    verdict: None,
+                    report: None,
+                    exit_code: dsopt::error::exit_code_of(&e),
+                    error: Some(format!("{e:#}")),
+                    criteria: vec![],
+                }
+            }
+        };
+        entries.push(entry);
+    }
+    // the most severe outcome decides: bad input, then could-not-run, then a failed criterion
+    let code = [EXIT_BAD_INPUT, EXIT_CANNOT_RUN, EXIT_FAIL]
+        .into_iter()
+        .find(|c| entries.iter().any(|e| e.exit_code == *c))
+        .unwrap_or(EXIT_PASS);
+    let all: Vec<report::Criterion> = entries.iter().flat_map(|e| e.criteria.clone()).collect();
+    let verdict = if entries.iter().any(|e| e.verdict.is_none()) {
+        Verdict::Error
+    } else {
+        Verdict::of(&all)
+    };
+    let now = report::timefmt::now_secs();
+    let summary = Summary {
+        schema_version: report::SCHEMA_VERSION,
+        kind: "summary",
+        tool: ToolInfo::current(),
+        created_at: report::timefmt::rfc3339(now),
+        backend: Some(bench::backend_report(&selected)),
+        scenarios: entries,
+        verdict,
+        exit_code: code,
+    };
+    let stem = format!("{}-summary", report::timefmt::compact(now));
+    let json_path = run.out.join(format!("{stem}.json"));
+    report::write::write_atomic(
+        &json_path,
+        serde_json::to_string_pretty(&summary)?.as_bytes(),
+    )?;
+    let md_path = run.out.join(format!("{stem}.md"));
+    report::write::write_atomic(&md_path, summary_markdown(&summary).as_bytes())?;
+    if run.format == Format::Json {
+        println!("{}", serde_json::to_string_pretty(&summary)?);
+    } else {
+        let mut t = comfy_table::Table::new();
+        t.load_style(comfy_table::presets::UTF8_FULL_CONDENSED)
+            .set_header(vec!["scenario", "id", "verdict", "exit", "error"]);
+        for e in &summary.scenarios {
+            t.add_row(vec![
+                e.scenario_file.clone(),
+                e.id.clone().unwrap_or_default(),
+                e.verdict
+                    .map(|v| v.as_str().to_string())
+                    .unwrap_or("—".into()),
+                e.exit_code.to_string(),
+                e.error.clone().unwrap_or_default(),
+            ]);
+        }
+        println!("{t}\noverall: {} (exit {code})", summary.verdict.as_str());
+    }
+    log(quiet, format!("summary: {}", json_path.display()));
+    Ok(code)
+}
+
+fn summary_markdown(s: &Summary) -> String {
+    let mut m = format!(
+        "# dsopt 汇总报告\n\n- 时间：{}\n- 后端：{}\n- 总判定：**{}**（退出码 {}）\n\n## 场景\n\n| 场景文件 | 编号 | 判定 | 退出码 | 错误 |\n|---|---|---|---|---|\n",
+        s.created_at,
+        s.backend.as_ref().map(|b| format!("{} ({})", b.name, b.device)).unwrap_or_default(),
+        s.verdict.as_str(),
+        s.exit_code
+    );
+    for e in &s.scenarios {
+        m.push_str(&format!(
+            "| `{}` | {} | {} | {} | {} |\n",
+            e.scenario_file,
+            e.id.as_deref().unwrap_or("—"),
+            e.verdict.map(|v| v.as_str()).unwrap_or("—"),
+            e.exit_code,
+            e.error
+                .as_deref()
+                .unwrap_or("")
+                .replace('|', "/")
+                .replace('\n', " ")
+        ));
+    }
+    m.push_str("\n## 验收标准\n\n| 编号 | 指标 | 阈值 | 测量值 | 结果 |\n|---|---|---|---|---|\n");
+    for e in &s.scenarios {
+        for c in &e.criteria {
+            m.push_str(&format!(
+                "| {} | {} | {} {} | {} | {} |\n",
+                c.id,
+                c.metric,
+                c.comparison.symbol(),
+                c.threshold,
+                report::write::num_h(c.measured),
+                if c.passed { "通过" } else { "未通过" }
+            ));
+        }
+    }
+    m
+}
+
+fn gate_cmd(paths: &[PathBuf], baseline: Option<&Path>, noise: f64) -> anyhow::Result<i32> {
+    if !(0.0..1.0).contains(&noise) {
+        return Err(DsoptError::Usage(format!(
+            "--noise {noise} must be a fraction in [0, 1), e.g. 0.05 for 5 %"
+        ))
+        .into());
+    }
+    let mut reports = Vec::new();
+    for p in paths {
+        reports.push((p.clone(), gate::load(p)?));
+    }
+    let base = baseline.map(gate::load).transpose()?;
+    let outcome = gate::gate(&reports, base.as_ref(), noise);
+    println!("{}", gate::table(&outcome));
+    for r in &outcome.regressions {
+        println!("regression: {r}");
+    }
+    println!(
+        "gate: {}",
+        if outcome.exit_code == EXIT_PASS {
+            "PASS"
+        } else {
+            "FAIL"
+        }
+    );
+    Ok(outcome.exit_code)
+}
+
+fn validate(paths: &[PathBuf]) -> anyhow::Result<i32> {
+    let files = expand(paths);
+    if files.is_empty() {
+        return Err(DsoptError::Usage("no scenario files found".into()).into());
+    }
+    let mut code = EXIT_PASS;
+    for f in files {
+        match Scenario::load(&f) {
+            Ok(s) => println!("ok    {} ({} {})", f.display(), s.id(), s.kind().as_str()),
+            Err(e) => {
+                println!("error {e}");
+                code = EXIT_BAD_INPUT;
+            }
+        }
+    }
+    Ok(code)
+}

@@ -1,0 +1,124 @@
+//! clap definitions and the entry point of the binary.
+
+mod commands;
+mod dispatch;
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+use dsopt::backend::BackendChoice;
+use dsopt::config::ScenarioKind;
+
+/// dsopt — 在 Burn 中验证 DeepSeek 推理优化（MLA、MTP、MoE）的真实收益。
+#[derive(Parser, Debug)]
+#[command(name = "dsopt", version, about, long_about = None)]
+pub struct Cli {
+    /// No progress bars or logs on stderr (errors are still printed).
+    #[arg(long, short, global = true)]
+    pub quiet: bool,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Subcommands.
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Show the version, compiled-in backends, usable devices and this machine.
+    Info {
+        /// Print JSON on stdout instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run one benchmark kind (its shipped scenario, or --scenario FILE) and write a report.
+    Bench {
+        /// mla (SC-001), mtp (SC-002), moe (SC-003) or calibrate.
+        kind: ScenarioKind,
+        /// Scenario file (default: the shipped scenario of the kind).
+        #[arg(long, value_name = "FILE")]
+        scenario: Option<PathBuf>,
+        #[command(flatten)]
+        run: RunArgs,
+        #[command(flatten)]
+        overrides: OverrideArgs,
+    },
+    /// Run every scenario given (a directory means all its *.toml), one report each, plus a summary.
+    Run {
+        /// Scenario files or directories.
+        #[arg(required = true, value_name = "FILE|DIR")]
+        paths: Vec<PathBuf>,
+        #[command(flatten)]
+        run: RunArgs,
+        #[command(flatten)]
+        overrides: OverrideArgs,
+    },
+    /// Check reports for CI: exit 0 all criteria passed, 1 one failed, 2 a report is bad.
+    Gate {
+        /// Report JSON files.
+        #[arg(required = true, value_name = "REPORT.json")]
+        reports: Vec<PathBuf>,
+        /// A baseline report: fail on a regression beyond --noise and the measured spread.
+        #[arg(long, value_name = "REPORT.json")]
+        baseline: Option<PathBuf>,
+        /// Relative noise threshold for regressions (0.05 = 5 %).
+        #[arg(long, default_value_t = 0.05)]
+        noise: f64,
+    },
+    /// Parse and validate scenario files without running them.
+    Validate {
+        /// Scenario files or directories.
+        #[arg(required = true, value_name = "FILE|DIR")]
+        paths: Vec<PathBuf>,
+    },
+}
+
+/// Options shared by `bench` and `run`.
+#[derive(Args, Debug, Clone)]
+pub struct RunArgs {
+    /// Backend: auto picks CUDA, else a wgpu hardware adapter, else ndarray.
+    #[arg(long, value_enum, default_value_t = BackendChoice::Auto)]
+    pub backend: BackendChoice,
+    /// Output folder for reports.
+    #[arg(long, value_name = "DIR", default_value = "reports")]
+    pub out: PathBuf,
+    /// What goes to stdout: the verdict table, or the report JSON only.
+    #[arg(long, value_enum, default_value_t = Format::Table)]
+    pub format: Format,
+}
+
+/// Scenario overrides from the command line.
+#[derive(Args, Debug, Clone, Default)]
+pub struct OverrideArgs {
+    /// Sequence length (MLA run.seq, MTP run.new_tokens, MoE run.prefill_seq, calibrate size).
+    #[arg(long)]
+    pub seq: Option<usize>,
+    /// Batch size (MLA/MTP run.batch, MoE run.decode_batch, calibrate batch).
+    #[arg(long)]
+    pub batch: Option<usize>,
+    /// Warm-up runs.
+    #[arg(long)]
+    pub warmup: Option<usize>,
+    /// Timed repetitions.
+    #[arg(long)]
+    pub repetitions: Option<usize>,
+}
+
+/// stdout format.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    /// A verdict table.
+    Table,
+    /// The report JSON only.
+    Json,
+}
+
+/// Parses the command line, runs it, returns the exit code.
+pub fn main() -> i32 {
+    let cli = Cli::parse();
+    match commands::run(&cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            dsopt::error::exit_code_of(&e)
+        }
+    }
+}

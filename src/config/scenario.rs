@@ -1,0 +1,802 @@
+//! 场景文件模式（scenario schema）。
+//!
+//! 一个场景文件对应一个验收标准（SC-001 / SC-002 / SC-003）或一个校准任务。顶层键 `kind`
+//! 决定其余各节的结构：`mla`、`mtp`、`moe`、`calibrate`。所有节都拒绝未知键；数值在
+//! [`validate`](super::validate) 中检查。命令行参数（`--seq`、`--batch`）在加载之后覆盖场景值，
+//! 覆盖后再次校验。
+//!
+//! 示例见仓库 `scenarios/` 目录；每个字段的含义写在下面的结构体文档里。
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use super::validate::{self, find_key_line, Violation};
+use crate::error::DsoptError;
+
+/// 场景类型（顶层键 `kind`）。
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum ScenarioKind {
+    /// SC-001：MLA 与标准注意力（MHA/GQA）的内存与容量对比。
+    Mla,
+    /// SC-002：MTP 自推测解码与普通贪心解码的速度对比。
+    Mtp,
+    /// SC-003：DeepSeekMoE 与稠密 FFN 的速度对比，以及专家卸载的内存对比。
+    Moe,
+    /// 校准：一个矩阵乘法，用于端到端检查测量与报告链路。
+    Calibrate,
+}
+
+impl ScenarioKind {
+    /// The lowercase name used in files and on the command line.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ScenarioKind::Mla => "mla",
+            ScenarioKind::Mtp => "mtp",
+            ScenarioKind::Moe => "moe",
+            ScenarioKind::Calibrate => "calibrate",
+        }
+    }
+
+    /// The shipped default scenario of this kind (embedded in the binary).
+    pub fn default_scenario(self) -> (&'static str, &'static str) {
+        match self {
+            ScenarioKind::Mla => (
+                "scenarios/sc001-mla.toml",
+                include_str!("../../scenarios/sc001-mla.toml"),
+            ),
+            ScenarioKind::Mtp => (
+                "scenarios/sc002-mtp.toml",
+                include_str!("../../scenarios/sc002-mtp.toml"),
+            ),
+            ScenarioKind::Moe => (
+                "scenarios/sc003-moe.toml",
+                include_str!("../../scenarios/sc003-moe.toml"),
+            ),
+            ScenarioKind::Calibrate => (
+                "scenarios/calibrate.toml",
+                include_str!("../../scenarios/calibrate.toml"),
+            ),
+        }
+    }
+}
+
+/// 数值类型。CPU（ndarray）只支持 `f32`；`f16`/`bf16` 用于 GPU 场景。
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Dtype {
+    /// 32 位浮点（默认）。
+    #[default]
+    F32,
+    /// 16 位浮点。
+    F16,
+    /// bfloat16。
+    Bf16,
+}
+
+impl Dtype {
+    /// Bytes per element.
+    pub fn bytes(self) -> usize {
+        match self {
+            Dtype::F32 => 4,
+            Dtype::F16 | Dtype::Bf16 => 2,
+        }
+    }
+}
+
+fn default_rope_theta() -> f64 {
+    10000.0
+}
+fn default_true() -> bool {
+    true
+}
+
+// ---------------------------------------------------------------------------------------------
+// SC-001 MLA
+
+/// SC-001 场景：MLA 与 MHA/GQA 的内存与上下文容量对比。
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MlaScenario {
+    /// 验收标准编号，例如 `SC-001`。
+    pub id: String,
+    /// 必须为 `mla`。
+    pub kind: ScenarioKind,
+    /// 一行标题。
+    pub title: String,
+    /// 说明（可选）。
+    #[serde(default)]
+    pub description: Option<String>,
+    /// 模型形状（解码器主干）。
+    pub model: ModelShape,
+    /// 注意力变体及其维度（沿用 DeepSeek 的参数名）。
+    pub attention: MlaAttentionShape,
+    /// 运行设置。
+    pub run: MlaRun,
+    /// 内存预算与容量探测（SC-001b）。
+    pub capacity: MlaCapacity,
+    /// 阈值。
+    pub thresholds: MlaThresholds,
+}
+
+/// 解码器主干形状。
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelShape {
+    /// 隐藏维度 d。
+    pub hidden: usize,
+    /// 层数。
+    pub n_layers: usize,
+    /// 注意力头数 n_h。
+    pub n_heads: usize,
+    /// 词表大小。
+    pub vocab_size: usize,
+    /// 稠密 FFN 中间维度（SwiGLU）。
+    pub ffn_hidden: usize,
+    /// RoPE 基数 θ（默认 10000）。
+    #[serde(default = "default_rope_theta")]
+    pub rope_theta: f64,
+}
+
+/// MLA/MHA/GQA 的注意力维度。
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MlaAttentionShape {
+    /// MHA/GQA 每头维度 d_h。
+    pub head_dim: usize,
+    /// GQA 的 KV 头数 n_g（必须整除 n_heads，且小于 n_heads）。
+    pub gqa_kv_heads: usize,
+    /// KV 潜向量维度 d_c（DeepSeek: 512）。
+    pub kv_lora_rank: usize,
+    /// 查询压缩维度 d_c'（0 表示不压缩，如 V2-Lite）。
+    #[serde(default)]
+    pub q_lora_rank: usize,
+    /// 不带 RoPE 的 q/k 每头维度（DeepSeek: 128）。
+    pub qk_nope_head_dim: usize,
+    /// 解耦 RoPE 维度 d_r（DeepSeek: 64）。
+    pub qk_rope_head_dim: usize,
+    /// 每头 value 维度（DeepSeek: 128）。
+    pub v_head_dim: usize,
+    /// 要运行的变体：`mha`、`gqa`、`mla_absorbed`、`mla_naive`。
+    pub variants: Vec<String>,
+    /// 预填充时每块查询的 token 数（分块预填充，避免 [S, S] 分数矩阵）。
+    pub prefill_chunk: usize,
+}
+
+/// SC-001 运行设置。
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MlaRun {
+    /// 批大小。
+    pub batch: usize,
+    /// 预填充序列长度（`--seq` 覆盖）。
+    pub seq: usize,
+    /// 预填充之后解码的 token 数。
+    pub decode_tokens: usize,
+    /// 预热次数。
+    pub warmup: usize,
+    /// 重复测量次数。
+    pub repetitions: usize,
+    /// 数值类型。
+    #[serde(default)]
+    pub dtype: Dtype,
+}
+
+/// SC-001b 容量探测设置。
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MlaCapacity {
+    /// 内存预算（GiB）。
+    pub memory_budget_gib: f64,
+    /// 探测起点长度。
+    pub min_seq: usize,
+    /// 探测上限长度。
+    pub max_seq: usize,
+    /// 每次探测的真实解码步数。
+    pub probe_decode_tokens: usize,
+}
+
+/// SC-001 阈值。
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MlaThresholds {
+    /// SC-001a：运行期峰值（峰值减去权重加载后的基线）降低比例下限，0..1（规格：0.40）。
+    pub runtime_peak_reduction: f64,
+    /// SC-001b：预算内可容纳的上下文长度之比 MLA/MHA 下限（规格：2.0）。
+    pub capacity_ratio: f64,
+}
+
+// ---------------------------------------------------------------------------------------------
+// SC-002 MTP
+
+/// SC-002 场景：MTP 自推测解码与贪心解码对比。
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MtpScenario {
+    /// 验收标准编号，例如 `SC-002`。
+    pub id: String,
+    /// 必须为 `mtp`。
+    pub kind: ScenarioKind,
+    /// 一行标题。
+    pub title: String,
+    /// 说明（可选）。
+    #[serde(default)]
+    pub description: Option<String>,
+    /// 主模型形状（字节级分词，vocab_size 通常为 256）。
+    pub model: ModelShape,
+    /// MTP 设置。
+    pub mtp: MtpSettings,
+    /// 训练设置。
+    pub train: MtpTrain,
+    /// 运行设置。
+    pub run: MtpRun,
+    /// 扫描（可选）：深度 D 与批大小。
+    #[serde(default)]
+    pub sweep: Option<MtpSweep>,
+    /// 阈值。
+    pub thresholds: MtpThresholds,
+}
+
+/// MTP 模块设置。
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MtpSettings {
+    /// 草稿深度 D（"预测 4 个 token" = 主 token + D = 3 个草稿）。
+    pub depth: usize,
+}
+
+/// MTP 训练设置。
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MtpTrain {
+    /// 训练步数。
+    pub steps: usize,
+    /// 训练批大小。
+    pub batch: usize,
+    /// 训练序列长度。
+    pub seq_len: usize,
+    /// 学习率峰值。
+    pub learning_rate: f64,
+    /// 学习率预热步数。
+    pub warmup_steps: usize,
+    /// MTP 损失权重 λ。
+    pub mtp_lambda: f64,
+    /// 语料目录或文件（缺省：本机 cargo 注册表中依赖的 Rust 源码）。
+    #[serde(default)]
+    pub corpus: Option<PathBuf>,
+    /// 留出集比例，0..1。
+    pub holdout_fraction: f64,
+    /// 随机种子。
+    pub seed: u64,
+}
+
+/// SC-002 运行设置。
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MtpRun {
+    /// 批大小（规格：8）。
+    pub batch: usize,
+    /// 提示长度（token）。
+    pub prompt_len: usize,
+    /// 每条序列生成的新 token 数（`--seq` 覆盖）。
+    pub new_tokens: usize,
+    /// 预热次数。
+    pub warmup: usize,
+    /// 重复测量次数。
+    pub repetitions: usize,
+    /// 数值类型。
+    #[serde(default)]
+    pub dtype: Dtype,
+}
+
+/// 扫描设置。
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MtpSweep {
+    /// 草稿深度列表。
+    pub depths: Vec<usize>,
+    /// 批大小列表。
+    pub batches: Vec<usize>,
+}
+
+/// SC-002 阈值。
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MtpThresholds {
+    /// SC-002a：总生成时间降低比例下限，0..1（规格：0.25）。
+    pub time_reduction: f64,
+    /// SC-002b：吞吐量之比下限（规格：1.3）。
+    pub throughput_ratio: f64,
+}
+
+// ---------------------------------------------------------------------------------------------
+// SC-003 MoE
+
+/// SC-003 场景：DeepSeekMoE 与稠密 FFN 对比，以及专家卸载。
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MoeScenario {
+    /// 验收标准编号，例如 `SC-003`。
+    pub id: String,
+    /// 必须为 `moe`。
+    pub kind: ScenarioKind,
+    /// 一行标题。
+    pub title: String,
+    /// 说明（可选）。
+    #[serde(default)]
+    pub description: Option<String>,
+    /// 主干形状。
+    pub model: ModelShape,
+    /// MoE 设置（沿用 DeepSeek 的参数名）。
+    pub moe: MoeShape,
+    /// 运行设置。
+    pub run: MoeRun,
+    /// 专家卸载（SC-003b，可选）。
+    #[serde(default)]
+    pub offload: Option<MoeOffload>,
+    /// 阈值。
+    pub thresholds: MoeThresholds,
+}
+
+/// 路由打分函数。
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ScoreFunc {
+    /// softmax（DeepSeek-V2）。
+    Softmax,
+    /// sigmoid（DeepSeek-V3）。
+    Sigmoid,
+}
+
+/// DeepSeekMoE 形状。
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MoeShape {
+    /// 路由专家数。
+    pub n_routed_experts: usize,
+    /// 共享专家数（总是激活）。
+    pub n_shared_experts: usize,
+    /// 每个 token 激活的路由专家数 top-k。
+    pub num_experts_per_tok: usize,
+    /// 每个专家的中间维度。
+    pub moe_inter_dim: usize,
+    /// 打分函数。
+    pub score_func: ScoreFunc,
+    /// 分组路由的组数（1 = 不分组）。
+    #[serde(default = "one")]
+    pub n_group: usize,
+    /// 保留的组数。
+    #[serde(default = "one")]
+    pub topk_group: usize,
+    /// 门控权重缩放。
+    #[serde(default = "one_f")]
+    pub route_scale: f64,
+}
+
+fn one() -> usize {
+    1
+}
+fn one_f() -> f64 {
+    1.0
+}
+
+/// SC-003 运行设置。
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MoeRun {
+    /// 类预填充前向的批大小。
+    pub prefill_batch: usize,
+    /// 类预填充前向的序列长度（`--seq` 覆盖）。
+    pub prefill_seq: usize,
+    /// 类解码步的批大小（规格：8；`--batch` 覆盖）。
+    pub decode_batch: usize,
+    /// 解码步数。
+    pub decode_steps: usize,
+    /// 预热次数。
+    pub warmup: usize,
+    /// 重复测量次数。
+    pub repetitions: usize,
+    /// 数值类型。
+    #[serde(default)]
+    pub dtype: Dtype,
+}
+
+/// 专家卸载设置。
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MoeOffload {
+    /// 设备内存预算（GiB）。
+    pub memory_budget_gib: f64,
+    /// 设备端专家缓存容量（个）。
+    pub cache_experts: usize,
+    /// 是否预取下一层可能用到的专家。
+    #[serde(default = "default_true")]
+    pub prefetch: bool,
+}
+
+/// SC-003 阈值。
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MoeThresholds {
+    /// SC-003a：MoE 相对同总参数稠密模型的 tokens/s 倍数下限（规格：1.3）。
+    pub speedup_vs_dense_total: f64,
+    /// SC-003b：模型大小 / 内存预算 的下限（规格：2.0）。
+    pub model_to_budget_ratio: f64,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Calibrate
+
+/// 校准场景：一个 n×n 矩阵乘法，检查测量链路，并与主机端 f64 参考结果比对。
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CalibrateScenario {
+    /// 编号，例如 `CAL-001`。
+    pub id: String,
+    /// 必须为 `calibrate`。
+    pub kind: ScenarioKind,
+    /// 一行标题。
+    pub title: String,
+    /// 说明（可选）。
+    #[serde(default)]
+    pub description: Option<String>,
+    /// 工作负载。
+    pub workload: CalibrateWorkload,
+    /// 运行设置。
+    pub run: CalibrateRun,
+    /// 阈值。
+    pub thresholds: CalibrateThresholds,
+}
+
+/// 校准负载：`[size, size] x [size, size]` 矩阵乘法。
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CalibrateWorkload {
+    /// 矩阵边长（`--seq` 覆盖）。
+    pub size: usize,
+    /// 批大小（`--batch` 覆盖）。
+    pub batch: usize,
+}
+
+/// 校准运行设置。
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CalibrateRun {
+    /// 预热次数。
+    pub warmup: usize,
+    /// 重复测量次数。
+    pub repetitions: usize,
+}
+
+/// 校准阈值。
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CalibrateThresholds {
+    /// 与 f64 参考结果的最大相对误差（相对最大绝对值）上限。
+    pub max_rel_error: f64,
+}
+
+// ---------------------------------------------------------------------------------------------
+
+/// 已加载并校验的场景。
+#[derive(Debug, Clone)]
+pub enum Scenario {
+    /// SC-001。
+    Mla(MlaScenario),
+    /// SC-002。
+    Mtp(MtpScenario),
+    /// SC-003。
+    Moe(MoeScenario),
+    /// 校准。
+    Calibrate(CalibrateScenario),
+}
+
+/// 命令行覆盖项：加载后应用，再校验。
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    /// `--seq`：MLA 的 `run.seq`、MTP 的 `run.new_tokens`、MoE 的 `run.prefill_seq`、校准的 `workload.size`。
+    pub seq: Option<usize>,
+    /// `--batch`：MLA/MTP 的 `run.batch`、MoE 的 `run.decode_batch`、校准的 `workload.batch`。
+    pub batch: Option<usize>,
+    /// `--repetitions`。
+    pub repetitions: Option<usize>,
+    /// `--warmup`。
+    pub warmup: Option<usize>,
+}
+
+impl Scenario {
+    /// Reads, parses and validates a scenario file.
+    pub fn load(path: &Path) -> Result<Scenario, DsoptError> {
+        let text = std::fs::read_to_string(path).map_err(|e| DsoptError::Scenario {
+            file: path.to_path_buf(),
+            key: None,
+            line: None,
+            message: format!("cannot read the file: {e}"),
+            fix: "check the path; shipped scenarios are in scenarios/".into(),
+        })?;
+        Scenario::parse(path, &text)
+    }
+
+    /// Parses and validates scenario text; `path` is used in messages only.
+    pub fn parse(path: &Path, text: &str) -> Result<Scenario, DsoptError> {
+        let table: toml::Table = toml::from_str(text).map_err(|e| toml_error(path, text, &e))?;
+        let kind = match table.get("kind") {
+            None => {
+                return Err(DsoptError::Scenario {
+                    file: path.into(),
+                    key: Some("kind".into()),
+                    line: None,
+                    message: "missing key".into(),
+                    fix: "add `kind = \"mla\"` (or mtp, moe, calibrate) at the top".into(),
+                })
+            }
+            Some(toml::Value::String(s)) => s.clone(),
+            Some(_) => {
+                return Err(DsoptError::Scenario {
+                    file: path.into(),
+                    key: Some("kind".into()),
+                    line: find_key_line(text, "kind"),
+                    message: "must be a string".into(),
+                    fix: "use one of \"mla\", \"mtp\", \"moe\", \"calibrate\"".into(),
+                })
+            }
+        };
+        let de = |e: toml::de::Error| toml_error(path, text, &e);
+        let scenario = match kind.as_str() {
+            "mla" => Scenario::Mla(toml::from_str(text).map_err(de)?),
+            "mtp" => Scenario::Mtp(toml::from_str(text).map_err(de)?),
+            "moe" => Scenario::Moe(toml::from_str(text).map_err(de)?),
+            "calibrate" => Scenario::Calibrate(toml::from_str(text).map_err(de)?),
+            other => {
+                return Err(DsoptError::Scenario {
+                    file: path.into(),
+                    key: Some("kind".into()),
+                    line: find_key_line(text, "kind"),
+                    message: format!("unknown kind `{other}`"),
+                    fix: "use one of \"mla\", \"mtp\", \"moe\", \"calibrate\"".into(),
+                })
+            }
+        };
+        scenario.check(path, Some(text))?;
+        Ok(scenario)
+    }
+
+    /// Loads the shipped default scenario of a kind (embedded in the binary).
+    pub fn builtin(kind: ScenarioKind) -> Scenario {
+        let (name, text) = kind.default_scenario();
+        Scenario::parse(Path::new(name), text).expect("shipped scenarios are valid (tested)")
+    }
+
+    /// Validates; on failure the first violation becomes an error naming file, key and line.
+    pub fn check(&self, path: &Path, text: Option<&str>) -> Result<(), DsoptError> {
+        let violations = validate::validate(self);
+        match violations.into_iter().next() {
+            None => Ok(()),
+            Some(Violation { key, message, fix }) => Err(DsoptError::Scenario {
+                file: path.into(),
+                line: text.and_then(|t| find_key_line(t, &key)),
+                key: Some(key),
+                message,
+                fix,
+            }),
+        }
+    }
+
+    /// Applies command-line overrides and validates again (a flag can make a scenario invalid).
+    pub fn apply(&mut self, o: &Overrides, path: &Path) -> Result<(), DsoptError> {
+        match self {
+            Scenario::Mla(s) => {
+                set(&mut s.run.seq, o.seq);
+                set(&mut s.run.batch, o.batch);
+                set(&mut s.run.repetitions, o.repetitions);
+                set(&mut s.run.warmup, o.warmup);
+            }
+            Scenario::Mtp(s) => {
+                set(&mut s.run.new_tokens, o.seq);
+                set(&mut s.run.batch, o.batch);
+                set(&mut s.run.repetitions, o.repetitions);
+                set(&mut s.run.warmup, o.warmup);
+            }
+            Scenario::Moe(s) => {
+                set(&mut s.run.prefill_seq, o.seq);
+                set(&mut s.run.decode_batch, o.batch);
+                set(&mut s.run.repetitions, o.repetitions);
+                set(&mut s.run.warmup, o.warmup);
+            }
+            Scenario::Calibrate(s) => {
+                set(&mut s.workload.size, o.seq);
+                set(&mut s.workload.batch, o.batch);
+                set(&mut s.run.repetitions, o.repetitions);
+                set(&mut s.run.warmup, o.warmup);
+            }
+        }
+        self.check(path, None).map_err(|e| match e {
+            DsoptError::Scenario {
+                file,
+                key,
+                message,
+                fix,
+                ..
+            } => DsoptError::Scenario {
+                file,
+                line: None,
+                message: format!("{message} (after command-line overrides)"),
+                key,
+                fix,
+            },
+            other => other,
+        })
+    }
+
+    /// The scenario's kind.
+    pub fn kind(&self) -> ScenarioKind {
+        match self {
+            Scenario::Mla(_) => ScenarioKind::Mla,
+            Scenario::Mtp(_) => ScenarioKind::Mtp,
+            Scenario::Moe(_) => ScenarioKind::Moe,
+            Scenario::Calibrate(_) => ScenarioKind::Calibrate,
+        }
+    }
+
+    /// The criterion id (e.g. `SC-001`).
+    pub fn id(&self) -> &str {
+        match self {
+            Scenario::Mla(s) => &s.id,
+            Scenario::Mtp(s) => &s.id,
+            Scenario::Moe(s) => &s.id,
+            Scenario::Calibrate(s) => &s.id,
+        }
+    }
+
+    /// The one-line title.
+    pub fn title(&self) -> &str {
+        match self {
+            Scenario::Mla(s) => &s.title,
+            Scenario::Mtp(s) => &s.title,
+            Scenario::Moe(s) => &s.title,
+            Scenario::Calibrate(s) => &s.title,
+        }
+    }
+
+    /// The scenario as JSON, for the report (after overrides).
+    pub fn to_json(&self) -> serde_json::Value {
+        let v = match self {
+            Scenario::Mla(s) => serde_json::to_value(s),
+            Scenario::Mtp(s) => serde_json::to_value(s),
+            Scenario::Moe(s) => serde_json::to_value(s),
+            Scenario::Calibrate(s) => serde_json::to_value(s),
+        };
+        v.expect("scenario structs serialise")
+    }
+}
+
+fn set(slot: &mut usize, value: Option<usize>) {
+    if let Some(v) = value {
+        *slot = v;
+    }
+}
+
+/// Turns a TOML parse/deserialise error into a scenario error with key, line and a fix.
+fn toml_error(path: &Path, text: &str, e: &toml::de::Error) -> DsoptError {
+    let line = e
+        .span()
+        .map(|span| text[..span.start.min(text.len())].matches('\n').count() + 1);
+    let msg = e.message().trim().to_string();
+    // serde messages quote the offending field in backticks: "unknown field `foo`, expected ..."
+    let key = msg.split('`').nth(1).map(str::to_string);
+    let fix = if msg.starts_with("unknown field") {
+        "remove or rename the key; the accepted keys are listed above".to_string()
+    } else if msg.starts_with("missing field") {
+        "add the key; see the shipped files in scenarios/ for every key with a sensible value"
+            .to_string()
+    } else if msg.starts_with("unknown variant") {
+        "use one of the values listed above".to_string()
+    } else if msg.contains("invalid type") {
+        "give the value the expected type (see scenarios/ for examples)".to_string()
+    } else {
+        "fix the TOML syntax at that line".to_string()
+    };
+    DsoptError::Scenario {
+        file: path.into(),
+        key,
+        line,
+        message: msg,
+        fix,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn err(text: &str) -> String {
+        Scenario::parse(Path::new("t.toml"), text)
+            .unwrap_err()
+            .to_string()
+    }
+
+    #[test]
+    fn every_builtin_scenario_is_valid() {
+        for k in [
+            ScenarioKind::Mla,
+            ScenarioKind::Mtp,
+            ScenarioKind::Moe,
+            ScenarioKind::Calibrate,
+        ] {
+            let s = Scenario::builtin(k);
+            assert_eq!(s.kind(), k);
+        }
+    }
+
+    #[test]
+    fn unknown_key_is_named_with_line() {
+        let (_, text) = ScenarioKind::Calibrate.default_scenario();
+        let bad = text.replace("[run]", "[run]\nwarmpu = 3");
+        let e = err(&bad);
+        assert!(e.contains("warmpu"), "{e}");
+        let line = bad.lines().position(|l| l.contains("warmpu")).unwrap() + 1;
+        assert!(e.contains(&format!("t.toml:{line}")), "{e}");
+    }
+
+    #[test]
+    fn missing_key_is_named() {
+        let (_, text) = ScenarioKind::Calibrate.default_scenario();
+        let bad: String = text
+            .lines()
+            .filter(|l| !l.trim_start().starts_with("repetitions"))
+            .collect::<Vec<_>>()
+            .join("\n");
+        let e = err(&bad);
+        assert!(e.contains("repetitions"), "{e}");
+        assert!(e.contains("missing"), "{e}");
+    }
+
+    #[test]
+    fn unknown_kind_and_missing_kind() {
+        assert!(err("kind = \"gpt\"\n").contains("unknown kind `gpt`"));
+        assert!(err("id = \"x\"\n").contains("`kind`"));
+        assert!(err("kind = 3\n").contains("must be a string"));
+        assert!(err("kind = [\n").contains("t.toml:1"));
+    }
+
+    #[test]
+    fn overrides_apply_and_revalidate() {
+        let mut s = Scenario::builtin(ScenarioKind::Mla);
+        let o = Overrides {
+            seq: Some(1024),
+            batch: Some(2),
+            ..Default::default()
+        };
+        s.apply(&o, Path::new("x")).unwrap();
+        match &s {
+            Scenario::Mla(m) => {
+                assert_eq!(m.run.seq, 1024);
+                assert_eq!(m.run.batch, 2);
+            }
+            _ => unreachable!(),
+        }
+        let zero = Overrides {
+            seq: Some(0),
+            ..Default::default()
+        };
+        let e = s.apply(&zero, Path::new("x")).unwrap_err().to_string();
+        assert!(e.contains("run.seq") && e.contains("overrides"), "{e}");
+    }
+
+    #[test]
+    fn json_has_the_overridden_values() {
+        let mut s = Scenario::builtin(ScenarioKind::Moe);
+        s.apply(
+            &Overrides {
+                batch: Some(3),
+                ..Default::default()
+            },
+            Path::new("x"),
+        )
+        .unwrap();
+        assert_eq!(s.to_json()["run"]["decode_batch"], 3);
+        assert_eq!(s.id(), "SC-003");
+        assert!(!s.title().is_empty());
+    }
+}

@@ -1,0 +1,441 @@
+//! Value checks for scenarios: each violation names the dotted key and how to fix it.
+
+use super::scenario::*;
+
+/// One problem found in a scenario.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Violation {
+    /// Dotted key, e.g. `model.n_heads`.
+    pub key: String,
+    /// What is wrong.
+    pub message: String,
+    /// What to do.
+    pub fix: String,
+}
+
+struct Checker {
+    out: Vec<Violation>,
+}
+
+impl Checker {
+    fn fail(&mut self, key: &str, message: impl Into<String>, fix: impl Into<String>) {
+        self.out.push(Violation {
+            key: key.into(),
+            message: message.into(),
+            fix: fix.into(),
+        });
+    }
+    fn at_least(&mut self, key: &str, v: usize, min: usize) {
+        if v < min {
+            self.fail(
+                key,
+                format!("is {v}, must be at least {min}"),
+                format!("set {} = {min} or more", leaf(key)),
+            );
+        }
+    }
+    fn at_most(&mut self, key: &str, v: usize, max: usize) {
+        if v > max {
+            self.fail(
+                key,
+                format!("is {v}, must be at most {max}"),
+                format!("set {} to {max} or less", leaf(key)),
+            );
+        }
+    }
+    /// A fraction strictly inside (0, 1).
+    fn fraction(&mut self, key: &str, v: f64) {
+        if !(v > 0.0 && v < 1.0) {
+            self.fail(
+                key,
+                format!("is {v}, must be a fraction strictly between 0 and 1"),
+                format!("write e.g. {} = 0.40 for 40 %", leaf(key)),
+            );
+        }
+    }
+    fn positive(&mut self, key: &str, v: f64) {
+        if !(v > 0.0 && v.is_finite()) {
+            self.fail(
+                key,
+                format!("is {v}, must be a positive finite number"),
+                format!("set {} to a value above 0", leaf(key)),
+            );
+        }
+    }
+    fn id(&mut self, id: &str, prefix: &str) {
+        let ok = id
+            .strip_prefix(prefix)
+            .and_then(|r| r.strip_prefix('-'))
+            .map(|n| n.len() == 3 && n.chars().all(|c| c.is_ascii_digit()))
+            .unwrap_or(false);
+        if !ok {
+            self.fail(
+                "id",
+                format!("`{id}` is not a {prefix}-NNN id"),
+                format!("use an id like \"{prefix}-001\""),
+            );
+        }
+    }
+    fn run_common(&mut self, warmup: usize, repetitions: usize) {
+        self.at_least("run.repetitions", repetitions, 1);
+        self.at_most("run.repetitions", repetitions, 10_000);
+        self.at_most("run.warmup", warmup, 1_000);
+    }
+    fn model(&mut self, m: &ModelShape) {
+        self.at_least("model.hidden", m.hidden, 1);
+        self.at_least("model.n_layers", m.n_layers, 1);
+        self.at_least("model.n_heads", m.n_heads, 1);
+        self.at_least("model.vocab_size", m.vocab_size, 2);
+        self.at_least("model.ffn_hidden", m.ffn_hidden, 1);
+        self.positive("model.rope_theta", m.rope_theta);
+    }
+}
+
+fn leaf(key: &str) -> &str {
+    key.rsplit('.').next().unwrap_or(key)
+}
+
+/// Returns every violation in the scenario (empty = valid).
+pub fn validate(s: &Scenario) -> Vec<Violation> {
+    let mut c = Checker { out: Vec::new() };
+    match s {
+        Scenario::Mla(s) => mla(&mut c, s),
+        Scenario::Mtp(s) => mtp(&mut c, s),
+        Scenario::Moe(s) => moe(&mut c, s),
+        Scenario::Calibrate(s) => calibrate(&mut c, s),
+    }
+    c.out
+}
+
+fn mla(c: &mut Checker, s: &MlaScenario) {
+    c.id(&s.id, "SC");
+    c.model(&s.model);
+    let a = &s.attention;
+    c.at_least("attention.head_dim", a.head_dim, 1);
+    if a.head_dim % 2 != 0 {
+        c.fail(
+            "attention.head_dim",
+            "must be even (RoPE rotates pairs)",
+            "use e.g. 128",
+        );
+    }
+    c.at_least("attention.gqa_kv_heads", a.gqa_kv_heads, 1);
+    if a.gqa_kv_heads >= 1
+        && (s.model.n_heads % a.gqa_kv_heads != 0 || a.gqa_kv_heads >= s.model.n_heads)
+    {
+        c.fail(
+            "attention.gqa_kv_heads",
+            format!(
+                "{} KV heads must divide model.n_heads = {} and be fewer than it",
+                a.gqa_kv_heads, s.model.n_heads
+            ),
+            "use a proper divisor of n_heads, e.g. n_heads / 4",
+        );
+    }
+    c.at_least("attention.kv_lora_rank", a.kv_lora_rank, 1);
+    c.at_least("attention.qk_nope_head_dim", a.qk_nope_head_dim, 1);
+    c.at_least("attention.qk_rope_head_dim", a.qk_rope_head_dim, 2);
+    if a.qk_rope_head_dim % 2 != 0 {
+        c.fail(
+            "attention.qk_rope_head_dim",
+            "must be even (RoPE rotates pairs)",
+            "use e.g. 64",
+        );
+    }
+    c.at_least("attention.v_head_dim", a.v_head_dim, 1);
+    c.at_least("attention.prefill_chunk", a.prefill_chunk, 1);
+    const KNOWN: [&str; 4] = ["mha", "gqa", "mla_absorbed", "mla_naive"];
+    if a.variants.is_empty() {
+        c.fail(
+            "attention.variants",
+            "is empty",
+            "list e.g. [\"mha\", \"gqa\", \"mla_absorbed\"]",
+        );
+    }
+    for v in &a.variants {
+        if !KNOWN.contains(&v.as_str()) {
+            c.fail(
+                "attention.variants",
+                format!("unknown variant `{v}`"),
+                format!("use some of {KNOWN:?}"),
+            );
+        }
+    }
+    for needed in ["mha", "mla_absorbed"] {
+        if !a.variants.iter().any(|v| v == needed) {
+            c.fail(
+                "attention.variants",
+                format!(
+                    "must include `{needed}`: the SC-001 criteria compare mla_absorbed with mha"
+                ),
+                format!("add \"{needed}\" to the list"),
+            );
+        }
+    }
+    c.at_least("run.batch", s.run.batch, 1);
+    c.at_least("run.seq", s.run.seq, 1);
+    c.at_least("run.decode_tokens", s.run.decode_tokens, 1);
+    c.run_common(s.run.warmup, s.run.repetitions);
+    c.positive("capacity.memory_budget_gib", s.capacity.memory_budget_gib);
+    c.at_least("capacity.min_seq", s.capacity.min_seq, 1);
+    if s.capacity.max_seq < s.capacity.min_seq {
+        c.fail(
+            "capacity.max_seq",
+            format!(
+                "is {}, below capacity.min_seq = {}",
+                s.capacity.max_seq, s.capacity.min_seq
+            ),
+            "set max_seq >= min_seq",
+        );
+    }
+    c.at_least(
+        "capacity.probe_decode_tokens",
+        s.capacity.probe_decode_tokens,
+        1,
+    );
+    c.fraction(
+        "thresholds.runtime_peak_reduction",
+        s.thresholds.runtime_peak_reduction,
+    );
+    c.positive("thresholds.capacity_ratio", s.thresholds.capacity_ratio);
+}
+
+fn mtp(c: &mut Checker, s: &MtpScenario) {
+    c.id(&s.id, "SC");
+    c.model(&s.model);
+    if s.model.n_heads >= 1 && s.model.hidden % s.model.n_heads != 0 {
+        c.fail(
+            "model.n_heads",
+            format!(
+                "{} heads do not divide model.hidden = {}",
+                s.model.n_heads, s.model.hidden
+            ),
+            "choose n_heads that divides hidden",
+        );
+    }
+    c.at_least("mtp.depth", s.mtp.depth, 1);
+    c.at_most("mtp.depth", s.mtp.depth, 8);
+    c.at_least("train.steps", s.train.steps, 1);
+    c.at_least("train.batch", s.train.batch, 1);
+    c.at_least("train.seq_len", s.train.seq_len, s.mtp.depth + 2);
+    c.positive("train.learning_rate", s.train.learning_rate);
+    c.positive("train.mtp_lambda", s.train.mtp_lambda);
+    c.fraction("train.holdout_fraction", s.train.holdout_fraction);
+    c.at_least("run.batch", s.run.batch, 1);
+    c.at_least("run.prompt_len", s.run.prompt_len, 1);
+    c.at_least("run.new_tokens", s.run.new_tokens, 1);
+    c.run_common(s.run.warmup, s.run.repetitions);
+    if let Some(sw) = &s.sweep {
+        if sw.depths.is_empty() || sw.depths.iter().any(|&d| d == 0 || d > 8) {
+            c.fail(
+                "sweep.depths",
+                "must list depths between 1 and 8",
+                "e.g. depths = [1, 2, 3, 4]",
+            );
+        }
+        if sw.batches.is_empty() || sw.batches.contains(&0) {
+            c.fail(
+                "sweep.batches",
+                "must list batch sizes of at least 1",
+                "e.g. batches = [1, 8, 32]",
+            );
+        }
+    }
+    c.fraction("thresholds.time_reduction", s.thresholds.time_reduction);
+    c.positive("thresholds.throughput_ratio", s.thresholds.throughput_ratio);
+}
+
+fn moe(c: &mut Checker, s: &MoeScenario) {
+    c.id(&s.id, "SC");
+    c.model(&s.model);
+    let m = &s.moe;
+    c.at_least("moe.n_routed_experts", m.n_routed_experts, 1);
+    c.at_least("moe.num_experts_per_tok", m.num_experts_per_tok, 1);
+    c.at_most(
+        "moe.num_experts_per_tok",
+        m.num_experts_per_tok,
+        m.n_routed_experts,
+    );
+    c.at_least("moe.moe_inter_dim", m.moe_inter_dim, 1);
+    c.at_least("moe.n_group", m.n_group, 1);
+    if m.n_group >= 1 && m.n_routed_experts % m.n_group != 0 {
+        c.fail(
+            "moe.n_group",
+            format!(
+                "{} groups do not divide n_routed_experts = {}",
+                m.n_group, m.n_routed_experts
+            ),
+            "choose n_group that divides n_routed_experts (1 = no grouping)",
+        );
+    }
+    c.at_least("moe.topk_group", m.topk_group, 1);
+    c.at_most("moe.topk_group", m.topk_group, m.n_group);
+    if m.n_group >= 1 && m.topk_group >= 1 && m.topk_group <= m.n_group {
+        let per_group = m.n_routed_experts / m.n_group;
+        if m.topk_group * per_group < m.num_experts_per_tok {
+            c.fail(
+                "moe.topk_group",
+                format!(
+                    "{} groups of {per_group} experts cannot supply num_experts_per_tok = {}",
+                    m.topk_group, m.num_experts_per_tok
+                ),
+                "raise topk_group or lower num_experts_per_tok",
+            );
+        }
+    }
+    c.positive("moe.route_scale", m.route_scale);
+    c.at_least("run.prefill_batch", s.run.prefill_batch, 1);
+    c.at_least("run.prefill_seq", s.run.prefill_seq, 1);
+    c.at_least("run.decode_batch", s.run.decode_batch, 1);
+    c.at_least("run.decode_steps", s.run.decode_steps, 1);
+    c.run_common(s.run.warmup, s.run.repetitions);
+    if let Some(o) = &s.offload {
+        c.positive("offload.memory_budget_gib", o.memory_budget_gib);
+        c.at_least(
+            "offload.cache_experts",
+            o.cache_experts,
+            m.num_experts_per_tok.max(1),
+        );
+    }
+    c.positive(
+        "thresholds.speedup_vs_dense_total",
+        s.thresholds.speedup_vs_dense_total,
+    );
+    c.positive(
+        "thresholds.model_to_budget_ratio",
+        s.thresholds.model_to_budget_ratio,
+    );
+}
+
+fn calibrate(c: &mut Checker, s: &CalibrateScenario) {
+    c.id(&s.id, "CAL");
+    c.at_least("workload.size", s.workload.size, 1);
+    c.at_most("workload.size", s.workload.size, 16_384);
+    c.at_least("workload.batch", s.workload.batch, 1);
+    c.run_common(s.run.warmup, s.run.repetitions);
+    c.fraction("thresholds.max_rel_error", s.thresholds.max_rel_error);
+}
+
+/// Finds the 1-based line of a dotted key (`section.key` or top-level `key`) in TOML text.
+/// Handles `[section]` headers and `key = value` lines; returns `None` when not present.
+pub fn find_key_line(text: &str, dotted: &str) -> Option<usize> {
+    let (section, key) = match dotted.rsplit_once('.') {
+        Some((s, k)) => (s, k),
+        None => ("", dotted),
+    };
+    let mut current = String::new();
+    for (i, raw) in text.lines().enumerate() {
+        let line = raw.trim();
+        if let Some(h) = line.strip_prefix('[') {
+            current = h.trim_end_matches(']').trim().to_string();
+            continue;
+        }
+        if current == section {
+            if let Some((k, _)) = line.split_once('=') {
+                if k.trim() == key {
+                    return Some(i + 1);
+                }
+            }
+        }
+    }
+    // a section with an invalid whole value (e.g. empty table): point at its header
+    if !section.is_empty() {
+        for (i, raw) in text.lines().enumerate() {
+            if raw.trim() == format!("[{section}]") {
+                return Some(i + 1);
+            }
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    fn parse_err(kind: ScenarioKind, from: &str, to: &str) -> String {
+        let (_, text) = kind.default_scenario();
+        assert!(
+            text.contains(from),
+            "{from} not in the shipped {kind:?} scenario"
+        );
+        let bad = text.replacen(from, to, 1);
+        Scenario::parse(Path::new("s.toml"), &bad)
+            .unwrap_err()
+            .to_string()
+    }
+
+    #[test]
+    fn zero_heads_rejected_with_key_and_line() {
+        let e = parse_err(ScenarioKind::Mla, "n_heads = 16", "n_heads = 0");
+        assert!(e.contains("model.n_heads"), "{e}");
+        assert!(e.contains("at least 1"), "{e}");
+        assert!(e.contains("fix:"), "{e}");
+    }
+
+    #[test]
+    fn gqa_heads_must_divide() {
+        let e = parse_err(ScenarioKind::Mla, "gqa_kv_heads = 4", "gqa_kv_heads = 5");
+        assert!(e.contains("attention.gqa_kv_heads"), "{e}");
+    }
+
+    #[test]
+    fn heads_must_divide_width_for_mtp() {
+        let e = parse_err(ScenarioKind::Mtp, "n_heads = 4", "n_heads = 7");
+        assert!(e.contains("model.n_heads") && e.contains("divide"), "{e}");
+    }
+
+    #[test]
+    fn seq_zero_and_threshold_out_of_range() {
+        let e = parse_err(ScenarioKind::Mla, "seq = 8192", "seq = 0");
+        assert!(e.contains("run.seq"), "{e}");
+        let e = parse_err(
+            ScenarioKind::Mla,
+            "runtime_peak_reduction = 0.40",
+            "runtime_peak_reduction = 40",
+        );
+        assert!(
+            e.contains("thresholds.runtime_peak_reduction") && e.contains("fraction"),
+            "{e}"
+        );
+        let e = parse_err(
+            ScenarioKind::Mtp,
+            "time_reduction = 0.25",
+            "time_reduction = -0.1",
+        );
+        assert!(e.contains("thresholds.time_reduction"), "{e}");
+    }
+
+    #[test]
+    fn moe_topk_bounds() {
+        let e = parse_err(
+            ScenarioKind::Moe,
+            "num_experts_per_tok = 6",
+            "num_experts_per_tok = 65",
+        );
+        assert!(e.contains("moe.num_experts_per_tok"), "{e}");
+    }
+
+    #[test]
+    fn unknown_variant_rejected() {
+        let e = parse_err(ScenarioKind::Mla, "\"mla_naive\"", "\"mla_fast\"");
+        assert!(e.contains("mla_fast"), "{e}");
+    }
+
+    #[test]
+    fn bad_id_rejected() {
+        let e = parse_err(ScenarioKind::Calibrate, "id = \"CAL-001\"", "id = \"cal1\"");
+        assert!(e.contains("`id`") && e.contains("CAL-NNN"), "{e}");
+    }
+
+    #[test]
+    fn key_line_lookup() {
+        let t = "id = 1\n[model]\nhidden = 2\n[run]\nhidden = 3\n";
+        assert_eq!(find_key_line(t, "id"), Some(1));
+        assert_eq!(find_key_line(t, "model.hidden"), Some(3));
+        assert_eq!(find_key_line(t, "run.hidden"), Some(5));
+        assert_eq!(find_key_line(t, "run.nothing"), Some(4));
+        assert_eq!(find_key_line(t, "nothing"), None);
+    }
+}

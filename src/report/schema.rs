@@ -1,0 +1,308 @@
+//! 报告模式，版本 1（`schema_version: 1`）。结构体即 JSON 模式：`Option` 表示"未测量"（`null`）。
+//!
+//! 字段与 DESIGN.md 第 4 节一致；可以增加字段，不可改名或删除。
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::machine::{MachineInfo, ToolInfo};
+use crate::monitor::{MeasuredMemory, MemorySample, Timings};
+
+/// 本工具写出和读取的报告模式版本。
+pub const SCHEMA_VERSION: u32 = 1;
+
+/// 一次运行的完整报告。
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Report {
+    /// 模式版本（1）。
+    pub schema_version: u32,
+    /// 工具名称、版本、git 提交。
+    pub tool: ToolInfo,
+    /// 创建时间（UTC，RFC 3339）。
+    pub created_at: String,
+    /// 整个运行的墙钟时间（秒）。
+    pub wall_time_s: f64,
+    /// 机器信息。
+    pub machine: MachineInfo,
+    /// 后端。
+    pub backend: BackendReport,
+    /// 场景文件路径（内置场景为其仓库路径）。
+    pub scenario_file: String,
+    /// 场景（应用命令行覆盖之后）。
+    pub scenario: serde_json::Value,
+    /// 每个变体的结果。
+    pub variants: Vec<VariantReport>,
+    /// 每个验收标准的判定。
+    pub criteria: Vec<Criterion>,
+    /// 总判定。
+    pub verdict: Verdict,
+    /// 运行级警告与说明（规模缩放、自动调优是否预热等）。
+    #[serde(default)]
+    pub notes: Vec<String>,
+    /// 内存时间序列。
+    #[serde(default)]
+    pub memory_series: Vec<MemorySample>,
+}
+
+/// 后端信息。
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct BackendReport {
+    /// `ndarray`、`wgpu` 或 `cuda`。
+    pub name: String,
+    /// 设备描述（wgpu 为适配器名称与类型）。
+    pub device: String,
+    /// 打开的特性（autotune、fusion、simd、multi-threads）。
+    pub features: Vec<String>,
+}
+
+/// 变体状态。
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum VariantStatus {
+    /// 正常完成。
+    Ok,
+    /// 失败（错误、内存不足、输出含 NaN、等价性不成立……），见 `error`。
+    Failed,
+    /// 跳过（例如该后端不适用），见 `error`。
+    Skipped,
+}
+
+/// 一个变体的结果。
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct VariantReport {
+    /// 变体名。
+    pub name: String,
+    /// 状态。
+    pub status: VariantStatus,
+    /// 失败或跳过的原因。
+    #[serde(default)]
+    pub error: Option<String>,
+    /// 计时（失败时为 null）。
+    pub timings: Option<Timings>,
+    /// 内存（各来源分开）。
+    pub memory: MemoryReport,
+    /// 与种类相关的指标（tokens_per_s、acceptance……）；null 表示未测量。
+    #[serde(default)]
+    pub metrics: BTreeMap<String, Option<f64>>,
+    /// 与标准变体的等价性检查。
+    pub equivalence: Equivalence,
+    /// 警告（带补救办法）。
+    #[serde(default)]
+    pub warnings: Vec<String>,
+}
+
+/// 内存报告：测量值（各来源）与解析估算。
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct MemoryReport {
+    /// 测量值。
+    #[serde(flatten)]
+    pub measured: MeasuredMemory,
+    /// 解析估算（与测量值并列，不替代测量值）。
+    #[serde(default)]
+    pub analytic: Option<AnalyticMemory>,
+}
+
+/// 解析内存分解（字节）。
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct AnalyticMemory {
+    /// 权重。
+    pub weights_bytes: u64,
+    /// KV 缓存。
+    pub kv_cache_bytes: u64,
+    /// 激活（工作区）。
+    pub activations_bytes: u64,
+}
+
+/// 等价性检查结果。
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct Equivalence {
+    /// 是否做了检查。
+    pub checked: bool,
+    /// 参照（标准变体或主机参考实现）。
+    pub reference: Option<String>,
+    /// 最大绝对误差。
+    pub max_abs_diff: Option<f64>,
+    /// 容差。
+    #[serde(default)]
+    pub tolerance: Option<f64>,
+    /// 是否通过（未检查为 null）。
+    pub passed: Option<bool>,
+}
+
+/// 比较方向。
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub enum Comparison {
+    /// 测量值 >= 阈值 为通过。
+    #[serde(rename = ">=")]
+    AtLeast,
+    /// 测量值 <= 阈值 为通过。
+    #[serde(rename = "<=")]
+    AtMost,
+}
+
+impl Comparison {
+    /// Whether `measured` passes `threshold`.
+    pub fn passes(self, measured: f64, threshold: f64) -> bool {
+        match self {
+            Comparison::AtLeast => measured >= threshold,
+            Comparison::AtMost => measured <= threshold,
+        }
+    }
+    /// The symbol.
+    pub fn symbol(self) -> &'static str {
+        match self {
+            Comparison::AtLeast => ">=",
+            Comparison::AtMost => "<=",
+        }
+    }
+}
+
+/// 一个验收标准的判定。
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Criterion {
+    /// 编号，例如 `SC-001a`。
+    pub id: String,
+    /// 指标名。
+    pub metric: String,
+    /// 比较方向。
+    pub comparison: Comparison,
+    /// 阈值。
+    pub threshold: f64,
+    /// 测量值（未能测量为 null，此时不通过）。
+    pub measured: Option<f64>,
+    /// 是否通过。
+    pub passed: bool,
+    /// 说明（基线、规模、测量方式）。
+    pub note: String,
+}
+
+impl Criterion {
+    /// Evaluates a criterion; an unmeasured value never passes.
+    pub fn evaluate(
+        id: &str,
+        metric: &str,
+        comparison: Comparison,
+        threshold: f64,
+        measured: Option<f64>,
+        note: impl Into<String>,
+    ) -> Criterion {
+        let measured = measured.filter(|m| m.is_finite());
+        Criterion {
+            id: id.into(),
+            metric: metric.into(),
+            comparison,
+            threshold,
+            passed: measured.is_some_and(|m| comparison.passes(m, threshold)),
+            measured,
+            note: note.into(),
+        }
+    }
+}
+
+/// 总判定。
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Verdict {
+    /// 所有标准通过。
+    Pass,
+    /// 至少一个标准未通过。
+    Fail,
+    /// 至少一个标准无法测量（或没有标准）。
+    Error,
+}
+
+impl Verdict {
+    /// pass if every criterion passed; error if one could not be measured (or none exist); else fail.
+    pub fn of(criteria: &[Criterion]) -> Verdict {
+        if criteria.is_empty() || criteria.iter().any(|c| c.measured.is_none()) {
+            Verdict::Error
+        } else if criteria.iter().all(|c| c.passed) {
+            Verdict::Pass
+        } else {
+            Verdict::Fail
+        }
+    }
+
+    /// Lowercase name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Verdict::Pass => "pass",
+            Verdict::Fail => "fail",
+            Verdict::Error => "error",
+        }
+    }
+}
+
+impl VariantReport {
+    /// A variant report from a monitor measurement (status from its error).
+    pub fn from_measurement<T>(m: &crate::monitor::Measurement<T>) -> VariantReport {
+        VariantReport {
+            name: m.name.clone(),
+            status: if m.error.is_some() {
+                VariantStatus::Failed
+            } else {
+                VariantStatus::Ok
+            },
+            error: m.error.clone(),
+            timings: m.timings.clone(),
+            memory: MemoryReport {
+                measured: m.memory.clone(),
+                analytic: None,
+            },
+            metrics: BTreeMap::new(),
+            equivalence: Equivalence::default(),
+            warnings: m.warnings.iter().map(|w| w.to_string()).collect(),
+        }
+    }
+
+    /// Marks the variant failed with a reason (keeps its measurements).
+    pub fn fail(&mut self, reason: impl Into<String>) {
+        self.status = VariantStatus::Failed;
+        let reason = reason.into();
+        self.error = Some(match self.error.take() {
+            Some(prev) => format!("{prev}; {reason}"),
+            None => reason,
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn criterion_evaluation() {
+        let c = Criterion::evaluate("A", "m", Comparison::AtLeast, 0.4, Some(0.5), "");
+        assert!(c.passed);
+        let c = Criterion::evaluate("A", "m", Comparison::AtLeast, 0.4, Some(0.3), "");
+        assert!(!c.passed);
+        let c = Criterion::evaluate("A", "m", Comparison::AtMost, 1e-3, Some(1e-4), "");
+        assert!(c.passed);
+        let c = Criterion::evaluate("A", "m", Comparison::AtLeast, 0.4, None, "");
+        assert!(!c.passed && c.measured.is_none());
+        let c = Criterion::evaluate("A", "m", Comparison::AtLeast, 0.4, Some(f64::NAN), "");
+        assert!(!c.passed && c.measured.is_none());
+    }
+
+    #[test]
+    fn verdicts() {
+        let p = Criterion::evaluate("A", "m", Comparison::AtLeast, 1.0, Some(2.0), "");
+        let f = Criterion::evaluate("B", "m", Comparison::AtLeast, 1.0, Some(0.5), "");
+        let e = Criterion::evaluate("C", "m", Comparison::AtLeast, 1.0, None, "");
+        assert_eq!(Verdict::of(&[p.clone()]), Verdict::Pass);
+        assert_eq!(Verdict::of(&[p.clone(), f.clone()]), Verdict::Fail);
+        assert_eq!(Verdict::of(&[p, f, e]), Verdict::Error);
+        assert_eq!(Verdict::of(&[]), Verdict::Error);
+    }
+
+    #[test]
+    fn unmeasured_memory_serialises_as_null() {
+        let m = MemoryReport::default();
+        let v = serde_json::to_value(&m).unwrap();
+        assert!(v["host_peak_bytes"].is_null());
+        assert!(v["nvml_peak_bytes"].is_null());
+        assert!(v["device_peak_bytes"].is_null());
+        assert!(v["analytic"].is_null());
+    }
+}
