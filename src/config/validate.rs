@@ -112,7 +112,7 @@ fn mla(c: &mut Checker, s: &MlaScenario) {
     c.model(&s.model);
     let a = &s.attention;
     c.at_least("attention.head_dim", a.head_dim, 1);
-    if a.head_dim % 2 != 0 {
+    if !a.head_dim.is_multiple_of(2) {
         c.fail(
             "attention.head_dim",
             "must be even (RoPE rotates pairs)",
@@ -121,7 +121,7 @@ fn mla(c: &mut Checker, s: &MlaScenario) {
     }
     c.at_least("attention.gqa_kv_heads", a.gqa_kv_heads, 1);
     if a.gqa_kv_heads >= 1
-        && (s.model.n_heads % a.gqa_kv_heads != 0 || a.gqa_kv_heads >= s.model.n_heads)
+        && (!s.model.n_heads.is_multiple_of(a.gqa_kv_heads) || a.gqa_kv_heads >= s.model.n_heads)
     {
         c.fail(
             "attention.gqa_kv_heads",
@@ -135,7 +135,7 @@ fn mla(c: &mut Checker, s: &MlaScenario) {
     c.at_least("attention.kv_lora_rank", a.kv_lora_rank, 1);
     c.at_least("attention.qk_nope_head_dim", a.qk_nope_head_dim, 1);
     c.at_least("attention.qk_rope_head_dim", a.qk_rope_head_dim, 2);
-    if a.qk_rope_head_dim % 2 != 0 {
+    if !a.qk_rope_head_dim.is_multiple_of(2) {
         c.fail(
             "attention.qk_rope_head_dim",
             "must be even (RoPE rotates pairs)",
@@ -203,7 +203,7 @@ fn mla(c: &mut Checker, s: &MlaScenario) {
 fn mtp(c: &mut Checker, s: &MtpScenario) {
     c.id(&s.id, "SC");
     c.model(&s.model);
-    if s.model.n_heads >= 1 && s.model.hidden % s.model.n_heads != 0 {
+    if s.model.n_heads >= 1 && !s.model.hidden.is_multiple_of(s.model.n_heads) {
         c.fail(
             "model.n_heads",
             format!(
@@ -258,7 +258,7 @@ fn moe(c: &mut Checker, s: &MoeScenario) {
     );
     c.at_least("moe.moe_inter_dim", m.moe_inter_dim, 1);
     c.at_least("moe.n_group", m.n_group, 1);
-    if m.n_group >= 1 && m.n_routed_experts % m.n_group != 0 {
+    if m.n_group >= 1 && !m.n_routed_experts.is_multiple_of(m.n_group) {
         c.fail(
             "moe.n_group",
             format!(

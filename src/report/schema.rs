@@ -290,7 +290,7 @@ mod tests {
         let p = Criterion::evaluate("A", "m", Comparison::AtLeast, 1.0, Some(2.0), "");
         let f = Criterion::evaluate("B", "m", Comparison::AtLeast, 1.0, Some(0.5), "");
         let e = Criterion::evaluate("C", "m", Comparison::AtLeast, 1.0, None, "");
-        assert_eq!(Verdict::of(&[p.clone()]), Verdict::Pass);
+        assert_eq!(Verdict::of(std::slice::from_ref(&p)), Verdict::Pass);
         assert_eq!(Verdict::of(&[p.clone(), f.clone()]), Verdict::Fail);
         assert_eq!(Verdict::of(&[p, f, e]), Verdict::Error);
         assert_eq!(Verdict::of(&[]), Verdict::Error);

@@ -1,0 +1,410 @@
+//! The real binary, driven like a user or a CI script would (assert_cmd).
+
+use std::path::{Path, PathBuf};
+
+use assert_cmd::Command;
+use predicates::prelude::*;
+use serde_json::Value;
+
+fn dsopt() -> Command {
+    let mut c = Command::cargo_bin("dsopt").expect("binary built");
+    c.env_remove("CUBECL_WGPU_DEFAULT_DEVICE");
+    c
+}
+
+fn repo(p: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(p)
+}
+
+/// Runs the calibration smoke scenario on a backend; returns (report JSON path, parsed JSON).
+fn calibrate(backend: &str, out: &Path) -> (PathBuf, Value) {
+    dsopt()
+        .args([
+            "--quiet",
+            "bench",
+            "calibrate",
+            "--backend",
+            backend,
+            "--scenario",
+        ])
+        .arg(repo("scenarios/smoke/calibrate-smoke.toml"))
+        .arg("--out")
+        .arg(out)
+        .assert()
+        .code(0)
+        .stdout(predicate::str::contains("CAL-001"));
+    let json = std::fs::read_dir(out)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|x| x == "json"))
+        .expect("a JSON report");
+    let v: Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    (json, v)
+}
+
+#[test]
+fn help_works_for_every_subcommand() {
+    dsopt()
+        .arg("--help")
+        .assert()
+        .success()
+        .stdout(predicate::str::contains("bench"));
+    for sub in ["info", "bench", "run", "gate", "validate"] {
+        dsopt()
+            .args([sub, "--help"])
+            .assert()
+            .success()
+            .stdout(predicate::str::contains("Usage"));
+    }
+    dsopt().arg("--version").assert().success();
+}
+
+#[test]
+fn info_lists_ndarray_and_wgpu() {
+    dsopt()
+        .arg("info")
+        .assert()
+        .success()
+        .stdout(predicate::str::contains("ndarray").and(predicate::str::contains("wgpu")));
+    let out = dsopt().args(["info", "--json"]).output().unwrap();
+    assert!(out.status.success());
+    let v: Value = serde_json::from_slice(&out.stdout).expect("stdout is JSON only");
+    let kinds: Vec<&str> = v["backends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["kind"].as_str().unwrap())
+        .collect();
+    assert_eq!(kinds, ["ndarray", "wgpu", "cuda"]);
+    assert_eq!(v["backends"][0]["usable"], true);
+    assert_eq!(v["backends"][1]["compiled"], true);
+    // CI installs lavapipe: the wgpu backend must be usable, as a CPU adapter
+    assert_eq!(v["backends"][1]["usable"], true, "{}", v["backends"][1]);
+    assert!(v["machine"]["ram_bytes"].as_u64().unwrap() > 0);
+    assert!(v["machine"]["cores"].as_u64().unwrap() >= 1);
+}
+
+#[test]
+fn missing_scenario_file_is_exit_2_naming_the_file() {
+    dsopt()
+        .args(["bench", "mla", "--scenario", "no/such/file.toml"])
+        .assert()
+        .code(2)
+        .stderr(
+            predicate::str::contains("no/such/file.toml")
+                .and(predicate::str::contains("cannot read")),
+        );
+}
+
+#[test]
+fn malformed_scenario_is_exit_2_with_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("bad.toml");
+    std::fs::write(&f, "id = \"SC-001\"\nkind = \"mla\"\n[model\nhidden = 3\n").unwrap();
+    dsopt()
+        .args(["bench", "mla", "--scenario"])
+        .arg(&f)
+        .assert()
+        .code(2)
+        .stderr(predicate::str::contains("bad.toml:3"));
+}
+
+#[test]
+fn out_of_range_and_unknown_keys_are_exit_2_naming_the_key() {
+    let text = std::fs::read_to_string(repo("scenarios/smoke/sc001-mla-smoke.toml")).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("zero.toml");
+    std::fs::write(&f, text.replace("n_heads = 4", "n_heads = 0")).unwrap();
+    dsopt()
+        .args(["bench", "mla", "--scenario"])
+        .arg(&f)
+        .assert()
+        .code(2)
+        .stderr(predicate::str::contains("model.n_heads").and(predicate::str::contains("fix:")));
+    let g = dir.path().join("typo.toml");
+    std::fs::write(&g, text.replace("[run]", "[run]\nbatchsize = 2")).unwrap();
+    dsopt()
+        .args(["validate"])
+        .arg(&g)
+        .assert()
+        .code(2)
+        .stdout(predicate::str::contains("batchsize"));
+    // a flag can make a valid scenario invalid, too
+    dsopt()
+        .args(["bench", "mla", "--seq", "0"])
+        .assert()
+        .code(2)
+        .stderr(predicate::str::contains("run.seq"));
+}
+
+#[test]
+fn every_shipped_scenario_validates() {
+    dsopt()
+        .arg("validate")
+        .arg(repo("scenarios"))
+        .arg(repo("scenarios/smoke"))
+        .arg(repo("scenarios/gpu"))
+        .assert()
+        .success()
+        .stdout(predicate::str::contains("error").not());
+}
+
+#[test]
+fn unavailable_backend_is_exit_3_with_reason() {
+    let out = dsopt().args(["info", "--json"]).output().unwrap();
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    if v["backends"][2]["usable"] == true {
+        return; // a CUDA machine: nothing unavailable to ask for
+    }
+    let reason = v["backends"][2]["reason"].as_str().unwrap().to_string();
+    dsopt()
+        .args(["bench", "calibrate", "--backend", "cuda"])
+        .assert()
+        .code(3)
+        .stderr(predicate::str::contains("backend cuda:").and(predicate::str::contains(reason)));
+}
+
+#[test]
+fn kinds_without_a_runner_say_so_with_exit_3() {
+    let dir = tempfile::tempdir().unwrap();
+    for kind in ["mla", "mtp", "moe"] {
+        dsopt()
+            .args(["bench", kind, "--backend", "ndarray", "--out"])
+            .arg(dir.path())
+            .assert()
+            .code(3)
+            .stderr(predicate::str::contains("not implemented"));
+    }
+    assert!(
+        std::fs::read_dir(dir.path()).unwrap().next().is_none(),
+        "no fake report"
+    );
+}
+
+#[test]
+fn wrong_kind_for_the_scenario_is_exit_2() {
+    dsopt()
+        .args(["bench", "mla", "--scenario"])
+        .arg(repo("scenarios/calibrate.toml"))
+        .assert()
+        .code(2)
+        .stderr(predicate::str::contains("calibrate"));
+}
+
+#[test]
+fn calibration_on_ndarray_and_wgpu_agree_and_write_every_format() {
+    let mut errors = Vec::new();
+    for backend in ["ndarray", "wgpu"] {
+        let dir = tempfile::tempdir().unwrap();
+        let (json, v) = calibrate(backend, dir.path());
+        assert_eq!(v["schema_version"], 1);
+        assert_eq!(v["backend"]["name"], backend);
+        assert_eq!(v["verdict"], "pass", "{backend}: {}", v["criteria"]);
+        let var = &v["variants"][0];
+        assert_eq!(var["status"], "ok");
+        assert_eq!(var["timings"]["samples_s"].as_array().unwrap().len(), 3);
+        assert!(var["timings"]["median_s"].as_f64().unwrap() > 0.0);
+        assert_eq!(var["equivalence"]["passed"], true);
+        // the counting allocator is installed in the binary: host memory is measured
+        assert!(var["memory"]["host_peak_bytes"].as_u64().unwrap() > 0);
+        // no NVIDIA driver here: NVML figures are null, never 0
+        if v["machine"]["gpus"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|g| g["source"] != "nvml")
+        {
+            assert!(var["memory"]["nvml_peak_bytes"].is_null());
+        }
+        match backend {
+            // ndarray has no device pool: null, not 0
+            "ndarray" => assert!(var["memory"]["device_peak_bytes"].is_null()),
+            // wgpu: the pool holds at least the two inputs (2 x 2 x 64 x 64 f32 = 64 KiB)
+            _ => assert!(var["memory"]["device_peak_bytes"].as_u64().unwrap() >= 65_536),
+        }
+        let stem = json.file_stem().unwrap().to_string_lossy().to_string();
+        assert!(stem.ends_with("-CAL-001-calibrate"), "{stem}");
+        for ext in [".csv", "-memory.csv", ".md"] {
+            let p = dir.path().join(format!("{stem}{ext}"));
+            let text = std::fs::read_to_string(&p).unwrap_or_else(|_| panic!("{}", p.display()));
+            if ext != "-memory.csv" {
+                assert!(text.contains("CAL-001"), "{ext} names the criterion");
+            }
+        }
+        let md = std::fs::read_to_string(dir.path().join(format!("{stem}.md"))).unwrap();
+        assert!(md.contains("## 验收标准") && md.contains("## 变体"));
+        errors.push(var["equivalence"]["max_abs_diff"].as_f64().unwrap());
+    }
+    // both backends computed the same product (each within 1e-3 relative of the same f64 reference)
+    assert!(errors.iter().all(|e| *e < 1e-2), "{errors:?}");
+}
+
+/// Writes a modified copy of a report.
+fn variant_of(src: &Value, dir: &Path, name: &str, edit: impl Fn(&mut Value)) -> PathBuf {
+    let mut v = src.clone();
+    edit(&mut v);
+    let p = dir.join(name);
+    std::fs::write(&p, serde_json::to_string_pretty(&v).unwrap()).unwrap();
+    p
+}
+
+#[test]
+fn gate_exit_codes() {
+    let dir = tempfile::tempdir().unwrap();
+    let (good, v) = calibrate("ndarray", dir.path());
+    dsopt()
+        .arg("gate")
+        .arg(&good)
+        .assert()
+        .code(0)
+        .stdout(predicate::str::contains("PASS"));
+
+    let failed = variant_of(&v, dir.path(), "failed.json", |v| {
+        v["criteria"][0]["passed"] = false.into();
+        v["verdict"] = "fail".into();
+    });
+    dsopt()
+        .arg("gate")
+        .arg(&good)
+        .arg(&failed)
+        .assert()
+        .code(1)
+        .stdout(predicate::str::contains("FAIL"));
+
+    let text = std::fs::read_to_string(&good).unwrap();
+    let truncated = dir.path().join("truncated.json");
+    std::fs::write(&truncated, &text[..text.len() / 2]).unwrap();
+    let garbage = dir.path().join("garbage.json");
+    std::fs::write(&garbage, "not json at all").unwrap();
+    let future = variant_of(&v, dir.path(), "future.json", |v| {
+        v["schema_version"] = 2.into()
+    });
+    for (bad, msg) in [
+        (truncated, "truncated"),
+        (garbage, "not valid JSON"),
+        (future, "unknown schema_version 2"),
+        (dir.path().join("missing.json"), "cannot read"),
+    ] {
+        dsopt()
+            .arg("gate")
+            .arg(&good)
+            .arg(&bad)
+            .assert()
+            .code(2)
+            .stderr(predicate::str::contains(msg));
+    }
+}
+
+#[test]
+fn gate_baseline_regression() {
+    let dir = tempfile::tempdir().unwrap();
+    let (good, v) = calibrate("ndarray", dir.path());
+    // same report as its own baseline: no regression
+    dsopt()
+        .arg("gate")
+        .arg(&good)
+        .arg("--baseline")
+        .arg(&good)
+        .assert()
+        .code(0);
+    // a baseline 3x faster with no spread: the current run regressed beyond noise and spread
+    let fast = variant_of(&v, dir.path(), "fast.json", |v| {
+        let t = &mut v["variants"][0]["timings"];
+        let m = t["median_s"].as_f64().unwrap();
+        t["median_s"] = (m / 3.0).into();
+        t["stddev_s"] = 0.0.into();
+    });
+    dsopt()
+        .arg("gate")
+        .arg(&good)
+        .arg("--baseline")
+        .arg(&fast)
+        .assert()
+        .code(1)
+        .stdout(predicate::str::contains("regression").and(predicate::str::contains("matmul")));
+    // within the noise threshold: not a regression
+    let close = variant_of(&v, dir.path(), "close.json", |v| {
+        let t = &mut v["variants"][0]["timings"];
+        let m = t["median_s"].as_f64().unwrap();
+        t["median_s"] = (m / 1.01).into();
+    });
+    dsopt()
+        .arg("gate")
+        .arg(&good)
+        .arg("--baseline")
+        .arg(&close)
+        .arg("--noise")
+        .arg("0.05")
+        .assert()
+        .code(0);
+}
+
+#[test]
+fn report_json_round_trips_through_the_schema() {
+    let dir = tempfile::tempdir().unwrap();
+    let (json, v) = calibrate("ndarray", dir.path());
+    let r = dsopt::report::gate::load(&json).expect("schema 1 parses");
+    let again = serde_json::to_value(&r).unwrap();
+    assert_eq!(again, v, "nothing lost or renamed in a round trip");
+}
+
+#[test]
+fn run_keeps_going_and_writes_a_summary() {
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(&bad, "kind = \"moe\"\n").unwrap();
+    let out = dir.path().join("out");
+    dsopt()
+        .args(["--quiet", "run", "--backend", "ndarray", "--out"])
+        .arg(&out)
+        .arg(repo("scenarios/smoke/calibrate-smoke.toml"))
+        .arg(&bad)
+        .arg(repo("scenarios/smoke/sc001-mla-smoke.toml"))
+        .assert()
+        .code(2)
+        .stdout(predicate::str::contains("CAL-001"));
+    let summary = std::fs::read_dir(&out)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.to_string_lossy().ends_with("-summary.json"))
+        .expect("summary written");
+    let s: Value = serde_json::from_str(&std::fs::read_to_string(summary).unwrap()).unwrap();
+    let codes: Vec<i64> = s["scenarios"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["exit_code"].as_i64().unwrap())
+        .collect();
+    assert_eq!(
+        codes,
+        vec![0, 2, 3],
+        "calibrate passed, bad file, MLA runner missing"
+    );
+    assert_eq!(s["exit_code"], 2);
+}
+
+#[test]
+fn json_format_puts_only_json_on_stdout() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dsopt()
+        .args([
+            "bench",
+            "calibrate",
+            "--backend",
+            "ndarray",
+            "--format",
+            "json",
+            "--seq",
+            "16",
+            "--out",
+        ])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let v: Value = serde_json::from_slice(&out.stdout).expect("only JSON on stdout");
+    assert_eq!(
+        v["scenario"]["workload"]["size"], 16,
+        "--seq overrides the size"
+    );
+}
