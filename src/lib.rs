@@ -15,3 +15,4 @@ pub mod report;
 pub use config::Scenario;
 pub use error::DsoptError;
 pub use monitor::PerformanceMonitor;
+pub mod nn;

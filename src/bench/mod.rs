@@ -1,6 +1,7 @@
 //! 基准运行器：每种场景一个运行器，产出变体结果与验收标准判定，再组装成报告。
 
 pub mod calibrate;
+pub mod mla;
 
 use std::time::Instant;
 
@@ -26,7 +27,7 @@ pub struct RunOutput {
 
 /// Whether this build has a runner for the kind. Kinds without one exit with code 3.
 pub fn runner_available(kind: ScenarioKind) -> bool {
-    matches!(kind, ScenarioKind::Calibrate)
+    matches!(kind, ScenarioKind::Calibrate | ScenarioKind::Mla)
 }
 
 /// The error for a kind whose runner does not exist yet (exit code 3, no fake output).
@@ -52,6 +53,7 @@ pub fn run_scenario<B: burn::tensor::backend::Backend>(
 ) -> anyhow::Result<RunOutput> {
     match scenario {
         Scenario::Calibrate(s) => calibrate::run(s, ctx, monitor),
+        Scenario::Mla(s) => mla::run(s, ctx, monitor),
         other => Err(runner_missing(other.kind()).into()),
     }
 }

@@ -1,0 +1,219 @@
+//! Key-blocked causal attention with an online softmax (FlashAttention's recurrence, in tensor ops).
+//!
+//! Neither prefill nor decode ever materialises a `[S, S]` (or `[S_q, S_k]`) score matrix: the
+//! workspace is `[b, g, rows, block]`, independent of the sequence length. Softmax statistics are
+//! kept in f32.
+
+use burn::tensor::{backend::Backend, Bool, Tensor, TensorData};
+
+/// A large negative used instead of -inf (keeps `exp(m_old - m_new)` finite).
+const NEG: f32 = -1.0e30;
+
+/// Query rows processed together, summed over groups: bounds the score workspace
+/// (`ROW_TILE x block` scores) for every variant alike, whatever the head layout.
+pub const ROW_TILE: usize = 2048;
+
+/// Causal attention of `q` against the first `kv_len` cached positions, key block by key block.
+///
+/// Rows of `q` are `(head-in-group, query)` pairs flattened: row `r` is query `r % q_len`, at
+/// absolute position `q_start + r % q_len`. Heads that share a key/value group are folded into
+/// rows, so GQA and absorbed MLA (one latent shared by every head) need no broadcast matmul.
+///
+/// # Shapes
+/// - q: `[b, g, rows, dk]`, already multiplied by the softmax scale
+/// - k_src: `[b, g, cap, >= dk]` (keys are its first `dk` columns)
+/// - v_src: `[b, g, cap, >= dv]` (values are its first `dv` columns; may be the same tensor)
+/// - returns `[b, g, rows, dv]`
+///
+/// Rows are processed in tiles of `ROW_TILE / g`, so the workspace is bounded by the tile and
+/// the key block for every head layout (MHA, GQA, absorbed MLA alike).
+#[allow(clippy::too_many_arguments)]
+pub fn attention<B: Backend>(
+    q: Tensor<B, 4>,
+    k_src: &Tensor<B, 4>,
+    v_src: &Tensor<B, 4>,
+    dv: usize,
+    q_start: usize,
+    q_len: usize,
+    kv_len: usize,
+    block: usize,
+) -> Tensor<B, 4> {
+    let [b, g, rows, dk] = q.dims();
+    assert!(
+        kv_len >= q_start + q_len,
+        "keys must cover every query position"
+    );
+    // Few query rows (decode, verify steps): widen the key block up to 4x, fewer and larger
+    // matmuls; the workspace (scores and the copied K/V block) still does not grow with kv_len.
+    let block = block.max(1);
+    let block = block.max((block * block / rows.max(1)).min(4 * block));
+    let tile = (ROW_TILE / g).max(1);
+    if rows <= tile {
+        return attention_rows(q, k_src, v_src, dv, q_start, q_len, 0, block);
+    }
+    let mut outs = Vec::new();
+    let mut r0 = 0;
+    while r0 < rows {
+        let r1 = (r0 + tile).min(rows);
+        let qt = q.clone().slice([0..b, 0..g, r0..r1, 0..dk]);
+        outs.push(attention_rows(
+            qt, k_src, v_src, dv, q_start, q_len, r0, block,
+        ));
+        r0 = r1;
+    }
+    Tensor::cat(outs, 2)
+}
+
+/// The key-block loop for one tile of rows; `row0` is the tile's first row index.
+#[allow(clippy::too_many_arguments)]
+fn attention_rows<B: Backend>(
+    q: Tensor<B, 4>,
+    k_src: &Tensor<B, 4>,
+    v_src: &Tensor<B, 4>,
+    dv: usize,
+    q_start: usize,
+    q_len: usize,
+    row0: usize,
+    block: usize,
+) -> Tensor<B, 4> {
+    let [b, g, rows, dk] = q.dims();
+    let device = q.device();
+    let mut m = Tensor::<B, 4>::full([b, g, rows, 1], NEG, &device); // running max
+    let mut l = Tensor::<B, 4>::zeros([b, g, rows, 1], &device); // running denominator
+    let mut acc = Tensor::<B, 4>::zeros([b, g, rows, dv], &device); // running numerator
+                                                                    // the last key any row of this tile may see
+    let last_q = (row0..row0 + rows)
+        .map(|r| q_start + r % q_len)
+        .max()
+        .expect("rows");
+    let first_q = (row0..row0 + rows)
+        .map(|r| q_start + r % q_len)
+        .min()
+        .expect("rows");
+    let mut ks = 0;
+    while ks <= last_q {
+        let ke = (ks + block).min(last_q + 1);
+        let kb = ke - ks;
+        let k = k_src.clone().slice([0..b, 0..g, ks..ke, 0..dk]);
+        let mut s = q.clone().matmul(k.swap_dims(2, 3)); // [b, g, rows, kb]
+        if ke - 1 > first_q {
+            // this block reaches past some row's position: mask the keys after it
+            let mask = causal_mask::<B>(rows, row0, q_len, q_start, ks, kb, &device);
+            s = s.mask_fill(mask.unsqueeze::<4>().expand([b, g, rows, kb]), NEG);
+        }
+        let m_new = m.clone().max_pair(s.clone().max_dim(3));
+        let p = (s - m_new.clone().expand([b, g, rows, kb])).exp();
+        let corr = (m - m_new.clone()).exp();
+        l = l * corr.clone() + p.clone().sum_dim(3);
+        let v = v_src.clone().slice([0..b, 0..g, ks..ke, 0..dv]);
+        acc = acc * corr.expand([b, g, rows, dv]) + p.matmul(v);
+        m = m_new;
+        ks = ke;
+    }
+    acc / l.expand([b, g, rows, dv])
+}
+
+/// `true` where key `ks + t` lies after the position of row `row0 + r` (query `(row0 + r) % q_len`).
+fn causal_mask<B: Backend>(
+    rows: usize,
+    row0: usize,
+    q_len: usize,
+    q_start: usize,
+    ks: usize,
+    kb: usize,
+    device: &B::Device,
+) -> Tensor<B, 2, Bool> {
+    let mut m = Vec::with_capacity(rows * kb);
+    for r in row0..row0 + rows {
+        let pos = q_start + r % q_len;
+        m.extend((0..kb).map(|t| ks + t > pos));
+    }
+    Tensor::from_data(TensorData::new(m, [rows, kb]), device)
+}
+
+/// Reference: plain causal softmax attention with the full score matrix (tests only).
+pub fn reference<B: Backend>(
+    q: Tensor<B, 4>,
+    k: Tensor<B, 4>,
+    v: Tensor<B, 4>,
+    q_start: usize,
+    q_len: usize,
+) -> Tensor<B, 4> {
+    let [b, g, rows, _] = q.dims();
+    let kv_len = k.dims()[2];
+    let s = q.matmul(k.swap_dims(2, 3));
+    let mask = causal_mask::<B>(rows, 0, q_len, q_start, 0, kv_len, &s.device());
+    let s = s.mask_fill(mask.unsqueeze::<4>().expand([b, g, rows, kv_len]), NEG);
+    burn::tensor::activation::softmax(s, 3).matmul(v)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bench::calibrate::pseudo_random;
+    use burn::backend::NdArray;
+
+    type B = NdArray;
+
+    fn t4(shape: [usize; 4], seed: u64) -> Tensor<B, 4> {
+        let n = shape.iter().product();
+        Tensor::from_data(
+            TensorData::new(pseudo_random(n, seed), shape),
+            &Default::default(),
+        )
+    }
+
+    fn max_diff(a: Tensor<B, 4>, b: Tensor<B, 4>) -> f32 {
+        (a - b).abs().max().into_scalar()
+    }
+
+    #[test]
+    fn blocked_equals_full_softmax_for_every_block_size() {
+        // 2 heads folded into rows: rows = 2 * q_len
+        let (q_start, q_len, kv_len) = (5, 7, 12);
+        let q = t4([2, 3, 2 * q_len, 8], 1);
+        let k = t4([2, 3, kv_len, 8], 2);
+        let v = t4([2, 3, kv_len, 6], 3);
+        let want = reference(q.clone(), k.clone(), v.clone(), q_start, q_len);
+        for block in [1, 3, 4, 12, 64] {
+            let got = attention(q.clone(), &k, &v, 6, q_start, q_len, kv_len, block);
+            let d = max_diff(got, want.clone());
+            assert!(d < 1e-5, "block {block}: max |diff| {d}");
+        }
+    }
+
+    #[test]
+    fn row_tiles_give_the_same_result() {
+        // 3000 rows in one group: split into tiles of ROW_TILE rows, masks offset per tile
+        let (q_start, q_len) = (2, 1500); // two heads folded: rows = 2 * q_len
+        let q = t4([1, 1, 2 * q_len, 4], 9);
+        let k = t4([1, 1, q_start + q_len, 4], 10);
+        let v = t4([1, 1, q_start + q_len, 3], 11);
+        let want = reference(q.clone(), k.clone(), v.clone(), q_start, q_len);
+        let got = attention(q, &k, &v, 3, q_start, q_len, q_start + q_len, 256);
+        assert!(max_diff(got, want) < 1e-5);
+    }
+
+    #[test]
+    fn keys_and_values_may_share_one_source_with_extra_columns() {
+        // absorbed MLA: K = all 10 columns, V = the first 6 of the same tensor
+        let q = t4([1, 1, 4, 10], 4);
+        let kv = t4([1, 1, 9, 10], 5); // capacity 9, only 4 used
+        let got = attention(q.clone(), &kv, &kv, 6, 0, 4, 4, 2);
+        let k = kv.clone().slice([0..1, 0..1, 0..4, 0..10]);
+        let v = kv.slice([0..1, 0..1, 0..4, 0..6]);
+        let want = reference(q, k, v, 0, 4);
+        assert!(max_diff(got, want) < 1e-5);
+    }
+
+    #[test]
+    fn first_query_sees_only_the_first_key() {
+        let q = t4([1, 1, 3, 4], 6);
+        let k = t4([1, 1, 3, 4], 7);
+        let v = t4([1, 1, 3, 2], 8);
+        let out = attention(q, &k, &v, 2, 0, 3, 3, 2);
+        let row0 = out.slice([0..1, 0..1, 0..1, 0..2]);
+        let v0 = v.slice([0..1, 0..1, 0..1, 0..2]);
+        assert!(max_diff(row0, v0) < 1e-6);
+    }
+}

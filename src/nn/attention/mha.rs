@@ -1,0 +1,107 @@
+//! Multi-head (MHA) and grouped-query (GQA) attention with a pre-sized KV cache.
+
+use burn::module::Module;
+use burn::nn::{Linear, LinearConfig};
+use burn::tensor::{backend::Backend, Tensor};
+
+use super::{append, blocked, AttentionConfig, LayerCache};
+use crate::nn::rope;
+
+/// MHA / GQA：`n_kv_heads` 个 K/V 头，每 `n_heads / n_kv_heads` 个查询头共享一个。
+#[derive(Module, Debug)]
+pub struct MhaAttention<B: Backend> {
+    wq: Linear<B>,
+    wk: Linear<B>,
+    wv: Linear<B>,
+    wo: Linear<B>,
+    n_heads: usize,
+    n_kv_heads: usize,
+    head_dim: usize,
+    key_block: usize,
+    rope_theta: f64,
+    scale: f64,
+}
+
+impl<B: Backend> MhaAttention<B> {
+    /// New attention for hidden size `dim`.
+    pub fn new(dim: usize, c: &AttentionConfig, device: &B::Device) -> Self {
+        let lin = |i, o| LinearConfig::new(i, o).with_bias(false).init(device);
+        let (h, g, d) = (c.n_heads, c.n_kv_heads, c.head_dim);
+        MhaAttention {
+            wq: lin(dim, h * d),
+            wk: lin(dim, g * d),
+            wv: lin(dim, g * d),
+            wo: lin(h * d, dim),
+            n_heads: h,
+            n_kv_heads: g,
+            head_dim: d,
+            key_block: c.key_block,
+            rope_theta: c.rope_theta,
+            scale: c.mscale * c.mscale / (d as f64).sqrt(),
+        }
+    }
+
+    /// Parameter count.
+    pub fn params(dim: usize, c: &AttentionConfig) -> usize {
+        dim * c.n_heads * c.head_dim * 2 + dim * c.n_kv_heads * c.head_dim * 2
+    }
+
+    /// An empty cache layer: K and V `[b, g, cap, d_h]`.
+    pub fn new_cache(&self, batch: usize, capacity: usize, device: &B::Device) -> LayerCache<B> {
+        let shape = [batch, self.n_kv_heads, capacity, self.head_dim];
+        LayerCache {
+            k: Some(Tensor::zeros(shape, device)),
+            v: Some(Tensor::zeros(shape, device)),
+            absorbed: None,
+        }
+    }
+
+    /// Attends `x` (positions `start..start+s`) to the cache, after appending its K/V.
+    ///
+    /// # Shapes
+    /// `x: [b, s, dim] -> [b, s, dim]`
+    pub fn forward(
+        &self,
+        x: Tensor<B, 3>,
+        start: usize,
+        cache: &mut LayerCache<B>,
+    ) -> Tensor<B, 3> {
+        let [b, s, _] = x.dims();
+        let (h, g, d) = (self.n_heads, self.n_kv_heads, self.head_dim);
+        let hpg = h / g; // query heads per K/V head
+                         // [b, s, h*d] -> [b, h, s, d], rotated at absolute positions
+        let q = self
+            .wq
+            .forward(x.clone())
+            .reshape([b, s, h, d])
+            .swap_dims(1, 2);
+        let q = rope::apply4(q, start, self.rope_theta) * self.scale;
+        let k = self
+            .wk
+            .forward(x.clone())
+            .reshape([b, s, g, d])
+            .swap_dims(1, 2);
+        let k = rope::apply4(k, start, self.rope_theta);
+        let v = self.wv.forward(x).reshape([b, s, g, d]).swap_dims(1, 2);
+        append(&mut cache.k, k, start);
+        append(&mut cache.v, v, start);
+        // fold the heads of a group into rows: [b, h, s, d] -> [b, g, hpg*s, d]
+        let q = q.reshape([b, g, hpg * s, d]);
+        let o = blocked::attention(
+            q,
+            cache.k.as_ref().expect("k"),
+            cache.v.as_ref().expect("v"),
+            d,
+            start,
+            s,
+            start + s,
+            self.key_block,
+        );
+        // [b, g, hpg*s, d] -> [b, h, s, d] -> [b, s, h*d]
+        let o = o
+            .reshape([b, h, s, d])
+            .swap_dims(1, 2)
+            .reshape([b, s, h * d]);
+        self.wo.forward(o)
+    }
+}

@@ -1,0 +1,274 @@
+//! 多头潜在注意力（`MlaAttention`，DeepSeek-V2/V3）。
+//!
+//! 键值先压缩成潜向量 `c_kv = RMSNorm(W_DKV · h)`（维度 `kv_lora_rank` = d_c），每头的
+//! `k_nope = W_UK · c_kv`、`v = W_UV · c_kv`；另有一个所有头共享的解耦 RoPE 键
+//! `k_pe = RoPE(W_KR · h)`（维度 `qk_rope_head_dim` = d_r）。分数为
+//! `(q_nope·k_nope + q_pe·k_pe) / sqrt(d_nope + d_r)`。
+//!
+//! 两种实现共用同一组权重，由 [`MlaImpl`] 切换：
+//! - `Naive`（朴素）：重建每头的 K/V 并缓存 `[b, h, S, d_nope + d_r]` 与 `[b, h, S, d_v]`，不省内存；
+//! - `Absorbed`（吸收）：把 W_UK 并入查询（`q_nope · W_UK` 得到 d_c 维查询），只缓存潜向量与共享
+//!   RoPE 键 `[b, S, d_c + d_r]`，注意力之后再乘 W_UV。每 token 每层缓存 `d_c + d_r` 个元素
+//!   （DeepSeek 维度下 576，MHA 为 4096）。
+//!
+//! 两者数学上等价（测试证明），吸收实现每个查询-键对的算术更多、读缓存更少，适合访存受限的解码。
+
+use burn::module::Module;
+use burn::nn::{Linear, LinearConfig, RmsNorm, RmsNormConfig};
+use burn::tensor::{backend::Backend, Tensor};
+use serde::{Deserialize, Serialize};
+
+use super::{append, blocked, AttentionConfig, LayerCache};
+use crate::nn::rope;
+
+/// MLA 的实现方式。
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum MlaImpl {
+    /// 朴素：缓存重建后的每头 K/V（参照实现，不省内存）。
+    Naive,
+    /// 吸收：只缓存潜向量与共享 RoPE 键（省内存的实现）。
+    #[default]
+    Absorbed,
+}
+
+/// 多头潜在注意力模块（参数名与 DeepSeek 一致）。
+#[derive(Module, Debug)]
+pub struct MlaAttention<B: Backend> {
+    /// 查询投影 `dim -> h·(d_nope + d_r)`（`q_lora_rank = 0` 时）。
+    wq: Option<Linear<B>>,
+    /// 查询压缩 `dim -> q_lora_rank`。
+    wq_a: Option<Linear<B>>,
+    /// 查询压缩后的 RMSNorm。
+    q_norm: Option<RmsNorm<B>>,
+    /// 查询解压 `q_lora_rank -> h·(d_nope + d_r)`。
+    wq_b: Option<Linear<B>>,
+    /// 键值下投影 `dim -> d_c + d_r`（潜向量与 RoPE 键）。
+    wkv_a: Linear<B>,
+    /// 潜向量 RMSNorm。
+    kv_norm: RmsNorm<B>,
+    /// 键值上投影 `d_c -> h·(d_nope + d_v)`（W_UK 与 W_UV 按头交错）。
+    wkv_b: Linear<B>,
+    /// 输出投影 `h·d_v -> dim`。
+    wo: Linear<B>,
+    n_heads: usize,
+    kv_lora_rank: usize,
+    qk_nope_head_dim: usize,
+    qk_rope_head_dim: usize,
+    v_head_dim: usize,
+    key_block: usize,
+    rope_theta: f64,
+    scale: f64,
+    /// 当前实现（不是参数，切换不改变权重）。
+    #[module(skip)]
+    implementation: MlaImpl,
+}
+
+impl<B: Backend> MlaAttention<B> {
+    /// New MLA for hidden size `dim`.
+    pub fn new(dim: usize, c: &AttentionConfig, device: &B::Device) -> Self {
+        let lin = |i, o| LinearConfig::new(i, o).with_bias(false).init(device);
+        let h = c.n_heads;
+        let qk = c.qk_nope_head_dim + c.qk_rope_head_dim;
+        let (wq, wq_a, q_norm, wq_b) = if c.q_lora_rank == 0 {
+            (Some(lin(dim, h * qk)), None, None, None)
+        } else {
+            (
+                None,
+                Some(lin(dim, c.q_lora_rank)),
+                Some(
+                    RmsNormConfig::new(c.q_lora_rank)
+                        .with_epsilon(1e-6)
+                        .init(device),
+                ),
+                Some(lin(c.q_lora_rank, h * qk)),
+            )
+        };
+        MlaAttention {
+            wq,
+            wq_a,
+            q_norm,
+            wq_b,
+            wkv_a: lin(dim, c.kv_lora_rank + c.qk_rope_head_dim),
+            kv_norm: RmsNormConfig::new(c.kv_lora_rank)
+                .with_epsilon(1e-6)
+                .init(device),
+            wkv_b: lin(c.kv_lora_rank, h * (c.qk_nope_head_dim + c.v_head_dim)),
+            wo: lin(h * c.v_head_dim, dim),
+            n_heads: h,
+            kv_lora_rank: c.kv_lora_rank,
+            qk_nope_head_dim: c.qk_nope_head_dim,
+            qk_rope_head_dim: c.qk_rope_head_dim,
+            v_head_dim: c.v_head_dim,
+            key_block: c.key_block,
+            rope_theta: c.rope_theta,
+            scale: c.mscale * c.mscale / (qk as f64).sqrt(),
+            implementation: c.mla_impl,
+        }
+    }
+
+    /// Parameter count.
+    pub fn params(dim: usize, c: &AttentionConfig) -> usize {
+        let h = c.n_heads;
+        let qk = c.qk_nope_head_dim + c.qk_rope_head_dim;
+        let q = if c.q_lora_rank == 0 {
+            dim * h * qk
+        } else {
+            dim * c.q_lora_rank + c.q_lora_rank + c.q_lora_rank * h * qk
+        };
+        q + dim * (c.kv_lora_rank + c.qk_rope_head_dim)
+            + c.kv_lora_rank
+            + c.kv_lora_rank * h * (c.qk_nope_head_dim + c.v_head_dim)
+            + h * c.v_head_dim * dim
+    }
+
+    /// The implementation in use.
+    pub fn implementation(&self) -> MlaImpl {
+        self.implementation
+    }
+
+    /// Switches naive/absorbed on the same weights (a new cache is needed afterwards).
+    pub fn set_implementation(&mut self, i: MlaImpl) {
+        self.implementation = i;
+    }
+
+    /// An empty cache layer for the current implementation.
+    pub fn new_cache(&self, batch: usize, capacity: usize, device: &B::Device) -> LayerCache<B> {
+        let h = self.n_heads;
+        match self.implementation {
+            MlaImpl::Naive => LayerCache {
+                k: Some(Tensor::zeros(
+                    [
+                        batch,
+                        h,
+                        capacity,
+                        self.qk_nope_head_dim + self.qk_rope_head_dim,
+                    ],
+                    device,
+                )),
+                v: Some(Tensor::zeros([batch, h, capacity, self.v_head_dim], device)),
+                absorbed: None,
+            },
+            MlaImpl::Absorbed => LayerCache {
+                k: Some(Tensor::zeros(
+                    [
+                        batch,
+                        1,
+                        capacity,
+                        self.kv_lora_rank + self.qk_rope_head_dim,
+                    ],
+                    device,
+                )),
+                v: None,
+                absorbed: Some(self.absorbed_weights()),
+            },
+        }
+    }
+
+    /// W_UK as `[h, d_nope, d_c]` and W_UV as `[h, d_c, d_v]`, cut from `wkv_b`.
+    fn absorbed_weights(&self) -> (Tensor<B, 3>, Tensor<B, 3>) {
+        let (h, dc, dn, dv) = (
+            self.n_heads,
+            self.kv_lora_rank,
+            self.qk_nope_head_dim,
+            self.v_head_dim,
+        );
+        // Burn's Linear weight is [d_in, d_out] = [d_c, h·(d_nope + d_v)]
+        let w = self.wkv_b.weight.val().reshape([dc, h, dn + dv]);
+        let w_uk = w.clone().slice([0..dc, 0..h, 0..dn]).permute([1, 2, 0]); // [h, dn, dc]
+        let w_uv = w.slice([0..dc, 0..h, dn..dn + dv]).swap_dims(0, 1); // [h, dc, dv]
+        (w_uk, w_uv)
+    }
+
+    /// Attends `x` (positions `start..start+s`) to the cache, after appending this chunk.
+    ///
+    /// # Shapes
+    /// `x: [b, s, dim] -> [b, s, dim]`
+    pub fn forward(
+        &self,
+        x: Tensor<B, 3>,
+        start: usize,
+        cache: &mut LayerCache<B>,
+    ) -> Tensor<B, 3> {
+        let [b, s, _] = x.dims();
+        let (h, dc, dn, dr, dv) = (
+            self.n_heads,
+            self.kv_lora_rank,
+            self.qk_nope_head_dim,
+            self.qk_rope_head_dim,
+            self.v_head_dim,
+        );
+        // queries: [b, s, h·(dn+dr)] -> [b, h, s, dn+dr]
+        let q = match (&self.wq, &self.wq_a, &self.q_norm, &self.wq_b) {
+            (Some(wq), ..) => wq.forward(x.clone()),
+            (None, Some(a), Some(n), Some(bq)) => bq.forward(n.forward(a.forward(x.clone()))),
+            _ => unreachable!("query projection configured"),
+        };
+        let q = q.reshape([b, s, h, dn + dr]).swap_dims(1, 2);
+        let q_nope = q.clone().slice([0..b, 0..h, 0..s, 0..dn]);
+        let q_pe = rope::apply4(
+            q.slice([0..b, 0..h, 0..s, dn..dn + dr]),
+            start,
+            self.rope_theta,
+        );
+        // latent and the one shared RoPE key: [b, s, dc + dr]
+        let kv = self.wkv_a.forward(x);
+        let c_kv = self.kv_norm.forward(kv.clone().slice([0..b, 0..s, 0..dc]));
+        let k_pe = rope::apply(kv.slice([0..b, 0..s, dc..dc + dr]), start, self.rope_theta);
+
+        let o = match self.implementation {
+            MlaImpl::Naive => {
+                // rebuild per-head keys and values: [b, s, h·(dn+dv)] -> [b, h, s, dn+dv]
+                let kvb = self
+                    .wkv_b
+                    .forward(c_kv)
+                    .reshape([b, s, h, dn + dv])
+                    .swap_dims(1, 2);
+                let k_nope = kvb.clone().slice([0..b, 0..h, 0..s, 0..dn]);
+                let v = kvb.slice([0..b, 0..h, 0..s, dn..dn + dv]);
+                let k_pe = k_pe.unsqueeze_dim::<4>(1).expand([b, h, s, dr]);
+                let k = Tensor::cat(vec![k_nope, k_pe], 3); // [b, h, s, dn+dr]
+                append(&mut cache.k, k, start);
+                append(&mut cache.v, v, start);
+                let q = Tensor::cat(vec![q_nope, q_pe], 3) * self.scale;
+                blocked::attention(
+                    q,
+                    cache.k.as_ref().expect("k"),
+                    cache.v.as_ref().expect("v"),
+                    dv,
+                    start,
+                    s,
+                    start + s,
+                    self.key_block,
+                ) // [b, h, s, dv]
+            }
+            MlaImpl::Absorbed => {
+                let (w_uk, w_uv) = cache.absorbed.clone().expect("absorbed weights in cache");
+                // q_nope · W_UK per head: [h, b·s, dn] x [h, dn, dc] -> [h, b·s, dc]
+                let q_abs = q_nope.swap_dims(0, 1).reshape([h, b * s, dn]).matmul(w_uk);
+                let q_abs = q_abs.reshape([h, b, s, dc]).swap_dims(0, 1); // [b, h, s, dc]
+                                                                          // one query row per (head, position), all heads share the latent: [b, 1, h·s, dc+dr]
+                let q = (Tensor::cat(vec![q_abs, q_pe], 3) * self.scale).reshape([
+                    b,
+                    1,
+                    h * s,
+                    dc + dr,
+                ]);
+                let entry = Tensor::cat(vec![c_kv, k_pe], 2).unsqueeze_dim::<4>(1); // [b, 1, s, dc+dr]
+                append(&mut cache.k, entry, start);
+                let latent = cache.k.as_ref().expect("latent");
+                // values are the first dc columns of the same cache
+                let o =
+                    blocked::attention(q, latent, latent, dc, start, s, start + s, self.key_block);
+                // W_UV after attention: [h, b·s, dc] x [h, dc, dv] -> [h, b·s, dv]
+                let o = o
+                    .reshape([b, h, s, dc])
+                    .swap_dims(0, 1)
+                    .reshape([h, b * s, dc]);
+                o.matmul(w_uv).reshape([h, b, s, dv]).swap_dims(0, 1) // [b, h, s, dv]
+            }
+        };
+        // [b, h, s, dv] -> [b, s, h·dv]
+        self.wo.forward(o.swap_dims(1, 2).reshape([b, s, h * dv]))
+    }
+}

@@ -1,0 +1,13 @@
+//! Burn 模块：注意力（MHA/GQA、MLA、RoPE、KV 缓存、分块注意力）、FFN、解码器模型。
+
+pub mod attention;
+pub mod ffn;
+pub mod model;
+pub mod rope;
+
+pub use attention::mla::{MlaAttention, MlaImpl};
+pub use attention::{AttentionConfig, AttentionKind, KvCache};
+pub use model::{Decoder, DecoderConfig};
+
+#[cfg(test)]
+mod tests;

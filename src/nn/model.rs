@@ -1,0 +1,204 @@
+//! A small decoder-only transformer whose attention is chosen by configuration.
+//!
+//! `embed -> [RMSNorm -> attention -> + -> RMSNorm -> SwiGLU -> +] x L -> RMSNorm -> head`.
+//! Every forward goes through the KV cache: a full forward is a prefill from position 0, and
+//! prefill is done in chunks of query tokens so that no `[S, S]` matrix is ever built.
+
+use burn::module::Module;
+use burn::nn::{Embedding, EmbeddingConfig, Linear, LinearConfig, RmsNorm, RmsNormConfig};
+use burn::tensor::{backend::Backend, Int, Tensor};
+use serde::{Deserialize, Serialize};
+
+use super::attention::mha::MhaAttention;
+use super::attention::mla::{MlaAttention, MlaImpl};
+use super::attention::{AttentionConfig, AttentionKind, KvCache};
+use super::ffn::SwiGlu;
+
+/// 解码器配置。默认注意力是 MHA（FR-006）。
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DecoderConfig {
+    /// 词表大小。
+    pub vocab_size: usize,
+    /// 隐藏维度。
+    pub hidden: usize,
+    /// 层数。
+    pub n_layers: usize,
+    /// FFN 中间维度。
+    pub ffn_hidden: usize,
+    /// 注意力配置。
+    pub attention: AttentionConfig,
+}
+
+impl DecoderConfig {
+    /// Builds the model on `device` (parameters drawn from the backend's RNG; seed it first).
+    pub fn init<B: Backend>(&self, device: &B::Device) -> Decoder<B> {
+        let d = self.hidden;
+        Decoder {
+            embed: EmbeddingConfig::new(self.vocab_size, d).init(device),
+            layers: (0..self.n_layers)
+                .map(|_| Block {
+                    attn_norm: RmsNormConfig::new(d).with_epsilon(1e-6).init(device),
+                    attn: Attention::new(d, &self.attention, device),
+                    ffn_norm: RmsNormConfig::new(d).with_epsilon(1e-6).init(device),
+                    ffn: SwiGlu::new(d, self.ffn_hidden, device),
+                })
+                .collect(),
+            norm: RmsNormConfig::new(d).with_epsilon(1e-6).init(device),
+            head: LinearConfig::new(d, self.vocab_size)
+                .with_bias(false)
+                .init(device),
+        }
+    }
+
+    /// Parameter count (analytic; a test checks it against the module).
+    pub fn params(&self) -> usize {
+        let d = self.hidden;
+        let attn = match self.attention.kind {
+            AttentionKind::Mha | AttentionKind::Gqa => {
+                MhaAttention::<burn::backend::NdArray>::params(d, &self.attention)
+            }
+            AttentionKind::Mla => {
+                MlaAttention::<burn::backend::NdArray>::params(d, &self.attention)
+            }
+        };
+        let layer = attn + SwiGlu::<burn::backend::NdArray>::params(d, self.ffn_hidden) + 2 * d;
+        2 * self.vocab_size * d + self.n_layers * layer + d
+    }
+
+    /// KV-cache bytes for `batch` sequences of `capacity` tokens at `elem_bytes` per element.
+    pub fn kv_cache_bytes(&self, batch: usize, capacity: usize, elem_bytes: usize) -> u64 {
+        (self.n_layers * batch * capacity * self.attention.kv_elements_per_token() * elem_bytes)
+            as u64
+    }
+}
+
+/// 注意力槽：MHA/GQA 或 MLA 之一。
+#[derive(Module, Debug)]
+pub struct Attention<B: Backend> {
+    mha: Option<MhaAttention<B>>,
+    mla: Option<MlaAttention<B>>,
+}
+
+impl<B: Backend> Attention<B> {
+    fn new(dim: usize, c: &AttentionConfig, device: &B::Device) -> Self {
+        match c.kind {
+            AttentionKind::Mha | AttentionKind::Gqa => Attention {
+                mha: Some(MhaAttention::new(dim, c, device)),
+                mla: None,
+            },
+            AttentionKind::Mla => Attention {
+                mha: None,
+                mla: Some(MlaAttention::new(dim, c, device)),
+            },
+        }
+    }
+}
+
+/// 一个 pre-norm 解码块。
+#[derive(Module, Debug)]
+pub struct Block<B: Backend> {
+    attn_norm: RmsNorm<B>,
+    attn: Attention<B>,
+    ffn_norm: RmsNorm<B>,
+    ffn: SwiGlu<B>,
+}
+
+/// 解码器模型。
+#[derive(Module, Debug)]
+pub struct Decoder<B: Backend> {
+    embed: Embedding<B>,
+    layers: Vec<Block<B>>,
+    norm: RmsNorm<B>,
+    head: Linear<B>,
+}
+
+impl<B: Backend> Decoder<B> {
+    /// An empty KV cache of `capacity` tokens for `batch` sequences (allocated now, in full).
+    pub fn new_cache(&self, batch: usize, capacity: usize) -> KvCache<B> {
+        let device = self.head.weight.device();
+        KvCache {
+            layers: self
+                .layers
+                .iter()
+                .map(|l| match (&l.attn.mha, &l.attn.mla) {
+                    (Some(a), _) => a.new_cache(batch, capacity, &device),
+                    (_, Some(a)) => a.new_cache(batch, capacity, &device),
+                    _ => unreachable!("one attention per block"),
+                })
+                .collect(),
+            len: 0,
+            capacity,
+            batch,
+        }
+    }
+
+    /// Switches every MLA layer between naive and absorbed (same weights; make a new cache).
+    pub fn set_mla_impl(&mut self, i: MlaImpl) {
+        for l in &mut self.layers {
+            if let Some(m) = l.attn.mla.as_mut() {
+                m.set_implementation(i);
+            }
+        }
+    }
+
+    /// Hidden states after the final norm for `tokens` at positions `cache.len..`; appends to the cache.
+    ///
+    /// # Shapes
+    /// `tokens: [b, s] -> [b, s, hidden]`
+    pub fn forward_hidden(
+        &self,
+        tokens: Tensor<B, 2, Int>,
+        cache: &mut KvCache<B>,
+    ) -> Tensor<B, 3> {
+        let s = tokens.dims()[1];
+        let start = cache.len;
+        let mut x = self.embed.forward(tokens);
+        for (layer, lc) in self.layers.iter().zip(cache.layers.iter_mut()) {
+            let h = layer.attn_norm.forward(x.clone());
+            let a = match (&layer.attn.mha, &layer.attn.mla) {
+                (Some(m), _) => m.forward(h, start, lc),
+                (_, Some(m)) => m.forward(h, start, lc),
+                _ => unreachable!(),
+            };
+            x = x + a;
+            x = x.clone() + layer.ffn.forward(layer.ffn_norm.forward(x));
+        }
+        cache.len = start + s;
+        self.norm.forward(x)
+    }
+
+    /// Logits for hidden states. `[b, s, hidden] -> [b, s, vocab]`
+    pub fn logits(&self, hidden: Tensor<B, 3>) -> Tensor<B, 3> {
+        self.head.forward(hidden)
+    }
+
+    /// Prefill `tokens` `[b, s]` in query chunks of `chunk` tokens; returns the last position's
+    /// logits `[b, 1, vocab]`. `each_chunk` is called after every chunk (memory checkpoints).
+    pub fn prefill(
+        &self,
+        tokens: Tensor<B, 2, Int>,
+        cache: &mut KvCache<B>,
+        chunk: usize,
+        mut each_chunk: impl FnMut(usize),
+    ) -> Tensor<B, 3> {
+        let [b, s] = tokens.dims();
+        let chunk = chunk.max(1);
+        let mut last = None;
+        let mut i = 0;
+        while i < s {
+            let e = (i + chunk).min(s);
+            let h = self.forward_hidden(tokens.clone().slice([0..b, i..e]), cache);
+            let d = h.dims()[2];
+            last = Some(h.slice([0..b, e - i - 1..e - i, 0..d]));
+            each_chunk(e);
+            i = e;
+        }
+        self.logits(last.expect("at least one token"))
+    }
+
+    /// One decode step for `tokens` `[b, 1]`; returns logits `[b, 1, vocab]`.
+    pub fn decode_step(&self, tokens: Tensor<B, 2, Int>, cache: &mut KvCache<B>) -> Tensor<B, 3> {
+        let h = self.forward_hidden(tokens, cache);
+        self.logits(h)
+    }
+}

@@ -1,0 +1,195 @@
+//! Equivalence tests for the model: absorbed == naive MLA, cached decode == full forward,
+//! chunked prefill == unchunked, analytic sizes == actual tensors.
+
+use burn::backend::NdArray;
+use burn::module::Module;
+use burn::tensor::{backend::Backend, Int, Tensor, TensorData};
+
+use super::attention::{AttentionConfig, AttentionKind, MlaImpl};
+use super::model::{Decoder, DecoderConfig};
+
+type B = NdArray;
+
+fn config(kind: AttentionKind, mla_impl: MlaImpl) -> DecoderConfig {
+    let mut a = AttentionConfig::mha(4, 8);
+    a.kind = kind;
+    a.n_kv_heads = if kind == AttentionKind::Gqa { 2 } else { 4 };
+    a.kv_lora_rank = 16;
+    a.qk_nope_head_dim = 8;
+    a.qk_rope_head_dim = 4;
+    a.v_head_dim = 6;
+    a.mla_impl = mla_impl;
+    a.key_block = 4;
+    DecoderConfig {
+        vocab_size: 32,
+        hidden: 32,
+        n_layers: 2,
+        ffn_hidden: 48,
+        attention: a,
+    }
+}
+
+fn model(c: &DecoderConfig) -> Decoder<B> {
+    let dev = Default::default();
+    B::seed(&dev, 7);
+    c.init(&dev)
+}
+
+fn tokens(b: usize, s: usize, seed: i64) -> Tensor<B, 2, Int> {
+    let v: Vec<i64> = (0..(b * s) as i64)
+        .map(|i| (i * 7 + seed * 13) % 32)
+        .collect();
+    Tensor::from_data(TensorData::new(v, [b, s]), &Default::default())
+}
+
+fn max_diff(a: Tensor<B, 3>, b: Tensor<B, 3>) -> f32 {
+    (a - b).abs().max().into_scalar()
+}
+
+const VARIANTS: [(AttentionKind, MlaImpl); 4] = [
+    (AttentionKind::Mha, MlaImpl::Absorbed),
+    (AttentionKind::Gqa, MlaImpl::Absorbed),
+    (AttentionKind::Mla, MlaImpl::Naive),
+    (AttentionKind::Mla, MlaImpl::Absorbed),
+];
+
+#[test]
+fn cached_step_by_step_decode_equals_full_forward_for_every_variant() {
+    let (b, s) = (2, 9);
+    for (kind, imp) in VARIANTS {
+        let c = config(kind, imp);
+        let m = model(&c);
+        let toks = tokens(b, s, 1);
+        let mut full_cache = m.new_cache(b, s);
+        let full = m.logits(m.forward_hidden(toks.clone(), &mut full_cache)); // [b, s, v]
+        let mut cache = m.new_cache(b, s);
+        for i in 0..s {
+            let step = m.decode_step(toks.clone().slice([0..b, i..i + 1]), &mut cache);
+            let want = full.clone().slice([0..b, i..i + 1, 0..32]);
+            let d = max_diff(step, want);
+            assert!(d < 1e-4, "{kind:?}/{imp:?} position {i}: max |diff| {d}");
+        }
+        assert_eq!(cache.len, s);
+    }
+}
+
+#[test]
+fn chunked_prefill_equals_unchunked() {
+    let (b, s) = (1, 11);
+    for (kind, imp) in VARIANTS {
+        let c = config(kind, imp);
+        let m = model(&c);
+        let toks = tokens(b, s, 2);
+        let mut c1 = m.new_cache(b, s + 2);
+        let whole = m.prefill(toks.clone(), &mut c1, s, |_| {});
+        let mut c2 = m.new_cache(b, s + 2);
+        let mut seen = vec![];
+        let chunked = m.prefill(toks.clone(), &mut c2, 3, |e| seen.push(e));
+        assert_eq!(seen, vec![3, 6, 9, 11]);
+        let d = max_diff(whole, chunked);
+        assert!(d < 1e-4, "{kind:?}/{imp:?}: max |diff| {d}");
+        // and decoding after either prefill gives the same next logits
+        let next = tokens(b, 1, 3);
+        let d = max_diff(
+            m.decode_step(next.clone(), &mut c1),
+            m.decode_step(next, &mut c2),
+        );
+        assert!(d < 1e-4, "{kind:?}/{imp:?} decode after prefill: {d}");
+    }
+}
+
+#[test]
+fn absorbed_mla_equals_naive_mla_on_the_same_weights() {
+    let (b, s) = (2, 10);
+    let c = config(AttentionKind::Mla, MlaImpl::Naive);
+    let mut m = model(&c);
+    let toks = tokens(b, s, 4);
+    let run = |m: &Decoder<B>| {
+        let mut cache = m.new_cache(b, s + 3);
+        let p = m.prefill(toks.clone(), &mut cache, 4, |_| {});
+        let mut outs = vec![p];
+        for i in 0..3 {
+            outs.push(m.decode_step(tokens(b, 1, 10 + i), &mut cache));
+        }
+        outs
+    };
+    let naive = run(&m);
+    m.set_mla_impl(MlaImpl::Absorbed);
+    let absorbed = run(&m);
+    for (i, (n, a)) in naive.into_iter().zip(absorbed).enumerate() {
+        let d = max_diff(n, a);
+        assert!(d < 1e-4, "output {i}: max |diff| {d} (tolerance 1e-4)");
+    }
+}
+
+#[test]
+fn analytic_kv_bytes_match_the_cache_tensors() {
+    for (kind, imp) in VARIANTS {
+        let c = config(kind, imp);
+        let m = model(&c);
+        let cache = m.new_cache(3, 17);
+        assert_eq!(
+            cache.tensor_bytes(),
+            c.kv_cache_bytes(3, 17, 4),
+            "{kind:?}/{imp:?}"
+        );
+    }
+    // and the published per-token figures: 16 heads x 128 -> MHA 4096, MLA 512 + 64 = 576
+    let mut a = AttentionConfig::mha(16, 128);
+    assert_eq!(a.kv_elements_per_token(), 4096);
+    a.kind = AttentionKind::Mla;
+    assert_eq!(a.kv_elements_per_token(), 576);
+}
+
+#[test]
+fn analytic_params_match_the_module() {
+    for (kind, imp) in VARIANTS {
+        let c = config(kind, imp);
+        assert_eq!(model(&c).num_params(), c.params(), "{kind:?}");
+    }
+    let mut c = config(AttentionKind::Mla, MlaImpl::Absorbed);
+    c.attention.q_lora_rank = 12;
+    assert_eq!(model(&c).num_params(), c.params(), "with query compression");
+}
+
+#[test]
+fn query_compression_variant_is_also_equivalent() {
+    let mut c = config(AttentionKind::Mla, MlaImpl::Naive);
+    c.attention.q_lora_rank = 12;
+    let mut m = model(&c);
+    let toks = tokens(1, 6, 5);
+    let mut c1 = m.new_cache(1, 6);
+    let n = m.prefill(toks.clone(), &mut c1, 6, |_| {});
+    m.set_mla_impl(MlaImpl::Absorbed);
+    let mut c2 = m.new_cache(1, 6);
+    let a = m.prefill(toks, &mut c2, 2, |_| {});
+    assert!(max_diff(n, a) < 1e-4);
+}
+
+#[test]
+fn synthetic_fill_sets_length_without_reallocating() {
+    let c = config(AttentionKind::Mla, MlaImpl::Absorbed);
+    let m = model(&c);
+    let mut cache = m.new_cache(1, 20);
+    let before = cache.tensor_bytes();
+    cache.fill_synthetic(15, 0.01);
+    assert_eq!(cache.len, 15);
+    assert_eq!(cache.tensor_bytes(), before);
+    let out = m.decode_step(tokens(1, 1, 6), &mut cache);
+    assert_eq!(cache.len, 16);
+    let v: Vec<f32> = out.into_data().to_vec().unwrap();
+    assert!(v.iter().all(|x| x.is_finite()));
+}
+
+#[test]
+fn mha_is_the_default_attention() {
+    assert_eq!(AttentionKind::default(), AttentionKind::Mha);
+    assert_eq!(AttentionConfig::mha(4, 8).kind, AttentionKind::Mha);
+}
+
+#[test]
+fn yarn_mscale() {
+    assert_eq!(AttentionConfig::yarn_mscale(1.0, 0.707), 1.0);
+    let m = AttentionConfig::yarn_mscale(40.0, 1.0);
+    assert!((m - (0.1 * 40f64.ln() + 1.0)).abs() < 1e-12);
+}
