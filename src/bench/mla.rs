@@ -140,6 +140,15 @@ pub fn run<B: Backend>(
         "attention: query chunks of {chunk} tokens x key blocks of {chunk} (online softmax): the \
          workspace does not grow with the sequence; memory source for the criteria: {source}"
     )];
+    if ctx.pool.is_some() {
+        notes.push(
+            "device pool usage is sampled at sync points (after each prefill chunk and decode \
+             step): transient attention buffers freed inside a chunk are not seen, so peaks and \
+             the prefill workspace are lower bounds on this backend (NVML, where present, reads \
+             the driver's figure every 10 ms)"
+                .into(),
+        );
+    }
     let mut series = Vec::new();
     let mut runs: Vec<VariantRun> = Vec::new();
     let mut probes: Vec<Probe> = Vec::new();
@@ -314,6 +323,11 @@ pub fn run<B: Backend>(
         };
         v.metrics
             .insert("capacity_tokens".into(), capacity.map(|c| c as f64));
+        // 1 = still fit at capacity.max_seq, so capacity_tokens is only a lower bound
+        v.metrics.insert(
+            "capacity_is_lower_bound".into(),
+            capacity.map(|_| if capped { 1.0 } else { 0.0 }),
+        );
         if let Some(slope) = probe_slope(&probes, variant) {
             v.metrics
                 .insert("measured_bytes_per_token".into(), Some(slope));
