@@ -3,6 +3,7 @@
 pub mod attention;
 pub mod ffn;
 pub mod model;
+pub mod moe;
 pub mod rope;
 
 pub use attention::mla::{MlaAttention, MlaImpl};

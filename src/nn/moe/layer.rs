@@ -1,0 +1,229 @@
+//! MoE 层：细粒度路由专家（SwiGLU）+ 常驻共享专家，按专家分组的稀疏分发。
+//!
+//! 分发（dropless）：路由在主机上得到每个 token 的 k 个专家；把 (token, 槽位) 对按专家排序，
+//! 对每个被选中的专家用 `select` 取出它的 token 行、做一次矩阵乘（该专家的 SwiGLU），把所有
+//! 专家的输出按排序顺序拼接，再用逆排列一次 `select` 还原成 `[tokens, k, dim]`，乘门控权重后
+//! 在 k 上求和，最后加上共享专家的输出。没有对每个 token 遍历所有专家，也没有
+//! `[tokens, experts, width]` 的稠密掩码。
+
+use burn::module::Module;
+use burn::tensor::{backend::Backend, Int, Tensor, TensorData};
+use serde::{Deserialize, Serialize};
+
+use super::router::{MoeRouter, RouterConfig, Routing};
+use crate::nn::ffn::SwiGlu;
+
+/// MoE 层配置（DeepSeek 的参数名）。
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MoeConfig {
+    /// 隐藏维度。
+    pub dim: usize,
+    /// 每个专家的中间维度。
+    pub moe_inter_dim: usize,
+    /// 共享专家数（合成一个宽度为 `n_shared_experts · moe_inter_dim` 的 SwiGLU）。
+    pub n_shared_experts: usize,
+    /// 路由器。
+    pub router: RouterConfig,
+}
+
+impl MoeConfig {
+    /// Builds the layer.
+    pub fn init<B: Backend>(&self, device: &B::Device) -> MoeLayer<B> {
+        MoeLayer {
+            router: MoeRouter::new(self.dim, self.router.clone(), device),
+            experts: (0..self.router.n_routed_experts)
+                .map(|_| SwiGlu::new(self.dim, self.moe_inter_dim, device))
+                .collect(),
+            shared: (self.n_shared_experts > 0)
+                .then(|| SwiGlu::new(self.dim, self.n_shared_experts * self.moe_inter_dim, device)),
+        }
+    }
+
+    /// Total parameters (router + every expert + shared).
+    pub fn total_params(&self) -> usize {
+        let e = SwiGlu::<burn::backend::NdArray>::params(self.dim, self.moe_inter_dim);
+        self.dim * self.router.n_routed_experts
+            + e * (self.router.n_routed_experts + self.n_shared_experts)
+    }
+
+    /// Parameters used per token (router + k routed + shared).
+    pub fn active_params(&self) -> usize {
+        let e = SwiGlu::<burn::backend::NdArray>::params(self.dim, self.moe_inter_dim);
+        self.dim * self.router.n_routed_experts
+            + e * (self.router.num_experts_per_tok + self.n_shared_experts)
+    }
+
+    /// FFN width of the dense baseline with the same TOTAL parameters.
+    pub fn dense_equal_total_width(&self) -> usize {
+        (self.router.n_routed_experts + self.n_shared_experts) * self.moe_inter_dim
+    }
+
+    /// FFN width of the dense baseline with the same ACTIVE parameters.
+    pub fn dense_equal_active_width(&self) -> usize {
+        (self.router.num_experts_per_tok + self.n_shared_experts) * self.moe_inter_dim
+    }
+}
+
+/// DeepSeekMoE 层。
+#[derive(Module, Debug)]
+pub struct MoeLayer<B: Backend> {
+    /// 门控。
+    pub router: MoeRouter<B>,
+    /// 路由专家。
+    pub experts: Vec<SwiGlu<B>>,
+    /// 共享专家（合成一个）。
+    pub shared: Option<SwiGlu<B>>,
+}
+
+impl<B: Backend> MoeLayer<B> {
+    /// Routes and runs the experts. Returns the output and the routing (with load statistics).
+    ///
+    /// # Shapes
+    /// `x: [tokens, dim] -> [tokens, dim]`
+    pub fn forward(&self, x: Tensor<B, 2>) -> (Tensor<B, 2>, Routing) {
+        let routing = self.router.route(x.clone());
+        let y = self.dispatch(x, &routing);
+        (y, routing)
+    }
+
+    /// Sorted dispatch for a given routing.
+    pub fn dispatch(&self, x: Tensor<B, 2>, routing: &Routing) -> Tensor<B, 2> {
+        let [t, dim] = x.dims();
+        let device = x.device();
+        let k = routing.experts.first().map(|e| e.len()).unwrap_or(0);
+        // (expert, token, slot) triples sorted by expert: one contiguous group per expert
+        let mut pairs: Vec<(usize, usize, usize)> = routing
+            .experts
+            .iter()
+            .enumerate()
+            .flat_map(|(tok, es)| es.iter().enumerate().map(move |(slot, &e)| (e, tok, slot)))
+            .collect();
+        pairs.sort_unstable();
+        let mut outs = Vec::new();
+        let mut i = 0;
+        while i < pairs.len() {
+            let e = pairs[i].0;
+            let j = i + pairs[i..].iter().take_while(|p| p.0 == e).count();
+            let rows: Vec<i64> = pairs[i..j].iter().map(|p| p.1 as i64).collect();
+            let n = rows.len();
+            let idx = Tensor::<B, 1, Int>::from_data(TensorData::new(rows, [n]), &device);
+            let xe = x.clone().select(0, idx).reshape([1, n, dim]);
+            outs.push(self.experts[e].forward(xe).reshape([n, dim]));
+            i = j;
+        }
+        let mut y = if outs.is_empty() {
+            Tensor::zeros([t, dim], &device)
+        } else {
+            // inverse permutation: sorted position of each (token, slot)
+            let mut inv = vec![0i64; t * k];
+            for (pos, &(_, tok, slot)) in pairs.iter().enumerate() {
+                inv[tok * k + slot] = pos as i64;
+            }
+            let sorted = Tensor::cat(outs, 0); // [t·k, dim] in expert order
+            let idx = Tensor::<B, 1, Int>::from_data(TensorData::new(inv, [t * k]), &device);
+            let per_slot = sorted.select(0, idx).reshape([t, k, dim]);
+            let w: Vec<f32> = routing.weights.iter().flatten().copied().collect();
+            let w = Tensor::<B, 3>::from_data(TensorData::new(w, [t, k, 1]), &device);
+            (per_slot * w.expand([t, k, dim]))
+                .sum_dim(1)
+                .reshape([t, dim])
+        };
+        if let Some(shared) = &self.shared {
+            y = y + shared.forward(x.reshape([1, t, dim])).reshape([t, dim]);
+        }
+        y
+    }
+
+    /// Reference: token by token, expert by expert (tests only; slow by design).
+    pub fn forward_reference(&self, x: Tensor<B, 2>, routing: &Routing) -> Tensor<B, 2> {
+        let [t, dim] = x.dims();
+        let rows: Vec<Tensor<B, 2>> = (0..t)
+            .map(|tok| {
+                let xt = x.clone().slice([tok..tok + 1, 0..dim]);
+                let mut acc = Tensor::<B, 2>::zeros([1, dim], &x.device());
+                for (&e, &w) in routing.experts[tok].iter().zip(&routing.weights[tok]) {
+                    let o = self.experts[e].forward(xt.clone().reshape([1, 1, dim]));
+                    acc = acc + o.reshape([1, dim]) * w;
+                }
+                if let Some(shared) = &self.shared {
+                    acc = acc + shared.forward(xt.reshape([1, 1, dim])).reshape([1, dim]);
+                }
+                acc
+            })
+            .collect();
+        Tensor::cat(rows, 0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bench::calibrate::pseudo_random;
+    use crate::nn::moe::router::ScoreFunc;
+    use burn::backend::NdArray;
+    use burn::module::Module;
+
+    type B = NdArray;
+
+    fn config(score: ScoreFunc, groups: usize) -> MoeConfig {
+        MoeConfig {
+            dim: 16,
+            moe_inter_dim: 8,
+            n_shared_experts: 1,
+            router: RouterConfig {
+                n_routed_experts: 8,
+                num_experts_per_tok: 3,
+                score_func: score,
+                n_group: groups,
+                topk_group: groups.clamp(1, 2),
+                route_scale: 1.0,
+                norm_topk_prob: true,
+                bias_update_speed: 0.001,
+            },
+        }
+    }
+
+    #[test]
+    fn sorted_dispatch_equals_the_per_token_reference() {
+        let dev = Default::default();
+        for (score, groups) in [(ScoreFunc::Softmax, 1), (ScoreFunc::Sigmoid, 4)] {
+            B::seed(&dev, 3);
+            let layer = config(score, groups).init::<B>(&dev);
+            let x = Tensor::<B, 2>::from_data(
+                TensorData::new(pseudo_random(20 * 16, 5), [20, 16]),
+                &dev,
+            );
+            let (y, routing) = layer.forward(x.clone());
+            let want = layer.forward_reference(x, &routing);
+            let d: f32 = (y - want).abs().max().into_scalar();
+            assert!(d < 1e-5, "{score:?}: max |diff| {d} (tolerance 1e-5)");
+            assert_eq!(
+                routing.load.tokens_per_expert.iter().sum::<usize>(),
+                20 * 3,
+                "dropless"
+            );
+        }
+    }
+
+    #[test]
+    fn parameter_counts() {
+        let c = config(ScoreFunc::Softmax, 1);
+        let layer = c.init::<B>(&Default::default());
+        assert_eq!(layer.num_params(), c.total_params());
+        // 8 routed + 1 shared experts of 3·16·8 = 384, router 16·8
+        assert_eq!(c.total_params(), 128 + 9 * 384);
+        assert_eq!(c.active_params(), 128 + 4 * 384);
+        assert_eq!(c.dense_equal_total_width(), 72);
+        assert_eq!(c.dense_equal_active_width(), 32);
+    }
+
+    #[test]
+    fn a_single_token_batch_works() {
+        let dev = Default::default();
+        let layer = config(ScoreFunc::Softmax, 1).init::<B>(&dev);
+        let x = Tensor::<B, 2>::from_data(TensorData::new(pseudo_random(16, 8), [1, 16]), &dev);
+        let (y, r) = layer.forward(x);
+        assert_eq!(y.dims(), [1, 16]);
+        assert_eq!(r.experts[0].len(), 3);
+    }
+}

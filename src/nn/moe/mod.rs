@@ -1,0 +1,7 @@
+//! DeepSeekMoE：路由器（`MoeRouter`）与 MoE 层（细粒度路由专家 + 常驻共享专家）。
+
+pub mod layer;
+pub mod router;
+
+pub use layer::{MoeConfig, MoeLayer};
+pub use router::{LoadStats, MoeRouter, RouterConfig, Routing, ScoreFunc};
