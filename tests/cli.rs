@@ -167,14 +167,12 @@ fn unavailable_backend_is_exit_3_with_reason() {
 #[test]
 fn kinds_without_a_runner_say_so_with_exit_3() {
     let dir = tempfile::tempdir().unwrap();
-    for kind in ["mtp", "moe"] {
-        dsopt()
-            .args(["bench", kind, "--backend", "ndarray", "--out"])
-            .arg(dir.path())
-            .assert()
-            .code(3)
-            .stderr(predicate::str::contains("not implemented"));
-    }
+    dsopt()
+        .args(["bench", "mtp", "--backend", "ndarray", "--out"])
+        .arg(dir.path())
+        .assert()
+        .code(3)
+        .stderr(predicate::str::contains("not implemented"));
     assert!(
         std::fs::read_dir(dir.path()).unwrap().next().is_none(),
         "no fake report"
@@ -484,5 +482,65 @@ fn mla_smoke_on_ndarray_and_wgpu_writes_measured_criteria() {
             dir.path().read_dir().unwrap().count() >= 4,
             "json, csv, memory csv, md"
         );
+    }
+}
+
+#[test]
+fn moe_smoke_on_ndarray_and_wgpu_measures_sc003a_and_says_sc003b_is_not_measured() {
+    for backend in ["ndarray", "wgpu"] {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dsopt()
+            .args([
+                "--quiet",
+                "bench",
+                "moe",
+                "--format",
+                "json",
+                "--backend",
+                backend,
+                "--scenario",
+            ])
+            .arg(repo("scenarios/smoke/sc003-moe-smoke.toml"))
+            .arg("--out")
+            .arg(dir.path())
+            .output()
+            .unwrap();
+        // SC-003b (offload) is not implemented: verdict error -> exit 1, never a fake pass
+        assert_eq!(
+            out.status.code(),
+            Some(1),
+            "{backend}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(v["verdict"], "error");
+        let crit = v["criteria"].as_array().unwrap();
+        assert_eq!(crit.len(), 3);
+        assert!(
+            crit[0]["measured"].as_f64().unwrap() > 0.0,
+            "{backend}: SC-003a prefill measured"
+        );
+        assert!(
+            crit[1]["measured"].as_f64().unwrap() > 0.0,
+            "{backend}: SC-003a decode measured"
+        );
+        assert!(crit[2]["measured"].is_null() && crit[2]["passed"] == false);
+        let names: Vec<&str> = v["variants"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x["name"].as_str().unwrap())
+            .collect();
+        assert_eq!(names, ["moe", "dense_equal_total", "dense_equal_active"]);
+        for x in v["variants"].as_array().unwrap() {
+            assert_eq!(x["status"], "ok", "{backend}: {x}");
+            assert!(x["metrics"]["prefill_tokens_per_s"].as_f64().unwrap() > 0.0);
+        }
+        // the dense baseline of equal total size really has (about) the MoE's parameters
+        let p = |i: usize| v["variants"][i]["metrics"]["params"].as_f64().unwrap();
+        assert!((p(0) - p(1)).abs() / p(0) < 0.05 && p(2) < p(0));
+        assert!(v["variants"][0]["metrics"]["unused_experts"]
+            .as_f64()
+            .is_some());
     }
 }

@@ -50,6 +50,7 @@ pub fn decoder_config(s: &MlaScenario, variant: &str) -> DecoderConfig {
             mscale: 1.0,
             rope_theta: s.model.rope_theta,
         },
+        moe: None,
     }
 }
 

@@ -2,6 +2,7 @@
 
 pub mod calibrate;
 pub mod mla;
+pub mod moe;
 
 use std::time::Instant;
 
@@ -27,7 +28,10 @@ pub struct RunOutput {
 
 /// Whether this build has a runner for the kind. Kinds without one exit with code 3.
 pub fn runner_available(kind: ScenarioKind) -> bool {
-    matches!(kind, ScenarioKind::Calibrate | ScenarioKind::Mla)
+    matches!(
+        kind,
+        ScenarioKind::Calibrate | ScenarioKind::Mla | ScenarioKind::Moe
+    )
 }
 
 /// The error for a kind whose runner does not exist yet (exit code 3, no fake output).
@@ -54,6 +58,7 @@ pub fn run_scenario<B: burn::tensor::backend::Backend>(
     match scenario {
         Scenario::Calibrate(s) => calibrate::run(s, ctx, monitor),
         Scenario::Mla(s) => mla::run(s, ctx, monitor),
+        Scenario::Moe(s) => moe::run(s, ctx, monitor),
         other => Err(runner_missing(other.kind()).into()),
     }
 }

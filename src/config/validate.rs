@@ -248,6 +248,16 @@ fn mtp(c: &mut Checker, s: &MtpScenario) {
 fn moe(c: &mut Checker, s: &MoeScenario) {
     c.id(&s.id, "SC");
     c.model(&s.model);
+    if s.model.n_heads >= 1 && !s.model.hidden.is_multiple_of(s.model.n_heads) {
+        c.fail(
+            "model.n_heads",
+            format!(
+                "{} heads do not divide model.hidden = {}",
+                s.model.n_heads, s.model.hidden
+            ),
+            "choose n_heads that divides hidden",
+        );
+    }
     let m = &s.moe;
     c.at_least("moe.n_routed_experts", m.n_routed_experts, 1);
     c.at_least("moe.num_experts_per_tok", m.num_experts_per_tok, 1);

@@ -13,6 +13,7 @@ use super::attention::mha::MhaAttention;
 use super::attention::mla::{MlaAttention, MlaImpl};
 use super::attention::{AttentionConfig, AttentionKind, KvCache};
 use super::ffn::SwiGlu;
+use super::moe::{LoadStats, MoeConfig, MoeLayer};
 
 /// 解码器配置。默认注意力是 MHA（FR-006）。
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -27,6 +28,9 @@ pub struct DecoderConfig {
     pub ffn_hidden: usize,
     /// 注意力配置。
     pub attention: AttentionConfig,
+    /// MoE 配置：`None` = 稠密 SwiGLU FFN（默认，FR-006）；`Some` = 每层 FFN 换成 DeepSeekMoE。
+    #[serde(default)]
+    pub moe: Option<MoeConfig>,
 }
 
 impl DecoderConfig {
@@ -40,7 +44,11 @@ impl DecoderConfig {
                     attn_norm: RmsNormConfig::new(d).with_epsilon(1e-6).init(device),
                     attn: Attention::new(d, &self.attention, device),
                     ffn_norm: RmsNormConfig::new(d).with_epsilon(1e-6).init(device),
-                    ffn: SwiGlu::new(d, self.ffn_hidden, device),
+                    ffn: self
+                        .moe
+                        .is_none()
+                        .then(|| SwiGlu::new(d, self.ffn_hidden, device)),
+                    moe: self.moe.as_ref().map(|m| m.init(device)),
                 })
                 .collect(),
             norm: RmsNormConfig::new(d).with_epsilon(1e-6).init(device),
@@ -61,7 +69,11 @@ impl DecoderConfig {
                 MlaAttention::<burn::backend::NdArray>::params(d, &self.attention)
             }
         };
-        let layer = attn + SwiGlu::<burn::backend::NdArray>::params(d, self.ffn_hidden) + 2 * d;
+        let ffn = match &self.moe {
+            None => SwiGlu::<burn::backend::NdArray>::params(d, self.ffn_hidden),
+            Some(m) => m.total_params(),
+        };
+        let layer = attn + ffn + 2 * d;
         2 * self.vocab_size * d + self.n_layers * layer + d
     }
 
@@ -100,7 +112,8 @@ pub struct Block<B: Backend> {
     attn_norm: RmsNorm<B>,
     attn: Attention<B>,
     ffn_norm: RmsNorm<B>,
-    ffn: SwiGlu<B>,
+    ffn: Option<SwiGlu<B>>,
+    moe: Option<MoeLayer<B>>,
 }
 
 /// 解码器模型。
@@ -150,6 +163,16 @@ impl<B: Backend> Decoder<B> {
         tokens: Tensor<B, 2, Int>,
         cache: &mut KvCache<B>,
     ) -> Tensor<B, 3> {
+        self.forward_hidden_stats(tokens, cache, None)
+    }
+
+    /// [`Decoder::forward_hidden`], also collecting each MoE layer's routing load statistics.
+    pub fn forward_hidden_stats(
+        &self,
+        tokens: Tensor<B, 2, Int>,
+        cache: &mut KvCache<B>,
+        mut stats: Option<&mut Vec<LoadStats>>,
+    ) -> Tensor<B, 3> {
         let s = tokens.dims()[1];
         let start = cache.len;
         let mut x = self.embed.forward(tokens);
@@ -161,7 +184,21 @@ impl<B: Backend> Decoder<B> {
                 _ => unreachable!(),
             };
             x = x + a;
-            x = x.clone() + layer.ffn.forward(layer.ffn_norm.forward(x));
+            let h = layer.ffn_norm.forward(x.clone());
+            let f = match (&layer.ffn, &layer.moe) {
+                (Some(ffn), _) => ffn.forward(h),
+                (_, Some(moe)) => {
+                    // tokens of every sequence routed together: [b, s, d] -> [b·s, d]
+                    let [b, s, d] = h.dims();
+                    let (y, routing) = moe.forward(h.reshape([b * s, d]));
+                    if let Some(st) = stats.as_deref_mut() {
+                        st.push(routing.load);
+                    }
+                    y.reshape([b, s, d])
+                }
+                _ => unreachable!("one FFN per block"),
+            };
+            x = x + f;
         }
         cache.len = start + s;
         self.norm.forward(x)

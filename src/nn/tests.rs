@@ -26,6 +26,7 @@ fn config(kind: AttentionKind, mla_impl: MlaImpl) -> DecoderConfig {
         n_layers: 2,
         ffn_hidden: 48,
         attention: a,
+        moe: None,
     }
 }
 
@@ -192,4 +193,45 @@ fn yarn_mscale() {
     assert_eq!(AttentionConfig::yarn_mscale(1.0, 0.707), 1.0);
     let m = AttentionConfig::yarn_mscale(40.0, 1.0);
     assert!((m - (0.1 * 40f64.ln() + 1.0)).abs() < 1e-12);
+}
+
+fn moe_config() -> DecoderConfig {
+    use super::moe::{MoeConfig, RouterConfig, ScoreFunc};
+    let mut c = config(AttentionKind::Mha, MlaImpl::Absorbed);
+    c.moe = Some(MoeConfig {
+        dim: 32,
+        moe_inter_dim: 8,
+        n_shared_experts: 1,
+        router: RouterConfig {
+            n_routed_experts: 6,
+            num_experts_per_tok: 2,
+            score_func: ScoreFunc::Softmax,
+            n_group: 1,
+            topk_group: 1,
+            route_scale: 1.0,
+            norm_topk_prob: false,
+            bias_update_speed: 0.001,
+        },
+    });
+    c
+}
+
+#[test]
+fn moe_decoder_cached_decode_equals_full_forward_and_counts_params() {
+    let c = moe_config();
+    let m = model(&c);
+    assert_eq!(m.num_params(), c.params());
+    let (b, s) = (2, 6);
+    let toks = tokens(b, s, 8);
+    let mut full_cache = m.new_cache(b, s);
+    let mut stats = Vec::new();
+    let full = m.logits(m.forward_hidden_stats(toks.clone(), &mut full_cache, Some(&mut stats)));
+    assert_eq!(stats.len(), 2, "one load record per MoE layer");
+    assert_eq!(stats[0].tokens_per_expert.iter().sum::<usize>(), b * s * 2);
+    let mut cache = m.new_cache(b, s);
+    for i in 0..s {
+        let step = m.decode_step(toks.clone().slice([0..b, i..i + 1]), &mut cache);
+        let d = max_diff(step, full.clone().slice([0..b, i..i + 1, 0..32]));
+        assert!(d < 1e-4, "position {i}: {d}");
+    }
 }

@@ -1,0 +1,269 @@
+//! SC-003 运行器（速度部分，SC-003a）：同一模型形状下 MoE、同总参数稠密、同激活参数稠密三者的吞吐量。
+//!
+//! Each variant is the same decoder (MHA attention, same hidden/layers/vocab); only the FFN
+//! differs: DeepSeekMoE, a dense SwiGLU as wide as all experts together (equal TOTAL parameters),
+//! and a dense SwiGLU as wide as the active experts (equal ACTIVE parameters). Throughput is
+//! measured for a prefill-like forward (`prefill_batch x prefill_seq` tokens) and for decode-like
+//! steps (`decode_batch` sequences, one token each). The router is untrained (random weights),
+//! which spreads load evenly; the report says so. Expert offload (SC-003b) is not implemented yet:
+//! its criterion is reported as not measured.
+
+use std::time::Instant;
+
+use burn::tensor::{backend::Backend, Int, Tensor, TensorData};
+
+use super::RunOutput;
+use crate::backend::BackendContext;
+use crate::config::{Dtype, MoeScenario};
+use crate::monitor::{MonitorConfig, PerformanceMonitor};
+use crate::nn::attention::{AttentionConfig, MlaImpl};
+use crate::nn::model::DecoderConfig;
+use crate::nn::moe::{LoadStats, MoeConfig, RouterConfig};
+use crate::report::{AnalyticMemory, Comparison, Criterion, VariantReport};
+
+/// The MoE configuration of a scenario.
+pub fn moe_config(s: &MoeScenario) -> MoeConfig {
+    MoeConfig {
+        dim: s.model.hidden,
+        moe_inter_dim: s.moe.moe_inter_dim,
+        n_shared_experts: s.moe.n_shared_experts,
+        router: RouterConfig {
+            n_routed_experts: s.moe.n_routed_experts,
+            num_experts_per_tok: s.moe.num_experts_per_tok,
+            score_func: s.moe.score_func,
+            n_group: s.moe.n_group,
+            topk_group: s.moe.topk_group,
+            route_scale: s.moe.route_scale,
+            norm_topk_prob: false,
+            bias_update_speed: 0.001,
+        },
+    }
+}
+
+/// The decoder of a variant: `moe`, `dense_equal_total` or `dense_equal_active`.
+pub fn decoder_config(s: &MoeScenario, variant: &str) -> DecoderConfig {
+    let moe = moe_config(s);
+    let heads = s.model.n_heads;
+    let mut attention = AttentionConfig::mha(heads, s.model.hidden / heads);
+    attention.mla_impl = MlaImpl::Absorbed;
+    attention.rope_theta = s.model.rope_theta;
+    let ffn_hidden = match variant {
+        "dense_equal_total" => moe.dense_equal_total_width(),
+        "dense_equal_active" => moe.dense_equal_active_width(),
+        _ => s.model.ffn_hidden,
+    };
+    DecoderConfig {
+        vocab_size: s.model.vocab_size,
+        hidden: s.model.hidden,
+        n_layers: s.model.n_layers,
+        ffn_hidden,
+        attention,
+        moe: (variant == "moe").then_some(moe),
+    }
+}
+
+fn ids<B: Backend>(
+    b: usize,
+    s: usize,
+    vocab: usize,
+    seed: u64,
+    dev: &B::Device,
+) -> Tensor<B, 2, Int> {
+    let v: Vec<i64> = (0..(b * s) as u64)
+        .map(|i| ((i.wrapping_mul(2654435761).wrapping_add(seed * 97)) % vocab as u64) as i64)
+        .collect();
+    Tensor::from_data(TensorData::new(v, [b, s]), dev)
+}
+
+/// Runs SC-003a on backend `B`.
+pub fn run<B: Backend>(
+    s: &MoeScenario,
+    ctx: &BackendContext<B>,
+    monitor_cfg: MonitorConfig,
+) -> anyhow::Result<RunOutput> {
+    if s.run.dtype != Dtype::F32 {
+        anyhow::bail!(
+            "dtype {:?} is not supported by the MoE runner yet (f32 only): set run.dtype = \"f32\"",
+            s.run.dtype
+        );
+    }
+    if !s.model.hidden.is_multiple_of(s.model.n_heads) {
+        anyhow::bail!("model.n_heads must divide model.hidden for the MoE runner's attention");
+    }
+    let dev = &ctx.device;
+    let (pb, ps) = (s.run.prefill_batch, s.run.prefill_seq);
+    let (db, steps) = (s.run.decode_batch, s.run.decode_steps);
+    let moe = moe_config(s);
+    let mut notes = vec![
+        format!(
+            "dims: hidden {}, {} layers, {} heads (MHA), vocab {}; MoE {} routed + {} shared experts \
+             of width {}, top-{}, {:?} scores, {} group(s); dense-equal-total FFN width {}, \
+             dense-equal-active width {}; f32",
+            s.model.hidden, s.model.n_layers, s.model.n_heads, s.model.vocab_size,
+            s.moe.n_routed_experts, s.moe.n_shared_experts, s.moe.moe_inter_dim,
+            s.moe.num_experts_per_tok, s.moe.score_func, s.moe.n_group,
+            moe.dense_equal_total_width(), moe.dense_equal_active_width()
+        ),
+        format!(
+            "FFN parameters per layer: MoE total {} / active {} ({:.1} % active)",
+            moe.total_params(),
+            moe.active_params(),
+            100.0 * moe.active_params() as f64 / moe.total_params() as f64
+        ),
+        "router: untrained (random weights) — load spreads evenly, which is the harder case for \
+         expert caching but typical for speed"
+            .into(),
+    ];
+    let mut series = Vec::new();
+    let mut variants = Vec::new();
+    let mut tps: Vec<(String, Option<f64>, Option<f64>)> = Vec::new();
+    for variant in ["moe", "dense_equal_total", "dense_equal_active"] {
+        let cfg = decoder_config(s, variant);
+        B::seed(dev, 11);
+        let model = cfg.init::<B>(dev);
+        // warm-up: materialise lazy parameters and compile kernels on the measured shapes
+        for _ in 0..s.run.warmup.max(1) {
+            let mut c = model.new_cache(pb, ps);
+            let _ = model.forward_hidden(ids::<B>(pb, ps, cfg.vocab_size, 1, dev), &mut c);
+            let mut c = model.new_cache(db, 2);
+            let _ = model.forward_hidden(ids::<B>(db, 1, cfg.vocab_size, 2, dev), &mut c);
+            B::sync(dev).ok();
+        }
+        let mut monitor = PerformanceMonitor::for_backend::<B>(
+            MonitorConfig {
+                warmup: 0,
+                ..monitor_cfg.clone()
+            },
+            dev,
+            ctx.pool.clone(),
+        );
+        let prompt = ids::<B>(pb, ps, cfg.vocab_size, 3, dev);
+        let mut loads: Vec<LoadStats> = Vec::new();
+        let mut decode_times = Vec::new();
+        let m = monitor.measure(variant, |probe| {
+            let mut cache = model.new_cache(pb, ps);
+            let mut st = Vec::new();
+            let h = model.forward_hidden_stats(prompt.clone(), &mut cache, Some(&mut st));
+            probe.checkpoint("prefill");
+            let finite: Vec<f32> = h
+                .slice([0..pb, ps - 1..ps, 0..cfg.hidden])
+                .into_data()
+                .convert::<f32>()
+                .to_vec()
+                .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+            anyhow::ensure!(
+                finite.iter().all(|x| x.is_finite()),
+                "non-finite hidden states"
+            );
+            loads = st;
+            // decode-like: db sequences, one token per step, timed apart
+            let mut dc = model.new_cache(db, steps);
+            B::sync(dev).ok();
+            let t = Instant::now();
+            for i in 0..steps {
+                let _ = model
+                    .forward_hidden(ids::<B>(db, 1, cfg.vocab_size, 10 + i as u64, dev), &mut dc);
+                probe.checkpoint("decode_step");
+            }
+            B::sync(dev).ok();
+            decode_times.push(t.elapsed().as_secs_f64());
+            Ok(())
+        });
+        series.extend(monitor.series().iter().cloned());
+        let mut v = VariantReport::from_measurement(&m);
+        let total = v.timings.as_ref().map(|t| t.median_s);
+        let mut dt = decode_times.clone();
+        dt.sort_by(f64::total_cmp);
+        let decode_s = dt.get(dt.len() / 2).copied();
+        // the timed run = prefill + decode; prefill time = total minus the decode part
+        let prefill_s = total.zip(decode_s).map(|(t, d)| (t - d).max(1e-12));
+        let prefill_tps = prefill_s.map(|t| (pb * ps) as f64 / t);
+        let decode_tps = decode_s.map(|t| (db * steps) as f64 / t);
+        v.metrics.insert("prefill_s".into(), prefill_s);
+        v.metrics.insert("prefill_tokens_per_s".into(), prefill_tps);
+        v.metrics.insert("decode_s".into(), decode_s);
+        v.metrics.insert("decode_tokens_per_s".into(), decode_tps);
+        v.metrics.insert("params".into(), Some(cfg.params() as f64));
+        if variant == "moe" && !loads.is_empty() {
+            let per_expert: Vec<usize> = (0..s.moe.n_routed_experts)
+                .map(|e| loads.iter().map(|l| l.tokens_per_expert[e]).sum())
+                .collect();
+            let l = LoadStats::of(per_expert);
+            v.metrics
+                .insert("load_max_over_mean".into(), Some(l.max_over_mean));
+            v.metrics
+                .insert("unused_experts".into(), Some(l.unused_experts as f64));
+        }
+        v.memory.analytic = Some(AnalyticMemory {
+            weights_bytes: (cfg.params() * 4) as u64,
+            kv_cache_bytes: cfg.kv_cache_bytes(pb, ps, 4),
+            activations_bytes: 0,
+        });
+        tps.push((variant.to_string(), prefill_tps, decode_tps));
+        variants.push(v);
+    }
+    let get = |name: &str, decode: bool| {
+        tps.iter()
+            .find(|t| t.0 == name)
+            .and_then(|t| if decode { t.2 } else { t.1 })
+    };
+    let ratio = |a: Option<f64>, b: Option<f64>| a.zip(b).map(|(a, b)| a / b);
+    let pre_total = ratio(get("moe", false), get("dense_equal_total", false));
+    let dec_total = ratio(get("moe", true), get("dense_equal_total", true));
+    let pre_active = ratio(get("moe", false), get("dense_equal_active", false));
+    let dec_active = ratio(get("moe", true), get("dense_equal_active", true));
+    if let Some(v) = variants.iter_mut().find(|v| v.name == "moe") {
+        v.metrics
+            .insert("prefill_speedup_vs_dense_total".into(), pre_total);
+        v.metrics
+            .insert("decode_speedup_vs_dense_total".into(), dec_total);
+        v.metrics
+            .insert("prefill_ratio_vs_dense_active".into(), pre_active);
+        v.metrics
+            .insert("decode_ratio_vs_dense_active".into(), dec_active);
+    }
+    notes.push(format!(
+        "MoE vs dense-equal-active (routing overhead; below 1 = slower): prefill {}, decode {}",
+        pre_active
+            .map(|x| format!("{x:.2}x"))
+            .unwrap_or("not measured".into()),
+        dec_active
+            .map(|x| format!("{x:.2}x"))
+            .unwrap_or("not measured".into()),
+    ));
+    let mut criteria = vec![
+        Criterion::evaluate(
+            "SC-003a-prefill",
+            "tokens_per_s_moe_over_dense_equal_total",
+            Comparison::AtLeast,
+            s.thresholds.speedup_vs_dense_total,
+            pre_total,
+            format!("prefill-like forward of {pb} x {ps} tokens; same model shape, FFN differs"),
+        ),
+        Criterion::evaluate(
+            "SC-003a-decode",
+            "tokens_per_s_moe_over_dense_equal_total",
+            Comparison::AtLeast,
+            s.thresholds.speedup_vs_dense_total,
+            dec_total,
+            format!("decode-like steps: batch {db}, one token each, {steps} steps"),
+        ),
+    ];
+    if s.offload.is_some() {
+        criteria.push(Criterion::evaluate(
+            "SC-003b",
+            "model_bytes_over_budget_with_offload",
+            Comparison::AtLeast,
+            s.thresholds.model_to_budget_ratio,
+            None,
+            "not measured: expert offload is not implemented in this version of dsopt",
+        ));
+        notes.push("SC-003b (expert offload under a memory budget) is not implemented yet: its criterion is not measured, so the verdict is `error`".into());
+    }
+    Ok(RunOutput {
+        variants,
+        criteria,
+        notes,
+        memory_series: series,
+    })
+}
