@@ -200,10 +200,7 @@ pub fn run<B: Backend>(
             }
         }
         let mut monitor = PerformanceMonitor::for_backend::<B>(
-            MonitorConfig {
-                warmup: 0,
-                ..monitor_cfg.clone()
-            },
+            monitor_cfg.without_warmup(),
             dev,
             ctx.pool.clone(),
         );

@@ -87,9 +87,6 @@ pub fn run<B: Backend>(
             s.run.dtype
         );
     }
-    if !s.model.hidden.is_multiple_of(s.model.n_heads) {
-        anyhow::bail!("model.n_heads must divide model.hidden for the MoE runner's attention");
-    }
     let dev = &ctx.device;
     let (pb, ps) = (s.run.prefill_batch, s.run.prefill_seq);
     let (db, steps) = (s.run.decode_batch, s.run.decode_steps);
@@ -130,10 +127,7 @@ pub fn run<B: Backend>(
             B::sync(dev).ok();
         }
         let mut monitor = PerformanceMonitor::for_backend::<B>(
-            MonitorConfig {
-                warmup: 0,
-                ..monitor_cfg.clone()
-            },
+            monitor_cfg.without_warmup(),
             dev,
             ctx.pool.clone(),
         );

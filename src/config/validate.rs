@@ -81,6 +81,19 @@ impl Checker {
         self.at_most("run.repetitions", repetitions, 10_000);
         self.at_most("run.warmup", warmup, 1_000);
     }
+    /// Attention heads of width hidden / n_heads (MTP and MoE models).
+    fn heads_divide_hidden(&mut self, m: &ModelShape) {
+        if m.n_heads >= 1 && !m.hidden.is_multiple_of(m.n_heads) {
+            self.fail(
+                "model.n_heads",
+                format!(
+                    "{} heads do not divide model.hidden = {}",
+                    m.n_heads, m.hidden
+                ),
+                "choose n_heads that divides hidden",
+            );
+        }
+    }
     fn model(&mut self, m: &ModelShape) {
         self.at_least("model.hidden", m.hidden, 1);
         self.at_least("model.n_layers", m.n_layers, 1);
@@ -203,16 +216,7 @@ fn mla(c: &mut Checker, s: &MlaScenario) {
 fn mtp(c: &mut Checker, s: &MtpScenario) {
     c.id(&s.id, "SC");
     c.model(&s.model);
-    if s.model.n_heads >= 1 && !s.model.hidden.is_multiple_of(s.model.n_heads) {
-        c.fail(
-            "model.n_heads",
-            format!(
-                "{} heads do not divide model.hidden = {}",
-                s.model.n_heads, s.model.hidden
-            ),
-            "choose n_heads that divides hidden",
-        );
-    }
+    c.heads_divide_hidden(&s.model);
     c.at_least("mtp.depth", s.mtp.depth, 1);
     c.at_most("mtp.depth", s.mtp.depth, 8);
     c.at_least("train.steps", s.train.steps, 1);
@@ -248,16 +252,7 @@ fn mtp(c: &mut Checker, s: &MtpScenario) {
 fn moe(c: &mut Checker, s: &MoeScenario) {
     c.id(&s.id, "SC");
     c.model(&s.model);
-    if s.model.n_heads >= 1 && !s.model.hidden.is_multiple_of(s.model.n_heads) {
-        c.fail(
-            "model.n_heads",
-            format!(
-                "{} heads do not divide model.hidden = {}",
-                s.model.n_heads, s.model.hidden
-            ),
-            "choose n_heads that divides hidden",
-        );
-    }
+    c.heads_divide_hidden(&s.model);
     let m = &s.moe;
     c.at_least("moe.n_routed_experts", m.n_routed_experts, 1);
     c.at_least("moe.num_experts_per_tok", m.num_experts_per_tok, 1);

@@ -71,6 +71,16 @@ pub struct MonitorConfig {
     pub progress: bool,
 }
 
+impl MonitorConfig {
+    /// The same settings without warm-up runs (for runners that warm up on their own shapes).
+    pub fn without_warmup(&self) -> MonitorConfig {
+        MonitorConfig {
+            warmup: 0,
+            ..self.clone()
+        }
+    }
+}
+
 impl Default for MonitorConfig {
     fn default() -> Self {
         MonitorConfig {

@@ -16,10 +16,12 @@ pub fn tables<B: Backend>(
     let half = d / 2;
     let mut cos = Vec::with_capacity(len * half);
     let mut sin = Vec::with_capacity(len * half);
+    // frequency of pair i: theta^(-2i/d)
+    let freqs: Vec<f64> = (0..half)
+        .map(|i| theta.powf(-(2.0 * i as f64) / d as f64))
+        .collect();
     for p in start..start + len {
-        for i in 0..half {
-            // frequency of pair i: theta^(-2i/d)
-            let freq = theta.powf(-(2.0 * i as f64) / d as f64);
+        for &freq in &freqs {
             let a = p as f64 * freq;
             cos.push(a.cos() as f32);
             sin.push(a.sin() as f32);
