@@ -7,10 +7,12 @@
 pub mod backend;
 pub mod bench;
 pub mod config;
+pub mod decode;
 pub mod error;
 pub mod machine;
 pub mod monitor;
 pub mod report;
+pub mod train;
 
 pub use config::Scenario;
 pub use error::DsoptError;

@@ -165,21 +165,6 @@ fn unavailable_backend_is_exit_3_with_reason() {
 }
 
 #[test]
-fn kinds_without_a_runner_say_so_with_exit_3() {
-    let dir = tempfile::tempdir().unwrap();
-    dsopt()
-        .args(["bench", "mtp", "--backend", "ndarray", "--out"])
-        .arg(dir.path())
-        .assert()
-        .code(3)
-        .stderr(predicate::str::contains("not implemented"));
-    assert!(
-        std::fs::read_dir(dir.path()).unwrap().next().is_none(),
-        "no fake report"
-    );
-}
-
-#[test]
 fn wrong_kind_for_the_scenario_is_exit_2() {
     dsopt()
         .args(["bench", "mla", "--scenario"])
@@ -366,8 +351,12 @@ fn run_keeps_going_and_writes_a_summary() {
     let bad = dir.path().join("bad.toml");
     std::fs::write(&bad, "kind = \"moe\"\n").unwrap();
     let out = dir.path().join("out");
+    let cache = dir.path().join("cache");
     dsopt()
-        .args(["--quiet", "run", "--backend", "ndarray", "--out"])
+        .env("DSOPT_CACHE", &cache)
+        .args(["--quiet", "run", "--backend", "ndarray", "--corpus"])
+        .arg(repo("src"))
+        .arg("--out")
         .arg(&out)
         .arg(repo("scenarios/smoke/calibrate-smoke.toml"))
         .arg(&bad)
@@ -387,11 +376,9 @@ fn run_keeps_going_and_writes_a_summary() {
         .iter()
         .map(|e| e["exit_code"].as_i64().unwrap())
         .collect();
-    assert_eq!(
-        codes,
-        vec![0, 2, 3],
-        "calibrate passed, bad file, MLA runner missing"
-    );
+    assert_eq!(codes[..2], [0, 2], "calibrate passed, bad file");
+    // the tiny MTP model is measured: pass or fail, but a real verdict
+    assert!(codes[2] == 0 || codes[2] == 1, "{codes:?}");
     assert_eq!(s["exit_code"], 2);
 }
 
@@ -486,7 +473,7 @@ fn mla_smoke_on_ndarray_and_wgpu_writes_measured_criteria() {
 }
 
 #[test]
-fn moe_smoke_on_ndarray_and_wgpu_measures_sc003a_and_says_sc003b_is_not_measured() {
+fn moe_smoke_measures_sc003a_everywhere_and_offload_on_wgpu() {
     for backend in ["ndarray", "wgpu"] {
         let dir = tempfile::tempdir().unwrap();
         let out = dsopt()
@@ -505,36 +492,53 @@ fn moe_smoke_on_ndarray_and_wgpu_measures_sc003a_and_says_sc003b_is_not_measured
             .arg(dir.path())
             .output()
             .unwrap();
-        // SC-003b (offload) is not implemented: verdict error -> exit 1, never a fake pass
-        assert_eq!(
-            out.status.code(),
-            Some(1),
+        assert!(
+            out.status.code() == Some(0) || out.status.code() == Some(1),
             "{backend}: {}",
             String::from_utf8_lossy(&out.stderr)
         );
         let v: Value = serde_json::from_slice(&out.stdout).unwrap();
-        assert_eq!(v["verdict"], "error");
+        assert_ne!(v["verdict"], "error", "{backend}: every criterion measured");
         let crit = v["criteria"].as_array().unwrap();
-        assert_eq!(crit.len(), 3);
-        assert!(
-            crit[0]["measured"].as_f64().unwrap() > 0.0,
-            "{backend}: SC-003a prefill measured"
-        );
-        assert!(
-            crit[1]["measured"].as_f64().unwrap() > 0.0,
-            "{backend}: SC-003a decode measured"
-        );
-        assert!(crit[2]["measured"].is_null() && crit[2]["passed"] == false);
+        let ids: Vec<&str> = crit.iter().map(|c| c["id"].as_str().unwrap()).collect();
+        for c in crit {
+            assert!(c["measured"].as_f64().unwrap() > 0.0, "{backend}: {c}");
+        }
         let names: Vec<&str> = v["variants"]
             .as_array()
             .unwrap()
             .iter()
             .map(|x| x["name"].as_str().unwrap())
             .collect();
-        assert_eq!(names, ["moe", "dense_equal_total", "dense_equal_active"]);
+        if backend == "ndarray" {
+            // offload does not apply to host memory: no SC-003b row, a note that says why
+            assert_eq!(ids, ["SC-003a-prefill", "SC-003a-decode"]);
+            assert_eq!(names, ["moe", "dense_equal_total", "dense_equal_active"]);
+            assert!(v["notes"].to_string().contains("does not apply on ndarray"));
+        } else {
+            assert_eq!(
+                ids,
+                [
+                    "SC-003a-prefill",
+                    "SC-003a-decode",
+                    "SC-003b",
+                    "SC-003b-peak"
+                ]
+            );
+            let off = &v["variants"][3];
+            assert_eq!(off["name"], "moe_offloaded");
+            assert_eq!(off["equivalence"]["passed"], true, "offloaded == resident");
+            let m = &off["metrics"];
+            assert!(m["hit_rate"].as_f64().is_some());
+            assert!(m["bytes_copied_per_token"].as_f64().unwrap() > 0.0);
+            assert!(
+                m["max_resident_experts"].as_f64().unwrap() <= 4.0,
+                "cache capacity"
+            );
+            assert!(off["memory"]["device_peak_bytes"].as_u64().unwrap() > 0);
+        }
         for x in v["variants"].as_array().unwrap() {
             assert_eq!(x["status"], "ok", "{backend}: {x}");
-            assert!(x["metrics"]["prefill_tokens_per_s"].as_f64().unwrap() > 0.0);
         }
         // the dense baseline of equal total size really has (about) the MoE's parameters
         let p = |i: usize| v["variants"][i]["metrics"]["params"].as_f64().unwrap();
@@ -543,4 +547,167 @@ fn moe_smoke_on_ndarray_and_wgpu_measures_sc003a_and_says_sc003b_is_not_measured
             .as_f64()
             .is_some());
     }
+}
+
+/// Runs the MTP smoke scenario on a backend with its own checkpoint cache; returns the report.
+fn mtp_smoke(backend: &str, cache: &Path) -> Value {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dsopt()
+        .env("DSOPT_CACHE", cache)
+        .args([
+            "--quiet",
+            "bench",
+            "mtp",
+            "--format",
+            "json",
+            "--backend",
+            backend,
+            "--scenario",
+        ])
+        .arg(repo("scenarios/smoke/sc002-mtp-smoke.toml"))
+        .arg("--corpus")
+        .arg(repo("src"))
+        .arg("--out")
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.code() == Some(0) || out.status.code() == Some(1),
+        "{backend}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[test]
+fn mtp_smoke_on_ndarray_and_wgpu_trains_once_and_measures_sc002() {
+    let cache = tempfile::tempdir().unwrap();
+    for (i, backend) in ["ndarray", "wgpu"].into_iter().enumerate() {
+        let v = mtp_smoke(backend, cache.path());
+        let crit = v["criteria"].as_array().unwrap();
+        let ids: Vec<&str> = crit.iter().map(|c| c["id"].as_str().unwrap()).collect();
+        assert_eq!(ids, ["SC-002a", "SC-002b"]);
+        for c in crit {
+            assert!(c["measured"].as_f64().is_some(), "{backend}: {c}");
+        }
+        let spec = &v["variants"][1];
+        assert_eq!(spec["name"], "speculative");
+        assert_eq!(spec["equivalence"]["checked"], true, "{backend}");
+        if backend == "ndarray" {
+            // speculative decoding reproduced greedy decoding token for token
+            assert_eq!(spec["equivalence"]["passed"], true, "{backend}: {spec}");
+            assert_eq!(spec["status"], "ok", "{backend}: {spec}");
+        } else if spec["equivalence"]["passed"] != true {
+            // lavapipe: a differing token makes the variant and both criteria fail, never pass
+            assert_eq!(spec["status"], "failed", "{spec}");
+            assert!(crit.iter().all(|c| c["passed"] == false), "{crit:?}");
+        }
+        let m = &spec["metrics"];
+        let mean = m["mean_accepted_length"].as_f64().unwrap();
+        assert!((1.0..=4.0).contains(&mean), "{mean}");
+        for d in 1..=3 {
+            assert!(m[format!("acceptance_d{d}")].as_f64().is_some(), "{m}");
+        }
+        assert!(m["verify_over_plain_step"].as_f64().unwrap() > 0.0);
+        // the sweep: one variant per (D, batch), each compared with greedy
+        let sweep: Vec<&Value> = v["variants"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|x| x["name"].as_str().unwrap().starts_with("sweep_"))
+            .collect();
+        assert_eq!(sweep.len(), 4, "D in [1, 3] x batch in [1, 2]");
+        for x in sweep {
+            assert_eq!(x["equivalence"]["checked"], true, "{backend}: {x}");
+            if backend == "ndarray" {
+                assert_eq!(x["equivalence"]["passed"], true, "{backend}: {x}");
+            }
+        }
+        // trained once, then reused from the cache
+        let notes = v["notes"].to_string();
+        let expect = if i == 0 {
+            "trained in this run"
+        } else {
+            "reused, not retrained"
+        };
+        assert!(notes.contains(expect), "{backend}: {notes}");
+    }
+    // an explicit checkpoint needs no corpus at all
+    let ckpt = std::fs::read_dir(cache.path())
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    let dir = tempfile::tempdir().unwrap();
+    dsopt()
+        .env("DSOPT_CACHE", dir.path().join("empty"))
+        .args([
+            "--quiet",
+            "bench",
+            "mtp",
+            "--backend",
+            "ndarray",
+            "--scenario",
+        ])
+        .arg(repo("scenarios/smoke/sc002-mtp-smoke.toml"))
+        .args(["--corpus", "/no/such/corpus", "--checkpoint"])
+        .arg(&ckpt)
+        .arg("--out")
+        .arg(dir.path())
+        .assert()
+        .code(predicate::in_iter([0, 1]))
+        .stdout(predicate::str::contains("SC-002a"));
+    // a checkpoint of another shape is refused as bad input
+    dsopt()
+        .args([
+            "--quiet",
+            "bench",
+            "mtp",
+            "--backend",
+            "ndarray",
+            "--checkpoint",
+        ])
+        .arg(&ckpt)
+        .arg("--out")
+        .arg(dir.path())
+        .assert()
+        .code(2)
+        .stderr(predicate::str::contains("drop --checkpoint"));
+}
+
+#[test]
+fn train_writes_a_checkpoint_and_reports_every_depth() {
+    let cache = tempfile::tempdir().unwrap();
+    let train = || {
+        let mut c = dsopt();
+        c.args(["--quiet", "train", "--scenario"])
+            .arg(repo("scenarios/smoke/sc002-mtp-smoke.toml"))
+            .arg("--corpus")
+            .arg(repo("src"))
+            .arg("--cache-dir")
+            .arg(cache.path());
+        c
+    };
+    train().assert().code(0).stdout(
+        predicate::str::contains("trained now").and(predicate::str::contains("MTP depth 3")),
+    );
+    train()
+        .assert()
+        .code(0)
+        .stdout(predicate::str::contains("already trained"));
+    let ckpt = std::fs::read_dir(cache.path())
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    assert!(ckpt.join("model.mpk").is_file() && ckpt.join("config.json").is_file());
+    // a corpus that does not exist is bad input, naming the flag
+    dsopt()
+        .args(["train", "--corpus", "/no/such/dir", "--cache-dir"])
+        .arg(cache.path())
+        .assert()
+        .code(2)
+        .stderr(predicate::str::contains("--corpus"));
 }

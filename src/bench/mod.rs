@@ -3,6 +3,7 @@
 pub mod calibrate;
 pub mod mla;
 pub mod moe;
+pub mod mtp;
 
 use std::time::Instant;
 
@@ -30,7 +31,7 @@ pub struct RunOutput {
 pub fn runner_available(kind: ScenarioKind) -> bool {
     matches!(
         kind,
-        ScenarioKind::Calibrate | ScenarioKind::Mla | ScenarioKind::Moe
+        ScenarioKind::Calibrate | ScenarioKind::Mla | ScenarioKind::Moe | ScenarioKind::Mtp
     )
 }
 
@@ -59,7 +60,7 @@ pub fn run_scenario<B: burn::tensor::backend::Backend>(
         Scenario::Calibrate(s) => calibrate::run(s, ctx, monitor),
         Scenario::Mla(s) => mla::run(s, ctx, monitor),
         Scenario::Moe(s) => moe::run(s, ctx, monitor),
-        other => Err(runner_missing(other.kind()).into()),
+        Scenario::Mtp(s) => mtp::run(s, ctx, monitor),
     }
 }
 

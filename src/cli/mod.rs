@@ -63,6 +63,20 @@ pub enum Command {
         #[arg(long, default_value_t = 0.05)]
         noise: f64,
     },
+    /// Train the MTP model of an SC-002 scenario (main model + D modules) and save a checkpoint.
+    Train {
+        /// MTP scenario file (default: the shipped SC-002 scenario).
+        #[arg(long, value_name = "FILE")]
+        scenario: Option<PathBuf>,
+        /// Checkpoint cache folder (default: $DSOPT_CACHE, else ~/.cache/dsopt).
+        #[arg(long, value_name = "DIR")]
+        cache_dir: Option<PathBuf>,
+        /// Train again even if a matching checkpoint exists.
+        #[arg(long)]
+        force: bool,
+        #[command(flatten)]
+        overrides: OverrideArgs,
+    },
     /// Parse and validate scenario files without running them.
     Validate {
         /// Scenario files or directories.
@@ -100,6 +114,16 @@ pub struct OverrideArgs {
     /// Timed repetitions.
     #[arg(long)]
     pub repetitions: Option<usize>,
+    /// MTP training corpus: a file or folder of text (default: the Rust sources of dsopt's
+    /// locked dependencies in the cargo registry).
+    #[arg(long, value_name = "PATH")]
+    pub corpus: Option<PathBuf>,
+    /// MTP training steps.
+    #[arg(long, value_name = "N")]
+    pub train_steps: Option<usize>,
+    /// An MTP checkpoint folder to use as is (no training, no corpus needed).
+    #[arg(long, value_name = "DIR")]
+    pub checkpoint: Option<PathBuf>,
 }
 
 /// stdout format.

@@ -265,6 +265,9 @@ pub struct MtpTrain {
     /// 语料目录或文件（缺省：本机 cargo 注册表中依赖的 Rust 源码）。
     #[serde(default)]
     pub corpus: Option<PathBuf>,
+    /// 已训练好的检查点目录（给出时不训练、也不读语料：提示取自检查点里保存的留出文本）。
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checkpoint: Option<PathBuf>,
     /// 留出集比例，0..1。
     pub holdout_fraction: f64,
     /// 随机种子。
@@ -503,6 +506,12 @@ pub struct Overrides {
     pub repetitions: Option<usize>,
     /// `--warmup`。
     pub warmup: Option<usize>,
+    /// `--corpus`：MTP 的 `train.corpus`（训练语料文件或目录）。
+    pub corpus: Option<PathBuf>,
+    /// `--train-steps`：MTP 的 `train.steps`。
+    pub train_steps: Option<usize>,
+    /// `--checkpoint`：MTP 的 `train.checkpoint`（用现成的检查点）。
+    pub checkpoint: Option<PathBuf>,
 }
 
 impl Scenario {
@@ -597,6 +606,13 @@ impl Scenario {
                 set(&mut s.run.batch, o.batch);
                 set(&mut s.run.repetitions, o.repetitions);
                 set(&mut s.run.warmup, o.warmup);
+                set(&mut s.train.steps, o.train_steps);
+                if let Some(c) = &o.corpus {
+                    s.train.corpus = Some(c.clone());
+                }
+                if let Some(c) = &o.checkpoint {
+                    s.train.checkpoint = Some(c.clone());
+                }
             }
             Scenario::Moe(s) => {
                 set(&mut s.run.prefill_seq, o.seq);

@@ -1,8 +1,8 @@
 //! SwiGLU feed-forward network: `w2(silu(w1 x) * w3 x)`.
 
-use burn::module::Module;
+use burn::module::{Module, Param};
 use burn::nn::{Linear, LinearConfig};
-use burn::tensor::{activation::silu, backend::Backend, Tensor};
+use burn::tensor::{activation::silu, backend::Backend, Tensor, TensorData};
 
 /// SwiGLU FFN（DeepSeek 的 MLP / Expert 结构）。
 #[derive(Module, Debug)]
@@ -28,6 +28,29 @@ impl<B: Backend> SwiGlu<B> {
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         self.w2
             .forward(silu(self.w1.forward(x.clone())) * self.w3.forward(x))
+    }
+
+    /// An FFN from host weights `w1`, `w2`, `w3` (Burn's `[d_in, d_out]` layout), copied to
+    /// `device`.
+    pub fn from_data(w1: TensorData, w2: TensorData, w3: TensorData, device: &B::Device) -> Self {
+        let lin = |w: TensorData| Linear {
+            weight: Param::from_tensor(Tensor::from_data(w, device)),
+            bias: None,
+        };
+        SwiGlu {
+            w1: lin(w1),
+            w2: lin(w2),
+            w3: lin(w3),
+        }
+    }
+
+    /// The weights `w1`, `w2`, `w3` read back to the host.
+    pub fn to_data(&self) -> [TensorData; 3] {
+        [
+            self.w1.weight.val().into_data(),
+            self.w2.weight.val().into_data(),
+            self.w3.weight.val().into_data(),
+        ]
     }
 
     /// Parameter count.

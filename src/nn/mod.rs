@@ -4,11 +4,13 @@ pub mod attention;
 pub mod ffn;
 pub mod model;
 pub mod moe;
+pub mod mtp;
 pub mod rope;
 
 pub use attention::mla::{MlaAttention, MlaImpl};
 pub use attention::{AttentionConfig, AttentionKind, KvCache};
 pub use model::{Decoder, DecoderConfig};
+pub use mtp::{MtpModel, MtpPredictor};
 
 #[cfg(test)]
 mod tests;

@@ -11,9 +11,9 @@ use serde::{Deserialize, Serialize};
 
 use super::attention::mha::MhaAttention;
 use super::attention::mla::{MlaAttention, MlaImpl};
-use super::attention::{AttentionConfig, AttentionKind, KvCache};
+use super::attention::{AttentionConfig, AttentionKind, KvCache, LayerCache};
 use super::ffn::SwiGlu;
-use super::moe::{LoadStats, MoeConfig, MoeLayer};
+use super::moe::{ExpertStore, HostExpert, LoadStats, MoeConfig, MoeLayer};
 
 /// 解码器配置。默认注意力是 MHA（FR-006）。
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -40,22 +40,48 @@ impl DecoderConfig {
         Decoder {
             embed: EmbeddingConfig::new(self.vocab_size, d).init(device),
             layers: (0..self.n_layers)
-                .map(|_| Block {
-                    attn_norm: RmsNormConfig::new(d).with_epsilon(1e-6).init(device),
-                    attn: Attention::new(d, &self.attention, device),
-                    ffn_norm: RmsNormConfig::new(d).with_epsilon(1e-6).init(device),
-                    ffn: self
-                        .moe
-                        .is_none()
-                        .then(|| SwiGlu::new(d, self.ffn_hidden, device)),
-                    moe: self.moe.as_ref().map(|m| m.init(device)),
-                })
+                .map(|_| Block::new(self, device))
                 .collect(),
             norm: RmsNormConfig::new(d).with_epsilon(1e-6).init(device),
             head: LinearConfig::new(d, self.vocab_size)
                 .with_bias(false)
                 .init(device),
         }
+    }
+
+    /// Builds the model on `device` with every routed expert on the host instead: the device
+    /// model has no routed expert parameters (they are never materialised there; Burn
+    /// parameters are lazy), and `host[layer][expert]` holds their weights, drawn from the
+    /// NdArray RNG (seed it first). Layers are indexed as in the model (dense layers get an
+    /// empty list).
+    pub fn init_offloaded<B: Backend>(
+        &self,
+        device: &B::Device,
+    ) -> (Decoder<B>, Vec<Vec<HostExpert>>) {
+        let mut m = self.init::<B>(device);
+        let host_dev = Default::default();
+        let host = m
+            .layers
+            .iter_mut()
+            .map(|l| match (l.moe.as_mut(), &self.moe) {
+                (Some(moe), Some(c)) => {
+                    let n = moe.experts.len();
+                    moe.experts.clear(); // lazy parameters: nothing was allocated
+                    (0..n)
+                        .map(|_| HostExpert {
+                            weights: SwiGlu::<burn::backend::NdArray>::new(
+                                c.dim,
+                                c.moe_inter_dim,
+                                &host_dev,
+                            )
+                            .to_data(),
+                        })
+                        .collect()
+                }
+                _ => Vec::new(),
+            })
+            .collect();
+        (m, host)
     }
 
     /// Parameter count (analytic; a test checks it against the module).
@@ -116,6 +142,91 @@ pub struct Block<B: Backend> {
     moe: Option<MoeLayer<B>>,
 }
 
+impl<B: Backend> Block<B> {
+    /// A block with the attention and FFN of `c` (also used by the MTP modules).
+    pub fn new(c: &DecoderConfig, device: &B::Device) -> Self {
+        let d = c.hidden;
+        Block {
+            attn_norm: RmsNormConfig::new(d).with_epsilon(1e-6).init(device),
+            attn: Attention::new(d, &c.attention, device),
+            ffn_norm: RmsNormConfig::new(d).with_epsilon(1e-6).init(device),
+            ffn: c
+                .moe
+                .is_none()
+                .then(|| SwiGlu::new(d, c.ffn_hidden, device)),
+            moe: c.moe.as_ref().map(|m| m.init(device)),
+        }
+    }
+
+    /// An empty cache layer for this block's attention.
+    pub fn new_cache(&self, batch: usize, capacity: usize, device: &B::Device) -> LayerCache<B> {
+        match (&self.attn.mha, &self.attn.mla) {
+            (Some(a), _) => a.new_cache(batch, capacity, device),
+            (_, Some(a)) => a.new_cache(batch, capacity, device),
+            _ => unreachable!("one attention per block"),
+        }
+    }
+
+    /// Switches an MLA attention between naive and absorbed (same weights).
+    fn set_mla_impl(&mut self, i: MlaImpl) {
+        if let Some(m) = self.attn.mla.as_mut() {
+            m.set_implementation(i);
+        }
+    }
+
+    /// `x + attn(norm(x))`, then `+ ffn(norm(.))`; sequence `i` at positions `starts[i]..`.
+    ///
+    /// # Shapes
+    /// `x: [b, s, d] -> [b, s, d]`
+    pub fn forward(
+        &self,
+        x: Tensor<B, 3>,
+        starts: &[usize],
+        lc: &mut LayerCache<B>,
+        stats: Option<&mut Vec<LoadStats>>,
+    ) -> Tensor<B, 3> {
+        self.forward_with(x, starts, lc, stats, None)
+    }
+
+    /// [`Block::forward`]; an MoE FFN takes its routed experts from `offload` (the store and
+    /// this block's MoE layer index) when given.
+    fn forward_with(
+        &self,
+        x: Tensor<B, 3>,
+        starts: &[usize],
+        lc: &mut LayerCache<B>,
+        stats: Option<&mut Vec<LoadStats>>,
+        offload: Option<(&mut ExpertStore<B>, usize)>,
+    ) -> Tensor<B, 3> {
+        let h = self.attn_norm.forward(x.clone());
+        let a = match (&self.attn.mha, &self.attn.mla) {
+            (Some(m), _) => m.forward(h, starts, lc),
+            (_, Some(m)) => m.forward(h, starts, lc),
+            _ => unreachable!(),
+        };
+        let x = x + a;
+        let h = self.ffn_norm.forward(x.clone());
+        let f = match (&self.ffn, &self.moe) {
+            (Some(ffn), _) => ffn.forward(h),
+            (_, Some(moe)) => {
+                // tokens of every sequence routed together: [b, s, d] -> [b·s, d]
+                let [b, s, d] = h.dims();
+                let h = h.reshape([b * s, d]);
+                let (y, routing) = match offload {
+                    Some((store, layer)) => moe.forward_offloaded(h, layer, store),
+                    None => moe.forward(h),
+                };
+                if let Some(st) = stats {
+                    st.push(routing.load);
+                }
+                y.reshape([b, s, d])
+            }
+            _ => unreachable!("one FFN per block"),
+        };
+        x + f
+    }
+}
+
 /// 解码器模型。
 #[derive(Module, Debug)]
 pub struct Decoder<B: Backend> {
@@ -133,11 +244,7 @@ impl<B: Backend> Decoder<B> {
             layers: self
                 .layers
                 .iter()
-                .map(|l| match (&l.attn.mha, &l.attn.mla) {
-                    (Some(a), _) => a.new_cache(batch, capacity, &device),
-                    (_, Some(a)) => a.new_cache(batch, capacity, &device),
-                    _ => unreachable!("one attention per block"),
-                })
+                .map(|l| l.new_cache(batch, capacity, &device))
                 .collect(),
             len: 0,
             capacity,
@@ -148,9 +255,7 @@ impl<B: Backend> Decoder<B> {
     /// Switches every MLA layer between naive and absorbed (same weights; make a new cache).
     pub fn set_mla_impl(&mut self, i: MlaImpl) {
         for l in &mut self.layers {
-            if let Some(m) = l.attn.mla.as_mut() {
-                m.set_implementation(i);
-            }
+            l.set_mla_impl(i);
         }
     }
 
@@ -171,37 +276,77 @@ impl<B: Backend> Decoder<B> {
         &self,
         tokens: Tensor<B, 2, Int>,
         cache: &mut KvCache<B>,
+        stats: Option<&mut Vec<LoadStats>>,
+    ) -> Tensor<B, 3> {
+        let [b, s] = tokens.dims();
+        let starts = vec![cache.len; b];
+        let x = self.forward_trunk(tokens, cache, &starts, stats);
+        cache.len += s;
+        self.norm.forward(x)
+    }
+
+    /// The residual stream after the last block, before the final norm, for `tokens` `[b, s]`
+    /// with sequence `i` at positions `starts[i]..starts[i]+s` (each sequence may have its own
+    /// length, as in batched speculative decoding). Writes the K/V of those positions into the
+    /// cache; `cache.len` is left to the caller.
+    ///
+    /// # Shapes
+    /// `tokens: [b, s] -> [b, s, hidden]`
+    pub fn forward_trunk(
+        &self,
+        tokens: Tensor<B, 2, Int>,
+        cache: &mut KvCache<B>,
+        starts: &[usize],
         mut stats: Option<&mut Vec<LoadStats>>,
     ) -> Tensor<B, 3> {
-        let s = tokens.dims()[1];
-        let start = cache.len;
         let mut x = self.embed.forward(tokens);
         for (layer, lc) in self.layers.iter().zip(cache.layers.iter_mut()) {
-            let h = layer.attn_norm.forward(x.clone());
-            let a = match (&layer.attn.mha, &layer.attn.mla) {
-                (Some(m), _) => m.forward(h, start, lc),
-                (_, Some(m)) => m.forward(h, start, lc),
-                _ => unreachable!(),
-            };
-            x = x + a;
-            let h = layer.ffn_norm.forward(x.clone());
-            let f = match (&layer.ffn, &layer.moe) {
-                (Some(ffn), _) => ffn.forward(h),
-                (_, Some(moe)) => {
-                    // tokens of every sequence routed together: [b, s, d] -> [b·s, d]
-                    let [b, s, d] = h.dims();
-                    let (y, routing) = moe.forward(h.reshape([b * s, d]));
-                    if let Some(st) = stats.as_deref_mut() {
-                        st.push(routing.load);
-                    }
-                    y.reshape([b, s, d])
-                }
-                _ => unreachable!("one FFN per block"),
-            };
-            x = x + f;
+            x = layer.forward(x, starts, lc, stats.as_deref_mut());
         }
-        cache.len = start + s;
+        x
+    }
+
+    /// [`Decoder::forward_hidden`] for a model whose routed experts were moved to the host
+    /// ([`DecoderConfig::init_offloaded`]): they come from `store`'s device cache.
+    pub fn forward_hidden_offloaded(
+        &self,
+        tokens: Tensor<B, 2, Int>,
+        cache: &mut KvCache<B>,
+        store: &mut ExpertStore<B>,
+    ) -> Tensor<B, 3> {
+        let [b, s] = tokens.dims();
+        let starts = vec![cache.len; b];
+        let mut x = self.embed.forward(tokens);
+        for (i, (layer, lc)) in self.layers.iter().zip(cache.layers.iter_mut()).enumerate() {
+            x = layer.forward_with(x, &starts, lc, None, Some((&mut *store, i)));
+        }
+        cache.len += s;
         self.norm.forward(x)
+    }
+
+    /// Gives every MoE layer the routed experts `experts[layer]` (the resident twin of an
+    /// offloaded model).
+    pub fn set_routed_experts(&mut self, experts: Vec<Vec<SwiGlu<B>>>) {
+        for (l, e) in self.layers.iter_mut().zip(experts) {
+            if let Some(m) = l.moe.as_mut() {
+                m.experts = e;
+            }
+        }
+    }
+
+    /// The final RMSNorm (before the output head). `[b, s, d] -> [b, s, d]`
+    pub fn final_norm(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        self.norm.forward(x)
+    }
+
+    /// Token embeddings (shared with the MTP modules). `[b, s] -> [b, s, d]`
+    pub fn embed(&self, tokens: Tensor<B, 2, Int>) -> Tensor<B, 3> {
+        self.embed.forward(tokens)
+    }
+
+    /// The device the model's parameters live on.
+    pub fn device(&self) -> B::Device {
+        self.head.weight.device()
     }
 
     /// Logits for hidden states. `[b, s, hidden] -> [b, s, vocab]`

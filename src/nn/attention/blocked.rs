@@ -15,8 +15,10 @@ pub const ROW_TILE: usize = 2048;
 
 /// Causal attention of `q` against the first `kv_len` cached positions, key block by key block.
 ///
-/// Rows of `q` are `(head-in-group, query)` pairs flattened: row `r` is query `r % q_len`, at
-/// absolute position `q_start + r % q_len`. Heads that share a key/value group are folded into
+/// Rows of `q` are `(head-in-group, query)` pairs flattened: row `r` of sequence `i` is query
+/// `r % q_len`, at absolute position `q_starts[i] + r % q_len` (one start per sequence: they
+/// differ when each sequence of a batch keeps its own length, as in speculative decoding; keys
+/// after a row's position, including stale entries past a sequence's length, are masked). Heads that share a key/value group are folded into
 /// rows, so GQA and absorbed MLA (one latent shared by every head) need no broadcast matmul.
 ///
 /// # Shapes
@@ -33,14 +35,15 @@ pub fn attention<B: Backend>(
     k_src: &Tensor<B, 4>,
     v_src: &Tensor<B, 4>,
     dv: usize,
-    q_start: usize,
+    q_starts: &[usize],
     q_len: usize,
     kv_len: usize,
     block: usize,
 ) -> Tensor<B, 4> {
     let [b, g, rows, dk] = q.dims();
+    assert_eq!(q_starts.len(), b, "one start position per sequence");
     assert!(
-        kv_len >= q_start + q_len,
+        q_starts.iter().all(|&st| kv_len >= st + q_len),
         "keys must cover every query position"
     );
     // Few query rows (decode, verify steps): widen the key block up to 4x, fewer and larger
@@ -49,7 +52,7 @@ pub fn attention<B: Backend>(
     let block = block.max((block * block / rows.max(1)).min(4 * block));
     let tile = (ROW_TILE / g).max(1);
     if rows <= tile {
-        return attention_rows(q, k_src, v_src, dv, q_start, q_len, 0, block);
+        return attention_rows(q, k_src, v_src, dv, q_starts, q_len, 0, block);
     }
     let mut outs = Vec::new();
     let mut r0 = 0;
@@ -57,7 +60,7 @@ pub fn attention<B: Backend>(
         let r1 = (r0 + tile).min(rows);
         let qt = q.clone().slice([0..b, 0..g, r0..r1, 0..dk]);
         outs.push(attention_rows(
-            qt, k_src, v_src, dv, q_start, q_len, r0, block,
+            qt, k_src, v_src, dv, q_starts, q_len, r0, block,
         ));
         r0 = r1;
     }
@@ -71,7 +74,7 @@ fn attention_rows<B: Backend>(
     k_src: &Tensor<B, 4>,
     v_src: &Tensor<B, 4>,
     dv: usize,
-    q_start: usize,
+    q_starts: &[usize],
     q_len: usize,
     row0: usize,
     block: usize,
@@ -82,14 +85,9 @@ fn attention_rows<B: Backend>(
     let mut l = Tensor::<B, 4>::zeros([b, g, rows, 1], &device); // running denominator
     let mut acc = Tensor::<B, 4>::zeros([b, g, rows, dv], &device); // running numerator
                                                                     // the last key any row of this tile may see
-    let last_q = (row0..row0 + rows)
-        .map(|r| q_start + r % q_len)
-        .max()
-        .expect("rows");
-    let first_q = (row0..row0 + rows)
-        .map(|r| q_start + r % q_len)
-        .min()
-        .expect("rows");
+    let offsets = || (row0..row0 + rows).map(|r| r % q_len);
+    let last_q = q_starts.iter().max().expect("batch") + offsets().max().expect("rows");
+    let first_q = q_starts.iter().min().expect("batch") + offsets().min().expect("rows");
     let mut ks = 0;
     while ks <= last_q {
         let ke = (ks + block).min(last_q + 1);
@@ -98,8 +96,8 @@ fn attention_rows<B: Backend>(
         let mut s = q.clone().matmul(k.swap_dims(2, 3)); // [b, g, rows, kb]
         if ke - 1 > first_q {
             // this block reaches past some row's position: mask the keys after it
-            let mask = causal_mask::<B>(rows, row0, q_len, q_start, ks, kb, &device);
-            s = s.mask_fill(mask.unsqueeze::<4>().expand([b, g, rows, kb]), NEG);
+            let mask = batch_mask::<B>(q_starts, rows, row0, q_len, ks, kb, &device);
+            s = s.mask_fill(mask.expand([b, g, rows, kb]), NEG);
         }
         let m_new = m.clone().max_pair(s.clone().max_dim(3));
         let p = (s - m_new.clone().expand([b, g, rows, kb])).exp();
@@ -111,6 +109,27 @@ fn attention_rows<B: Backend>(
         ks = ke;
     }
     acc / l.expand([b, g, rows, dv])
+}
+
+/// [`causal_mask`] for every sequence: `[1, 1, rows, kb]` when the starts agree, else
+/// `[b, 1, rows, kb]`.
+fn batch_mask<B: Backend>(
+    q_starts: &[usize],
+    rows: usize,
+    row0: usize,
+    q_len: usize,
+    ks: usize,
+    kb: usize,
+    device: &B::Device,
+) -> Tensor<B, 4, Bool> {
+    if let Some(st) = crate::nn::rope::uniform(q_starts) {
+        return causal_mask::<B>(rows, row0, q_len, st, ks, kb, device).unsqueeze::<4>();
+    }
+    let masks = q_starts
+        .iter()
+        .map(|&st| causal_mask::<B>(rows, row0, q_len, st, ks, kb, device).unsqueeze::<3>())
+        .collect();
+    Tensor::cat(masks, 0).unsqueeze_dim::<4>(1)
 }
 
 /// `true` where key `ks + t` lies after the position of row `row0 + r` (query `(row0 + r) % q_len`).
@@ -176,7 +195,7 @@ mod tests {
         let v = t4([2, 3, kv_len, 6], 3);
         let want = reference(q.clone(), k.clone(), v.clone(), q_start, q_len);
         for block in [1, 3, 4, 12, 64] {
-            let got = attention(q.clone(), &k, &v, 6, q_start, q_len, kv_len, block);
+            let got = attention(q.clone(), &k, &v, 6, &[q_start; 2], q_len, kv_len, block);
             let d = max_diff(got, want.clone());
             assert!(d < 1e-5, "block {block}: max |diff| {d}");
         }
@@ -190,7 +209,7 @@ mod tests {
         let k = t4([1, 1, q_start + q_len, 4], 10);
         let v = t4([1, 1, q_start + q_len, 3], 11);
         let want = reference(q.clone(), k.clone(), v.clone(), q_start, q_len);
-        let got = attention(q, &k, &v, 3, q_start, q_len, q_start + q_len, 256);
+        let got = attention(q, &k, &v, 3, &[q_start], q_len, q_start + q_len, 256);
         assert!(max_diff(got, want) < 1e-5);
     }
 
@@ -199,7 +218,7 @@ mod tests {
         // absorbed MLA: K = all 10 columns, V = the first 6 of the same tensor
         let q = t4([1, 1, 4, 10], 4);
         let kv = t4([1, 1, 9, 10], 5); // capacity 9, only 4 used
-        let got = attention(q.clone(), &kv, &kv, 6, 0, 4, 4, 2);
+        let got = attention(q.clone(), &kv, &kv, 6, &[0], 4, 4, 2);
         let k = kv.clone().slice([0..1, 0..1, 0..4, 0..10]);
         let v = kv.slice([0..1, 0..1, 0..4, 0..6]);
         let want = reference(q, k, v, 0, 4);
@@ -211,9 +230,28 @@ mod tests {
         let q = t4([1, 1, 3, 4], 6);
         let k = t4([1, 1, 3, 4], 7);
         let v = t4([1, 1, 3, 2], 8);
-        let out = attention(q, &k, &v, 2, 0, 3, 3, 2);
+        let out = attention(q, &k, &v, 2, &[0], 3, 3, 2);
         let row0 = out.slice([0..1, 0..1, 0..1, 0..2]);
         let v0 = v.slice([0..1, 0..1, 0..1, 0..2]);
         assert!(max_diff(row0, v0) < 1e-6);
+    }
+
+    #[test]
+    fn per_sequence_starts_mask_each_sequence_at_its_own_position() {
+        // sequence 0 at positions 2..5, sequence 1 at 6..9; keys past a row's position are
+        // masked even though the cache holds (stale) values there
+        let (q_len, kv_len) = (3, 9);
+        let q = t4([2, 2, 2 * q_len, 8], 21);
+        let k = t4([2, 2, kv_len, 8], 22);
+        let v = t4([2, 2, kv_len, 5], 23);
+        let got = attention(q.clone(), &k, &v, 5, &[2, 6], q_len, kv_len, 4);
+        for (i, st) in [2usize, 6].into_iter().enumerate() {
+            let qi = q.clone().slice([i..i + 1, 0..2, 0..2 * q_len, 0..8]);
+            let ki = k.clone().slice([i..i + 1, 0..2, 0..st + q_len, 0..8]);
+            let vi = v.clone().slice([i..i + 1, 0..2, 0..st + q_len, 0..5]);
+            let want = reference(qi, ki, vi, st, q_len);
+            let gi = got.clone().slice([i..i + 1, 0..2, 0..2 * q_len, 0..5]);
+            assert!(max_diff(gi, want) < 1e-5, "sequence {i}");
+        }
     }
 }

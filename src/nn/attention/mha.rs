@@ -4,7 +4,7 @@ use burn::module::Module;
 use burn::nn::{Linear, LinearConfig};
 use burn::tensor::{backend::Backend, Tensor};
 
-use super::{append, blocked, AttentionConfig, LayerCache};
+use super::{append, blocked, max_end, AttentionConfig, LayerCache};
 use crate::nn::rope;
 
 /// MHA / GQA：`n_kv_heads` 个 K/V 头，每 `n_heads / n_kv_heads` 个查询头共享一个。
@@ -56,14 +56,15 @@ impl<B: Backend> MhaAttention<B> {
         }
     }
 
-    /// Attends `x` (positions `start..start+s`) to the cache, after appending its K/V.
+    /// Attends `x` to the cache after appending its K/V; sequence `i` sits at positions
+    /// `starts[i]..starts[i]+s`.
     ///
     /// # Shapes
     /// `x: [b, s, dim] -> [b, s, dim]`
     pub fn forward(
         &self,
         x: Tensor<B, 3>,
-        start: usize,
+        starts: &[usize],
         cache: &mut LayerCache<B>,
     ) -> Tensor<B, 3> {
         let [b, s, _] = x.dims();
@@ -75,16 +76,16 @@ impl<B: Backend> MhaAttention<B> {
             .forward(x.clone())
             .reshape([b, s, h, d])
             .swap_dims(1, 2);
-        let q = rope::apply4(q, start, self.rope_theta) * self.scale;
+        let q = rope::apply4(q, starts, self.rope_theta) * self.scale;
         let k = self
             .wk
             .forward(x.clone())
             .reshape([b, s, g, d])
             .swap_dims(1, 2);
-        let k = rope::apply4(k, start, self.rope_theta);
+        let k = rope::apply4(k, starts, self.rope_theta);
         let v = self.wv.forward(x).reshape([b, s, g, d]).swap_dims(1, 2);
-        append(&mut cache.k, k, start);
-        append(&mut cache.v, v, start);
+        append(&mut cache.k, k, starts);
+        append(&mut cache.v, v, starts);
         // fold the heads of a group into rows: [b, h, s, d] -> [b, g, hpg*s, d]
         let q = q.reshape([b, g, hpg * s, d]);
         let o = blocked::attention(
@@ -92,9 +93,9 @@ impl<B: Backend> MhaAttention<B> {
             cache.k.as_ref().expect("k"),
             cache.v.as_ref().expect("v"),
             d,
-            start,
+            starts,
             s,
-            start + s,
+            max_end(starts, s),
             self.key_block,
         );
         // [b, g, hpg*s, d] -> [b, h, s, d] -> [b, s, h*d]

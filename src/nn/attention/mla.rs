@@ -18,7 +18,7 @@ use burn::nn::{Linear, LinearConfig, RmsNorm, RmsNormConfig};
 use burn::tensor::{backend::Backend, Tensor};
 use serde::{Deserialize, Serialize};
 
-use super::{append, blocked, AttentionConfig, LayerCache};
+use super::{append, blocked, max_end, AttentionConfig, LayerCache};
 use crate::nn::rope;
 
 /// MLA 的实现方式。
@@ -180,14 +180,15 @@ impl<B: Backend> MlaAttention<B> {
         (w_uk, w_uv)
     }
 
-    /// Attends `x` (positions `start..start+s`) to the cache, after appending this chunk.
+    /// Attends `x` to the cache after appending this chunk; sequence `i` sits at positions
+    /// `starts[i]..starts[i]+s`.
     ///
     /// # Shapes
     /// `x: [b, s, dim] -> [b, s, dim]`
     pub fn forward(
         &self,
         x: Tensor<B, 3>,
-        start: usize,
+        starts: &[usize],
         cache: &mut LayerCache<B>,
     ) -> Tensor<B, 3> {
         let [b, s, _] = x.dims();
@@ -208,13 +209,13 @@ impl<B: Backend> MlaAttention<B> {
         let q_nope = q.clone().slice([0..b, 0..h, 0..s, 0..dn]);
         let q_pe = rope::apply4(
             q.slice([0..b, 0..h, 0..s, dn..dn + dr]),
-            start,
+            starts,
             self.rope_theta,
         );
         // latent and the one shared RoPE key: [b, s, dc + dr]
         let kv = self.wkv_a.forward(x);
         let c_kv = self.kv_norm.forward(kv.clone().slice([0..b, 0..s, 0..dc]));
-        let k_pe = rope::apply(kv.slice([0..b, 0..s, dc..dc + dr]), start, self.rope_theta);
+        let k_pe = rope::apply(kv.slice([0..b, 0..s, dc..dc + dr]), starts, self.rope_theta);
 
         let o = match self.implementation {
             MlaImpl::Naive => {
@@ -228,17 +229,17 @@ impl<B: Backend> MlaAttention<B> {
                 let v = kvb.slice([0..b, 0..h, 0..s, dn..dn + dv]);
                 let k_pe = k_pe.unsqueeze_dim::<4>(1).expand([b, h, s, dr]);
                 let k = Tensor::cat(vec![k_nope, k_pe], 3); // [b, h, s, dn+dr]
-                append(&mut cache.k, k, start);
-                append(&mut cache.v, v, start);
+                append(&mut cache.k, k, starts);
+                append(&mut cache.v, v, starts);
                 let q = Tensor::cat(vec![q_nope, q_pe], 3) * self.scale;
                 blocked::attention(
                     q,
                     cache.k.as_ref().expect("k"),
                     cache.v.as_ref().expect("v"),
                     dv,
-                    start,
+                    starts,
                     s,
-                    start + s,
+                    max_end(starts, s),
                     self.key_block,
                 ) // [b, h, s, dv]
             }
@@ -255,11 +256,11 @@ impl<B: Backend> MlaAttention<B> {
                     dc + dr,
                 ]);
                 let entry = Tensor::cat(vec![c_kv, k_pe], 2).unsqueeze_dim::<4>(1); // [b, 1, s, dc+dr]
-                append(&mut cache.k, entry, start);
+                append(&mut cache.k, entry, starts);
                 let latent = cache.k.as_ref().expect("latent");
                 // values are the first dc columns of the same cache
-                let o =
-                    blocked::attention(q, latent, latent, dc, start, s, start + s, self.key_block);
+                let end = max_end(starts, s);
+                let o = blocked::attention(q, latent, latent, dc, starts, s, end, self.key_block);
                 // W_UV after attention: [h, b·s, dc] x [h, dc, dv] -> [h, b·s, dv]
                 let o = o
                     .reshape([b, h, s, dc])

@@ -169,14 +169,33 @@ impl<B: Backend> KvCache<B> {
     }
 }
 
-/// Writes `new` `[b, g, s, d]` at positions `start..start+s` of `slot` (in place when unique).
-pub(crate) fn append<B: Backend>(slot: &mut Option<Tensor<B, 4>>, new: Tensor<B, 4>, start: usize) {
+/// One past the last position written by a chunk of `s` tokens at per-sequence `starts`.
+pub(crate) fn max_end(starts: &[usize], s: usize) -> usize {
+    starts.iter().max().copied().unwrap_or(0) + s
+}
+
+/// Writes `new` `[b, g, s, d]` at positions `starts[i]..starts[i]+s` of sequence `i` of `slot`
+/// (in place when unique; one write when every sequence starts at the same position).
+pub(crate) fn append<B: Backend>(
+    slot: &mut Option<Tensor<B, 4>>,
+    new: Tensor<B, 4>,
+    starts: &[usize],
+) {
     let [b, g, s, d] = new.dims();
-    let cache = slot.take().expect("cache tensor present");
+    let mut cache = slot.take().expect("cache tensor present");
+    let cap = cache.dims()[2];
     assert!(
-        start + s <= cache.dims()[2],
-        "KV cache overflow: capacity {}",
-        cache.dims()[2]
+        starts.iter().all(|&st| st + s <= cap),
+        "KV cache overflow: capacity {cap}"
     );
-    *slot = Some(cache.slice_assign([0..b, 0..g, start..start + s, 0..d], new));
+    match crate::nn::rope::uniform(starts) {
+        Some(st) => cache = cache.slice_assign([0..b, 0..g, st..st + s, 0..d], new),
+        None => {
+            for (i, &st) in starts.iter().enumerate() {
+                let row = new.clone().slice([i..i + 1, 0..g, 0..s, 0..d]);
+                cache = cache.slice_assign([i..i + 1, 0..g, st..st + s, 0..d], row);
+            }
+        }
+    }
+    *slot = Some(cache);
 }

@@ -10,6 +10,7 @@ use burn::module::Module;
 use burn::tensor::{backend::Backend, Int, Tensor, TensorData};
 use serde::{Deserialize, Serialize};
 
+use super::offload::ExpertStore;
 use super::router::{MoeRouter, RouterConfig, Routing};
 use crate::nn::ffn::SwiGlu;
 
@@ -86,8 +87,33 @@ impl<B: Backend> MoeLayer<B> {
         (y, routing)
     }
 
+    /// [`MoeLayer::forward`] with the routed experts taken from `store` (layer `layer` of an
+    /// offloaded model) instead of this layer's own (empty) expert list.
+    pub fn forward_offloaded(
+        &self,
+        x: Tensor<B, 2>,
+        layer: usize,
+        store: &mut ExpertStore<B>,
+    ) -> (Tensor<B, 2>, Routing) {
+        let routing = self.router.route(x.clone());
+        let y = self.dispatch_with(x, &routing, &mut |e, xe| store.get(layer, e).forward(xe));
+        (y, routing)
+    }
+
     /// Sorted dispatch for a given routing.
     pub fn dispatch(&self, x: Tensor<B, 2>, routing: &Routing) -> Tensor<B, 2> {
+        // (no module clones here: cloning a lazily initialised parameter draws new weights)
+        self.dispatch_with(x, routing, &mut |e, xe| self.experts[e].forward(xe))
+    }
+
+    /// Sorted dispatch; `expert(e, x)` applies routed expert `e` to its tokens `[1, n, dim]`
+    /// (a resident expert, or one fetched from an offload cache).
+    pub fn dispatch_with(
+        &self,
+        x: Tensor<B, 2>,
+        routing: &Routing,
+        expert: &mut dyn FnMut(usize, Tensor<B, 3>) -> Tensor<B, 3>,
+    ) -> Tensor<B, 2> {
         let [t, dim] = x.dims();
         let device = x.device();
         let k = routing.experts.first().map(|e| e.len()).unwrap_or(0);
@@ -108,7 +134,7 @@ impl<B: Backend> MoeLayer<B> {
             let n = rows.len();
             let idx = Tensor::<B, 1, Int>::from_data(TensorData::new(rows, [n]), &device);
             let xe = x.clone().select(0, idx).reshape([1, n, dim]);
-            outs.push(self.experts[e].forward(xe).reshape([n, dim]));
+            outs.push(expert(e, xe).reshape([n, dim]));
             i = j;
         }
         let mut y = if outs.is_empty() {

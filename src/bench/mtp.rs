@@ -1,0 +1,356 @@
+//! SC-002 运行器：训练好的 MTP 模块做自推测解码，对比普通贪心自回归解码（同一批提示、
+//! 同一次运行、交替测量）。两者输出必须逐 token 相同，否则自推测变体判为失败。
+
+use std::time::Instant;
+
+use burn::tensor::backend::Backend;
+
+use crate::backend::BackendContext;
+use crate::bench::RunOutput;
+use crate::config::scenario::{Dtype, MtpScenario};
+use crate::decode::{self, Drafter, SpecStats};
+use crate::monitor::{MonitorConfig, PerformanceMonitor, Workload};
+use crate::nn::mtp::{MtpModel, MtpPredictor};
+use crate::report::{AnalyticMemory, Comparison, Criterion, Equivalence, VariantReport};
+use crate::train;
+
+/// Prefill chunk used by both decoders.
+const PREFILL_CHUNK: usize = 256;
+
+/// Output of one timed decode: tokens and (speculative only) statistics.
+type Decoded = (Vec<Vec<u32>>, Option<SpecStats>);
+
+fn fmt_opt(x: Option<f64>, digits: usize) -> String {
+    x.map(|v| format!("{v:.digits$}"))
+        .unwrap_or_else(|| "not measured".into())
+}
+
+/// Mean seconds of `reps` calls of `f` (after one untimed call), synchronised.
+fn time_mean<B: Backend>(dev: &B::Device, reps: usize, mut f: impl FnMut()) -> f64 {
+    f();
+    B::sync(dev).ok();
+    let t = Instant::now();
+    for _ in 0..reps {
+        f();
+    }
+    B::sync(dev).ok();
+    t.elapsed().as_secs_f64() / reps.max(1) as f64
+}
+
+/// Runs SC-002.
+pub fn run<B: Backend>(
+    s: &MtpScenario,
+    ctx: &BackendContext<B>,
+    monitor_cfg: MonitorConfig,
+) -> anyhow::Result<RunOutput> {
+    if s.run.dtype != Dtype::F32 {
+        anyhow::bail!(
+            "dtype {:?} is not supported by the MTP runner yet (f32 only): set run.dtype = \"f32\"",
+            s.run.dtype
+        );
+    }
+    let dev = &ctx.device;
+    let progress = monitor_cfg.progress;
+    let (ckpt, meta, trained_now, heldout) = match &s.train.checkpoint {
+        Some(dir) => {
+            let (meta, heldout) = train::open_checkpoint(s, dir)?;
+            (dir.clone(), meta, false, heldout)
+        }
+        None => {
+            let corpus = train::corpus::load(
+                s.train.corpus.as_deref(),
+                s.train.holdout_fraction,
+                train::MAX_CORPUS_BYTES,
+            )
+            .map_err(|e| crate::DsoptError::Usage(format!("{e:#}")))?;
+            let cache_dir = train::default_cache_dir();
+            let (dir, meta, trained) = train::ensure_checkpoint(s, &cache_dir, &corpus, progress)?;
+            (dir, meta, trained, corpus.heldout)
+        }
+    };
+    let full: MtpModel<B> = train::load(&ckpt, &meta, dev)?;
+    let depth = s.mtp.depth;
+    let (batch, plen, n) = (s.run.batch, s.run.prompt_len, s.run.new_tokens);
+    let sm = &meta.summary;
+    let mut notes = vec![
+        format!(
+            "dims: hidden {}, {} layers, {} heads (MHA), FFN {}, byte-level vocab {}; MTP depth D = {} \
+             (\"predicting 4 tokens\" = the main token + D = 3 drafts), modules trained to depth {}; f32",
+            s.model.hidden, s.model.n_layers, s.model.n_heads, s.model.ffn_hidden,
+            s.model.vocab_size, depth, meta.depth
+        ),
+        format!("corpus: {}", sm.corpus),
+        format!(
+            "checkpoint {} ({}): {} steps of batch {} x {} bytes on {} in {:.1} s ({:.0} tokens/s); \
+             loss {:.3} -> {:.3}",
+            ckpt.display(),
+            if trained_now { "trained in this run" } else { "reused, not retrained" },
+            sm.steps, s.train.batch, s.train.seq_len, sm.backend, sm.wall_s, sm.tokens_per_s,
+            sm.first_loss, sm.last_loss
+        ),
+        format!(
+            "held-out (teacher-forced): main loss {:.3}, accuracy {:.3}; draft accuracy per depth {}",
+            sm.after.main_loss,
+            sm.after.main_accuracy,
+            sm.after
+                .depth_accuracies
+                .iter()
+                .enumerate()
+                .map(|(k, a)| format!("d{}={a:.3}", k + 1))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+        format!(
+            "prompts: {batch} held-out windows of {plen} bytes (never trained on); {n} new tokens per sequence; \
+             greedy decoding both ways"
+        ),
+    ];
+    let main = &full.main;
+    let mtp = full.mtp.clone().truncated(depth);
+    let prompts = train::heldout_prompts(&heldout, batch, plen);
+
+    // both decoders on the same prompts, interleaved rounds
+    let mut monitor = PerformanceMonitor::for_backend::<B>(monitor_cfg, dev, ctx.pool.clone());
+    let mut workloads: Vec<Workload<'_, Decoded>> = vec![
+        Box::new(|probe| {
+            let out = decode::greedy(main, &prompts, n, PREFILL_CHUNK);
+            probe.checkpoint("decoded");
+            Ok((out, None))
+        }),
+        Box::new(|probe| {
+            let (out, st) =
+                decode::speculative(main, &Drafter::Mtp(&mtp), &prompts, n, PREFILL_CHUNK);
+            probe.checkpoint("decoded");
+            Ok((out, Some(st)))
+        }),
+    ];
+    let names = ["greedy", "speculative"];
+    let ms = monitor.measure_interleaved(&names, &mut workloads);
+    drop(workloads);
+    let mut variants = Vec::new();
+    let mut secs = Vec::new();
+    for (i, m) in ms.iter().enumerate() {
+        let mut v = VariantReport::from_measurement(m);
+        // the speculative decoder also holds the D modules and their caches
+        let (extra_w, extra_layers) = if i == 1 {
+            (MtpPredictor::<B>::params(&meta.model, depth), depth)
+        } else {
+            (0, 0)
+        };
+        let layers = meta.model.n_layers.max(1);
+        let per_layer = meta
+            .model
+            .kv_cache_bytes(batch, plen + n + 2 * depth + 2, 4)
+            / layers as u64;
+        let t = v.timings.as_ref().map(|t| t.median_s);
+        v.metrics.insert("generation_s".into(), t);
+        v.metrics
+            .insert("tokens_per_s".into(), t.map(|t| (batch * n) as f64 / t));
+        v.memory.analytic = Some(AnalyticMemory {
+            weights_bytes: ((meta.model.params() + extra_w) * 4) as u64,
+            kv_cache_bytes: per_layer * (layers + extra_layers) as u64,
+            activations_bytes: 0,
+        });
+        secs.push(t);
+        variants.push(v);
+    }
+    let greedy_out = ms[0].output.as_ref().map(|o| o.0.clone());
+    let spec = ms[1].output.as_ref();
+    let identical = greedy_out.as_ref().zip(spec).map(|(g, sp)| g == &sp.0);
+    let stats = spec.and_then(|sp| sp.1.clone());
+    if let Some(v) = variants.get_mut(1) {
+        let mismatched = greedy_out
+            .as_ref()
+            .zip(spec)
+            .map(|(g, sp)| g.iter().zip(&sp.0).filter(|(a, b)| a != b).count());
+        v.equivalence = Equivalence {
+            checked: identical.is_some(),
+            reference: Some("greedy: token-for-token identical generated tokens".into()),
+            max_abs_diff: mismatched.map(|m| m as f64),
+            tolerance: Some(0.0),
+            passed: identical,
+        };
+        if identical == Some(false) {
+            v.fail(format!(
+                "speculative output differs from greedy in {} of {batch} sequences",
+                mismatched.unwrap_or(0)
+            ));
+        }
+        if let Some(st) = &stats {
+            v.metrics
+                .insert("mean_accepted_length".into(), st.mean_accepted_length());
+            v.metrics
+                .insert("verify_steps".into(), Some(st.steps as f64));
+            for (j, (c, u)) in st
+                .conditional_acceptance()
+                .into_iter()
+                .zip(st.acceptance())
+                .enumerate()
+            {
+                v.metrics
+                    .insert(format!("acceptance_conditional_d{}", j + 1), c);
+                v.metrics.insert(format!("acceptance_d{}", j + 1), u);
+            }
+        }
+    }
+
+    // the cost of one verify step (D+1 tokens) against one plain step, same batch and context
+    let ctx_len = plen + n / 2;
+    let (one, verify) = {
+        let mut c1 = main.new_cache(batch, ctx_len + depth + 2);
+        c1.fill_synthetic(ctx_len, 0.01);
+        let ids1 = decode::id_tensor::<B>(&vec![vec![1u32]; batch], dev);
+        let idsk = decode::id_tensor::<B>(&vec![vec![1u32; depth + 1]; batch], dev);
+        let starts = vec![ctx_len; batch];
+        let one = time_mean::<B>(dev, 8, || {
+            let h = main.forward_trunk(ids1.clone(), &mut c1, &starts, None);
+            let _ = main.logits(main.final_norm(h)).argmax(2).into_data();
+        });
+        let verify = time_mean::<B>(dev, 8, || {
+            let h = main.forward_trunk(idsk.clone(), &mut c1, &starts, None);
+            let _ = main.logits(main.final_norm(h)).argmax(2).into_data();
+        });
+        (one, verify)
+    };
+    if let Some(v) = variants.get_mut(1) {
+        v.metrics.insert("plain_step_s".into(), Some(one));
+        v.metrics
+            .insert(format!("verify_step_s_{}_tokens", depth + 1), Some(verify));
+        v.metrics
+            .insert("verify_over_plain_step".into(), Some(verify / one));
+    }
+    let (tg, ts) = (secs[0], secs[1]);
+    let reduction = tg.zip(ts).map(|(g, sp)| 1.0 - sp / g);
+    let ratio = tg.zip(ts).map(|(g, sp)| g / sp);
+    notes.push(format!(
+        "verify step ({} tokens) costs {:.2}x a plain one-token step at batch {batch}, context {ctx_len} \
+         ({:.2} ms vs {:.2} ms); acceptance per draft position (given the earlier ones were accepted): {}; \
+         mean tokens per verify step {}",
+        depth + 1,
+        verify / one,
+        verify * 1e3,
+        one * 1e3,
+        stats
+            .as_ref()
+            .map(|st| st
+                .conditional_acceptance()
+                .iter()
+                .enumerate()
+                .map(|(j, a)| format!("d{}={}", j + 1, fmt_opt(*a, 3)))
+                .collect::<Vec<_>>()
+                .join(", "))
+            .unwrap_or_else(|| "not measured".into()),
+        fmt_opt(stats.as_ref().and_then(|s| s.mean_accepted_length()), 2)
+    ));
+    let same = match identical {
+        Some(true) => "outputs identical to greedy",
+        Some(false) => "FAIL: outputs differ from greedy",
+        None => "outputs not compared (a variant failed)",
+    };
+    let mut criteria = vec![
+        Criterion::evaluate(
+            "SC-002a",
+            "generation_time_reduction",
+            Comparison::AtLeast,
+            s.thresholds.time_reduction,
+            reduction,
+            format!(
+                "1 - t(speculative)/t(greedy), batch {batch}, D = {depth}, {n} new tokens; {same}"
+            ),
+        ),
+        Criterion::evaluate(
+            "SC-002b",
+            "throughput_ratio",
+            Comparison::AtLeast,
+            s.thresholds.throughput_ratio,
+            ratio,
+            format!("tokens/s speculative over greedy, same run; {same}"),
+        ),
+    ];
+    if identical != Some(true) {
+        for c in &mut criteria {
+            c.passed = false;
+        }
+    }
+    if let Some(sw) = &s.sweep {
+        sweep(s, main, &full, &heldout, sw, dev, &mut variants, &mut notes);
+    }
+    Ok(RunOutput {
+        variants,
+        criteria,
+        notes,
+        memory_series: monitor.series().to_vec(),
+    })
+}
+
+/// One timing per point of the D x batch sweep (greedy once per batch), reported as variants
+/// `sweep_d{D}_b{B}` and a table in the notes.
+#[allow(clippy::too_many_arguments)]
+fn sweep<B: Backend>(
+    s: &MtpScenario,
+    main: &crate::nn::Decoder<B>,
+    full: &MtpModel<B>,
+    heldout: &[u8],
+    sw: &crate::config::scenario::MtpSweep,
+    dev: &B::Device,
+    variants: &mut Vec<VariantReport>,
+    notes: &mut Vec<String>,
+) {
+    let n = s.run.new_tokens;
+    let mut rows = vec!["sweep (one timed run per point, after one warm-up at the same shape): D, batch, greedy tok/s, speculative tok/s, speedup, mean tokens/step, identical".to_string()];
+    for &b in &sw.batches {
+        let prompts = train::heldout_prompts(heldout, b, s.run.prompt_len);
+        let _ = decode::greedy(main, &prompts, n.min(8), PREFILL_CHUNK);
+        B::sync(dev).ok();
+        let t = Instant::now();
+        let g = decode::greedy(main, &prompts, n, PREFILL_CHUNK);
+        B::sync(dev).ok();
+        let tg = t.elapsed().as_secs_f64();
+        for &d in &sw.depths {
+            let mtp = full.mtp.clone().truncated(d);
+            let drafter = Drafter::Mtp(&mtp);
+            let _ = decode::speculative(main, &drafter, &prompts, n.min(8), PREFILL_CHUNK);
+            B::sync(dev).ok();
+            let t = Instant::now();
+            let (o, st) = decode::speculative(main, &drafter, &prompts, n, PREFILL_CHUNK);
+            B::sync(dev).ok();
+            let ts = t.elapsed().as_secs_f64();
+            let same = o == g;
+            let mut v = VariantReport {
+                name: format!("sweep_d{d}_b{b}"),
+                status: crate::report::VariantStatus::Ok,
+                error: None,
+                timings: None,
+                memory: Default::default(),
+                metrics: Default::default(),
+                equivalence: Equivalence {
+                    checked: true,
+                    reference: Some("greedy at the same batch".into()),
+                    max_abs_diff: None,
+                    tolerance: Some(0.0),
+                    passed: Some(same),
+                },
+                warnings: Vec::new(),
+            };
+            let gt = (b * n) as f64 / tg;
+            let stp = (b * n) as f64 / ts;
+            v.metrics.insert("greedy_tokens_per_s".into(), Some(gt));
+            v.metrics
+                .insert("speculative_tokens_per_s".into(), Some(stp));
+            v.metrics.insert("speedup".into(), Some(stp / gt));
+            v.metrics
+                .insert("mean_accepted_length".into(), st.mean_accepted_length());
+            if !same {
+                v.fail("speculative output differs from greedy");
+            }
+            rows.push(format!(
+                "D={d} batch={b}: {gt:.1} / {stp:.1} tok/s, {:.2}x, {} tokens/step, {}",
+                stp / gt,
+                fmt_opt(st.mean_accepted_length(), 2),
+                if same { "identical" } else { "DIFFERENT" }
+            ));
+            variants.push(v);
+        }
+    }
+    notes.push(rows.join("\n"));
+}

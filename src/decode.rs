@@ -1,0 +1,574 @@
+//! 生成：普通贪心自回归解码，与带 MTP 草稿的自推测解码（贪心验证）。
+//!
+//! 自推测解码每一步：主模型对"上一步的最后一个 token + D 个草稿"做**一次** k+1 个 token 的
+//! 前向，逐序列接受与主模型自身 argmax 一致的最长草稿前缀，再取主模型的下一个 token；随后
+//! MTP 模块起草下 D 个 token。批中每条序列保留自己的已接受长度（KV 缓存按序列各自的位置
+//! 写入与屏蔽，RoPE 按各自的位置旋转），不等待最慢的序列。输出与普通贪心解码逐 token 相同
+//! （测试证明；数值上验证前向与单步前向的浮点舍入可能不同，基准报告逐序列比对结果）。
+//!
+//! 已生成够 `new_tokens` 的序列在批中继续参与计算直到全部完成（静态批处理），但不再增长，
+//! 其结果被忽略；这部分开销计入测得的时间。
+
+use burn::tensor::{backend::Backend, Int, Tensor, TensorData};
+
+use crate::nn::attention::{append, LayerCache};
+use crate::nn::mtp::MtpPredictor;
+use crate::nn::Decoder;
+
+/// 草稿来源：训练好的 MTP 模块，或测试用的"植入"草稿函数。
+pub enum Drafter<'a, B: Backend> {
+    /// MTP 模块（深度 = 草稿数 D）。
+    Mtp(&'a MtpPredictor<B>),
+    /// `f(sequence index, tokens so far) -> D drafts`（测试：强制全对或全错）。
+    Planted {
+        /// 草稿数 D。
+        depth: usize,
+        /// 草稿函数。
+        f: &'a dyn Fn(usize, &[u32]) -> Vec<u32>,
+    },
+}
+
+impl<B: Backend> Drafter<'_, B> {
+    /// Draft depth D.
+    pub fn depth(&self) -> usize {
+        match self {
+            Drafter::Mtp(m) => m.depth(),
+            Drafter::Planted { depth, .. } => *depth,
+        }
+    }
+}
+
+/// 自推测解码的统计。
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct SpecStats {
+    /// 验证步数（批的前向次数）。
+    pub steps: usize,
+    /// 逐序列的验证步数之和（序列完成后不再计数）。
+    pub sequence_steps: usize,
+    /// 第 j 个草稿被检验的次数（前 j-1 个都已接受）。
+    pub attempted: Vec<usize>,
+    /// 第 j 个草稿被接受的次数。
+    pub accepted: Vec<usize>,
+    /// 每步新增 token（接受的草稿 + 1）之和。
+    pub tokens: usize,
+}
+
+impl SpecStats {
+    /// Acceptance rate of draft position j given that drafts 1..j-1 were accepted.
+    pub fn conditional_acceptance(&self) -> Vec<Option<f64>> {
+        self.attempted
+            .iter()
+            .zip(&self.accepted)
+            .map(|(&n, &a)| (n > 0).then(|| a as f64 / n as f64))
+            .collect()
+    }
+
+    /// Fraction of sequence-steps in which draft position j was accepted.
+    pub fn acceptance(&self) -> Vec<Option<f64>> {
+        self.accepted
+            .iter()
+            .map(|&a| (self.sequence_steps > 0).then(|| a as f64 / self.sequence_steps as f64))
+            .collect()
+    }
+
+    /// Mean tokens gained per sequence-step (accepted drafts + the main model's own token).
+    pub fn mean_accepted_length(&self) -> Option<f64> {
+        (self.sequence_steps > 0).then(|| self.tokens as f64 / self.sequence_steps as f64)
+    }
+}
+
+/// Token ids `[b, s]` on `device` from rows of equal length.
+pub fn id_tensor<B: Backend>(rows: &[Vec<u32>], device: &B::Device) -> Tensor<B, 2, Int> {
+    let s = rows.first().map(Vec::len).unwrap_or(0);
+    let flat: Vec<i64> = rows.iter().flatten().map(|&t| t as i64).collect();
+    Tensor::from_data(TensorData::new(flat, [rows.len(), s]), device)
+}
+
+/// Row-wise argmax of logits `[b, s, v]` read back to the host: `b` rows of `s` ids.
+fn argmax_rows<B: Backend>(logits: Tensor<B, 3>) -> Vec<Vec<u32>> {
+    let [b, s, _] = logits.dims();
+    let ids: Vec<i64> = logits
+        .argmax(2)
+        .into_data()
+        .convert::<i64>()
+        .to_vec()
+        .expect("argmax ids");
+    (0..b)
+        .map(|i| ids[i * s..(i + 1) * s].iter().map(|&t| t as u32).collect())
+        .collect()
+}
+
+fn check_prompts(prompts: &[Vec<u32>]) -> usize {
+    let p = prompts.first().map(Vec::len).unwrap_or(0);
+    assert!(p > 0, "prompts must not be empty");
+    assert!(
+        prompts.iter().all(|r| r.len() == p),
+        "prompts of one batch must have equal length"
+    );
+    p
+}
+
+/// Plain greedy autoregressive decoding with the KV cache: `new_tokens` per sequence.
+/// Returns only the generated tokens.
+pub fn greedy<B: Backend>(
+    model: &Decoder<B>,
+    prompts: &[Vec<u32>],
+    new_tokens: usize,
+    prefill_chunk: usize,
+) -> Vec<Vec<u32>> {
+    let p = check_prompts(prompts);
+    let b = prompts.len();
+    let device = model.device();
+    let mut cache = model.new_cache(b, p + new_tokens);
+    let logits = model.prefill(
+        id_tensor::<B>(prompts, &device),
+        &mut cache,
+        prefill_chunk,
+        |_| {},
+    );
+    let mut out: Vec<Vec<u32>> = vec![Vec::with_capacity(new_tokens); b];
+    let mut next: Vec<Vec<u32>> = argmax_rows(logits);
+    for step in 0..new_tokens {
+        for (o, n) in out.iter_mut().zip(&next) {
+            o.push(n[0]);
+        }
+        if step + 1 == new_tokens {
+            break;
+        }
+        let logits = model.decode_step(id_tensor::<B>(&next, &device), &mut cache);
+        next = argmax_rows(logits);
+    }
+    out
+}
+
+/// Per-sequence state of the MTP drafter between steps.
+struct MtpState<B: Backend> {
+    /// Main-model residual stream (before the final norm) at every committed position:
+    /// `[b, 1, cap, d]`.
+    hidden: Option<Tensor<B, 4>>,
+    /// One cache layer per module.
+    caches: Vec<LayerCache<B>>,
+    /// Where each sequence's module pass starts next time (every module's cache is final
+    /// before it).
+    from: Vec<usize>,
+}
+
+/// Self-speculative greedy decoding: `new_tokens` per sequence, drafts from `drafter`.
+/// Returns the generated tokens (identical to [`greedy`]'s) and acceptance statistics.
+pub fn speculative<B: Backend>(
+    model: &Decoder<B>,
+    drafter: &Drafter<'_, B>,
+    prompts: &[Vec<u32>],
+    new_tokens: usize,
+    prefill_chunk: usize,
+) -> (Vec<Vec<u32>>, SpecStats) {
+    speculative_traced(model, drafter, prompts, new_tokens, prefill_chunk, None)
+}
+
+/// Every drafting point of a run: the sequences as they stood and the drafts made for them.
+pub type DraftTrace = Vec<(Vec<Vec<u32>>, Vec<Vec<u32>>)>;
+
+/// [`speculative`], recording each drafting point in `trace` (tests check the incremental
+/// drafter against a from-scratch computation).
+pub fn speculative_traced<B: Backend>(
+    model: &Decoder<B>,
+    drafter: &Drafter<'_, B>,
+    prompts: &[Vec<u32>],
+    new_tokens: usize,
+    prefill_chunk: usize,
+    mut trace: Option<&mut DraftTrace>,
+) -> (Vec<Vec<u32>>, SpecStats) {
+    let depth = drafter.depth();
+    if depth == 0 {
+        // D = 0: exactly plain greedy decoding (FR-006)
+        let stats = SpecStats::default();
+        return (greedy(model, prompts, new_tokens, prefill_chunk), stats);
+    }
+    let p = check_prompts(prompts);
+    let b = prompts.len();
+    let device = model.device();
+    // room for the last verify window and the drafter's padded module pass
+    let cap = p + new_tokens + 2 * depth + 2;
+    let mut cache = model.new_cache(b, cap);
+    let mut stats = SpecStats {
+        attempted: vec![0; depth],
+        accepted: vec![0; depth],
+        ..SpecStats::default()
+    };
+    let mut seqs: Vec<Vec<u32>> = prompts.to_vec();
+
+    // prefill: the whole prompt, then the main model's first token
+    let mut trunk_parts = Vec::new();
+    let mut i = 0;
+    let chunk = prefill_chunk.max(1);
+    let ids = id_tensor::<B>(prompts, &device);
+    while i < p {
+        let e = (i + chunk).min(p);
+        let part = model.forward_trunk(
+            ids.clone().slice([0..b, i..e]),
+            &mut cache,
+            &vec![i; b],
+            None,
+        );
+        trunk_parts.push(part);
+        i = e;
+    }
+    let trunk = Tensor::cat(trunk_parts, 1); // [b, p, d]
+    let d = trunk.dims()[2];
+    let last = trunk.clone().slice([0..b, p - 1..p, 0..d]);
+    for (s, n) in seqs
+        .iter_mut()
+        .zip(argmax_rows(model.logits(model.final_norm(last))))
+    {
+        s.push(n[0]);
+    }
+    let mut state = match drafter {
+        Drafter::Mtp(m) => {
+            let mut hidden = Some(Tensor::<B, 4>::zeros([b, 1, cap, d], &device));
+            append(&mut hidden, trunk.unsqueeze_dim::<4>(1), &vec![0; b]);
+            Some(MtpState {
+                hidden,
+                caches: m.new_caches(b, cap),
+                from: vec![0; b],
+            })
+        }
+        Drafter::Planted { .. } => None,
+    };
+    let done = |seqs: &[Vec<u32>]| seqs.iter().all(|s| s.len() >= p + new_tokens);
+    let mut drafts = draft(model, drafter, state.as_mut(), &seqs, &device);
+    if let Some(t) = trace.as_deref_mut() {
+        t.push((seqs.clone(), drafts.clone()));
+    }
+
+    while !done(&seqs) {
+        // verify: the last token plus the D drafts, each sequence at its own position
+        let starts: Vec<usize> = seqs.iter().map(|s| s.len() - 1).collect();
+        let window: Vec<Vec<u32>> = seqs
+            .iter()
+            .zip(&drafts)
+            .map(|(s, dr)| {
+                std::iter::once(*s.last().expect("token"))
+                    .chain(dr.iter().copied())
+                    .collect()
+            })
+            .collect();
+        let trunk =
+            model.forward_trunk(id_tensor::<B>(&window, &device), &mut cache, &starts, None);
+        if let Some(st) = state.as_mut() {
+            append(&mut st.hidden, trunk.clone().unsqueeze_dim::<4>(1), &starts);
+        }
+        let predicted = argmax_rows(model.logits(model.final_norm(trunk)));
+        stats.steps += 1;
+        for ((s, dr), y) in seqs.iter_mut().zip(&drafts).zip(&predicted) {
+            if s.len() >= p + new_tokens {
+                continue; // finished: stays in the batch, computed and ignored
+            }
+            let mut a = 0;
+            while a < depth && dr[a] == y[a] {
+                a += 1;
+            }
+            stats.sequence_steps += 1;
+            stats.tokens += a + 1;
+            for j in 0..(a + 1).min(depth) {
+                stats.attempted[j] += 1;
+            }
+            for j in 0..a {
+                stats.accepted[j] += 1;
+            }
+            s.extend_from_slice(&dr[..a]);
+            s.push(y[a]);
+        }
+        if done(&seqs) {
+            break;
+        }
+        drafts = draft(model, drafter, state.as_mut(), &seqs, &device);
+        if let Some(t) = trace.as_deref_mut() {
+            t.push((seqs.clone(), drafts.clone()));
+        }
+    }
+    let out = seqs
+        .into_iter()
+        .map(|s| s[p..p + new_tokens].to_vec())
+        .collect();
+    (out, stats)
+}
+
+/// The next D drafts for every sequence.
+fn draft<B: Backend>(
+    model: &Decoder<B>,
+    drafter: &Drafter<'_, B>,
+    state: Option<&mut MtpState<B>>,
+    seqs: &[Vec<u32>],
+    device: &B::Device,
+) -> Vec<Vec<u32>> {
+    match (drafter, state) {
+        (Drafter::Planted { f, depth }, _) => seqs
+            .iter()
+            .enumerate()
+            .map(|(i, s)| {
+                let d = f(i, s);
+                assert_eq!(d.len(), *depth, "a planted drafter returns D drafts");
+                d
+            })
+            .collect(),
+        (Drafter::Mtp(m), Some(st)) => draft_mtp(model, m, st, seqs, device),
+        (Drafter::Mtp(_), None) => unreachable!("MTP drafter has its state"),
+    }
+}
+
+/// Runs the D modules in sequence over each sequence's positions `from..=n-2` (n = its
+/// length): module k (1-based) at position i needs the token i+k, known for i+k < n and a
+/// draft of an earlier module otherwise. Each module's draft is its prediction at position
+/// n-2. Positions whose inputs are all known are final in the module caches; the others are
+/// recomputed next step, which starts at `n - D`.
+fn draft_mtp<B: Backend>(
+    model: &Decoder<B>,
+    m: &MtpPredictor<B>,
+    st: &mut MtpState<B>,
+    seqs: &[Vec<u32>],
+    device: &B::Device,
+) -> Vec<Vec<u32>> {
+    let b = seqs.len();
+    let depth = m.depth();
+    let hidden = st.hidden.as_ref().expect("hidden cache");
+    let [_, _, cap, d] = hidden.dims();
+    let ends: Vec<usize> = seqs.iter().map(|s| s.len() - 2).collect();
+    // a finished sequence no longer grows: with D = 1 its next pass would start past its end,
+    // so it recomputes its last position (harmless: same inputs, same cache entry)
+    for (f, &e) in st.from.iter_mut().zip(&ends) {
+        *f = (*f).min(e);
+    }
+    let len = st
+        .from
+        .iter()
+        .zip(&ends)
+        .map(|(&f, &e)| e + 1 - f)
+        .max()
+        .expect("batch");
+    // main hidden states at each sequence's positions from..from+len (padding past its end is
+    // computed and ignored: causal attention keeps it away from real positions)
+    let rows: Vec<Tensor<B, 3>> = st
+        .from
+        .iter()
+        .enumerate()
+        .map(|(i, &f)| {
+            assert!(f + len <= cap, "MTP pass beyond cache capacity");
+            hidden
+                .clone()
+                .slice([i..i + 1, 0..1, f..f + len, 0..d])
+                .reshape([1, len, d])
+        })
+        .collect();
+    let mut h = Tensor::cat(rows, 0);
+    let mut drafts: Vec<Vec<u32>> = vec![Vec::with_capacity(depth); b];
+    // row of each sequence's last real position in the flattened [b·len, d] output
+    let pick: Vec<i64> = (0..b)
+        .map(|i| (i * len + ends[i] - st.from[i]) as i64)
+        .collect();
+    let pick = Tensor::<B, 1, Int>::from_data(TensorData::new(pick, [b]), device);
+    for k in 0..depth {
+        let ahead: Vec<Vec<u32>> = (0..b)
+            .map(|i| {
+                let n = seqs[i].len();
+                (0..len)
+                    .map(|j| {
+                        let pos = st.from[i] + j + k + 1;
+                        if pos < n {
+                            seqs[i][pos]
+                        } else {
+                            // a draft of an earlier module, or padding
+                            drafts[i].get(pos - n).copied().unwrap_or(0)
+                        }
+                    })
+                    .collect()
+            })
+            .collect();
+        h = m.forward_module(
+            k,
+            model,
+            h,
+            id_tensor::<B>(&ahead, device),
+            &st.from,
+            &mut st.caches[k],
+        );
+        let last = h.clone().reshape([b * len, d]).select(0, pick.clone());
+        let next = argmax_rows(m.logits(k, model, last.reshape([b, 1, d])));
+        for (dr, n) in drafts.iter_mut().zip(next) {
+            dr.push(n[0]);
+        }
+    }
+    st.from = seqs.iter().map(|s| s.len().saturating_sub(depth)).collect();
+    // the first pass covers the prompt from 0; later passes restart at n - D
+    drafts
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::nn::attention::AttentionConfig;
+    use crate::nn::DecoderConfig;
+    use burn::backend::NdArray;
+
+    type B = NdArray;
+
+    fn config() -> DecoderConfig {
+        let mut a = AttentionConfig::mha(2, 8);
+        a.key_block = 4;
+        DecoderConfig {
+            vocab_size: 24,
+            hidden: 16,
+            n_layers: 2,
+            ffn_hidden: 24,
+            attention: a,
+            moe: None,
+        }
+    }
+
+    fn setup(depth: usize) -> (Decoder<B>, MtpPredictor<B>) {
+        let dev = Default::default();
+        B::seed(&dev, 11);
+        let c = config();
+        (c.init(&dev), MtpPredictor::new(&c, depth, &dev))
+    }
+
+    fn prompts(b: usize, p: usize) -> Vec<Vec<u32>> {
+        (0..b)
+            .map(|i| (0..p).map(|j| ((i * 7 + j * 3 + 1) % 24) as u32).collect())
+            .collect()
+    }
+
+    /// Drafts that are the greedy continuation (`right`) or never it (`!right`).
+    fn oracle<'a>(
+        greedy_out: &'a [Vec<u32>],
+        p: usize,
+        depth: usize,
+        right: impl Fn(usize) -> bool + 'a,
+    ) -> impl Fn(usize, &[u32]) -> Vec<u32> + 'a {
+        move |i, s| {
+            (0..depth)
+                .map(|j| {
+                    let g = greedy_out[i].get(s.len() - p + j).copied().unwrap_or(0);
+                    if right(i) {
+                        g
+                    } else {
+                        (g + 1) % 24
+                    }
+                })
+                .collect()
+        }
+    }
+
+    #[test]
+    fn planted_right_and_wrong_drafts_give_greedy_tokens_at_batch_1_and_8() {
+        let (m, _) = setup(0);
+        let (p, n, depth) = (5, 12, 3);
+        for b in [1, 8] {
+            let pr = prompts(b, p);
+            let want = greedy(&m, &pr, n, 4);
+            // all right: every draft accepted, D+1 tokens per step
+            let f = oracle(&want, p, depth, |_| true);
+            let (got, st) = speculative(&m, &Drafter::Planted { depth, f: &f }, &pr, n, 4);
+            assert_eq!(got, want, "all-right drafts, batch {b}");
+            assert_eq!(st.accepted, st.attempted, "every draft accepted");
+            assert_eq!(st.mean_accepted_length(), Some(4.0));
+            // all wrong: nothing accepted, one token per step
+            let f = oracle(&want, p, depth, |_| false);
+            let (got, st) = speculative(&m, &Drafter::Planted { depth, f: &f }, &pr, n, 4);
+            assert_eq!(got, want, "all-wrong drafts, batch {b}");
+            assert_eq!(st.accepted, vec![0; depth]);
+            assert_eq!(st.mean_accepted_length(), Some(1.0));
+        }
+    }
+
+    #[test]
+    fn sequences_of_a_batch_keep_their_own_lengths() {
+        let (m, _) = setup(0);
+        let (p, n, depth) = (4, 11, 3);
+        let pr = prompts(8, p);
+        let want = greedy(&m, &pr, n, 2);
+        // even sequences always accept, odd never: lengths diverge at once
+        let f = oracle(&want, p, depth, |i| i % 2 == 0);
+        let (got, st) = speculative(&m, &Drafter::Planted { depth, f: &f }, &pr, n, 2);
+        assert_eq!(got, want);
+        let acc = st.acceptance();
+        assert!(acc[0].unwrap() > 0.2 && acc[0].unwrap() < 0.8, "{acc:?}");
+    }
+
+    #[test]
+    fn depth_zero_is_plain_greedy() {
+        let (m, mtp) = setup(0);
+        let pr = prompts(2, 4);
+        let (got, st) = speculative(&m, &Drafter::Mtp(&mtp), &pr, 6, 4);
+        assert_eq!(got, greedy(&m, &pr, 6, 4));
+        assert_eq!(st.steps, 0);
+    }
+
+    /// Module drafts for one sequence computed from scratch: main trunk over all but the last
+    /// token, then the modules over every position.
+    fn reference_drafts(m: &Decoder<B>, mtp: &MtpPredictor<B>, seq: &[u32]) -> Vec<u32> {
+        let dev = m.device();
+        let n = seq.len();
+        let mut cache = m.new_cache(1, n + 8);
+        let mut h = m.forward_trunk(
+            id_tensor::<B>(&[seq[..n - 1].to_vec()], &dev),
+            &mut cache,
+            &[0],
+            None,
+        );
+        let mut ext = seq.to_vec();
+        let mut caches = mtp.new_caches(1, n + 8);
+        for k in 0..mtp.depth() {
+            let ahead: Vec<u32> = (0..n - 1).map(|i| ext[i + k + 1]).collect();
+            h = mtp.forward_module(
+                k,
+                m,
+                h,
+                id_tensor::<B>(&[ahead], &dev),
+                &[0],
+                &mut caches[k],
+            );
+            let d = h.dims()[2];
+            let last = h.clone().slice([0..1, n - 2..n - 1, 0..d]);
+            ext.push(argmax_rows(mtp.logits(k, m, last))[0][0]);
+        }
+        ext[n..].to_vec()
+    }
+
+    #[test]
+    fn mtp_drafts_match_a_from_scratch_computation_and_output_stays_greedy() {
+        let (m, mtp) = setup(3);
+        let pr = prompts(8, 6);
+        let want = greedy(&m, &pr, 14, 4);
+        let mut trace = DraftTrace::new();
+        let (got, st) = speculative_traced(&m, &Drafter::Mtp(&mtp), &pr, 14, 4, Some(&mut trace));
+        assert_eq!(got, want);
+        assert!(st.steps > 0 && trace.len() >= 2);
+        for (seqs, drafts) in &trace {
+            for (s, d) in seqs.iter().zip(drafts) {
+                assert_eq!(
+                    d,
+                    &reference_drafts(&m, &mtp, s),
+                    "sequence of length {}",
+                    s.len()
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn finished_sequences_wait_without_breaking_any_depth() {
+        // even sequences accept every draft and finish early, odd ones never; each depth,
+        // including D = 1 where a finished sequence's next pass would start past its end
+        let (m, mtp) = setup(3);
+        let pr = prompts(4, 5);
+        let want = greedy(&m, &pr, 13, 4);
+        for depth in 1..=3 {
+            let f = oracle(&want, 5, depth, |i| i % 2 == 0);
+            let (got, _) = speculative(&m, &Drafter::Planted { depth, f: &f }, &pr, 13, 4);
+            assert_eq!(got, want, "planted, D = {depth}");
+            let mtp = mtp.clone().truncated(depth);
+            let (got, _) = speculative(&m, &Drafter::Mtp(&mtp), &pr, 13, 4);
+            assert_eq!(got, want, "MTP, D = {depth}");
+        }
+    }
+}

@@ -1,0 +1,215 @@
+//! 多 token 预测（MTP，DeepSeek-V3 式顺序模块）：[`MtpPredictor`]。
+//!
+//! 第 k 个模块（k = 1..D）在位置 i 上把上一深度的隐藏状态 `h_{k-1,i}`（k = 1 时是主模型最后
+//! 一层的残差流，未过最终 RMSNorm）与第 i+k 个 token 的嵌入合并：
+//! `h'_{k,i} = M_k [RMSNorm(h_{k-1,i}); RMSNorm(Emb(t_{i+k}))]`（`M_k`: 2d → d），
+//! 再经过一个 Transformer 块得到 `h_{k,i}`，经模块自己的 RMSNorm 后由**共享**输出头预测
+//! `t_{i+k+1}`。嵌入层与输出头属于主模型，MTP 模块只借用，不复制（一套参数）。
+//!
+//! 训练：损失 = 主模型交叉熵 + (λ/D)·Σ_k 第 k 深度交叉熵（见 `crate::train`）。
+//! 推理：模块逐个串联起草 D 个 token，主模型一次前向验证（见 `crate::decode`）。
+//! D = 0 时没有模块，模型与解码完全是标准的（FR-006）。
+
+use burn::module::Module;
+use burn::nn::{Linear, LinearConfig, RmsNorm, RmsNormConfig};
+use burn::tensor::{backend::Backend, Int, Tensor};
+
+use super::attention::LayerCache;
+use super::model::{Block, Decoder, DecoderConfig};
+
+/// 一个 MTP 模块：两个 RMSNorm、2d → d 投影、一个 Transformer 块、输出前的 RMSNorm。
+#[derive(Module, Debug)]
+pub struct MtpModule<B: Backend> {
+    /// 上一深度隐藏状态的 RMSNorm。
+    hnorm: RmsNorm<B>,
+    /// 前瞻 token 嵌入的 RMSNorm。
+    enorm: RmsNorm<B>,
+    /// 合并投影 `M_k`：`[h; e]` 2d → d。
+    proj: Linear<B>,
+    /// 一个与主模型同构的 Transformer 块（自带注意力与 KV 缓存）。
+    block: Block<B>,
+    /// 送入共享输出头之前的 RMSNorm。
+    norm: RmsNorm<B>,
+}
+
+/// MTP 预测器：D 个顺序模块，与主模型共享嵌入层和输出头。
+#[derive(Module, Debug)]
+pub struct MtpPredictor<B: Backend> {
+    modules: Vec<MtpModule<B>>,
+}
+
+impl<B: Backend> MtpPredictor<B> {
+    /// `depth` modules shaped like the blocks of `c` (no embedding or head of their own).
+    pub fn new(c: &DecoderConfig, depth: usize, device: &B::Device) -> Self {
+        let d = c.hidden;
+        let norm = || RmsNormConfig::new(d).with_epsilon(1e-6).init(device);
+        MtpPredictor {
+            modules: (0..depth)
+                .map(|_| MtpModule {
+                    hnorm: norm(),
+                    enorm: norm(),
+                    proj: LinearConfig::new(2 * d, d).with_bias(false).init(device),
+                    block: Block::new(c, device),
+                    norm: norm(),
+                })
+                .collect(),
+        }
+    }
+
+    /// Parameters of `depth` modules for config `c` (analytic; a test checks it).
+    pub fn params(c: &DecoderConfig, depth: usize) -> usize {
+        let d = c.hidden;
+        let block = (c.params() - 2 * c.vocab_size * d - d) / c.n_layers.max(1);
+        depth * (3 * d + 2 * d * d + block)
+    }
+
+    /// Draft depth D.
+    pub fn depth(&self) -> usize {
+        self.modules.len()
+    }
+
+    /// Keeps only the first `depth` modules (module k depends only on modules < k, so a
+    /// predictor trained with depth D serves every depth <= D).
+    pub fn truncated(mut self, depth: usize) -> Self {
+        self.modules.truncate(depth);
+        self
+    }
+
+    /// One empty cache layer per module.
+    pub fn new_caches(&self, batch: usize, capacity: usize) -> Vec<LayerCache<B>> {
+        self.modules
+            .iter()
+            .map(|m| {
+                let device = m.proj.weight.device();
+                m.block.new_cache(batch, capacity, &device)
+            })
+            .collect()
+    }
+
+    /// Module `k` (0-based: module k+1 of the paper) on `h_prev` `[b, s, d]` and the tokens
+    /// `k+1` positions ahead `[b, s]`; sequence `i` at positions `starts[i]..`. Returns the
+    /// module's hidden state `[b, s, d]` (before its output norm), the next module's input.
+    pub fn forward_module(
+        &self,
+        k: usize,
+        main: &Decoder<B>,
+        h_prev: Tensor<B, 3>,
+        tokens_ahead: Tensor<B, 2, Int>,
+        starts: &[usize],
+        cache: &mut LayerCache<B>,
+    ) -> Tensor<B, 3> {
+        let m = &self.modules[k];
+        let e = m.enorm.forward(main.embed(tokens_ahead));
+        let h = m.hnorm.forward(h_prev);
+        let x = m.proj.forward(Tensor::cat(vec![h, e], 2));
+        m.block.forward(x, starts, cache, None)
+    }
+
+    /// Logits of module `k` through the main model's shared head. `[b, s, d] -> [b, s, vocab]`
+    pub fn logits(&self, k: usize, main: &Decoder<B>, h: Tensor<B, 3>) -> Tensor<B, 3> {
+        main.logits(self.modules[k].norm.forward(h))
+    }
+}
+
+/// 主模型加 MTP 模块：训练与检查点的单位（一套参数，嵌入与输出头只在主模型里）。
+#[derive(Module, Debug)]
+pub struct MtpModel<B: Backend> {
+    /// 主模型。
+    pub main: Decoder<B>,
+    /// MTP 模块。
+    pub mtp: MtpPredictor<B>,
+}
+
+impl<B: Backend> MtpModel<B> {
+    /// A fresh model (seed the backend first for reproducible weights).
+    pub fn new(c: &DecoderConfig, depth: usize, device: &B::Device) -> Self {
+        MtpModel {
+            main: c.init(device),
+            mtp: MtpPredictor::new(c, depth, device),
+        }
+    }
+
+    /// Teacher-forced logits for a training window `tokens` `[b, t]`: the main model's
+    /// `[b, t-1, vocab]` (predicting tokens `1..t`) and, for each depth k = 1..D, module k's
+    /// `[b, t-1-k, vocab]` (position i predicts token `i+k+1`).
+    pub fn forward_all(&self, tokens: Tensor<B, 2, Int>) -> (Tensor<B, 3>, Vec<Tensor<B, 3>>) {
+        let [b, t] = tokens.dims();
+        let mut cache = self.main.new_cache(b, t);
+        let starts = vec![0; b];
+        let trunk = self
+            .main
+            .forward_trunk(tokens.clone(), &mut cache, &starts, None);
+        let d = trunk.dims()[2];
+        let main_logits =
+            self.main.logits(
+                self.main
+                    .final_norm(trunk.clone().slice([0..b, 0..t - 1, 0..d])),
+            );
+        let mut depth_logits = Vec::new();
+        let mut h = trunk;
+        for (k, mut cache) in self.mtp.new_caches(b, t).into_iter().enumerate() {
+            // positions i = 0..len predict token i+k+2 from h_{k,i} and token i+k+1
+            let len = t.saturating_sub(k + 2);
+            if len == 0 {
+                break;
+            }
+            let h_prev = h.slice([0..b, 0..len, 0..d]);
+            let ahead = tokens.clone().slice([0..b, k + 1..k + 1 + len]);
+            h = self
+                .mtp
+                .forward_module(k, &self.main, h_prev, ahead, &starts, &mut cache);
+            depth_logits.push(self.mtp.logits(k, &self.main, h.clone()));
+        }
+        (main_logits, depth_logits)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::nn::attention::AttentionConfig;
+    use burn::backend::NdArray;
+    use burn::tensor::TensorData;
+
+    type B = NdArray;
+
+    fn config() -> DecoderConfig {
+        DecoderConfig {
+            vocab_size: 40,
+            hidden: 16,
+            n_layers: 2,
+            ffn_hidden: 24,
+            attention: AttentionConfig::mha(2, 8),
+            moe: None,
+        }
+    }
+
+    #[test]
+    fn modules_share_the_embedding_and_head_one_parameter_set() {
+        let c = config();
+        let dev = Default::default();
+        let m = MtpModel::<B>::new(&c, 3, &dev);
+        assert_eq!(m.main.num_params(), c.params());
+        assert_eq!(m.mtp.num_params(), MtpPredictor::<B>::params(&c, 3));
+        // the predictor holds no vocab-sized tensor: embedding and head are the main model's
+        assert!(m.mtp.num_params() < 3 * (c.params() - 2 * c.vocab_size * c.hidden));
+        assert_eq!(
+            m.num_params(),
+            c.params() + MtpPredictor::<B>::params(&c, 3)
+        );
+    }
+
+    #[test]
+    fn teacher_forced_shapes_per_depth() {
+        let c = config();
+        let dev = Default::default();
+        let m = MtpModel::<B>::new(&c, 3, &dev);
+        let ids: Vec<i64> = (0..2 * 10).map(|i| i % 40).collect();
+        let toks = Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [2, 10]), &dev);
+        let (main, depths) = m.forward_all(toks);
+        assert_eq!(main.dims(), [2, 9, 40]);
+        let shapes: Vec<[usize; 3]> = depths.iter().map(|t| t.dims()).collect();
+        assert_eq!(shapes, vec![[2, 8, 40], [2, 7, 40], [2, 6, 40]]);
+        assert_eq!(m.mtp.clone().truncated(2).depth(), 2);
+    }
+}
