@@ -156,6 +156,15 @@ pub fn run<B: Backend>(
     }
     let greedy_out = ms[0].output.as_ref().map(|o| o.0.clone());
     let spec = ms[1].output.as_ref();
+    // diagnostics: the generated tokens of both decoders, for comparing backends
+    if let Some(path) = std::env::var_os("DSOPT_DUMP_TOKENS") {
+        let dump = serde_json::json!({
+            "prompts": prompts,
+            "greedy": greedy_out,
+            "speculative": spec.map(|s| &s.0),
+        });
+        std::fs::write(&path, dump.to_string())?;
+    }
     let identical = greedy_out.as_ref().zip(spec).map(|(g, sp)| g == &sp.0);
     let stats = spec.and_then(|sp| sp.1.clone());
     if let Some(v) = variants.get_mut(1) {
