@@ -366,6 +366,13 @@ pub struct BackendContext<B: burn::tensor::backend::Backend> {
     pub pool: Option<crate::monitor::device::PoolProbe>,
 }
 
+/// Whether backend `B` compiles its kernels per shape at run time (CubeCL: wgpu, CUDA). Code
+/// with data-dependent shapes (MoE expert groups) pads them to a few bucket sizes there; on
+/// ndarray exact shapes cost nothing extra.
+pub fn compiles_per_shape<B: burn::tensor::backend::Backend>(device: &B::Device) -> bool {
+    B::name(device).contains("cubecl")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

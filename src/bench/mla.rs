@@ -540,6 +540,10 @@ fn capacity_search<B: Backend>(
             budget,
         );
         let fits = p.fits;
+        crate::monitor::progress::trace(format!(
+            "{variant}: capacity probe {seq} tokens: total {:?} bytes, fits {fits} {}",
+            p.total_bytes, p.note
+        ));
         probes.push(p);
         fits
     };

@@ -291,6 +291,13 @@ impl PerformanceMonitor {
                 };
                 (self.shared.sync)();
                 let elapsed = start.elapsed().as_secs_f64();
+                progress::trace(format!(
+                    "{}: {} run {}/{} took {elapsed:.3} s",
+                    names[i],
+                    if warm { "warm-up" } else { "timed" },
+                    round + 1,
+                    self.cfg.warmup + self.cfg.repetitions
+                ));
                 self.shared.sample(st, names[i], "run_end");
                 match result {
                     Ok(Ok(out)) => {

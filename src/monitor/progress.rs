@@ -33,3 +33,18 @@ pub fn spinner(visible: bool, msg: &str) -> ProgressBar {
     pb.enable_steady_tick(std::time::Duration::from_millis(120));
     pb
 }
+
+/// Milestone lines for logs that are not terminals (CI, remote GPU runs): printed to stderr
+/// with the seconds since the first trace when the environment variable `DSOPT_TRACE` is set.
+pub fn trace(msg: impl AsRef<str>) {
+    use std::sync::OnceLock;
+    use std::time::Instant;
+    static ON: OnceLock<Option<Instant>> = OnceLock::new();
+    if let Some(t0) = ON.get_or_init(|| std::env::var_os("DSOPT_TRACE").map(|_| Instant::now())) {
+        eprintln!(
+            "[dsopt +{:.1}s] {}",
+            t0.elapsed().as_secs_f64(),
+            msg.as_ref()
+        );
+    }
+}

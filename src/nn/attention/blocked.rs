@@ -40,6 +40,24 @@ pub fn attention<B: Backend>(
     kv_len: usize,
     block: usize,
 ) -> Tensor<B, 4> {
+    let widen = crate::backend::compiles_per_shape::<B>(&q.device());
+    attention_with(q, k_src, v_src, dv, q_starts, q_len, kv_len, block, widen)
+}
+
+/// [`attention`] with the shape buckets of partial key blocks switched by the caller (`widen`;
+/// [`attention`] turns them on for backends that compile kernels per shape).
+#[allow(clippy::too_many_arguments)]
+pub fn attention_with<B: Backend>(
+    q: Tensor<B, 4>,
+    k_src: &Tensor<B, 4>,
+    v_src: &Tensor<B, 4>,
+    dv: usize,
+    q_starts: &[usize],
+    q_len: usize,
+    kv_len: usize,
+    block: usize,
+    widen: bool,
+) -> Tensor<B, 4> {
     let [b, g, rows, dk] = q.dims();
     assert_eq!(q_starts.len(), b, "one start position per sequence");
     assert!(
@@ -52,7 +70,7 @@ pub fn attention<B: Backend>(
     let block = block.max((block * block / rows.max(1)).min(4 * block));
     let tile = (ROW_TILE / g).max(1);
     if rows <= tile {
-        return attention_rows(q, k_src, v_src, dv, q_starts, q_len, 0, block);
+        return attention_rows(q, k_src, v_src, dv, q_starts, q_len, 0, block, widen);
     }
     let mut outs = Vec::new();
     let mut r0 = 0;
@@ -60,7 +78,7 @@ pub fn attention<B: Backend>(
         let r1 = (r0 + tile).min(rows);
         let qt = q.clone().slice([0..b, 0..g, r0..r1, 0..dk]);
         outs.push(attention_rows(
-            qt, k_src, v_src, dv, q_starts, q_len, r0, block,
+            qt, k_src, v_src, dv, q_starts, q_len, r0, block, widen,
         ));
         r0 = r1;
     }
@@ -78,9 +96,11 @@ fn attention_rows<B: Backend>(
     q_len: usize,
     row0: usize,
     block: usize,
+    widen: bool,
 ) -> Tensor<B, 4> {
     let [b, g, rows, dk] = q.dims();
     let device = q.device();
+    let cap = k_src.dims()[2].min(v_src.dims()[2]);
     let mut m = Tensor::<B, 4>::full([b, g, rows, 1], NEG, &device); // running max
     let mut l = Tensor::<B, 4>::zeros([b, g, rows, 1], &device); // running denominator
     let mut acc = Tensor::<B, 4>::zeros([b, g, rows, dv], &device); // running numerator
@@ -91,19 +111,34 @@ fn attention_rows<B: Backend>(
     let mut ks = 0;
     while ks <= last_q {
         let ke = (ks + block).min(last_q + 1);
-        let kb = ke - ks;
-        let k = k_src.clone().slice([0..b, 0..g, ks..ke, 0..dk]);
+        // Shape buckets (`widen`): a partial block [ks, ke) is read as a bucket-sized window
+        // [k0, k1) (see `bucket`): backwards over keys the previous block already counted, or,
+        // for the first block, forwards into the pre-sized cache past the last position; the
+        // extra keys are masked. Backends that compile kernels per shape would otherwise see a
+        // new shape at almost every decode step. At most a third of one block is extra work.
+        let kw = bucket(ke - ks).min(block);
+        let (k0, k1) = if !widen || kw <= ke - ks {
+            (ks, ke)
+        } else if ke >= kw {
+            (ke - kw, ke)
+        } else if ks + kw <= cap {
+            (ks, ks + kw)
+        } else {
+            (ks, ke)
+        };
+        let kb = k1 - k0;
+        let k = k_src.clone().slice([0..b, 0..g, k0..k1, 0..dk]);
         let mut s = q.clone().matmul(k.swap_dims(2, 3)); // [b, g, rows, kb]
-        if ke - 1 > first_q {
-            // this block reaches past some row's position: mask the keys after it
-            let mask = batch_mask::<B>(q_starts, rows, row0, q_len, ks, kb, &device);
+        if k1 - 1 > first_q || k0 < ks {
+            // keys after some row's position, or before this block's own start: masked
+            let mask = batch_mask::<B>(q_starts, rows, row0, q_len, k0, ks, kb, &device);
             s = s.mask_fill(mask.expand([b, g, rows, kb]), NEG);
         }
         let m_new = m.clone().max_pair(s.clone().max_dim(3));
         let p = (s - m_new.clone().expand([b, g, rows, kb])).exp();
         let corr = (m - m_new.clone()).exp();
         l = l * corr.clone() + p.clone().sum_dim(3);
-        let v = v_src.clone().slice([0..b, 0..g, ks..ke, 0..dv]);
+        let v = v_src.clone().slice([0..b, 0..g, k0..k1, 0..dv]);
         acc = acc * corr.expand([b, g, rows, dv]) + p.matmul(v);
         m = m_new;
         ks = ke;
@@ -111,41 +146,63 @@ fn attention_rows<B: Backend>(
     acc / l.expand([b, g, rows, dv])
 }
 
+/// The bucket size for `n` keys or rows: the smallest of 1, 2, 3, 4, 6, 8, 12, 16, 24, …
+/// (powers of two and 1.5 times them) that is >= `n`. Few distinct shapes, at most a third
+/// wasted.
+pub fn bucket(n: usize) -> usize {
+    let mut p = 1usize;
+    loop {
+        if n <= p {
+            return p;
+        }
+        if p >= 2 && n <= p + p / 2 {
+            return p + p / 2;
+        }
+        p *= 2;
+    }
+}
+
 /// [`causal_mask`] for every sequence: `[1, 1, rows, kb]` when the starts agree, else
 /// `[b, 1, rows, kb]`.
+#[allow(clippy::too_many_arguments)]
 fn batch_mask<B: Backend>(
     q_starts: &[usize],
     rows: usize,
     row0: usize,
     q_len: usize,
-    ks: usize,
+    k0: usize,
+    valid_from: usize,
     kb: usize,
     device: &B::Device,
 ) -> Tensor<B, 4, Bool> {
+    let one = |st| causal_mask::<B>(rows, row0, q_len, st, k0, valid_from, kb, device);
     if let Some(st) = crate::nn::rope::uniform(q_starts) {
-        return causal_mask::<B>(rows, row0, q_len, st, ks, kb, device).unsqueeze::<4>();
+        return one(st).unsqueeze::<4>();
     }
     let masks = q_starts
         .iter()
-        .map(|&st| causal_mask::<B>(rows, row0, q_len, st, ks, kb, device).unsqueeze::<3>())
+        .map(|&st| one(st).unsqueeze::<3>())
         .collect();
     Tensor::cat(masks, 0).unsqueeze_dim::<4>(1)
 }
 
-/// `true` where key `ks + t` lies after the position of row `row0 + r` (query `(row0 + r) % q_len`).
+/// `true` where key `k0 + t` lies after the position of row `row0 + r` (query
+/// `(row0 + r) % q_len`), or before `valid_from` (keys a widened block repeats).
+#[allow(clippy::too_many_arguments)]
 fn causal_mask<B: Backend>(
     rows: usize,
     row0: usize,
     q_len: usize,
     q_start: usize,
-    ks: usize,
+    k0: usize,
+    valid_from: usize,
     kb: usize,
     device: &B::Device,
 ) -> Tensor<B, 2, Bool> {
     let mut m = Vec::with_capacity(rows * kb);
     for r in row0..row0 + rows {
         let pos = q_start + r % q_len;
-        m.extend((0..kb).map(|t| ks + t > pos));
+        m.extend((0..kb).map(|t| k0 + t > pos || k0 + t < valid_from));
     }
     Tensor::from_data(TensorData::new(m, [rows, kb]), device)
 }
@@ -161,7 +218,7 @@ pub fn reference<B: Backend>(
     let [b, g, rows, _] = q.dims();
     let kv_len = k.dims()[2];
     let s = q.matmul(k.swap_dims(2, 3));
-    let mask = causal_mask::<B>(rows, 0, q_len, q_start, 0, kv_len, &s.device());
+    let mask = causal_mask::<B>(rows, 0, q_len, q_start, 0, 0, kv_len, &s.device());
     let s = s.mask_fill(mask.unsqueeze::<4>().expand([b, g, rows, kv_len]), NEG);
     burn::tensor::activation::softmax(s, 3).matmul(v)
 }
@@ -187,6 +244,43 @@ mod tests {
     }
 
     #[test]
+    fn buckets_are_few_and_cover() {
+        let got: Vec<usize> = (1..=13).map(bucket).collect();
+        assert_eq!(got, [1, 2, 3, 4, 6, 6, 8, 8, 12, 12, 12, 12, 16]);
+        for n in 1..5000 {
+            let b = bucket(n);
+            assert!(
+                b >= n && (b as f64) <= (n as f64 * 1.5).max(2.0),
+                "{n} -> {b}"
+            );
+        }
+        let distinct: std::collections::BTreeSet<usize> = (1..=4096).map(bucket).collect();
+        assert!(distinct.len() <= 24, "{} shapes", distinct.len());
+    }
+
+    #[test]
+    fn widened_partial_blocks_count_no_key_twice() {
+        // one query row per sequence at every length: the last block is partial and widened
+        // backwards over keys the previous block already counted (they must be masked)
+        let block = 8;
+        for kv_len in 1..=40 {
+            let q_start = kv_len - 1;
+            let q = t4([1, 2, 3, 8], 10 + kv_len as u64); // 3 heads folded into rows, q_len 1
+                                                          // a pre-sized cache: 7 slots past the filled length (forward widening reads them)
+            let k = t4([1, 2, kv_len + 7, 8], 20);
+            let v = t4([1, 2, kv_len + 7, 5], 30);
+            let kf = k.clone().slice([0..1, 0..2, 0..kv_len, 0..8]);
+            let vf = v.clone().slice([0..1, 0..2, 0..kv_len, 0..5]);
+            let want = reference(q.clone(), kf.clone(), vf.clone(), q_start, 1);
+            for (kk, vv) in [(&k, &v), (&kf, &vf)] {
+                let got = attention_with(q.clone(), kk, vv, 5, &[q_start], 1, kv_len, block, true);
+                let d = max_diff(got, want.clone());
+                assert!(d < 1e-5, "kv_len {kv_len}: max |diff| {d}");
+            }
+        }
+    }
+
+    #[test]
     fn blocked_equals_full_softmax_for_every_block_size() {
         // 2 heads folded into rows: rows = 2 * q_len
         let (q_start, q_len, kv_len) = (5, 7, 12);
@@ -194,10 +288,22 @@ mod tests {
         let k = t4([2, 3, kv_len, 8], 2);
         let v = t4([2, 3, kv_len, 6], 3);
         let want = reference(q.clone(), k.clone(), v.clone(), q_start, q_len);
-        for block in [1, 3, 4, 12, 64] {
-            let got = attention(q.clone(), &k, &v, 6, &[q_start; 2], q_len, kv_len, block);
-            let d = max_diff(got, want.clone());
-            assert!(d < 1e-5, "block {block}: max |diff| {d}");
+        for block in [1, 3, 4, 5, 12, 64] {
+            for widen in [false, true] {
+                let got = attention_with(
+                    q.clone(),
+                    &k,
+                    &v,
+                    6,
+                    &[q_start; 2],
+                    q_len,
+                    kv_len,
+                    block,
+                    widen,
+                );
+                let d = max_diff(got, want.clone());
+                assert!(d < 1e-5, "block {block} widen {widen}: max |diff| {d}");
+            }
         }
     }
 

@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 
 use super::offload::ExpertStore;
 use super::router::{MoeRouter, RouterConfig, Routing};
+use crate::nn::attention::blocked::bucket;
 use crate::nn::ffn::SwiGlu;
 
 /// MoE 层配置（DeepSeek 的参数名）。
@@ -108,11 +109,28 @@ impl<B: Backend> MoeLayer<B> {
 
     /// Sorted dispatch; `expert(e, x)` applies routed expert `e` to its tokens `[1, n, dim]`
     /// (a resident expert, or one fetched from an offload cache).
+    ///
+    /// On backends that compile kernels per shape (CubeCL: wgpu, CUDA) each expert's group of
+    /// tokens is padded to a bucket size ([`bucket`]: 1, 2, 3, 4, 6, 8, 12, …) by repeating its
+    /// last token, and the padded rows' outputs are dropped: with a varying number of tokens per
+    /// expert, exact shapes would compile new kernels on almost every call.
     pub fn dispatch_with(
         &self,
         x: Tensor<B, 2>,
         routing: &Routing,
         expert: &mut dyn FnMut(usize, Tensor<B, 3>) -> Tensor<B, 3>,
+    ) -> Tensor<B, 2> {
+        let bucketed = crate::backend::compiles_per_shape::<B>(&x.device());
+        self.dispatch_rows(x, routing, expert, bucketed)
+    }
+
+    /// [`MoeLayer::dispatch_with`] with the row padding chosen by the caller.
+    pub fn dispatch_rows(
+        &self,
+        x: Tensor<B, 2>,
+        routing: &Routing,
+        expert: &mut dyn FnMut(usize, Tensor<B, 3>) -> Tensor<B, 3>,
+        bucketed: bool,
     ) -> Tensor<B, 2> {
         let [t, dim] = x.dims();
         let device = x.device();
@@ -130,11 +148,14 @@ impl<B: Backend> MoeLayer<B> {
         while i < pairs.len() {
             let e = pairs[i].0;
             let j = i + pairs[i..].iter().take_while(|p| p.0 == e).count();
-            let rows: Vec<i64> = pairs[i..j].iter().map(|p| p.1 as i64).collect();
+            let mut rows: Vec<i64> = pairs[i..j].iter().map(|p| p.1 as i64).collect();
             let n = rows.len();
-            let idx = Tensor::<B, 1, Int>::from_data(TensorData::new(rows, [n]), &device);
-            let xe = x.clone().select(0, idx).reshape([1, n, dim]);
-            outs.push(expert(e, xe).reshape([n, dim]));
+            let nb = if bucketed { bucket(n) } else { n };
+            rows.resize(nb, rows[n - 1]);
+            let idx = Tensor::<B, 1, Int>::from_data(TensorData::new(rows, [nb]), &device);
+            let xe = x.clone().select(0, idx).reshape([1, nb, dim]);
+            let ye = expert(e, xe).reshape([nb, dim]);
+            outs.push(if nb > n { ye.slice([0..n, 0..dim]) } else { ye });
             i = j;
         }
         let mut y = if outs.is_empty() {
@@ -229,6 +250,47 @@ mod tests {
                 "dropless"
             );
         }
+    }
+
+    #[test]
+    fn bucketed_rows_give_the_same_output() {
+        // 20 tokens x top-3 over 8 experts: groups of uneven sizes, padded to buckets
+        let dev = Default::default();
+        B::seed(&dev, 4);
+        let layer = config(ScoreFunc::Softmax, 1).init::<B>(&dev);
+        let x =
+            Tensor::<B, 2>::from_data(TensorData::new(pseudo_random(20 * 16, 6), [20, 16]), &dev);
+        let routing = layer.router.route(x.clone());
+        let mut shapes = Vec::new();
+        let padded = layer.dispatch_rows(
+            x.clone(),
+            &routing,
+            &mut |e, xe| {
+                shapes.push(xe.dims()[1]);
+                layer.experts[e].forward(xe)
+            },
+            true,
+        );
+        let exact = layer.dispatch_rows(
+            x,
+            &routing,
+            &mut |e, xe| layer.experts[e].forward(xe),
+            false,
+        );
+        let d: f32 = (padded - exact).abs().max().into_scalar();
+        assert!(d < 1e-6, "max |diff| {d}");
+        assert!(shapes.iter().all(|&n| n == bucket(n)), "{shapes:?}");
+        let counts: Vec<usize> = routing
+            .load
+            .tokens_per_expert
+            .iter()
+            .copied()
+            .filter(|&c| c > 0)
+            .collect();
+        assert!(
+            counts.iter().any(|&c| c != bucket(c)),
+            "some group needed padding: {counts:?}"
+        );
     }
 
     #[test]
