@@ -2,6 +2,7 @@
 
 pub mod calibrate;
 pub mod mla;
+pub mod model;
 pub mod moe;
 pub mod mtp;
 
@@ -31,7 +32,11 @@ pub struct RunOutput {
 pub fn runner_available(kind: ScenarioKind) -> bool {
     matches!(
         kind,
-        ScenarioKind::Calibrate | ScenarioKind::Mla | ScenarioKind::Moe | ScenarioKind::Mtp
+        ScenarioKind::Calibrate
+            | ScenarioKind::Mla
+            | ScenarioKind::Moe
+            | ScenarioKind::Mtp
+            | ScenarioKind::Model
     )
 }
 
@@ -41,6 +46,7 @@ pub fn runner_missing(kind: ScenarioKind) -> DsoptError {
         ScenarioKind::Mla => "SC-001 (MLA)",
         ScenarioKind::Mtp => "SC-002 (MTP)",
         ScenarioKind::Moe => "SC-003 (MoE)",
+        ScenarioKind::Model => "FR-004 (combined model)",
         ScenarioKind::Calibrate => "calibration",
     };
     DsoptError::CannotRun(format!(
@@ -61,6 +67,7 @@ pub fn run_scenario<B: burn::tensor::backend::Backend>(
         Scenario::Mla(s) => mla::run(s, ctx, monitor),
         Scenario::Moe(s) => moe::run(s, ctx, monitor),
         Scenario::Mtp(s) => mtp::run(s, ctx, monitor),
+        Scenario::Model(s) => model::run(s, ctx, monitor),
     }
 }
 

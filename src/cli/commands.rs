@@ -14,6 +14,7 @@ use dsopt::machine::{MachineInfo, ToolInfo};
 use dsopt::monitor::{progress, MonitorConfig};
 use dsopt::report::{self, gate, Report, Verdict};
 
+use super::multi::{compare_cmd, sweep_cmd};
 use super::{dispatch::dispatch, Cli, Command, Format, OverrideArgs, RunArgs};
 
 /// Runs the parsed command; returns the exit code.
@@ -44,9 +45,21 @@ pub fn run(cli: &Cli) -> anyhow::Result<i32> {
                 .into());
             }
             let selected = backend::select(run.backend)?;
-            let report = bench_one(s, &file, overrides, run, &selected, cli.quiet)?;
+            if let Some((param, values)) = sweep_of(overrides)? {
+                return sweep_cmd(
+                    s, &file, overrides, run, &selected, param, &values, cli.quiet,
+                );
+            }
+            let (report, _) = bench_one(s, &file, overrides, run, &selected, cli.quiet)?;
             Ok(verdict_code(report.verdict))
         }
+        Command::Compare {
+            backends,
+            target,
+            out,
+            format,
+            overrides,
+        } => compare_cmd(backends, target, out, *format, overrides, cli.quiet),
         Command::Run {
             paths,
             run,
@@ -73,14 +86,14 @@ pub fn run(cli: &Cli) -> anyhow::Result<i32> {
     }
 }
 
-fn verdict_code(v: Verdict) -> i32 {
+pub(super) fn verdict_code(v: Verdict) -> i32 {
     match v {
         Verdict::Pass => EXIT_PASS,
         Verdict::Fail | Verdict::Error => EXIT_FAIL,
     }
 }
 
-fn log(quiet: bool, msg: impl AsRef<str>) {
+pub(super) fn log(quiet: bool, msg: impl AsRef<str>) {
     if !quiet {
         eprintln!("{}", msg.as_ref());
     }
@@ -172,15 +185,36 @@ fn info(json: bool, quiet: bool) -> anyhow::Result<i32> {
     Ok(EXIT_PASS)
 }
 
-fn overrides(o: &OverrideArgs) -> Overrides {
-    Overrides {
-        seq: o.seq,
-        batch: o.batch,
+/// The scenario overrides of one run; a list of values (a sweep) is refused here.
+pub(super) fn overrides(o: &OverrideArgs) -> Result<Overrides, DsoptError> {
+    let one = |flag: &str, v: &[usize]| match v {
+        [] => Ok(None),
+        [x] => Ok(Some(*x)),
+        _ => Err(DsoptError::Usage(format!(
+            "--{flag} takes one value here; a list of values (a sweep) is for `dsopt bench`"
+        ))),
+    };
+    Ok(Overrides {
+        seq: one("seq", &o.seq)?,
+        batch: one("batch", &o.batch)?,
         warmup: o.warmup,
         repetitions: o.repetitions,
         corpus: o.corpus.clone(),
         train_steps: o.train_steps,
         checkpoint: o.checkpoint.clone(),
+        config: o.config.clone(),
+    })
+}
+
+/// The swept parameter and its values when `--seq` or `--batch` has several values.
+fn sweep_of(o: &OverrideArgs) -> Result<Option<(&'static str, Vec<usize>)>, DsoptError> {
+    match (o.seq.len() > 1, o.batch.len() > 1) {
+        (true, true) => Err(DsoptError::Usage(
+            "sweep one parameter at a time: give --seq or --batch a list, not both".into(),
+        )),
+        (true, false) => Ok(Some(("seq", o.seq.clone()))),
+        (false, true) => Ok(Some(("batch", o.batch.clone()))),
+        (false, false) => Ok(None),
     }
 }
 
@@ -199,7 +233,7 @@ fn train_cmd(
             Scenario::builtin(ScenarioKind::Mtp),
         ),
     };
-    s.apply(&overrides(o), Path::new(&file))?;
+    s.apply(&overrides(o)?, Path::new(&file))?;
     let Scenario::Mtp(s) = s else {
         return Err(DsoptError::Usage(format!(
             "{file} is a `{}` scenario; `dsopt train` needs an `mtp` scenario",
@@ -301,6 +335,7 @@ fn monitor_config(s: &Scenario, quiet: bool) -> MonitorConfig {
         Scenario::Mla(s) => (s.run.warmup, s.run.repetitions),
         Scenario::Mtp(s) => (s.run.warmup, s.run.repetitions),
         Scenario::Moe(s) => (s.run.warmup, s.run.repetitions),
+        Scenario::Model(s) => (s.run.warmup, s.run.repetitions),
         Scenario::Calibrate(s) => (s.run.warmup, s.run.repetitions),
     };
     MonitorConfig {
@@ -324,16 +359,17 @@ impl BackendJob for BenchJob<'_> {
     }
 }
 
-/// Loads overrides, runs one scenario, writes the report files, prints the verdict.
-fn bench_one(
+/// Loads overrides, runs one scenario, writes the report files, prints the verdict; returns
+/// the report and the path of its JSON file.
+pub(super) fn bench_one(
     mut s: Scenario,
     file: &str,
     o: &OverrideArgs,
     run: &RunArgs,
     selected: &SelectedBackend,
     quiet: bool,
-) -> anyhow::Result<Report> {
-    s.apply(&overrides(o), Path::new(file))?;
+) -> anyhow::Result<(Report, PathBuf)> {
+    s.apply(&overrides(o)?, Path::new(file))?;
     if !bench::runner_available(s.kind()) {
         return Err(bench::runner_missing(s.kind()).into());
     }
@@ -354,22 +390,27 @@ fn bench_one(
     };
     let out = dispatch(selected, job)??;
     let report = bench::assemble(&s, file, selected, started, out);
-    let stem = report::write::file_stem(&report, report::timefmt::now_secs());
+    let stem = report::write::unique_stem(
+        &run.out,
+        &report::write::file_stem(&report, report::timefmt::now_secs()),
+    );
     let files = report::write::write_all(&report, &run.out, &stem)
         .with_context(|| format!("writing the report into {}", run.out.display()))?;
     match run.format {
         Format::Json => print!("{}", report::write::to_json(&report)?),
         Format::Table => print!("{}", report::table::render(&report)),
+        Format::Silent => {}
     }
     log(
         quiet,
         format!(
-            "report: {} (+ .csv, -memory.csv, .md) in {:.1} s",
+            "report: {} (+ .csv, -memory.csv, .md, {} chart(s)) in {:.1} s",
             files.json.display(),
+            files.charts.len(),
             report.wall_time_s
         ),
     );
-    Ok(report)
+    Ok((report, files.json))
 }
 
 /// Expands directories into their `*.toml` files (sorted).
@@ -429,6 +470,7 @@ fn run_many(
         )
         .into());
     }
+    overrides(o)?; // a list of values (a sweep) is refused once, before anything runs
     let selected = backend::select(run.backend)?;
     let mut entries = Vec::new();
     for f in &files {
@@ -436,18 +478,29 @@ fn run_many(
         let result = Scenario::load(f)
             .map_err(anyhow::Error::from)
             .and_then(|s| {
+                // --config replaces the [optimization] section of `model` scenarios only
+                let mut o = o.clone();
+                if o.config.is_some() && s.kind() != ScenarioKind::Model {
+                    o.config = None;
+                }
+                let o = &o;
                 let quiet_table = RunArgs {
-                    format: Format::Table,
+                    // JSON mode: stdout holds the summary only
+                    format: if run.format == Format::Json {
+                        Format::Silent
+                    } else {
+                        Format::Table
+                    },
                     ..run.clone()
                 };
                 bench_one(s, &name, o, &quiet_table, &selected, quiet)
             });
         let entry = match result {
-            Ok(r) => SummaryEntry {
+            Ok((r, path)) => SummaryEntry {
                 scenario_file: name,
                 id: r.scenario["id"].as_str().map(String::from),
                 verdict: Some(r.verdict),
-                report: None,
+                report: Some(path.display().to_string()),
                 exit_code: verdict_code(r.verdict),
                 error: None,
                 criteria: r.criteria.clone(),
@@ -489,7 +542,10 @@ fn run_many(
         verdict,
         exit_code: code,
     };
-    let stem = format!("{}-summary", report::timefmt::compact(now));
+    let stem = report::write::unique_stem(
+        &run.out,
+        &format!("{}-summary", report::timefmt::compact(now)),
+    );
     let json_path = run.out.join(format!("{stem}.json"));
     report::write::write_atomic(
         &json_path,
@@ -568,7 +624,22 @@ fn gate_cmd(paths: &[PathBuf], baseline: Option<&Path>, noise: f64) -> anyhow::R
     }
     let mut reports = Vec::new();
     for p in paths {
+        // summaries, comparisons and sweeps list single-run reports (which a glob such as
+        // reports/*-SC-*.json also picks up): they are skipped, not refused
+        if let Some(kind) = gate::aggregate_kind(p) {
+            eprintln!(
+                "gate: skipping {} (a {kind} file; the single-run reports it lists are gated)",
+                p.display()
+            );
+            continue;
+        }
         reports.push((p.clone(), gate::load(p)?));
+    }
+    if reports.is_empty() {
+        return Err(DsoptError::Usage(
+            "no single-run report to gate (only summary/compare/sweep files were given)".into(),
+        )
+        .into());
     }
     let base = baseline.map(gate::load).transpose()?;
     let outcome = gate::gate(&reports, base.as_ref(), noise);

@@ -2,6 +2,7 @@
 
 mod commands;
 mod dispatch;
+mod multi;
 
 use std::path::PathBuf;
 
@@ -31,7 +32,8 @@ pub enum Command {
     },
     /// Run one benchmark kind (its shipped scenario, or --scenario FILE) and write a report.
     Bench {
-        /// mla (SC-001), mtp (SC-002), moe (SC-003) or calibrate.
+        /// mla (SC-001), mtp (SC-002), moe (SC-003), model (FR-004: MLA/MoE/MTP combined by an
+        /// OptimizationConfig) or calibrate.
         kind: ScenarioKind,
         /// Scenario file (default: the shipped scenario of the kind).
         #[arg(long, value_name = "FILE")]
@@ -48,6 +50,24 @@ pub enum Command {
         paths: Vec<PathBuf>,
         #[command(flatten)]
         run: RunArgs,
+        #[command(flatten)]
+        overrides: OverrideArgs,
+    },
+    /// Run one scenario on several backends and compare them side by side (time, memory per
+    /// source, criteria). A backend that is not usable here is a row saying why.
+    Compare {
+        /// Backends, comma-separated: ndarray,wgpu,cuda (auto is allowed too).
+        #[arg(long, value_enum, value_delimiter = ',', required = true)]
+        backends: Vec<BackendChoice>,
+        /// A scenario file, or a kind (mla, mtp, moe, calibrate) for its shipped scenario.
+        #[arg(value_name = "SCENARIO|KIND")]
+        target: String,
+        /// Output folder for the reports.
+        #[arg(long, value_name = "DIR", default_value = "reports")]
+        out: PathBuf,
+        /// What goes to stdout: the side-by-side tables, or the comparison JSON only.
+        #[arg(long, value_enum, default_value_t = Format::Table)]
+        format: Format,
         #[command(flatten)]
         overrides: OverrideArgs,
     },
@@ -103,11 +123,13 @@ pub struct RunArgs {
 #[derive(Args, Debug, Clone, Default)]
 pub struct OverrideArgs {
     /// Sequence length (MLA run.seq, MTP run.new_tokens, MoE run.prefill_seq, calibrate size).
-    #[arg(long)]
-    pub seq: Option<usize>,
+    /// `dsopt bench` sweeps a comma-separated list: --seq 1024,2048,4096,8192.
+    #[arg(long, value_delimiter = ',', num_args = 1)]
+    pub seq: Vec<usize>,
     /// Batch size (MLA/MTP run.batch, MoE run.decode_batch, calibrate batch).
-    #[arg(long)]
-    pub batch: Option<usize>,
+    /// `dsopt bench` sweeps a comma-separated list: --batch 1,8,32.
+    #[arg(long, value_delimiter = ',', num_args = 1)]
+    pub batch: Vec<usize>,
     /// Warm-up runs.
     #[arg(long)]
     pub warmup: Option<usize>,
@@ -124,6 +146,10 @@ pub struct OverrideArgs {
     /// An MTP checkpoint folder to use as is (no training, no corpus needed).
     #[arg(long, value_name = "DIR")]
     pub checkpoint: Option<PathBuf>,
+    /// An OptimizationConfig file (an `[optimization]` table, or its bare keys) that replaces
+    /// the `[optimization]` section of a `model` scenario.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
 }
 
 /// stdout format.
@@ -133,6 +159,9 @@ pub enum Format {
     Table,
     /// The report JSON only.
     Json,
+    /// Nothing on stdout (used inside compare and sweeps, which print their own tables).
+    #[value(skip)]
+    Silent,
 }
 
 /// Parses the command line, runs it, returns the exit code.

@@ -1,13 +1,17 @@
-//! 配置：场景文件（scenario）的模式、加载与校验。
+//! 配置：优化配置（`OptimizationConfig`）与场景文件（scenario）的模式、加载与校验。
 //!
 //! Scenario files are TOML; every section is parsed with `deny_unknown_fields`, and the
 //! values are validated so that a mistake is reported with the file, the key, its line and a fix.
 
+pub mod optimization;
 pub mod scenario;
 pub mod validate;
 
+pub use optimization::{
+    DecoderShape, FfnKind, GqaOptions, MlaOptions, MoeOptions, MtpOptions, OptimizationConfig,
+};
 pub use scenario::{
-    CalibrateScenario, Dtype, MlaScenario, MoeScenario, MtpScenario, Overrides, Scenario,
-    ScenarioKind,
+    CalibrateScenario, Dtype, MlaScenario, ModelRun, ModelScenario, MoeScenario, MtpScenario,
+    Overrides, Scenario, ScenarioKind,
 };
 pub use validate::{find_key_line, Violation};

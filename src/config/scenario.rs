@@ -1,7 +1,7 @@
 //! 场景文件模式（scenario schema）。
 //!
 //! 一个场景文件对应一个验收标准（SC-001 / SC-002 / SC-003）或一个校准任务。顶层键 `kind`
-//! 决定其余各节的结构：`mla`、`mtp`、`moe`、`calibrate`。所有节都拒绝未知键；数值在
+//! 决定其余各节的结构：`mla`、`mtp`、`moe`、`model`、`calibrate`。所有节都拒绝未知键；数值在
 //! [`validate`](super::validate) 中检查。命令行参数（`--seq`、`--batch`）在加载之后覆盖场景值，
 //! 覆盖后再次校验。
 //!
@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use super::optimization::{DecoderShape, OptimizationConfig};
 use super::validate::{self, find_key_line, Violation};
 use crate::error::DsoptError;
 
@@ -24,6 +25,8 @@ pub enum ScenarioKind {
     Mtp,
     /// SC-003：DeepSeekMoE 与稠密 FFN 的速度对比，以及专家卸载的内存对比。
     Moe,
+    /// FR-004：按 `[optimization]` 组合 MLA / MoE / MTP 的完整模型（预填充、贪心与自推测解码）。
+    Model,
     /// 校准：一个矩阵乘法，用于端到端检查测量与报告链路。
     Calibrate,
 }
@@ -35,6 +38,7 @@ impl ScenarioKind {
             ScenarioKind::Mla => "mla",
             ScenarioKind::Mtp => "mtp",
             ScenarioKind::Moe => "moe",
+            ScenarioKind::Model => "model",
             ScenarioKind::Calibrate => "calibrate",
         }
     }
@@ -53,6 +57,10 @@ impl ScenarioKind {
             ScenarioKind::Moe => (
                 "scenarios/sc003-moe.toml",
                 include_str!("../../scenarios/sc003-moe.toml"),
+            ),
+            ScenarioKind::Model => (
+                "scenarios/model-deepseek-v3-mini.toml",
+                include_str!("../../scenarios/model-deepseek-v3-mini.toml"),
             ),
             ScenarioKind::Calibrate => (
                 "scenarios/calibrate.toml",
@@ -429,6 +437,56 @@ pub struct MoeThresholds {
 }
 
 // ---------------------------------------------------------------------------------------------
+// FR-004 combined model
+
+/// FR-004 场景（`kind = "model"`）：按 `[optimization]` 构建一个组合了 MLA / MoE / MTP 的模型，
+/// 测量预填充、贪心解码与（MTP 深度 > 0 时）自推测解码，并检查自推测输出与贪心输出逐 token 相同。
+/// 省略 `[optimization]` 即标准模型（FR-006）。
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelScenario {
+    /// 编号，例如 `FR-004`（也接受 `SC-NNN`）。
+    pub id: String,
+    /// 必须为 `model`。
+    pub kind: ScenarioKind,
+    /// 一行标题。
+    pub title: String,
+    /// 说明（可选）。
+    #[serde(default)]
+    pub description: Option<String>,
+    /// 模型主干形状。
+    pub model: DecoderShape,
+    /// 开哪些优化（缺省 = 标准模型；`--config FILE` 整节替换）。
+    #[serde(default)]
+    pub optimization: OptimizationConfig,
+    /// 运行设置。
+    pub run: ModelRun,
+}
+
+/// FR-004 运行设置。
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelRun {
+    /// 批大小（`--batch` 覆盖）。
+    pub batch: usize,
+    /// 提示长度（token；随机提示，固定种子）。
+    pub prompt_len: usize,
+    /// 每条序列生成的新 token 数（`--seq` 覆盖）。
+    pub new_tokens: usize,
+    /// 预热次数。
+    pub warmup: usize,
+    /// 重复测量次数。
+    pub repetitions: usize,
+    /// 权重与提示的随机种子（默认 7）。
+    #[serde(default = "default_seed")]
+    pub seed: u64,
+}
+
+fn default_seed() -> u64 {
+    7
+}
+
+// ---------------------------------------------------------------------------------------------
 // Calibrate
 
 /// 校准场景：一个 n×n 矩阵乘法，检查测量链路，并与主机端 f64 参考结果比对。
@@ -491,6 +549,8 @@ pub enum Scenario {
     Mtp(MtpScenario),
     /// SC-003。
     Moe(MoeScenario),
+    /// FR-004：组合模型。
+    Model(ModelScenario),
     /// 校准。
     Calibrate(CalibrateScenario),
 }
@@ -498,9 +558,9 @@ pub enum Scenario {
 /// 命令行覆盖项：加载后应用，再校验。
 #[derive(Debug, Clone, Default)]
 pub struct Overrides {
-    /// `--seq`：MLA 的 `run.seq`、MTP 的 `run.new_tokens`、MoE 的 `run.prefill_seq`、校准的 `workload.size`。
+    /// `--seq`：MLA 的 `run.seq`、MTP 与组合模型的 `run.new_tokens`、MoE 的 `run.prefill_seq`、校准的 `workload.size`。
     pub seq: Option<usize>,
-    /// `--batch`：MLA/MTP 的 `run.batch`、MoE 的 `run.decode_batch`、校准的 `workload.batch`。
+    /// `--batch`：MLA/MTP/组合模型的 `run.batch`、MoE 的 `run.decode_batch`、校准的 `workload.batch`。
     pub batch: Option<usize>,
     /// `--repetitions`。
     pub repetitions: Option<usize>,
@@ -512,6 +572,10 @@ pub struct Overrides {
     pub train_steps: Option<usize>,
     /// `--checkpoint`：MTP 的 `train.checkpoint`（用现成的检查点）。
     pub checkpoint: Option<PathBuf>,
+    /// `--config FILE`：组合模型（`model`）场景的 `[optimization]` 节整节替换为该文件的
+    /// [`OptimizationConfig`]（文件顶层是 `[optimization]` 表或直接是其键），替换后再次校验。
+    /// 其他种类的场景没有这一节，给出时报用法错误（退出码 2）。
+    pub config: Option<PathBuf>,
 }
 
 impl Scenario {
@@ -537,7 +601,7 @@ impl Scenario {
                     key: Some("kind".into()),
                     line: None,
                     message: "missing key".into(),
-                    fix: "add `kind = \"mla\"` (or mtp, moe, calibrate) at the top".into(),
+                    fix: "add `kind = \"mla\"` (or mtp, moe, model, calibrate) at the top".into(),
                 })
             }
             Some(toml::Value::String(s)) => s.clone(),
@@ -547,7 +611,7 @@ impl Scenario {
                     key: Some("kind".into()),
                     line: find_key_line(text, "kind"),
                     message: "must be a string".into(),
-                    fix: "use one of \"mla\", \"mtp\", \"moe\", \"calibrate\"".into(),
+                    fix: "use one of \"mla\", \"mtp\", \"moe\", \"model\", \"calibrate\"".into(),
                 })
             }
         };
@@ -556,6 +620,7 @@ impl Scenario {
             "mla" => Scenario::Mla(toml::from_str(text).map_err(de)?),
             "mtp" => Scenario::Mtp(toml::from_str(text).map_err(de)?),
             "moe" => Scenario::Moe(toml::from_str(text).map_err(de)?),
+            "model" => Scenario::Model(toml::from_str(text).map_err(de)?),
             "calibrate" => Scenario::Calibrate(toml::from_str(text).map_err(de)?),
             other => {
                 return Err(DsoptError::Scenario {
@@ -563,7 +628,7 @@ impl Scenario {
                     key: Some("kind".into()),
                     line: find_key_line(text, "kind"),
                     message: format!("unknown kind `{other}`"),
-                    fix: "use one of \"mla\", \"mtp\", \"moe\", \"calibrate\"".into(),
+                    fix: "use one of \"mla\", \"mtp\", \"moe\", \"model\", \"calibrate\"".into(),
                 })
             }
         };
@@ -594,6 +659,23 @@ impl Scenario {
 
     /// Applies command-line overrides and validates again (a flag can make a scenario invalid).
     pub fn apply(&mut self, o: &Overrides, path: &Path) -> Result<(), DsoptError> {
+        if let Some(file) = &o.config {
+            match self {
+                // the file's own errors (and its values against this model's shape) name the file
+                Scenario::Model(s) => {
+                    s.optimization = OptimizationConfig::load_for(file, &s.model)?;
+                }
+                other => {
+                    return Err(DsoptError::Usage(format!(
+                        "--config {} replaces the [optimization] section of a `model` scenario, \
+                         but {} is a `{}` scenario; drop --config or use a model scenario",
+                        file.display(),
+                        path.display(),
+                        other.kind().as_str()
+                    )))
+                }
+            }
+        }
         match self {
             Scenario::Mla(s) => {
                 set(&mut s.run.seq, o.seq);
@@ -617,6 +699,12 @@ impl Scenario {
             Scenario::Moe(s) => {
                 set(&mut s.run.prefill_seq, o.seq);
                 set(&mut s.run.decode_batch, o.batch);
+                set(&mut s.run.repetitions, o.repetitions);
+                set(&mut s.run.warmup, o.warmup);
+            }
+            Scenario::Model(s) => {
+                set(&mut s.run.new_tokens, o.seq);
+                set(&mut s.run.batch, o.batch);
                 set(&mut s.run.repetitions, o.repetitions);
                 set(&mut s.run.warmup, o.warmup);
             }
@@ -651,6 +739,7 @@ impl Scenario {
             Scenario::Mla(_) => ScenarioKind::Mla,
             Scenario::Mtp(_) => ScenarioKind::Mtp,
             Scenario::Moe(_) => ScenarioKind::Moe,
+            Scenario::Model(_) => ScenarioKind::Model,
             Scenario::Calibrate(_) => ScenarioKind::Calibrate,
         }
     }
@@ -661,6 +750,7 @@ impl Scenario {
             Scenario::Mla(s) => &s.id,
             Scenario::Mtp(s) => &s.id,
             Scenario::Moe(s) => &s.id,
+            Scenario::Model(s) => &s.id,
             Scenario::Calibrate(s) => &s.id,
         }
     }
@@ -671,6 +761,7 @@ impl Scenario {
             Scenario::Mla(s) => &s.title,
             Scenario::Mtp(s) => &s.title,
             Scenario::Moe(s) => &s.title,
+            Scenario::Model(s) => &s.title,
             Scenario::Calibrate(s) => &s.title,
         }
     }
@@ -681,6 +772,7 @@ impl Scenario {
             Scenario::Mla(s) => serde_json::to_value(s),
             Scenario::Mtp(s) => serde_json::to_value(s),
             Scenario::Moe(s) => serde_json::to_value(s),
+            Scenario::Model(s) => serde_json::to_value(s),
             Scenario::Calibrate(s) => serde_json::to_value(s),
         };
         v.expect("scenario structs serialise")
@@ -694,13 +786,21 @@ fn set(slot: &mut usize, value: Option<usize>) {
 }
 
 /// Turns a TOML parse/deserialise error into a scenario error with key, line and a fix.
-fn toml_error(path: &Path, text: &str, e: &toml::de::Error) -> DsoptError {
+pub(crate) fn toml_error(path: &Path, text: &str, e: &toml::de::Error) -> DsoptError {
     let line = e
         .span()
         .map(|span| text[..span.start.min(text.len())].matches('\n').count() + 1);
     let msg = e.message().trim().to_string();
-    // serde messages quote the offending field in backticks: "unknown field `foo`, expected ..."
-    let key = msg.split('`').nth(1).map(str::to_string);
+    // serde messages quote the offending field in backticks: "unknown field `foo`, expected ...";
+    // for a bad value ("unknown variant `x`", "invalid type") the key is the one at the span
+    let quoted = msg.split('`').nth(1).map(str::to_string);
+    let key = if msg.starts_with("unknown field") || msg.starts_with("missing field") {
+        quoted
+    } else {
+        e.span()
+            .and_then(|span| key_at(text, span.start))
+            .or(quoted)
+    };
     let fix = if msg.starts_with("unknown field") {
         "remove or rename the key; the accepted keys are listed above".to_string()
     } else if msg.starts_with("missing field") {
@@ -722,6 +822,27 @@ fn toml_error(path: &Path, text: &str, e: &toml::de::Error) -> DsoptError {
     }
 }
 
+/// The dotted key (`section.key`) written on the line that holds byte `offset` of `text`.
+fn key_at(text: &str, offset: usize) -> Option<String> {
+    let offset = offset.min(text.len());
+    let start = text[..offset].rfind('\n').map(|i| i + 1).unwrap_or(0);
+    let line = text[start..].lines().next().unwrap_or("");
+    let (k, _) = line.split_once('=')?;
+    let k = k.trim().trim_matches('"');
+    if k.is_empty() || k.starts_with('[') || k.starts_with('#') {
+        return None;
+    }
+    let section = text[..start]
+        .lines()
+        .rev()
+        .map(str::trim)
+        .find_map(|l| l.strip_prefix('[').map(|h| h.trim_end_matches(']').trim()));
+    Some(match section {
+        Some(sec) if !sec.is_empty() => format!("{sec}.{k}"),
+        _ => k.to_string(),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -738,6 +859,7 @@ mod tests {
             ScenarioKind::Mla,
             ScenarioKind::Mtp,
             ScenarioKind::Moe,
+            ScenarioKind::Model,
             ScenarioKind::Calibrate,
         ] {
             let s = Scenario::builtin(k);
@@ -798,6 +920,84 @@ mod tests {
         };
         let e = s.apply(&zero, Path::new("x")).unwrap_err().to_string();
         assert!(e.contains("run.seq") && e.contains("overrides"), "{e}");
+    }
+
+    fn model(s: &Scenario) -> &ModelScenario {
+        match s {
+            Scenario::Model(m) => m,
+            other => panic!("not a model scenario: {:?}", other.kind()),
+        }
+    }
+
+    #[test]
+    fn model_scenario_overrides_seq_and_batch() {
+        let mut s = Scenario::builtin(ScenarioKind::Model);
+        assert_eq!(s.id(), "FR-004");
+        s.apply(
+            &Overrides {
+                seq: Some(5),
+                batch: Some(3),
+                ..Default::default()
+            },
+            Path::new("x"),
+        )
+        .unwrap();
+        assert_eq!(model(&s).run.new_tokens, 5);
+        assert_eq!(model(&s).run.batch, 3);
+        let j = s.to_json();
+        assert_eq!(j["run"]["new_tokens"], 5);
+        assert_eq!(j["optimization"]["attention"], "mla");
+        assert_eq!(j["optimization"]["mla"]["impl"], "absorbed");
+        // a missing [optimization] section is the standard model
+        let (_, text) = ScenarioKind::Model.default_scenario();
+        let start = text.find("\n[optimization]\n").unwrap();
+        let end = text.find("\n[run]\n").unwrap();
+        let bare = format!("{}{}", &text[..start], &text[end..]);
+        let s = Scenario::parse(Path::new("t.toml"), &bare).unwrap();
+        assert_eq!(model(&s).optimization, OptimizationConfig::standard());
+    }
+
+    #[test]
+    fn config_override_replaces_the_optimization_section_and_is_checked_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("opt.toml");
+        let mut s = Scenario::builtin(ScenarioKind::Model);
+        assert_eq!(model(&s).optimization.mtp_depth(), 3);
+        // replaces the whole section: keys not in the file fall back to the standard defaults
+        std::fs::write(
+            &file,
+            "[optimization]\nattention = \"gqa\"\n[optimization.gqa]\nn_kv_heads = 2\n",
+        )
+        .unwrap();
+        let o = Overrides {
+            config: Some(file.clone()),
+            ..Default::default()
+        };
+        s.apply(&o, Path::new("x")).unwrap();
+        let opt = &model(&s).optimization;
+        assert_eq!(opt.attention, crate::nn::AttentionKind::Gqa);
+        assert_eq!(opt.gqa.n_kv_heads, Some(2));
+        assert_eq!(opt.ffn, super::super::optimization::FfnKind::Dense);
+        assert_eq!(opt.mtp_depth(), 0);
+        assert_eq!(s.to_json()["optimization"]["attention"], "gqa");
+        // valid on its own but not for this model (n_heads = 8): named in the config file
+        std::fs::write(&file, "attention = \"gqa\"\n[gqa]\nn_kv_heads = 3\n").unwrap();
+        let e = s.apply(&o, Path::new("x")).unwrap_err().to_string();
+        assert!(
+            e.contains("opt.toml:3") && e.contains("optimization.gqa.n_kv_heads"),
+            "{e}"
+        );
+        // an unknown key in the config file is bad input too
+        std::fs::write(&file, "[optimization]\nattn = \"mla\"\n").unwrap();
+        let e = s.apply(&o, Path::new("x")).unwrap_err();
+        assert_eq!(e.exit_code(), crate::error::EXIT_BAD_INPUT);
+        assert!(e.to_string().contains("attn"), "{e}");
+        // other kinds have no [optimization] section
+        let mut mla = Scenario::builtin(ScenarioKind::Mla);
+        std::fs::write(&file, "attention = \"mla\"\n").unwrap();
+        let e = mla.apply(&o, Path::new("sc001.toml")).unwrap_err();
+        assert_eq!(e.exit_code(), crate::error::EXIT_BAD_INPUT);
+        assert!(e.to_string().contains("--config"), "{e}");
     }
 
     #[test]

@@ -1,6 +1,8 @@
 //! Value checks for scenarios: each violation names the dotted key and how to fix it.
 
+use super::optimization::{DecoderShape, OptimizationConfig};
 use super::scenario::*;
+use crate::nn::attention::AttentionKind;
 
 /// One problem found in a scenario.
 #[derive(Debug, Clone, PartialEq)]
@@ -115,6 +117,7 @@ pub fn validate(s: &Scenario) -> Vec<Violation> {
         Scenario::Mla(s) => mla(&mut c, s),
         Scenario::Mtp(s) => mtp(&mut c, s),
         Scenario::Moe(s) => moe(&mut c, s),
+        Scenario::Model(s) => model(&mut c, s),
         Scenario::Calibrate(s) => calibrate(&mut c, s),
     }
     c.out
@@ -310,6 +313,120 @@ fn moe(c: &mut Checker, s: &MoeScenario) {
         "thresholds.model_to_budget_ratio",
         s.thresholds.model_to_budget_ratio,
     );
+}
+
+/// Checks of an [`OptimizationConfig`]; with `shape`, also those against the model (GQA heads).
+/// Keys are `optimization.…`. Every sub-section is checked even when its switch is off, so a
+/// mistake is caught before the switch is flipped.
+pub(crate) fn optimization(o: &OptimizationConfig, shape: Option<&DecoderShape>) -> Vec<Violation> {
+    let mut c = Checker { out: Vec::new() };
+    c.at_least("optimization.prefill_chunk", o.prefill_chunk, 1);
+    c.at_least("optimization.key_block", o.key_block, 1);
+    // GQA: the head count is required when it is the chosen attention
+    match (o.attention, o.gqa.n_kv_heads) {
+        (AttentionKind::Gqa, None) => c.fail(
+            "optimization.gqa.n_kv_heads",
+            "is missing: attention = \"gqa\" needs the number of K/V heads",
+            "add [optimization.gqa] with n_kv_heads = a proper divisor of model.n_heads",
+        ),
+        (_, Some(g)) => {
+            c.at_least("optimization.gqa.n_kv_heads", g, 1);
+            if let (AttentionKind::Gqa, Some(m)) = (o.attention, shape) {
+                if g >= 1 && (!m.n_heads.is_multiple_of(g) || g >= m.n_heads) {
+                    c.fail(
+                        "optimization.gqa.n_kv_heads",
+                        format!(
+                            "{g} K/V heads must divide model.n_heads = {} and be fewer than it",
+                            m.n_heads
+                        ),
+                        "use a proper divisor of n_heads, e.g. n_heads / 4 (or attention = \"mha\")",
+                    );
+                }
+            }
+        }
+        _ => {}
+    }
+    // MLA dimensions
+    let a = &o.mla;
+    c.at_least("optimization.mla.kv_lora_rank", a.kv_lora_rank, 1);
+    c.at_least("optimization.mla.qk_nope_head_dim", a.qk_nope_head_dim, 1);
+    c.at_least("optimization.mla.qk_rope_head_dim", a.qk_rope_head_dim, 2);
+    if !a.qk_rope_head_dim.is_multiple_of(2) {
+        c.fail(
+            "optimization.mla.qk_rope_head_dim",
+            "must be even (RoPE rotates pairs)",
+            "use e.g. 64",
+        );
+    }
+    c.at_least("optimization.mla.v_head_dim", a.v_head_dim, 1);
+    c.positive("optimization.mla.mscale", a.mscale);
+    // MoE routing
+    let m = &o.moe;
+    c.at_least("optimization.moe.n_routed_experts", m.n_routed_experts, 1);
+    c.at_least(
+        "optimization.moe.num_experts_per_tok",
+        m.num_experts_per_tok,
+        1,
+    );
+    c.at_most(
+        "optimization.moe.num_experts_per_tok",
+        m.num_experts_per_tok,
+        m.n_routed_experts,
+    );
+    c.at_least("optimization.moe.moe_inter_dim", m.moe_inter_dim, 1);
+    c.at_least("optimization.moe.n_group", m.n_group, 1);
+    if m.n_group >= 1 && !m.n_routed_experts.is_multiple_of(m.n_group) {
+        c.fail(
+            "optimization.moe.n_group",
+            format!(
+                "{} groups do not divide n_routed_experts = {}",
+                m.n_group, m.n_routed_experts
+            ),
+            "choose n_group that divides n_routed_experts (1 = no grouping)",
+        );
+    }
+    c.at_least("optimization.moe.topk_group", m.topk_group, 1);
+    c.at_most("optimization.moe.topk_group", m.topk_group, m.n_group);
+    if m.n_group >= 1 && m.topk_group >= 1 && m.topk_group <= m.n_group {
+        let per_group = m.n_routed_experts / m.n_group;
+        if m.topk_group * per_group < m.num_experts_per_tok {
+            c.fail(
+                "optimization.moe.topk_group",
+                format!(
+                    "{} groups of {per_group} experts cannot supply num_experts_per_tok = {}",
+                    m.topk_group, m.num_experts_per_tok
+                ),
+                "raise topk_group or lower num_experts_per_tok",
+            );
+        }
+    }
+    c.positive("optimization.moe.route_scale", m.route_scale);
+    c.at_most("optimization.mtp.depth", o.mtp.depth, 8);
+    c.out
+}
+
+fn model(c: &mut Checker, s: &ModelScenario) {
+    c.id(&s.id, if s.id.starts_with("SC") { "SC" } else { "FR" });
+    let m = &s.model;
+    c.at_least("model.hidden", m.hidden, 1);
+    c.at_least("model.n_layers", m.n_layers, 1);
+    c.at_least("model.n_heads", m.n_heads, 1);
+    c.at_least("model.head_dim", m.head_dim, 2);
+    if !m.head_dim.is_multiple_of(2) {
+        c.fail(
+            "model.head_dim",
+            "must be even (RoPE rotates pairs)",
+            "use e.g. 64",
+        );
+    }
+    c.at_least("model.vocab_size", m.vocab_size, 2);
+    c.at_least("model.ffn_hidden", m.ffn_hidden, 1);
+    c.positive("model.rope_theta", m.rope_theta);
+    c.out.extend(optimization(&s.optimization, Some(m)));
+    c.at_least("run.batch", s.run.batch, 1);
+    c.at_least("run.prompt_len", s.run.prompt_len, 1);
+    c.at_least("run.new_tokens", s.run.new_tokens, 1);
+    c.run_common(s.run.warmup, s.run.repetitions);
 }
 
 fn calibrate(c: &mut Checker, s: &CalibrateScenario) {

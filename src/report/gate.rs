@@ -10,6 +10,16 @@ use comfy_table::{presets::UTF8_FULL_CONDENSED, Table};
 use super::schema::*;
 use crate::error::{DsoptError, EXIT_FAIL, EXIT_PASS};
 
+/// The `kind` of an aggregate file (`summary`, `compare`, `sweep`) written by `dsopt run`,
+/// `compare` or a sweep; `None` for a single-run report or an unreadable file (which
+/// [`load`] then reports).
+pub fn aggregate_kind(path: &Path) -> Option<String> {
+    let text = std::fs::read_to_string(path).ok()?;
+    let v: serde_json::Value = serde_json::from_str(&text).ok()?;
+    let kind = v.get("kind")?.as_str()?;
+    matches!(kind, "summary" | "compare" | "sweep").then(|| kind.to_string())
+}
+
 /// Reads a report, checking `schema_version` before anything else.
 pub fn load(path: &Path) -> Result<Report, DsoptError> {
     let bad = |message: String| DsoptError::Report {

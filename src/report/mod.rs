@@ -1,7 +1,10 @@
 //! 报告：模式（`schema_version` 1）、JSON/CSV/Markdown/终端表格写出，以及 CI 门禁（gate）。
 
+pub mod chart;
+pub mod compare;
 pub mod gate;
 pub mod schema;
+pub mod sweep;
 pub mod table;
 pub mod timefmt;
 pub mod write;

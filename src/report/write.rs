@@ -1,5 +1,6 @@
 //! Writers: JSON (full), CSV (variant x metric + criteria; memory time series apart) and a
-//! Markdown summary with Chinese headings. Every file is written atomically (temp + rename).
+//! Markdown summary with Chinese headings, plus the SVG charts of `report::chart` linked from it.
+//! Every file is written atomically (temp + rename).
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -19,6 +20,8 @@ pub struct WrittenFiles {
     pub memory_csv: PathBuf,
     /// Markdown summary (Chinese).
     pub markdown: PathBuf,
+    /// SVG charts, `<stem>-<suffix>.svg` (only those rendered; see `report::chart`).
+    pub charts: Vec<PathBuf>,
 }
 
 /// Writes `bytes` to `path` atomically: a temporary file in the same folder, then a rename.
@@ -55,18 +58,55 @@ pub fn file_stem(report: &Report, unix_secs: u64) -> String {
     format!("{}-{slug}", super::timefmt::compact(unix_secs))
 }
 
+/// `stem`, or `stem-2`, `stem-3`, … : the first whose `.json` is not yet in `dir` (runs that
+/// finish within the same second, as the points of a sweep, must not overwrite each other).
+pub fn unique_stem(dir: &Path, stem: &str) -> String {
+    let mut candidate = stem.to_string();
+    let mut n = 1;
+    while dir.join(format!("{candidate}.json")).exists() {
+        n += 1;
+        candidate = format!("{stem}-{n}");
+    }
+    candidate
+}
+
 /// Writes every format of `report` into `dir`; returns the paths.
 pub fn write_all(report: &Report, dir: &Path, stem: &str) -> anyhow::Result<WrittenFiles> {
-    let files = WrittenFiles {
+    let mut files = WrittenFiles {
         json: dir.join(format!("{stem}.json")),
         csv: dir.join(format!("{stem}.csv")),
         memory_csv: dir.join(format!("{stem}-memory.csv")),
         markdown: dir.join(format!("{stem}.md")),
+        charts: Vec::new(),
     };
     write_atomic(&files.json, to_json(report)?.as_bytes())?;
     write_atomic(&files.csv, &to_csv(report)?)?;
     write_atomic(&files.memory_csv, &memory_csv(report)?)?;
-    write_atomic(&files.markdown, to_markdown(report).as_bytes())?;
+    // charts before the Markdown, which links only those written; a failed chart costs a warning
+    let mut md = to_markdown(report);
+    let mut links = String::new();
+    for (suffix, chart) in super::chart::report_charts(report) {
+        let file = format!("{stem}-{suffix}.svg");
+        let path = dir.join(&file);
+        match super::chart::write_svg(&chart, &path) {
+            Ok(()) => {
+                let _ = writeln!(
+                    links,
+                    "![{}]({file})\n",
+                    chart.title.replace(['[', ']'], "")
+                );
+                files.charts.push(path);
+            }
+            Err(e) => eprintln!(
+                "dsopt: warning: chart {} not written: {e:#}",
+                path.display()
+            ),
+        }
+    }
+    if !links.is_empty() {
+        let _ = write!(md, "\n## 图表\n\n{links}");
+    }
+    write_atomic(&files.markdown, md.as_bytes())?;
     Ok(files)
 }
 

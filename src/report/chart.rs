@@ -1,0 +1,742 @@
+//! 报告图表：把一份完成的报告画成 SVG 折线图（`plotters`，只用 SVG 后端，不嵌字体），
+//! 写在报告旁边（`<报告文件名主干>-<后缀>.svg`），并由 Markdown 报告引用。
+//!
+//! 只画报告里真实存在的测量值：缺数据就不出这张图，绝不补值或插值。
+//!
+//! - MLA（`kind = "mla"`）：容量探测的实测内存随序列长度变化（对数横轴），每个变体一条线，
+//!   虚线为内存预算；
+//! - MTP（`kind = "mtp"`）：扫描点（变体 `sweep_d{D}_b{B}`）的加速比随草稿深度 D 变化，
+//!   每个批大小一条线，虚线为 SC-002b 阈值；
+//! - 任何带内存时间序列的报告：内存随时间变化，每个内存来源一条线。
+//!
+//! MLA 图的纵轴是"实测解码峰值 + 实测预填充工作区"，即运行器拿来与预算比较的量，
+//! 所以折线穿过预算虚线的位置就是测得的容量。图中文字用英文：SVG 不嵌字体，
+//! 查看的机器未必装有中文字体。
+
+use std::collections::BTreeMap;
+use std::ops::Range;
+use std::path::Path;
+
+use anyhow::Context;
+use plotters::coord::ranged1d::{AsRangedCoord, ValueFormatter};
+use plotters::prelude::*;
+use serde::Deserialize;
+
+use super::schema::{Report, VariantStatus};
+
+/// 图的像素尺寸（宽、高）。
+const SIZE: (u32, u32) = (900, 540);
+/// 每 MiB 的字节数。
+const MIB: f64 = 1024.0 * 1024.0;
+
+/// 一条折线：图例名与数据点 `(x, y)`。
+#[derive(Debug, Clone, PartialEq)]
+pub struct Series {
+    /// 图例中的名称（例如变体名）。
+    pub name: String,
+    /// 数据点；非有限值（NaN、无穷）在绘制时跳过。
+    pub points: Vec<(f64, f64)>,
+}
+
+/// 一张折线图的完整描述。
+#[derive(Debug, Clone, PartialEq)]
+pub struct Chart {
+    /// 标题。
+    pub title: String,
+    /// 横轴说明（含单位）。
+    pub x_label: String,
+    /// 纵轴说明（含单位）。
+    pub y_label: String,
+    /// 折线，每条一种颜色，带点标记与图例。
+    pub series: Vec<Series>,
+    /// 水平虚线 `(图例名, y)`，例如内存预算或验收阈值；计入纵轴范围。
+    pub hlines: Vec<(String, f64)>,
+    /// 横轴是否用对数刻度（底 2，适合 1024..65536 这样的序列长度）；非正的 x 在对数轴上跳过。
+    pub log_x: bool,
+}
+
+/// 把图表渲染为 SVG 文本。
+///
+/// 非有限的点被跳过；一个有限点都没有时返回 `Err`（不画空图）。
+/// 绘图库内部的 panic 也转换为 `Err`，调用方不会因为一张图而丢掉报告。
+pub fn render_svg(chart: &Chart) -> anyhow::Result<String> {
+    // the points that can be drawn: finite, and positive x on a log axis
+    let drawable =
+        |&(x, y): &(f64, f64)| x.is_finite() && y.is_finite() && (!chart.log_x || x > 0.0);
+    let series: Vec<(&str, Vec<(f64, f64)>)> = chart
+        .series
+        .iter()
+        .map(|s| {
+            let mut pts: Vec<(f64, f64)> = s.points.iter().copied().filter(drawable).collect();
+            // a line joins the points in x order (capacity probes arrive in bisection order)
+            pts.sort_by(|a, b| a.0.total_cmp(&b.0));
+            (s.name.as_str(), pts)
+        })
+        .collect();
+    let hlines: Vec<(&str, f64)> = chart
+        .hlines
+        .iter()
+        .filter(|h| h.1.is_finite())
+        .map(|(n, y)| (n.as_str(), *y))
+        .collect();
+    let all: Vec<(f64, f64)> = series.iter().flat_map(|s| s.1.iter().copied()).collect();
+    if all.is_empty() {
+        anyhow::bail!("chart `{}` has no finite data point", chart.title);
+    }
+    let (x0, x1) = min_max(all.iter().map(|p| p.0));
+    let (y0, y1) = min_max(all.iter().map(|p| p.1).chain(hlines.iter().map(|h| h.1)));
+    let y = padded(y0, y1, y0 >= 0.0);
+    let x = if chart.log_x {
+        // multiplicative margin on a log axis
+        let (a, b) = if x0 == x1 {
+            (x0 / 2.0, x1 * 2.0)
+        } else {
+            (x0, x1)
+        };
+        a / 1.15..b * 1.15
+    } else {
+        padded(x0, x1, false)
+    };
+    let legend = legend_corner(&all, &hlines, &x, &y, chart.log_x);
+    let plot = Plot {
+        chart,
+        series: &series,
+        hlines: &hlines,
+        x_span: x.clone(),
+        x_whole: all.iter().all(|p| p.0.fract() == 0.0),
+        legend,
+    };
+    let mut svg = String::new();
+    let drawn = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        if chart.log_x {
+            plot.draw(&mut svg, x.log_scale().base(2.0), y)
+        } else {
+            plot.draw(&mut svg, x, y)
+        }
+    }));
+    match drawn {
+        Ok(r) => r.with_context(|| format!("drawing chart `{}`", chart.title))?,
+        Err(_) => anyhow::bail!("drawing chart `{}` panicked", chart.title),
+    }
+    Ok(svg)
+}
+
+/// 渲染并原子地写出 SVG（同目录临时文件 + 重命名）。
+pub fn write_svg(chart: &Chart, path: &Path) -> anyhow::Result<()> {
+    let svg = render_svg(chart)?;
+    super::write::write_atomic(path, svg.as_bytes())
+}
+
+/// 从一份完成的报告构造它能画的图：`(文件名后缀, 图)`，例如 `("memory-vs-seq", …)`。
+///
+/// 缺少数据的图不出现；图中只有报告里的测量值。
+pub fn report_charts(report: &Report) -> Vec<(String, Chart)> {
+    let mut out = Vec::new();
+    match report.scenario["kind"].as_str() {
+        Some("mla") => out.extend(mla_capacity(report).map(|c| ("memory-vs-seq".into(), c))),
+        Some("mtp") => out.extend(mtp_sweep(report).map(|c| ("speedup-vs-depth".into(), c))),
+        _ => {}
+    }
+    out.extend(memory_over_time(report).map(|c| ("memory-over-time".into(), c)));
+    out
+}
+
+// ---------------------------------------------------------------------------------------------
+// Drawing
+
+/// What one draw needs besides the axis specs (which differ in type between linear and log).
+struct Plot<'a> {
+    chart: &'a Chart,
+    series: &'a [(&'a str, Vec<(f64, f64)>)],
+    hlines: &'a [(&'a str, f64)],
+    x_span: Range<f64>,
+    /// every x is a whole number (a depth, a batch): label only whole ticks
+    x_whole: bool,
+    legend: SeriesLabelPosition,
+}
+
+impl Plot<'_> {
+    fn draw<X>(&self, svg: &mut String, x: X, y: Range<f64>) -> anyhow::Result<()>
+    where
+        X: AsRangedCoord<Value = f64>,
+        X::CoordDescType: ValueFormatter<f64>,
+    {
+        // plotters' errors borrow the backend; keep only their text
+        let e = |e: &dyn std::fmt::Display| anyhow::anyhow!("{e}");
+        let root = SVGBackend::with_string(svg, SIZE).into_drawing_area();
+        root.fill(&WHITE).map_err(|x| e(&x))?;
+        let mut cc = ChartBuilder::on(&root)
+            .caption(&self.chart.title, ("sans-serif", 22))
+            .margin(16)
+            .x_label_area_size(48)
+            .y_label_area_size(72)
+            .build_cartesian_2d(x, y)
+            .map_err(|x| e(&x))?;
+        cc.configure_mesh()
+            .x_desc(&self.chart.x_label)
+            .y_desc(&self.chart.y_label)
+            .x_label_formatter(&|v| {
+                if self.x_whole && v.fract().abs() > 1e-9 {
+                    String::new()
+                } else {
+                    tick(*v)
+                }
+            })
+            .y_label_formatter(&|v| tick(*v))
+            .label_style(("sans-serif", 14))
+            .axis_desc_style(("sans-serif", 16))
+            .light_line_style(RGBColor(235, 235, 235))
+            .draw()
+            .map_err(|x| e(&x))?;
+        for (i, (name, pts)) in self.series.iter().enumerate() {
+            let color = colour(i);
+            cc.draw_series(LineSeries::new(pts.iter().copied(), color.stroke_width(2)))
+                .map_err(|x| e(&x))?
+                .label(*name)
+                .legend(move |(x, y)| {
+                    PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
+                });
+            cc.draw_series(PointSeries::of_element(
+                pts.iter().copied(),
+                4,
+                color.filled(),
+                &|c, s, st| Circle::new(c, s, st),
+            ))
+            .map_err(|x| e(&x))?;
+        }
+        let Range { start, end } = self.x_span;
+        for (j, (name, yv)) in self.hlines.iter().enumerate() {
+            let color = colour(self.series.len() + j);
+            let style = color.stroke_width(2);
+            cc.draw_series(DashedLineSeries::new(
+                [(start, *yv), (end, *yv)],
+                10,
+                6,
+                style,
+            ))
+            .map_err(|x| e(&x))?
+            .label(*name)
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], style));
+        }
+        cc.configure_series_labels()
+            .position(self.legend.clone())
+            .background_style(WHITE.mix(0.85))
+            .border_style(BLACK.mix(0.4))
+            .label_font(("sans-serif", 14))
+            .draw()
+            .map_err(|x| e(&x))?;
+        root.present().map_err(|x| e(&x))?;
+        Ok(())
+    }
+}
+
+/// Distinct colours (Tableau 10), cycled.
+fn colour(i: usize) -> RGBColor {
+    const TAB10: [(u8, u8, u8); 10] = [
+        (31, 119, 180),
+        (255, 127, 14),
+        (44, 160, 44),
+        (214, 39, 40),
+        (148, 103, 189),
+        (140, 86, 75),
+        (227, 119, 194),
+        (127, 127, 127),
+        (188, 189, 34),
+        (23, 190, 207),
+    ];
+    let (r, g, b) = TAB10[i % TAB10.len()];
+    RGBColor(r, g, b)
+}
+
+fn min_max(v: impl Iterator<Item = f64>) -> (f64, f64) {
+    v.fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), x| {
+        (a.min(x), b.max(x))
+    })
+}
+
+/// A linear axis range around `[lo, hi]` with a 6 % margin, from 0 when `from_zero`.
+fn padded(lo: f64, hi: f64, from_zero: bool) -> Range<f64> {
+    let lo = if from_zero { 0.0 } else { lo };
+    let span = if hi > lo { hi - lo } else { hi.abs().max(1.0) };
+    let m = span * 0.06;
+    (if from_zero { 0.0 } else { lo - m })..hi + m
+}
+
+/// The plot corner with the fewest data points (hlines count at a quarter and three quarters).
+fn legend_corner(
+    pts: &[(f64, f64)],
+    hlines: &[(&str, f64)],
+    x: &Range<f64>,
+    y: &Range<f64>,
+    log_x: bool,
+) -> SeriesLabelPosition {
+    let fx = |v: f64| {
+        if log_x {
+            (v / x.start).ln() / (x.end / x.start).ln()
+        } else {
+            (v - x.start) / (x.end - x.start)
+        }
+    };
+    let fy = |v: f64| (v - y.start) / (y.end - y.start);
+    let mut norm: Vec<(f64, f64)> = pts.iter().map(|&(a, b)| (fx(a), fy(b))).collect();
+    for (_, h) in hlines {
+        norm.extend([(0.25, fy(*h)), (0.75, fy(*h))]);
+    }
+    let count = |left: bool, upper: bool| {
+        norm.iter()
+            .filter(|&&(a, b)| (a < 0.5) == left && (b >= 0.5) == upper)
+            .count()
+    };
+    [
+        (SeriesLabelPosition::UpperLeft, count(true, true)),
+        (SeriesLabelPosition::UpperRight, count(false, true)),
+        (SeriesLabelPosition::LowerRight, count(false, false)),
+        (SeriesLabelPosition::LowerLeft, count(true, false)),
+    ]
+    .into_iter()
+    .min_by_key(|c| c.1)
+    .map(|c| c.0)
+    .unwrap_or(SeriesLabelPosition::UpperRight)
+}
+
+/// Tick label: integers plainly, fractions to 3 decimals, very large/small in exponent form.
+fn tick(v: f64) -> String {
+    if v != 0.0 && (v.abs() >= 1e7 || v.abs() < 1e-3) {
+        return format!("{v:.2e}");
+    }
+    let s = format!("{v:.3}");
+    let s = s.trim_end_matches('0').trim_end_matches('.');
+    if s == "-0" {
+        "0".into()
+    } else {
+        s.into()
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Builders
+
+/// One capacity probe as the MLA runner records it in its notes (only the fields drawn here).
+#[derive(Deserialize)]
+struct ProbeRow {
+    variant: String,
+    seq: usize,
+    /// measured decode peak plus the measured prefill workspace: what is compared with the budget
+    total_bytes: Option<u64>,
+}
+
+/// MLA: measured memory of each capacity probe vs its sequence length, per variant.
+///
+/// The probes live in the note `capacity probes (budget … GiB): [json]` written by
+/// `bench::mla`; the budget comes from the scenario (`capacity.memory_budget_gib`).
+fn mla_capacity(report: &Report) -> Option<Chart> {
+    let probes: Vec<ProbeRow> = report.notes.iter().find_map(|n| {
+        let rest = n.strip_prefix("capacity probes (budget ")?;
+        serde_json::from_str(rest.split_once("): ")?.1).ok()
+    })?;
+    let mut series: Vec<Series> = Vec::new();
+    for p in &probes {
+        // a probe not run (clearly over budget) or not measurable has no value: no point
+        let Some(b) = p.total_bytes else { continue };
+        let pt = (p.seq as f64, b as f64 / MIB);
+        match series.iter_mut().find(|s| s.name == p.variant) {
+            Some(s) => s.points.push(pt),
+            None => series.push(Series {
+                name: p.variant.clone(),
+                points: vec![pt],
+            }),
+        }
+    }
+    if series.is_empty() {
+        return None;
+    }
+    let hlines = report.scenario["capacity"]["memory_budget_gib"]
+        .as_f64()
+        .map(|g| (format!("memory budget ({g} GiB)"), g * 1024.0))
+        .into_iter()
+        .collect();
+    Some(Chart {
+        title: "MLA capacity probes: measured memory vs sequence length".into(),
+        x_label: "sequence length (tokens, log scale)".into(),
+        y_label: "measured peak + prefill workspace (MiB)".into(),
+        series,
+        hlines,
+        log_x: true,
+    })
+}
+
+/// MTP: speculative / greedy tokens/s of each `sweep_d{D}_b{B}` variant vs D, per batch.
+fn mtp_sweep(report: &Report) -> Option<Chart> {
+    let mut by_batch: BTreeMap<usize, Vec<(f64, f64)>> = BTreeMap::new();
+    for v in &report.variants {
+        // a failed point's output differs from greedy: its speed is not a valid speedup
+        if v.status != VariantStatus::Ok {
+            continue;
+        }
+        let Some((d, b)) = v
+            .name
+            .strip_prefix("sweep_d")
+            .and_then(|r| r.split_once("_b"))
+            .and_then(|(d, b)| Some((d.parse::<usize>().ok()?, b.parse::<usize>().ok()?)))
+        else {
+            continue;
+        };
+        let metric = |k: &str| v.metrics.get(k).copied().flatten();
+        let (Some(g), Some(s)) = (
+            metric("greedy_tokens_per_s"),
+            metric("speculative_tokens_per_s"),
+        ) else {
+            continue;
+        };
+        if g > 0.0 && (s / g).is_finite() {
+            by_batch.entry(b).or_default().push((d as f64, s / g));
+        }
+    }
+    if by_batch.is_empty() {
+        return None;
+    }
+    let hlines = report.scenario["thresholds"]["throughput_ratio"]
+        .as_f64()
+        .map(|t| (format!("SC-002b threshold ({t}x)"), t))
+        .into_iter()
+        .collect();
+    Some(Chart {
+        title: "MTP self-speculative decoding: speedup vs draft depth".into(),
+        x_label: "draft depth D".into(),
+        y_label: "speedup (speculative / greedy tokens/s)".into(),
+        series: by_batch
+            .into_iter()
+            .map(|(b, points)| Series {
+                name: format!("batch {b}"),
+                points,
+            })
+            .collect(),
+        hlines,
+        log_x: false,
+    })
+}
+
+/// Memory time series: MiB vs seconds, one line per memory source.
+fn memory_over_time(report: &Report) -> Option<Chart> {
+    let mut series: Vec<Series> = Vec::new();
+    for s in &report.memory_series {
+        let pt = (s.t_s, s.bytes as f64 / MIB);
+        match series.iter_mut().find(|x| x.name == s.source) {
+            Some(x) => x.points.push(pt),
+            None => series.push(Series {
+                name: s.source.clone(),
+                points: vec![pt],
+            }),
+        }
+    }
+    (!series.is_empty()).then(|| Chart {
+        title: "Memory over time".into(),
+        x_label: "time since monitor start (s)".into(),
+        y_label: "memory (MiB)".into(),
+        series,
+        hlines: Vec::new(),
+        log_x: false,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::machine::{MachineInfo, ToolInfo};
+    use crate::monitor::MemorySample;
+    use crate::report::{BackendReport, Equivalence, MemoryReport, VariantReport, Verdict};
+
+    /// The contents of the SVG's `<text>` elements, trimmed.
+    fn texts(svg: &str) -> Vec<&str> {
+        svg.split("<text")
+            .skip(1)
+            .filter_map(|t| Some(t.split_once('>')?.1.split_once("</text>")?.0.trim()))
+            .collect()
+    }
+
+    fn two_series() -> Chart {
+        Chart {
+            title: "capacity".into(),
+            x_label: "sequence length".into(),
+            y_label: "memory MiB".into(),
+            series: vec![
+                Series {
+                    name: "mha".into(),
+                    points: vec![(1024.0, 100.0), (4096.0, 400.0), (2048.0, 200.0)],
+                },
+                Series {
+                    name: "mla_absorbed".into(),
+                    points: vec![(1024.0, 20.0), (f64::NAN, 5.0), (65536.0, 1300.0)],
+                },
+            ],
+            hlines: vec![("memory budget".into(), 1024.0)],
+            log_x: true,
+        }
+    }
+
+    #[test]
+    fn renders_series_axes_and_budget_line() {
+        for log_x in [true, false] {
+            let c = Chart {
+                log_x,
+                ..two_series()
+            };
+            let svg = render_svg(&c).unwrap();
+            let t = svg.trim();
+            assert!(t.starts_with("<svg") || t.starts_with("<?xml"), "{t}");
+            assert!(t.ends_with("</svg>"), "{t}");
+            for s in [
+                "mha",
+                "mla_absorbed",
+                "memory budget",
+                "sequence length",
+                "memory MiB",
+                "capacity",
+            ] {
+                assert!(texts(&svg).contains(&s), "`{s}` missing: {svg}");
+            }
+            assert!(svg.contains("<polyline") || svg.contains("<path"));
+            // one marker per finite point (5), plus nothing for the NaN point
+            assert_eq!(svg.matches("<circle").count(), 5, "{svg}");
+        }
+    }
+
+    #[test]
+    fn only_nan_points_is_an_error() {
+        let c = Chart {
+            series: vec![Series {
+                name: "x".into(),
+                points: vec![(f64::NAN, 1.0), (1.0, f64::INFINITY)],
+            }],
+            hlines: vec![("budget".into(), 1.0)],
+            log_x: false,
+            ..two_series()
+        };
+        assert!(render_svg(&c).is_err());
+        let none = Chart {
+            series: vec![],
+            ..two_series()
+        };
+        assert!(render_svg(&none).is_err());
+        // x <= 0 cannot be placed on a log axis
+        let log0 = Chart {
+            series: vec![Series {
+                name: "x".into(),
+                points: vec![(0.0, 1.0)],
+            }],
+            ..two_series()
+        };
+        assert!(render_svg(&log0).is_err());
+    }
+
+    #[test]
+    fn single_point_renders() {
+        for log_x in [true, false] {
+            let c = Chart {
+                series: vec![Series {
+                    name: "one".into(),
+                    points: vec![(8.0, 0.0)],
+                }],
+                hlines: vec![],
+                log_x,
+                ..two_series()
+            };
+            assert!(texts(&render_svg(&c).unwrap()).contains(&"one"));
+        }
+    }
+
+    #[test]
+    fn write_svg_is_the_rendered_text() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sub").join("c.svg");
+        write_svg(&two_series(), &path).unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert_eq!(text, render_svg(&two_series()).unwrap());
+        // no temporary file left behind
+        assert_eq!(
+            std::fs::read_dir(path.parent().unwrap()).unwrap().count(),
+            1
+        );
+    }
+
+    #[test]
+    fn tick_labels() {
+        assert_eq!(tick(2048.0), "2048");
+        assert_eq!(tick(1.25), "1.25");
+        assert_eq!(tick(0.0), "0");
+        assert_eq!(tick(1.0 / 3.0), "0.333");
+        assert_eq!(tick(2.5e8), "2.50e8");
+    }
+
+    fn variant(name: &str, metrics: &[(&str, f64)]) -> VariantReport {
+        VariantReport {
+            name: name.into(),
+            status: VariantStatus::Ok,
+            error: None,
+            timings: None,
+            memory: MemoryReport::default(),
+            metrics: metrics
+                .iter()
+                .map(|(k, v)| (k.to_string(), Some(*v)))
+                .collect(),
+            equivalence: Equivalence::default(),
+            warnings: vec![],
+        }
+    }
+
+    fn report(scenario: serde_json::Value, variants: Vec<VariantReport>) -> Report {
+        Report {
+            schema_version: 1,
+            tool: ToolInfo::current(),
+            created_at: "2026-01-01T00:00:00Z".into(),
+            wall_time_s: 1.0,
+            machine: MachineInfo {
+                cpu: "test".into(),
+                cores: 1,
+                ram_bytes: 1 << 30,
+                os: "test".into(),
+                gpus: vec![],
+            },
+            backend: BackendReport {
+                name: "ndarray".into(),
+                device: "cpu".into(),
+                features: vec![],
+            },
+            scenario_file: "s.toml".into(),
+            scenario,
+            variants,
+            criteria: vec![],
+            verdict: Verdict::Error,
+            notes: vec![],
+            memory_series: vec![],
+        }
+    }
+
+    /// An MLA-like report: probes in the runner's note format, one of them not run.
+    fn mla_report() -> Report {
+        let mib = 1u64 << 20;
+        let probes = serde_json::json!([
+            {"variant": "mha", "seq": 1024, "measured_peak_bytes": 90 * mib, "total_bytes": 100 * mib, "fits": true, "note": ""},
+            {"variant": "mha", "seq": 2048, "measured_peak_bytes": 190 * mib, "total_bytes": 200 * mib, "fits": true, "note": ""},
+            {"variant": "mha", "seq": 4096, "measured_peak_bytes": null, "total_bytes": null, "fits": false, "note": "not run"},
+            {"variant": "mla_absorbed", "seq": 1024, "measured_peak_bytes": 10 * mib, "total_bytes": 20 * mib, "fits": true, "note": ""},
+            {"variant": "mla_absorbed", "seq": 4096, "measured_peak_bytes": 70 * mib, "total_bytes": 80 * mib, "fits": true, "note": ""},
+            {"variant": "mla_absorbed", "seq": 2048, "measured_peak_bytes": 30 * mib, "total_bytes": 40 * mib, "fits": true, "note": ""},
+        ]);
+        let mut r = report(
+            serde_json::json!({"id": "SC-001", "kind": "mla", "capacity": {"memory_budget_gib": 0.25}}),
+            vec![variant("mha", &[]), variant("mla_absorbed", &[])],
+        );
+        r.notes = vec![
+            "decode at 8192 context".into(),
+            format!("capacity probes (budget 0.25 GiB): {probes}"),
+        ];
+        r
+    }
+
+    #[test]
+    fn mla_report_gives_memory_vs_seq() {
+        let charts = report_charts(&mla_report());
+        assert_eq!(charts.len(), 1, "no memory series: only the capacity chart");
+        let (suffix, c) = &charts[0];
+        assert_eq!(suffix, "memory-vs-seq");
+        assert!(c.log_x);
+        let names: Vec<&str> = c.series.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(names, ["mha", "mla_absorbed"]);
+        // the probe that was not run has no value and no point
+        assert_eq!(c.series[0].points, [(1024.0, 100.0), (2048.0, 200.0)]);
+        assert_eq!(c.series[1].points.len(), 3);
+        assert!(c.series[1].points.contains(&(4096.0, 80.0)));
+        assert_eq!(c.hlines.len(), 1);
+        assert_eq!(c.hlines[0].1, 256.0);
+        render_svg(c).unwrap();
+    }
+
+    #[test]
+    fn mla_report_without_probes_or_budget() {
+        let mut r = mla_report();
+        r.scenario = serde_json::json!({"kind": "mla"});
+        let charts = report_charts(&r);
+        assert!(
+            charts[0].1.hlines.is_empty(),
+            "no budget in the scenario: no line"
+        );
+        r.notes.clear();
+        assert!(report_charts(&r).is_empty());
+    }
+
+    #[test]
+    fn mtp_sweep_gives_speedup_per_batch() {
+        let sweep = |d: usize, b: usize, g: f64, s: f64| {
+            variant(
+                &format!("sweep_d{d}_b{b}"),
+                &[("greedy_tokens_per_s", g), ("speculative_tokens_per_s", s)],
+            )
+        };
+        let mut failed = sweep(4, 8, 100.0, 500.0);
+        failed.fail("speculative output differs from greedy");
+        let r = report(
+            serde_json::json!({"kind": "mtp", "thresholds": {"throughput_ratio": 1.3, "time_reduction": 0.25}}),
+            vec![
+                variant("greedy", &[("tokens_per_s", 100.0)]),
+                sweep(1, 1, 100.0, 120.0),
+                sweep(2, 1, 100.0, 150.0),
+                sweep(1, 8, 400.0, 600.0),
+                sweep(2, 8, 400.0, 800.0),
+                failed,
+            ],
+        );
+        let charts = report_charts(&r);
+        assert_eq!(charts.len(), 1);
+        let (suffix, c) = &charts[0];
+        assert_eq!(suffix, "speedup-vs-depth");
+        assert_eq!(c.series.len(), 2);
+        assert_eq!(c.series[0].name, "batch 1");
+        assert_eq!(c.series[0].points, [(1.0, 1.2), (2.0, 1.5)]);
+        assert_eq!(
+            c.series[1].points,
+            [(1.0, 1.5), (2.0, 2.0)],
+            "failed point left out"
+        );
+        assert_eq!(c.hlines, [("SC-002b threshold (1.3x)".to_string(), 1.3)]);
+    }
+
+    #[test]
+    fn memory_series_gives_one_line_per_source() {
+        let mut r = report(serde_json::json!({"kind": "calibrate"}), vec![]);
+        assert!(report_charts(&r).is_empty());
+        let sample = |t: f64, source: &str, mib: u64| MemorySample {
+            t_s: t,
+            variant: "v".into(),
+            source: source.into(),
+            bytes: mib << 20,
+            label: "run_end".into(),
+        };
+        r.memory_series = vec![
+            sample(0.1, "host", 10),
+            sample(0.1, "nvml", 30),
+            sample(0.2, "host", 12),
+        ];
+        let charts = report_charts(&r);
+        assert_eq!(charts.len(), 1);
+        let (suffix, c) = &charts[0];
+        assert_eq!(suffix, "memory-over-time");
+        assert_eq!(c.series.len(), 2);
+        assert_eq!(c.series[0].name, "host");
+        assert_eq!(c.series[0].points, [(0.1, 10.0), (0.2, 12.0)]);
+        assert_eq!(c.series[1].points, [(0.1, 30.0)]);
+    }
+
+    #[test]
+    fn write_all_writes_charts_and_links_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let files = crate::report::write::write_all(&mla_report(), dir.path(), "stem").unwrap();
+        let svg = dir.path().join("stem-memory-vs-seq.svg");
+        assert_eq!(files.charts, std::slice::from_ref(&svg));
+        let text = std::fs::read_to_string(&svg).unwrap();
+        assert!(texts(&text).contains(&"mla_absorbed"), "{text}");
+        let md = std::fs::read_to_string(&files.markdown).unwrap();
+        assert!(md.contains("## 图表"), "{md}");
+        assert!(md.contains("](stem-memory-vs-seq.svg)"), "{md}");
+    }
+}
