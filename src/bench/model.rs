@@ -246,8 +246,15 @@ pub fn run<B: Backend>(
 
     // correctness: greedy vs one full forward; speculative vs greedy
     let greedy_out = ms[1].output.as_ref().map(|o| o.0.clone());
+    // the untimed checks are isolated like the measured runs: a failure marks the variant
     let ff = match &greedy_out {
-        Some(g) => Some(full_forward_argmax(main, &prompts, g)?),
+        Some(g) => match full_forward_argmax(main, &prompts, g) {
+            Ok(f) => Some(f),
+            Err(e) => {
+                variants[1].fail(format!("the full-forward reference could not run: {e:#}"));
+                None
+            }
+        },
         None => None,
     };
     let ff_cmp = greedy_out
@@ -289,8 +296,18 @@ pub fn run<B: Backend>(
                     .collect()
             };
             let drafter: Drafter<'_, B> = Drafter::Planted { depth: d, f: &f };
-            let (out, st) = decode::speculative(main, &drafter, &prompts, n, chunk);
-            Some((agreement(g, &out), st))
+            let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                decode::speculative(main, &drafter, &prompts, n, chunk)
+            }));
+            match run {
+                Ok((out, st)) => Some((agreement(g, &out), st)),
+                Err(_) => {
+                    if let Some(v) = variants.get_mut(2) {
+                        v.fail("the perfect-draft speculative check panicked");
+                    }
+                    None
+                }
+            }
         }
         _ => None,
     };

@@ -384,6 +384,7 @@ pub(super) fn bench_one(
             selected.device
         ),
     );
+    progress::trace(format!("{}: start on {}", s.id(), selected.kind));
     let job = BenchJob {
         scenario: &s,
         monitor: monitor_config(&s, quiet),
