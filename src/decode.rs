@@ -54,6 +54,21 @@ pub struct SpecStats {
 }
 
 impl SpecStats {
+    /// Writes the acceptance figures into a report's metrics: `mean_accepted_length`,
+    /// `verify_steps`, and per draft position `acceptance_conditional_d{j}` / `acceptance_d{j}`.
+    pub fn insert_metrics(&self, metrics: &mut std::collections::BTreeMap<String, Option<f64>>) {
+        metrics.insert("mean_accepted_length".into(), self.mean_accepted_length());
+        metrics.insert("verify_steps".into(), Some(self.steps as f64));
+        let per_position = self
+            .conditional_acceptance()
+            .into_iter()
+            .zip(self.acceptance());
+        for (j, (c, u)) in per_position.enumerate() {
+            metrics.insert(format!("acceptance_conditional_d{}", j + 1), c);
+            metrics.insert(format!("acceptance_d{}", j + 1), u);
+        }
+    }
+
     /// Acceptance rate of draft position j given that drafts 1..j-1 were accepted.
     pub fn conditional_acceptance(&self) -> Vec<Option<f64>> {
         self.attempted
@@ -86,16 +101,21 @@ pub fn id_tensor<B: Backend>(rows: &[Vec<u32>], device: &B::Device) -> Tensor<B,
 
 /// Row-wise argmax of logits `[b, s, v]` read back to the host: `b` rows of `s` ids.
 fn argmax_rows<B: Backend>(logits: Tensor<B, 3>) -> Vec<Vec<u32>> {
+    try_argmax_rows(logits).expect("argmax ids")
+}
+
+/// [`argmax_rows`] with a read-back failure returned instead of a panic.
+pub fn try_argmax_rows<B: Backend>(logits: Tensor<B, 3>) -> anyhow::Result<Vec<Vec<u32>>> {
     let [b, s, _] = logits.dims();
     let ids: Vec<i64> = logits
         .argmax(2)
         .into_data()
         .convert::<i64>()
         .to_vec()
-        .expect("argmax ids");
-    (0..b)
+        .map_err(|e| anyhow::anyhow!("reading argmax ids: {e:?}"))?;
+    Ok((0..b)
         .map(|i| ids[i * s..(i + 1) * s].iter().map(|&t| t as u32).collect())
-        .collect()
+        .collect())
 }
 
 fn check_prompts(prompts: &[Vec<u32>]) -> usize {

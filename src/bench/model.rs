@@ -62,20 +62,6 @@ pub fn random_prompts(b: usize, p: usize, vocab: usize, seed: u64) -> Vec<Vec<u3
         .collect()
 }
 
-/// Argmax ids of logits `[b, s, v]`, read back: `b` rows of `s` ids.
-fn argmax_rows<B: Backend>(logits: Tensor<B, 3>) -> anyhow::Result<Vec<Vec<u32>>> {
-    let [b, s, _] = logits.dims();
-    let ids: Vec<i64> = logits
-        .argmax(2)
-        .into_data()
-        .convert::<i64>()
-        .to_vec()
-        .map_err(|e| anyhow::anyhow!("reading argmax ids: {e:?}"))?;
-    Ok((0..b)
-        .map(|i| ids[i * s..(i + 1) * s].iter().map(|&t| t as u32).collect())
-        .collect())
-}
-
 /// The next-token argmax at every generated position from ONE uncached forward over
 /// `prompt + generated[..n-1]` (a fresh cache, the whole sequence as a single chunk): the
 /// reference that cached step-by-step decoding must reproduce. Returns `b` rows of `n` ids.
@@ -98,7 +84,7 @@ pub fn full_forward_argmax<B: Backend>(
     let h = main.forward_hidden(decode::id_tensor::<B>(&rows, &main.device()), &mut cache);
     let d = h.dims()[2];
     // position i predicts token i+1: positions p-1 .. p+n-2 predict the n generated tokens
-    argmax_rows(main.logits(h.slice([0..b, p - 1..len, 0..d])))
+    decode::try_argmax_rows(main.logits(h.slice([0..b, p - 1..len, 0..d])))
 }
 
 /// Fraction of positions where `a` and `b` agree (and the count of differing positions).
@@ -169,7 +155,7 @@ pub fn run<B: Backend>(
             let logits = main.prefill(ids, &mut cache, chunk, |_| {
                 probe.checkpoint("prefill_chunk")
             });
-            Ok((argmax_rows(logits)?, None))
+            Ok((decode::try_argmax_rows(logits)?, None))
         }),
         Box::new(|probe| {
             let out = decode::greedy(main, &prompts, n, chunk);
@@ -347,20 +333,7 @@ pub fn run<B: Backend>(
         let ratio = secs[1].zip(secs[2]).map(|(g, sp)| g / sp);
         v.metrics.insert("speedup_vs_greedy".into(), ratio);
         if let Some(st) = &stats {
-            v.metrics
-                .insert("mean_accepted_length".into(), st.mean_accepted_length());
-            v.metrics
-                .insert("verify_steps".into(), Some(st.steps as f64));
-            for (j, (c, u)) in st
-                .conditional_acceptance()
-                .into_iter()
-                .zip(st.acceptance())
-                .enumerate()
-            {
-                v.metrics
-                    .insert(format!("acceptance_conditional_d{}", j + 1), c);
-                v.metrics.insert(format!("acceptance_d{}", j + 1), u);
-            }
+            st.insert_metrics(&mut v.metrics);
         }
     }
 

@@ -186,20 +186,7 @@ pub fn run<B: Backend>(
             ));
         }
         if let Some(st) = &stats {
-            v.metrics
-                .insert("mean_accepted_length".into(), st.mean_accepted_length());
-            v.metrics
-                .insert("verify_steps".into(), Some(st.steps as f64));
-            for (j, (c, u)) in st
-                .conditional_acceptance()
-                .into_iter()
-                .zip(st.acceptance())
-                .enumerate()
-            {
-                v.metrics
-                    .insert(format!("acceptance_conditional_d{}", j + 1), c);
-                v.metrics.insert(format!("acceptance_d{}", j + 1), u);
-            }
+            st.insert_metrics(&mut v.metrics);
         }
     }
 
