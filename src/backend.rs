@@ -373,6 +373,61 @@ pub fn compiles_per_shape<B: burn::tensor::backend::Backend>(device: &B::Device)
     B::name(device).contains("cubecl")
 }
 
+/// The Burn float dtype of a scenario dtype.
+pub fn burn_dtype(dtype: crate::config::Dtype) -> burn::tensor::DType {
+    use burn::tensor::DType;
+    match dtype {
+        crate::config::Dtype::F32 => DType::F32,
+        crate::config::Dtype::F16 => DType::F16,
+        crate::config::Dtype::Bf16 => DType::BF16,
+    }
+}
+
+/// 让设备上此后创建的浮点张量（参数、缓存、激活）都用 `dtype`：Burn 的设备默认类型策略。
+///
+/// 必须在该设备上创建任何张量之前调用；设备一旦用过就锁定它的默认类型（Burn 的规则），
+/// 这时只要锁定的类型与所求相同就算成功，否则报错（退出码 3：换一个进程单独运行该场景）。
+/// 设备不支持 `dtype` 时（ndarray 只有 f32/f64；lavapipe 上的 wgpu 有 f16 没有 bf16）报错，
+/// 说明哪个后端支持。注意力的 softmax 统计量与路由分数总是在 f32 中计算（见各模块）。
+pub fn use_float_dtype<B: burn::tensor::backend::Backend>(
+    device: &B::Device,
+    dtype: crate::config::Dtype,
+) -> Result<(), DsoptError> {
+    use burn::tensor::{Element, FloatDType};
+    let want = burn_dtype(dtype);
+    let name = B::name(device);
+    if !B::supports_dtype(device, want) {
+        let hint = if name.contains("ndarray") {
+            "burn-ndarray computes in f32 only: use --backend wgpu (f16 where the adapter has \
+             SHADER_F16) or --backend cuda (f16, bf16), or set the dtype to f32"
+        } else {
+            "this device lacks it: try f16 (wgpu adapters with SHADER_F16, CUDA) or bf16 (CUDA), \
+             or set the dtype to f32"
+        };
+        return Err(DsoptError::CannotRun(format!(
+            "dtype {} is not supported by backend {name} on this device — {hint}",
+            dtype.as_str()
+        )));
+    }
+    let int = <B::IntElem as Element>::dtype();
+    match burn::tensor::set_default_dtypes::<B>(device, want, int) {
+        Ok(()) => Ok(()),
+        Err(_) => {
+            let have = burn::tensor::get_device_settings::<B>(device).float_dtype;
+            if have == FloatDType::from(want) {
+                Ok(())
+            } else {
+                Err(DsoptError::CannotRun(format!(
+                    "dtype {}: this process already used the device in {have:?} (Burn fixes a \
+                     device's default dtype at its first tensor); run scenarios of different \
+                     dtypes in separate `dsopt bench` calls",
+                    dtype.as_str()
+                )))
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -563,6 +563,93 @@ fn moe_smoke_measures_sc003a_everywhere_and_offload_on_wgpu() {
     }
 }
 
+#[test]
+fn half_precision_runs_on_wgpu_and_is_refused_clearly_elsewhere() {
+    let dir = tempfile::tempdir().unwrap();
+    let f16 = [std::ffi::OsStr::new("--dtype"), std::ffi::OsStr::new("f16")];
+    // MLA in f16 on wgpu (lavapipe has SHADER_F16): absorbed == naive within the f16 tolerance,
+    // and the cache really holds 2-byte elements
+    let text = std::fs::read_to_string(repo("scenarios/smoke/sc001-mla-smoke.toml")).unwrap();
+    let small = text
+        .replace(
+            r#"variants = ["mha", "gqa", "mla_absorbed", "mla_naive"]"#,
+            r#"variants = ["mha", "mla_absorbed", "mla_naive"]"#,
+        )
+        .replace("max_seq = 16384", "max_seq = 128");
+    assert_ne!(small, text);
+    let mla = dir.path().join("mla-f16.toml");
+    std::fs::write(&mla, small).unwrap();
+    let (_, v) = run_one("wgpu", mla.to_str().unwrap(), dir.path(), &f16);
+    assert_eq!(v["scenario"]["run"]["dtype"], "f16");
+    assert!(
+        v["notes"][0].as_str().unwrap().contains("f16"),
+        "{}",
+        v["notes"]
+    );
+    let abs = &v["variants"][2];
+    assert_eq!(abs["name"], "mla_absorbed");
+    let eq = &abs["equivalence"];
+    assert_eq!(eq["passed"], true, "{eq}");
+    let tol = eq["tolerance"].as_f64().unwrap();
+    assert!(tol > 1e-3 && tol < 0.1, "f16 tolerance {tol}");
+    // (kv_lora_rank 32 + rope 8) elements x 2 bytes x 1 layer, 64 + 2 positions
+    assert_eq!(abs["metrics"]["kv_bytes_per_token_analytic"], 80.0);
+    assert_eq!(abs["metrics"]["kv_cache_tensor_bytes"], 66.0 * 80.0);
+
+    // MoE in f16 on wgpu: offloaded == resident, the model's bytes are 2 per parameter
+    let (_, v) = run_one(
+        "wgpu",
+        "scenarios/smoke/sc003-moe-smoke.toml",
+        dir.path(),
+        &f16,
+    );
+    let off = &v["variants"][3];
+    assert_eq!(off["name"], "moe_offloaded");
+    assert_eq!(off["equivalence"]["passed"], true, "{off}");
+    let params = v["variants"][0]["metrics"]["params"].as_f64().unwrap();
+    assert_eq!(
+        off["metrics"]["model_bytes"].as_f64().unwrap(),
+        2.0 * params
+    );
+
+    // ndarray has no half precision: exit 3 naming the backends that do
+    dsopt()
+        .args([
+            "--quiet",
+            "bench",
+            "mla",
+            "--backend",
+            "ndarray",
+            "--dtype",
+            "bf16",
+        ])
+        .arg("--scenario")
+        .arg(repo("scenarios/smoke/sc001-mla-smoke.toml"))
+        .arg("--out")
+        .arg(dir.path())
+        .assert()
+        .code(3)
+        .stderr(
+            predicate::str::contains("dtype bf16").and(predicate::str::contains("--backend cuda")),
+        );
+    // calibration always runs in f32
+    dsopt()
+        .args([
+            "--quiet",
+            "bench",
+            "calibrate",
+            "--backend",
+            "ndarray",
+            "--dtype",
+            "f16",
+        ])
+        .arg("--out")
+        .arg(dir.path())
+        .assert()
+        .code(2)
+        .stderr(predicate::str::contains("f32"));
+}
+
 /// Runs the MTP smoke scenario on a backend with its own checkpoint cache; returns the report.
 fn mtp_smoke(backend: &str, cache: &Path) -> Value {
     let dir = tempfile::tempdir().unwrap();
@@ -713,7 +800,7 @@ fn train_writes_a_checkpoint_and_reports_every_depth() {
 }
 
 #[test]
-fn model_smoke_checks_speculative_equals_greedy_and_refuses_f16() {
+fn model_smoke_checks_speculative_equals_greedy_and_f16_on_ndarray_is_exit_3() {
     let dir = tempfile::tempdir().unwrap();
     for backend in ["ndarray", "wgpu"] {
         let (code, v) = run_one(backend, "scenarios/smoke/model-smoke.toml", dir.path(), &[]);
@@ -740,7 +827,7 @@ fn model_smoke_checks_speculative_equals_greedy_and_refuses_f16() {
             assert_eq!(v["verdict"], "fail");
         }
     }
-    // an f16 model parses but cannot be run yet: exit 3, naming the key
+    // an f16 model parses, but ndarray has no f16: exit 3, naming the dtype and the backend
     let text = std::fs::read_to_string(repo("scenarios/smoke/model-smoke.toml")).unwrap();
     let f16 = dir.path().join("f16.toml");
     std::fs::write(
@@ -762,7 +849,7 @@ fn model_smoke_checks_speculative_equals_greedy_and_refuses_f16() {
         .arg(dir.path())
         .assert()
         .code(3)
-        .stderr(predicate::str::contains("optimization.dtype"));
+        .stderr(predicate::str::contains("dtype f16").and(predicate::str::contains("ndarray")));
 }
 
 #[test]

@@ -28,6 +28,31 @@ pub struct RunOutput {
     pub memory_series: Vec<MemorySample>,
 }
 
+/// The run's numeric type for report notes: what is stored in `dtype`, what stays in f32.
+pub fn dtype_note(dtype: crate::config::Dtype) -> String {
+    match dtype {
+        crate::config::Dtype::F32 => "f32".into(),
+        d => format!(
+            "{} (parameters, KV cache, activations; attention softmax statistics and router \
+             scores in f32)",
+            d.as_str()
+        ),
+    }
+}
+
+/// Tolerance of a same-weights equivalence check (optimised variant vs its standard twin)
+/// done inside a benchmark run: `f32_abs` in f32; in half precision 16 machine epsilons
+/// (f16 2^-10, bf16 2^-7) relative to the largest reference magnitude (at least 1), since the
+/// two forms round differently at every layer. The exact-equality proofs are the f32 tests.
+pub fn equivalence_tolerance(dtype: crate::config::Dtype, f32_abs: f64, reference: &[f32]) -> f64 {
+    let scale = reference.iter().map(|x| x.abs() as f64).fold(1.0, f64::max);
+    match dtype {
+        crate::config::Dtype::F32 => f32_abs,
+        crate::config::Dtype::F16 => 16.0 * 2f64.powi(-10) * scale,
+        crate::config::Dtype::Bf16 => 16.0 * 2f64.powi(-7) * scale,
+    }
+}
+
 /// Whether this build has a runner for the kind. Kinds without one exit with code 3.
 pub fn runner_available(kind: ScenarioKind) -> bool {
     matches!(

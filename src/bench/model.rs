@@ -22,7 +22,7 @@ use burn::tensor::{backend::Backend, Tensor};
 
 use super::RunOutput;
 use crate::backend::BackendContext;
-use crate::config::{Dtype, ModelScenario, OptimizationConfig};
+use crate::config::{ModelScenario, OptimizationConfig};
 use crate::decode::{self, Drafter, SpecStats};
 use crate::monitor::{MonitorConfig, PerformanceMonitor, Workload};
 use crate::nn::model::{Decoder, DecoderConfig};
@@ -115,9 +115,9 @@ fn active_params(cfg: &DecoderConfig) -> usize {
     }
 }
 
-/// KV-cache bytes per token over all layers at f32.
-fn kv_bytes_per_token(cfg: &DecoderConfig) -> usize {
-    cfg.n_layers * cfg.attention.kv_elements_per_token() * 4
+/// KV-cache bytes per token over all layers at `eb` bytes per element.
+fn kv_bytes_per_token(cfg: &DecoderConfig, eb: usize) -> usize {
+    cfg.n_layers * cfg.attention.kv_elements_per_token() * eb
 }
 
 /// Runs a `model` scenario on backend `B`.
@@ -127,13 +127,9 @@ pub fn run<B: Backend>(
     monitor_cfg: MonitorConfig,
 ) -> anyhow::Result<RunOutput> {
     let o = &s.optimization;
-    if o.dtype != Dtype::F32 {
-        anyhow::bail!(
-            "dtype {:?} is not supported by the model runner yet (f32 only): set optimization.dtype = \"f32\"",
-            o.dtype
-        );
-    }
     let dev = &ctx.device;
+    crate::backend::use_float_dtype::<B>(dev, o.dtype)?;
+    let eb = o.dtype.bytes();
     let cfg = o.decoder_config(&s.model);
     let depth = o.mtp_depth();
     let (batch, plen, n) = (s.run.batch, s.run.prompt_len, s.run.new_tokens);
@@ -177,10 +173,10 @@ pub fn run<B: Backend>(
     // model-level figures (analytic), shared by every variant
     let standard = OptimizationConfig::standard().decoder_config(&s.model);
     let mtp_params = MtpPredictor::<B>::params(&cfg, depth);
-    let weights_bytes = ((cfg.params() + mtp_params) * 4) as u64;
-    let kv_tok = kv_bytes_per_token(&cfg);
-    let kv_tok_std = kv_bytes_per_token(&standard);
-    let per_layer = |cap: usize| cfg.kv_cache_bytes(batch, cap, 4) / cfg.n_layers.max(1) as u64;
+    let weights_bytes = ((cfg.params() + mtp_params) * eb) as u64;
+    let kv_tok = kv_bytes_per_token(&cfg, eb);
+    let kv_tok_std = kv_bytes_per_token(&standard, eb);
+    let per_layer = |cap: usize| cfg.kv_cache_bytes(batch, cap, eb) / cfg.n_layers.max(1) as u64;
     let mut variants = Vec::new();
     let mut secs = Vec::new();
     for (i, m) in ms.iter().enumerate() {
@@ -413,9 +409,10 @@ pub fn run<B: Backend>(
     };
     let mut notes = vec![
         format!(
-            "model `{}`: hidden {}, {} layers, vocab {}; {attn}; {ffn}; MTP depth {depth}; f32; \
+            "model `{}`: hidden {}, {} layers, vocab {}; {attn}; {ffn}; MTP depth {depth}; {}; \
              prefill chunk {chunk}, key block {}",
             o.label(),
+            super::dtype_note(o.dtype),
             cfg.hidden,
             cfg.n_layers,
             cfg.vocab_size,
@@ -436,7 +433,7 @@ pub fn run<B: Backend>(
         format!(
             "analytic: parameters {} main ({} active per token{}), {} in the MTP modules; \
              standard model of this shape (MHA, dense, no MTP): {} parameters. KV cache {} \
-             bytes/token over all layers at f32 vs {} for the standard model ({:.3}x)",
+             bytes/token over all layers at {} vs {} for the standard model ({:.3}x)",
             cfg.params(),
             active_params(&cfg),
             if cfg.moe.is_some() {
@@ -450,6 +447,7 @@ pub fn run<B: Backend>(
             mtp_params,
             standard.params(),
             kv_tok,
+            o.dtype.as_str(),
             kv_tok_std,
             kv_tok as f64 / kv_tok_std as f64
         ),
@@ -713,11 +711,16 @@ mod tests {
         assert_eq!(out.variants.len(), 2);
         assert!(out.criteria[0].passed && out.criteria[0].measured == Some(1.0));
 
-        // f16 parses but the runner refuses it (exit 3 through the plain error)
+        // f16 parses but ndarray has no f16: exit 3 with the backends that do
         let mut s16 = s;
-        s16.optimization.dtype = Dtype::F16;
-        let e = run(&s16, &ctx, cfg).unwrap_err().to_string();
-        assert!(e.contains("f32 only"), "{e}");
+        s16.optimization.dtype = crate::config::Dtype::F16;
+        let e = run(&s16, &ctx, cfg).unwrap_err();
+        assert_eq!(crate::error::exit_code_of(&e), 3);
+        let e = e.to_string();
+        assert!(
+            e.contains("dtype f16") && e.contains("--backend wgpu"),
+            "{e}"
+        );
     }
 
     #[test]

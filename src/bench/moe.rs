@@ -19,7 +19,7 @@ use burn::tensor::{backend::Backend, Int, Tensor, TensorData};
 
 use super::RunOutput;
 use crate::backend::BackendContext;
-use crate::config::{Dtype, MoeScenario};
+use crate::config::MoeScenario;
 use crate::monitor::{MonitorConfig, PerformanceMonitor};
 use crate::nn::attention::{AttentionConfig, MlaImpl};
 use crate::nn::model::DecoderConfig;
@@ -86,13 +86,9 @@ pub fn run<B: Backend>(
     ctx: &BackendContext<B>,
     monitor_cfg: MonitorConfig,
 ) -> anyhow::Result<RunOutput> {
-    if s.run.dtype != Dtype::F32 {
-        anyhow::bail!(
-            "dtype {:?} is not supported by the MoE runner yet (f32 only): set run.dtype = \"f32\"",
-            s.run.dtype
-        );
-    }
     let dev = &ctx.device;
+    crate::backend::use_float_dtype::<B>(dev, s.run.dtype)?;
+    let eb = s.run.dtype.bytes();
     let (pb, ps) = (s.run.prefill_batch, s.run.prefill_seq);
     let (db, steps) = (s.run.decode_batch, s.run.decode_steps);
     let moe = moe_config(s);
@@ -100,11 +96,12 @@ pub fn run<B: Backend>(
         format!(
             "dims: hidden {}, {} layers, {} heads (MHA), vocab {}; MoE {} routed + {} shared experts \
              of width {}, top-{}, {:?} scores, {} group(s); dense-equal-total FFN width {}, \
-             dense-equal-active width {}; f32",
+             dense-equal-active width {}; {}",
             s.model.hidden, s.model.n_layers, s.model.n_heads, s.model.vocab_size,
             s.moe.n_routed_experts, s.moe.n_shared_experts, s.moe.moe_inter_dim,
             s.moe.num_experts_per_tok, s.moe.score_func, s.moe.n_group,
-            moe.dense_equal_total_width(), moe.dense_equal_active_width()
+            moe.dense_equal_total_width(), moe.dense_equal_active_width(),
+            super::dtype_note(s.run.dtype)
         ),
         format!(
             "FFN parameters per layer: MoE total {} / active {} ({:.1} % active)",
@@ -194,8 +191,8 @@ pub fn run<B: Backend>(
                 .insert("unused_experts".into(), Some(l.unused_experts as f64));
         }
         v.memory.analytic = Some(AnalyticMemory {
-            weights_bytes: (cfg.params() * 4) as u64,
-            kv_cache_bytes: cfg.kv_cache_bytes(pb, ps, 4),
+            weights_bytes: (cfg.params() * eb) as u64,
+            kv_cache_bytes: cfg.kv_cache_bytes(pb, ps, eb),
             activations_bytes: 0,
         });
         tps.push((variant.to_string(), prefill_tps, decode_tps));
@@ -286,7 +283,8 @@ fn offload<B: Backend>(
     <burn::backend::NdArray as Backend>::seed(&Default::default(), 12);
     let (model, host) = cfg.init_offloaded::<B>(dev);
     let mut store = ExpertStore::<B>::new(host, o.cache_experts, dev);
-    let model_bytes = (cfg.params() * 4) as u64;
+    let eb = s.run.dtype.bytes();
+    let model_bytes = (cfg.params() * eb) as u64;
     let budget = (o.memory_budget_gib * (1u64 << 30) as f64) as u64;
     let step_ids: Vec<Tensor<B, 2, Int>> = (0..steps)
         .map(|i| ids::<B>(db, 1, cfg.vocab_size, 10 + i as u64, dev))
@@ -341,7 +339,7 @@ fn offload<B: Backend>(
     v.memory.analytic = Some(AnalyticMemory {
         weights_bytes: model_bytes - store.host_bytes()
             + o.cache_experts as u64 * store.expert_bytes(),
-        kv_cache_bytes: cfg.kv_cache_bytes(db, steps, 4),
+        kv_cache_bytes: cfg.kv_cache_bytes(db, steps, eb),
         activations_bytes: 0,
     });
     // equivalence: the resident twin (every expert on the device), same steps

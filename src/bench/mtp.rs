@@ -7,7 +7,7 @@ use burn::tensor::backend::Backend;
 
 use crate::backend::BackendContext;
 use crate::bench::RunOutput;
-use crate::config::scenario::{Dtype, MtpScenario};
+use crate::config::scenario::MtpScenario;
 use crate::decode::{self, Drafter, SpecStats};
 use crate::monitor::{MonitorConfig, PerformanceMonitor, Workload};
 use crate::nn::mtp::{MtpModel, MtpPredictor};
@@ -43,13 +43,10 @@ pub fn run<B: Backend>(
     ctx: &BackendContext<B>,
     monitor_cfg: MonitorConfig,
 ) -> anyhow::Result<RunOutput> {
-    if s.run.dtype != Dtype::F32 {
-        anyhow::bail!(
-            "dtype {:?} is not supported by the MTP runner yet (f32 only): set run.dtype = \"f32\"",
-            s.run.dtype
-        );
-    }
     let dev = &ctx.device;
+    // before training: an unsupported dtype fails at once
+    crate::backend::use_float_dtype::<B>(dev, s.run.dtype)?;
+    let eb = s.run.dtype.bytes();
     let progress = monitor_cfg.progress;
     let (ckpt, meta, trained_now, heldout) = match &s.train.checkpoint {
         Some(dir) => {
@@ -75,9 +72,9 @@ pub fn run<B: Backend>(
     let mut notes = vec![
         format!(
             "dims: hidden {}, {} layers, {} heads (MHA), FFN {}, byte-level vocab {}; MTP depth D = {} \
-             (\"predicting 4 tokens\" = the main token + D = 3 drafts), modules trained to depth {}; f32",
+             (\"predicting 4 tokens\" = the main token + D = 3 drafts), modules trained to depth {} (in f32; run in {})",
             s.model.hidden, s.model.n_layers, s.model.n_heads, s.model.ffn_hidden,
-            s.model.vocab_size, depth, meta.depth
+            s.model.vocab_size, depth, meta.depth, super::dtype_note(s.run.dtype)
         ),
         format!("corpus: {}", sm.corpus),
         format!(
@@ -140,14 +137,14 @@ pub fn run<B: Backend>(
         let layers = meta.model.n_layers.max(1);
         let per_layer = meta
             .model
-            .kv_cache_bytes(batch, plen + n + 2 * depth + 2, 4)
+            .kv_cache_bytes(batch, plen + n + 2 * depth + 2, eb)
             / layers as u64;
         let t = v.timings.as_ref().map(|t| t.median_s);
         v.metrics.insert("generation_s".into(), t);
         v.metrics
             .insert("tokens_per_s".into(), t.map(|t| (batch * n) as f64 / t));
         v.memory.analytic = Some(AnalyticMemory {
-            weights_bytes: ((meta.model.params() + extra_w) * 4) as u64,
+            weights_bytes: ((meta.model.params() + extra_w) * eb) as u64,
             kv_cache_bytes: per_layer * (layers + extra_layers) as u64,
             activations_bytes: 0,
         });

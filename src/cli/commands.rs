@@ -203,6 +203,7 @@ pub(super) fn overrides(o: &OverrideArgs) -> Result<Overrides, DsoptError> {
         train_steps: o.train_steps,
         checkpoint: o.checkpoint.clone(),
         config: o.config.clone(),
+        dtype: o.dtype,
     })
 }
 

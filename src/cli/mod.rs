@@ -146,6 +146,11 @@ pub struct OverrideArgs {
     /// An MTP checkpoint folder to use as is (no training, no corpus needed).
     #[arg(long, value_name = "DIR")]
     pub checkpoint: Option<PathBuf>,
+    /// Numeric type of the run (parameters, KV cache, activations): f32 everywhere; f16 on wgpu
+    /// adapters with SHADER_F16 and on CUDA; bf16 on CUDA. Replaces the scenario's `run.dtype`
+    /// (`optimization.dtype` for model scenarios). Softmax statistics stay f32.
+    #[arg(long, value_enum)]
+    pub dtype: Option<dsopt::config::Dtype>,
     /// An OptimizationConfig file (an `[optimization]` table, or its bare keys) that replaces
     /// the `[optimization]` section of a `model` scenario.
     #[arg(long, value_name = "FILE")]

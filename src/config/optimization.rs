@@ -9,7 +9,7 @@
 //! [optimization]
 //! attention = "mla"          # mha | gqa | mla（默认 mha）
 //! ffn = "moe"                # dense | moe（默认 dense）
-//! dtype = "f32"              # f32 | f16 | bf16（目前只有 f32 能运行，其余可解析但运行器以退出码 3 拒绝）
+//! dtype = "f32"              # f32 | f16 | bf16（ndarray 只有 f32；wgpu 有 f16；CUDA 两种都有）
 //! prefill_chunk = 256        # 分块预填充每块的查询 token 数
 //! key_block = 512            # 注意力按键分块的块大小（在线 softmax）
 //!
@@ -78,7 +78,7 @@ pub struct OptimizationConfig {
     pub attention: AttentionKind,
     /// FFN 种类：`dense`（默认）或 `moe`（见 `[optimization.moe]`）。
     pub ffn: FfnKind,
-    /// 数值类型：`f32`（默认，目前唯一可运行的）；`f16`/`bf16` 可以解析，但运行器拒绝（退出码 3）。
+    /// 数值类型：`f32`（默认）、`f16`（wgpu、CUDA）、`bf16`（CUDA）；设备不支持时运行器以退出码 3 说明。
     pub dtype: Dtype,
     /// 分块预填充时每块的查询 token 数（默认 256；避免构造 `[S, S]` 分数矩阵）。
     pub prefill_chunk: usize,
@@ -571,7 +571,7 @@ mod tests {
         // the line of a bare file's key is found without the `optimization.` prefix
         let e = parse("[moe]\nn_group = 8\ntopk_group = 9\n").unwrap_err();
         assert!(e.contains("opt.toml:3"), "{e}");
-        // f16/bf16 parse (the runner refuses them, exit 3)
+        // f16/bf16 parse (whether the backend has them is checked when the run starts)
         assert_eq!(parse("dtype = \"bf16\"\n").unwrap().dtype, Dtype::Bf16);
     }
 }

@@ -70,8 +70,10 @@ impl ScenarioKind {
     }
 }
 
-/// 数值类型。CPU（ndarray）只支持 `f32`；`f16`/`bf16` 用于 GPU 场景。
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+/// 数值类型（参数、KV 缓存与激活；softmax 统计量与路由分数总在 f32 中算）。
+/// ndarray 只支持 `f32`；wgpu 支持 `f16`（适配器有 SHADER_F16 时，Mesa lavapipe 有）；CUDA 支持
+/// `f16` 与 `bf16`。
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum Dtype {
     /// 32 位浮点（默认）。
@@ -84,6 +86,15 @@ pub enum Dtype {
 }
 
 impl Dtype {
+    /// Lowercase name (as in scenario files).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Dtype::F32 => "f32",
+            Dtype::F16 => "f16",
+            Dtype::Bf16 => "bf16",
+        }
+    }
+
     /// Bytes per element.
     pub fn bytes(self) -> usize {
         match self {
@@ -576,6 +587,9 @@ pub struct Overrides {
     /// [`OptimizationConfig`]（文件顶层是 `[optimization]` 表或直接是其键），替换后再次校验。
     /// 其他种类的场景没有这一节，给出时报用法错误（退出码 2）。
     pub config: Option<PathBuf>,
+    /// `--dtype`：MLA/MTP/MoE 的 `run.dtype`、组合模型的 `optimization.dtype`（在 `--config`
+    /// 之后应用）。校准场景总在 f32 中运行（与 f64 主机参考比较），给出时报用法错误。
+    pub dtype: Option<Dtype>,
 }
 
 impl Scenario {
@@ -672,6 +686,21 @@ impl Scenario {
                         file.display(),
                         path.display(),
                         other.kind().as_str()
+                    )))
+                }
+            }
+        }
+        if let Some(d) = o.dtype {
+            match self {
+                Scenario::Mla(s) => s.run.dtype = d,
+                Scenario::Mtp(s) => s.run.dtype = d,
+                Scenario::Moe(s) => s.run.dtype = d,
+                Scenario::Model(s) => s.optimization.dtype = d,
+                Scenario::Calibrate(_) => {
+                    return Err(DsoptError::Usage(format!(
+                        "--dtype: {} is a calibration scenario, which always runs in f32 (it is \
+                         checked against an f64 host reference); drop --dtype",
+                        path.display()
                     )))
                 }
             }
@@ -920,6 +949,21 @@ mod tests {
         };
         let e = s.apply(&zero, Path::new("x")).unwrap_err().to_string();
         assert!(e.contains("run.seq") && e.contains("overrides"), "{e}");
+        // --dtype: run.dtype, optimization.dtype for model scenarios, refused for calibration
+        let bf16 = Overrides {
+            dtype: Some(Dtype::Bf16),
+            ..Default::default()
+        };
+        let mut s = Scenario::builtin(ScenarioKind::Mla);
+        s.apply(&bf16, Path::new("x")).unwrap();
+        assert!(matches!(&s, Scenario::Mla(m) if m.run.dtype == Dtype::Bf16));
+        let mut m = Scenario::builtin(ScenarioKind::Model);
+        m.apply(&bf16, Path::new("x")).unwrap();
+        assert_eq!(model(&m).optimization.dtype, Dtype::Bf16);
+        let mut c = Scenario::builtin(ScenarioKind::Calibrate);
+        let e = c.apply(&bf16, Path::new("cal.toml")).unwrap_err();
+        assert_eq!(e.exit_code(), crate::error::EXIT_BAD_INPUT);
+        assert!(e.to_string().contains("cal.toml"), "{e}");
     }
 
     fn model(s: &Scenario) -> &ModelScenario {

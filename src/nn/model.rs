@@ -60,6 +60,10 @@ impl DecoderConfig {
     ) -> (Decoder<B>, Vec<Vec<HostExpert>>) {
         let mut m = self.init::<B>(device);
         let host_dev = Default::default();
+        // host copies in the device's dtype: the bytes copied per miss are the bytes the device holds
+        let dtype: burn::tensor::DType = burn::tensor::get_device_settings::<B>(device)
+            .float_dtype
+            .into();
         let host = m
             .layers
             .iter_mut()
@@ -74,7 +78,8 @@ impl DecoderConfig {
                                 c.moe_inter_dim,
                                 &host_dev,
                             )
-                            .to_data(),
+                            .to_data()
+                            .map(|d| d.convert_dtype(dtype)),
                         })
                         .collect()
                 }

@@ -4,7 +4,7 @@
 //! workspace is `[b, g, rows, block]`, independent of the sequence length. Softmax statistics are
 //! kept in f32.
 
-use burn::tensor::{backend::Backend, Bool, Tensor, TensorData};
+use burn::tensor::{backend::Backend, Bool, DType, Tensor, TensorData};
 
 /// A large negative used instead of -inf (keeps `exp(m_old - m_new)` finite).
 const NEG: f32 = -1.0e30;
@@ -101,10 +101,15 @@ fn attention_rows<B: Backend>(
     let [b, g, rows, dk] = q.dims();
     let device = q.device();
     let cap = k_src.dims()[2].min(v_src.dims()[2]);
-    let mut m = Tensor::<B, 4>::full([b, g, rows, 1], NEG, &device); // running max
-    let mut l = Tensor::<B, 4>::zeros([b, g, rows, 1], &device); // running denominator
-    let mut acc = Tensor::<B, 4>::zeros([b, g, rows, dv], &device); // running numerator
-                                                                    // the last key any row of this tile may see
+    // Softmax statistics and the running numerator are f32 whatever the model's dtype (as
+    // DeepSeek's reference: `softmax(dim=-1, dtype=float32)`); scores are cast up, the
+    // probabilities cast back down to the values' dtype for the matmul.
+    let f32_opts = (&device, DType::F32);
+    let mut m = Tensor::<B, 4>::full([b, g, rows, 1], NEG, f32_opts); // running max
+    let mut l = Tensor::<B, 4>::zeros([b, g, rows, 1], f32_opts); // running denominator
+    let mut acc = Tensor::<B, 4>::zeros([b, g, rows, dv], f32_opts); // running numerator
+    let out_dtype = q.dtype();
+    // the last key any row of this tile may see
     let offsets = || (row0..row0 + rows).map(|r| r % q_len);
     let last_q = q_starts.iter().max().expect("batch") + offsets().max().expect("rows");
     let first_q = q_starts.iter().min().expect("batch") + offsets().min().expect("rows");
@@ -128,7 +133,7 @@ fn attention_rows<B: Backend>(
         };
         let kb = k1 - k0;
         let k = k_src.clone().slice([0..b, 0..g, k0..k1, 0..dk]);
-        let mut s = q.clone().matmul(k.swap_dims(2, 3)); // [b, g, rows, kb]
+        let mut s = to_dtype(q.clone().matmul(k.swap_dims(2, 3)), DType::F32); // [b, g, rows, kb]
         if k1 - 1 > first_q || k0 < ks {
             // keys after some row's position, or before this block's own start: masked
             let mask = batch_mask::<B>(q_starts, rows, row0, q_len, k0, ks, kb, &device);
@@ -139,11 +144,21 @@ fn attention_rows<B: Backend>(
         let corr = (m - m_new.clone()).exp();
         l = l * corr.clone() + p.clone().sum_dim(3);
         let v = v_src.clone().slice([0..b, 0..g, k0..k1, 0..dv]);
-        acc = acc * corr.expand([b, g, rows, dv]) + p.matmul(v);
+        let pv = to_dtype(to_dtype(p, v.dtype()).matmul(v), DType::F32);
+        acc = acc * corr.expand([b, g, rows, dv]) + pv;
         m = m_new;
         ks = ke;
     }
-    acc / l.expand([b, g, rows, dv])
+    to_dtype(acc / l.expand([b, g, rows, dv]), out_dtype)
+}
+
+/// `t` in `dtype` (no operation when it already is).
+pub fn to_dtype<B: Backend, const D: usize>(t: Tensor<B, D>, dtype: DType) -> Tensor<B, D> {
+    if t.dtype() == dtype {
+        t
+    } else {
+        t.cast(dtype)
+    }
 }
 
 /// The bucket size for `n` keys or rows: the smallest of 1, 2, 3, 4, 6, 8, 12, 16, 24, …

@@ -118,7 +118,9 @@ impl<B: Backend> MoeRouter<B> {
 
     /// Router scores on the device. `[tokens, dim] -> [tokens, n_experts]`
     pub fn scores(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
-        let logits = self.gate.forward(x);
+        // scores in f32 whatever the model's dtype (DeepSeek's `Gate` does the same)
+        let logits =
+            crate::nn::attention::blocked::to_dtype(self.gate.forward(x), burn::tensor::DType::F32);
         match self.config.score_func {
             ScoreFunc::Softmax => activation::softmax(logits, 1),
             ScoreFunc::Sigmoid => activation::sigmoid(logits),
