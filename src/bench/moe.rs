@@ -248,7 +248,7 @@ pub fn run<B: Backend>(
     if let Some(o) = &s.offload {
         if super::has_device_pool(ctx.selected.kind) {
             let (v, c, n) = offload::<B>(s, o, ctx, &monitor_cfg, &mut series);
-            variants.push(v);
+            variants.extend(v);
             criteria.extend(c);
             notes.extend(n);
         } else {
@@ -268,14 +268,16 @@ pub fn run<B: Backend>(
 }
 
 /// SC-003b: the MoE model with routed experts on the host and a device LRU cache, decode-like
-/// steps under the budget; equivalence with the resident twin.
+/// steps under the budget; equivalence with the resident twin. With `prefetch = true` the same
+/// steps run a second time with pre-gated prefetching (`moe_offloaded_prefetch`), so the two
+/// policies are compared on one model; the criteria are decided by the plain run.
 fn offload<B: Backend>(
     s: &MoeScenario,
     o: &crate::config::scenario::MoeOffload,
     ctx: &BackendContext<B>,
     monitor_cfg: &MonitorConfig,
     series: &mut Vec<crate::monitor::MemorySample>,
-) -> (VariantReport, Vec<Criterion>, Vec<String>) {
+) -> (Vec<VariantReport>, Vec<Criterion>, Vec<String>) {
     let dev = &ctx.device;
     let (db, steps) = (s.run.decode_batch, s.run.decode_steps);
     let cfg = decoder_config(s, "moe");
@@ -295,55 +297,74 @@ fn offload<B: Backend>(
         let _ = model.forward_hidden_offloaded(step_ids[0].clone(), &mut c, &mut store);
         B::sync(dev).ok();
     }
-    let mut monitor =
-        PerformanceMonitor::for_backend::<B>(monitor_cfg.without_warmup(), dev, ctx.pool.clone());
-    let mut per_run = Vec::new();
-    let m = monitor.measure("moe_offloaded", |probe| {
-        store.reset(); // every run starts with an empty device cache
-        let mut c = model.new_cache(db, steps);
-        let mut last = None;
-        for t in &step_ids {
-            last = Some(model.forward_hidden_offloaded(t.clone(), &mut c, &mut store));
-            probe.checkpoint("decode_step");
-        }
-        per_run.push(store.stats.clone());
-        Ok(last.expect("one step at least"))
-    });
-    series.extend(monitor.series().iter().cloned());
-    let mut v = VariantReport::from_measurement(&m);
-    let stats = per_run.last().cloned().unwrap_or_default();
-    let t = v.timings.as_ref().map(|t| t.median_s);
     let tokens = (db * steps) as f64;
-    v.metrics
-        .insert("decode_tokens_per_s".into(), t.map(|t| tokens / t));
-    v.metrics.insert("hit_rate".into(), stats.hit_rate());
-    v.metrics.insert("hits".into(), Some(stats.hits as f64));
-    v.metrics.insert("misses".into(), Some(stats.misses as f64));
-    v.metrics
-        .insert("evictions".into(), Some(stats.evictions as f64));
-    v.metrics.insert(
-        "bytes_copied_per_token".into(),
-        Some(stats.bytes_copied as f64 / tokens),
-    );
-    v.metrics
-        .insert("cache_experts".into(), Some(o.cache_experts as f64));
-    v.metrics.insert(
-        "max_resident_experts".into(),
-        Some(stats.max_resident as f64),
-    );
-    v.metrics
-        .insert("model_bytes".into(), Some(model_bytes as f64));
-    v.metrics.insert("budget_bytes".into(), Some(budget as f64));
-    v.metrics
-        .insert("host_expert_bytes".into(), Some(store.host_bytes() as f64));
-    v.memory.analytic = Some(AnalyticMemory {
-        weights_bytes: model_bytes - store.host_bytes()
-            + o.cache_experts as u64 * store.expert_bytes(),
-        kv_cache_bytes: cfg.kv_cache_bytes(db, steps, eb),
-        activations_bytes: 0,
-    });
+    let mut runs = Vec::new();
+    for prefetch in [false, true] {
+        if prefetch && !o.prefetch {
+            continue;
+        }
+        store.set_prefetch(prefetch);
+        let name = if prefetch {
+            "moe_offloaded_prefetch"
+        } else {
+            "moe_offloaded"
+        };
+        let mut monitor = PerformanceMonitor::for_backend::<B>(
+            monitor_cfg.without_warmup(),
+            dev,
+            ctx.pool.clone(),
+        );
+        let mut per_run = Vec::new();
+        let m = monitor.measure(name, |probe| {
+            store.reset(); // every run starts with an empty device cache
+            let mut c = model.new_cache(db, steps);
+            let mut last = None;
+            for t in &step_ids {
+                last = Some(model.forward_hidden_offloaded(t.clone(), &mut c, &mut store));
+                probe.checkpoint("decode_step");
+            }
+            per_run.push(store.stats.clone());
+            Ok(last.expect("one step at least"))
+        });
+        series.extend(monitor.series().iter().cloned());
+        let mut v = VariantReport::from_measurement(&m);
+        let stats = per_run.last().cloned().unwrap_or_default();
+        let t = v.timings.as_ref().map(|t| t.median_s);
+        for (k, x) in [
+            ("decode_tokens_per_s", t.map(|t| tokens / t)),
+            ("hit_rate", stats.hit_rate()),
+            ("hits", Some(stats.hits as f64)),
+            ("misses", Some(stats.misses as f64)),
+            ("evictions", Some(stats.evictions as f64)),
+            (
+                "bytes_copied_per_token",
+                Some(stats.bytes_copied as f64 / tokens),
+            ),
+            ("cache_experts", Some(o.cache_experts as f64)),
+            ("max_resident_experts", Some(stats.max_resident as f64)),
+            ("model_bytes", Some(model_bytes as f64)),
+            ("budget_bytes", Some(budget as f64)),
+            ("host_expert_bytes", Some(store.host_bytes() as f64)),
+        ] {
+            v.metrics.insert(k.into(), x);
+        }
+        if prefetch {
+            v.metrics
+                .insert("prefetched_experts".into(), Some(stats.prefetched as f64));
+            v.metrics
+                .insert("prefetch_used".into(), Some(stats.prefetch_used as f64));
+            v.metrics
+                .insert("prefetch_accuracy".into(), stats.prefetch_accuracy());
+        }
+        v.memory.analytic = Some(AnalyticMemory {
+            weights_bytes: model_bytes - store.host_bytes()
+                + o.cache_experts as u64 * store.expert_bytes(),
+            kv_cache_bytes: cfg.kv_cache_bytes(db, steps, eb),
+            activations_bytes: 0,
+        });
+        runs.push((v, m.output, stats, t));
+    }
     // equivalence: the resident twin (every expert on the device), same steps
-    let offloaded_out = m.output.clone();
     let mut resident = model.clone();
     resident.set_routed_experts(store.all_on_device());
     let mut c = resident.new_cache(db, steps);
@@ -352,30 +373,64 @@ fn offload<B: Backend>(
         want = Some(resident.forward_hidden(t.clone(), &mut c));
     }
     drop(resident);
-    let diff = offloaded_out.zip(want).map(|(a, b)| {
-        let d: f32 = (a - b)
-            .abs()
-            .max()
-            .into_data()
-            .convert::<f32>()
-            .to_vec::<f32>()
-            .map(|v| v[0])
-            .unwrap_or(f32::NAN);
-        d as f64
-    });
     let tol = 1e-5;
-    let equal = diff.map(|d| d <= tol);
-    v.equivalence = crate::report::Equivalence {
-        checked: diff.is_some(),
-        reference: Some("resident twin: every routed expert on the device, same weights".into()),
-        max_abs_diff: diff,
-        tolerance: Some(tol),
-        passed: equal,
-    };
-    if equal == Some(false) {
-        v.fail("offloaded outputs differ from the resident model");
+    let mut notes = Vec::new();
+    let mut variants = Vec::new();
+    for (mut v, out, stats, t) in runs {
+        let diff = out.zip(want.clone()).map(|(a, b)| {
+            let d: f32 = (a - b)
+                .abs()
+                .max()
+                .into_data()
+                .convert::<f32>()
+                .to_vec::<f32>()
+                .map(|v| v[0])
+                .unwrap_or(f32::NAN);
+            d as f64
+        });
+        let equal = diff.map(|d| d <= tol);
+        v.equivalence = crate::report::Equivalence {
+            checked: diff.is_some(),
+            reference: Some(
+                "resident twin: every routed expert on the device, same weights".into(),
+            ),
+            max_abs_diff: diff,
+            tolerance: Some(tol),
+            passed: equal,
+        };
+        if equal == Some(false) {
+            v.fail("offloaded outputs differ from the resident model");
+        }
+        let prefetch = v.name.ends_with("prefetch");
+        notes.push(format!(
+            "SC-003b offload{}: {:.1} decode tokens/s (batch {db}, {steps} steps), hit rate {}, \
+             {:.2} MiB copied per token, {} misses, {} evictions{}; outputs vs resident max |diff| {}",
+            if prefetch { " with prefetch" } else { "" },
+            t.map(|t| tokens / t).unwrap_or(f64::NAN),
+            stats
+                .hit_rate()
+                .map(|h| format!("{:.1} %", 100.0 * h))
+                .unwrap_or_else(|| "not measured".into()),
+            stats.bytes_copied as f64 / tokens / 1048576.0,
+            stats.misses,
+            stats.evictions,
+            if prefetch {
+                format!(
+                    ", {} experts prefetched (next layer's gate on this layer's input, same \
+                     read-back), {} of them used before eviction",
+                    stats.prefetched, stats.prefetch_used
+                )
+            } else {
+                String::new()
+            },
+            diff.map(|d| format!("{d:.2e}"))
+                .unwrap_or_else(|| "not measured".into())
+        ));
+        variants.push(v);
     }
-    let peak = v.memory.measured.device_peak_bytes;
+    let plain = &variants[0];
+    let equal = plain.equivalence.passed;
+    let peak = plain.memory.measured.device_peak_bytes;
     let mut criteria = vec![
         Criterion::evaluate(
             "SC-003b",
@@ -384,9 +439,10 @@ fn offload<B: Backend>(
             s.thresholds.model_to_budget_ratio,
             Some(model_bytes as f64 / budget as f64),
             format!(
-                "model {:.1} MiB of f32 weights vs budget {:.1} MiB; routed experts on the host, \
+                "model {:.1} MiB of {} weights vs budget {:.1} MiB; routed experts on the host, \
                  device cache of {} experts (LRU, cold at the start of each run)",
                 model_bytes as f64 / 1048576.0,
+                s.run.dtype.as_str(),
                 budget as f64 / 1048576.0,
                 o.cache_experts
             ),
@@ -397,8 +453,8 @@ fn offload<B: Backend>(
             Comparison::AtMost,
             1.0,
             peak.map(|p| p as f64 / budget as f64),
-            "device memory-pool bytes in use (peak over the offloaded run, sampled after every \
-             step) over the budget",
+            "device memory-pool bytes in use (peak over the offloaded run without prefetch, \
+             sampled after every step) over the budget",
         ),
     ];
     if equal != Some(true) {
@@ -406,21 +462,5 @@ fn offload<B: Backend>(
             c.passed = false;
         }
     }
-    let notes = vec![format!(
-        "SC-003b offload: {:.1} decode tokens/s (batch {db}, {steps} steps), hit rate {}, {:.2} MiB \
-         copied per token, {} misses, {} evictions; prefetch {} (not implemented: experts are \
-         copied on demand); outputs vs resident max |diff| {}",
-        t.map(|t| tokens / t).unwrap_or(f64::NAN),
-        stats
-            .hit_rate()
-            .map(|h| format!("{:.1} %", 100.0 * h))
-            .unwrap_or_else(|| "not measured".into()),
-        stats.bytes_copied as f64 / tokens / 1048576.0,
-        stats.misses,
-        stats.evictions,
-        if o.prefetch { "requested" } else { "off" },
-        diff.map(|d| format!("{d:.2e}"))
-            .unwrap_or_else(|| "not measured".into())
-    )];
-    (v, criteria, notes)
+    (variants, criteria, notes)
 }

@@ -432,7 +432,8 @@ pub struct MoeOffload {
     pub memory_budget_gib: f64,
     /// 设备端专家缓存容量（个）。
     pub cache_experts: usize,
-    /// 是否预取下一层可能用到的专家。
+    /// 是否另跑一遍带预取的卸载（变体 `moe_offloaded_prefetch`）：用下一个 MoE 层的门控在本层输入上
+    /// 猜出下一层的专家，本层分发后先复制进来。判定以不预取的那一遍为准。
     #[serde(default = "default_true")]
     pub prefetch: bool,
 }

@@ -13,7 +13,7 @@ use super::attention::mha::MhaAttention;
 use super::attention::mla::{MlaAttention, MlaImpl};
 use super::attention::{AttentionConfig, AttentionKind, KvCache, LayerCache};
 use super::ffn::SwiGlu;
-use super::moe::{ExpertStore, HostExpert, LoadStats, MoeConfig, MoeLayer};
+use super::moe::{ExpertStore, HostExpert, LoadStats, MoeConfig, MoeLayer, MoeRouter};
 
 /// 解码器配置。默认注意力是 MHA（FR-006）。
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -201,7 +201,7 @@ impl<B: Backend> Block<B> {
         starts: &[usize],
         lc: &mut LayerCache<B>,
         stats: Option<&mut Vec<LoadStats>>,
-        offload: Option<(&mut ExpertStore<B>, usize)>,
+        offload: Option<Offload<'_, B>>,
     ) -> Tensor<B, 3> {
         let h = self.attn_norm.forward(x.clone());
         let a = match (&self.attn.mha, &self.attn.mla) {
@@ -218,7 +218,7 @@ impl<B: Backend> Block<B> {
                 let [b, s, d] = h.dims();
                 let h = h.reshape([b * s, d]);
                 let (y, routing) = match offload {
-                    Some((store, layer)) => moe.forward_offloaded(h, layer, store),
+                    Some(o) => moe.forward_offloaded(h, o.layer, o.store, o.next),
                     None => moe.forward(h),
                 };
                 if let Some(st) = stats {
@@ -230,6 +230,14 @@ impl<B: Backend> Block<B> {
         };
         x + f
     }
+}
+
+/// The offload context of one block: the expert store, this block's index, and the next MoE
+/// block's index and router (for prefetching).
+struct Offload<'a, B: Backend> {
+    store: &'a mut ExpertStore<B>,
+    layer: usize,
+    next: Option<(usize, &'a MoeRouter<B>)>,
 }
 
 /// 解码器模型。
@@ -323,7 +331,18 @@ impl<B: Backend> Decoder<B> {
         let starts = vec![cache.len; b];
         let mut x = self.embed.forward(tokens);
         for (i, (layer, lc)) in self.layers.iter().zip(cache.layers.iter_mut()).enumerate() {
-            x = layer.forward_with(x, &starts, lc, None, Some((&mut *store, i)));
+            let next = self
+                .layers
+                .iter()
+                .enumerate()
+                .skip(i + 1)
+                .find_map(|(j, l)| l.moe.as_ref().map(|m| (j, &m.router)));
+            let o = Offload {
+                store: &mut *store,
+                layer: i,
+                next,
+            };
+            x = layer.forward_with(x, &starts, lc, None, Some(o));
         }
         cache.len += s;
         self.norm.forward(x)

@@ -90,14 +90,33 @@ impl<B: Backend> MoeLayer<B> {
 
     /// [`MoeLayer::forward`] with the routed experts taken from `store` (layer `layer` of an
     /// offloaded model) instead of this layer's own (empty) expert list.
+    ///
+    /// `next` is the following MoE layer (its index and router). When the store prefetches,
+    /// that router is applied to this layer's input in the same read-back as this layer's own
+    /// routing, and once this layer's experts are dispatched (their kernels queued) the
+    /// predicted experts of the next layer are copied in, so the copies overlap this layer's
+    /// compute on asynchronous devices. Prefetching changes what is resident, never what is
+    /// computed.
     pub fn forward_offloaded(
         &self,
         x: Tensor<B, 2>,
         layer: usize,
         store: &mut ExpertStore<B>,
+        next: Option<(usize, &MoeRouter<B>)>,
     ) -> (Tensor<B, 2>, Routing) {
-        let routing = self.router.route(x.clone());
+        let (routing, predicted) = match next.filter(|_| store.prefetching()) {
+            Some((nl, r)) => {
+                let (now, guess) = self.router.route_with_lookahead(x.clone(), r);
+                (now, Some((nl, guess)))
+            }
+            None => (self.router.route(x.clone()), None),
+        };
         let y = self.dispatch_with(x, &routing, &mut |e, xe| store.get(layer, e).forward(xe));
+        if let Some((nl, guess)) = predicted {
+            let in_use: std::collections::BTreeSet<usize> =
+                routing.experts.iter().flatten().copied().collect();
+            store.prefetch(nl, &guess, in_use.len());
+        }
         (y, routing)
     }
 

@@ -3,9 +3,13 @@
 //! 每次前向先在主机上路由，再为每个被选中的专家取设备副本：命中则直接用，未命中则从主机
 //! 复制到设备（必要时先淘汰最久未用的专家）。统计命中、未命中、淘汰与复制字节数。
 //! 计算与常驻模型完全相同（同一组权重、同一分发代码），测试证明输出一致。
-//! 预取（按上一层的路由猜下一层的专家）尚未实现，场景中的 `prefetch` 只被记录。
+//!
+//! 预取（可选，[`ExpertStore::set_prefetch`]）：路由第 l 层时，把下一个 MoE 层的门控也作用在同一输入上
+//! （与本层路由同一次读回），按票数猜出下一层会用的专家；本层专家分发（内核已排队）之后就把猜中的
+//! 专家复制进来，复制因此与本层计算重叠（异步设备上）。预取只改变哪些专家常驻，不改变计算；
+//! 为了不挤掉本层正在用的专家，最多预取 `容量 − 本层用到的专家数` 个。统计预取次数与其中真被用到的次数。
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use burn::tensor::{backend::Backend, TensorData};
 
@@ -38,6 +42,10 @@ pub struct OffloadStats {
     pub bytes_copied: u64,
     /// 设备上同时缓存的专家数的最大值。
     pub max_resident: usize,
+    /// 预取复制进来的专家数（其字节已计入 `bytes_copied`）。
+    pub prefetched: u64,
+    /// 预取的专家中，被淘汰之前真被用到的个数（每个至多计一次）。
+    pub prefetch_used: u64,
 }
 
 impl OffloadStats {
@@ -45,6 +53,11 @@ impl OffloadStats {
     pub fn hit_rate(&self) -> Option<f64> {
         let n = self.hits + self.misses;
         (n > 0).then(|| self.hits as f64 / n as f64)
+    }
+
+    /// Prefetched experts that were used before being evicted, over all prefetched.
+    pub fn prefetch_accuracy(&self) -> Option<f64> {
+        (self.prefetched > 0).then(|| self.prefetch_used as f64 / self.prefetched as f64)
     }
 }
 
@@ -56,6 +69,9 @@ pub struct ExpertStore<B: Backend> {
     capacity: usize,
     tick: u64,
     device: B::Device,
+    prefetch: bool,
+    /// experts copied in by a prefetch and not used yet
+    unused_prefetch: HashSet<(usize, usize)>,
     /// 统计。
     pub stats: OffloadStats,
 }
@@ -73,8 +89,20 @@ impl<B: Backend> ExpertStore<B> {
             capacity,
             tick: 0,
             device: device.clone(),
+            prefetch: false,
+            unused_prefetch: HashSet::new(),
             stats: OffloadStats::default(),
         }
+    }
+
+    /// Switches prefetching of the next MoE layer's predicted experts on or off.
+    pub fn set_prefetch(&mut self, on: bool) {
+        self.prefetch = on;
+    }
+
+    /// Whether prefetching is on.
+    pub fn prefetching(&self) -> bool {
+        self.prefetch
     }
 
     /// Host bytes of every routed expert.
@@ -105,9 +133,18 @@ impl<B: Backend> ExpertStore<B> {
         if let Some((m, used)) = self.cache.get_mut(&(layer, e)) {
             *used = tick;
             self.stats.hits += 1;
+            if self.unused_prefetch.remove(&(layer, e)) {
+                self.stats.prefetch_used += 1;
+            }
             return m.clone();
         }
         self.stats.misses += 1;
+        self.copy_in(layer, e, tick)
+    }
+
+    /// Copies expert `e` of `layer` to the device (evicting the least recently used expert
+    /// when the cache is full) and marks it used at `tick`.
+    fn copy_in(&mut self, layer: usize, e: usize, tick: u64) -> SwiGlu<B> {
         if self.cache.len() >= self.capacity {
             let oldest = *self
                 .cache
@@ -116,6 +153,7 @@ impl<B: Backend> ExpertStore<B> {
                 .map(|(k, _)| k)
                 .expect("a full cache is not empty");
             self.cache.remove(&oldest);
+            self.unused_prefetch.remove(&oldest);
             self.stats.evictions += 1;
         }
         let h = &self.host[layer][e];
@@ -127,9 +165,38 @@ impl<B: Backend> ExpertStore<B> {
         m
     }
 
+    /// Copies in the experts of `layer` that `predicted` routes to most often (ties: lower
+    /// index first) and that are not resident yet, at most `capacity - keep` of them, so the
+    /// `keep` experts the current layer uses are not pushed out. Nothing happens when
+    /// prefetching is off.
+    pub fn prefetch(&mut self, layer: usize, predicted: &super::Routing, keep: usize) {
+        if !self.prefetch || layer >= self.host.len() || self.host[layer].is_empty() {
+            return;
+        }
+        let mut votes = vec![0usize; self.host[layer].len()];
+        for &e in predicted.experts.iter().flatten() {
+            votes[e] += 1;
+        }
+        let mut order: Vec<usize> = (0..votes.len()).filter(|&e| votes[e] > 0).collect();
+        order.sort_by_key(|&e| (std::cmp::Reverse(votes[e]), e));
+        let room = self.capacity.saturating_sub(keep);
+        for e in order.into_iter().take(room) {
+            self.tick += 1;
+            let tick = self.tick;
+            if let Some((_, used)) = self.cache.get_mut(&(layer, e)) {
+                *used = tick; // already here: keep it from being the next one evicted
+                continue;
+            }
+            let _ = self.copy_in(layer, e, tick);
+            self.unused_prefetch.insert((layer, e));
+            self.stats.prefetched += 1;
+        }
+    }
+
     /// Empties the device cache and zeroes the statistics (a cold start).
     pub fn reset(&mut self) {
         self.cache.clear();
+        self.unused_prefetch.clear();
         self.stats = OffloadStats::default();
     }
 
@@ -234,12 +301,57 @@ mod tests {
     }
 
     #[test]
+    fn prefetch_copies_the_most_voted_experts_within_the_room_left() {
+        let dev = Default::default();
+        B::seed(&dev, 2);
+        let (_model, host) = decoder().init_offloaded::<B>(&dev);
+        let mut store = ExpertStore::<B>::new(host, 3, &dev);
+        let guess = Routing {
+            experts: vec![vec![2, 3], vec![3, 1]],
+            weights: vec![vec![0.5; 2]; 2],
+            load: LoadStats::of(vec![0; 4]),
+        };
+        // off: nothing moves
+        store.prefetch(1, &guess, 1);
+        assert_eq!((store.resident(), store.stats.prefetched), (0, 0));
+        store.set_prefetch(true);
+        let _ = store.get(0, 0); // the current layer's expert (keep = 1)
+                                 // votes: 3 twice, then 1 and 2 once (lower index first): room 3 - 1 = 2 -> {3, 1}
+        store.prefetch(1, &guess, 1);
+        let s = store.stats.clone();
+        assert_eq!((s.prefetched, s.misses, store.resident()), (2, 1, 3));
+        assert_eq!(s.bytes_copied, 3 * store.expert_bytes());
+        assert_eq!(s.evictions, 0, "the current layer's expert stays");
+        let _ = store.get(1, 3); // predicted right
+        let _ = store.get(1, 3); // a second use counts once
+        let _ = store.get(1, 2); // predicted wrong: a miss, evicts the oldest
+        let s = &store.stats;
+        assert_eq!((s.hits, s.misses, s.prefetch_used), (2, 2, 1));
+        assert_eq!(s.prefetch_accuracy(), Some(0.5));
+        assert!(store.resident() <= 3 && s.max_resident == 3);
+        // already resident experts are not copied again
+        let before = store.stats.bytes_copied;
+        store.prefetch(1, &guess, 0);
+        assert!(store.stats.bytes_copied - before <= store.expert_bytes());
+        assert!(store.resident() <= 3);
+    }
+
+    #[test]
     fn offloaded_model_equals_its_resident_twin() {
+        for prefetch in [false, true] {
+            offloaded_equals_resident(prefetch);
+        }
+    }
+
+    fn offloaded_equals_resident(prefetch: bool) {
         let dev = Default::default();
         B::seed(&dev, 4);
         let c = decoder();
         let (model, host) = c.init_offloaded::<B>(&dev);
-        let mut store = ExpertStore::<B>::new(host, 3, &dev);
+        // with prefetching, room for layer 1's guesses next to the 4 experts layer 0 uses
+        let cap = if prefetch { 6 } else { 3 };
+        let mut store = ExpertStore::<B>::new(host, cap, &dev);
+        store.set_prefetch(prefetch);
         let ids: Vec<i64> = (0..2 * 6).map(|i| (i * 5 + 1) % 32).collect();
         let toks = Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [2, 6]), &dev);
         // materialise the lazy parameters first: a clone of an uninitialised Burn parameter
@@ -259,12 +371,20 @@ mod tests {
         let want = resident.forward_hidden(toks.clone(), &mut c1);
         let got = model.forward_hidden_offloaded(toks, &mut c2, &mut store);
         let d: f32 = (want - got).abs().max().into_scalar();
-        assert!(d <= 1e-6, "max |diff| {d}");
-        assert!(store.stats.max_resident <= 3);
-        assert!(
-            store.stats.misses >= 4,
-            "2 layers x at least 2 distinct experts"
-        );
+        assert!(d <= 1e-6, "prefetch {prefetch}: max |diff| {d}");
+        assert!(store.stats.max_resident <= cap);
+        if prefetch {
+            // layer 0 predicts layer 1: something was copied ahead, and every lookup of
+            // layer 1 is a hit or a miss as before
+            assert!(store.stats.prefetched > 0);
+            assert!(store.stats.prefetch_used <= store.stats.prefetched);
+        } else {
+            assert!(
+                store.stats.misses >= 4,
+                "2 layers x at least 2 distinct experts"
+            );
+            assert_eq!(store.stats.prefetched, 0);
+        }
         assert_eq!(store.host_bytes(), 2 * 4 * store.expert_bytes());
     }
 }

@@ -139,6 +139,29 @@ impl<B: Backend> MoeRouter<B> {
         select(&scores, t, &self.bias, &self.config)
     }
 
+    /// Routes `x` with this router and, in the same device read-back, predicts the routing
+    /// of `next` (the following MoE layer's router) on the same input: the look-ahead of
+    /// pre-gated expert prefetching (the residual stream changes little from one layer to the
+    /// next, so the next gate applied to this layer's input is a cheap guess of its choice).
+    pub fn route_with_lookahead(&self, x: Tensor<B, 2>, next: &MoeRouter<B>) -> (Routing, Routing) {
+        let [t, _] = x.dims();
+        let (e1, e2) = (self.config.n_routed_experts, next.config.n_routed_experts);
+        let both: Vec<f32> = Tensor::cat(vec![self.scores(x.clone()), next.scores(x)], 1)
+            .into_data()
+            .convert::<f32>()
+            .to_vec()
+            .expect("f32 scores");
+        let (mut a, mut b) = (Vec::with_capacity(t * e1), Vec::with_capacity(t * e2));
+        for row in both.chunks(e1 + e2) {
+            a.extend_from_slice(&row[..e1]);
+            b.extend_from_slice(&row[e1..]);
+        }
+        (
+            select(&a, t, &self.bias, &self.config),
+            select(&b, t, &next.bias, &next.config),
+        )
+    }
+
     /// The aux-loss-free balance update: `bias += γ` for experts below the mean load,
     /// `-= γ` above it.
     pub fn update_bias(&mut self, load: &LoadStats) {
