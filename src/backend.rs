@@ -47,10 +47,12 @@ impl BackendKind {
         match self {
             BackendKind::Ndarray => vec!["std", "simd", "multi-threads"],
             BackendKind::Wgpu | BackendKind::Cuda => {
-                if self.compiled() {
+                if !self.compiled() {
+                    vec![]
+                } else if cfg!(feature = "fusion") {
                     vec!["autotune", "fusion"]
                 } else {
-                    vec![]
+                    vec!["autotune"]
                 }
             }
         }
