@@ -12,8 +12,8 @@ use crate::error::DsoptError;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum BackendKind {
-    /// CPU：burn-ndarray（多线程 + SIMD）。总是编译进来。
-    Ndarray,
+    /// CPU：burn-flex（gemm 矩阵乘、零拷贝视图、写时复制缓冲、原生 f16/bf16、rayon 多线程）。总是编译进来。
+    Flex,
     /// wgpu（Vulkan/Metal/DX12）；无 GPU 的 Linux 上经 Mesa lavapipe 在 CPU 上运行。
     Wgpu,
     /// CUDA（需要 NVIDIA 驱动与 NVRTC）。
@@ -22,12 +22,12 @@ pub enum BackendKind {
 
 impl BackendKind {
     /// All kinds, in the order `auto` prefers them.
-    pub const ALL: [BackendKind; 3] = [BackendKind::Cuda, BackendKind::Wgpu, BackendKind::Ndarray];
+    pub const ALL: [BackendKind; 3] = [BackendKind::Cuda, BackendKind::Wgpu, BackendKind::Flex];
 
     /// Lowercase name.
     pub fn as_str(self) -> &'static str {
         match self {
-            BackendKind::Ndarray => "ndarray",
+            BackendKind::Flex => "flex",
             BackendKind::Wgpu => "wgpu",
             BackendKind::Cuda => "cuda",
         }
@@ -36,7 +36,7 @@ impl BackendKind {
     /// Whether this backend was compiled into this build.
     pub fn compiled(self) -> bool {
         match self {
-            BackendKind::Ndarray => true,
+            BackendKind::Flex => true,
             BackendKind::Wgpu => cfg!(feature = "wgpu"),
             BackendKind::Cuda => cfg!(feature = "cuda"),
         }
@@ -45,7 +45,17 @@ impl BackendKind {
     /// The backend features compiled in for this kind (reported with every benchmark).
     pub fn features(self) -> Vec<&'static str> {
         match self {
-            BackendKind::Ndarray => vec!["std", "simd", "multi-threads"],
+            BackendKind::Flex => {
+                // gemm picks its AVX-512 kernels at run time when the CPU has them (feature
+                // x86-v4 compiles them in); report which set this machine runs
+                let mut f = vec!["std", "simd", "rayon", "x86-v4"];
+                f.push(if cpu_has_avx512f() {
+                    "avx512f (run time)"
+                } else {
+                    "avx2/fma (run time)"
+                });
+                f
+            }
             BackendKind::Wgpu | BackendKind::Cuda => {
                 if !self.compiled() {
                     vec![]
@@ -68,11 +78,11 @@ impl std::fmt::Display for BackendKind {
 /// `--backend` choice: a kind, or `auto`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Default)]
 pub enum BackendChoice {
-    /// CUDA if a device answers, else a wgpu hardware adapter, else ndarray.
+    /// CUDA if a device answers, else a wgpu hardware adapter, else flex (CPU).
     #[default]
     Auto,
-    /// burn-ndarray on the CPU.
-    Ndarray,
+    /// burn-flex on the CPU.
+    Flex,
     /// wgpu (any adapter, including lavapipe's CPU adapter).
     Wgpu,
     /// CUDA.
@@ -140,7 +150,7 @@ pub struct BackendStatus {
 
 /// Probes every backend kind.
 pub fn probe_all() -> Vec<BackendStatus> {
-    [BackendKind::Ndarray, BackendKind::Wgpu, BackendKind::Cuda]
+    [BackendKind::Flex, BackendKind::Wgpu, BackendKind::Cuda]
         .into_iter()
         .map(probe)
         .collect()
@@ -165,7 +175,7 @@ pub fn probe(kind: BackendKind) -> BackendStatus {
         return st;
     }
     match kind {
-        BackendKind::Ndarray => {
+        BackendKind::Flex => {
             st.usable = true;
             let threads = std::thread::available_parallelism()
                 .map(|n| n.get())
@@ -291,7 +301,7 @@ pub struct SelectedBackend {
 /// Resolves `--backend` to a usable backend, or an exit-3 error saying why not.
 pub fn select(choice: BackendChoice) -> Result<SelectedBackend, DsoptError> {
     let wanted = match choice {
-        BackendChoice::Ndarray => Some(BackendKind::Ndarray),
+        BackendChoice::Flex => Some(BackendKind::Flex),
         BackendChoice::Wgpu => Some(BackendKind::Wgpu),
         BackendChoice::Cuda => Some(BackendKind::Cuda),
         BackendChoice::Auto => None,
@@ -306,7 +316,7 @@ pub fn select(choice: BackendChoice) -> Result<SelectedBackend, DsoptError> {
         }
         return Ok(from_status(&st, false));
     }
-    // auto: CUDA, then a wgpu *hardware* adapter, then ndarray
+    // auto: CUDA, then a wgpu *hardware* adapter, then flex (CPU)
     let cuda = probe(BackendKind::Cuda);
     if cuda.usable {
         return Ok(from_status(&cuda, true));
@@ -315,7 +325,7 @@ pub fn select(choice: BackendChoice) -> Result<SelectedBackend, DsoptError> {
     if wgpu.usable && wgpu.adapters.iter().any(|a| a.device_type.is_hardware()) {
         return Ok(from_status(&wgpu, true));
     }
-    Ok(from_status(&probe(BackendKind::Ndarray), true))
+    Ok(from_status(&probe(BackendKind::Flex), true))
 }
 
 fn from_status(st: &BackendStatus, hardware_only: bool) -> SelectedBackend {
@@ -350,6 +360,18 @@ fn from_status(st: &BackendStatus, hardware_only: bool) -> SelectedBackend {
     }
 }
 
+/// Whether this CPU has AVX-512F (gemm then runs its AVX-512 kernels; else AVX2/FMA).
+pub fn cpu_has_avx512f() -> bool {
+    #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
+    {
+        std::arch::is_x86_feature_detected!("avx512f")
+    }
+    #[cfg(not(any(target_arch = "x86", target_arch = "x86_64")))]
+    {
+        false
+    }
+}
+
 /// 一个可在任意后端上运行的泛型任务。派发点为选中的后端实例化 `run::<B>`。
 pub trait BackendJob {
     /// 结果类型。
@@ -364,13 +386,13 @@ pub struct BackendContext<B: burn::tensor::backend::Backend> {
     pub device: B::Device,
     /// 选中的后端。
     pub selected: SelectedBackend,
-    /// 设备内存池读数（CubeCL `memory_usage`）；ndarray 为 None。
+    /// 设备内存池读数（CubeCL `memory_usage`）；CPU 后端（flex）为 None。
     pub pool: Option<crate::monitor::device::PoolProbe>,
 }
 
 /// Whether backend `B` compiles its kernels per shape at run time (CubeCL: wgpu, CUDA). Code
 /// with data-dependent shapes (MoE expert groups) pads them to a few bucket sizes there; on
-/// ndarray exact shapes cost nothing extra.
+/// the CPU backend exact shapes cost nothing extra.
 pub fn compiles_per_shape<B: burn::tensor::backend::Backend>(device: &B::Device) -> bool {
     B::name(device).contains("cubecl")
 }
@@ -389,7 +411,7 @@ pub fn burn_dtype(dtype: crate::config::Dtype) -> burn::tensor::DType {
 ///
 /// 必须在该设备上创建任何张量之前调用；设备一旦用过就锁定它的默认类型（Burn 的规则），
 /// 这时只要锁定的类型与所求相同就算成功，否则报错（退出码 3：换一个进程单独运行该场景）。
-/// 设备不支持 `dtype` 时（ndarray 只有 f32/f64；lavapipe 上的 wgpu 有 f16 没有 bf16）报错，
+/// 设备不支持 `dtype` 时（lavapipe 上的 wgpu 有 f16 没有 bf16；flex 三种都有）报错，
 /// 说明哪个后端支持。注意力的 softmax 统计量与路由分数总是在 f32 中计算（见各模块）。
 pub fn use_float_dtype<B: burn::tensor::backend::Backend>(
     device: &B::Device,
@@ -399,13 +421,8 @@ pub fn use_float_dtype<B: burn::tensor::backend::Backend>(
     let want = burn_dtype(dtype);
     let name = B::name(device);
     if !B::supports_dtype(device, want) {
-        let hint = if name.contains("ndarray") {
-            "burn-ndarray computes in f32 only: use --backend wgpu (f16 where the adapter has \
-             SHADER_F16) or --backend cuda (f16, bf16), or set the dtype to f32"
-        } else {
-            "this device lacks it: try f16 (wgpu adapters with SHADER_F16, CUDA) or bf16 (CUDA), \
-             or set the dtype to f32"
-        };
+        let hint = "this device lacks it: use --backend flex (CPU: f16, bf16), f16 on wgpu \
+             adapters with SHADER_F16, CUDA (f16, bf16), or set the dtype to f32";
         return Err(DsoptError::CannotRun(format!(
             "dtype {} is not supported by backend {name} on this device — {hint}",
             dtype.as_str()
@@ -435,16 +452,19 @@ mod tests {
     use super::*;
 
     #[test]
-    fn ndarray_is_always_usable() {
-        let st = probe(BackendKind::Ndarray);
+    fn flex_is_always_usable() {
+        let st = probe(BackendKind::Flex);
         assert!(st.compiled && st.usable && st.reason.is_none());
-        assert!(st.features.contains(&"multi-threads".to_string()));
+        assert!(st.features.contains(&"rayon".to_string()));
+        // exactly one of the two run-time kernel sets is reported, the one this CPU has
+        let avx512 = st.features.iter().filter(|f| f.contains("avx512f")).count();
+        assert_eq!(avx512, usize::from(cpu_has_avx512f()));
     }
 
     #[test]
-    fn explicit_ndarray_selects_ndarray() {
-        let s = select(BackendChoice::Ndarray).unwrap();
-        assert_eq!(s.kind, BackendKind::Ndarray);
+    fn explicit_flex_selects_flex() {
+        let s = select(BackendChoice::Flex).unwrap();
+        assert_eq!(s.kind, BackendKind::Flex);
         assert!(s.wgpu_adapter.is_none());
     }
 

@@ -244,7 +244,10 @@ pub fn speculative_traced<B: Backend>(
     }
     let mut state = match drafter {
         Drafter::Mtp(m) => {
-            let mut hidden = Some(Tensor::<B, 4>::zeros([b, 1, cap, d], &device));
+            let mut hidden = Some(crate::nn::attention::cache_write::zeros::<B>(
+                [b, 1, cap, d],
+                &device,
+            ));
             append(&mut hidden, trunk.unsqueeze_dim::<4>(1), &vec![0; b]);
             Some(MtpState {
                 hidden,
@@ -427,9 +430,9 @@ mod tests {
     use super::*;
     use crate::nn::attention::AttentionConfig;
     use crate::nn::DecoderConfig;
-    use burn::backend::NdArray;
+    use burn::backend::Flex;
 
-    type B = NdArray;
+    type B = Flex;
 
     fn config() -> DecoderConfig {
         let mut a = AttentionConfig::mha(2, 8);

@@ -2,7 +2,7 @@
 
 mod cli;
 
-/// Counts host heap bytes for the report's `host_peak_bytes` (exact for ndarray).
+/// Counts host heap bytes for the report's `host_peak_bytes` (exact for the CPU backend, flex).
 #[global_allocator]
 static ALLOC: dsopt::monitor::alloc::CountingAlloc = dsopt::monitor::alloc::CountingAlloc;
 

@@ -106,12 +106,12 @@ fn help_works_for_every_subcommand() {
 }
 
 #[test]
-fn info_lists_ndarray_and_wgpu() {
+fn info_lists_flex_and_wgpu() {
     dsopt()
         .arg("info")
         .assert()
         .success()
-        .stdout(predicate::str::contains("ndarray").and(predicate::str::contains("wgpu")));
+        .stdout(predicate::str::contains("flex").and(predicate::str::contains("wgpu")));
     let out = dsopt().args(["info", "--json"]).output().unwrap();
     assert!(out.status.success());
     let v: Value = serde_json::from_slice(&out.stdout).expect("stdout is JSON only");
@@ -121,7 +121,7 @@ fn info_lists_ndarray_and_wgpu() {
         .iter()
         .map(|b| b["kind"].as_str().unwrap())
         .collect();
-    assert_eq!(kinds, ["ndarray", "wgpu", "cuda"]);
+    assert_eq!(kinds, ["flex", "wgpu", "cuda"]);
     assert_eq!(v["backends"][0]["usable"], true);
     assert_eq!(v["backends"][1]["compiled"], true);
     // CI installs lavapipe: the wgpu backend must be usable, as a CPU adapter
@@ -221,9 +221,9 @@ fn wrong_kind_for_the_scenario_is_exit_2() {
 }
 
 #[test]
-fn calibration_on_ndarray_and_wgpu_agree_and_write_every_format() {
+fn calibration_on_flex_and_wgpu_agree_and_write_every_format() {
     let mut errors = Vec::new();
-    for backend in ["ndarray", "wgpu"] {
+    for backend in ["flex", "wgpu"] {
         let dir = tempfile::tempdir().unwrap();
         let (json, v) = calibrate(backend, dir.path());
         assert_eq!(v["schema_version"], 1);
@@ -246,8 +246,8 @@ fn calibration_on_ndarray_and_wgpu_agree_and_write_every_format() {
             assert!(var["memory"]["nvml_peak_bytes"].is_null());
         }
         match backend {
-            // ndarray has no device pool: null, not 0
-            "ndarray" => assert!(var["memory"]["device_peak_bytes"].is_null()),
+            // flex has no device pool: null, not 0
+            "flex" => assert!(var["memory"]["device_peak_bytes"].is_null()),
             // wgpu: the pool holds at least the two inputs (2 x 2 x 64 x 64 f32 = 64 KiB)
             _ => assert!(var["memory"]["device_peak_bytes"].as_u64().unwrap() >= 65_536),
         }
@@ -280,7 +280,7 @@ fn variant_of(src: &Value, dir: &Path, name: &str, edit: impl Fn(&mut Value)) ->
 #[test]
 fn gate_exit_codes() {
     let dir = tempfile::tempdir().unwrap();
-    let (good, v) = calibrate("ndarray", dir.path());
+    let (good, v) = calibrate("flex", dir.path());
     dsopt()
         .arg("gate")
         .arg(&good)
@@ -299,6 +299,43 @@ fn gate_exit_codes() {
         .assert()
         .code(1)
         .stdout(predicate::str::contains("FAIL"));
+
+    // doctored reports: the gate recomputes instead of trusting what is stored
+    let doctored = [
+        variant_of(&v, dir.path(), "null-passed.json", |v| {
+            v["criteria"][0]["measured"] = serde_json::Value::Null;
+            v["criteria"][0]["passed"] = true.into();
+        }),
+        variant_of(&v, dir.path(), "error-verdict.json", |v| {
+            v["verdict"] = "error".into();
+        }),
+        variant_of(&v, dir.path(), "no-criteria.json", |v| {
+            v["criteria"] = serde_json::json!([]);
+        }),
+        variant_of(&v, dir.path(), "lying.json", |v| {
+            // measured far beyond the threshold, but stored as passed
+            v["criteria"][0]["measured"] = 1.0.into();
+            v["criteria"][0]["passed"] = true.into();
+        }),
+    ];
+    for d in &doctored {
+        dsopt()
+            .arg("gate")
+            .arg(d)
+            .assert()
+            .code(1)
+            .stdout(predicate::str::contains("FAIL"));
+    }
+    // a report of a kind the gate does not know: bad input
+    let alien = variant_of(&v, dir.path(), "alien.json", |v| {
+        v["scenario"]["kind"] = "quantum".into();
+    });
+    dsopt()
+        .arg("gate")
+        .arg(&alien)
+        .assert()
+        .code(2)
+        .stderr(predicate::str::contains("unknown scenario kind"));
 
     let text = std::fs::read_to_string(&good).unwrap();
     let truncated = dir.path().join("truncated.json");
@@ -327,13 +364,42 @@ fn gate_exit_codes() {
 #[test]
 fn gate_baseline_regression() {
     let dir = tempfile::tempdir().unwrap();
-    let (good, v) = calibrate("ndarray", dir.path());
+    let (good, v) = calibrate("flex", dir.path());
     // same report as its own baseline: no regression
     dsopt()
         .arg("gate")
         .arg(&good)
         .arg("--baseline")
         .arg(&good)
+        .assert()
+        .code(0);
+    // a baseline from another backend, or with other scenario settings, is refused (exit 2,
+    // naming the field) unless the user allows it
+    let other_backend = variant_of(&v, dir.path(), "other-backend.json", |v| {
+        v["backend"]["name"] = "wgpu".into();
+    });
+    let other_size = variant_of(&v, dir.path(), "other-size.json", |v| {
+        v["scenario"]["workload"]["size"] = 128.into();
+    });
+    for (base, field) in [
+        (&other_backend, "backend"),
+        (&other_size, "scenario.workload.size"),
+    ] {
+        dsopt()
+            .arg("gate")
+            .arg(&good)
+            .arg("--baseline")
+            .arg(base)
+            .assert()
+            .code(2)
+            .stderr(predicate::str::contains(field));
+    }
+    dsopt()
+        .arg("gate")
+        .arg(&good)
+        .arg("--baseline")
+        .arg(&other_backend)
+        .arg("--allow-different-machine")
         .assert()
         .code(0);
     // timings are made deterministic here: measured spread on a busy machine must not decide the test
@@ -385,7 +451,7 @@ fn gate_baseline_regression() {
 #[test]
 fn report_json_round_trips_through_the_schema() {
     let dir = tempfile::tempdir().unwrap();
-    let (json, v) = calibrate("ndarray", dir.path());
+    let (json, v) = calibrate("flex", dir.path());
     let r = dsopt::report::gate::load(&json).expect("schema 1 parses");
     let again = serde_json::to_value(&r).unwrap();
     assert_eq!(again, v, "nothing lost or renamed in a round trip");
@@ -400,7 +466,7 @@ fn run_keeps_going_and_writes_a_summary() {
     let cache = dir.path().join("cache");
     dsopt()
         .env("DSOPT_CACHE", &cache)
-        .args(["--quiet", "run", "--backend", "ndarray", "--corpus"])
+        .args(["--quiet", "run", "--backend", "flex", "--corpus"])
         .arg(repo("src"))
         .arg("--out")
         .arg(&out)
@@ -436,7 +502,7 @@ fn json_format_puts_only_json_on_stdout() {
             "bench",
             "calibrate",
             "--backend",
-            "ndarray",
+            "flex",
             "--format",
             "json",
             "--seq",
@@ -455,8 +521,8 @@ fn json_format_puts_only_json_on_stdout() {
 }
 
 #[test]
-fn mla_smoke_on_ndarray_and_wgpu_writes_measured_criteria() {
-    for backend in ["ndarray", "wgpu"] {
+fn mla_smoke_on_flex_and_wgpu_writes_measured_criteria() {
+    for backend in ["flex", "wgpu"] {
         let dir = tempfile::tempdir().unwrap();
         let (_, v) = run_one(
             backend,
@@ -470,9 +536,13 @@ fn mla_smoke_on_ndarray_and_wgpu_writes_measured_criteria() {
             .iter()
             .map(|c| c["id"].as_str().unwrap())
             .collect();
-        assert_eq!(ids, ["SC-001a", "SC-001b"]);
+        assert_eq!(ids, ["SC-001a", "SC-001b", "SC-001-eq", "SC-001-eq-tokens"]);
         for c in v["criteria"].as_array().unwrap() {
             assert!(c["measured"].as_f64().is_some(), "{backend}: {c}");
+        }
+        // equivalence is a criterion of its own, recomputable by the gate
+        for c in &v["criteria"].as_array().unwrap()[2..] {
+            assert_eq!(c["passed"], true, "{backend}: {c}");
         }
         let names: Vec<&str> = v["variants"]
             .as_array()
@@ -504,7 +574,7 @@ fn mla_smoke_on_ndarray_and_wgpu_writes_measured_criteria() {
 
 #[test]
 fn moe_smoke_measures_sc003a_everywhere_and_offload_on_wgpu() {
-    for backend in ["ndarray", "wgpu"] {
+    for backend in ["flex", "wgpu"] {
         let dir = tempfile::tempdir().unwrap();
         let (_, v) = run_one(
             backend,
@@ -512,10 +582,20 @@ fn moe_smoke_measures_sc003a_everywhere_and_offload_on_wgpu() {
             dir.path(),
             &[],
         );
-        assert_ne!(v["verdict"], "error", "{backend}: every criterion measured");
         let crit = v["criteria"].as_array().unwrap();
         let ids: Vec<&str> = crit.iter().map(|c| c["id"].as_str().unwrap()).collect();
-        for c in crit {
+        assert_eq!(
+            ids,
+            [
+                "SC-003a-prefill",
+                "SC-003a-decode",
+                "SC-003b",
+                "SC-003b-peak",
+                "SC-003b-eq"
+            ],
+            "{backend}: SC-003b is always present"
+        );
+        for c in &crit[..2] {
             assert!(c["measured"].as_f64().unwrap() > 0.0, "{backend}: {c}");
         }
         let names: Vec<&str> = v["variants"]
@@ -524,20 +604,45 @@ fn moe_smoke_measures_sc003a_everywhere_and_offload_on_wgpu() {
             .iter()
             .map(|x| x["name"].as_str().unwrap())
             .collect();
-        if backend == "ndarray" {
-            // offload does not apply to host memory: no SC-003b row, a note that says why
-            assert_eq!(ids, ["SC-003a-prefill", "SC-003a-decode"]);
+        if backend == "flex" {
+            // offload does not apply to host memory: SC-003b is present, unmeasured, not
+            // applicable with the reason, and never a pass (the run's verdict is error)
             assert_eq!(names, ["moe", "dense_equal_total", "dense_equal_active"]);
-            assert!(v["notes"].to_string().contains("does not apply on ndarray"));
+            for c in &crit[2..] {
+                assert!(c["measured"].is_null(), "{c}");
+                assert_eq!(c["passed"], false, "{c}");
+                assert!(
+                    c["not_applicable"].as_str().unwrap().contains("flex"),
+                    "{c}"
+                );
+            }
+            assert_eq!(v["verdict"], "error");
+            let json = dir
+                .path()
+                .read_dir()
+                .unwrap()
+                .map(|e| e.unwrap().path())
+                .find(|p| p.to_string_lossy().ends_with("-moe.json"))
+                .unwrap();
+            // the gate refuses it as a whole, and says what it left out when told to gate a part
+            dsopt().arg("gate").arg(&json).assert().code(1);
+            let part = dsopt()
+                .args(["gate", "--require", "SC-003a-prefill,SC-003a-decode"])
+                .arg(&json)
+                .output()
+                .unwrap();
+            let out = String::from_utf8_lossy(&part.stdout);
+            assert!(
+                out.contains("not checked") && out.contains("SC-003b-peak"),
+                "{out}"
+            );
         } else {
+            for c in &crit[2..] {
+                assert!(c["measured"].as_f64().is_some(), "{backend}: {c}");
+            }
             assert_eq!(
-                ids,
-                [
-                    "SC-003a-prefill",
-                    "SC-003a-decode",
-                    "SC-003b",
-                    "SC-003b-peak"
-                ]
+                crit[4]["passed"], true,
+                "offloaded == resident, as a criterion"
             );
             let off = &v["variants"][3];
             assert_eq!(off["name"], "moe_offloaded");
@@ -577,11 +682,15 @@ fn moe_smoke_measures_sc003a_everywhere_and_offload_on_wgpu() {
 }
 
 #[test]
-fn half_precision_runs_on_wgpu_and_is_refused_clearly_elsewhere() {
+fn half_precision_runs_on_flex_and_wgpu_and_is_refused_clearly_elsewhere() {
     let dir = tempfile::tempdir().unwrap();
     let f16 = [std::ffi::OsStr::new("--dtype"), std::ffi::OsStr::new("f16")];
-    // MLA in f16 on wgpu (lavapipe has SHADER_F16): absorbed == naive within the f16 tolerance,
-    // and the cache really holds 2-byte elements
+    let bf16 = [
+        std::ffi::OsStr::new("--dtype"),
+        std::ffi::OsStr::new("bf16"),
+    ];
+    // MLA in half precision: absorbed == naive within the dtype's tolerance, and the cache
+    // really holds 2-byte elements; flex (CPU) has f16 and bf16, lavapipe's wgpu has f16
     let text = std::fs::read_to_string(repo("scenarios/smoke/sc001-mla-smoke.toml")).unwrap();
     let small = text
         .replace(
@@ -590,24 +699,30 @@ fn half_precision_runs_on_wgpu_and_is_refused_clearly_elsewhere() {
         )
         .replace("max_seq = 16384", "max_seq = 128");
     assert_ne!(small, text);
-    let mla = dir.path().join("mla-f16.toml");
+    let mla = dir.path().join("mla-half.toml");
     std::fs::write(&mla, small).unwrap();
-    let (_, v) = run_one("wgpu", mla.to_str().unwrap(), dir.path(), &f16);
-    assert_eq!(v["scenario"]["run"]["dtype"], "f16");
-    assert!(
-        v["notes"][0].as_str().unwrap().contains("f16"),
-        "{}",
-        v["notes"]
-    );
-    let abs = &v["variants"][2];
-    assert_eq!(abs["name"], "mla_absorbed");
-    let eq = &abs["equivalence"];
-    assert_eq!(eq["passed"], true, "{eq}");
-    let tol = eq["tolerance"].as_f64().unwrap();
-    assert!(tol > 1e-3 && tol < 0.1, "f16 tolerance {tol}");
-    // (kv_lora_rank 32 + rope 8) elements x 2 bytes x 1 layer, 64 + 2 positions
-    assert_eq!(abs["metrics"]["kv_bytes_per_token_analytic"], 80.0);
-    assert_eq!(abs["metrics"]["kv_cache_tensor_bytes"], 66.0 * 80.0);
+    for (backend, dtype, flags) in [
+        ("flex", "f16", &f16),
+        ("flex", "bf16", &bf16),
+        ("wgpu", "f16", &f16),
+    ] {
+        let (_, v) = run_one(backend, mla.to_str().unwrap(), dir.path(), flags);
+        assert_eq!(v["scenario"]["run"]["dtype"], dtype);
+        assert!(
+            v["notes"][0].as_str().unwrap().contains(dtype),
+            "{backend} {dtype}: {}",
+            v["notes"]
+        );
+        let abs = &v["variants"][2];
+        assert_eq!(abs["name"], "mla_absorbed");
+        let eq = &abs["equivalence"];
+        assert_eq!(eq["passed"], true, "{backend} {dtype}: {eq}");
+        let tol = eq["tolerance"].as_f64().unwrap();
+        assert!(tol > 1e-3 && tol < 0.5, "{backend} {dtype} tolerance {tol}");
+        // (kv_lora_rank 32 + rope 8) elements x 2 bytes x 1 layer, 64 + 2 positions
+        assert_eq!(abs["metrics"]["kv_bytes_per_token_analytic"], 80.0);
+        assert_eq!(abs["metrics"]["kv_cache_tensor_bytes"], 66.0 * 80.0);
+    }
 
     // MoE in f16 on wgpu: offloaded == resident, the model's bytes are 2 per parameter
     let (_, v) = run_one(
@@ -625,14 +740,14 @@ fn half_precision_runs_on_wgpu_and_is_refused_clearly_elsewhere() {
         2.0 * params
     );
 
-    // ndarray has no half precision: exit 3 naming the backends that do
+    // lavapipe's wgpu has no bf16: exit 3 naming the backends that do
     dsopt()
         .args([
             "--quiet",
             "bench",
             "mla",
             "--backend",
-            "ndarray",
+            "wgpu",
             "--dtype",
             "bf16",
         ])
@@ -643,7 +758,7 @@ fn half_precision_runs_on_wgpu_and_is_refused_clearly_elsewhere() {
         .assert()
         .code(3)
         .stderr(
-            predicate::str::contains("dtype bf16").and(predicate::str::contains("--backend cuda")),
+            predicate::str::contains("dtype bf16").and(predicate::str::contains("--backend flex")),
         );
     // calibration always runs in f32
     dsopt()
@@ -652,7 +767,7 @@ fn half_precision_runs_on_wgpu_and_is_refused_clearly_elsewhere() {
             "bench",
             "calibrate",
             "--backend",
-            "ndarray",
+            "flex",
             "--dtype",
             "f16",
         ])
@@ -680,16 +795,19 @@ fn mtp_smoke(backend: &str, cache: &Path) -> Value {
 }
 
 #[test]
-fn mtp_smoke_on_ndarray_and_wgpu_trains_once_and_measures_sc002() {
+fn mtp_smoke_on_flex_and_wgpu_trains_once_and_measures_sc002() {
     let cache = tempfile::tempdir().unwrap();
-    for (i, backend) in ["ndarray", "wgpu"].into_iter().enumerate() {
+    for (i, backend) in ["flex", "wgpu"].into_iter().enumerate() {
         let v = mtp_smoke(backend, cache.path());
         let crit = v["criteria"].as_array().unwrap();
         let ids: Vec<&str> = crit.iter().map(|c| c["id"].as_str().unwrap()).collect();
-        assert_eq!(ids, ["SC-002a", "SC-002b"]);
+        assert_eq!(ids, ["SC-002a", "SC-002b", "SC-002-eq"]);
         for c in crit {
             assert!(c["measured"].as_f64().is_some(), "{backend}: {c}");
         }
+        // every sequence identical to greedy: the equivalence criterion passes on its own
+        assert_eq!(crit[2]["measured"], 1.0, "{backend}");
+        assert_eq!(crit[2]["passed"], true, "{backend}");
         let spec = &v["variants"][1];
         assert_eq!(spec["name"], "speculative");
         assert_eq!(spec["equivalence"]["checked"], true, "{backend}");
@@ -714,7 +832,7 @@ fn mtp_smoke_on_ndarray_and_wgpu_trains_once_and_measures_sc002() {
         assert_eq!(sweep.len(), 4, "D in [1, 3] x batch in [1, 2]");
         for x in sweep {
             assert_eq!(x["equivalence"]["checked"], true, "{backend}: {x}");
-            if backend == "ndarray" {
+            if backend == "flex" {
                 assert_eq!(x["equivalence"]["passed"], true, "{backend}: {x}");
             }
         }
@@ -737,14 +855,7 @@ fn mtp_smoke_on_ndarray_and_wgpu_trains_once_and_measures_sc002() {
     let dir = tempfile::tempdir().unwrap();
     dsopt()
         .env("DSOPT_CACHE", dir.path().join("empty"))
-        .args([
-            "--quiet",
-            "bench",
-            "mtp",
-            "--backend",
-            "ndarray",
-            "--scenario",
-        ])
+        .args(["--quiet", "bench", "mtp", "--backend", "flex", "--scenario"])
         .arg(repo("scenarios/smoke/sc002-mtp-smoke.toml"))
         .args(["--corpus", "/no/such/corpus", "--checkpoint"])
         .arg(&ckpt)
@@ -760,7 +871,7 @@ fn mtp_smoke_on_ndarray_and_wgpu_trains_once_and_measures_sc002() {
             "bench",
             "mtp",
             "--backend",
-            "ndarray",
+            "flex",
             "--checkpoint",
         ])
         .arg(&ckpt)
@@ -808,9 +919,9 @@ fn train_writes_a_checkpoint_and_reports_every_depth() {
 }
 
 #[test]
-fn model_smoke_checks_speculative_equals_greedy_and_f16_on_ndarray_is_exit_3() {
+fn model_smoke_checks_speculative_equals_greedy_and_f16_runs_on_flex() {
     let dir = tempfile::tempdir().unwrap();
-    for backend in ["ndarray", "wgpu"] {
+    for backend in ["flex", "wgpu"] {
         let (code, v) = run_one(backend, "scenarios/smoke/model-smoke.toml", dir.path(), &[]);
         let c = &v["criteria"][0];
         assert_eq!(c["id"], "FR-004");
@@ -829,7 +940,9 @@ fn model_smoke_checks_speculative_equals_greedy_and_f16_on_ndarray_is_exit_3() {
         assert_eq!(c["measured"], 1.0, "{backend}");
         assert_eq!(v["variants"][2]["equivalence"]["passed"], true, "{backend}");
     }
-    // an f16 model parses, but ndarray has no f16: exit 3, naming the dtype and the backend
+    // the same model in f16 on the CPU backend (flex has f16): it runs, in f16, and FR-004 is
+    // measured (speculative vs greedy in f16 may differ at a near-tie, so only the measurement
+    // is required here; the exact identity is the f32 run above)
     let text = std::fs::read_to_string(repo("scenarios/smoke/model-smoke.toml")).unwrap();
     let f16 = dir.path().join("f16.toml");
     std::fs::write(
@@ -837,21 +950,14 @@ fn model_smoke_checks_speculative_equals_greedy_and_f16_on_ndarray_is_exit_3() {
         text.replace("key_block = 16", "key_block = 16\ndtype = \"f16\""),
     )
     .unwrap();
-    dsopt()
-        .args([
-            "--quiet",
-            "bench",
-            "model",
-            "--backend",
-            "ndarray",
-            "--scenario",
-        ])
-        .arg(&f16)
-        .arg("--out")
-        .arg(dir.path())
-        .assert()
-        .code(3)
-        .stderr(predicate::str::contains("dtype f16").and(predicate::str::contains("ndarray")));
+    let (code, v) = run_one("flex", f16.to_str().unwrap(), dir.path(), &[]);
+    assert!(code == 0 || code == 1, "f16 on flex runs: exit {code}");
+    assert_eq!(v["scenario"]["optimization"]["dtype"], "f16");
+    assert!(
+        v["criteria"][0]["measured"].as_f64().is_some(),
+        "{}",
+        v["criteria"][0]
+    );
 }
 
 #[test]
@@ -863,7 +969,7 @@ fn compare_runs_each_backend_and_an_unusable_one_is_a_row() {
             "--quiet",
             "compare",
             "--backends",
-            "ndarray,wgpu,cuda",
+            "flex,wgpu,cuda",
             "--format",
             "json",
             "--out",
@@ -885,7 +991,7 @@ fn compare_runs_each_backend_and_an_unusable_one_is_a_row() {
         .iter()
         .map(|r| r["backend"].as_str().unwrap())
         .collect();
-    assert_eq!(names, ["ndarray", "wgpu", "cuda"]);
+    assert_eq!(names, ["flex", "wgpu", "cuda"]);
     for r in &rows[..2] {
         assert_eq!(r["outcome"], "ran", "{r}");
         assert_eq!(r["verdict"], "pass", "{r}");
@@ -913,13 +1019,7 @@ fn compare_runs_each_backend_and_an_unusable_one_is_a_row() {
     assert!(md.contains(&cuda_row), "{md}");
     // a kind name stands for its shipped scenario; an unknown target is bad input
     dsopt()
-        .args([
-            "--quiet",
-            "compare",
-            "--backends",
-            "ndarray",
-            "no-such-kind",
-        ])
+        .args(["--quiet", "compare", "--backends", "flex", "no-such-kind"])
         .assert()
         .code(2)
         .stderr(predicate::str::contains(
@@ -936,7 +1036,7 @@ fn a_sweep_writes_one_point_per_value_and_svg_charts() {
             "bench",
             "calibrate",
             "--backend",
-            "ndarray",
+            "flex",
             "--seq",
             "16,32,64",
             "--format",
@@ -1002,7 +1102,7 @@ fn config_file_switches_the_strategies_of_a_model_scenario() {
     std::fs::write(&cfg, "[optimization]\nattention = \"mha\"\n").unwrap();
     let extra = ["--config".as_ref(), cfg.as_os_str()];
     let (code, v) = run_one(
-        "ndarray",
+        "flex",
         "scenarios/smoke/model-smoke.toml",
         dir.path(),
         &extra,
@@ -1014,14 +1114,7 @@ fn config_file_switches_the_strategies_of_a_model_scenario() {
     // an invalid combination is bad input naming the key
     std::fs::write(&cfg, "attention = \"gqa\"\n").unwrap();
     dsopt()
-        .args([
-            "--quiet",
-            "bench",
-            "model",
-            "--backend",
-            "ndarray",
-            "--config",
-        ])
+        .args(["--quiet", "bench", "model", "--backend", "flex", "--config"])
         .arg(&cfg)
         .arg("--out")
         .arg(dir.path())

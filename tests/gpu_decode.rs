@@ -12,7 +12,7 @@ use burn::tensor::{backend::Backend, Int, Tensor, TensorData};
 use dsopt::nn::attention::{AttentionConfig, MlaImpl};
 use dsopt::nn::DecoderConfig;
 
-type Cpu = burn::backend::NdArray;
+type Cpu = burn::backend::Flex;
 type Gpu = burn::backend::Wgpu;
 
 fn ids<B: Backend>(b: usize, s: usize, salt: usize, dev: &B::Device) -> Tensor<B, 2, Int> {
@@ -73,8 +73,8 @@ fn check(cfg: DecoderConfig) {
         let (cs, cf) = step_and_full::<Cpu>(&cfg, weights.clone(), &cpu, b, p);
         let (gs, gf) = step_and_full::<Gpu>(&cfg, weights.clone(), &gpu, b, p);
         for (what, x, y) in [
-            ("cached step, wgpu vs ndarray", &gs, &cs),
-            ("full forward, wgpu vs ndarray", &gf, &cf),
+            ("cached step, wgpu vs flex", &gs, &cs),
+            ("full forward, wgpu vs flex", &gf, &cf),
             ("wgpu cached step vs wgpu full forward", &gs, &gf),
         ] {
             let d = per_sequence(x, y, b);

@@ -145,6 +145,13 @@ pub fn run<B: Backend>(
             _ => None,
         },
     );
+    // the roofline limits of this machine/device with this backend (what `bench mla` sets its
+    // speeds against): streaming read bandwidth and large-GEMM throughput
+    let limits = super::roofline::measure(ctx);
+    v.metrics
+        .insert("read_gb_per_s".into(), limits.read_gb_per_s);
+    v.metrics
+        .insert("gemm_gflop_per_s".into(), limits.gemm_gflop_per_s);
     let criteria = vec![Criterion::evaluate(
         &s.id,
         "max_rel_error_vs_host_f64",
@@ -156,10 +163,13 @@ pub fn run<B: Backend>(
     Ok(RunOutput {
         variants: vec![v],
         criteria,
-        notes: vec![format!(
-            "calibration workload: {batch} x ({n} x {n}) @ ({n} x {n}), f32, {} warm-up + {} timed runs",
-            monitor_cfg.warmup, monitor_cfg.repetitions
-        )],
+        notes: vec![
+            format!(
+                "calibration workload: {batch} x ({n} x {n}) @ ({n} x {n}), f32, {} warm-up + {} timed runs",
+                monitor_cfg.warmup, monitor_cfg.repetitions
+            ),
+            limits.note(),
+        ],
         memory_series: monitor.series().to_vec(),
     })
 }
@@ -168,7 +178,7 @@ pub fn run<B: Backend>(
 mod tests {
     use super::*;
     use crate::backend::{select, BackendChoice};
-    use burn::backend::NdArray;
+    use burn::backend::Flex;
 
     #[test]
     fn host_reference_is_right_on_a_hand_example() {
@@ -191,7 +201,7 @@ mod tests {
     }
 
     #[test]
-    fn calibration_on_ndarray_passes_and_measures() {
+    fn calibration_on_flex_passes_and_measures() {
         let s = match crate::config::Scenario::builtin(crate::config::ScenarioKind::Calibrate) {
             crate::config::Scenario::Calibrate(mut c) => {
                 c.workload.size = 32;
@@ -200,9 +210,9 @@ mod tests {
             }
             _ => unreachable!(),
         };
-        let ctx = BackendContext::<NdArray> {
+        let ctx = BackendContext::<Flex> {
             device: Default::default(),
-            selected: select(BackendChoice::Ndarray).unwrap(),
+            selected: select(BackendChoice::Flex).unwrap(),
             pool: None,
         };
         let cfg = MonitorConfig {
@@ -218,7 +228,7 @@ mod tests {
         assert!(v.metrics["gflops"].unwrap() > 0.0);
         assert_eq!(
             v.memory.measured.device_peak_bytes, None,
-            "ndarray has no device pool"
+            "flex has no device pool"
         );
     }
 }

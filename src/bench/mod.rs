@@ -5,6 +5,7 @@ pub mod mla;
 pub mod model;
 pub mod moe;
 pub mod mtp;
+pub mod roofline;
 
 use std::time::Instant;
 

@@ -184,8 +184,8 @@ pub fn run<B: Backend>(
         let t = v.timings.as_ref().map(|t| t.median_s);
         secs.push(t);
         let kv = match names[i] {
-            "prefill" => cfg.kv_cache_bytes(batch, plen, 4),
-            "greedy" => cfg.kv_cache_bytes(batch, plen + n, 4),
+            "prefill" => cfg.kv_cache_bytes(batch, plen, eb),
+            "greedy" => cfg.kv_cache_bytes(batch, plen + n, eb),
             // the speculative decoder's cache has room for a verify window and the drafter's
             // padded pass, and every MTP module has a cache layer of its own
             _ => per_layer(plen + n + 2 * depth + 2) * (cfg.n_layers + depth) as u64,
@@ -333,13 +333,14 @@ pub fn run<B: Backend>(
         }
     }
 
-    let mut criterion = if depth > 0 {
+    let criterion = if depth > 0 {
         Criterion::evaluate(
             "FR-004",
             "speculative_equals_greedy",
             Comparison::AtLeast,
             1.0,
-            spec_all.map(|c| c.0),
+            // both checks in the measured value (the lower fraction), so the gate can recompute it
+            spec_all.zip(ff_cmp).map(|(sp, ff)| sp.0.min(ff.0)),
             format!(
                 "fraction of the {} generated tokens (batch {batch} x {n}) identical between \
                  self-speculative decoding (MTP depth {depth}) and plain greedy decoding, the \
@@ -371,9 +372,6 @@ pub fn run<B: Backend>(
             ),
         )
     };
-    if depth > 0 && ff_ok != Some(true) {
-        criterion.passed = false;
-    }
 
     let a = &cfg.attention;
     let attn = match a.kind {
@@ -409,14 +407,14 @@ pub fn run<B: Backend>(
     };
     let mut notes = vec![
         format!(
-            "model `{}`: hidden {}, {} layers, vocab {}; {attn}; {ffn}; MTP depth {depth}; {}; \
-             prefill chunk {chunk}, key block {}",
-            o.label(),
-            super::dtype_note(o.dtype),
-            cfg.hidden,
-            cfg.n_layers,
-            cfg.vocab_size,
-            a.key_block
+            "model `{label}`: hidden {hidden}, {layers} layers, vocab {vocab}; {attn}; {ffn}; \
+             MTP depth {depth}; {dtype}; prefill chunk {chunk}, key block {key_block}",
+            label = o.label(),
+            dtype = super::dtype_note(o.dtype),
+            hidden = cfg.hidden,
+            layers = cfg.n_layers,
+            vocab = cfg.vocab_size,
+            key_block = a.key_block
         ),
         format!(
             "weights random (seed {}), nothing trained: the MTP modules are untrained, so their \
@@ -511,9 +509,9 @@ mod tests {
     use crate::config::optimization::{DecoderShape, FfnKind};
     use crate::config::{Scenario, ScenarioKind};
     use crate::nn::attention::{AttentionKind, MlaImpl};
-    use burn::backend::NdArray;
+    use burn::backend::Flex;
 
-    type B = NdArray;
+    type B = Flex;
 
     fn shape() -> DecoderShape {
         DecoderShape {
@@ -661,7 +659,7 @@ mod tests {
     }
 
     #[test]
-    fn smoke_scenario_runs_and_checks_equivalence_on_ndarray() {
+    fn smoke_scenario_runs_and_checks_equivalence_on_flex() {
         let text = include_str!("../../scenarios/smoke/model-smoke.toml");
         let s = match Scenario::parse(std::path::Path::new("model-smoke.toml"), text).unwrap() {
             Scenario::Model(m) => m,
@@ -669,7 +667,7 @@ mod tests {
         };
         let ctx = BackendContext::<B> {
             device: Default::default(),
-            selected: select(BackendChoice::Ndarray).unwrap(),
+            selected: select(BackendChoice::Flex).unwrap(),
             pool: None,
         };
         let cfg = MonitorConfig {
@@ -711,14 +709,15 @@ mod tests {
         assert_eq!(out.variants.len(), 2);
         assert!(out.criteria[0].passed && out.criteria[0].measured == Some(1.0));
 
-        // f16 parses but ndarray has no f16: exit 3 with the backends that do
+        // f16 on a device this process already used in f32: exit 3 saying why (Burn fixes a
+        // device's default dtype at its first tensor); f16 itself runs in its own process
         let mut s16 = s;
         s16.optimization.dtype = crate::config::Dtype::F16;
         let e = run(&s16, &ctx, cfg).unwrap_err();
         assert_eq!(crate::error::exit_code_of(&e), 3);
         let e = e.to_string();
         assert!(
-            e.contains("dtype f16") && e.contains("--backend wgpu"),
+            e.contains("dtype f16") && e.contains("already used the device"),
             "{e}"
         );
     }

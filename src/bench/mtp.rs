@@ -163,6 +163,11 @@ pub fn run<B: Backend>(
         std::fs::write(&path, dump.to_string())?;
     }
     let identical = greedy_out.as_ref().zip(spec).map(|(g, sp)| g == &sp.0);
+    // the fraction of sequences whose speculative output equals greedy's (SC-002-eq)
+    let identical_fraction = greedy_out.as_ref().zip(spec).map(|(g, sp)| {
+        let same = g.iter().zip(&sp.0).filter(|(a, b)| a == b).count();
+        same as f64 / g.len().max(1) as f64
+    });
     let stats = spec.and_then(|sp| sp.1.clone());
     if let Some(v) = variants.get_mut(1) {
         let mismatched = greedy_out
@@ -240,7 +245,7 @@ pub fn run<B: Backend>(
         Some(false) => "FAIL: outputs differ from greedy",
         None => "outputs not compared (a variant failed)",
     };
-    let mut criteria = vec![
+    let criteria = vec![
         Criterion::evaluate(
             "SC-002a",
             "generation_time_reduction",
@@ -257,14 +262,25 @@ pub fn run<B: Backend>(
             Comparison::AtLeast,
             s.thresholds.throughput_ratio,
             ratio,
-            format!("tokens/s speculative over greedy, same run; {same}"),
+            format!(
+                "tokens/s speculative over greedy, same run; {same}. NOTE: computed from the same \
+                 two medians as SC-002a (ratio = 1 / (1 - reduction)), so it is SC-002a restated, \
+                 not an independent measurement (separating end-to-end time from steady-state \
+                 decode throughput is the MTP issue's work)"
+            ),
+        ),
+        // equivalence first: a speedup from a decoder that generates other tokens is a bug
+        Criterion::evaluate(
+            "SC-002-eq",
+            "identical_sequence_fraction_speculative_vs_greedy",
+            Comparison::AtLeast,
+            1.0,
+            identical_fraction,
+            format!(
+                "sequences (of {batch}) whose speculative tokens equal greedy's token for token"
+            ),
         ),
     ];
-    if identical != Some(true) {
-        for c in &mut criteria {
-            c.passed = false;
-        }
-    }
     if let Some(sw) = &s.sweep {
         sweep(s, main, &full, &heldout, sw, dev, &mut variants, &mut notes);
     }

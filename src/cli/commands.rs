@@ -69,7 +69,17 @@ pub fn run(cli: &Cli) -> anyhow::Result<i32> {
             reports,
             baseline,
             noise,
-        } => gate_cmd(reports, baseline.as_deref(), *noise),
+            require,
+            allow_different_machine,
+        } => gate_cmd(
+            reports,
+            baseline.as_deref(),
+            gate::GateOptions {
+                require: require.clone(),
+                noise: *noise,
+                allow_different_machine: *allow_different_machine,
+            },
+        ),
         Command::Validate { paths } => validate(paths),
         Command::Train {
             scenario,
@@ -617,7 +627,12 @@ fn summary_markdown(s: &Summary) -> String {
     m
 }
 
-fn gate_cmd(paths: &[PathBuf], baseline: Option<&Path>, noise: f64) -> anyhow::Result<i32> {
+fn gate_cmd(
+    paths: &[PathBuf],
+    baseline: Option<&Path>,
+    opts: gate::GateOptions,
+) -> anyhow::Result<i32> {
+    let noise = opts.noise;
     if !(0.0..1.0).contains(&noise) {
         return Err(DsoptError::Usage(format!(
             "--noise {noise} must be a fraction in [0, 1), e.g. 0.05 for 5 %"
@@ -644,8 +659,11 @@ fn gate_cmd(paths: &[PathBuf], baseline: Option<&Path>, noise: f64) -> anyhow::R
         .into());
     }
     let base = baseline.map(gate::load).transpose()?;
-    let outcome = gate::gate(&reports, base.as_ref(), noise);
+    let outcome = gate::gate(&reports, base.as_ref(), &opts)?;
     println!("{}", gate::table(&outcome));
+    for n in &outcome.not_checked {
+        println!("not checked (left out by --require): {n}");
+    }
     for r in &outcome.regressions {
         println!("regression: {r}");
     }

@@ -9,7 +9,7 @@ pub fn dispatch<J: BackendJob>(
     job: J,
 ) -> Result<J::Output, DsoptError> {
     match selected.kind {
-        BackendKind::Ndarray => Ok(job.run::<burn::backend::NdArray>(BackendContext {
+        BackendKind::Flex => Ok(job.run::<burn::backend::Flex>(BackendContext {
             device: Default::default(),
             selected: selected.clone(),
             pool: None,

@@ -56,7 +56,7 @@ pub enum Command {
     /// Run one scenario on several backends and compare them side by side (time, memory per
     /// source, criteria). A backend that is not usable here is a row saying why.
     Compare {
-        /// Backends, comma-separated: ndarray,wgpu,cuda (auto is allowed too).
+        /// Backends, comma-separated: flex,wgpu,cuda (auto is allowed too).
         #[arg(long, value_enum, value_delimiter = ',', required = true)]
         backends: Vec<BackendChoice>,
         /// A scenario file, or a kind (mla, mtp, moe, calibrate) for its shipped scenario.
@@ -82,6 +82,15 @@ pub enum Command {
         /// Relative noise threshold for regressions (0.05 = 5 %).
         #[arg(long, default_value_t = 0.05)]
         noise: f64,
+        /// Gate only these criteria (comma-separated ids, e.g. SC-003a-prefill,SC-003a-decode);
+        /// by default every criterion the scenario kind must contain is required. The criteria
+        /// left out are printed as not checked.
+        #[arg(long, value_delimiter = ',', value_name = "ID,...")]
+        require: Option<Vec<String>>,
+        /// Accept a baseline measured on another machine, backend, device or with other scenario
+        /// settings (refused by default: exit 2 naming the field that differs).
+        #[arg(long)]
+        allow_different_machine: bool,
     },
     /// Train the MTP model of an SC-002 scenario (main model + D modules) and save a checkpoint.
     Train {
@@ -108,7 +117,7 @@ pub enum Command {
 /// Options shared by `bench` and `run`.
 #[derive(Args, Debug, Clone)]
 pub struct RunArgs {
-    /// Backend: auto picks CUDA, else a wgpu hardware adapter, else ndarray.
+    /// Backend: auto picks CUDA, else a wgpu hardware adapter, else flex (CPU).
     #[arg(long, value_enum, default_value_t = BackendChoice::Auto)]
     pub backend: BackendChoice,
     /// Output folder for reports.

@@ -9,7 +9,7 @@
 //! [optimization]
 //! attention = "mla"          # mha | gqa | mla（默认 mha）
 //! ffn = "moe"                # dense | moe（默认 dense）
-//! dtype = "f32"              # f32 | f16 | bf16（ndarray 只有 f32；wgpu 有 f16；CUDA 两种都有）
+//! dtype = "f32"              # f32 | f16 | bf16（flex 与 CUDA 三种都有；wgpu 有 f16）
 //! prefill_chunk = 256        # 分块预填充每块的查询 token 数
 //! key_block = 512            # 注意力按键分块的块大小（在线 softmax）
 //!

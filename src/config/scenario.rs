@@ -71,7 +71,7 @@ impl ScenarioKind {
 }
 
 /// 数值类型（参数、KV 缓存与激活；softmax 统计量与路由分数总在 f32 中算）。
-/// ndarray 只支持 `f32`；wgpu 支持 `f16`（适配器有 SHADER_F16 时，Mesa lavapipe 有）；CUDA 支持
+/// CPU 后端 flex 支持 `f32`、`f16`、`bf16`（bf16 矩阵乘在 flex 里每次转成 f32 计算，较慢）；wgpu 支持 `f16`（适配器有 SHADER_F16 时，Mesa lavapipe 有）；CUDA 支持
 /// `f16` 与 `bf16`。
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]

@@ -177,13 +177,22 @@ fn mla(c: &mut Checker, s: &MlaScenario) {
             );
         }
     }
-    for needed in ["mha", "mla_absorbed"] {
+    for (needed, why) in [
+        ("mha", "the SC-001 criteria compare mla_absorbed with mha"),
+        (
+            "mla_absorbed",
+            "the SC-001 criteria compare mla_absorbed with mha",
+        ),
+        (
+            "mla_naive",
+            "SC-001-eq checks mla_absorbed against mla_naive on the same weights; without \
+             that check the absorbed variant's memory figures cannot count",
+        ),
+    ] {
         if !a.variants.iter().any(|v| v == needed) {
             c.fail(
                 "attention.variants",
-                format!(
-                    "must include `{needed}`: the SC-001 criteria compare mla_absorbed with mha"
-                ),
+                format!("must include `{needed}`: {why}"),
                 format!("add \"{needed}\" to the list"),
             );
         }

@@ -1,4 +1,4 @@
-//! 主机内存计数分配器：记录当前与峰值字节数（ndarray 后端下是精确的内存测量）。
+//! 主机内存计数分配器：记录当前与峰值字节数（CPU 后端 flex 下是精确的内存测量）。
 //!
 //! The library does not install it; the `dsopt` binary does (`#[global_allocator]`), and so
 //! can any program that links the library. When it is not installed, readings are `None`.
@@ -8,6 +8,9 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 static CURRENT: AtomicUsize = AtomicUsize::new(0);
 static PEAK: AtomicUsize = AtomicUsize::new(0);
+/// Bytes ever allocated (monotonic): the difference over a stretch of code is what it allocated,
+/// freed or not (a hidden copy of a cache shows here even when it is freed at once).
+static ALLOCATED: AtomicUsize = AtomicUsize::new(0);
 static INSTALLED: AtomicBool = AtomicBool::new(false);
 
 /// 计数全局分配器：包装系统分配器。在二进制中用
@@ -16,6 +19,7 @@ pub struct CountingAlloc;
 
 #[inline]
 fn add(size: usize) {
+    ALLOCATED.fetch_add(size, Ordering::Relaxed);
     let now = CURRENT.fetch_add(size, Ordering::Relaxed) + size;
     PEAK.fetch_max(now, Ordering::Relaxed);
 }
@@ -72,6 +76,11 @@ pub fn current() -> Option<u64> {
 /// Peak heap bytes since the last [`reset_peak`] (None when not installed).
 pub fn peak() -> Option<u64> {
     installed().then(|| PEAK.load(Ordering::Relaxed) as u64)
+}
+
+/// Bytes allocated since the process started, freed or not (None when not installed).
+pub fn allocated() -> Option<u64> {
+    installed().then(|| ALLOCATED.load(Ordering::Relaxed) as u64)
 }
 
 /// Starts a new peak window at the current level; returns that level.

@@ -14,16 +14,16 @@ pub struct Timings {
     pub mean_s: f64,
     /// 中位数。
     pub median_s: f64,
-    /// 样本标准差（n-1）；单个样本时为 0。
-    pub stddev_s: f64,
-    /// 变异系数 stddev/mean。
-    pub cv: f64,
+    /// 样本标准差（n-1）；少于 2 个样本时为 null（无法估计离散程度，不写 0）。
+    pub stddev_s: Option<f64>,
+    /// 变异系数 stddev/mean；少于 2 个样本时为 null。
+    pub cv: Option<f64>,
     /// 最小值。
     pub min_s: f64,
     /// 最大值。
     pub max_s: f64,
-    /// 第 90 百分位（线性插值）。
-    pub p90_s: f64,
+    /// 第 90 百分位（线性插值）；少于 2 个样本时为 null。
+    pub p90_s: Option<f64>,
     /// 离群样本的下标（修正 z 分数 > 3.5，基于中位数/MAD）。
     #[serde(default)]
     pub outliers: Vec<usize>,
@@ -37,22 +37,19 @@ impl Timings {
         }
         let n = samples.len() as f64;
         let mean = samples.iter().sum::<f64>() / n;
-        let var = if samples.len() > 1 {
-            samples.iter().map(|s| (s - mean).powi(2)).sum::<f64>() / (n - 1.0)
-        } else {
-            0.0
-        };
-        let stddev = var.sqrt();
+        let spread = samples.len() > 1;
+        let stddev = spread
+            .then(|| (samples.iter().map(|s| (s - mean).powi(2)).sum::<f64>() / (n - 1.0)).sqrt());
         let mut sorted = samples.clone();
         sorted.sort_by(|a, b| a.total_cmp(b));
         Some(Timings {
             mean_s: mean,
             median_s: percentile(&sorted, 50.0),
             stddev_s: stddev,
-            cv: if mean > 0.0 { stddev / mean } else { 0.0 },
+            cv: stddev.filter(|_| mean > 0.0).map(|sd| sd / mean),
             min_s: sorted[0],
             max_s: sorted[sorted.len() - 1],
-            p90_s: percentile(&sorted, 90.0),
+            p90_s: spread.then(|| percentile(&sorted, 90.0)),
             outliers: mad_outliers(&samples),
             samples_s: samples,
             warmup_s: warmup,
@@ -152,8 +149,8 @@ pub fn warnings(t: &Timings, first_run_s: Option<f64>) -> Vec<TimingWarning> {
             n: t.samples_s.len(),
         });
     }
-    if t.samples_s.len() >= 2 && t.cv > HIGH_CV {
-        w.push(TimingWarning::HighVariation { cv: t.cv });
+    if let Some(cv) = t.cv.filter(|cv| *cv > HIGH_CV) {
+        w.push(TimingWarning::HighVariation { cv });
     }
     if !t.outliers.is_empty() {
         w.push(TimingWarning::Outliers {
@@ -185,10 +182,10 @@ mod tests {
         let t = Timings::from_samples(vec![5.0, 1.0, 4.0, 2.0, 3.0], vec![9.0]).unwrap();
         assert!(close(t.mean_s, 3.0));
         assert!(close(t.median_s, 3.0));
-        assert!(close(t.stddev_s, 2.5f64.sqrt()));
-        assert!(close(t.cv, 2.5f64.sqrt() / 3.0));
+        assert!(close(t.stddev_s.unwrap(), 2.5f64.sqrt()));
+        assert!(close(t.cv.unwrap(), 2.5f64.sqrt() / 3.0));
         assert!(close(t.min_s, 1.0) && close(t.max_s, 5.0));
-        assert!(close(t.p90_s, 4.6));
+        assert!(close(t.p90_s.unwrap(), 4.6));
         assert_eq!(t.samples_s, vec![5.0, 1.0, 4.0, 2.0, 3.0], "order kept");
         assert_eq!(t.warmup_s, vec![9.0]);
         assert!(t.outliers.is_empty());
@@ -199,7 +196,10 @@ mod tests {
         let t = Timings::from_samples(vec![4.0, 1.0, 3.0, 2.0], vec![]).unwrap();
         assert!(close(t.median_s, 2.5));
         let one = Timings::from_samples(vec![0.5], vec![]).unwrap();
-        assert!(close(one.stddev_s, 0.0) && close(one.p90_s, 0.5) && close(one.cv, 0.0));
+        // one sample: no spread to estimate; null, never 0
+        assert!(one.stddev_s.is_none() && one.p90_s.is_none() && one.cv.is_none());
+        let v = serde_json::to_value(&one).unwrap();
+        assert!(v["stddev_s"].is_null() && v["cv"].is_null() && v["p90_s"].is_null());
         assert!(Timings::from_samples(vec![], vec![]).is_none());
         assert!(Timings::from_samples(vec![1.0, f64::NAN], vec![]).is_none());
     }

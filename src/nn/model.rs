@@ -52,7 +52,7 @@ impl DecoderConfig {
     /// Builds the model on `device` with every routed expert on the host instead: the device
     /// model has no routed expert parameters (they are never materialised there; Burn
     /// parameters are lazy), and `host[layer][expert]` holds their weights, drawn from the
-    /// NdArray RNG (seed it first). Layers are indexed as in the model (dense layers get an
+    /// Flex RNG (seed it first). Layers are indexed as in the model (dense layers get an
     /// empty list).
     pub fn init_offloaded<B: Backend>(
         &self,
@@ -73,7 +73,7 @@ impl DecoderConfig {
                     moe.experts.clear(); // lazy parameters: nothing was allocated
                     (0..n)
                         .map(|_| HostExpert {
-                            weights: SwiGlu::<burn::backend::NdArray>::new(
+                            weights: SwiGlu::<burn::backend::Flex>::new(
                                 c.dim,
                                 c.moe_inter_dim,
                                 &host_dev,
@@ -94,14 +94,12 @@ impl DecoderConfig {
         let d = self.hidden;
         let attn = match self.attention.kind {
             AttentionKind::Mha | AttentionKind::Gqa => {
-                MhaAttention::<burn::backend::NdArray>::params(d, &self.attention)
+                MhaAttention::<burn::backend::Flex>::params(d, &self.attention)
             }
-            AttentionKind::Mla => {
-                MlaAttention::<burn::backend::NdArray>::params(d, &self.attention)
-            }
+            AttentionKind::Mla => MlaAttention::<burn::backend::Flex>::params(d, &self.attention),
         };
         let ffn = match &self.moe {
-            None => SwiGlu::<burn::backend::NdArray>::params(d, self.ffn_hidden),
+            None => SwiGlu::<burn::backend::Flex>::params(d, self.ffn_hidden),
             Some(m) => m.total_params(),
         };
         let layer = attn + ffn + 2 * d;

@@ -168,10 +168,10 @@ impl<B: Backend> MtpModel<B> {
 mod tests {
     use super::*;
     use crate::nn::attention::AttentionConfig;
-    use burn::backend::NdArray;
+    use burn::backend::Flex;
     use burn::tensor::TensorData;
 
-    type B = NdArray;
+    type B = Flex;
 
     fn config() -> DecoderConfig {
         DecoderConfig {

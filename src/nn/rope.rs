@@ -83,9 +83,9 @@ pub fn apply<B: Backend>(x: Tensor<B, 3>, starts: &[usize], theta: f64) -> Tenso
 #[cfg(test)]
 mod tests {
     use super::*;
-    use burn::backend::NdArray;
+    use burn::backend::Flex;
 
-    type B = NdArray;
+    type B = Flex;
 
     #[test]
     fn rotates_pairs_by_position_times_frequency() {

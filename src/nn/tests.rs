@@ -1,14 +1,14 @@
 //! Equivalence tests for the model: absorbed == naive MLA, cached decode == full forward,
 //! chunked prefill == unchunked, analytic sizes == actual tensors.
 
-use burn::backend::NdArray;
+use burn::backend::Flex;
 use burn::module::Module;
 use burn::tensor::{backend::Backend, Int, Tensor, TensorData};
 
 use super::attention::{AttentionConfig, AttentionKind, MlaImpl};
 use super::model::{Decoder, DecoderConfig};
 
-type B = NdArray;
+type B = Flex;
 
 fn config(kind: AttentionKind, mla_impl: MlaImpl) -> DecoderConfig {
     let mut a = AttentionConfig::mha(4, 8);

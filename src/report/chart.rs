@@ -598,7 +598,7 @@ mod tests {
                 gpus: vec![],
             },
             backend: BackendReport {
-                name: "ndarray".into(),
+                name: "flex".into(),
                 device: "cpu".into(),
                 features: vec![],
             },

@@ -45,7 +45,7 @@ pub struct VariantCell {
 /// 一个后端的一行。
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct BackendEntry {
-    /// 请求的后端（`ndarray`、`wgpu`、`cuda`、`auto`）。
+    /// 请求的后端（`flex`、`wgpu`、`cuda`、`auto`）。
     pub backend: String,
     /// 实际设备（运行了才有）。
     pub device: Option<String>,
@@ -388,7 +388,7 @@ mod tests {
             wall_time_s: 1.5,
             machine: crate::machine::MachineInfo::capture(),
             backend: crate::report::BackendReport {
-                name: "ndarray".into(),
+                name: "flex".into(),
                 device: "cpu".into(),
                 features: vec![],
             },
@@ -405,7 +405,7 @@ mod tests {
     #[test]
     fn unavailable_backend_is_a_row_and_does_not_decide_the_exit_code() {
         let rows = vec![
-            BackendEntry::ran("ndarray", &report(true), Some("r.json".into())),
+            BackendEntry::ran("flex", &report(true), Some("r.json".into())),
             BackendEntry::not_run("cuda", true, "libcuda.so.1 not found".into(), 3),
         ];
         let c = CompareReport::new("s.toml", "SC-001", rows, "now".into());
@@ -424,7 +424,7 @@ mod tests {
     #[test]
     fn a_failing_backend_fails_the_comparison() {
         let rows = vec![
-            BackendEntry::ran("ndarray", &report(true), None),
+            BackendEntry::ran("flex", &report(true), None),
             BackendEntry::ran("wgpu", &report(false), None),
         ];
         let c = CompareReport::new("s.toml", "SC-001", rows, "now".into());
@@ -447,7 +447,7 @@ mod tests {
             "s.toml",
             "SC-001",
             vec![
-                BackendEntry::ran("ndarray", &report(true), None),
+                BackendEntry::ran("flex", &report(true), None),
                 BackendEntry::not_run("wgpu", false, "out of memory".into(), 3),
             ],
             "now".into(),

@@ -48,7 +48,7 @@ pub struct Report {
 /// 后端信息。
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct BackendReport {
-    /// `ndarray`、`wgpu` 或 `cuda`。
+    /// `flex`、`wgpu` 或 `cuda`。
     pub name: String,
     /// 设备描述（wgpu 为适配器名称与类型）。
     pub device: String,
@@ -175,6 +175,11 @@ pub struct Criterion {
     pub passed: bool,
     /// 说明（基线、规模、测量方式）。
     pub note: String,
+    /// 不适用的原因（该后端上无法测量这一项，例如 CPU 后端没有独立的设备内存可供卸载）。
+    /// 不适用的标准 `measured` 为 null、`passed` 为 false：它永远不算通过，门禁只在用户用
+    /// `--require` 明确排除它时才不因它失败。
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_applicable: Option<String>,
 }
 
 impl Criterion {
@@ -196,8 +201,77 @@ impl Criterion {
             passed: measured.is_some_and(|m| comparison.passes(m, threshold)),
             measured,
             note: note.into(),
+            not_applicable: None,
         }
     }
+
+    /// A criterion that cannot be measured on this backend: present, unmeasured, never passed,
+    /// with the reason.
+    pub fn not_applicable(
+        id: &str,
+        metric: &str,
+        comparison: Comparison,
+        threshold: f64,
+        reason: impl Into<String>,
+    ) -> Criterion {
+        let reason = reason.into();
+        Criterion {
+            id: id.into(),
+            metric: metric.into(),
+            comparison,
+            threshold,
+            measured: None,
+            passed: false,
+            note: format!("not applicable: {reason}"),
+            not_applicable: Some(reason),
+        }
+    }
+
+    /// What `passed` must be, recomputed from the measured value, comparison and threshold
+    /// (the gate trusts nothing stored): an unmeasured, non-finite or not-applicable value never
+    /// passes.
+    pub fn recomputed_pass(&self) -> bool {
+        self.not_applicable.is_none()
+            && self
+                .measured
+                .is_some_and(|m| m.is_finite() && self.comparison.passes(m, self.threshold))
+    }
+}
+
+/// The largest absolute difference between two equally long series, NaN-propagating (a NaN on
+/// either side makes the result NaN, which no tolerance passes; `f64::max` would drop it).
+pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f64 {
+    if a.len() != b.len() {
+        return f64::NAN;
+    }
+    a.iter().zip(b).fold(0.0f64, |m, (x, y)| {
+        let d = (*x as f64 - *y as f64).abs();
+        if d.is_nan() || m.is_nan() {
+            f64::NAN
+        } else {
+            m.max(d)
+        }
+    })
+}
+
+/// The criterion ids a report of scenario `kind` must contain (`None` for an unknown kind);
+/// `scenario_id` is the calibration scenario's own id.
+pub fn expected_criteria(kind: &str, scenario_id: &str) -> Option<Vec<String>> {
+    let ids: &[&str] = match kind {
+        "calibrate" => return Some(vec![scenario_id.to_string()]),
+        "mla" => &["SC-001a", "SC-001b", "SC-001-eq", "SC-001-eq-tokens"],
+        "mtp" => &["SC-002a", "SC-002b", "SC-002-eq"],
+        "moe" => &[
+            "SC-003a-prefill",
+            "SC-003a-decode",
+            "SC-003b",
+            "SC-003b-peak",
+            "SC-003b-eq",
+        ],
+        "model" => &["FR-004"],
+        _ => return None,
+    };
+    Some(ids.iter().map(|s| s.to_string()).collect())
 }
 
 /// 总判定。
@@ -294,6 +368,27 @@ mod tests {
         assert_eq!(Verdict::of(&[p.clone(), f.clone()]), Verdict::Fail);
         assert_eq!(Verdict::of(&[p, f, e]), Verdict::Error);
         assert_eq!(Verdict::of(&[]), Verdict::Error);
+    }
+
+    #[test]
+    fn recomputation_ignores_the_stored_flag_and_not_applicable_never_passes() {
+        let mut c = Criterion::evaluate("A", "m", Comparison::AtLeast, 0.4, Some(0.3), "");
+        c.passed = true; // doctored
+        assert!(!c.recomputed_pass());
+        let mut c = Criterion::evaluate("A", "m", Comparison::AtLeast, 0.4, None, "");
+        c.passed = true;
+        assert!(!c.recomputed_pass());
+        let na = Criterion::not_applicable("B", "m", Comparison::AtMost, 1.0, "no device");
+        assert!(!na.passed && !na.recomputed_pass() && na.measured.is_none());
+        assert_eq!(Verdict::of(&[na]), Verdict::Error);
+    }
+
+    #[test]
+    fn max_abs_diff_propagates_nan() {
+        assert_eq!(max_abs_diff(&[1.0, 2.0], &[1.5, 2.0]), 0.5);
+        assert!(max_abs_diff(&[1.0, f32::NAN], &[1.0, 2.0]).is_nan());
+        assert!(max_abs_diff(&[f32::NAN, 1.0], &[1.0, 1.0]).is_nan());
+        assert!(max_abs_diff(&[1.0], &[1.0, 2.0]).is_nan());
     }
 
     #[test]

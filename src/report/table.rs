@@ -25,12 +25,16 @@ pub fn variants_table(r: &Report) -> Table {
         "device peak",
         "nvml peak",
         "equivalent",
+        "speed (roofline)",
     ]);
     for v in &r.variants {
         let (med, cv) = v
             .timings
             .as_ref()
-            .map(|t| (secs_h(t.median_s), format!("{:.1}%", t.cv * 100.0)))
+            .map(|t| {
+                let cv = t.cv.map(|cv| format!("{:.1}%", cv * 100.0));
+                (secs_h(t.median_s), cv.unwrap_or_else(|| "—".into()))
+            })
             .unwrap_or(("—".into(), "—".into()));
         let m = &v.memory.measured;
         let eq = match v.equivalence.passed {
@@ -52,9 +56,38 @@ pub fn variants_table(r: &Report) -> Table {
             bytes_h(m.device_peak_bytes),
             bytes_h(m.nvml_peak_bytes),
             eq,
+            key_figures(v).join("\n"),
         ]);
     }
     t
+}
+
+/// A variant's speeds beside the limits they run against: decode tokens/s with the fraction of
+/// the measured read bandwidth, prefill tokens/s with the fraction of the measured GEMM
+/// throughput (only the figures the variant has).
+pub fn key_figures(v: &VariantReport) -> Vec<String> {
+    let get = |k: &str| v.metrics.get(k).copied().flatten();
+    let pct = |x: Option<f64>, what: &str| {
+        x.map(|f| format!(" · {:.0} % {what}", f * 100.0))
+            .unwrap_or_default()
+    };
+    let mut out = Vec::new();
+    if let Some(t) = get("decode_tokens_per_s") {
+        out.push(format!(
+            "decode {t:.1} tok/s{}",
+            pct(get("decode_read_bandwidth_fraction"), "of read BW")
+        ));
+    }
+    if let Some(t) = get("prefill_tokens_per_s") {
+        out.push(format!(
+            "prefill {t:.1} tok/s{}",
+            pct(get("prefill_gemm_fraction"), "of GEMM")
+        ));
+    }
+    if out.is_empty() {
+        out.push("—".into());
+    }
+    out
 }
 
 /// Criteria with their verdicts.

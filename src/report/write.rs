@@ -130,15 +130,17 @@ pub fn to_csv(report: &Report) -> anyhow::Result<Vec<u8>> {
         row("status", format!("{:?}", v.status).to_lowercase(), "")?;
         if let Some(t) = &v.timings {
             for (k, x) in [
-                ("mean_s", t.mean_s),
-                ("median_s", t.median_s),
+                ("mean_s", Some(t.mean_s)),
+                ("median_s", Some(t.median_s)),
                 ("stddev_s", t.stddev_s),
                 ("cv", t.cv),
-                ("min_s", t.min_s),
-                ("max_s", t.max_s),
+                ("min_s", Some(t.min_s)),
+                ("max_s", Some(t.max_s)),
                 ("p90_s", t.p90_s),
             ] {
-                row(k, format!("{x}"), if k == "cv" { "" } else { "s" })?;
+                // an unmeasured statistic (one sample: no spread) is an empty cell, not 0
+                let x = x.map(|x| format!("{x}")).unwrap_or_default();
+                row(k, x, if k == "cv" { "" } else { "s" })?;
             }
             row("samples", t.samples_s.len().to_string(), "")?;
         }
@@ -306,14 +308,15 @@ pub fn to_markdown(r: &Report) -> String {
     let _ = writeln!(s, "\n## 变体\n");
     let _ = writeln!(
         s,
-        "| 变体 | 状态 | 中位数 | 均值 | CV | 样本数 | 主机峰值 | 设备峰值 | NVML 峰值 | 等价性 |\n|---|---|---|---|---|---|---|---|---|---|"
+        "| 变体 | 状态 | 中位数 | 均值 | CV | 样本数 | 主机峰值 | 设备峰值 | NVML 峰值 | 等价性 | 速度（占实测上限） |\n|---|---|---|---|---|---|---|---|---|---|---|"
     );
     for v in &r.variants {
         let (med, mean, cv, n) = match &v.timings {
             Some(t) => (
                 secs_h(t.median_s),
                 secs_h(t.mean_s),
-                format!("{:.1} %", t.cv * 100.0),
+                t.cv.map(|cv| format!("{:.1} %", cv * 100.0))
+                    .unwrap_or_else(|| "—".into()),
                 t.samples_s.len().to_string(),
             ),
             None => ("—".into(), "—".into(), "—".into(), "0".into()),
@@ -336,12 +339,13 @@ pub fn to_markdown(r: &Report) -> String {
         let m = &v.memory.measured;
         let _ = writeln!(
             s,
-            "| {} | {} | {med} | {mean} | {cv} | {n} | {} | {} | {} | {eq} |",
+            "| {} | {} | {med} | {mean} | {cv} | {n} | {} | {} | {} | {eq} | {} |",
             v.name,
             status.replace('|', "/"),
             bytes_h(m.host_peak_bytes),
             bytes_h(m.device_peak_bytes),
             bytes_h(m.nvml_peak_bytes),
+            super::table::key_figures(v).join("<br>"),
         );
     }
     let metrics: Vec<_> = r

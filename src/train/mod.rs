@@ -1,7 +1,7 @@
 //! 训练主模型与 MTP 模块（`dsopt train`，以及 `dsopt bench mtp` 缺检查点时）。
 //!
 //! 损失 = 主模型交叉熵 + (λ/D)·Σ_k 第 k 深度交叉熵；AdamW、线性预热后余弦衰减、梯度范数裁剪 1.0。
-//! 训练在 CPU 上用 Burn 的 Autodiff<NdArray> 进行（只实例化这一种 Autodiff 后端以控制编译
+//! 训练在 CPU 上用 Burn 的 Autodiff<Flex> 进行（只实例化这一种 Autodiff 后端以控制编译
 //! 时间）；得到的检查点（Burn 记录 + JSON 配置）可在任何后端上加载用于解码与基准。
 
 pub mod corpus;
@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::Context;
-use burn::backend::{Autodiff, NdArray};
+use burn::backend::{Autodiff, Flex};
 use burn::module::{AutodiffModule, Module};
 use burn::nn::loss::CrossEntropyLossConfig;
 use burn::optim::{AdamWConfig, GradientsParams, Optimizer};
@@ -276,9 +276,9 @@ pub fn learning_rate(step: usize, s: &MtpTrain) -> f64 {
     peak * (0.1 + 0.9 * 0.5 * (1.0 + (std::f64::consts::PI * t).cos()))
 }
 
-type TrainBackend = Autodiff<NdArray>;
+type TrainBackend = Autodiff<Flex>;
 
-/// Trains a fresh model and its D MTP modules on `corpus` (CPU, Autodiff<NdArray>) and
+/// Trains a fresh model and its D MTP modules on `corpus` (CPU, Autodiff<Flex>) and
 /// returns the trained model (inference backend) and a summary.
 pub fn train(
     model_cfg: &DecoderConfig,
@@ -286,7 +286,7 @@ pub fn train(
     s: &MtpTrain,
     corpus: &Corpus,
     progress: bool,
-) -> (MtpModel<NdArray>, TrainSummary) {
+) -> (MtpModel<Flex>, TrainSummary) {
     let device = Default::default();
     TrainBackend::seed(&device, s.seed);
     let mut model = MtpModel::<TrainBackend>::new(model_cfg, depth, &device);
@@ -339,7 +339,7 @@ pub fn train(
         before,
         after,
         corpus: corpus.description.clone(),
-        backend: "ndarray (Autodiff, CPU)".into(),
+        backend: "flex (Autodiff, CPU)".into(),
     };
     (trained, summary)
 }
@@ -530,7 +530,7 @@ mod tests {
         save(model.clone(), &meta, &corpus.heldout, dir.path()).unwrap();
         assert_eq!(read_heldout(dir.path()).unwrap(), corpus.heldout);
         let back = read_meta(dir.path()).unwrap().expect("complete checkpoint");
-        let loaded = load::<NdArray>(dir.path(), &back, &Default::default()).unwrap();
+        let loaded = load::<Flex>(dir.path(), &back, &Default::default()).unwrap();
         let e1 = evaluate(&model, &corpus, &t);
         let e2 = evaluate(&loaded, &corpus, &t);
         assert_eq!(e1, e2, "saved and loaded models score identically");

@@ -242,9 +242,9 @@ pub fn reference<B: Backend>(
 mod tests {
     use super::*;
     use crate::bench::calibrate::pseudo_random;
-    use burn::backend::NdArray;
+    use burn::backend::Flex;
 
-    type B = NdArray;
+    type B = Flex;
 
     fn t4(shape: [usize; 4], seed: u64) -> Tensor<B, 4> {
         let n = shape.iter().product();

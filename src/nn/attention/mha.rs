@@ -4,7 +4,7 @@ use burn::module::Module;
 use burn::nn::{Linear, LinearConfig};
 use burn::tensor::{backend::Backend, Tensor};
 
-use super::{append, blocked, max_end, AttentionConfig, LayerCache};
+use super::{append, blocked, cache_write, max_end, AttentionConfig, LayerCache};
 use crate::nn::rope;
 
 /// MHA / GQA：`n_kv_heads` 个 K/V 头，每 `n_heads / n_kv_heads` 个查询头共享一个。
@@ -50,8 +50,8 @@ impl<B: Backend> MhaAttention<B> {
     pub fn new_cache(&self, batch: usize, capacity: usize, device: &B::Device) -> LayerCache<B> {
         let shape = [batch, self.n_kv_heads, capacity, self.head_dim];
         LayerCache {
-            k: Some(Tensor::zeros(shape, device)),
-            v: Some(Tensor::zeros(shape, device)),
+            k: Some(cache_write::zeros(shape, device)),
+            v: Some(cache_write::zeros(shape, device)),
             absorbed: None,
         }
     }

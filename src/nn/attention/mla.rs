@@ -18,7 +18,7 @@ use burn::nn::{Linear, LinearConfig, RmsNorm, RmsNormConfig};
 use burn::tensor::{backend::Backend, Tensor};
 use serde::{Deserialize, Serialize};
 
-use super::{append, blocked, max_end, AttentionConfig, LayerCache};
+use super::{append, blocked, cache_write, max_end, AttentionConfig, LayerCache};
 use crate::nn::rope;
 
 /// MLA 的实现方式。
@@ -137,7 +137,7 @@ impl<B: Backend> MlaAttention<B> {
         let h = self.n_heads;
         match self.implementation {
             MlaImpl::Naive => LayerCache {
-                k: Some(Tensor::zeros(
+                k: Some(cache_write::zeros(
                     [
                         batch,
                         h,
@@ -146,11 +146,14 @@ impl<B: Backend> MlaAttention<B> {
                     ],
                     device,
                 )),
-                v: Some(Tensor::zeros([batch, h, capacity, self.v_head_dim], device)),
+                v: Some(cache_write::zeros(
+                    [batch, h, capacity, self.v_head_dim],
+                    device,
+                )),
                 absorbed: None,
             },
             MlaImpl::Absorbed => LayerCache {
-                k: Some(Tensor::zeros(
+                k: Some(cache_write::zeros(
                     [
                         batch,
                         1,

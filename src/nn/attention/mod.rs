@@ -1,6 +1,7 @@
 //! 注意力：配置、KV 缓存与三种实现（MHA/GQA、MLA 朴素、MLA 吸收）。
 
 pub mod blocked;
+pub mod cache_write;
 pub mod mha;
 pub mod mla;
 
@@ -158,7 +159,7 @@ impl<B: Backend> KvCache<B> {
                     while i < len {
                         let e = (i + BLOCK).min(len);
                         let fill = Tensor::<B, 4>::full([b, g, e - i, d], value, &x.device());
-                        x = x.slice_assign([0..b, 0..g, i..e, 0..d], fill);
+                        x = cache_write::write_rows(x, fill, &vec![i; b]);
                         i = e;
                     }
                     *t = Some(x);
@@ -174,28 +175,13 @@ pub(crate) fn max_end(starts: &[usize], s: usize) -> usize {
     starts.iter().max().copied().unwrap_or(0) + s
 }
 
-/// Writes `new` `[b, g, s, d]` at positions `starts[i]..starts[i]+s` of sequence `i` of `slot`
-/// (in place when unique; one write when every sequence starts at the same position).
+/// Writes `new` `[b, g, s, d]` at positions `starts[i]..starts[i]+s` of sequence `i` of `slot`,
+/// in place (see [`cache_write`]: one write for the whole batch, no copy of the cache).
 pub(crate) fn append<B: Backend>(
     slot: &mut Option<Tensor<B, 4>>,
     new: Tensor<B, 4>,
     starts: &[usize],
 ) {
-    let [b, g, s, d] = new.dims();
-    let mut cache = slot.take().expect("cache tensor present");
-    let cap = cache.dims()[2];
-    assert!(
-        starts.iter().all(|&st| st + s <= cap),
-        "KV cache overflow: capacity {cap}"
-    );
-    match crate::nn::rope::uniform(starts) {
-        Some(st) => cache = cache.slice_assign([0..b, 0..g, st..st + s, 0..d], new),
-        None => {
-            for (i, &st) in starts.iter().enumerate() {
-                let row = new.clone().slice([i..i + 1, 0..g, 0..s, 0..d]);
-                cache = cache.slice_assign([i..i + 1, 0..g, st..st + s, 0..d], row);
-            }
-        }
-    }
-    *slot = Some(cache);
+    let cache = slot.take().expect("cache tensor present");
+    *slot = Some(cache_write::write_rows(cache, new, starts));
 }

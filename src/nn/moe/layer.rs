@@ -43,14 +43,14 @@ impl MoeConfig {
 
     /// Total parameters (router + every expert + shared).
     pub fn total_params(&self) -> usize {
-        let e = SwiGlu::<burn::backend::NdArray>::params(self.dim, self.moe_inter_dim);
+        let e = SwiGlu::<burn::backend::Flex>::params(self.dim, self.moe_inter_dim);
         self.dim * self.router.n_routed_experts
             + e * (self.router.n_routed_experts + self.n_shared_experts)
     }
 
     /// Parameters used per token (router + k routed + shared).
     pub fn active_params(&self) -> usize {
-        let e = SwiGlu::<burn::backend::NdArray>::params(self.dim, self.moe_inter_dim);
+        let e = SwiGlu::<burn::backend::Flex>::params(self.dim, self.moe_inter_dim);
         self.dim * self.router.n_routed_experts
             + e * (self.router.num_experts_per_tok + self.n_shared_experts)
     }
@@ -226,10 +226,10 @@ mod tests {
     use super::*;
     use crate::bench::calibrate::pseudo_random;
     use crate::nn::moe::router::ScoreFunc;
-    use burn::backend::NdArray;
+    use burn::backend::Flex;
     use burn::module::Module;
 
-    type B = NdArray;
+    type B = Flex;
 
     fn config(score: ScoreFunc, groups: usize) -> MoeConfig {
         MoeConfig {

@@ -224,11 +224,11 @@ mod tests {
     use crate::nn::attention::AttentionConfig;
     use crate::nn::moe::{LoadStats, MoeConfig, RouterConfig, Routing, ScoreFunc};
     use crate::nn::DecoderConfig;
-    use burn::backend::NdArray;
+    use burn::backend::Flex;
     use burn::module::Module;
     use burn::tensor::{Int, Tensor};
 
-    type B = NdArray;
+    type B = Flex;
 
     fn moe() -> MoeConfig {
         MoeConfig {

@@ -1,0 +1,332 @@
+//! 屋顶线（roofline）：本机/本设备的实测上限（读带宽、GEMM 吞吐），以及每个变体每 token
+//! 读多少字节、做多少浮点运算——报告里每个速度都和它所对的上限放在一起。
+//!
+//! Limits are measured in the run that uses them (a second or two on the CPU), never looked up:
+//! - read bandwidth: on the CPU backend a plain streaming read of a host buffer much larger than
+//!   the last cache level, on every thread (not the backend's own matmul, which would make the
+//!   fraction self-referential); on a GPU backend a device reduction (`sum`) over a large
+//!   tensor, which reads every byte once;
+//! - GEMM throughput: a square matmul with the selected backend in the run's dtype.
+//!
+//! Bytes and FLOPs per token are analytic, from the model configuration; a unit test checks them
+//! against the sizes of the real parameter and cache tensors.
+
+use std::time::Instant;
+
+use burn::tensor::{backend::Backend, Distribution, Tensor};
+use serde::Serialize;
+
+use crate::backend::BackendContext;
+use crate::nn::attention::{AttentionKind, MlaImpl};
+use crate::nn::model::DecoderConfig;
+
+/// 实测上限。
+#[derive(Debug, Clone, Serialize, Default)]
+pub struct Limits {
+    /// 读带宽 GB/s（10^9 字节每秒）；未测为 None。
+    pub read_gb_per_s: Option<f64>,
+    /// 读带宽怎么测的。
+    pub read_method: String,
+    /// GEMM 吞吐 GFLOP/s；未测为 None。
+    pub gemm_gflop_per_s: Option<f64>,
+    /// GEMM 的规模与数值类型。
+    pub gemm_method: String,
+}
+
+impl Limits {
+    /// One line for the report's notes.
+    pub fn note(&self) -> String {
+        let f = |x: Option<f64>, unit: &str| {
+            x.map(|v| format!("{v:.1} {unit}"))
+                .unwrap_or_else(|| "not measured".into())
+        };
+        format!(
+            "roofline limits measured in this run: read {} ({}); GEMM {} ({})",
+            f(self.read_gb_per_s, "GB/s"),
+            self.read_method,
+            f(self.gemm_gflop_per_s, "GFLOP/s"),
+            self.gemm_method
+        )
+    }
+}
+
+/// Sizes of the limit measurements: large on real hardware, small on lavapipe (wgpu on the
+/// CPU, where the figure only exercises the code path).
+fn sizes<B: Backend>(ctx: &BackendContext<B>) -> (usize, usize) {
+    use crate::backend::{AdapterType, BackendKind};
+    match ctx.selected.kind {
+        BackendKind::Flex => (512 << 20, 2048),
+        BackendKind::Cuda => (2 << 30, 8192),
+        BackendKind::Wgpu if ctx.selected.wgpu_adapter == Some(AdapterType::Cpu) => (64 << 20, 256),
+        BackendKind::Wgpu => (1 << 30, 4096),
+    }
+}
+
+/// Measures the limits for this backend (best of a few repetitions, after one warm-up).
+pub fn measure<B: Backend>(ctx: &BackendContext<B>) -> Limits {
+    let (read_bytes, n) = sizes(ctx);
+    let dev = &ctx.device;
+    let (read, read_method) = if ctx.pool.is_none() {
+        let threads = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1);
+        (
+            host_read_gb_per_s(read_bytes, threads),
+            format!(
+                "streaming read of a {} MiB host buffer on {threads} threads",
+                read_bytes >> 20
+            ),
+        )
+    } else {
+        (
+            device_read_gb_per_s::<B>(read_bytes, dev),
+            format!("device sum over a {} MiB tensor (f32)", read_bytes >> 20),
+        )
+    };
+    let a = Tensor::<B, 2>::random([n, n], Distribution::Uniform(-1.0, 1.0), dev);
+    let b = Tensor::<B, 2>::random([n, n], Distribution::Uniform(-1.0, 1.0), dev);
+    let dtype = a.dtype();
+    let mut best = f64::INFINITY;
+    for i in 0..4 {
+        let _ = B::sync(dev);
+        let t = Instant::now();
+        let c = a.clone().matmul(b.clone());
+        let _ = B::sync(dev);
+        drop(c);
+        if i > 0 {
+            best = best.min(t.elapsed().as_secs_f64());
+        }
+    }
+    let flops = 2.0 * (n as f64).powi(3);
+    Limits {
+        read_gb_per_s: read,
+        read_method,
+        gemm_gflop_per_s: (best.is_finite() && best > 0.0).then(|| flops / best / 1e9),
+        gemm_method: format!("{n} x {n} x {n} matmul, {dtype:?}, best of 3 after a warm-up"),
+    }
+}
+
+/// Streaming read bandwidth of host memory: every thread sums its share of a buffer (written
+/// first, so every page is really mapped); best of 10 after one warm-up pass (a shared machine
+/// gives single passes anywhere from 45 to 66 GB/s here; the best pass is the limit).
+pub fn host_read_gb_per_s(bytes: usize, threads: usize) -> Option<f64> {
+    let words = bytes / 8;
+    if words == 0 || threads == 0 {
+        return None;
+    }
+    let buf: Vec<u64> = (0..words as u64).collect();
+    let chunk = words.div_ceil(threads);
+    let mut best = f64::INFINITY;
+    let mut check = 0u64;
+    for i in 0..11 {
+        let t = Instant::now();
+        let total: u64 = std::thread::scope(|s| {
+            let hs: Vec<_> = buf
+                .chunks(chunk)
+                .map(|part| s.spawn(move || sum_words(part)))
+                .collect();
+            hs.into_iter()
+                .map(|h| h.join().unwrap_or(0))
+                .fold(0, u64::wrapping_add)
+        });
+        let dt = t.elapsed().as_secs_f64();
+        check = check.wrapping_add(total);
+        if i > 0 {
+            best = best.min(dt);
+        }
+    }
+    std::hint::black_box(check);
+    (best.is_finite() && best > 0.0).then(|| (words * 8) as f64 / best / 1e9)
+}
+
+/// Sum of a slice with independent accumulators (so the loop is bound by loads, not by the
+/// add latency).
+fn sum_words(x: &[u64]) -> u64 {
+    let mut acc = [0u64; 8];
+    let mut it = x.chunks_exact(8);
+    for c in &mut it {
+        for (a, v) in acc.iter_mut().zip(c) {
+            *a = a.wrapping_add(*v);
+        }
+    }
+    let tail: u64 = it.remainder().iter().fold(0, |a, v| a.wrapping_add(*v));
+    acc.iter().fold(tail, |a, v| a.wrapping_add(*v))
+}
+
+/// Device read bandwidth: a reduction that reads the whole tensor once.
+fn device_read_gb_per_s<B: Backend>(bytes: usize, dev: &B::Device) -> Option<f64> {
+    let n = bytes / 4;
+    let x = Tensor::<B, 1>::ones([n], (dev, burn::tensor::DType::F32));
+    let mut best = f64::INFINITY;
+    for i in 0..4 {
+        let _ = B::sync(dev);
+        let t = Instant::now();
+        let s = x.clone().sum();
+        let _ = s.into_data();
+        if i > 0 {
+            best = best.min(t.elapsed().as_secs_f64());
+        }
+    }
+    (best.is_finite() && best > 0.0).then(|| (n * 4) as f64 / best / 1e9)
+}
+
+/// 一次解码步（每个序列一个新 token）或一次预填充要搬运的字节与浮点运算（解析值）。
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct Traffic {
+    /// 读的权重字节（每步一次，整批共用；词嵌入只读用到的行）。
+    pub weight_bytes: f64,
+    /// 读的 KV 缓存字节（整批）。
+    pub kv_bytes: f64,
+    /// 浮点运算（整批）。
+    pub flops: f64,
+}
+
+impl Traffic {
+    /// Weights + cache.
+    pub fn bytes(&self) -> f64 {
+        self.weight_bytes + self.kv_bytes
+    }
+}
+
+/// Parameters that a token's forward multiplies by (every linear layer: attention, FFN, head),
+/// i.e. all parameters but the embedding table and the norm scales.
+pub fn matmul_params(c: &DecoderConfig) -> usize {
+    let norms = c.n_layers * 2 * c.hidden + c.hidden + mla_norms(c);
+    c.params() - c.vocab_size * c.hidden - norms
+}
+
+/// The RMSNorm scales inside MLA (latent, and the query latent when queries are compressed).
+fn mla_norms(c: &DecoderConfig) -> usize {
+    let a = &c.attention;
+    if a.kind == AttentionKind::Mla {
+        c.n_layers * (a.kv_lora_rank + a.q_lora_rank)
+    } else {
+        0
+    }
+}
+
+/// Attention FLOPs of one query row (one head) against `keys` keys, by variant: MHA/GQA
+/// `2·d·L` (scores) + `2·d·L` (values); naive MLA `2·(d_nope+d_r)·L + 2·d_v·L`; absorbed MLA
+/// scores over the 576-wide latent `2·(d_c+d_r)·L` and values in the latent `2·d_c·L`.
+fn attention_flops_per_head(c: &DecoderConfig, keys: f64) -> f64 {
+    let a = &c.attention;
+    let per_key = match (a.kind, a.mla_impl) {
+        (AttentionKind::Mha | AttentionKind::Gqa, _) => 4 * a.head_dim,
+        (AttentionKind::Mla, MlaImpl::Naive) => {
+            2 * (a.qk_nope_head_dim + a.qk_rope_head_dim) + 2 * a.v_head_dim
+        }
+        (AttentionKind::Mla, MlaImpl::Absorbed) => {
+            2 * (a.kv_lora_rank + a.qk_rope_head_dim) + 2 * a.kv_lora_rank
+        }
+    };
+    per_key as f64 * keys
+}
+
+/// One decode step of `batch` sequences, each attending over `context` cached positions
+/// (the new token included), with `eb` bytes per element.
+pub fn decode_step(c: &DecoderConfig, batch: usize, context: usize, eb: usize) -> Traffic {
+    let w = matmul_params(c);
+    let kv_elems = c.attention.kv_elements_per_token() * c.n_layers;
+    let attn =
+        attention_flops_per_head(c, context as f64) * (c.attention.n_heads * c.n_layers) as f64;
+    Traffic {
+        weight_bytes: ((w + batch * c.hidden) * eb) as f64,
+        kv_bytes: (batch * context * kv_elems * eb) as f64,
+        flops: batch as f64 * (2.0 * w as f64 + attn),
+    }
+}
+
+/// Useful FLOPs of a causal prefill of `seq` tokens for `batch` sequences (the masked half of
+/// the score blocks is not counted).
+pub fn prefill_flops(c: &DecoderConfig, batch: usize, seq: usize) -> f64 {
+    let w = matmul_params(c) as f64;
+    let s = seq as f64;
+    // token p attends to p + 1 keys: sum over p = s(s+1)/2
+    let keys = s * (s + 1.0) / 2.0;
+    let attn = attention_flops_per_head(c, keys) * (c.attention.n_heads * c.n_layers) as f64;
+    batch as f64 * (2.0 * w * s + attn)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::nn::attention::AttentionConfig;
+    use burn::backend::Flex;
+    use burn::module::Module;
+
+    fn cfg(kind: AttentionKind, imp: MlaImpl, q_lora: usize) -> DecoderConfig {
+        let mut a = AttentionConfig::mha(4, 8);
+        a.kind = kind;
+        a.n_kv_heads = if kind == AttentionKind::Gqa { 2 } else { 4 };
+        a.kv_lora_rank = 16;
+        a.q_lora_rank = q_lora;
+        a.qk_nope_head_dim = 8;
+        a.qk_rope_head_dim = 4;
+        a.v_head_dim = 6;
+        a.mla_impl = imp;
+        DecoderConfig {
+            vocab_size: 50,
+            hidden: 32,
+            n_layers: 2,
+            ffn_hidden: 40,
+            attention: a,
+            moe: None,
+        }
+    }
+
+    #[test]
+    fn bytes_per_token_equal_the_real_tensor_sizes() {
+        let dev = Default::default();
+        for (kind, imp, q) in [
+            (AttentionKind::Mha, MlaImpl::Absorbed, 0),
+            (AttentionKind::Gqa, MlaImpl::Absorbed, 0),
+            (AttentionKind::Mla, MlaImpl::Naive, 0),
+            (AttentionKind::Mla, MlaImpl::Absorbed, 0),
+            (AttentionKind::Mla, MlaImpl::Absorbed, 12),
+        ] {
+            let c = cfg(kind, imp, q);
+            let model = c.init::<Flex>(&dev);
+            // every parameter tensor, minus the embedding table and the norm scales (vectors)
+            let total = model.num_params();
+            assert_eq!(
+                total,
+                c.params(),
+                "{kind:?} {imp:?}: params() vs the module"
+            );
+            let norms = 2 * c.n_layers * c.hidden + c.hidden + mla_norms(&c);
+            assert_eq!(matmul_params(&c), total - c.vocab_size * c.hidden - norms);
+            // the cache read per step: exactly the tensor bytes of a cache of that length
+            let (batch, ctx) = (3, 10);
+            let cache = model.new_cache(batch, ctx);
+            let t = decode_step(&c, batch, ctx, 4);
+            assert_eq!(t.kv_bytes as u64, cache.tensor_bytes(), "{kind:?} {imp:?}");
+            assert_eq!(
+                t.weight_bytes as usize,
+                (matmul_params(&c) + batch * c.hidden) * 4
+            );
+        }
+    }
+
+    #[test]
+    fn flops_scale_with_context_and_absorbed_does_more_attention_arithmetic() {
+        let naive = cfg(AttentionKind::Mla, MlaImpl::Naive, 0);
+        let abs = cfg(AttentionKind::Mla, MlaImpl::Absorbed, 0);
+        let (a1, a2) = (decode_step(&abs, 1, 100, 4), decode_step(&abs, 1, 200, 4));
+        let per_key = (a2.flops - a1.flops) / 100.0;
+        // 4 heads x 2 layers x (2·(16+4) + 2·16)
+        assert_eq!(per_key, (4 * 2 * (2 * 20 + 2 * 16)) as f64);
+        let n1 = decode_step(&naive, 1, 100, 4);
+        assert!(a1.flops > n1.flops && a1.kv_bytes < n1.kv_bytes);
+        // prefill: linear part 2·w per token plus the causal triangle
+        let w = matmul_params(&abs) as f64;
+        let p = prefill_flops(&abs, 2, 3);
+        assert_eq!(p, 2.0 * (2.0 * w * 3.0 + (4 * 2 * 72) as f64 * 6.0));
+    }
+
+    #[test]
+    fn host_read_bandwidth_is_measured_and_positive() {
+        let g = host_read_gb_per_s(8 << 20, 2).unwrap();
+        assert!(g > 0.0 && g.is_finite(), "{g}");
+        assert!(host_read_gb_per_s(0, 2).is_none());
+    }
+}

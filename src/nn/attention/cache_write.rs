@@ -1,0 +1,245 @@
+//! KV 缓存的原地写入：每步只写新 token 的那几行，不复制整块缓存。
+//!
+//! Burn's `slice_assign` is the portable way to write rows into a pre-sized cache, and on the
+//! CubeCL backends (wgpu, CUDA) it writes in place. On burn-flex 0.21 it does not: its writer
+//! (`ops/slice.rs`, `slice_write_impl`) shadows the destination with `to_contiguous()` (a second
+//! handle to the same buffer) before `storage_mut()`, so the copy-on-write check always sees two
+//! owners and copies the WHOLE cache on every write — at 8192 tokens that is the entire KV cache
+//! per layer per decode step, and a second cache-sized buffer at the peak.
+//!
+//! So on flex the rows are copied straight into the cache's buffer here: the cache tensor is
+//! uniquely owned by the [`super::LayerCache`] at the moment of the write (the attention's views
+//! of it are dropped by then), and `FlexTensor::try_storage_mut` hands out its buffer without a
+//! copy exactly when that holds. When it does not (a caller kept a clone of the cache), the
+//! portable path runs and the copy is real — `tests` and the decode-allocation figure in the
+//! MLA report show it.
+//!
+//! The backend is recognised at run time by the type of its tensor primitive (`Any`
+//! downcast), so the model code stays generic over `B: Backend` and the concrete CPU backend is
+//! still named only at the binary's dispatch point.
+
+use std::any::Any;
+
+use burn::backend::flex::FlexTensor;
+use burn::tensor::{backend::Backend, bf16, f16, DType, Tensor, TensorPrimitive};
+
+/// A zero-filled cache tensor of `shape` in the device's default float dtype, allocated once.
+///
+/// Not `Tensor::zeros`: on burn-flex 0.21 that allocates a `Vec<u8>` and then copies it into a
+/// 16-byte-aligned buffer (cubecl's `Bytes::from_bytes_vec` judges alignment by the declared
+/// layout, 1 for bytes, not by the pointer), so every cache briefly existed twice — a whole
+/// extra cache at the measured peak. `Tensor::full` builds a typed vector and keeps it.
+pub fn zeros<B: Backend>(shape: [usize; 4], device: &B::Device) -> Tensor<B, 4> {
+    Tensor::full(shape, 0.0, device)
+}
+
+/// Writes `new` `[b, g, s, d]` into `cache` `[b, g, cap, d]` at rows `starts[i]..starts[i]+s` of
+/// sequence `i`. In place on every backend where that is possible; one call for the whole batch.
+pub fn write_rows<B: Backend>(
+    cache: Tensor<B, 4>,
+    new: Tensor<B, 4>,
+    starts: &[usize],
+) -> Tensor<B, 4> {
+    let [b, g, s, d] = new.dims();
+    let cap = cache.dims()[2];
+    assert_eq!(starts.len(), b, "one start position per sequence");
+    assert!(
+        starts.iter().all(|&st| st + s <= cap),
+        "KV cache overflow: capacity {cap}"
+    );
+    let (cache, new) = match flex_write(cache, new, starts) {
+        Ok(done) => return done,
+        Err(back) => back,
+    };
+    match crate::nn::rope::uniform(starts) {
+        Some(st) => cache.slice_assign([0..b, 0..g, st..st + s, 0..d], new),
+        None => {
+            let mut cache = cache;
+            for (i, &st) in starts.iter().enumerate() {
+                let row = new.clone().slice([i..i + 1, 0..g, 0..s, 0..d]);
+                cache = cache.slice_assign([i..i + 1, 0..g, st..st + s, 0..d], row);
+            }
+            cache
+        }
+    }
+}
+
+/// The flex fast path; gives both tensors back untouched when it does not apply (another
+/// backend, a shared or non-contiguous cache, mixed dtypes).
+#[allow(clippy::type_complexity)]
+fn flex_write<B: Backend>(
+    cache: Tensor<B, 4>,
+    new: Tensor<B, 4>,
+    starts: &[usize],
+) -> Result<Tensor<B, 4>, (Tensor<B, 4>, Tensor<B, 4>)> {
+    let dims = new.dims();
+    let cap = cache.dims()[2];
+    let mut c = match into_flex(cache) {
+        Ok(c) => c,
+        Err(cache) => return Err((cache, new)), // not flex: the portable path
+    };
+    let n = match into_flex(new) {
+        Ok(n) => n,
+        Err(new) => return Err((from_flex(c), new)),
+    };
+    let usable = c.dtype() == n.dtype()
+        && c.layout().is_contiguous()
+        && c.layout().start_offset() == 0
+        && c.is_unique();
+    if usable {
+        let n = n.to_contiguous();
+        let written = match c.dtype() {
+            DType::F32 => copy_rows::<f32>(&mut c, &n, starts, dims, cap),
+            DType::F16 => copy_rows::<f16>(&mut c, &n, starts, dims, cap),
+            DType::BF16 => copy_rows::<bf16>(&mut c, &n, starts, dims, cap),
+            _ => false,
+        };
+        if written {
+            return Ok(from_flex(c));
+        }
+        return Err((from_flex(c), from_flex(n)));
+    }
+    Err((from_flex(c), from_flex(n)))
+}
+
+/// The flex tensor inside `t`, or `t` back when `B` is another backend.
+fn into_flex<B: Backend>(t: Tensor<B, 4>) -> Result<FlexTensor, Tensor<B, 4>> {
+    match t.into_primitive() {
+        TensorPrimitive::Float(p) => {
+            let any: Box<dyn Any> = Box::new(p);
+            match any.downcast::<FlexTensor>() {
+                Ok(f) => Ok(*f),
+                Err(any) => {
+                    let p = any
+                        .downcast::<B::FloatTensorPrimitive>()
+                        .expect("the primitive's own type");
+                    Err(Tensor::from_primitive(TensorPrimitive::Float(*p)))
+                }
+            }
+        }
+        q => Err(Tensor::from_primitive(q)),
+    }
+}
+
+/// A tensor of `B` from a flex tensor; only called once [`into_flex`] has shown that `B`'s
+/// primitive is `FlexTensor`.
+fn from_flex<B: Backend>(t: FlexTensor) -> Tensor<B, 4> {
+    let any: Box<dyn Any> = Box::new(t);
+    let p = any
+        .downcast::<B::FloatTensorPrimitive>()
+        .expect("B's float primitive is FlexTensor");
+    Tensor::from_primitive(TensorPrimitive::Float(*p))
+}
+
+/// Copies the `s` rows of each `(sequence, group)` of `new` into `cache`'s buffer, in place.
+/// `false` (nothing written) when the buffer is shared.
+fn copy_rows<E: burn::tensor::Element + bytemuck::Pod>(
+    cache: &mut FlexTensor,
+    new: &FlexTensor,
+    starts: &[usize],
+    [b, g, s, d]: [usize; 4],
+    cap: usize,
+) -> bool {
+    let src: &[E] = new.storage();
+    let src = &src[new.layout().start_offset()..];
+    let Some(dst) = cache.try_storage_mut::<E>() else {
+        return false;
+    };
+    let row = s * d;
+    for (i, &st) in starts.iter().enumerate() {
+        for j in 0..g {
+            let from = (i * g + j) * row;
+            let to = ((i * g + j) * cap + st) * d;
+            dst[to..to + row].copy_from_slice(&src[from..from + row]);
+        }
+    }
+    debug_assert_eq!(starts.len(), b);
+    true
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bench::calibrate::pseudo_random;
+    use burn::backend::Flex;
+    use burn::tensor::TensorData;
+
+    type B = Flex;
+
+    fn t4(shape: [usize; 4], seed: u64) -> Tensor<B, 4> {
+        let n = shape.iter().product();
+        Tensor::from_data(
+            TensorData::new(pseudo_random(n, seed), shape),
+            &Default::default(),
+        )
+    }
+
+    /// The address of a flex tensor's buffer.
+    fn addr(t: &Tensor<B, 4>) -> usize {
+        let Ok(f) = into_flex(t.clone()) else {
+            panic!("a flex tensor")
+        };
+        f.bytes().as_ptr() as usize
+    }
+
+    /// The portable reference: Burn's slice_assign, one sequence at a time.
+    fn reference(cache: Tensor<B, 4>, new: Tensor<B, 4>, starts: &[usize]) -> Tensor<B, 4> {
+        let [_, g, s, d] = new.dims();
+        let mut cache = cache;
+        for (i, &st) in starts.iter().enumerate() {
+            let row = new.clone().slice([i..i + 1, 0..g, 0..s, 0..d]);
+            cache = cache.slice_assign([i..i + 1, 0..g, st..st + s, 0..d], row);
+        }
+        cache
+    }
+
+    #[test]
+    fn writes_equal_slice_assign_and_happen_in_place() {
+        let dev = Default::default();
+        for starts in [vec![0, 0, 0], vec![3, 0, 7], vec![5, 5, 5]] {
+            let cache = Tensor::<B, 4>::zeros([3, 2, 10, 4], &dev);
+            // a non-contiguous source (a swapped view, as heads come out of a projection)
+            let new = t4([3, 3, 2, 4], 1).swap_dims(1, 2);
+            let want = reference(cache.clone(), new.clone(), &starts);
+            let before = addr(&cache);
+            let got = write_rows(cache, new, &starts);
+            assert_eq!(
+                addr(&got),
+                before,
+                "{starts:?}: the cache buffer was replaced"
+            );
+            let d: f32 = (got - want).abs().max().into_scalar();
+            assert_eq!(d, 0.0, "{starts:?}");
+        }
+    }
+
+    #[test]
+    fn a_shared_cache_is_copied_not_corrupted() {
+        let dev = Default::default();
+        let cache = Tensor::<B, 4>::zeros([1, 1, 4, 2], &dev);
+        let keep = cache.clone(); // a second owner: writing in place would change `keep`
+        let got = write_rows(cache, Tensor::ones([1, 1, 1, 2], &dev), &[1]);
+        assert_ne!(addr(&got), addr(&keep));
+        assert_eq!(keep.sum().into_scalar(), 0.0);
+        assert_eq!(got.sum().into_scalar(), 2.0);
+    }
+
+    #[test]
+    fn half_precision_caches_are_written_in_place() {
+        let dev = Default::default();
+        for dtype in [DType::F16, DType::BF16] {
+            let cache = Tensor::<B, 4>::zeros([2, 1, 6, 3], (&dev, dtype));
+            let new = t4([2, 1, 2, 3], 4).cast(dtype);
+            let want = reference(cache.clone(), new.clone(), &[1, 4]);
+            let before = addr(&cache);
+            let got = write_rows(cache, new, &[1, 4]);
+            assert_eq!(addr(&got), before, "{dtype:?}");
+            assert_eq!(got.dtype(), dtype);
+            let d: f32 = (got.cast(DType::F32) - want.cast(DType::F32))
+                .abs()
+                .max()
+                .into_scalar();
+            assert_eq!(d, 0.0, "{dtype:?}");
+        }
+    }
+}
