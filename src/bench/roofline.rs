@@ -14,6 +14,7 @@
 use std::time::Instant;
 
 use burn::tensor::{backend::Backend, Distribution, Tensor};
+use rayon::prelude::*;
 use serde::Serialize;
 
 use crate::backend::BackendContext;
@@ -50,6 +51,41 @@ impl Limits {
     }
 }
 
+impl Limits {
+    /// Measures the read bandwidth again (at the end of a run) and keeps the better of the two:
+    /// on a shared machine one measurement can land in a slow spell (52 vs 83 GB/s seen here
+    /// between runs), and a limit set too low makes a speed look like more than 100 % of it.
+    pub fn remeasure_read<B: Backend>(&mut self, ctx: &BackendContext<B>) {
+        let again = measure_read(ctx).0;
+        if let Some(g) = again {
+            if self.read_gb_per_s.is_none_or(|r| g > r) {
+                self.read_gb_per_s = Some(g);
+            }
+            self.read_method = format!("{}; best of the start and the end of the run", self.read_method);
+        }
+    }
+}
+
+/// The read-bandwidth measurement of [`measure`]: GB/s and how it was measured.
+fn measure_read<B: Backend>(ctx: &BackendContext<B>) -> (Option<f64>, String) {
+    let (read_bytes, _) = sizes(ctx);
+    if ctx.pool.is_none() {
+        let threads = rayon::current_num_threads();
+        (
+            host_read_gb_per_s(read_bytes, threads),
+            format!(
+                "streaming read of a {} MiB host buffer on {threads} threads",
+                read_bytes >> 20
+            ),
+        )
+    } else {
+        (
+            device_read_gb_per_s::<B>(read_bytes, &ctx.device),
+            format!("device sum over a {} MiB tensor (f32)", read_bytes >> 20),
+        )
+    }
+}
+
 /// Sizes of the limit measurements: large on real hardware, small on lavapipe (wgpu on the
 /// CPU, where the figure only exercises the code path).
 fn sizes<B: Backend>(ctx: &BackendContext<B>) -> (usize, usize) {
@@ -64,25 +100,9 @@ fn sizes<B: Backend>(ctx: &BackendContext<B>) -> (usize, usize) {
 
 /// Measures the limits for this backend (best of a few repetitions, after one warm-up).
 pub fn measure<B: Backend>(ctx: &BackendContext<B>) -> Limits {
-    let (read_bytes, n) = sizes(ctx);
+    let (_, n) = sizes(ctx);
     let dev = &ctx.device;
-    let (read, read_method) = if ctx.pool.is_none() {
-        let threads = std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(1);
-        (
-            host_read_gb_per_s(read_bytes, threads),
-            format!(
-                "streaming read of a {} MiB host buffer on {threads} threads",
-                read_bytes >> 20
-            ),
-        )
-    } else {
-        (
-            device_read_gb_per_s::<B>(read_bytes, dev),
-            format!("device sum over a {} MiB tensor (f32)", read_bytes >> 20),
-        )
-    };
+    let (read, read_method) = measure_read(ctx);
     let a = Tensor::<B, 2>::random([n, n], Distribution::Uniform(-1.0, 1.0), dev);
     let b = Tensor::<B, 2>::random([n, n], Distribution::Uniform(-1.0, 1.0), dev);
     let dtype = a.dtype();
@@ -120,15 +140,12 @@ pub fn host_read_gb_per_s(bytes: usize, threads: usize) -> Option<f64> {
     let mut check = 0u64;
     for i in 0..11 {
         let t = Instant::now();
-        let total: u64 = std::thread::scope(|s| {
-            let hs: Vec<_> = buf
-                .chunks(chunk)
-                .map(|part| s.spawn(move || sum_words(part)))
-                .collect();
-            hs.into_iter()
-                .map(|h| h.join().unwrap_or(0))
-                .fold(0, u64::wrapping_add)
-        });
+        // on the rayon pool the CPU backend computes on: separate threads would compete with
+        // its workers, which spin for a while after each operation
+        let total: u64 = buf
+            .par_chunks(chunk)
+            .map(sum_words)
+            .reduce(|| 0, u64::wrapping_add);
         let dt = t.elapsed().as_secs_f64();
         check = check.wrapping_add(total);
         if i > 0 {
@@ -139,11 +156,31 @@ pub fn host_read_gb_per_s(bytes: usize, threads: usize) -> Option<f64> {
     (best.is_finite() && best > 0.0).then(|| (words * 8) as f64 / best / 1e9)
 }
 
-/// Sum of a slice with independent accumulators (so the loop is bound by loads, not by the
-/// add latency).
+/// Sum of a slice: with AVX2 where the CPU has it (the build's baseline is SSE2, whose narrower
+/// loads left about a fifth of the bandwidth unread here: a decode step then ran "above" the
+/// limit), else the portable loop.
 fn sum_words(x: &[u64]) -> u64 {
-    let mut acc = [0u64; 8];
-    let mut it = x.chunks_exact(8);
+    #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
+    {
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU has AVX2 (checked just above).
+            return unsafe { sum_words_avx2(x) };
+        }
+    }
+    sum_words_body(x)
+}
+
+#[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
+#[target_feature(enable = "avx2")]
+unsafe fn sum_words_avx2(x: &[u64]) -> u64 {
+    sum_words_body(x)
+}
+
+/// The loop: independent accumulators, so it is bound by loads, not by the add latency.
+#[inline(always)]
+fn sum_words_body(x: &[u64]) -> u64 {
+    let mut acc = [0u64; 16];
+    let mut it = x.chunks_exact(16);
     for c in &mut it {
         for (a, v) in acc.iter_mut().zip(c) {
             *a = a.wrapping_add(*v);

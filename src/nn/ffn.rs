@@ -4,6 +4,8 @@ use burn::module::{Module, Param};
 use burn::nn::{Linear, LinearConfig};
 use burn::tensor::{activation::silu, backend::Backend, Tensor, TensorData};
 
+use super::linear;
+
 /// SwiGLU FFN（DeepSeek 的 MLP / Expert 结构）。
 #[derive(Module, Debug)]
 pub struct SwiGlu<B: Backend> {
@@ -26,8 +28,9 @@ impl<B: Backend> SwiGlu<B> {
     /// # Shapes
     /// `[b, s, dim] -> [b, s, dim]`
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        self.w2
-            .forward(silu(self.w1.forward(x.clone())) * self.w3.forward(x))
+        // decode steps take the streaming matrix-vector path on the CPU backend (nn::linear)
+        let h = silu(linear::forward(&self.w1, x.clone())) * linear::forward(&self.w3, x);
+        linear::forward(&self.w2, h)
     }
 
     /// An FFN from host weights `w1`, `w2`, `w3` (Burn's `[d_in, d_out]` layout), copied to

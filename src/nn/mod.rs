@@ -2,6 +2,8 @@
 
 pub mod attention;
 pub mod ffn;
+pub(crate) mod flex;
+pub mod linear;
 pub mod model;
 pub mod moe;
 pub mod mtp;

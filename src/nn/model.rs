@@ -373,7 +373,7 @@ impl<B: Backend> Decoder<B> {
 
     /// Logits for hidden states. `[b, s, hidden] -> [b, s, vocab]`
     pub fn logits(&self, hidden: Tensor<B, 3>) -> Tensor<B, 3> {
-        self.head.forward(hidden)
+        super::linear::forward(&self.head, hidden)
     }
 
     /// Prefill `tokens` `[b, s]` in query chunks of `chunk` tokens; returns the last position's

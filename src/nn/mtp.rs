@@ -101,7 +101,7 @@ impl<B: Backend> MtpPredictor<B> {
         let m = &self.modules[k];
         let e = m.enorm.forward(main.embed(tokens_ahead));
         let h = m.hnorm.forward(h_prev);
-        let x = m.proj.forward(Tensor::cat(vec![h, e], 2));
+        let x = super::linear::forward(&m.proj, Tensor::cat(vec![h, e], 2));
         m.block.forward(x, starts, cache, None)
     }
 

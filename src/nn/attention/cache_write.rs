@@ -18,10 +18,10 @@
 //! downcast), so the model code stays generic over `B: Backend` and the concrete CPU backend is
 //! still named only at the binary's dispatch point.
 
-use std::any::Any;
-
 use burn::backend::flex::FlexTensor;
-use burn::tensor::{backend::Backend, bf16, f16, DType, Tensor, TensorPrimitive};
+use burn::tensor::{backend::Backend, bf16, f16, DType, Tensor};
+
+use crate::nn::flex::{from_flex, into_flex};
 
 /// A zero-filled cache tensor of `shape` in the device's default float dtype, allocated once.
 ///
@@ -100,35 +100,6 @@ fn flex_write<B: Backend>(
         return Err((from_flex(c), from_flex(n)));
     }
     Err((from_flex(c), from_flex(n)))
-}
-
-/// The flex tensor inside `t`, or `t` back when `B` is another backend.
-fn into_flex<B: Backend>(t: Tensor<B, 4>) -> Result<FlexTensor, Tensor<B, 4>> {
-    match t.into_primitive() {
-        TensorPrimitive::Float(p) => {
-            let any: Box<dyn Any> = Box::new(p);
-            match any.downcast::<FlexTensor>() {
-                Ok(f) => Ok(*f),
-                Err(any) => {
-                    let p = any
-                        .downcast::<B::FloatTensorPrimitive>()
-                        .expect("the primitive's own type");
-                    Err(Tensor::from_primitive(TensorPrimitive::Float(*p)))
-                }
-            }
-        }
-        q => Err(Tensor::from_primitive(q)),
-    }
-}
-
-/// A tensor of `B` from a flex tensor; only called once [`into_flex`] has shown that `B`'s
-/// primitive is `FlexTensor`.
-fn from_flex<B: Backend>(t: FlexTensor) -> Tensor<B, 4> {
-    let any: Box<dyn Any> = Box::new(t);
-    let p = any
-        .downcast::<B::FloatTensorPrimitive>()
-        .expect("B's float primitive is FlexTensor");
-    Tensor::from_primitive(TensorPrimitive::Float(*p))
 }
 
 /// Copies the `s` rows of each `(sequence, group)` of `new` into `cache`'s buffer, in place.

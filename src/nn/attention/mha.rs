@@ -5,7 +5,7 @@ use burn::nn::{Linear, LinearConfig};
 use burn::tensor::{backend::Backend, Tensor};
 
 use super::{append, blocked, cache_write, max_end, AttentionConfig, LayerCache};
-use crate::nn::rope;
+use crate::nn::{linear, rope};
 
 /// MHA / GQA：`n_kv_heads` 个 K/V 头，每 `n_heads / n_kv_heads` 个查询头共享一个。
 #[derive(Module, Debug)]
@@ -71,19 +71,17 @@ impl<B: Backend> MhaAttention<B> {
         let (h, g, d) = (self.n_heads, self.n_kv_heads, self.head_dim);
         let hpg = h / g; // query heads per K/V head
                          // [b, s, h*d] -> [b, h, s, d], rotated at absolute positions
-        let q = self
-            .wq
-            .forward(x.clone())
+        let q = linear::forward(&self.wq, x.clone())
             .reshape([b, s, h, d])
             .swap_dims(1, 2);
         let q = rope::apply4(q, starts, self.rope_theta) * self.scale;
-        let k = self
-            .wk
-            .forward(x.clone())
+        let k = linear::forward(&self.wk, x.clone())
             .reshape([b, s, g, d])
             .swap_dims(1, 2);
         let k = rope::apply4(k, starts, self.rope_theta);
-        let v = self.wv.forward(x).reshape([b, s, g, d]).swap_dims(1, 2);
+        let v = linear::forward(&self.wv, x)
+            .reshape([b, s, g, d])
+            .swap_dims(1, 2);
         append(&mut cache.k, k, starts);
         append(&mut cache.v, v, starts);
         // fold the heads of a group into rows: [b, h, s, d] -> [b, g, hpg*s, d]
@@ -103,6 +101,6 @@ impl<B: Backend> MhaAttention<B> {
             .reshape([b, h, s, d])
             .swap_dims(1, 2)
             .reshape([b, s, h * d]);
-        self.wo.forward(o)
+        linear::forward(&self.wo, o)
     }
 }

@@ -19,7 +19,7 @@ use burn::tensor::{backend::Backend, Tensor};
 use serde::{Deserialize, Serialize};
 
 use super::{append, blocked, cache_write, max_end, AttentionConfig, LayerCache};
-use crate::nn::rope;
+use crate::nn::{linear, rope};
 
 /// MLA 的实现方式。
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -204,8 +204,10 @@ impl<B: Backend> MlaAttention<B> {
         );
         // queries: [b, s, h·(dn+dr)] -> [b, h, s, dn+dr]
         let q = match (&self.wq, &self.wq_a, &self.q_norm, &self.wq_b) {
-            (Some(wq), ..) => wq.forward(x.clone()),
-            (None, Some(a), Some(n), Some(bq)) => bq.forward(n.forward(a.forward(x.clone()))),
+            (Some(wq), ..) => linear::forward(wq, x.clone()),
+            (None, Some(a), Some(n), Some(bq)) => {
+                linear::forward(bq, n.forward(linear::forward(a, x.clone())))
+            }
             _ => unreachable!("query projection configured"),
         };
         let q = q.reshape([b, s, h, dn + dr]).swap_dims(1, 2);
@@ -216,16 +218,14 @@ impl<B: Backend> MlaAttention<B> {
             self.rope_theta,
         );
         // latent and the one shared RoPE key: [b, s, dc + dr]
-        let kv = self.wkv_a.forward(x);
+        let kv = linear::forward(&self.wkv_a, x);
         let c_kv = self.kv_norm.forward(kv.clone().slice([0..b, 0..s, 0..dc]));
         let k_pe = rope::apply(kv.slice([0..b, 0..s, dc..dc + dr]), starts, self.rope_theta);
 
         let o = match self.implementation {
             MlaImpl::Naive => {
                 // rebuild per-head keys and values: [b, s, h·(dn+dv)] -> [b, h, s, dn+dv]
-                let kvb = self
-                    .wkv_b
-                    .forward(c_kv)
+                let kvb = linear::forward(&self.wkv_b, c_kv)
                     .reshape([b, s, h, dn + dv])
                     .swap_dims(1, 2);
                 let k_nope = kvb.clone().slice([0..b, 0..h, 0..s, 0..dn]);
@@ -273,6 +273,6 @@ impl<B: Backend> MlaAttention<B> {
             }
         };
         // [b, h, s, dv] -> [b, s, h·dv]
-        self.wo.forward(o.swap_dims(1, 2).reshape([b, s, h * dv]))
+        linear::forward(&self.wo, o.swap_dims(1, 2).reshape([b, s, h * dv]))
     }
 }
