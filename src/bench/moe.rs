@@ -263,7 +263,7 @@ pub fn run<B: Backend>(
             criteria.extend([
                 Criterion::not_applicable(
                     "SC-003b",
-                    "model_bytes_over_budget_with_offload",
+                    "resident_twin_device_peak_over_budget",
                     Comparison::AtLeast,
                     s.thresholds.model_to_budget_ratio,
                     why.clone(),
@@ -289,7 +289,7 @@ pub fn run<B: Backend>(
         criteria.extend([
             Criterion::not_applicable(
                 "SC-003b",
-                "model_bytes_over_budget_with_offload",
+                "resident_twin_device_peak_over_budget",
                 Comparison::AtLeast,
                 s.thresholds.model_to_budget_ratio,
                 why.clone(),
@@ -417,12 +417,23 @@ fn offload<B: Backend>(
     }
     // equivalence: the resident twin (every expert on the device), same steps
     let mut resident = model.clone();
+    // It is also the "model that needs more than the budget", shown rather than assumed: its
+    // device pool use (bytes in use, the lower of the pool's two figures, so the claim "it
+    // needs more" is not inflated) is sampled after every step of the same workload.
+    store.reset();
     resident.set_routed_experts(store.all_on_device());
+    let sample = || {
+        B::sync(dev).ok();
+        ctx.pool.as_ref().and_then(|p| p()).map(|u| u.in_use)
+    };
+    let mut resident_peak = sample();
     let mut c = resident.new_cache(db, steps);
     let mut want = None;
     for t in &step_ids {
         want = Some(resident.forward_hidden(t.clone(), &mut c));
+        resident_peak = resident_peak.max(sample());
     }
+    drop(c);
     drop(resident);
     let tol = 1e-5;
     let mut notes = Vec::new();
@@ -480,21 +491,32 @@ fn offload<B: Backend>(
         variants.push(v);
     }
     let plain = &variants[0];
-    let peak = plain.memory.measured.device_peak_bytes;
+    // "fits under the budget" is decided on the pool's reserved bytes (what the allocator
+    // really holds, the conservative figure), in use where reserved is unknown
+    let peak = plain
+        .memory
+        .measured
+        .device_reserved_peak_bytes
+        .or(plain.memory.measured.device_peak_bytes);
     let plain_diff = plain.equivalence.max_abs_diff;
     let criteria = vec![
         Criterion::evaluate(
             "SC-003b",
-            "model_bytes_over_budget_with_offload",
+            "resident_twin_device_peak_over_budget",
             Comparison::AtLeast,
             s.thresholds.model_to_budget_ratio,
-            Some(model_bytes as f64 / budget as f64),
+            resident_peak.map(|p| p as f64 / budget as f64),
             format!(
-                "model {:.1} MiB of {} weights vs budget {:.1} MiB; routed experts on the host, \
-                 device cache of {} experts (LRU, cold at the start of each run)",
+                "measured: the resident twin (every expert on the device) ran the same steps \
+                 with a device pool peak of {} MiB (bytes in use) against a budget of {:.1} MiB \
+                 (its weights alone: {:.1} MiB of {}); the offloaded model keeps routed experts \
+                 on the host with a device cache of {} experts (LRU, cold at the start of each run)",
+                resident_peak
+                    .map(|p| format!("{:.1}", p as f64 / 1048576.0))
+                    .unwrap_or_else(|| "not measured".into()),
+                budget as f64 / 1048576.0,
                 model_bytes as f64 / 1048576.0,
                 s.run.dtype.as_str(),
-                budget as f64 / 1048576.0,
                 o.cache_experts
             ),
         ),
@@ -504,8 +526,8 @@ fn offload<B: Backend>(
             Comparison::AtMost,
             1.0,
             peak.map(|p| p as f64 / budget as f64),
-            "device memory-pool bytes in use (peak over the offloaded run without prefetch, \
-             sampled after every step) over the budget",
+            "device memory-pool bytes reserved (in use where reserved is unknown) at the peak of \
+             the offloaded run without prefetch, sampled after every step, over the budget",
         ),
         // equivalence first: the offloaded model must compute what the resident twin computes
         Criterion::evaluate(

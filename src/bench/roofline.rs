@@ -61,7 +61,10 @@ impl Limits {
             if self.read_gb_per_s.is_none_or(|r| g > r) {
                 self.read_gb_per_s = Some(g);
             }
-            self.read_method = format!("{}; best of the start and the end of the run", self.read_method);
+            self.read_method = format!(
+                "{}; best of the start and the end of the run",
+                self.read_method
+            );
         }
     }
 }

@@ -106,7 +106,11 @@ pub fn criteria_table(r: &Report) -> Table {
             Cell::new(&c.metric),
             Cell::new(format!("{} {}", c.comparison.symbol(), c.threshold)),
             Cell::new(num_h(c.measured)),
-            verdict_cell(c.passed),
+            if c.not_applicable.is_some() {
+                Cell::new("N/A").fg(Color::Yellow)
+            } else {
+                verdict_cell(c.passed)
+            },
         ]);
     }
     t

@@ -301,7 +301,13 @@ pub fn to_markdown(r: &Report) -> String {
             c.comparison.symbol(),
             c.threshold,
             num_h(c.measured),
-            if c.passed { "通过" } else { "未通过" },
+            if c.not_applicable.is_some() {
+                "不适用"
+            } else if c.passed {
+                "通过"
+            } else {
+                "未通过"
+            },
             c.note.replace('|', "/")
         );
     }

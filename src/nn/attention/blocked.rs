@@ -258,6 +258,113 @@ mod tests {
         (a - b).abs().max().into_scalar()
     }
 
+    /// Host f64 reference: causal softmax attention over rows `(head, query)` of each
+    /// (sequence, group), keys `0..=start + query`, values the first `dv` columns of `v`.
+    #[allow(clippy::too_many_arguments)]
+    fn host_f64(
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        [b, g, rows, dk]: [usize; 4],
+        kcols: usize,
+        vcols: usize,
+        cap: usize,
+        dv: usize,
+        starts: &[usize],
+        q_len: usize,
+    ) -> Vec<f64> {
+        let mut out = vec![0.0; b * g * rows * dv];
+        for bi in 0..b {
+            for gi in 0..g {
+                for r in 0..rows {
+                    let qrow = &q[((bi * g + gi) * rows + r) * dk..][..dk];
+                    let last = starts[bi] + r % q_len;
+                    let scores: Vec<f64> = (0..=last)
+                        .map(|j| {
+                            let krow = &k[((bi * g + gi) * cap + j) * kcols..][..dk];
+                            qrow.iter()
+                                .zip(krow)
+                                .map(|(a, c)| *a as f64 * *c as f64)
+                                .sum()
+                        })
+                        .collect();
+                    let m = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                    let e: Vec<f64> = scores.iter().map(|s| (s - m).exp()).collect();
+                    let z: f64 = e.iter().sum();
+                    let o = &mut out[((bi * g + gi) * rows + r) * dv..][..dv];
+                    for (j, p) in e.iter().enumerate() {
+                        let vrow = &v[((bi * g + gi) * cap + j) * vcols..][..dv];
+                        for (oc, vc) in o.iter_mut().zip(vrow) {
+                            *oc += p / z * *vc as f64;
+                        }
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn flex_agrees_with_a_host_f64_reference() {
+        // MHA-like (separate K and V) and absorbed-MLA-like (one latent source, keys = all 20
+        // columns, values = the first 16), per-sequence starts, a pre-sized cache with stale
+        // entries past each sequence's length
+        let (q_len, cap) = (3, 40);
+        let starts = [5usize, 30];
+        for (g, rows, dk, kcols, vcols, dv, shared) in [
+            (2, 2 * q_len, 8, 8, 6, 6, false),
+            (1, 4 * q_len, 20, 20, 20, 16, true),
+        ] {
+            let q = pseudo_random(2 * g * rows * dk, 41);
+            let k = pseudo_random(2 * g * cap * kcols, 42);
+            let v = if shared {
+                k.clone()
+            } else {
+                pseudo_random(2 * g * cap * vcols, 43)
+            };
+            let dev = Default::default();
+            let qt = Tensor::<B, 4>::from_data(TensorData::new(q.clone(), [2, g, rows, dk]), &dev);
+            let kt =
+                Tensor::<B, 4>::from_data(TensorData::new(k.clone(), [2, g, cap, kcols]), &dev);
+            let vt =
+                Tensor::<B, 4>::from_data(TensorData::new(v.clone(), [2, g, cap, vcols]), &dev);
+            let want = host_f64(
+                &q,
+                &k,
+                &v,
+                [2, g, rows, dk],
+                kcols,
+                vcols,
+                cap,
+                dv,
+                &starts,
+                q_len,
+            );
+            for block in [4, 16, 64] {
+                let got: Vec<f32> = attention_with(
+                    qt.clone(),
+                    &kt,
+                    if shared { &kt } else { &vt },
+                    dv,
+                    &starts,
+                    q_len,
+                    starts[1] + q_len,
+                    block,
+                    false,
+                )
+                .into_data()
+                .to_vec()
+                .unwrap();
+                let d = got
+                    .iter()
+                    .zip(&want)
+                    .map(|(a, b)| (*a as f64 - b).abs())
+                    .fold(0.0, f64::max);
+                assert!(d < 2e-6, "shared {shared} block {block}: max |diff| {d}");
+            }
+        }
+    }
+
     #[test]
     fn buckets_are_few_and_cover() {
         let got: Vec<usize> = (1..=13).map(bucket).collect();
