@@ -17,7 +17,7 @@
 #   mla-smoke   MLA smoke on CUDA in bf16 and on wgpu (Vulkan) in f16: equivalence in half precision
 #   moe-smoke   MoE smoke on CUDA in bf16 (offload + prefetch, equivalence)
 #   mla         the GPU MLA scenario (V2-Lite attention dims, 27 layers, bf16, 16 GiB budget)
-#   moe         the GPU MoE scenario (~13B total / ~1.3B active, bf16, offload under 8 GiB)
+#   moe         the GPU MoE scenario (13.0B total / 1.35B active, bf16, 24 GiB model offloaded under 8 GiB)
 #
 # Environment: STEP_LIMIT_S (default 150) per step, MLA_LIMIT_S and MOE_LIMIT_S (default 240)
 # for the two big scenarios; AUTOTUNE (default "balanced"; "minimal" sets

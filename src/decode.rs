@@ -51,6 +51,18 @@ pub struct SpecStats {
     pub accepted: Vec<usize>,
     /// 每步新增 token（接受的草稿 + 1）之和。
     pub tokens: usize,
+    /// 两个阶段的墙钟时间（秒）：预填充（到第一个生成的 token 读回为止）与其后的解码。
+    pub phases: PhaseTimes,
+}
+
+/// 一次生成的两个阶段：预填充（整个提示 + 第一个生成 token 的读回）与之后的解码步。
+/// 读回（`argmax` 到主机）是同步点，所以两段时间都包含设备上的真实计算。
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct PhaseTimes {
+    /// 预填充秒数。
+    pub prefill_s: f64,
+    /// 解码秒数（第一个生成 token 之后的全部步）。
+    pub decode_s: f64,
 }
 
 impl SpecStats {
@@ -136,6 +148,17 @@ pub fn greedy<B: Backend>(
     new_tokens: usize,
     prefill_chunk: usize,
 ) -> Vec<Vec<u32>> {
+    greedy_timed(model, prompts, new_tokens, prefill_chunk).0
+}
+
+/// [`greedy`], with the wall time of its prefill and decode phases.
+pub fn greedy_timed<B: Backend>(
+    model: &Decoder<B>,
+    prompts: &[Vec<u32>],
+    new_tokens: usize,
+    prefill_chunk: usize,
+) -> (Vec<Vec<u32>>, PhaseTimes) {
+    let started = std::time::Instant::now();
     let p = check_prompts(prompts);
     let b = prompts.len();
     let device = model.device();
@@ -148,6 +171,7 @@ pub fn greedy<B: Backend>(
     );
     let mut out: Vec<Vec<u32>> = vec![Vec::with_capacity(new_tokens); b];
     let mut next: Vec<Vec<u32>> = argmax_rows(logits);
+    let prefill_s = started.elapsed().as_secs_f64();
     for step in 0..new_tokens {
         for (o, n) in out.iter_mut().zip(&next) {
             o.push(n[0]);
@@ -158,7 +182,14 @@ pub fn greedy<B: Backend>(
         let logits = model.decode_step(id_tensor::<B>(&next, &device), &mut cache);
         next = argmax_rows(logits);
     }
-    out
+    let decode_s = started.elapsed().as_secs_f64() - prefill_s;
+    (
+        out,
+        PhaseTimes {
+            prefill_s,
+            decode_s,
+        },
+    )
 }
 
 /// Per-sequence state of the MTP drafter between steps.
@@ -204,6 +235,7 @@ pub fn speculative_traced<B: Backend>(
         let stats = SpecStats::default();
         return (greedy(model, prompts, new_tokens, prefill_chunk), stats);
     }
+    let started = std::time::Instant::now();
     let p = check_prompts(prompts);
     let b = prompts.len();
     let device = model.device();
@@ -242,6 +274,7 @@ pub fn speculative_traced<B: Backend>(
     {
         s.push(n[0]);
     }
+    stats.phases.prefill_s = started.elapsed().as_secs_f64();
     let mut state = match drafter {
         Drafter::Mtp(m) => {
             let mut hidden = Some(crate::nn::attention::cache_write::zeros::<B>(
@@ -313,6 +346,7 @@ pub fn speculative_traced<B: Backend>(
         .into_iter()
         .map(|s| s[p..p + new_tokens].to_vec())
         .collect();
+    stats.phases.decode_s = started.elapsed().as_secs_f64() - stats.phases.prefill_s;
     (out, stats)
 }
 

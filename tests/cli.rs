@@ -175,6 +175,22 @@ fn out_of_range_and_unknown_keys_are_exit_2_naming_the_key() {
         .assert()
         .code(2)
         .stdout(predicate::str::contains("batchsize"));
+    // SC-001 without the absorbed == naive check cannot be run: refused before anything runs
+    let h = dir.path().join("no-naive.toml");
+    std::fs::write(
+        &h,
+        text.replace(
+            r#"variants = ["mha", "gqa", "mla_absorbed", "mla_naive"]"#,
+            r#"variants = ["mha", "gqa", "mla_absorbed"]"#,
+        ),
+    )
+    .unwrap();
+    dsopt()
+        .args(["bench", "mla", "--scenario"])
+        .arg(&h)
+        .assert()
+        .code(2)
+        .stderr(predicate::str::contains("mla_naive").and(predicate::str::contains("SC-001-eq")));
     // a flag can make a valid scenario invalid, too
     dsopt()
         .args(["bench", "mla", "--seq", "0"])

@@ -108,7 +108,8 @@ fn fmt_opt(x: Option<f64>, digits: usize) -> String {
 }
 
 /// Parameters used per token by the main model (all of them for a dense FFN).
-fn active_params(cfg: &DecoderConfig) -> usize {
+/// Parameters a token passes through (for an MoE model: shared + the top-k routed experts).
+pub(crate) fn active_params(cfg: &DecoderConfig) -> usize {
     match &cfg.moe {
         Some(m) => cfg.params() - cfg.n_layers * (m.total_params() - m.active_params()),
         None => cfg.params(),
