@@ -76,6 +76,22 @@ fn token_ids<B: Backend>(
     Tensor::from_data(TensorData::new(v, [b, s]), dev)
 }
 
+/// One untimed prefill of a short prefix (two chunks at most) and one decode step: kernel
+/// compilation / autotune on the CubeCL backends, thread pools and scratch buffers everywhere.
+fn warm_up<B: Backend>(model: &Decoder<B>, s: &MlaScenario, dev: &B::Device) {
+    let (batch, chunk) = (s.run.batch, s.attention.prefill_chunk);
+    let n = s.run.seq.min(2 * chunk);
+    let mut c = model.new_cache(batch, n + 1);
+    let l = model.prefill(
+        token_ids::<B>(batch, n, s.model.vocab_size, 1, dev),
+        &mut c,
+        chunk,
+        |_| {},
+    );
+    let _ = model.decode_step(l.argmax(2).reshape([batch, 1]), &mut c);
+    B::sync(dev).ok();
+}
+
 /// Memory "now" from the best source of this backend: the device pool, else the host counter.
 fn memory_now(pool: &Option<PoolProbe>) -> Option<u64> {
     match pool {
@@ -167,17 +183,7 @@ pub fn run<B: Backend>(
     if let Some(first) = order.first() {
         let cfg = decoder_config(s, first);
         B::seed(dev, 42);
-        let m = cfg.init::<B>(dev);
-        let n = seq.min(2 * chunk);
-        let mut c = m.new_cache(batch, n + 1);
-        let l = m.prefill(
-            token_ids::<B>(batch, n, cfg.vocab_size, 1, dev),
-            &mut c,
-            chunk,
-            |_| {},
-        );
-        let _ = m.decode_step(l.argmax(2).reshape([batch, 1]), &mut c);
-        B::sync(dev).ok();
+        warm_up(&cfg.init::<B>(dev), s, dev);
     }
     for variant in order {
         let cfg = decoder_config(s, variant);
@@ -202,19 +208,8 @@ pub fn run<B: Backend>(
         B::sync(dev).ok();
         let loaded = memory_now(&ctx.pool);
         // warm-up on a short prefix (kernel compilation / autotune), not measured
-        if s.run.warmup > 0 {
-            for _ in 0..s.run.warmup {
-                let n = seq.min(2 * chunk);
-                let mut c = model.new_cache(batch, n + 1);
-                let l = model.prefill(
-                    token_ids::<B>(batch, n, cfg.vocab_size, 1, dev),
-                    &mut c,
-                    chunk,
-                    |_| {},
-                );
-                let _ = model.decode_step(l.argmax(2).reshape([batch, 1]), &mut c);
-                B::sync(dev).ok();
-            }
+        for _ in 0..s.run.warmup {
+            warm_up(&model, s, dev);
         }
         let mut monitor = PerformanceMonitor::for_backend::<B>(
             monitor_cfg.without_warmup(),

@@ -315,55 +315,13 @@ pub fn run<B: Backend>(
                 ctx.selected.kind
             );
             notes.push(format!("SC-003b (expert offload) does not apply: {why}"));
-            criteria.extend([
-                Criterion::not_applicable(
-                    "SC-003b",
-                    "resident_twin_device_peak_over_budget",
-                    Comparison::AtLeast,
-                    s.thresholds.model_to_budget_ratio,
-                    why.clone(),
-                ),
-                Criterion::not_applicable(
-                    "SC-003b-peak",
-                    "device_peak_over_budget",
-                    Comparison::AtMost,
-                    1.0,
-                    why.clone(),
-                ),
-                Criterion::not_applicable(
-                    "SC-003b-eq",
-                    "max_abs_diff_offloaded_vs_resident",
-                    Comparison::AtMost,
-                    1e-5,
-                    why,
-                ),
-            ]);
+            criteria.extend(sc003b_not_applicable(s, &why));
         }
     } else {
-        let why = "the scenario has no [offload] section".to_string();
-        criteria.extend([
-            Criterion::not_applicable(
-                "SC-003b",
-                "resident_twin_device_peak_over_budget",
-                Comparison::AtLeast,
-                s.thresholds.model_to_budget_ratio,
-                why.clone(),
-            ),
-            Criterion::not_applicable(
-                "SC-003b-peak",
-                "device_peak_over_budget",
-                Comparison::AtMost,
-                1.0,
-                why.clone(),
-            ),
-            Criterion::not_applicable(
-                "SC-003b-eq",
-                "max_abs_diff_offloaded_vs_resident",
-                Comparison::AtMost,
-                1e-5,
-                why,
-            ),
-        ]);
+        criteria.extend(sc003b_not_applicable(
+            s,
+            "the scenario has no [offload] section",
+        ));
     }
     Ok(RunOutput {
         variants,
@@ -372,6 +330,36 @@ pub fn run<B: Backend>(
         memory_series: series,
     })
 }
+
+/// The three SC-003b criteria, present but not applicable (with the reason): they never pass.
+fn sc003b_not_applicable(s: &MoeScenario, why: &str) -> [Criterion; 3] {
+    [
+        Criterion::not_applicable(
+            "SC-003b",
+            "resident_twin_device_peak_over_budget",
+            Comparison::AtLeast,
+            s.thresholds.model_to_budget_ratio,
+            why,
+        ),
+        Criterion::not_applicable(
+            "SC-003b-peak",
+            "device_peak_over_budget",
+            Comparison::AtMost,
+            1.0,
+            why,
+        ),
+        Criterion::not_applicable(
+            "SC-003b-eq",
+            "max_abs_diff_offloaded_vs_resident",
+            Comparison::AtMost,
+            OFFLOAD_TOLERANCE,
+            why,
+        ),
+    ]
+}
+
+/// Max |difference| allowed between the offloaded and the resident model's outputs.
+const OFFLOAD_TOLERANCE: f64 = 1e-5;
 
 /// SC-003b: the MoE model with routed experts on the host and a device LRU cache, decode-like
 /// steps under the budget; equivalence with the resident twin. With `prefetch = true` the same
@@ -490,7 +478,7 @@ fn offload<B: Backend>(
     }
     drop(c);
     drop(resident);
-    let tol = 1e-5;
+    let tol = OFFLOAD_TOLERANCE;
     let mut notes = Vec::new();
     let mut variants = Vec::new();
     for (mut v, out, stats, t) in runs {
