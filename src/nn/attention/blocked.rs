@@ -40,12 +40,18 @@ pub fn attention<B: Backend>(
     kv_len: usize,
     block: usize,
 ) -> Tensor<B, 4> {
+    // few rows at a short context on the CPU backend: one fused pass (see `fused`)
+    let q = match super::fused::attention(q, k_src, v_src, dv, q_starts, q_len) {
+        Ok(o) => return o,
+        Err(q) => q,
+    };
     let widen = crate::backend::compiles_per_shape::<B>(&q.device());
     attention_with(q, k_src, v_src, dv, q_starts, q_len, kv_len, block, widen)
 }
 
-/// [`attention`] with the shape buckets of partial key blocks switched by the caller (`widen`;
-/// [`attention`] turns them on for backends that compile kernels per shape).
+/// [`attention`] in tensor ops only (no fused pass), with the shape buckets of partial key
+/// blocks switched by the caller (`widen`; [`attention`] turns them on for backends that
+/// compile kernels per shape).
 #[allow(clippy::too_many_arguments)]
 pub fn attention_with<B: Backend>(
     q: Tensor<B, 4>,

@@ -74,7 +74,7 @@ impl<B: Backend> MhaAttention<B> {
         let q = linear::forward(&self.wq, x.clone())
             .reshape([b, s, h, d])
             .swap_dims(1, 2);
-        let q = rope::apply4(q, starts, self.rope_theta) * self.scale;
+        let q = rope::apply4_scaled(q, starts, self.rope_theta, self.scale as f32);
         let k = linear::forward(&self.wk, x.clone())
             .reshape([b, s, g, d])
             .swap_dims(1, 2);

@@ -2,6 +2,7 @@
 
 pub mod blocked;
 pub mod cache_write;
+pub mod fused;
 pub mod mha;
 pub mod mla;
 
