@@ -53,6 +53,13 @@ pub struct SpecStats {
     pub tokens: usize,
     /// 两个阶段的墙钟时间（秒）：预填充（到第一个生成的 token 读回为止）与其后的解码。
     pub phases: PhaseTimes,
+    /// 主机读回（设备同步）次数：预填充 1 次，之后每个验证步 1 次。
+    pub read_backs: usize,
+    /// 验证（D+1 个 token 的主模型前向、设备上的接受判定、读回、主机记账）的秒数之和。
+    /// 在 CPU 后端上是真实计算时间；在异步后端上，起草的设备计算会落在下一次读回里。
+    pub verify_s: f64,
+    /// 起草（D 个 MTP 模块）的秒数之和（同上）。
+    pub draft_s: f64,
 }
 
 /// 一次生成的两个阶段：预填充（整个提示 + 第一个生成 token 的读回）与之后的解码步。
@@ -71,6 +78,18 @@ impl SpecStats {
     pub fn insert_metrics(&self, metrics: &mut std::collections::BTreeMap<String, Option<f64>>) {
         metrics.insert("mean_accepted_length".into(), self.mean_accepted_length());
         metrics.insert("verify_steps".into(), Some(self.steps as f64));
+        let per_step = |x: f64| (self.steps > 0).then(|| x / self.steps as f64);
+        // the prefill's read-back (the first token) is not a step's
+        metrics.insert(
+            "read_backs_per_step".into(),
+            per_step(self.read_backs.saturating_sub(1) as f64),
+        );
+        metrics.insert("verify_s_per_step".into(), per_step(self.verify_s));
+        metrics.insert("draft_s_per_step".into(), per_step(self.draft_s));
+        metrics.insert(
+            "draft_over_verify".into(),
+            (self.verify_s > 0.0).then(|| self.draft_s / self.verify_s),
+        );
         let per_position = self
             .conditional_acceptance()
             .into_iter()
@@ -219,8 +238,40 @@ pub fn speculative<B: Backend>(
 /// Every drafting point of a run: the sequences as they stood and the drafts made for them.
 pub type DraftTrace = Vec<(Vec<Vec<u32>>, Vec<Vec<u32>>)>;
 
+/// Ids `[b, n]` read back to the host: ONE device synchronisation, counted in `stats`.
+fn read_ids<B: Backend>(ids: Tensor<B, 2, Int>, stats: &mut SpecStats) -> Vec<Vec<u32>> {
+    let [b, n] = ids.dims();
+    stats.read_backs += 1;
+    let flat: Vec<i64> = ids
+        .into_data()
+        .convert::<i64>()
+        .to_vec()
+        .expect("reading token ids back");
+    (0..b)
+        .map(|i| flat[i * n..(i + 1) * n].iter().map(|&t| t as u32).collect())
+        .collect()
+}
+
+/// Length of the longest prefix of `drafts` `[b, D]` that equals `predicted[:, ..D]`
+/// (`predicted`: `[b, D+1]`), per sequence, computed on the device: `[b, 1]`.
+pub fn accepted_lengths<B: Backend>(
+    drafts: Tensor<B, 2, Int>,
+    predicted: Tensor<B, 2, Int>,
+) -> Tensor<B, 2, Int> {
+    let [b, depth] = drafts.dims();
+    let same = drafts.equal(predicted.slice([0..b, 0..depth])).int();
+    same.cumprod(1).sum_dim(1)
+}
+
 /// [`speculative`], recording each drafting point in `trace` (tests check the incremental
-/// drafter against a from-scratch computation).
+/// drafter against a from-scratch computation; tracing reads the drafts back, one extra
+/// synchronisation per step).
+///
+/// Per step the host reads back ONE tensor, `[b, 1 + (D+1)]`: each sequence's accepted length
+/// (computed on the device, [`accepted_lengths`]) and the main model's D+1 tokens. The drafts
+/// never leave the device: each module's argmax feeds the next module and the verify window
+/// directly. `stats.read_backs` counts the synchronisations (tests hold it to one per step
+/// plus one for the prefill).
 pub fn speculative_traced<B: Backend>(
     model: &Decoder<B>,
     drafter: &Drafter<'_, B>,
@@ -268,10 +319,11 @@ pub fn speculative_traced<B: Backend>(
     let trunk = Tensor::cat(trunk_parts, 1); // [b, p, d]
     let d = trunk.dims()[2];
     let last = trunk.clone().slice([0..b, p - 1..p, 0..d]);
-    for (s, n) in seqs
-        .iter_mut()
-        .zip(argmax_rows(model.logits(model.final_norm(last))))
-    {
+    let first = model
+        .logits(model.final_norm(last))
+        .argmax(2)
+        .reshape([b, 1]);
+    for (s, n) in seqs.iter_mut().zip(read_ids(first, &mut stats)) {
         s.push(n[0]);
     }
     stats.phases.prefill_s = started.elapsed().as_secs_f64();
@@ -291,38 +343,44 @@ pub fn speculative_traced<B: Backend>(
         Drafter::Planted { .. } => None,
     };
     let done = |seqs: &[Vec<u32>]| seqs.iter().all(|s| s.len() >= p + new_tokens);
+    let mut clock = std::time::Instant::now();
     let mut drafts = draft(model, drafter, state.as_mut(), &seqs, &device);
+    stats.draft_s += clock.elapsed().as_secs_f64();
     if let Some(t) = trace.as_deref_mut() {
-        t.push((seqs.clone(), drafts.clone()));
+        t.push((seqs.clone(), read_ids(drafts.clone(), &mut stats)));
     }
 
     while !done(&seqs) {
+        clock = std::time::Instant::now();
         // verify: the last token plus the D drafts, each sequence at its own position
         let starts: Vec<usize> = seqs.iter().map(|s| s.len() - 1).collect();
-        let window: Vec<Vec<u32>> = seqs
+        let last: Vec<Vec<u32>> = seqs
             .iter()
-            .zip(&drafts)
-            .map(|(s, dr)| {
-                std::iter::once(*s.last().expect("token"))
-                    .chain(dr.iter().copied())
-                    .collect()
-            })
+            .map(|s| vec![*s.last().expect("token")])
             .collect();
-        let trunk =
-            model.forward_trunk(id_tensor::<B>(&window, &device), &mut cache, &starts, None);
+        let window = Tensor::cat(vec![id_tensor::<B>(&last, &device), drafts.clone()], 1);
+        let trunk = model.forward_trunk(window, &mut cache, &starts, None);
         if let Some(st) = state.as_mut() {
             append(&mut st.hidden, trunk.clone().unsqueeze_dim::<4>(1), &starts);
         }
-        let predicted = argmax_rows(model.logits(model.final_norm(trunk)));
+        let predicted = model
+            .logits(model.final_norm(trunk))
+            .argmax(2)
+            .reshape([b, depth + 1]);
+        let accepted = accepted_lengths(drafts.clone(), predicted.clone());
+        // the one read-back of the step: accepted lengths, the main model's D+1 tokens, drafts
+        let back = read_ids(
+            Tensor::cat(vec![accepted, predicted, drafts], 1),
+            &mut stats,
+        );
         stats.steps += 1;
-        for ((s, dr), y) in seqs.iter_mut().zip(&drafts).zip(&predicted) {
+        for (s, row) in seqs.iter_mut().zip(&back) {
             if s.len() >= p + new_tokens {
                 continue; // finished: stays in the batch, computed and ignored
             }
-            let mut a = 0;
-            while a < depth && dr[a] == y[a] {
-                a += 1;
-            }
+            let a = row[0] as usize;
+            let (y, dr) = (&row[1..depth + 2], &row[depth + 2..]);
+            debug_assert_eq!(a, (0..depth).take_while(|&j| dr[j] == y[j]).count());
             stats.sequence_steps += 1;
             stats.tokens += a + 1;
             for j in 0..(a + 1).min(depth) {
@@ -334,12 +392,15 @@ pub fn speculative_traced<B: Backend>(
             s.extend_from_slice(&dr[..a]);
             s.push(y[a]);
         }
+        stats.verify_s += clock.elapsed().as_secs_f64();
         if done(&seqs) {
             break;
         }
+        clock = std::time::Instant::now();
         drafts = draft(model, drafter, state.as_mut(), &seqs, &device);
+        stats.draft_s += clock.elapsed().as_secs_f64();
         if let Some(t) = trace.as_deref_mut() {
-            t.push((seqs.clone(), drafts.clone()));
+            t.push((seqs.clone(), read_ids(drafts.clone(), &mut stats)));
         }
     }
     let out = seqs
@@ -350,24 +411,27 @@ pub fn speculative_traced<B: Backend>(
     (out, stats)
 }
 
-/// The next D drafts for every sequence.
+/// The next D drafts for every sequence, on the device: `[b, D]`.
 fn draft<B: Backend>(
     model: &Decoder<B>,
     drafter: &Drafter<'_, B>,
     state: Option<&mut MtpState<B>>,
     seqs: &[Vec<u32>],
     device: &B::Device,
-) -> Vec<Vec<u32>> {
+) -> Tensor<B, 2, Int> {
     match (drafter, state) {
-        (Drafter::Planted { f, depth }, _) => seqs
-            .iter()
-            .enumerate()
-            .map(|(i, s)| {
-                let d = f(i, s);
-                assert_eq!(d.len(), *depth, "a planted drafter returns D drafts");
-                d
-            })
-            .collect(),
+        (Drafter::Planted { f, depth }, _) => {
+            let rows: Vec<Vec<u32>> = seqs
+                .iter()
+                .enumerate()
+                .map(|(i, s)| {
+                    let d = f(i, s);
+                    assert_eq!(d.len(), *depth, "a planted drafter returns D drafts");
+                    d
+                })
+                .collect();
+            id_tensor::<B>(&rows, device)
+        }
         (Drafter::Mtp(m), Some(st)) => draft_mtp(model, m, st, seqs, device),
         (Drafter::Mtp(_), None) => unreachable!("MTP drafter has its state"),
     }
@@ -378,13 +442,17 @@ fn draft<B: Backend>(
 /// draft of an earlier module otherwise. Each module's draft is its prediction at position
 /// n-2. Positions whose inputs are all known are final in the module caches; the others are
 /// recomputed next step, which starts at `n - D`.
+///
+/// No read-back: a module's draft (its argmax, `[b, 1]` on the device) is placed into the next
+/// modules' input tokens with a host-built 0/1 position mask, and the D drafts are returned as
+/// one device tensor.
 fn draft_mtp<B: Backend>(
     model: &Decoder<B>,
     m: &MtpPredictor<B>,
     st: &mut MtpState<B>,
     seqs: &[Vec<u32>],
     device: &B::Device,
-) -> Vec<Vec<u32>> {
+) -> Tensor<B, 2, Int> {
     let b = seqs.len();
     let depth = m.depth();
     let hidden = st.hidden.as_ref().expect("hidden cache");
@@ -402,61 +470,68 @@ fn draft_mtp<B: Backend>(
         .map(|(&f, &e)| e + 1 - f)
         .max()
         .expect("batch");
-    // main hidden states at each sequence's positions from..from+len (padding past its end is
-    // computed and ignored: causal attention keeps it away from real positions)
-    let rows: Vec<Tensor<B, 3>> = st
+    assert!(
+        st.from.iter().all(|&f| f + len <= cap),
+        "MTP pass beyond cache capacity"
+    );
+    // main hidden states at each sequence's positions from..from+len, gathered in one select
+    // (padding past a sequence's end is computed and ignored: causal attention keeps it away
+    // from real positions)
+    let rows: Vec<i64> = st
         .from
         .iter()
         .enumerate()
-        .map(|(i, &f)| {
-            assert!(f + len <= cap, "MTP pass beyond cache capacity");
-            hidden
-                .clone()
-                .slice([i..i + 1, 0..1, f..f + len, 0..d])
-                .reshape([1, len, d])
-        })
+        .flat_map(|(i, &f)| (0..len).map(move |j| (i * cap + f + j) as i64))
         .collect();
-    let mut h = Tensor::cat(rows, 0);
-    let mut drafts: Vec<Vec<u32>> = vec![Vec::with_capacity(depth); b];
+    let rows = Tensor::<B, 1, Int>::from_data(TensorData::new(rows, [b * len]), device);
+    let mut h = hidden
+        .clone()
+        .reshape([b * cap, d])
+        .select(0, rows)
+        .reshape([b, len, d]);
+    let mut drafts: Vec<Tensor<B, 2, Int>> = Vec::with_capacity(depth);
     // row of each sequence's last real position in the flattened [b·len, d] output
     let pick: Vec<i64> = (0..b)
         .map(|i| (i * len + ends[i] - st.from[i]) as i64)
         .collect();
     let pick = Tensor::<B, 1, Int>::from_data(TensorData::new(pick, [b]), device);
     for k in 0..depth {
-        let ahead: Vec<Vec<u32>> = (0..b)
-            .map(|i| {
-                let n = seqs[i].len();
-                (0..len)
-                    .map(|j| {
-                        let pos = st.from[i] + j + k + 1;
-                        if pos < n {
-                            seqs[i][pos]
-                        } else {
-                            // a draft of an earlier module, or padding
-                            drafts[i].get(pos - n).copied().unwrap_or(0)
-                        }
-                    })
-                    .collect()
-            })
-            .collect();
-        h = m.forward_module(
-            k,
-            model,
-            h,
-            id_tensor::<B>(&ahead, device),
-            &st.from,
-            &mut st.caches[k],
-        );
-        let last = h.clone().reshape([b * len, d]).select(0, pick.clone());
-        let next = argmax_rows(m.logits(k, model, last.reshape([b, 1, d])));
-        for (dr, n) in drafts.iter_mut().zip(next) {
-            dr.push(n[0]);
+        // known tokens on the host (0 where a draft goes), drafts added on the device
+        let mut known = Vec::with_capacity(b * len);
+        let mut slots: Vec<Vec<i64>> = vec![vec![0; b * len]; k];
+        for (i, s) in seqs.iter().enumerate() {
+            let n = s.len();
+            for j in 0..len {
+                let pos = st.from[i] + j + k + 1;
+                if pos < n {
+                    known.push(s[pos] as i64);
+                } else {
+                    known.push(0);
+                    // a draft of an earlier module, or padding (pos - n >= k)
+                    if let Some(slot) = slots.get_mut(pos - n) {
+                        slot[i * len + j] = 1;
+                    }
+                }
+            }
         }
+        let mut ahead = Tensor::<B, 2, Int>::from_data(TensorData::new(known, [b, len]), device);
+        for (slot, dr) in slots.into_iter().zip(&drafts) {
+            if slot.iter().any(|&x| x != 0) {
+                let mask = Tensor::<B, 2, Int>::from_data(TensorData::new(slot, [b, len]), device);
+                ahead = ahead + mask * dr.clone().expand([b, len]);
+            }
+        }
+        h = m.forward_module(k, model, h, ahead, &st.from, &mut st.caches[k]);
+        let last = h.clone().reshape([b * len, d]).select(0, pick.clone());
+        let next = m
+            .logits(k, model, last.reshape([b, 1, d]))
+            .argmax(2)
+            .reshape([b, 1]);
+        drafts.push(next);
     }
     st.from = seqs.iter().map(|s| s.len().saturating_sub(depth)).collect();
     // the first pass covers the prompt from 0; later passes restart at n - D
-    drafts
+    Tensor::cat(drafts, 1)
 }
 
 #[cfg(test)]
@@ -616,10 +691,10 @@ mod tests {
     fn finished_sequences_wait_without_breaking_any_depth() {
         // even sequences accept every draft and finish early, odd ones never; each depth,
         // including D = 1 where a finished sequence's next pass would start past its end
-        let (m, mtp) = setup(3);
         let pr = prompts(4, 5);
+        let (m, mtp) = setup(4);
         let want = greedy(&m, &pr, 13, 4);
-        for depth in 1..=3 {
+        for depth in 1..=4 {
             let f = oracle(&want, 5, depth, |i| i % 2 == 0);
             let (got, _) = speculative(&m, &Drafter::Planted { depth, f: &f }, &pr, 13, 4);
             assert_eq!(got, want, "planted, D = {depth}");
@@ -627,5 +702,55 @@ mod tests {
             let (got, _) = speculative(&m, &Drafter::Mtp(&mtp), &pr, 13, 4);
             assert_eq!(got, want, "MTP, D = {depth}");
         }
+    }
+
+    #[test]
+    fn one_read_back_per_step_with_mtp_and_planted_drafts() {
+        let (m, mtp) = setup(3);
+        let pr = prompts(8, 5);
+        let want = greedy(&m, &pr, 12, 4);
+        let f = oracle(&want, 5, 3, |i| i % 3 == 0);
+        for drafter in [Drafter::Mtp(&mtp), Drafter::Planted { depth: 3, f: &f }] {
+            let (got, st) = speculative(&m, &drafter, &pr, 12, 4);
+            assert_eq!(got, want);
+            assert!(st.steps > 1);
+            // the prefill's first token, then exactly one per verify step
+            assert_eq!(st.read_backs, st.steps + 1, "{st:?}");
+            let mut metrics = Default::default();
+            st.insert_metrics(&mut metrics);
+            assert_eq!(metrics["read_backs_per_step"], Some(1.0));
+        }
+    }
+
+    #[test]
+    fn device_acceptance_equals_the_host_prefix_rule() {
+        let dev = Default::default();
+        let drafts = vec![
+            vec![1, 2, 3],
+            vec![1, 9, 3],
+            vec![7, 2, 3],
+            vec![1, 2, 8],
+            vec![4, 4, 4],
+        ];
+        let predicted = vec![
+            vec![1, 2, 3, 5],
+            vec![1, 2, 3, 5],
+            vec![1, 2, 3, 5],
+            vec![1, 2, 3, 5],
+            vec![4, 4, 4, 4],
+        ];
+        let host: Vec<u32> = drafts
+            .iter()
+            .zip(&predicted)
+            .map(|(d, p)| d.iter().zip(p).take_while(|(a, b)| a == b).count() as u32)
+            .collect();
+        assert_eq!(host, vec![3, 1, 0, 2, 3]);
+        let a = accepted_lengths(
+            id_tensor::<B>(&drafts, &dev),
+            id_tensor::<B>(&predicted, &dev),
+        );
+        let mut st = SpecStats::default();
+        let got: Vec<u32> = read_ids(a, &mut st).into_iter().map(|r| r[0]).collect();
+        assert_eq!(got, host);
     }
 }
