@@ -173,6 +173,20 @@ pub fn run<B: Backend>(
         same as f64 / g.len().max(1) as f64
     });
     let stats = spec.and_then(|sp| sp.1.clone());
+    // a model that loops on itself is easy to draft for: say how repetitive greedy's text is
+    let distinct4 = greedy_out
+        .as_ref()
+        .and_then(|g| distinct_ngram_fraction(g, 4));
+    if let Some(v) = variants.get_mut(0) {
+        v.metrics
+            .insert("distinct_4gram_fraction".into(), distinct4);
+    }
+    notes.push(format!(
+        "repetition: {} of the 4-grams of greedy's generated tokens are distinct (pooled over the \
+         {batch} sequences; 1.0 = no 4-gram repeats; a model stuck in a loop scores near 0 and \
+         would make drafting easy)",
+        fmt_opt(distinct4, 3)
+    ));
     if let Some(v) = variants.get_mut(1) {
         let mismatched = greedy_out
             .as_ref()
@@ -214,6 +228,54 @@ pub fn run<B: Backend>(
         });
         (one, verify)
     };
+    // the same two steps against the machine's measured limits (streaming read, GEMM)
+    let limits = super::roofline::measure(ctx);
+    let plain_t = super::roofline::decode_step(&meta.model, batch, ctx_len, eb);
+    let rows = batch * (depth + 1);
+    // D+1 query rows per sequence: D+1 times the FLOPs, the same weights and cache read once
+    let verify_flops = plain_t.flops * (depth + 1) as f64;
+    let frac = |x: f64, limit: Option<f64>| limit.filter(|l| *l > 0.0).map(|l| x / l);
+    let plain_gb = plain_t.bytes() / one / 1e9;
+    let verify_gflop = verify_flops / verify / 1e9;
+    // rows at which a weight-streaming step turns compute-bound: 2·rows·W flops vs W·eb bytes
+    let ridge = limits
+        .gemm_gflop_per_s
+        .zip(limits.read_gb_per_s)
+        .map(|(f, r)| f * eb as f64 / (2.0 * r));
+    if let Some(v) = variants.get_mut(1) {
+        v.metrics
+            .insert("plain_step_gb_per_s".into(), Some(plain_gb));
+        v.metrics.insert(
+            "plain_step_read_fraction".into(),
+            frac(plain_gb, limits.read_gb_per_s),
+        );
+        v.metrics
+            .insert("verify_step_gflop_per_s".into(), Some(verify_gflop));
+        v.metrics.insert(
+            "verify_step_gemm_fraction".into(),
+            frac(verify_gflop, limits.gemm_gflop_per_s),
+        );
+        v.metrics.insert("verify_rows".into(), Some(rows as f64));
+        v.metrics.insert("ridge_rows".into(), ridge);
+        v.metrics
+            .insert("limit_read_gb_per_s".into(), limits.read_gb_per_s);
+        v.metrics
+            .insert("limit_gemm_gflop_per_s".into(), limits.gemm_gflop_per_s);
+    }
+    notes.push(format!(
+        "roofline: a plain step (batch {batch}, context {ctx_len}) reads {:.2} MB of weights and \
+         cache and does {:.1} MFLOP, measured {plain_gb:.1} GB/s = {} of the read limit; a verify \
+         step has {rows} query rows ({verify_gflop:.1} GFLOP/s = {} of the GEMM limit). The ridge \
+         (rows at which streaming the weights once stops being the bound) is {} rows here: a \
+         verify step with more rows than that cannot cost the same as a plain step even at the \
+         roofline, and steps far below both limits are bound by per-operation overhead instead. {}",
+        plain_t.bytes() / 1e6,
+        plain_t.flops / 1e6,
+        fmt_opt(frac(plain_gb, limits.read_gb_per_s), 3),
+        fmt_opt(frac(verify_gflop, limits.gemm_gflop_per_s), 3),
+        fmt_opt(ridge, 1),
+        limits.note()
+    ));
     if let Some(v) = variants.get_mut(1) {
         v.metrics.insert("plain_step_s".into(), Some(one));
         v.metrics
@@ -249,10 +311,16 @@ pub fn run<B: Backend>(
         }
     }
     let ratio = dg.zip(ds).map(|(g, sp)| g / sp);
+    let spec_metrics = variants
+        .get(1)
+        .map(|v| v.metrics.clone())
+        .unwrap_or_default();
+    let stat = |k: &str| spec_metrics.get(k).copied().flatten();
     notes.push(format!(
         "verify step ({} tokens) costs {:.2}x a plain one-token step at batch {batch}, context {ctx_len} \
          ({:.2} ms vs {:.2} ms); acceptance per draft position (given the earlier ones were accepted): {}; \
-         mean tokens per verify step {}",
+         mean tokens per verify step {}; on the real (per-sequence) path of the timed runs: \
+         verify {} ms/step, drafting {} ms/step (draft/verify {}), host read-backs per step {}",
         depth + 1,
         verify / one,
         verify * 1e3,
@@ -267,7 +335,11 @@ pub fn run<B: Backend>(
                 .collect::<Vec<_>>()
                 .join(", "))
             .unwrap_or_else(|| "not measured".into()),
-        fmt_opt(stats.as_ref().and_then(|s| s.mean_accepted_length()), 2)
+        fmt_opt(stats.as_ref().and_then(|s| s.mean_accepted_length()), 2),
+        fmt_opt(stat("verify_s_per_step").map(|x| x * 1e3), 2),
+        fmt_opt(stat("draft_s_per_step").map(|x| x * 1e3), 2),
+        fmt_opt(stat("draft_over_verify"), 2),
+        fmt_opt(stat("read_backs_per_step"), 2),
     ));
     let same = match identical {
         Some(true) => "outputs identical to greedy",
@@ -321,8 +393,11 @@ pub fn run<B: Backend>(
     })
 }
 
-/// One timing per point of the D x batch sweep (greedy once per batch), reported as variants
-/// `sweep_d{D}_b{B}` and a table in the notes.
+/// Timed runs per point of the D x batch sweep.
+const SWEEP_REPS: usize = 3;
+
+/// The D x batch sweep, greedy and speculative interleaved at every point (medians of
+/// [`SWEEP_REPS`] runs), reported as variants `sweep_d{D}_b{B}` and a table in the notes.
 #[allow(clippy::too_many_arguments)]
 fn sweep<B: Backend>(
     s: &MtpScenario,
@@ -335,24 +410,48 @@ fn sweep<B: Backend>(
     notes: &mut Vec<String>,
 ) {
     let n = s.run.new_tokens;
-    let mut rows = vec!["sweep (one timed run per point, after one warm-up at the same shape): D, batch, greedy tok/s, speculative tok/s, speedup, mean tokens/step, identical".to_string()];
-    for &b in &sw.batches {
-        let prompts = train::heldout_prompts(heldout, b, s.run.prompt_len);
-        let _ = decode::greedy(main, &prompts, n.min(8), PREFILL_CHUNK);
+    let reps = SWEEP_REPS;
+    let mut rows = vec![format!(
+        "sweep (per point: greedy and speculative alternated, {reps} timed runs each after one \
+         warm-up of both at the same shape; medians): D, batch, greedy tok/s, speculative tok/s, \
+         speedup, mean tokens/step, identical"
+    )];
+    let timed = |f: &mut dyn FnMut()| {
         B::sync(dev).ok();
         let t = Instant::now();
-        let g = decode::greedy(main, &prompts, n, PREFILL_CHUNK);
+        f();
         B::sync(dev).ok();
-        let tg = t.elapsed().as_secs_f64();
+        t.elapsed().as_secs_f64()
+    };
+    let median = |mut xs: Vec<f64>| {
+        xs.sort_by(f64::total_cmp);
+        xs[xs.len() / 2]
+    };
+    for &b in &sw.batches {
+        let prompts = train::heldout_prompts(heldout, b, s.run.prompt_len);
+        let g = decode::greedy(main, &prompts, n, PREFILL_CHUNK);
         for &d in &sw.depths {
             let mtp = full.mtp.clone().truncated(d);
             let drafter = Drafter::Mtp(&mtp);
             let _ = decode::speculative(main, &drafter, &prompts, n.min(8), PREFILL_CHUNK);
-            B::sync(dev).ok();
-            let t = Instant::now();
-            let (o, st) = decode::speculative(main, &drafter, &prompts, n, PREFILL_CHUNK);
-            B::sync(dev).ok();
-            let ts = t.elapsed().as_secs_f64();
+            let (mut tgs, mut tss) = (Vec::new(), Vec::new());
+            let mut last = None;
+            for _ in 0..reps {
+                tgs.push(timed(&mut || {
+                    let _ = decode::greedy(main, &prompts, n, PREFILL_CHUNK);
+                }));
+                tss.push(timed(&mut || {
+                    last = Some(decode::speculative(
+                        main,
+                        &drafter,
+                        &prompts,
+                        n,
+                        PREFILL_CHUNK,
+                    ));
+                }));
+            }
+            let (o, st) = last.expect("at least one repetition");
+            let (tg, ts) = (median(tgs), median(tss));
             let same = o == g;
             let mut v = VariantReport {
                 name: format!("sweep_d{d}_b{b}"),
@@ -391,4 +490,33 @@ fn sweep<B: Backend>(
         }
     }
     notes.push(rows.join("\n"));
+}
+
+/// Fraction of distinct `n`-grams among all `n`-grams of `seqs` (pooled), or `None` when no
+/// sequence is `n` tokens long.
+pub fn distinct_ngram_fraction(seqs: &[Vec<u32>], n: usize) -> Option<f64> {
+    let mut seen = std::collections::HashSet::new();
+    let mut total = 0usize;
+    for s in seqs {
+        for w in s.windows(n.max(1)) {
+            seen.insert(w.to_vec());
+            total += 1;
+        }
+    }
+    (total > 0).then(|| seen.len() as f64 / total as f64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn distinct_ngrams_tell_a_loop_from_varied_text() {
+        let varied = vec![(0..40).collect::<Vec<u32>>()];
+        assert_eq!(distinct_ngram_fraction(&varied, 4), Some(1.0));
+        let looping = vec![[1u32, 2, 3].repeat(20)];
+        let f = distinct_ngram_fraction(&looping, 4).unwrap();
+        assert!(f < 0.06, "{f}"); // 3 distinct of 57
+        assert_eq!(distinct_ngram_fraction(&[vec![1, 2]], 4), None);
+    }
 }
