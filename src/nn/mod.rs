@@ -16,3 +16,19 @@ pub use mtp::{MtpModel, MtpPredictor};
 
 #[cfg(test)]
 mod tests;
+
+/// Test helpers shared by the modules of `nn`.
+#[cfg(test)]
+pub(crate) mod test_util {
+    use burn::backend::Flex;
+    use burn::tensor::{Tensor, TensorData};
+
+    /// A flex tensor of `shape` filled with `pseudo_random(.., seed)`.
+    pub fn t4(shape: [usize; 4], seed: u64) -> Tensor<Flex, 4> {
+        let n = shape.iter().product();
+        Tensor::from_data(
+            TensorData::new(crate::bench::calibrate::pseudo_random(n, seed), shape),
+            &Default::default(),
+        )
+    }
+}

@@ -250,15 +250,9 @@ mod tests {
     use crate::bench::calibrate::pseudo_random;
     use burn::backend::Flex;
 
-    type B = Flex;
+    use crate::nn::test_util::t4;
 
-    fn t4(shape: [usize; 4], seed: u64) -> Tensor<B, 4> {
-        let n = shape.iter().product();
-        Tensor::from_data(
-            TensorData::new(pseudo_random(n, seed), shape),
-            &Default::default(),
-        )
-    }
+    type B = Flex;
 
     fn max_diff(a: Tensor<B, 4>, b: Tensor<B, 4>) -> f32 {
         (a - b).abs().max().into_scalar()

@@ -131,19 +131,11 @@ fn copy_rows<E: burn::tensor::Element + bytemuck::Pod>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::bench::calibrate::pseudo_random;
     use burn::backend::Flex;
-    use burn::tensor::TensorData;
+
+    use crate::nn::test_util::t4;
 
     type B = Flex;
-
-    fn t4(shape: [usize; 4], seed: u64) -> Tensor<B, 4> {
-        let n = shape.iter().product();
-        Tensor::from_data(
-            TensorData::new(pseudo_random(n, seed), shape),
-            &Default::default(),
-        )
-    }
 
     /// The address of a flex tensor's buffer.
     fn addr(t: &Tensor<B, 4>) -> usize {

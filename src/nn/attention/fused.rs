@@ -188,20 +188,9 @@ fn axpy(a: f32, x: &[f32], y: &mut [f32]) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::bench::calibrate::pseudo_random;
     use crate::nn::attention::blocked;
-    use burn::backend::Flex;
-    use burn::tensor::TensorData;
 
-    type B = Flex;
-
-    fn t4(shape: [usize; 4], seed: u64) -> Tensor<B, 4> {
-        let n = shape.iter().product();
-        Tensor::from_data(
-            TensorData::new(pseudo_random(n, seed), shape),
-            &Default::default(),
-        )
-    }
+    use crate::nn::test_util::t4;
 
     #[test]
     fn equals_the_blocked_path_with_per_sequence_positions() {
