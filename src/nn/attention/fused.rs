@@ -98,8 +98,48 @@ fn parts(t: &FlexTensor) -> (&[f32], Vec<usize>, usize) {
 }
 
 /// One (sequence, group): `rows` queries (`dk` each, row-major) at positions `pos`, keys and
-/// values by position; writes `rows x dv` outputs to `out`.
+/// values by position; writes `rows x dv` outputs to `out`. Compiled for AVX2 + FMA when the CPU
+/// has them (the build's baseline is SSE2), else the same body for the baseline.
 fn one_group<'a>(
+    q: &[f32],
+    key: impl Fn(usize) -> &'a [f32],
+    value: impl Fn(usize) -> &'a [f32],
+    pos: &[usize],
+    dk: usize,
+    dv: usize,
+    out: &mut [f32],
+) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        {
+            // SAFETY: the CPU has AVX2 and FMA (checked just above).
+            unsafe { one_group_avx2(q, key, value, pos, dk, dv, out) };
+            return;
+        }
+    }
+    one_group_body::<false>(q, key, value, pos, dk, dv, out);
+}
+
+/// [`one_group_body`] compiled with AVX2 + FMA.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn one_group_avx2<'a>(
+    q: &[f32],
+    key: impl Fn(usize) -> &'a [f32],
+    value: impl Fn(usize) -> &'a [f32],
+    pos: &[usize],
+    dk: usize,
+    dv: usize,
+    out: &mut [f32],
+) {
+    one_group_body::<true>(q, key, value, pos, dk, dv, out);
+}
+
+/// The pass; `AVX`: called from [`one_group_avx2`] (the dot products and updates use AVX2/FMA
+/// intrinsics).
+#[inline(always)]
+fn one_group_body<'a, const AVX: bool>(
     q: &[f32],
     key: impl Fn(usize) -> &'a [f32],
     value: impl Fn(usize) -> &'a [f32],
@@ -113,43 +153,45 @@ fn one_group<'a>(
     let mut m = vec![f32::NEG_INFINITY; rows];
     let mut l = vec![0f32; rows];
     out.iter_mut().for_each(|x| *x = 0.0);
-    let mut s = vec![0f32; rows * KEY_BLOCK];
+    let mut s = vec![0f32; KEY_BLOCK];
     let mut k0 = 0;
     while k0 < n_keys {
         let k1 = (k0 + KEY_BLOCK).min(n_keys);
-        let kb = k1 - k0;
-        for j in k0..k1 {
-            let kj = key(j);
-            for (r, &p) in pos.iter().enumerate() {
-                s[r * KEY_BLOCK + j - k0] = if j <= p {
-                    dot(&q[r * dk..(r + 1) * dk], kj)
-                } else {
-                    f32::NEG_INFINITY
-                };
+        for (r, &p) in pos.iter().enumerate() {
+            // keys after the row's position are masked: simply not scored
+            let end = k1.min(p + 1);
+            if end <= k0 {
+                continue;
             }
-        }
-        for r in 0..rows {
-            let sr = &mut s[r * KEY_BLOCK..r * KEY_BLOCK + kb];
-            let block_max = sr.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            if block_max == f32::NEG_INFINITY {
-                continue; // every key of this block lies after the row's position
+            let nv = end - k0;
+            let qr = &q[r * dk..(r + 1) * dk];
+            for (j, sj) in s[..nv].iter_mut().enumerate() {
+                *sj = dot_any::<AVX>(qr, key(k0 + j));
             }
+            let block_max = s[..nv].iter().copied().fold(f32::NEG_INFINITY, f32::max);
             let m_new = m[r].max(block_max);
-            let corr = (m[r] - m_new).exp(); // 0 on the first block (m = -inf)
-            let mut sum = 0f32;
-            for x in sr.iter_mut() {
-                *x = (*x - m_new).exp(); // masked: exp(-inf) = 0
-                sum += *x;
+            let corr = if m[r] == f32::NEG_INFINITY {
+                0.0
+            } else {
+                exp_neg(m[r] - m_new)
+            };
+            // two loops: the map vectorises, the sum keeps eight partial sums
+            for x in s[..nv].iter_mut() {
+                *x = exp_neg(*x - m_new);
             }
+            let mut part = [0f32; 8];
+            for (i, x) in s[..nv].iter().enumerate() {
+                part[i % 8] += *x;
+            }
+            let sum = ((part[0] + part[4]) + (part[1] + part[5]))
+                + ((part[2] + part[6]) + (part[3] + part[7]));
             l[r] = l[r] * corr + sum;
             let o = &mut out[r * dv..(r + 1) * dv];
             if corr != 1.0 {
                 o.iter_mut().for_each(|x| *x *= corr);
             }
-            for (t, &p) in sr.iter().enumerate() {
-                if p != 0.0 {
-                    axpy(p, value(k0 + t), o);
-                }
+            for (j, &pj) in s[..nv].iter().enumerate() {
+                axpy_any::<AVX>(pj, value(k0 + j), o);
             }
             m[r] = m_new;
         }
@@ -161,7 +203,109 @@ fn one_group<'a>(
     }
 }
 
-/// `a · b` with sixteen partial sums (vectorised by the compiler).
+/// `exp(x)` for `x <= 0` (scores minus their running max), relative error below 2e-6 for
+/// `x >= -20` (below 1e-5 down to -87, where the f32 product `x·log2(e)` limits it): `2^t`
+/// with `t = x·log2(e)` split into an integer (the exponent bits) and a fraction in
+/// [-0.5, 0.5] (a degree-6 polynomial). Branch-free, so the compiler vectorises the loops
+/// that call it (libm's `expf` is a call per element).
+#[inline(always)]
+fn exp_neg(x: f32) -> f32 {
+    let t = (x * std::f32::consts::LOG2_E).max(-126.0);
+    let n = (t + 0.5).floor();
+    let f = t - n;
+    // 2^f = exp(f·ln 2): Taylor coefficients (ln 2)^k / k!
+    let p = 1.0
+        + f * (std::f32::consts::LN_2
+            + f * (0.240_226_5
+                + f * (0.055_504_11
+                    + f * (0.009_618_129 + f * (0.001_333_355_8 + f * 0.000_154_035_3)))));
+    p * f32::from_bits(((n as i32 + 127) as u32) << 23)
+}
+
+/// [`dot`], or its AVX2/FMA twin inside [`one_group_avx2`].
+#[inline(always)]
+fn dot_any<const AVX: bool>(a: &[f32], b: &[f32]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if AVX {
+        // SAFETY: AVX is true only in the body compiled for (and run on) AVX2 + FMA
+        return unsafe { x86::dot(a, b) };
+    }
+    dot(a, b)
+}
+
+/// [`axpy`], or its AVX2/FMA twin inside [`one_group_avx2`].
+#[inline(always)]
+fn axpy_any<const AVX: bool>(a: f32, x: &[f32], y: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if AVX {
+        // SAFETY: as in `dot_any`
+        unsafe { x86::axpy(a, x, y) };
+        return;
+    }
+    axpy(a, x, y)
+}
+
+/// AVX2 + FMA dot product and update (eight lanes, two accumulators).
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    /// `a · b` over `min(len)` elements.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn dot(a: &[f32], b: &[f32]) -> f32 {
+        let n = a.len().min(b.len());
+        let (pa, pb) = (a.as_ptr(), b.as_ptr());
+        let mut acc0 = _mm256_setzero_ps();
+        let mut acc1 = _mm256_setzero_ps();
+        let mut i = 0;
+        while i + 16 <= n {
+            acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(i)), _mm256_loadu_ps(pb.add(i)), acc0);
+            acc1 = _mm256_fmadd_ps(
+                _mm256_loadu_ps(pa.add(i + 8)),
+                _mm256_loadu_ps(pb.add(i + 8)),
+                acc1,
+            );
+            i += 16;
+        }
+        if i + 8 <= n {
+            acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(i)), _mm256_loadu_ps(pb.add(i)), acc0);
+            i += 8;
+        }
+        let acc = _mm256_add_ps(acc0, acc1);
+        let s4 = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+        let s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+        let s1 = _mm_add_ss(s2, _mm_shuffle_ps(s2, s2, 1));
+        let mut s = _mm_cvtss_f32(s1);
+        while i < n {
+            s += a[i] * b[i];
+            i += 1;
+        }
+        s
+    }
+
+    /// `y += a · x` over `min(len)` elements.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn axpy(a: f32, x: &[f32], y: &mut [f32]) {
+        let n = x.len().min(y.len());
+        let (px, py) = (x.as_ptr(), y.as_mut_ptr());
+        let va = _mm256_set1_ps(a);
+        let mut i = 0;
+        while i + 8 <= n {
+            let v = _mm256_fmadd_ps(va, _mm256_loadu_ps(px.add(i)), _mm256_loadu_ps(py.add(i)));
+            _mm256_storeu_ps(py.add(i), v);
+            i += 8;
+        }
+        while i < n {
+            y[i] += a * x[i];
+            i += 1;
+        }
+    }
+}
+
+/// `a · b` with sixteen partial sums (vectorised by the compiler), summed as a tree.
+#[inline(always)]
 fn dot(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0f32; 16];
     let (ca, cb) = (a.chunks_exact(16), b.chunks_exact(16));
@@ -171,7 +315,13 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
             acc[i] += x[i] * y[i];
         }
     }
-    let mut s: f32 = acc.iter().sum();
+    // a tree, not a chain of 16 dependent adds (the chain's latency dominated short rows)
+    let mut a8 = [0f32; 8];
+    for i in 0..8 {
+        a8[i] = acc[i] + acc[i + 8];
+    }
+    let a4 = [a8[0] + a8[4], a8[1] + a8[5], a8[2] + a8[6], a8[3] + a8[7]];
+    let mut s = (a4[0] + a4[2]) + (a4[1] + a4[3]);
     for (x, y) in ra.iter().zip(rb) {
         s += x * y;
     }
@@ -179,6 +329,7 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
 }
 
 /// `y += a · x`.
+#[inline(always)]
 fn axpy(a: f32, x: &[f32], y: &mut [f32]) {
     for (yi, xi) in y.iter_mut().zip(x) {
         *yi += a * xi;
@@ -227,5 +378,22 @@ mod tests {
         let h = k.clone().cast(DType::F16);
         let qh = t4([1, 1, 2, 8], 1).cast(DType::F16);
         assert!(attention(qh, &h, &h, 8, &[10], 1).is_err());
+    }
+
+    #[test]
+    fn fast_exp_is_accurate_over_the_range_softmax_uses() {
+        let worst = |lo: f32, hi: f32| {
+            let mut w = 0f64;
+            for i in 0..=20000 {
+                let x = hi + (lo - hi) * i as f32 / 20000.0;
+                let want = (x as f64).exp();
+                w = w.max(((exp_neg(x) as f64 - want) / want).abs());
+            }
+            w
+        };
+        assert!(worst(-20.0, 0.0) < 2e-6, "{}", worst(-20.0, 0.0));
+        assert!(worst(-87.0, -20.0) < 1e-5, "{}", worst(-87.0, -20.0));
+        assert_eq!(exp_neg(0.0), 1.0);
+        assert!(exp_neg(-1000.0) < 1e-37);
     }
 }
