@@ -29,7 +29,15 @@ impl<B: Backend> SwiGlu<B> {
     /// `[b, s, dim] -> [b, s, dim]`
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         // decode steps take the streaming matrix-vector path on the CPU backend (nn::linear)
-        let h = silu(linear::forward(&self.w1, x.clone())) * linear::forward(&self.w3, x);
+        let (a, b) = (
+            linear::forward(&self.w1, x.clone()),
+            linear::forward(&self.w3, x),
+        );
+        // one fused pass on the CPU backend (`nn::flex::swiglu_gate`), Burn's ops elsewhere
+        let h = match super::flex::swiglu_gate(a, b) {
+            Ok(h) => h,
+            Err((a, b)) => silu(a) * b,
+        };
         linear::forward(&self.w2, h)
     }
 
