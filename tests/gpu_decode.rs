@@ -12,6 +12,8 @@ use burn::tensor::{backend::Backend, Int, Tensor, TensorData};
 use dsopt::nn::attention::{AttentionConfig, MlaImpl};
 use dsopt::nn::DecoderConfig;
 
+mod common;
+
 type Cpu = burn::backend::Flex;
 type Gpu = burn::backend::Wgpu;
 
@@ -60,6 +62,9 @@ fn per_sequence(a: &[f32], b: &[f32], n: usize) -> Vec<f32> {
 }
 
 fn check(cfg: DecoderConfig) {
+    if !common::wgpu_available("gpu_decode") {
+        return;
+    }
     let cpu = Default::default();
     Cpu::seed(&cpu, 3);
     let m = cfg.init::<Cpu>(&cpu);

@@ -128,8 +128,8 @@ pub struct MlaOptions {
 
 impl Default for MlaOptions {
     fn default() -> Self {
-        // the same dimensions as `AttentionConfig::mha`'s (unused) MLA fields, so that the
-        // default optimisation config yields exactly the default decoder configuration
+        // 与 `AttentionConfig::mha` 中（不使用的）MLA 字段维度相同，
+        // 这样默认优化配置得到的恰好就是默认解码器配置
         MlaOptions {
             implementation: MlaImpl::Absorbed,
             kv_lora_rank: 512,
@@ -228,7 +228,7 @@ impl Default for OptimizationConfig {
     }
 }
 
-/// A standalone optimisation file written with an `[optimization]` header.
+/// 带 `[optimization]` 表头的独立优化配置文件。
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct Wrapped {
@@ -237,22 +237,22 @@ struct Wrapped {
 }
 
 impl OptimizationConfig {
-    /// The standard model (FR-006): MHA, dense FFN, MTP depth 0, f32. Same as `default()`.
+    /// 标准模型（FR-006）：MHA、稠密 FFN、MTP 深度 0、f32。与 `default()` 相同。
     pub fn standard() -> Self {
         Self::default()
     }
 
-    /// True when no optimisation is switched on (MHA, dense FFN, MTP depth 0).
+    /// 没有开启任何优化时为真（MHA、稠密 FFN、MTP 深度 0）。
     pub fn is_standard(&self) -> bool {
         self.attention == AttentionKind::Mha && self.ffn == FfnKind::Dense && self.mtp.depth == 0
     }
 
-    /// Number of MTP modules (the draft depth D of self-speculative decoding; 0 = none).
+    /// MTP 模块数（自推测解码的草稿深度 D；0 = 没有模块）。
     pub fn mtp_depth(&self) -> usize {
         self.mtp.depth
     }
 
-    /// A short name of the switches, e.g. `mla-absorbed+moe+mtp3` or `mha+dense`.
+    /// 开关组合的简称，例如 `mla-absorbed+moe+mtp3` 或 `mha+dense`。
     pub fn label(&self) -> String {
         let attn = match self.attention {
             AttentionKind::Mha => "mha".to_string(),
@@ -272,8 +272,8 @@ impl OptimizationConfig {
         }
     }
 
-    /// The MoE layer configuration for hidden size `hidden` (`None` for a dense FFN). Same
-    /// router settings as the SC-003 runner (`norm_topk_prob = false`, γ = 0.001).
+    /// 隐藏维度 `hidden` 下的 MoE 层配置（稠密 FFN 时为 `None`）。路由器设置与
+    /// SC-003 运行器相同（`norm_topk_prob = false`，γ = 0.001）。
     pub fn moe_config(&self, hidden: usize) -> Option<MoeConfig> {
         (self.ffn == FfnKind::Moe).then(|| {
             let m = &self.moe;
@@ -295,10 +295,9 @@ impl OptimizationConfig {
         })
     }
 
-    /// The decoder configuration for `shape` with these switches: what
-    /// [`DecoderConfig::init`] (and [`crate::nn::MtpModel::new`] with [`Self::mtp_depth`]) builds.
-    /// Call it on a validated config (a GQA config without `n_kv_heads` falls back to MHA's
-    /// head count).
+    /// 在这些开关下 `shape` 对应的解码器配置：即 [`DecoderConfig::init`]（以及配合
+    /// [`Self::mtp_depth`] 的 [`crate::nn::MtpModel::new`]）所构建的模型。
+    /// 应在已校验的配置上调用（缺少 `n_kv_heads` 的 GQA 配置会退回 MHA 的头数）。
     pub fn decoder_config(&self, shape: &DecoderShape) -> DecoderConfig {
         let mut a = AttentionConfig::mha(shape.n_heads, shape.head_dim);
         a.kind = self.attention;
@@ -326,23 +325,30 @@ impl OptimizationConfig {
         }
     }
 
-    /// Checks that do not depend on the model shape; keys are `optimization.…`.
+    /// 与模型形状无关的检查；违规项的键名形如 `optimization.…`。
     pub fn validate(&self) -> Vec<Violation> {
         validate::optimization(self, None)
     }
 
-    /// Every check, including those against the model shape (GQA heads divide `n_heads`).
+    /// 全部检查，包括与模型形状有关的检查（GQA 的 KV 头数整除 `n_heads`）。
     pub fn validate_for(&self, shape: &DecoderShape) -> Vec<Violation> {
         validate::optimization(self, Some(shape))
     }
 
-    /// Reads and validates a standalone optimisation file (shape-independent checks). Its top
-    /// level is either an `[optimization]` table (with its sub-tables) or the bare keys.
+    /// 读取并校验独立的优化配置文件（只做与形状无关的检查）。文件顶层要么是
+    /// `[optimization]` 表（含其子表），要么直接是各个键。
+    ///
+    /// # Errors
+    /// 文件无法读取、TOML 无效、含未知键或取值/组合不合法时，返回给出文件、行号与键名的
+    /// [`DsoptError::Scenario`]。
     pub fn load(path: &Path) -> Result<Self, DsoptError> {
         Self::load_checked(path, None)
     }
 
-    /// [`Self::load`], also checked against `shape`; errors name the file, line and key.
+    /// 同 [`Self::load`]，另外按 `shape` 检查；错误给出文件、行号与键名。
+    ///
+    /// # Errors
+    /// 与 [`Self::load`] 相同，另含与形状有关的违规（例如 GQA 头数不整除 `n_heads`）。
     pub fn load_for(path: &Path, shape: &DecoderShape) -> Result<Self, DsoptError> {
         Self::load_checked(path, Some(shape))
     }
@@ -358,7 +364,10 @@ impl OptimizationConfig {
         Self::parse_checked(path, &text, shape)
     }
 
-    /// Parses and validates standalone optimisation text; `path` is used in messages only.
+    /// 解析并校验独立的优化配置文本；`path` 只用于错误消息。
+    ///
+    /// # Errors
+    /// TOML 无效、含未知键或取值/组合不合法时返回 [`DsoptError::Scenario`]。
     pub fn parse(path: &Path, text: &str) -> Result<Self, DsoptError> {
         Self::parse_checked(path, text, None)
     }
@@ -383,7 +392,7 @@ impl OptimizationConfig {
         match violations.into_iter().next() {
             None => Ok(cfg),
             Some(Violation { key, message, fix }) => {
-                // in a bare file the keys sit one level up: `mla.kv_lora_rank`, `attention`
+                // 无表头的文件里键位于上一层：`mla.kv_lora_rank`、`attention`
                 let local = if wrapped {
                     key.clone()
                 } else {

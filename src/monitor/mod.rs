@@ -72,7 +72,7 @@ pub struct MonitorConfig {
 }
 
 impl MonitorConfig {
-    /// The same settings without warm-up runs (for runners that warm up on their own shapes).
+    /// 相同设置但不做预热（供按自己的形状预热的运行器使用）。
     pub fn without_warmup(&self) -> MonitorConfig {
         MonitorConfig {
             warmup: 0,
@@ -236,6 +236,9 @@ impl PerformanceMonitor {
 
     /// 交替测量多个变体（每轮依次运行每个变体一次），以抵消机器状态的漂移。
     /// 一个变体失败（错误或 panic）不会影响其他变体。
+    ///
+    /// # Panics
+    /// `names` 与 `workloads` 的长度不同时 panic。
     pub fn measure_interleaved<T>(
         &mut self,
         names: &[&str],
@@ -248,7 +251,7 @@ impl PerformanceMonitor {
         let total = (self.cfg.warmup + self.cfg.repetitions) * names.len();
         let bar = progress::bar(self.cfg.progress, total as u64, "measuring");
 
-        // per-variant baselines, taken before anything of the variant runs
+        // 每个变体的基线，在该变体任何一次运行之前读取
         (self.shared.sync)();
         let host_base = alloc::current();
         let pool_base = self
@@ -344,7 +347,7 @@ impl PerformanceMonitor {
             .map(|(((st, output), first), name)| {
                 let mut mem = st.mem;
                 if let Some(w) = &nvml_window {
-                    // interleaved variants share one sampling window: the figure covers all of them
+                    // 交替测量的变体共用一个 NVML 采样窗口：该数值涵盖所有变体
                     mem.nvml_peak_bytes = Some(w.device_peak_over_baseline);
                     mem.nvml_process_peak_bytes = w.process_peak;
                 }

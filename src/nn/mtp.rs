@@ -39,7 +39,7 @@ pub struct MtpPredictor<B: Backend> {
 }
 
 impl<B: Backend> MtpPredictor<B> {
-    /// `depth` modules shaped like the blocks of `c` (no embedding or head of their own).
+    /// 新建 `depth` 个模块，形状与 `c` 的 Transformer 块相同（没有自己的嵌入层和输出头）。
     pub fn new(c: &DecoderConfig, depth: usize, device: &B::Device) -> Self {
         let d = c.hidden;
         let norm = || RmsNormConfig::new(d).with_epsilon(1e-6).init(device);
@@ -56,26 +56,26 @@ impl<B: Backend> MtpPredictor<B> {
         }
     }
 
-    /// Parameters of `depth` modules for config `c` (analytic; a test checks it).
+    /// 配置 `c` 下 `depth` 个模块的参数量（解析计算；有测试核对）。
     pub fn params(c: &DecoderConfig, depth: usize) -> usize {
         let d = c.hidden;
         let block = (c.params() - 2 * c.vocab_size * d - d) / c.n_layers.max(1);
         depth * (3 * d + 2 * d * d + block)
     }
 
-    /// Draft depth D.
+    /// 草稿深度 D（模块数）。
     pub fn depth(&self) -> usize {
         self.modules.len()
     }
 
-    /// Keeps only the first `depth` modules (module k depends only on modules < k, so a
-    /// predictor trained with depth D serves every depth <= D).
+    /// 只保留前 `depth` 个模块（模块 k 只依赖编号小于 k 的模块，所以按深度 D 训练的
+    /// 预测器可用于任何 <= D 的深度）。
     pub fn truncated(mut self, depth: usize) -> Self {
         self.modules.truncate(depth);
         self
     }
 
-    /// One empty cache layer per module.
+    /// 为每个模块新建一个空缓存层。
     pub fn new_caches(&self, batch: usize, capacity: usize) -> Vec<LayerCache<B>> {
         self.modules
             .iter()
@@ -86,9 +86,9 @@ impl<B: Backend> MtpPredictor<B> {
             .collect()
     }
 
-    /// Module `k` (0-based: module k+1 of the paper) on `h_prev` `[b, s, d]` and the tokens
-    /// `k+1` positions ahead `[b, s]`; sequence `i` at positions `starts[i]..`. Returns the
-    /// module's hidden state `[b, s, d]` (before its output norm), the next module's input.
+    /// 运行模块 `k`（从 0 开始：即论文中的第 k+1 个模块），输入为 `h_prev` `[b, s, d]` 与
+    /// 前方 `k+1` 个位置的 token `[b, s]`；序列 `i` 位于位置 `starts[i]..`。返回该模块的
+    /// 隐藏状态 `[b, s, d]`（输出 RMSNorm 之前），也就是下一个模块的输入。
     pub fn forward_module(
         &self,
         k: usize,
@@ -105,7 +105,7 @@ impl<B: Backend> MtpPredictor<B> {
         m.block.forward(x, starts, cache, None)
     }
 
-    /// Logits of module `k` through the main model's shared head. `[b, s, d] -> [b, s, vocab]`
+    /// 模块 `k` 经主模型共享输出头得到的 logits。`[b, s, d] -> [b, s, vocab]`
     pub fn logits(&self, k: usize, main: &Decoder<B>, h: Tensor<B, 3>) -> Tensor<B, 3> {
         main.logits(self.modules[k].norm.forward(h))
     }
@@ -121,7 +121,7 @@ pub struct MtpModel<B: Backend> {
 }
 
 impl<B: Backend> MtpModel<B> {
-    /// A fresh model (seed the backend first for reproducible weights).
+    /// 新建模型（需要可复现的权重时，先给后端设随机种子）。
     pub fn new(c: &DecoderConfig, depth: usize, device: &B::Device) -> Self {
         MtpModel {
             main: c.init(device),
@@ -129,9 +129,9 @@ impl<B: Backend> MtpModel<B> {
         }
     }
 
-    /// Teacher-forced logits for a training window `tokens` `[b, t]`: the main model's
-    /// `[b, t-1, vocab]` (predicting tokens `1..t`) and, for each depth k = 1..D, module k's
-    /// `[b, t-1-k, vocab]` (position i predicts token `i+k+1`).
+    /// 训练窗口 `tokens` `[b, t]` 的 teacher forcing logits：主模型的 `[b, t-1, vocab]`
+    /// （预测 token `1..t`），以及每个深度 k = 1..D 上模块 k 的 `[b, t-1-k, vocab]`
+    /// （位置 i 预测 token `i+k+1`）。
     pub fn forward_all(&self, tokens: Tensor<B, 2, Int>) -> (Tensor<B, 3>, Vec<Tensor<B, 3>>) {
         let [b, t] = tokens.dims();
         let mut cache = self.main.new_cache(b, t);
@@ -148,7 +148,7 @@ impl<B: Backend> MtpModel<B> {
         let mut depth_logits = Vec::new();
         let mut h = trunk;
         for (k, mut cache) in self.mtp.new_caches(b, t).into_iter().enumerate() {
-            // positions i = 0..len predict token i+k+2 from h_{k,i} and token i+k+1
+            // 位置 i = 0..len 由 h_{k,i} 与 token i+k+1 预测 token i+k+2
             let len = t.saturating_sub(k + 2);
             if len == 0 {
                 break;

@@ -65,7 +65,7 @@ pub struct MlaAttention<B: Backend> {
 }
 
 impl<B: Backend> MlaAttention<B> {
-    /// New MLA for hidden size `dim`.
+    /// 为隐藏维度 `dim` 新建 MLA 模块（权重按 `c` 的维度初始化）。
     pub fn new(dim: usize, c: &AttentionConfig, device: &B::Device) -> Self {
         let lin = |i, o| LinearConfig::new(i, o).with_bias(false).init(device);
         let h = c.n_heads;
@@ -107,7 +107,7 @@ impl<B: Backend> MlaAttention<B> {
         }
     }
 
-    /// Parameter count.
+    /// 参数量（由 `dim` 与配置 `c` 解析计算）。
     pub fn params(dim: usize, c: &AttentionConfig) -> usize {
         let h = c.n_heads;
         let qk = c.qk_nope_head_dim + c.qk_rope_head_dim;
@@ -122,17 +122,17 @@ impl<B: Backend> MlaAttention<B> {
             + h * c.v_head_dim * dim
     }
 
-    /// The implementation in use.
+    /// 当前使用的实现。
     pub fn implementation(&self) -> MlaImpl {
         self.implementation
     }
 
-    /// Switches naive/absorbed on the same weights (a new cache is needed afterwards).
+    /// 在同一组权重上切换朴素/吸收实现（切换后需要新建缓存）。
     pub fn set_implementation(&mut self, i: MlaImpl) {
         self.implementation = i;
     }
 
-    /// An empty cache layer for the current implementation.
+    /// 为当前实现新建一个空缓存层。
     pub fn new_cache(&self, batch: usize, capacity: usize, device: &B::Device) -> LayerCache<B> {
         let h = self.n_heads;
         match self.implementation {
@@ -168,7 +168,7 @@ impl<B: Backend> MlaAttention<B> {
         }
     }
 
-    /// W_UK as `[h, d_nope, d_c]` and W_UV as `[h, d_c, d_v]`, cut from `wkv_b`.
+    /// 从 `wkv_b` 切出 W_UK（`[h, d_nope, d_c]`）与 W_UV（`[h, d_c, d_v]`）。
     fn absorbed_weights(&self) -> (Tensor<B, 3>, Tensor<B, 3>) {
         let (h, dc, dn, dv) = (
             self.n_heads,
@@ -176,15 +176,15 @@ impl<B: Backend> MlaAttention<B> {
             self.qk_nope_head_dim,
             self.v_head_dim,
         );
-        // Burn's Linear weight is [d_in, d_out] = [d_c, h·(d_nope + d_v)]
+        // Burn 的 Linear 权重形状为 [d_in, d_out] = [d_c, h·(d_nope + d_v)]
         let w = self.wkv_b.weight.val().reshape([dc, h, dn + dv]);
         let w_uk = w.clone().slice([0..dc, 0..h, 0..dn]).permute([1, 2, 0]); // [h, dn, dc]
         let w_uv = w.slice([0..dc, 0..h, dn..dn + dv]).swap_dims(0, 1); // [h, dc, dv]
         (w_uk, w_uv)
     }
 
-    /// Attends `x` to the cache after appending this chunk; sequence `i` sits at positions
-    /// `starts[i]..starts[i]+s`.
+    /// 先把本块追加进缓存，再让 `x` 对缓存做注意力；序列 `i` 位于位置
+    /// `starts[i]..starts[i]+s`。
     ///
     /// # Shapes
     /// `x: [b, s, dim] -> [b, s, dim]`
@@ -202,7 +202,7 @@ impl<B: Backend> MlaAttention<B> {
             self.qk_rope_head_dim,
             self.v_head_dim,
         );
-        // queries: [b, s, h·(dn+dr)] -> [b, h, s, dn+dr]
+        // 查询：[b, s, h·(dn+dr)] -> [b, h, s, dn+dr]
         let q = match (&self.wq, &self.wq_a, &self.q_norm, &self.wq_b) {
             (Some(wq), ..) => linear::forward(wq, x.clone()),
             (None, Some(a), Some(n), Some(bq)) => {
@@ -217,14 +217,14 @@ impl<B: Backend> MlaAttention<B> {
             starts,
             self.rope_theta,
         );
-        // latent and the one shared RoPE key: [b, s, dc + dr]
+        // 潜向量与唯一的共享 RoPE 键：[b, s, dc + dr]
         let kv = linear::forward(&self.wkv_a, x);
         let c_kv = self.kv_norm.forward(kv.clone().slice([0..b, 0..s, 0..dc]));
         let k_pe = rope::apply(kv.slice([0..b, 0..s, dc..dc + dr]), starts, self.rope_theta);
 
         let o = match self.implementation {
             MlaImpl::Naive => {
-                // rebuild per-head keys and values: [b, s, h·(dn+dv)] -> [b, h, s, dn+dv]
+                // 重建每头的键和值：[b, s, h·(dn+dv)] -> [b, h, s, dn+dv]
                 let kvb = linear::forward(&self.wkv_b, c_kv)
                     .reshape([b, s, h, dn + dv])
                     .swap_dims(1, 2);
@@ -248,10 +248,10 @@ impl<B: Backend> MlaAttention<B> {
             }
             MlaImpl::Absorbed => {
                 let (w_uk, w_uv) = cache.absorbed.clone().expect("absorbed weights in cache");
-                // q_nope · W_UK per head: [h, b·s, dn] x [h, dn, dc] -> [h, b·s, dc]
+                // 按头计算 q_nope · W_UK：[h, b·s, dn] x [h, dn, dc] -> [h, b·s, dc]
                 let q_abs = q_nope.swap_dims(0, 1).reshape([h, b * s, dn]).matmul(w_uk);
                 let q_abs = q_abs.reshape([h, b, s, dc]).swap_dims(0, 1); // [b, h, s, dc]
-                                                                          // one query row per (head, position), all heads share the latent: [b, 1, h·s, dc+dr]
+                                                                          // 每个（头, 位置）一行查询，所有头共享同一潜向量：[b, 1, h·s, dc+dr]
                 let q = (Tensor::cat(vec![q_abs, q_pe], 3) * self.scale).reshape([
                     b,
                     1,
@@ -261,10 +261,10 @@ impl<B: Backend> MlaAttention<B> {
                 let entry = Tensor::cat(vec![c_kv, k_pe], 2).unsqueeze_dim::<4>(1); // [b, 1, s, dc+dr]
                 append(&mut cache.k, entry, starts);
                 let latent = cache.k.as_ref().expect("latent");
-                // values are the first dc columns of the same cache
+                // 值就是同一缓存的前 dc 列
                 let end = max_end(starts, s);
                 let o = blocked::attention(q, latent, latent, dc, starts, s, end, self.key_block);
-                // W_UV after attention: [h, b·s, dc] x [h, dc, dv] -> [h, b·s, dv]
+                // 注意力之后再乘 W_UV：[h, b·s, dc] x [h, dc, dv] -> [h, b·s, dv]
                 let o = o
                     .reshape([b, h, s, dc])
                     .swap_dims(0, 1)

@@ -63,7 +63,7 @@ pub struct LoadStats {
 }
 
 impl LoadStats {
-    /// Statistics of a per-expert token count.
+    /// 由每个专家分到的 token 数计算负载统计。
     pub fn of(tokens_per_expert: Vec<usize>) -> LoadStats {
         let n = tokens_per_expert.len().max(1) as f64;
         let total: usize = tokens_per_expert.iter().sum();
@@ -89,7 +89,7 @@ pub struct MoeRouter<B: Backend> {
 }
 
 impl<B: Backend> MoeRouter<B> {
-    /// New router for hidden size `dim`.
+    /// 为隐藏维度 `dim` 新建路由器（偏置初始为 0）。
     pub fn new(dim: usize, config: RouterConfig, device: &B::Device) -> Self {
         MoeRouter {
             gate: LinearConfig::new(dim, config.n_routed_experts)
@@ -100,25 +100,28 @@ impl<B: Backend> MoeRouter<B> {
         }
     }
 
-    /// The configuration.
+    /// 路由器配置。
     pub fn config(&self) -> &RouterConfig {
         &self.config
     }
 
-    /// The selection bias.
+    /// 选择偏置（每个专家一个）。
     pub fn bias(&self) -> &[f32] {
         &self.bias
     }
 
-    /// Sets the selection bias (tests, loading a balanced router).
+    /// 设置选择偏置（用于测试、加载已均衡的路由器）。
+    ///
+    /// # Panics
+    /// `bias` 的长度不等于 `n_routed_experts` 时 panic。
     pub fn set_bias(&mut self, bias: Vec<f32>) {
         assert_eq!(bias.len(), self.config.n_routed_experts);
         self.bias = bias;
     }
 
-    /// Router scores on the device. `[tokens, dim] -> [tokens, n_experts]`
+    /// 在设备上计算路由分数。`[tokens, dim] -> [tokens, n_experts]`
     pub fn scores(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
-        // scores in f32 whatever the model's dtype (DeepSeek's `Gate` does the same)
+        // 无论模型的 dtype 是什么，都以 f32 打分（DeepSeek 的 `Gate` 也是如此）
         let logits =
             crate::nn::attention::blocked::to_dtype(self.gate.forward(x), burn::tensor::DType::F32);
         match self.config.score_func {
@@ -127,7 +130,7 @@ impl<B: Backend> MoeRouter<B> {
         }
     }
 
-    /// Routes `[tokens, dim]`: scores on the device, one read-back, selection on the host.
+    /// 路由 `[tokens, dim]`：在设备上打分，读回一次，在主机上挑选。
     pub fn route(&self, x: Tensor<B, 2>) -> Routing {
         let [t, _] = x.dims();
         let scores: Vec<f32> = self
@@ -139,10 +142,9 @@ impl<B: Backend> MoeRouter<B> {
         select(&scores, t, &self.bias, &self.config)
     }
 
-    /// Routes `x` with this router and, in the same device read-back, predicts the routing
-    /// of `next` (the following MoE layer's router) on the same input: the look-ahead of
-    /// pre-gated expert prefetching (the residual stream changes little from one layer to the
-    /// next, so the next gate applied to this layer's input is a cheap guess of its choice).
+    /// 用本路由器路由 `x`，并在同一次设备读回中预测 `next`（下一个 MoE 层的路由器）对同一
+    /// 输入的路由：这是预门控专家预取的前瞻（残差流逐层变化很小，所以把下一层的门控
+    /// 作用在本层输入上，就能廉价地猜出它的选择）。
     pub fn route_with_lookahead(&self, x: Tensor<B, 2>, next: &MoeRouter<B>) -> (Routing, Routing) {
         let [t, _] = x.dims();
         let (e1, e2) = (self.config.n_routed_experts, next.config.n_routed_experts);
@@ -162,8 +164,8 @@ impl<B: Backend> MoeRouter<B> {
         )
     }
 
-    /// The aux-loss-free balance update: `bias += γ` for experts below the mean load,
-    /// `-= γ` above it.
+    /// 无辅助损失的负载均衡更新：负载低于平均的专家 `bias += γ`，
+    /// 高于平均的 `-= γ`。
     pub fn update_bias(&mut self, load: &LoadStats) {
         let n = load.tokens_per_expert.len() as f64;
         let mean = load.tokens_per_expert.iter().sum::<usize>() as f64 / n;
@@ -178,7 +180,7 @@ impl<B: Backend> MoeRouter<B> {
     }
 }
 
-/// Host-side selection for `t` tokens from row-major `scores` `[t, n_experts]`.
+/// 在主机上为 `t` 个 token 从行优先的 `scores` `[t, n_experts]` 中挑选专家并计算权重。
 pub fn select(scores: &[f32], t: usize, bias: &[f32], c: &RouterConfig) -> Routing {
     let e = c.n_routed_experts;
     let k = c.num_experts_per_tok;
@@ -187,11 +189,11 @@ pub fn select(scores: &[f32], t: usize, bias: &[f32], c: &RouterConfig) -> Routi
     let mut weights = Vec::with_capacity(t);
     let mut counts = vec![0usize; e];
     for row in scores.chunks(e).take(t) {
-        // biased scores choose; unbiased scores weigh
+        // 加偏置的分数用于挑选；未加偏置的分数用于加权
         let biased: Vec<f32> = row.iter().zip(bias).map(|(s, b)| s + b).collect();
         let mut allowed = vec![true; e];
         if c.n_group > 1 {
-            // group score = sum of the group's top-2 biased scores
+            // 组分数 = 组内最高两个加偏置分数之和
             let mut groups: Vec<(usize, f32)> = (0..c.n_group)
                 .map(|g| {
                     let mut v: Vec<f32> = biased[g * per_group..(g + 1) * per_group].to_vec();
@@ -206,7 +208,7 @@ pub fn select(scores: &[f32], t: usize, bias: &[f32], c: &RouterConfig) -> Routi
             }
         }
         let mut order: Vec<usize> = (0..e).filter(|&i| allowed[i]).collect();
-        // descending by biased score, ties by lower index (deterministic)
+        // 按加偏置分数降序；分数相同时编号小者优先（结果确定）
         order.sort_by(|&a, &b| biased[b].total_cmp(&biased[a]).then(a.cmp(&b)));
         order.truncate(k);
         let mut w: Vec<f32> = order.iter().map(|&i| row[i]).collect();
