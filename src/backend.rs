@@ -316,16 +316,25 @@ pub fn select(choice: BackendChoice) -> Result<SelectedBackend, DsoptError> {
         }
         return Ok(from_status(&st, false));
     }
-    // auto: CUDA, then a wgpu *hardware* adapter, then flex (CPU)
-    let cuda = probe(BackendKind::Cuda);
+    let (cuda, wgpu) = (probe(BackendKind::Cuda), probe(BackendKind::Wgpu));
+    let st = match pick_auto(&cuda, &wgpu) {
+        BackendKind::Cuda => cuda,
+        BackendKind::Wgpu => wgpu,
+        BackendKind::Flex => probe(BackendKind::Flex),
+    };
+    Ok(from_status(&st, true))
+}
+
+/// `--backend auto`: CUDA when usable, then wgpu when it has a *hardware* adapter (a CPU adapter
+/// such as lavapipe is far slower than flex), then flex (CPU).
+fn pick_auto(cuda: &BackendStatus, wgpu: &BackendStatus) -> BackendKind {
     if cuda.usable {
-        return Ok(from_status(&cuda, true));
+        BackendKind::Cuda
+    } else if wgpu.usable && wgpu.adapters.iter().any(|a| a.device_type.is_hardware()) {
+        BackendKind::Wgpu
+    } else {
+        BackendKind::Flex
     }
-    let wgpu = probe(BackendKind::Wgpu);
-    if wgpu.usable && wgpu.adapters.iter().any(|a| a.device_type.is_hardware()) {
-        return Ok(from_status(&wgpu, true));
-    }
-    Ok(from_status(&probe(BackendKind::Flex), true))
 }
 
 fn from_status(st: &BackendStatus, hardware_only: bool) -> SelectedBackend {
@@ -480,6 +489,35 @@ mod tests {
 
     #[test]
     fn auto_never_picks_a_cpu_wgpu_adapter() {
+        let status = |kind, usable, adapters: Vec<AdapterType>| BackendStatus {
+            kind,
+            compiled: true,
+            usable,
+            reason: None,
+            features: Vec::new(),
+            devices: Vec::new(),
+            adapters: adapters
+                .into_iter()
+                .map(|device_type| WgpuAdapter {
+                    name: "test".into(),
+                    device_type,
+                    api: "Vulkan".into(),
+                    driver: String::new(),
+                })
+                .collect(),
+        };
+        let no_cuda = status(BackendKind::Cuda, false, vec![]);
+        let cpu_only = status(BackendKind::Wgpu, true, vec![AdapterType::Cpu]);
+        let gpu = status(
+            BackendKind::Wgpu,
+            true,
+            vec![AdapterType::Cpu, AdapterType::DiscreteGpu],
+        );
+        assert_eq!(pick_auto(&no_cuda, &cpu_only), BackendKind::Flex);
+        assert_eq!(pick_auto(&no_cuda, &gpu), BackendKind::Wgpu);
+        let cuda = status(BackendKind::Cuda, true, vec![]);
+        assert_eq!(pick_auto(&cuda, &gpu), BackendKind::Cuda);
+        // and on this machine: whatever auto picked, a wgpu pick has a hardware adapter
         let s = select(BackendChoice::Auto).unwrap();
         if s.kind == BackendKind::Wgpu {
             assert!(s.wgpu_adapter.unwrap().is_hardware());

@@ -10,8 +10,7 @@ pub mod roofline;
 use std::time::Instant;
 
 use crate::backend::{BackendContext, BackendKind, SelectedBackend};
-use crate::config::{Scenario, ScenarioKind};
-use crate::error::DsoptError;
+use crate::config::Scenario;
 use crate::machine::{MachineInfo, ToolInfo};
 use crate::monitor::{MemorySample, MonitorConfig};
 use crate::report::{BackendReport, Criterion, Report, VariantReport, Verdict, SCHEMA_VERSION};
@@ -52,34 +51,6 @@ pub fn equivalence_tolerance(dtype: crate::config::Dtype, f32_abs: f64, referenc
         crate::config::Dtype::F16 => 16.0 * 2f64.powi(-10) * scale,
         crate::config::Dtype::Bf16 => 16.0 * 2f64.powi(-7) * scale,
     }
-}
-
-/// Whether this build has a runner for the kind. Kinds without one exit with code 3.
-pub fn runner_available(kind: ScenarioKind) -> bool {
-    matches!(
-        kind,
-        ScenarioKind::Calibrate
-            | ScenarioKind::Mla
-            | ScenarioKind::Moe
-            | ScenarioKind::Mtp
-            | ScenarioKind::Model
-    )
-}
-
-/// The error for a kind whose runner does not exist yet (exit code 3, no fake output).
-pub fn runner_missing(kind: ScenarioKind) -> DsoptError {
-    let issue = match kind {
-        ScenarioKind::Mla => "SC-001 (MLA)",
-        ScenarioKind::Mtp => "SC-002 (MTP)",
-        ScenarioKind::Moe => "SC-003 (MoE)",
-        ScenarioKind::Model => "FR-004 (combined model)",
-        ScenarioKind::Calibrate => "calibration",
-    };
-    DsoptError::CannotRun(format!(
-        "the {} runner is not implemented in this version of dsopt: the scenario was parsed and \
-         validated, but {issue} cannot be measured yet, so no report is written",
-        kind.as_str()
-    ))
 }
 
 /// Runs a scenario on backend `B` and returns its runner output.
