@@ -84,6 +84,16 @@ pub fn key_figures(v: &VariantReport) -> Vec<String> {
             pct(get("prefill_gemm_fraction"), "of GEMM")
         ));
     }
+    // MTP: what the draft buys (tokens per verify step, first-draft acceptance) and the sweep
+    if let Some(t) = get("mean_accepted_length") {
+        let d1 = get("acceptance_conditional_d1")
+            .map(|a| format!(" · d1 accepted {:.0} %", a * 100.0))
+            .unwrap_or_default();
+        out.push(format!("{t:.2} tokens/step{d1}"));
+    }
+    if let Some(x) = get("speedup") {
+        out.push(format!("speedup {x:.2}x"));
+    }
     if out.is_empty() {
         out.push("—".into());
     }
@@ -127,4 +137,48 @@ pub fn render(r: &Report) -> String {
         variants_table(r),
         criteria_table(r)
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn variant(metrics: &[(&str, f64)]) -> VariantReport {
+        VariantReport {
+            name: "v".into(),
+            status: VariantStatus::Ok,
+            error: None,
+            timings: None,
+            memory: Default::default(),
+            metrics: metrics
+                .iter()
+                .map(|(k, x)| (k.to_string(), Some(*x)))
+                .collect(),
+            equivalence: Default::default(),
+            warnings: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn key_figures_show_each_kinds_figures_and_a_dash_otherwise() {
+        let mla = variant(&[
+            ("decode_tokens_per_s", 156.3),
+            ("decode_read_bandwidth_fraction", 0.46),
+        ]);
+        assert_eq!(key_figures(&mla), ["decode 156.3 tok/s · 46 % of read BW"]);
+        let mtp = variant(&[
+            ("decode_tokens_per_s", 5808.7),
+            ("mean_accepted_length", 3.378),
+            ("acceptance_conditional_d1", 0.875),
+        ]);
+        assert_eq!(
+            key_figures(&mtp),
+            ["decode 5808.7 tok/s", "3.38 tokens/step · d1 accepted 88 %"]
+        );
+        assert_eq!(
+            key_figures(&variant(&[("speedup", 1.371)])),
+            ["speedup 1.37x"]
+        );
+        assert_eq!(key_figures(&variant(&[])), ["—"]);
+    }
 }
