@@ -18,6 +18,10 @@
 #   moe-smoke   MoE smoke on CUDA in bf16 (offload + prefetch, equivalence)
 #   mla         the GPU MLA scenario (V2-Lite attention dims, 27 layers, bf16, 16 GiB budget)
 #   moe         the GPU MoE scenario (13.0B total / 1.35B active, bf16, 24 GiB model offloaded under 8 GiB)
+#   mtp         SC-002 on CUDA (batch 8, D = 3, the D x batch sweep). Training runs on the CPU
+#               inside the binary (Autodiff<Flex>, ~4-5 min on 2 cores); to spend no GPU minutes on
+#               it, carry the checkpoint trained here: MTP_CACHE=<dir holding mtp-<hash>/>
+#               (e.g. a copy of ~/.cache/dsopt, ~9 MB per checkpoint)
 #
 # Environment: STEP_LIMIT_S (default 150) per step, MLA_LIMIT_S and MOE_LIMIT_S (default 240)
 # for the two big scenarios; AUTOTUNE (default "balanced"; "minimal" sets
@@ -77,12 +81,16 @@ run_step() {
             ;;
         mla) step mla-gpu "$MLA_LIMIT_S" bench mla --backend cuda --scenario scenarios/gpu/sc001-mla-gpu.toml $r ;;
         moe) step moe-gpu "$MOE_LIMIT_S" bench moe --backend cuda --scenario scenarios/gpu/sc003-moe-gpu.toml $r ;;
+        mtp)
+            DSOPT_CACHE=${MTP_CACHE:-$OUT/mtp-cache} step mtp-cuda "$MOE_LIMIT_S" bench mtp \
+                --backend cuda $r
+            ;;
         *) echo "unknown step $1" >&2; return 2 ;;
     esac
 }
 
 steps=("$@")
-[ ${#steps[@]} -gt 0 ] || steps=(info cal mla-smoke moe-smoke mla moe)
+[ ${#steps[@]} -gt 0 ] || steps=(info cal mla-smoke moe-smoke mla moe mtp)
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/nvidia-smi.txt" 2>&1
 for s in "${steps[@]}"; do
     run_step "$s"

@@ -4,7 +4,7 @@
 //! workspace is `[b, g, rows, block]`, independent of the sequence length. Softmax statistics are
 //! kept in f32.
 
-use burn::tensor::{backend::Backend, Bool, DType, Tensor, TensorData};
+use burn::tensor::{backend::Backend, Bool, DType, Int, Tensor, TensorData};
 
 /// A large negative used instead of -inf (keeps `exp(m_old - m_new)` finite).
 const NEG: f32 = -1.0e30;
@@ -119,6 +119,9 @@ fn attention_rows<B: Backend>(
     let offsets = || (row0..row0 + rows).map(|r| r % q_len);
     let last_q = q_starts.iter().max().expect("batch") + offsets().max().expect("rows");
     let first_q = q_starts.iter().min().expect("batch") + offsets().min().expect("rows");
+    // every row's absolute position, uploaded once: the masks of all key blocks are built on
+    // the device from it (not one host mask per block and sequence)
+    let mut positions = None;
     let mut ks = 0;
     while ks <= last_q {
         let ke = (ks + block).min(last_q + 1);
@@ -142,7 +145,9 @@ fn attention_rows<B: Backend>(
         let mut s = to_dtype(q.clone().matmul(k.swap_dims(2, 3)), DType::F32); // [b, g, rows, kb]
         if k1 - 1 > first_q || k0 < ks {
             // keys after some row's position, or before this block's own start: masked
-            let mask = batch_mask::<B>(q_starts, rows, row0, q_len, k0, ks, kb, &device);
+            let pos = positions
+                .get_or_insert_with(|| row_positions::<B>(q_starts, rows, row0, q_len, &device));
+            let mask = device_mask(pos, k0, ks, kb);
             s = s.mask_fill(mask.expand([b, g, rows, kb]), NEG);
         }
         let m_new = m.clone().max_pair(s.clone().max_dim(3));
@@ -183,8 +188,52 @@ pub fn bucket(n: usize) -> usize {
     }
 }
 
+/// Absolute position of every query row, `[1, 1, rows, 1]` when the starts agree, else
+/// `[b, 1, rows, 1]` (row `r` of sequence `i`: `q_starts[i] + (row0 + r) % q_len`).
+fn row_positions<B: Backend>(
+    q_starts: &[usize],
+    rows: usize,
+    row0: usize,
+    q_len: usize,
+    device: &B::Device,
+) -> Tensor<B, 4, Int> {
+    let starts = match crate::nn::rope::uniform(q_starts) {
+        Some(st) => vec![st],
+        None => q_starts.to_vec(),
+    };
+    let n = starts.len();
+    let pos: Vec<i64> = starts
+        .iter()
+        .flat_map(|&st| (row0..row0 + rows).map(move |r| (st + r % q_len) as i64))
+        .collect();
+    Tensor::from_data(TensorData::new(pos, [n, 1, rows, 1]), device)
+}
+
+/// The mask of keys `k0..k0+kb` built on the device from the row positions: `true` where a key
+/// lies after the row's position, or before `valid_from` (keys a widened block repeats).
+/// Equals the host-built `batch_mask` (a test checks it).
+fn device_mask<B: Backend>(
+    positions: &Tensor<B, 4, Int>,
+    k0: usize,
+    valid_from: usize,
+    kb: usize,
+) -> Tensor<B, 4, Bool> {
+    let [n, _, rows, _] = positions.dims();
+    let shape = [n, 1, rows, kb];
+    let keys = Tensor::<B, 1, Int>::arange(k0 as i64..(k0 + kb) as i64, &positions.device())
+        .reshape([1, 1, 1, kb])
+        .expand(shape);
+    let after = keys.clone().greater(positions.clone().expand(shape));
+    if k0 < valid_from {
+        after.bool_or(keys.lower_elem(valid_from as i64))
+    } else {
+        after
+    }
+}
+
 /// [`causal_mask`] for every sequence: `[1, 1, rows, kb]` when the starts agree, else
-/// `[b, 1, rows, kb]`.
+/// `[b, 1, rows, kb]` (host-built; the reference for [`device_mask`]).
+#[cfg(test)]
 #[allow(clippy::too_many_arguments)]
 fn batch_mask<B: Backend>(
     q_starts: &[usize],
@@ -480,6 +529,30 @@ mod tests {
             let want = reference(qi, ki, vi, st, q_len);
             let gi = got.clone().slice([i..i + 1, 0..2, 0..2 * q_len, 0..5]);
             assert!(max_diff(gi, want) < 1e-5, "sequence {i}");
+        }
+    }
+
+    #[test]
+    fn device_masks_equal_the_host_masks() {
+        let dev = Default::default();
+        for (starts, rows, row0, q_len, k0, valid_from, kb) in [
+            (vec![4, 4], 3, 0, 3, 0, 0, 8),
+            (vec![0, 9, 3], 8, 0, 4, 2, 2, 6),
+            (vec![10, 2], 5, 3, 2, 4, 6, 7),
+            (vec![7], 1, 0, 1, 0, 3, 12),
+        ] {
+            let host = batch_mask::<B>(&starts, rows, row0, q_len, k0, valid_from, kb, &dev);
+            let pos = row_positions::<B>(&starts, rows, row0, q_len, &dev);
+            let device = device_mask(&pos, k0, valid_from, kb);
+            assert_eq!(host.dims(), device.dims(), "{starts:?}");
+            let (h, d): (Vec<bool>, Vec<bool>) = (
+                host.into_data().to_vec().unwrap(),
+                device.into_data().to_vec().unwrap(),
+            );
+            assert_eq!(
+                h, d,
+                "{starts:?} rows {rows} row0 {row0} k0 {k0} from {valid_from}"
+            );
         }
     }
 }

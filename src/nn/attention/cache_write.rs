@@ -19,7 +19,7 @@
 //! still named only at the binary's dispatch point.
 
 use burn::backend::flex::FlexTensor;
-use burn::tensor::{backend::Backend, bf16, f16, DType, Tensor};
+use burn::tensor::{backend::Backend, bf16, f16, DType, IndexingUpdateOp, Int, Tensor, TensorData};
 
 use crate::nn::flex::{from_flex, into_flex};
 
@@ -40,7 +40,7 @@ pub fn write_rows<B: Backend>(
     new: Tensor<B, 4>,
     starts: &[usize],
 ) -> Tensor<B, 4> {
-    let [b, g, s, d] = new.dims();
+    let [b, _, s, _] = new.dims();
     let cap = cache.dims()[2];
     assert_eq!(starts.len(), b, "one start position per sequence");
     assert!(
@@ -51,17 +51,33 @@ pub fn write_rows<B: Backend>(
         Ok(done) => return done,
         Err(back) => back,
     };
-    match crate::nn::rope::uniform(starts) {
-        Some(st) => cache.slice_assign([0..b, 0..g, st..st + s, 0..d], new),
-        None => {
-            let mut cache = cache;
-            for (i, &st) in starts.iter().enumerate() {
-                let row = new.clone().slice([i..i + 1, 0..g, 0..s, 0..d]);
-                cache = cache.slice_assign([i..i + 1, 0..g, st..st + s, 0..d], row);
+    portable(cache, new, starts)
+}
+
+/// The portable write: one `slice_assign` when every sequence starts at the same position,
+/// else ONE `scatter_nd` (assign) of all `b·g·s` rows at their `(sequence, group, position)`
+/// — not a `slice_assign` per sequence (on a GPU that was 2·b kernel launches per layer and
+/// step once the sequences of a speculative batch diverge).
+fn portable<B: Backend>(cache: Tensor<B, 4>, new: Tensor<B, 4>, starts: &[usize]) -> Tensor<B, 4> {
+    let [b, g, s, d] = new.dims();
+    if let Some(st) = crate::nn::rope::uniform(starts) {
+        return cache.slice_assign([0..b, 0..g, st..st + s, 0..d], new);
+    }
+    let mut idx = Vec::with_capacity(b * g * s * 3);
+    for (i, &st) in starts.iter().enumerate() {
+        for gi in 0..g {
+            for j in 0..s {
+                idx.extend([i as i64, gi as i64, (st + j) as i64]);
             }
-            cache
         }
     }
+    let device = cache.device();
+    let indices = Tensor::<B, 2, Int>::from_data(TensorData::new(idx, [b * g * s, 3]), &device);
+    cache.scatter_nd(
+        indices,
+        new.reshape([b * g * s, d]),
+        IndexingUpdateOp::Assign,
+    )
 }
 
 /// The flex fast path; gives both tensors back untouched when it does not apply (another
@@ -174,6 +190,21 @@ mod tests {
             let d: f32 = (got - want).abs().max().into_scalar();
             assert_eq!(d, 0.0, "{starts:?}");
         }
+    }
+
+    #[test]
+    fn the_batched_scatter_equals_per_sequence_writes() {
+        // the portable path (wgpu, CUDA): one scatter for the whole batch
+        let dev = Default::default();
+        for starts in [vec![3, 0, 7], vec![5, 5, 5], vec![0, 6, 1]] {
+            let cache = t4([3, 2, 10, 4], 9);
+            let new = t4([3, 3, 2, 4], 1).swap_dims(1, 2);
+            let want = reference(cache.clone(), new.clone(), &starts);
+            let got = portable(cache, new, &starts);
+            let d: f32 = (got - want).abs().max().into_scalar();
+            assert_eq!(d, 0.0, "{starts:?}");
+        }
+        let _ = Tensor::<B, 1>::zeros([1], &dev);
     }
 
     #[test]
