@@ -97,6 +97,28 @@ pub fn run<B: Backend>(
                 .collect::<Vec<_>>()
                 .join(", ")
         ),
+        match &sm.distill {
+            Some(d) => format!(
+                "self-distillation: {} steps training only the MTP modules (main model frozen) on \
+                 {} of the main model's own greedy continuations of training prompts, {:.1} s \
+                 ({:.1} s generating); agreement with the main model's greedy tokens on held-out \
+                 prompts (teacher-forced, per depth) before -> after: {}",
+                d.steps,
+                d.sequences,
+                d.wall_s,
+                d.generate_s,
+                d.agreement_before
+                    .iter()
+                    .zip(&d.agreement_after)
+                    .enumerate()
+                    .map(|(k, (a, b))| format!("d{}={a:.3}->{b:.3}", k + 1))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+            None => "self-distillation: none (train.distill_steps = 0): the modules learned the \
+                     data, not the main model's own continuations"
+                .into(),
+        },
         format!(
             "prompts: {batch} held-out windows of {plen} bytes (never trained on); {n} new tokens per sequence; \
              greedy decoding both ways"

@@ -291,6 +291,14 @@ pub struct MtpTrain {
     pub holdout_fraction: f64,
     /// 随机种子。
     pub seed: u64,
+    /// 自蒸馏步数：主模型训练完后冻结它，只训练 MTP 模块，目标是主模型自己对训练集提示的贪心续写
+    /// （推测解码的接受率衡量的正是"与主模型一致"，而不是"与数据一致"）。0 = 不做（缺省）。
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub distill_steps: usize,
+}
+
+fn is_zero(x: &usize) -> bool {
+    *x == 0
 }
 
 /// SC-002 运行设置。

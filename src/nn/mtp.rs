@@ -145,6 +145,20 @@ impl<B: Backend> MtpModel<B> {
                 self.main
                     .final_norm(trunk.clone().slice([0..b, 0..t - 1, 0..d])),
             );
+        (main_logits, self.depth_logits(trunk, tokens))
+    }
+
+    /// 各深度模块在主干输出 `trunk` `[b, t, d]`（最终 RMSNorm 之前）上的教师强制 logits：
+    /// 第 k 个 `[b, t-1-k, vocab]`。自蒸馏时 `trunk` 由冻结的主模型在非自动微分后端上算出，
+    /// 只有模块（与共享的嵌入、输出头）进入计算图。
+    pub fn depth_logits(
+        &self,
+        trunk: Tensor<B, 3>,
+        tokens: Tensor<B, 2, Int>,
+    ) -> Vec<Tensor<B, 3>> {
+        let [b, t] = tokens.dims();
+        let d = trunk.dims()[2];
+        let starts = vec![0; b];
         let mut depth_logits = Vec::new();
         let mut h = trunk;
         for (k, mut cache) in self.mtp.new_caches(b, t).into_iter().enumerate() {
@@ -160,7 +174,7 @@ impl<B: Backend> MtpModel<B> {
                 .forward_module(k, &self.main, h_prev, ahead, &starts, &mut cache);
             depth_logits.push(self.mtp.logits(k, &self.main, h.clone()));
         }
-        (main_logits, depth_logits)
+        depth_logits
     }
 }
 
