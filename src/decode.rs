@@ -218,9 +218,12 @@ struct MtpState<B: Backend> {
     hidden: Option<Tensor<B, 4>>,
     /// One cache layer per module.
     caches: Vec<LayerCache<B>>,
-    /// Where each sequence's module pass starts next time (every module's cache is final
-    /// before it).
-    from: Vec<usize>,
+    /// Output of module k (the input of module k+1) at every position it has computed,
+    /// `[b, 1, cap, d]`, for k = 0..D-1 (the last module's output feeds nothing).
+    outputs: Vec<Option<Tensor<B, 4>>>,
+    /// `from[k][i]`: where module k's pass over sequence i starts next time (its cache and its
+    /// outputs are final before it).
+    from: Vec<Vec<usize>>,
 }
 
 /// Self-speculative greedy decoding: `new_tokens` per sequence, drafts from `drafter`.
@@ -334,10 +337,17 @@ pub fn speculative_traced<B: Backend>(
                 &device,
             ));
             append(&mut hidden, trunk.unsqueeze_dim::<4>(1), &vec![0; b]);
+            let zeros = || {
+                Some(crate::nn::attention::cache_write::zeros::<B>(
+                    [b, 1, cap, d],
+                    &device,
+                ))
+            };
             Some(MtpState {
                 hidden,
                 caches: m.new_caches(b, cap),
-                from: vec![0; b],
+                outputs: (1..m.depth()).map(|_| zeros()).collect(),
+                from: vec![vec![0; b]; m.depth()],
             })
         }
         Drafter::Planted { .. } => None,
@@ -437,11 +447,16 @@ fn draft<B: Backend>(
     }
 }
 
-/// Runs the D modules in sequence over each sequence's positions `from..=n-2` (n = its
-/// length): module k (1-based) at position i needs the token i+k, known for i+k < n and a
-/// draft of an earlier module otherwise. Each module's draft is its prediction at position
-/// n-2. Positions whose inputs are all known are final in the module caches; the others are
-/// recomputed next step, which starts at `n - D`.
+/// Runs the D modules in sequence; module k (0-based) passes over each sequence's positions
+/// `from[k]..=n-2` (n = its length). At position i it needs token i+k+1, known for i+k+1 < n
+/// and a draft of an earlier module otherwise; its draft is its prediction at position n-2.
+///
+/// Module k recomputes only the positions whose inputs were drafts in the previous round
+/// (`i + k + 1 >= n_prev`, so from `n_prev - 1 - k`): its cache and its outputs before that are
+/// final. Its input there is module k-1's output, kept per position in `st.outputs` (computed
+/// this round for positions `>= from[k-1]`, in earlier rounds before that). Module 0 passes over
+/// one position more than the accepted drafts, module D-1 over D-1 more: fewer rows than one
+/// common start for all modules (which recomputed D-1 final positions in module 0).
 ///
 /// No read-back: a module's draft (its argmax, `[b, 1]` on the device) is placed into the next
 /// modules' input tokens with a host-built 0/1 position mask, and the D drafts are returned as
@@ -455,54 +470,60 @@ fn draft_mtp<B: Backend>(
 ) -> Tensor<B, 2, Int> {
     let b = seqs.len();
     let depth = m.depth();
-    let hidden = st.hidden.as_ref().expect("hidden cache");
-    let [_, _, cap, d] = hidden.dims();
+    let [_, _, cap, d] = st.hidden.as_ref().expect("hidden cache").dims();
     let ends: Vec<usize> = seqs.iter().map(|s| s.len() - 2).collect();
-    // a finished sequence no longer grows: with D = 1 its next pass would start past its end,
-    // so it recomputes its last position (harmless: same inputs, same cache entry)
-    for (f, &e) in st.from.iter_mut().zip(&ends) {
-        *f = (*f).min(e);
-    }
-    let len = st
-        .from
-        .iter()
-        .zip(&ends)
-        .map(|(&f, &e)| e + 1 - f)
-        .max()
-        .expect("batch");
-    assert!(
-        st.from.iter().all(|&f| f + len <= cap),
-        "MTP pass beyond cache capacity"
-    );
-    // main hidden states at each sequence's positions from..from+len, gathered in one select
-    // (padding past a sequence's end is computed and ignored: causal attention keeps it away
-    // from real positions)
-    let rows: Vec<i64> = st
-        .from
-        .iter()
-        .enumerate()
-        .flat_map(|(i, &f)| (0..len).map(move |j| (i * cap + f + j) as i64))
-        .collect();
-    let rows = Tensor::<B, 1, Int>::from_data(TensorData::new(rows, [b * len]), device);
-    let mut h = hidden
-        .clone()
-        .reshape([b * cap, d])
-        .select(0, rows)
-        .reshape([b, len, d]);
     let mut drafts: Vec<Tensor<B, 2, Int>> = Vec::with_capacity(depth);
-    // row of each sequence's last real position in the flattened [b·len, d] output
-    let pick: Vec<i64> = (0..b)
-        .map(|i| (i * len + ends[i] - st.from[i]) as i64)
-        .collect();
-    let pick = Tensor::<B, 1, Int>::from_data(TensorData::new(pick, [b]), device);
+    let mut prev_out: Option<Tensor<B, 3>> = None;
+    let mut prev_from: Vec<usize> = Vec::new();
     for k in 0..depth {
+        // a finished sequence no longer grows: its next pass would start past its end, so it
+        // recomputes its last position (harmless: same inputs, same cache entry)
+        let from: Vec<usize> = st.from[k]
+            .iter()
+            .zip(&ends)
+            .map(|(&f, &e)| f.min(e))
+            .collect();
+        let len = from
+            .iter()
+            .zip(&ends)
+            .map(|(&f, &e)| e + 1 - f)
+            .max()
+            .expect("batch");
+        assert!(
+            from.iter().all(|&f| f + len <= cap),
+            "MTP pass beyond cache capacity"
+        );
+        // module k-1's output this round, written at its positions, before module k reads it
+        if let (Some(out), Some(slot)) = (prev_out.take(), st.outputs.get_mut(k.wrapping_sub(1))) {
+            append(slot, out.unsqueeze_dim::<4>(1), &prev_from);
+        }
+        // the input rows from..from+len of each sequence, gathered in one select (padding past
+        // a sequence's end is computed and ignored: causal attention keeps it away from real
+        // positions, and those positions are recomputed before they are ever read as final)
+        let source = if k == 0 {
+            st.hidden.as_ref()
+        } else {
+            st.outputs[k - 1].as_ref()
+        }
+        .expect("input cache");
+        let rows: Vec<i64> = from
+            .iter()
+            .enumerate()
+            .flat_map(|(i, &f)| (0..len).map(move |j| (i * cap + f + j) as i64))
+            .collect();
+        let rows = Tensor::<B, 1, Int>::from_data(TensorData::new(rows, [b * len]), device);
+        let h = source
+            .clone()
+            .reshape([b * cap, d])
+            .select(0, rows)
+            .reshape([b, len, d]);
         // known tokens on the host (0 where a draft goes), drafts added on the device
         let mut known = Vec::with_capacity(b * len);
         let mut slots: Vec<Vec<i64>> = vec![vec![0; b * len]; k];
         for (i, s) in seqs.iter().enumerate() {
             let n = s.len();
             for j in 0..len {
-                let pos = st.from[i] + j + k + 1;
+                let pos = from[i] + j + k + 1;
                 if pos < n {
                     known.push(s[pos] as i64);
                 } else {
@@ -521,16 +542,25 @@ fn draft_mtp<B: Backend>(
                 ahead = ahead + mask * dr.clone().expand([b, len]);
             }
         }
-        h = m.forward_module(k, model, h, ahead, &st.from, &mut st.caches[k]);
-        let last = h.clone().reshape([b * len, d]).select(0, pick.clone());
+        let out = m.forward_module(k, model, h, ahead, &from, &mut st.caches[k]);
+        // the draft: the prediction at each sequence's last real position
+        let pick: Vec<i64> = (0..b)
+            .map(|i| (i * len + ends[i] - from[i]) as i64)
+            .collect();
+        let pick = Tensor::<B, 1, Int>::from_data(TensorData::new(pick, [b]), device);
+        let last = out.clone().reshape([b * len, d]).select(0, pick);
         let next = m
             .logits(k, model, last.reshape([b, 1, d]))
             .argmax(2)
             .reshape([b, 1]);
         drafts.push(next);
+        prev_out = Some(out);
+        prev_from = from;
     }
-    st.from = seqs.iter().map(|s| s.len().saturating_sub(depth)).collect();
-    // the first pass covers the prompt from 0; later passes restart at n - D
+    // next round: module k restarts where its inputs were drafts this round (i + k + 1 >= n)
+    for (k, f) in st.from.iter_mut().enumerate() {
+        *f = seqs.iter().map(|s| s.len().saturating_sub(1 + k)).collect();
+    }
     Tensor::cat(drafts, 1)
 }
 
