@@ -138,14 +138,19 @@ fn argmax_rows<B: Backend>(logits: Tensor<B, 3>) -> Vec<Vec<u32>> {
 /// [`argmax_rows`] with a read-back failure returned instead of a panic.
 pub fn try_argmax_rows<B: Backend>(logits: Tensor<B, 3>) -> anyhow::Result<Vec<Vec<u32>>> {
     let [b, s, _] = logits.dims();
-    let ids: Vec<i64> = logits
-        .argmax(2)
+    id_rows(logits.argmax(2).reshape([b, s]))
+}
+
+/// Token ids `[b, n]` read back to the host as `b` rows (one device synchronisation).
+fn id_rows<B: Backend>(ids: Tensor<B, 2, Int>) -> anyhow::Result<Vec<Vec<u32>>> {
+    let [b, n] = ids.dims();
+    let flat: Vec<i64> = ids
         .into_data()
         .convert::<i64>()
         .to_vec()
-        .map_err(|e| anyhow::anyhow!("reading argmax ids: {e:?}"))?;
+        .map_err(|e| anyhow::anyhow!("reading token ids back: {e:?}"))?;
     Ok((0..b)
-        .map(|i| ids[i * s..(i + 1) * s].iter().map(|&t| t as u32).collect())
+        .map(|i| flat[i * n..(i + 1) * n].iter().map(|&t| t as u32).collect())
         .collect())
 }
 
@@ -243,16 +248,8 @@ pub type DraftTrace = Vec<(Vec<Vec<u32>>, Vec<Vec<u32>>)>;
 
 /// Ids `[b, n]` read back to the host: ONE device synchronisation, counted in `stats`.
 fn read_ids<B: Backend>(ids: Tensor<B, 2, Int>, stats: &mut SpecStats) -> Vec<Vec<u32>> {
-    let [b, n] = ids.dims();
     stats.read_backs += 1;
-    let flat: Vec<i64> = ids
-        .into_data()
-        .convert::<i64>()
-        .to_vec()
-        .expect("reading token ids back");
-    (0..b)
-        .map(|i| flat[i * n..(i + 1) * n].iter().map(|&t| t as u32).collect())
-        .collect()
+    id_rows(ids).expect("token ids")
 }
 
 /// Length of the longest prefix of `drafts` `[b, D]` that equals `predicted[:, ..D]`

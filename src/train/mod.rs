@@ -15,7 +15,7 @@ use burn::module::{AutodiffModule, Module};
 use burn::nn::loss::CrossEntropyLossConfig;
 use burn::optim::{AdamWConfig, GradientsParams, Optimizer};
 use burn::record::{FullPrecisionSettings, NamedMpkFileRecorder};
-use burn::tensor::{backend::Backend, ElementConversion, Int, Tensor, TensorData};
+use burn::tensor::{backend::Backend, ElementConversion, Int, Tensor};
 use serde::{Deserialize, Serialize};
 
 use crate::config::scenario::{MtpScenario, MtpTrain};
@@ -188,7 +188,20 @@ impl Rng {
     }
 }
 
-/// `batch` windows of `len` bytes from `data` at positions drawn by `rng`.
+/// `batch` windows of `len` bytes from `data` at positions drawn by `rng`, as token rows.
+fn window_rows(data: &[u8], batch: usize, len: usize, rng: &mut Rng) -> Vec<Vec<u32>> {
+    let span = data.len().saturating_sub(len).max(1) as u64;
+    (0..batch)
+        .map(|_| {
+            let at = (rng.next() % span) as usize;
+            (0..len)
+                .map(|j| data.get(at + j).copied().unwrap_or(b'\n') as u32)
+                .collect()
+        })
+        .collect()
+}
+
+/// [`window_rows`] as a token tensor `[batch, len]` on `device`.
 fn windows<B: Backend>(
     data: &[u8],
     batch: usize,
@@ -196,13 +209,7 @@ fn windows<B: Backend>(
     rng: &mut Rng,
     device: &B::Device,
 ) -> Tensor<B, 2, Int> {
-    let span = data.len().saturating_sub(len).max(1) as u64;
-    let mut v = Vec::with_capacity(batch * len);
-    for _ in 0..batch {
-        let at = (rng.next() % span) as usize;
-        v.extend((0..len).map(|j| data.get(at + j).copied().unwrap_or(b'\n') as i64));
-    }
-    Tensor::from_data(TensorData::new(v, [batch, len]), device)
+    crate::decode::id_tensor(&window_rows(data, batch, len, rng), device)
 }
 
 /// Held-out prompts: `n` rows of `len` bytes at evenly spaced offsets of held-out text.
@@ -390,18 +397,9 @@ fn teacher_sequences(
     rng: &mut Rng,
 ) -> Vec<Vec<u32>> {
     let p = (len / 4).max(1);
-    let span = data.len().saturating_sub(p).max(1) as u64;
     let mut out = Vec::with_capacity(n);
     while out.len() < n {
-        let k = DISTILL_GEN_BATCH.min(n - out.len());
-        let prompts: Vec<Vec<u32>> = (0..k)
-            .map(|_| {
-                let at = (rng.next() % span) as usize;
-                (0..p)
-                    .map(|j| data.get(at + j).copied().unwrap_or(b'\n') as u32)
-                    .collect()
-            })
-            .collect();
+        let prompts = window_rows(data, DISTILL_GEN_BATCH.min(n - out.len()), p, rng);
         let cont = crate::decode::greedy(main, &prompts, len - p, 256);
         out.extend(prompts.into_iter().zip(cont).map(|(mut a, b)| {
             a.extend(b);
