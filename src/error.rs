@@ -14,6 +14,17 @@ pub const EXIT_BAD_INPUT: i32 = 2;
 /// Exit code: the run could not be done.
 pub const EXIT_CANNOT_RUN: i32 = 3;
 
+/// The one severity rule for every aggregate (a `run` of several scenarios, a sweep, a backend
+/// comparison): the most severe outcome decides — bad input (2), then a run that could not be
+/// done (3), then a failed criterion (1); 0 only when every outcome is 0 (and for none).
+pub fn most_severe(codes: impl IntoIterator<Item = i32>) -> i32 {
+    let codes: Vec<i32> = codes.into_iter().collect();
+    [EXIT_BAD_INPUT, EXIT_CANNOT_RUN, EXIT_FAIL]
+        .into_iter()
+        .find(|c| codes.contains(c))
+        .unwrap_or(EXIT_PASS)
+}
+
 /// Errors that reach the user. Each one names what to fix.
 #[derive(Debug, thiserror::Error)]
 pub enum DsoptError {
@@ -100,6 +111,18 @@ mod tests {
             "scenario a.toml:7: key `model.n_heads`: must be at least 1\n  fix: set n_heads = 16"
         );
         assert_eq!(e.exit_code(), EXIT_BAD_INPUT);
+    }
+
+    #[test]
+    fn the_most_severe_outcome_decides_the_exit_code() {
+        assert_eq!(most_severe([]), EXIT_PASS);
+        assert_eq!(most_severe([EXIT_PASS, EXIT_PASS]), EXIT_PASS);
+        assert_eq!(most_severe([EXIT_PASS, EXIT_FAIL]), EXIT_FAIL);
+        assert_eq!(most_severe([EXIT_FAIL, EXIT_CANNOT_RUN]), EXIT_CANNOT_RUN);
+        assert_eq!(
+            most_severe([EXIT_CANNOT_RUN, EXIT_BAD_INPUT, EXIT_FAIL]),
+            EXIT_BAD_INPUT
+        );
     }
 
     #[test]

@@ -9,9 +9,9 @@ pub mod bench;
 pub mod config;
 pub mod decode;
 pub mod error;
-pub mod machine;
 pub mod monitor;
 pub mod report;
+pub mod rng;
 pub mod train;
 
 pub use config::Scenario;

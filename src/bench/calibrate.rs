@@ -11,20 +11,6 @@ use crate::config::CalibrateScenario;
 use crate::monitor::{MonitorConfig, PerformanceMonitor};
 use crate::report::{AnalyticMemory, Comparison, Criterion, Equivalence, VariantReport};
 
-/// Deterministic values in [-1, 1) (xorshift64*), so every backend gets the same inputs.
-pub fn pseudo_random(len: usize, seed: u64) -> Vec<f32> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x >> 12;
-            x ^= x << 25;
-            x ^= x >> 27;
-            let r = x.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 40; // 24 bits
-            (r as f32 / (1u64 << 23) as f32) - 1.0
-        })
-        .collect()
-}
-
 /// Host reference: batched matmul in f64.
 pub fn host_matmul(a: &[f32], b: &[f32], batch: usize, n: usize) -> Vec<f64> {
     let mut c = vec![0.0f64; batch * n * n];
@@ -70,8 +56,8 @@ pub fn run<B: Backend>(
 ) -> anyhow::Result<RunOutput> {
     let (batch, n) = (s.workload.batch, s.workload.size);
     let dev = &ctx.device;
-    let a_host = pseudo_random(batch * n * n, 1);
-    let b_host = pseudo_random(batch * n * n, 2);
+    let a_host = crate::rng::uniform(batch * n * n, 1);
+    let b_host = crate::rng::uniform(batch * n * n, 2);
     let a = Tensor::<B, 3>::from_data(TensorData::new(a_host.clone(), [batch, n, n]), dev);
     let b = Tensor::<B, 3>::from_data(TensorData::new(b_host.clone(), [batch, n, n]), dev);
 
@@ -171,6 +157,7 @@ pub fn run<B: Backend>(
             limits.note(),
         ],
         memory_series: monitor.series().to_vec(),
+        series: Default::default(),
     })
 }
 
@@ -190,14 +177,6 @@ mod tests {
         assert!((rel - 1.0 / 50.0).abs() < 1e-12);
         let (abs, _) = errors(&[f32::NAN, 22., 43., 50.], &c);
         assert!(abs.is_infinite());
-    }
-
-    #[test]
-    fn pseudo_random_is_deterministic_and_bounded() {
-        let a = pseudo_random(1000, 3);
-        assert_eq!(a, pseudo_random(1000, 3));
-        assert_ne!(a, pseudo_random(1000, 4));
-        assert!(a.iter().all(|x| (-1.0..1.0).contains(x)));
     }
 
     #[test]

@@ -17,7 +17,9 @@ use crate::config::{Dtype, MlaScenario};
 use crate::monitor::{alloc, MonitorConfig, PerformanceMonitor, PoolProbe};
 use crate::nn::attention::{AttentionConfig, AttentionKind, MlaImpl};
 use crate::nn::model::{Decoder, DecoderConfig};
-use crate::report::{AnalyticMemory, Comparison, Criterion, Equivalence, VariantReport};
+use crate::report::{
+    AnalyticMemory, CapacityProbe, Comparison, Criterion, Equivalence, ReportSeries, VariantReport,
+};
 
 const GIB: f64 = 1024.0 * 1024.0 * 1024.0;
 
@@ -49,31 +51,10 @@ pub fn decoder_config(s: &MlaScenario, variant: &str) -> DecoderConfig {
             key_block: a.prefill_chunk,
             mscale: 1.0,
             rope_theta: s.model.rope_theta,
+            shape_buckets: false,
         },
         moe: None,
     }
-}
-
-/// Deterministic token ids in `[0, vocab)`.
-fn token_ids<B: Backend>(
-    b: usize,
-    s: usize,
-    vocab: usize,
-    seed: u64,
-    dev: &B::Device,
-) -> Tensor<B, 2, Int> {
-    let mut x = seed
-        .wrapping_mul(6364136223846793005)
-        .wrapping_add(1442695040888963407);
-    let v: Vec<i64> = (0..b * s)
-        .map(|_| {
-            x = x
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            ((x >> 33) % vocab as u64) as i64
-        })
-        .collect();
-    Tensor::from_data(TensorData::new(v, [b, s]), dev)
 }
 
 /// One untimed prefill of a short prefix (two chunks at most) and one decode step: kernel
@@ -83,7 +64,7 @@ fn warm_up<B: Backend>(model: &Decoder<B>, s: &MlaScenario, dev: &B::Device) {
     let n = s.run.seq.min(2 * chunk);
     let mut c = model.new_cache(batch, n + 1);
     let l = model.prefill(
-        token_ids::<B>(batch, n, s.model.vocab_size, 1, dev),
+        super::token_tensor::<B>(batch, n, s.model.vocab_size, 1, dev),
         &mut c,
         chunk,
         |_| {},
@@ -98,19 +79,6 @@ fn memory_now(pool: &Option<PoolProbe>) -> Option<u64> {
         Some(p) => p().map(|u| u.in_use),
         None => alloc::current(),
     }
-}
-
-/// One capacity probe.
-#[derive(Debug, Clone, serde::Serialize)]
-struct Probe {
-    variant: String,
-    seq: usize,
-    /// measured decode peak above the pre-model level (weights + cache + decode workspace)
-    measured_peak_bytes: Option<u64>,
-    /// that plus the measured prefill workspace
-    total_bytes: Option<u64>,
-    fits: bool,
-    note: String,
 }
 
 struct VariantRun {
@@ -166,7 +134,7 @@ pub fn run<B: Backend>(
     let mut limits = super::roofline::measure(ctx);
     let mut series = Vec::new();
     let mut runs: Vec<VariantRun> = Vec::new();
-    let mut probes: Vec<Probe> = Vec::new();
+    let mut probes: Vec<CapacityProbe> = Vec::new();
     // naive and absorbed MLA share one model (same weights), so they are run back to back
     let mut order: Vec<&str> = s.attention.variants.iter().map(String::as_str).collect();
     order.sort_by_key(|v| match *v {
@@ -181,12 +149,12 @@ pub fn run<B: Backend>(
     // without this pass the first variant measured would be charged for them (about 1 MiB on
     // the CPU backend, which decides the smoke scenario's tiny budget).
     if let Some(first) = order.first() {
-        let cfg = decoder_config(s, first);
+        let cfg = decoder_config(s, first).with_shape_buckets(ctx.shape_buckets());
         B::seed(dev, 42);
         warm_up(&cfg.init::<B>(dev), s, dev);
     }
     for variant in order {
-        let cfg = decoder_config(s, variant);
+        let cfg = decoder_config(s, variant).with_shape_buckets(ctx.shape_buckets());
         B::sync(dev).ok();
         let (model, before_load) = match (variant, mla_model.take()) {
             // same weights as mla_naive: its pre-load level is the baseline
@@ -201,7 +169,10 @@ pub fn run<B: Backend>(
                 // Burn initialises parameters lazily: one tiny forward materialises them all,
                 // so the "weights loaded" level really holds the weights
                 let mut c = m.new_cache(1, 1);
-                let _ = m.decode_step(token_ids::<B>(1, 1, cfg.vocab_size, 0, dev), &mut c);
+                let _ = m.decode_step(
+                    super::token_tensor::<B>(1, 1, cfg.vocab_size, 0, dev),
+                    &mut c,
+                );
                 (m, base)
             }
         };
@@ -218,7 +189,7 @@ pub fn run<B: Backend>(
         );
         // prefill s, decode s, cache bytes, host bytes allocated during the decode loop
         let mut split: Vec<(f64, f64, u64, Option<u64>)> = Vec::new();
-        let prompt = token_ids::<B>(batch, seq, cfg.vocab_size, 7, dev);
+        let prompt = super::token_tensor::<B>(batch, seq, cfg.vocab_size, 7, dev);
         // absorbed MLA decodes teacher-forced on naive MLA's greedy tokens (same weights), so
         // its argmax is compared with naive's at every step without a cascade: one near-tie that
         // rounds the other way (half precision) changes one token, not every token after it.
@@ -539,10 +510,18 @@ pub fn run<B: Backend>(
             w
         ));
     }
+    let fitting = |v: &str| probes.iter().filter(|p| p.variant == v && p.fits).count();
     notes.push(format!(
-        "capacity probes (budget {:.2} GiB): {}",
+        "capacity probes (budget {} GiB): {} in all, listed in series.capacity_probes \
+         (fitting: {})",
         s.capacity.memory_budget_gib,
-        serde_json::to_string(&probes)?
+        probes.len(),
+        s.attention
+            .variants
+            .iter()
+            .map(|v| format!("{v} {}", fitting(v)))
+            .collect::<Vec<_>>()
+            .join(", ")
     ));
     let criteria = vec![
         Criterion::evaluate(
@@ -609,6 +588,11 @@ pub fn run<B: Backend>(
         criteria,
         notes,
         memory_series: series,
+        series: ReportSeries {
+            capacity_probes: probes,
+            capacity_budget_bytes: Some(budget),
+            mtp_sweep: Vec::new(),
+        },
     })
 }
 
@@ -634,7 +618,7 @@ fn analytic_workspace(c: &DecoderConfig, batch: usize, chunk: usize, eb: usize) 
 }
 
 /// Least-squares slope of measured probe peak vs sequence length (bytes per token).
-fn probe_slope(probes: &[Probe], variant: &str) -> Option<f64> {
+fn probe_slope(probes: &[CapacityProbe], variant: &str) -> Option<f64> {
     let pts: Vec<(f64, f64)> = probes
         .iter()
         .filter(|p| p.variant == variant)
@@ -664,7 +648,7 @@ fn capacity_search<B: Backend>(
     before_load: Option<u64>,
     workspace: u64,
     budget: u64,
-    probes: &mut Vec<Probe>,
+    probes: &mut Vec<CapacityProbe>,
 ) -> (Option<usize>, bool) {
     let mut probe = |seq: usize| -> bool {
         let p = probe_once(
@@ -726,7 +710,7 @@ fn probe_once<B: Backend>(
     before_load: Option<u64>,
     workspace: u64,
     budget: u64,
-) -> Probe {
+) -> CapacityProbe {
     let dev = &ctx.device;
     let batch = s.run.batch;
     let steps = s.capacity.probe_decode_tokens;
@@ -734,7 +718,7 @@ fn probe_once<B: Backend>(
     let analytic = cfg.kv_cache_bytes(batch, seq + steps, eb) + (cfg.params() * eb) as u64;
     if analytic > budget.saturating_mul(2) {
         // never provoke a real out-of-memory: clearly too big, by the analytic size alone
-        return Probe {
+        return CapacityProbe {
             variant: variant.into(),
             seq,
             measured_peak_bytes: None,
@@ -758,7 +742,7 @@ fn probe_once<B: Backend>(
         let mut cache = model.new_cache(batch, seq + steps);
         cache.fill_synthetic(seq, 0.01);
         sample(&mut pool_peak);
-        let mut next = token_ids::<B>(batch, 1, cfg.vocab_size, 3, dev);
+        let mut next = super::token_tensor::<B>(batch, 1, cfg.vocab_size, 3, dev);
         for _ in 0..steps {
             let l = model.decode_step(next, &mut cache);
             next = l.argmax(2).reshape([batch, 1]);
@@ -772,7 +756,7 @@ fn probe_once<B: Backend>(
     };
     let measured = peak.zip(before_load).map(|(p, b)| p.saturating_sub(b));
     let total = measured.map(|m| m + workspace);
-    Probe {
+    CapacityProbe {
         variant: variant.into(),
         seq,
         measured_peak_bytes: measured,

@@ -9,11 +9,13 @@ pub mod roofline;
 
 use std::time::Instant;
 
+use crate::backend::machine::{MachineInfo, ToolInfo};
 use crate::backend::{BackendContext, BackendKind, SelectedBackend};
 use crate::config::Scenario;
-use crate::machine::{MachineInfo, ToolInfo};
 use crate::monitor::{MemorySample, MonitorConfig};
-use crate::report::{BackendReport, Criterion, Report, VariantReport, Verdict, SCHEMA_VERSION};
+use crate::report::{
+    BackendReport, Criterion, Report, ReportSeries, VariantReport, Verdict, SCHEMA_VERSION,
+};
 
 /// What a runner returns: variants, criteria, run-level notes and the memory time series.
 #[derive(Debug, Default)]
@@ -26,6 +28,8 @@ pub struct RunOutput {
     pub notes: Vec<String>,
     /// Memory time series.
     pub memory_series: Vec<MemorySample>,
+    /// Typed per-kind series (capacity probes, sweep points).
+    pub series: ReportSeries,
 }
 
 /// The run's numeric type for report notes: what is stored in `dtype`, what stays in f32.
@@ -59,6 +63,10 @@ pub fn run_scenario<B: burn::tensor::backend::Backend>(
     ctx: &BackendContext<B>,
     monitor: MonitorConfig,
 ) -> anyhow::Result<RunOutput> {
+    // a scenario starts from a device pool without the pages of scenarios run before it in the
+    // same process (`dsopt run <dir>`): reserved-bytes figures are the scenario's own
+    B::sync(&ctx.device).ok();
+    B::memory_cleanup(&ctx.device);
     match scenario {
         Scenario::Calibrate(s) => calibrate::run(s, ctx, monitor),
         Scenario::Mla(s) => mla::run(s, ctx, monitor),
@@ -91,6 +99,7 @@ pub fn assemble(
         verdict,
         notes: out.notes,
         memory_series: out.memory_series,
+        series: out.series,
     }
 }
 
@@ -111,4 +120,19 @@ pub fn backend_report(selected: &SelectedBackend) -> BackendReport {
 /// True for backends whose memory is a CubeCL device pool.
 pub fn has_device_pool(kind: BackendKind) -> bool {
     matches!(kind, BackendKind::Wgpu | BackendKind::Cuda)
+}
+
+/// `[b, s]` deterministic token ids in `[0, vocab)` from `seed` ([`crate::rng::token_ids`]).
+pub fn token_tensor<B: burn::tensor::backend::Backend>(
+    b: usize,
+    s: usize,
+    vocab: usize,
+    seed: u64,
+    dev: &B::Device,
+) -> burn::tensor::Tensor<B, 2, burn::tensor::Int> {
+    let v: Vec<i64> = crate::rng::token_ids(b * s, vocab, seed)
+        .into_iter()
+        .map(i64::from)
+        .collect();
+    burn::tensor::Tensor::from_data(burn::tensor::TensorData::new(v, [b, s]), dev)
 }

@@ -43,25 +43,6 @@ impl<B: Backend> ModuleVisitor<B> for Materialise {
     }
 }
 
-/// `b` random prompts of `p` tokens in `[0, vocab)` from `seed` (a 64-bit LCG; deterministic).
-pub fn random_prompts(b: usize, p: usize, vocab: usize, seed: u64) -> Vec<Vec<u32>> {
-    let mut x = seed
-        .wrapping_mul(6364136223846793005)
-        .wrapping_add(1442695040888963407);
-    (0..b)
-        .map(|_| {
-            (0..p)
-                .map(|_| {
-                    x = x
-                        .wrapping_mul(6364136223846793005)
-                        .wrapping_add(1442695040888963407);
-                    ((x >> 33) % vocab as u64) as u32
-                })
-                .collect()
-        })
-        .collect()
-}
-
 /// The next-token argmax at every generated position from ONE uncached forward over
 /// `prompt + generated[..n-1]` (a fresh cache, the whole sequence as a single chunk): the
 /// reference that cached step-by-step decoding must reproduce. Returns `b` rows of `n` ids.
@@ -131,7 +112,9 @@ pub fn run<B: Backend>(
     let dev = &ctx.device;
     crate::backend::use_float_dtype::<B>(dev, o.dtype)?;
     let eb = o.dtype.bytes();
-    let cfg = o.decoder_config(&s.model);
+    let cfg = o
+        .decoder_config(&s.model)
+        .with_shape_buckets(ctx.shape_buckets());
     let depth = o.mtp_depth();
     let (batch, plen, n) = (s.run.batch, s.run.prompt_len, s.run.new_tokens);
     let chunk = o.prefill_chunk;
@@ -140,7 +123,7 @@ pub fn run<B: Backend>(
     model.visit(&mut Materialise);
     B::sync(dev).ok();
     let (main, mtp) = (&model.main, &model.mtp);
-    let prompts = random_prompts(batch, plen, cfg.vocab_size, s.run.seed);
+    let prompts = crate::rng::prompts(batch, plen, cfg.vocab_size, s.run.seed);
     let drafter = Drafter::Mtp(mtp);
 
     let mut monitor = PerformanceMonitor::for_backend::<B>(monitor_cfg, dev, ctx.pool.clone());
@@ -500,6 +483,7 @@ pub fn run<B: Backend>(
         criteria: vec![criterion],
         notes,
         memory_series: monitor.series().to_vec(),
+        series: Default::default(),
     })
 }
 
@@ -570,7 +554,7 @@ mod tests {
             (AttentionKind::Mla, MlaImpl::Absorbed),
         ];
         let (b, p, n) = (2, 7, 6);
-        let prompts = random_prompts(b, p, 40, 3);
+        let prompts = crate::rng::prompts(b, p, 40, 3);
         for (attn, imp) in attns {
             for ffn in [FfnKind::Dense, FfnKind::Moe] {
                 for depth in [0, 2] {
@@ -616,7 +600,7 @@ mod tests {
         let o = opt(AttentionKind::Mla, MlaImpl::Absorbed, FfnKind::Moe, 3);
         assert_eq!(o.label(), "mla-absorbed+moe+mtp3");
         let m = build(&o, 9);
-        let prompts = random_prompts(3, 9, 40, 1);
+        let prompts = crate::rng::prompts(3, 9, 40, 1);
         let want = decode::greedy(&m.main, &prompts, 12, 4);
         let (got, st) = decode::speculative(&m.main, &Drafter::Mtp(&m.mtp), &prompts, 12, 4);
         assert_eq!(got, want);
@@ -649,7 +633,7 @@ mod tests {
     fn full_forward_reference_catches_a_wrong_token() {
         let o = opt(AttentionKind::Mha, MlaImpl::Absorbed, FfnKind::Dense, 0);
         let m = build(&o, 2);
-        let prompts = random_prompts(2, 6, 40, 4);
+        let prompts = crate::rng::prompts(2, 6, 40, 4);
         let g = decode::greedy(&m.main, &prompts, 5, 3);
         let mut wrong = g.clone();
         wrong[0][2] = (wrong[0][2] + 1) % 40;

@@ -16,7 +16,7 @@
 
 use std::time::Instant;
 
-use burn::tensor::{backend::Backend, Int, Tensor, TensorData};
+use burn::tensor::{backend::Backend, Int, Tensor};
 
 use super::RunOutput;
 use crate::backend::BackendContext;
@@ -43,6 +43,7 @@ pub fn moe_config(s: &MoeScenario) -> MoeConfig {
             norm_topk_prob: false,
             bias_update_speed: 0.001,
         },
+        shape_buckets: false,
     }
 }
 
@@ -66,19 +67,6 @@ pub fn decoder_config(s: &MoeScenario, variant: &str) -> DecoderConfig {
         attention,
         moe: (variant == "moe").then_some(moe),
     }
-}
-
-fn ids<B: Backend>(
-    b: usize,
-    s: usize,
-    vocab: usize,
-    seed: u64,
-    dev: &B::Device,
-) -> Tensor<B, 2, Int> {
-    let v: Vec<i64> = (0..(b * s) as u64)
-        .map(|i| ((i.wrapping_mul(2654435761).wrapping_add(seed * 97)) % vocab as u64) as i64)
-        .collect();
-    Tensor::from_data(TensorData::new(v, [b, s]), dev)
 }
 
 /// Runs SC-003a on backend `B`.
@@ -131,7 +119,10 @@ pub fn run<B: Backend>(
     // all three models are built first, then measured in interleaved rounds (moe, dense total,
     // dense active, moe, ...) so machine drift hits them alike; prefill and decode are two
     // separately timed workloads inside each run
-    let cfgs: Vec<DecoderConfig> = names.iter().map(|v| decoder_config(s, v)).collect();
+    let cfgs: Vec<DecoderConfig> = names
+        .iter()
+        .map(|v| decoder_config(s, v).with_shape_buckets(ctx.shape_buckets()))
+        .collect();
     let models: Vec<_> = cfgs
         .iter()
         .map(|cfg| {
@@ -140,18 +131,24 @@ pub fn run<B: Backend>(
             // warm-up: materialise lazy parameters and compile kernels on the measured shapes
             for _ in 0..s.run.warmup.max(1) {
                 let mut c = model.new_cache(pb, ps);
-                let _ = model.forward_hidden(ids::<B>(pb, ps, cfg.vocab_size, 1, dev), &mut c);
+                let _ = model.forward_hidden(
+                    super::token_tensor::<B>(pb, ps, cfg.vocab_size, 1, dev),
+                    &mut c,
+                );
                 let mut c = model.new_cache(db, 2);
-                let _ = model.forward_hidden(ids::<B>(db, 1, cfg.vocab_size, 2, dev), &mut c);
+                let _ = model.forward_hidden(
+                    super::token_tensor::<B>(db, 1, cfg.vocab_size, 2, dev),
+                    &mut c,
+                );
                 B::sync(dev).ok();
             }
             model
         })
         .collect();
     let vocab = s.model.vocab_size;
-    let prompt = ids::<B>(pb, ps, vocab, 3, dev);
+    let prompt = super::token_tensor::<B>(pb, ps, vocab, 3, dev);
     let step_ids: Vec<Tensor<B, 2, Int>> = (0..steps)
-        .map(|i| ids::<B>(db, 1, vocab, 10 + i as u64, dev))
+        .map(|i| super::token_tensor::<B>(db, 1, vocab, 10 + i as u64, dev))
         .collect();
     // per variant: prefill seconds, decode seconds (every run) and the MoE's routing loads
     let times: Vec<std::cell::RefCell<(Vec<f64>, Vec<f64>)>> =
@@ -329,6 +326,7 @@ pub fn run<B: Backend>(
         criteria,
         notes,
         memory_series: series,
+        series: Default::default(),
     })
 }
 
@@ -410,8 +408,13 @@ fn offload<B: Backend>(
     series: &mut Vec<crate::monitor::MemorySample>,
 ) -> (Vec<VariantReport>, Vec<Criterion>, Vec<String>) {
     let dev = &ctx.device;
+    // the SC-003a models are dropped by now: hand their pool pages back, so that the pool's
+    // reserved bytes measured below (SC-003b-peak) belong to the offloaded run, not to models
+    // measured earlier in the same process
+    B::sync(dev).ok();
+    B::memory_cleanup(dev);
     let (db, steps) = (s.run.decode_batch, s.run.decode_steps);
-    let cfg = decoder_config(s, "moe");
+    let cfg = decoder_config(s, "moe").with_shape_buckets(ctx.shape_buckets());
     B::seed(dev, 11);
     <burn::backend::Flex as Backend>::seed(&Default::default(), 12);
     let (model, host) = cfg.init_offloaded::<B>(dev);
@@ -421,7 +424,7 @@ fn offload<B: Backend>(
     let budget = (o.memory_budget_gib * (1u64 << 30) as f64) as u64;
     // the workload is a real generation: a prefill chunk of the prompt, then `steps` greedy
     // decode steps through the LM head, each argmax fed back on the device
-    let prompt = ids::<B>(db, OFFLOAD_PROMPT, cfg.vocab_size, 10, dev);
+    let prompt = super::token_tensor::<B>(db, OFFLOAD_PROMPT, cfg.vocab_size, 10, dev);
     let cap = OFFLOAD_PROMPT + steps;
     // materialise the device-side weights before the baseline
     {

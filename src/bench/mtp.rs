@@ -65,7 +65,7 @@ pub fn run<B: Backend>(
             (dir, meta, trained, corpus.heldout)
         }
     };
-    let full: MtpModel<B> = train::load(&ckpt, &meta, dev)?;
+    let full: MtpModel<B> = train::load(&ckpt, &meta, ctx.shape_buckets(), dev)?;
     let depth = s.mtp.depth;
     let (batch, plen, n) = (s.run.batch, s.run.prompt_len, s.run.new_tokens);
     let sm = &meta.summary;
@@ -404,14 +404,29 @@ pub fn run<B: Backend>(
             ),
         ),
     ];
+    let mut sweep_points = Vec::new();
     if let Some(sw) = &s.sweep {
-        sweep(s, main, &full, &heldout, sw, dev, &mut variants, &mut notes);
+        sweep(
+            s,
+            main,
+            &full,
+            &heldout,
+            sw,
+            dev,
+            &mut variants,
+            &mut notes,
+            &mut sweep_points,
+        );
     }
     Ok(RunOutput {
         variants,
         criteria,
         notes,
         memory_series: monitor.series().to_vec(),
+        series: crate::report::ReportSeries {
+            mtp_sweep: sweep_points,
+            ..Default::default()
+        },
     })
 }
 
@@ -419,7 +434,8 @@ pub fn run<B: Backend>(
 const SWEEP_REPS: usize = 3;
 
 /// The D x batch sweep, greedy and speculative interleaved at every point (medians of
-/// [`SWEEP_REPS`] runs), reported as variants `sweep_d{D}_b{B}` and a table in the notes.
+/// [`SWEEP_REPS`] runs), reported as typed points (`points`, read by the charts), as variants
+/// `sweep_d{D}_b{B}` with every figure, and as a table in the notes for people.
 #[allow(clippy::too_many_arguments)]
 fn sweep<B: Backend>(
     s: &MtpScenario,
@@ -430,6 +446,7 @@ fn sweep<B: Backend>(
     dev: &B::Device,
     variants: &mut Vec<VariantReport>,
     notes: &mut Vec<String>,
+    points: &mut Vec<crate::report::MtpSweepPoint>,
 ) {
     let n = s.run.new_tokens;
     let reps = SWEEP_REPS;
@@ -502,6 +519,14 @@ fn sweep<B: Backend>(
             if !same {
                 v.fail("speculative output differs from greedy");
             }
+            points.push(crate::report::MtpSweepPoint {
+                depth: d,
+                batch: b,
+                greedy_tokens_per_s: Some(gt),
+                speculative_tokens_per_s: Some(stp),
+                tokens_per_step: st.mean_accepted_length(),
+                identical: same,
+            });
             rows.push(format!(
                 "D={d} batch={b}: {gt:.1} / {stp:.1} tok/s, {:.2}x, {} tokens/step, {}",
                 stp / gt,

@@ -6,11 +6,11 @@ use std::time::Instant;
 use anyhow::Context;
 use serde::Serialize;
 
+use dsopt::backend::machine::{MachineInfo, ToolInfo};
 use dsopt::backend::{self, BackendContext, BackendJob, SelectedBackend};
 use dsopt::bench::{self, RunOutput};
 use dsopt::config::{Overrides, Scenario, ScenarioKind};
-use dsopt::error::{DsoptError, EXIT_BAD_INPUT, EXIT_CANNOT_RUN, EXIT_FAIL, EXIT_PASS};
-use dsopt::machine::{MachineInfo, ToolInfo};
+use dsopt::error::{DsoptError, EXIT_BAD_INPUT, EXIT_PASS};
 use dsopt::monitor::{progress, MonitorConfig};
 use dsopt::report::{self, gate, Report, Verdict};
 
@@ -51,7 +51,7 @@ pub fn run(cli: &Cli) -> anyhow::Result<i32> {
                 );
             }
             let (report, _) = bench_one(s, &file, overrides, run, &selected, cli.quiet)?;
-            Ok(verdict_code(report.verdict))
+            Ok(report.verdict.exit_code())
         }
         Command::Compare {
             backends,
@@ -93,13 +93,6 @@ pub fn run(cli: &Cli) -> anyhow::Result<i32> {
             o,
             cli.quiet,
         ),
-    }
-}
-
-pub(super) fn verdict_code(v: Verdict) -> i32 {
-    match v {
-        Verdict::Pass => EXIT_PASS,
-        Verdict::Fail | Verdict::Error => EXIT_FAIL,
     }
 }
 
@@ -510,7 +503,7 @@ fn run_many(
                 id: r.scenario["id"].as_str().map(String::from),
                 verdict: Some(r.verdict),
                 report: Some(path.display().to_string()),
-                exit_code: verdict_code(r.verdict),
+                exit_code: r.verdict.exit_code(),
                 error: None,
                 criteria: r.criteria.clone(),
             },
@@ -529,11 +522,7 @@ fn run_many(
         };
         entries.push(entry);
     }
-    // the most severe outcome decides: bad input, then could-not-run, then a failed criterion
-    let code = [EXIT_BAD_INPUT, EXIT_CANNOT_RUN, EXIT_FAIL]
-        .into_iter()
-        .find(|c| entries.iter().any(|e| e.exit_code == *c))
-        .unwrap_or(EXIT_PASS);
+    let code = dsopt::error::most_severe(entries.iter().map(|e| e.exit_code));
     let all: Vec<report::Criterion> = entries.iter().flat_map(|e| e.criteria.clone()).collect();
     let verdict = if entries.iter().any(|e| e.verdict.is_none()) {
         Verdict::Error

@@ -3,10 +3,14 @@
 //! Scenario files are TOML; every section is parsed with `deny_unknown_fields`, and the
 //! values are validated so that a mistake is reported with the file, the key, its line and a fix.
 
+pub mod diag;
+pub mod dtype;
+mod load;
 pub mod optimization;
 pub mod scenario;
 pub mod validate;
 
+pub use diag::{find_key_line, Violation};
 pub use optimization::{
     DecoderShape, FfnKind, GqaOptions, MlaOptions, MoeOptions, MtpOptions, OptimizationConfig,
 };
@@ -14,4 +18,3 @@ pub use scenario::{
     CalibrateScenario, Dtype, MlaScenario, ModelRun, ModelScenario, MoeScenario, MtpScenario,
     Overrides, Scenario, ScenarioKind,
 };
-pub use validate::{find_key_line, Violation};

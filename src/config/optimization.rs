@@ -44,15 +44,12 @@
 //! 所有节都拒绝未知键；取值与组合在 [`validate`](super::validate) 中检查，错误给出文件、行号、
 //! 键名与修改办法（退出码 2）。
 
-use std::path::Path;
-
 use serde::{Deserialize, Serialize};
 
-use super::scenario::{toml_error, Dtype, ScoreFunc};
-use super::validate::{self, find_key_line, Violation};
-use crate::error::DsoptError;
+use super::dtype::Dtype;
 use crate::nn::attention::{AttentionConfig, AttentionKind, MlaImpl};
 use crate::nn::model::DecoderConfig;
+use crate::nn::moe::ScoreFunc;
 use crate::nn::moe::{MoeConfig, RouterConfig};
 
 /// FFN 种类。默认是稠密 SwiGLU（FR-006：标准行为保持为默认）。
@@ -228,14 +225,6 @@ impl Default for OptimizationConfig {
     }
 }
 
-/// 带 `[optimization]` 表头的独立优化配置文件。
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct Wrapped {
-    #[serde(default)]
-    optimization: OptimizationConfig,
-}
-
 impl OptimizationConfig {
     /// 标准模型（FR-006）：MHA、稠密 FFN、MTP 深度 0、f32。与 `default()` 相同。
     pub fn standard() -> Self {
@@ -291,6 +280,7 @@ impl OptimizationConfig {
                     norm_topk_prob: false,
                     bias_update_speed: 0.001,
                 },
+                shape_buckets: false,
             }
         })
     }
@@ -324,97 +314,12 @@ impl OptimizationConfig {
             moe: self.moe_config(shape.hidden),
         }
     }
-
-    /// 与模型形状无关的检查；违规项的键名形如 `optimization.…`。
-    pub fn validate(&self) -> Vec<Violation> {
-        validate::optimization(self, None)
-    }
-
-    /// 全部检查，包括与模型形状有关的检查（GQA 的 KV 头数整除 `n_heads`）。
-    pub fn validate_for(&self, shape: &DecoderShape) -> Vec<Violation> {
-        validate::optimization(self, Some(shape))
-    }
-
-    /// 读取并校验独立的优化配置文件（只做与形状无关的检查）。文件顶层要么是
-    /// `[optimization]` 表（含其子表），要么直接是各个键。
-    ///
-    /// # Errors
-    /// 文件无法读取、TOML 无效、含未知键或取值/组合不合法时，返回给出文件、行号与键名的
-    /// [`DsoptError::Scenario`]。
-    pub fn load(path: &Path) -> Result<Self, DsoptError> {
-        Self::load_checked(path, None)
-    }
-
-    /// 同 [`Self::load`]，另外按 `shape` 检查；错误给出文件、行号与键名。
-    ///
-    /// # Errors
-    /// 与 [`Self::load`] 相同，另含与形状有关的违规（例如 GQA 头数不整除 `n_heads`）。
-    pub fn load_for(path: &Path, shape: &DecoderShape) -> Result<Self, DsoptError> {
-        Self::load_checked(path, Some(shape))
-    }
-
-    fn load_checked(path: &Path, shape: Option<&DecoderShape>) -> Result<Self, DsoptError> {
-        let text = std::fs::read_to_string(path).map_err(|e| DsoptError::Scenario {
-            file: path.to_path_buf(),
-            key: None,
-            line: None,
-            message: format!("cannot read the optimisation config: {e}"),
-            fix: "check the path given to --config".into(),
-        })?;
-        Self::parse_checked(path, &text, shape)
-    }
-
-    /// 解析并校验独立的优化配置文本；`path` 只用于错误消息。
-    ///
-    /// # Errors
-    /// TOML 无效、含未知键或取值/组合不合法时返回 [`DsoptError::Scenario`]。
-    pub fn parse(path: &Path, text: &str) -> Result<Self, DsoptError> {
-        Self::parse_checked(path, text, None)
-    }
-
-    fn parse_checked(
-        path: &Path,
-        text: &str,
-        shape: Option<&DecoderShape>,
-    ) -> Result<Self, DsoptError> {
-        let table: toml::Table = toml::from_str(text).map_err(|e| toml_error(path, text, &e))?;
-        let wrapped = table.contains_key("optimization");
-        let de = |e: toml::de::Error| toml_error(path, text, &e);
-        let cfg = if wrapped {
-            toml::from_str::<Wrapped>(text).map_err(de)?.optimization
-        } else {
-            toml::from_str::<OptimizationConfig>(text).map_err(de)?
-        };
-        let violations = match shape {
-            Some(s) => cfg.validate_for(s),
-            None => cfg.validate(),
-        };
-        match violations.into_iter().next() {
-            None => Ok(cfg),
-            Some(Violation { key, message, fix }) => {
-                // 无表头的文件里键位于上一层：`mla.kv_lora_rank`、`attention`
-                let local = if wrapped {
-                    key.clone()
-                } else {
-                    key.strip_prefix("optimization.")
-                        .unwrap_or(&key)
-                        .to_string()
-                };
-                Err(DsoptError::Scenario {
-                    file: path.into(),
-                    line: find_key_line(text, &local),
-                    key: Some(key),
-                    message,
-                    fix,
-                })
-            }
-        }
-    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::path::Path;
 
     fn shape() -> DecoderShape {
         DecoderShape {

@@ -1,19 +1,9 @@
 //! Value checks for scenarios: each violation names the dotted key and how to fix it.
 
+use super::diag::Violation;
 use super::optimization::{DecoderShape, OptimizationConfig};
 use super::scenario::*;
 use crate::nn::attention::AttentionKind;
-
-/// One problem found in a scenario.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Violation {
-    /// Dotted key, e.g. `model.n_heads`.
-    pub key: String,
-    /// What is wrong.
-    pub message: String,
-    /// What to do.
-    pub fix: String,
-}
 
 struct Checker {
     out: Vec<Violation>,
@@ -447,39 +437,6 @@ fn calibrate(c: &mut Checker, s: &CalibrateScenario) {
     c.fraction("thresholds.max_rel_error", s.thresholds.max_rel_error);
 }
 
-/// Finds the 1-based line of a dotted key (`section.key` or top-level `key`) in TOML text.
-/// Handles `[section]` headers and `key = value` lines; returns `None` when not present.
-pub fn find_key_line(text: &str, dotted: &str) -> Option<usize> {
-    let (section, key) = match dotted.rsplit_once('.') {
-        Some((s, k)) => (s, k),
-        None => ("", dotted),
-    };
-    let mut current = String::new();
-    for (i, raw) in text.lines().enumerate() {
-        let line = raw.trim();
-        if let Some(h) = line.strip_prefix('[') {
-            current = h.trim_end_matches(']').trim().to_string();
-            continue;
-        }
-        if current == section {
-            if let Some((k, _)) = line.split_once('=') {
-                if k.trim() == key {
-                    return Some(i + 1);
-                }
-            }
-        }
-    }
-    // a section with an invalid whole value (e.g. empty table): point at its header
-    if !section.is_empty() {
-        for (i, raw) in text.lines().enumerate() {
-            if raw.trim() == format!("[{section}]") {
-                return Some(i + 1);
-            }
-        }
-    }
-    None
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -558,15 +515,5 @@ mod tests {
     fn bad_id_rejected() {
         let e = parse_err(ScenarioKind::Calibrate, "id = \"CAL-001\"", "id = \"cal1\"");
         assert!(e.contains("`id`") && e.contains("CAL-NNN"), "{e}");
-    }
-
-    #[test]
-    fn key_line_lookup() {
-        let t = "id = 1\n[model]\nhidden = 2\n[run]\nhidden = 3\n";
-        assert_eq!(find_key_line(t, "id"), Some(1));
-        assert_eq!(find_key_line(t, "model.hidden"), Some(3));
-        assert_eq!(find_key_line(t, "run.hidden"), Some(5));
-        assert_eq!(find_key_line(t, "run.nothing"), Some(4));
-        assert_eq!(find_key_line(t, "nothing"), None);
     }
 }

@@ -152,7 +152,7 @@ mod tests {
         let dev = Default::default();
         let n = 3 * 5 * 37;
         let xs: Vec<f32> = (0..n).map(|i| (i as f32 * 0.37).sin() * 30.0).collect();
-        let ys = crate::bench::calibrate::pseudo_random(n, 4);
+        let ys = crate::rng::uniform(n, 4);
         let a = Tensor::<Flex, 3>::from_data(TensorData::new(xs, [3, 5, 37]), &dev);
         let b = Tensor::<Flex, 3>::from_data(TensorData::new(ys, [3, 5, 37]), &dev);
         let want = burn::tensor::activation::silu(a.clone()) * b.clone();

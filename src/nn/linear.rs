@@ -216,7 +216,7 @@ fn accumulate_body(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::bench::calibrate::pseudo_random;
+    use crate::rng::uniform;
     use burn::backend::Flex;
     use burn::nn::LinearConfig;
     use burn::tensor::TensorData;
@@ -230,7 +230,7 @@ mod tests {
             let lin = LinearConfig::new(k, n).with_bias(false).init::<B>(&dev);
             for rows in [1, 3, 16] {
                 let x = Tensor::<B, 3>::from_data(
-                    TensorData::new(pseudo_random(rows * k, rows as u64), [1, rows, k]),
+                    TensorData::new(uniform(rows * k, rows as u64), [1, rows, k]),
                     &dev,
                 );
                 let want = lin.forward(x.clone());
@@ -247,14 +247,13 @@ mod tests {
     fn f16_weights_stream_and_agree_with_the_gemm() {
         let dev = Default::default();
         let (k, n) = (512, 300);
-        let w = Tensor::<B, 2>::from_data(TensorData::new(pseudo_random(k * n, 5), [k, n]), &dev);
+        let w = Tensor::<B, 2>::from_data(TensorData::new(uniform(k * n, 5), [k, n]), &dev);
         let lin = Linear {
             weight: burn::module::Param::from_tensor(w.cast(DType::F16)),
             bias: None,
         };
-        let x =
-            Tensor::<B, 3>::from_data(TensorData::new(pseudo_random(2 * k, 6), [1, 2, k]), &dev)
-                .cast(DType::F16);
+        let x = Tensor::<B, 3>::from_data(TensorData::new(uniform(2 * k, 6), [1, 2, k]), &dev)
+            .cast(DType::F16);
         let got = forward(&lin, x.clone());
         assert_eq!(got.dtype(), DType::F16);
         let want = lin.forward(x).cast(DType::F32);
@@ -268,14 +267,14 @@ mod tests {
     fn many_rows_half_precision_and_biases_keep_burns_path() {
         let dev = Default::default();
         let lin = LinearConfig::new(8, 4).with_bias(true).init::<B>(&dev);
-        let x = Tensor::<B, 2>::from_data(TensorData::new(pseudo_random(8, 1), [1, 8]), &dev);
+        let x = Tensor::<B, 2>::from_data(TensorData::new(uniform(8, 1), [1, 8]), &dev);
         let d: f32 = (forward(&lin, x.clone()) - lin.forward(x))
             .abs()
             .max()
             .into_scalar();
         assert_eq!(d, 0.0, "bias: Burn's own path, bit for bit");
         let lin = LinearConfig::new(8, 4).with_bias(false).init::<B>(&dev);
-        let x = Tensor::<B, 2>::from_data(TensorData::new(pseudo_random(8 * 17, 2), [17, 8]), &dev);
+        let x = Tensor::<B, 2>::from_data(TensorData::new(uniform(8 * 17, 2), [17, 8]), &dev);
         let d: f32 = (forward(&lin, x.clone()) - lin.forward(x))
             .abs()
             .max()

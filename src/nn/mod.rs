@@ -23,11 +23,11 @@ pub(crate) mod test_util {
     use burn::backend::Flex;
     use burn::tensor::{Tensor, TensorData};
 
-    /// A flex tensor of `shape` filled with `pseudo_random(.., seed)`.
+    /// A flex tensor of `shape` filled with `uniform(.., seed)`.
     pub fn t4(shape: [usize; 4], seed: u64) -> Tensor<Flex, 4> {
         let n = shape.iter().product();
         Tensor::from_data(
-            TensorData::new(crate::bench::calibrate::pseudo_random(n, seed), shape),
+            TensorData::new(crate::rng::uniform(n, seed), shape),
             &Default::default(),
         )
     }

@@ -34,6 +34,17 @@ pub struct DecoderConfig {
 }
 
 impl DecoderConfig {
+    /// This configuration with the shape buckets of attention key blocks and MoE expert groups
+    /// switched (on for backends that compile kernels per shape, see
+    /// [`crate::backend::BackendContext::shape_buckets`]; the runner sets it once).
+    pub fn with_shape_buckets(mut self, on: bool) -> Self {
+        self.attention.shape_buckets = on;
+        if let Some(moe) = self.moe.as_mut() {
+            moe.shape_buckets = on;
+        }
+        self
+    }
+
     /// Builds the model on `device` (parameters drawn from the backend's RNG; seed it first).
     pub fn init<B: Backend>(&self, device: &B::Device) -> Decoder<B> {
         let d = self.hidden;

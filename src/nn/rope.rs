@@ -248,10 +248,7 @@ mod tests {
         // [b, s, h, d] as the projections give it, viewed as [b, h, s, d] (strided), and a
         // column slice of it (MLA's RoPE part)
         let raw = Tensor::<B, 4>::from_data(
-            TensorData::new(
-                crate::bench::calibrate::pseudo_random(3 * 4 * 2 * 10, 5),
-                [3, 4, 2, 10],
-            ),
+            TensorData::new(crate::rng::uniform(3 * 4 * 2 * 10, 5), [3, 4, 2, 10]),
             &dev,
         );
         let views = [
@@ -276,10 +273,7 @@ mod tests {
     fn per_sequence_starts_match_separate_calls() {
         let dev = Default::default();
         let x = Tensor::<B, 4>::from_data(
-            TensorData::new(
-                crate::bench::calibrate::pseudo_random(2 * 3 * 2 * 4, 3),
-                [2, 3, 2, 4],
-            ),
+            TensorData::new(crate::rng::uniform(2 * 3 * 2 * 4, 3), [2, 3, 2, 4]),
             &dev,
         );
         let both = apply4(x.clone(), &[1, 7], 10000.0);

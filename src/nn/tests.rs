@@ -212,6 +212,7 @@ fn moe_config() -> DecoderConfig {
             norm_topk_prob: false,
             bias_update_speed: 0.001,
         },
+        shape_buckets: false,
     });
     c
 }

@@ -5,7 +5,7 @@
 //!
 //! - MLA（`kind = "mla"`）：容量探测的实测内存随序列长度变化（对数横轴），每个变体一条线，
 //!   虚线为内存预算；
-//! - MTP（`kind = "mtp"`）：扫描点（变体 `sweep_d{D}_b{B}`）的加速比随草稿深度 D 变化，
+//! - MTP（`kind = "mtp"`）：扫描点（`series.mtp_sweep`）的加速比随草稿深度 D 变化，
 //!   每个批大小一条线，虚线为 SC-002b 阈值；
 //! - 任何带内存时间序列的报告：内存随时间变化，每个内存来源一条线。
 //!
@@ -20,9 +20,8 @@ use std::path::Path;
 use anyhow::Context;
 use plotters::coord::ranged1d::{AsRangedCoord, ValueFormatter};
 use plotters::prelude::*;
-use serde::Deserialize;
 
-use super::schema::{Report, VariantStatus};
+use super::schema::Report;
 
 /// 图的像素尺寸（宽、高）。
 const SIZE: (u32, u32) = (900, 540);
@@ -316,26 +315,11 @@ fn tick(v: f64) -> String {
 // ---------------------------------------------------------------------------------------------
 // Builders
 
-/// One capacity probe as the MLA runner records it in its notes (only the fields drawn here).
-#[derive(Deserialize)]
-struct ProbeRow {
-    variant: String,
-    seq: usize,
-    /// measured decode peak plus the measured prefill workspace: what is compared with the budget
-    total_bytes: Option<u64>,
-}
-
-/// MLA: measured memory of each capacity probe vs its sequence length, per variant.
-///
-/// The probes live in the note `capacity probes (budget … GiB): [json]` written by
-/// `bench::mla`; the budget comes from the scenario (`capacity.memory_budget_gib`).
+/// MLA: measured memory of each capacity probe vs its sequence length, per variant, from the
+/// report's typed series (`series.capacity_probes`, with the budget as a horizontal line).
 fn mla_capacity(report: &Report) -> Option<Chart> {
-    let probes: Vec<ProbeRow> = report.notes.iter().find_map(|n| {
-        let rest = n.strip_prefix("capacity probes (budget ")?;
-        serde_json::from_str(rest.split_once("): ")?.1).ok()
-    })?;
     let mut series: Vec<Series> = Vec::new();
-    for p in &probes {
+    for p in &report.series.capacity_probes {
         // a probe not run (clearly over budget) or not measurable has no value: no point
         let Some(b) = p.total_bytes else { continue };
         let pt = (p.seq as f64, b as f64 / MIB);
@@ -350,9 +334,13 @@ fn mla_capacity(report: &Report) -> Option<Chart> {
     if series.is_empty() {
         return None;
     }
-    let hlines = report.scenario["capacity"]["memory_budget_gib"]
-        .as_f64()
-        .map(|g| (format!("memory budget ({g} GiB)"), g * 1024.0))
+    let hlines = report
+        .series
+        .capacity_budget_bytes
+        .map(|b| {
+            let mib = b as f64 / MIB;
+            (format!("memory budget ({} GiB)", mib / 1024.0), mib)
+        })
         .into_iter()
         .collect();
     Some(Chart {
@@ -365,31 +353,16 @@ fn mla_capacity(report: &Report) -> Option<Chart> {
     })
 }
 
-/// MTP: speculative / greedy tokens/s of each `sweep_d{D}_b{B}` variant vs D, per batch.
+/// MTP: speculative / greedy tokens/s of each sweep point (`series.mtp_sweep`) vs D, per batch.
 fn mtp_sweep(report: &Report) -> Option<Chart> {
     let mut by_batch: BTreeMap<usize, Vec<(f64, f64)>> = BTreeMap::new();
-    for v in &report.variants {
-        // a failed point's output differs from greedy: its speed is not a valid speedup
-        if v.status != VariantStatus::Ok {
-            continue;
-        }
-        let Some((d, b)) = v
-            .name
-            .strip_prefix("sweep_d")
-            .and_then(|r| r.split_once("_b"))
-            .and_then(|(d, b)| Some((d.parse::<usize>().ok()?, b.parse::<usize>().ok()?)))
-        else {
-            continue;
-        };
-        let metric = |k: &str| v.metrics.get(k).copied().flatten();
-        let (Some(g), Some(s)) = (
-            metric("greedy_tokens_per_s"),
-            metric("speculative_tokens_per_s"),
-        ) else {
-            continue;
-        };
-        if g > 0.0 && (s / g).is_finite() {
-            by_batch.entry(b).or_default().push((d as f64, s / g));
+    for p in &report.series.mtp_sweep {
+        // a point whose output differs from greedy has no valid speedup (`speedup` is None)
+        if let Some(r) = p.speedup() {
+            by_batch
+                .entry(p.batch)
+                .or_default()
+                .push((p.depth as f64, r));
         }
     }
     if by_batch.is_empty() {
@@ -442,9 +415,12 @@ fn memory_over_time(report: &Report) -> Option<Chart> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::machine::{MachineInfo, ToolInfo};
+    use crate::backend::machine::{MachineInfo, ToolInfo};
     use crate::monitor::MemorySample;
-    use crate::report::{BackendReport, Equivalence, MemoryReport, VariantReport, Verdict};
+    use crate::report::{
+        BackendReport, CapacityProbe, Equivalence, MemoryReport, MtpSweepPoint, VariantReport,
+        VariantStatus, Verdict,
+    };
 
     /// The contents of the SVG's `<text>` elements, trimmed.
     fn texts(svg: &str) -> Vec<&str> {
@@ -609,28 +585,35 @@ mod tests {
             verdict: Verdict::Error,
             notes: vec![],
             memory_series: vec![],
+            series: Default::default(),
         }
     }
 
-    /// An MLA-like report: probes in the runner's note format, one of them not run.
+    /// An MLA-like report: typed capacity probes, one of them not run.
     fn mla_report() -> Report {
         let mib = 1u64 << 20;
-        let probes = serde_json::json!([
-            {"variant": "mha", "seq": 1024, "measured_peak_bytes": 90 * mib, "total_bytes": 100 * mib, "fits": true, "note": ""},
-            {"variant": "mha", "seq": 2048, "measured_peak_bytes": 190 * mib, "total_bytes": 200 * mib, "fits": true, "note": ""},
-            {"variant": "mha", "seq": 4096, "measured_peak_bytes": null, "total_bytes": null, "fits": false, "note": "not run"},
-            {"variant": "mla_absorbed", "seq": 1024, "measured_peak_bytes": 10 * mib, "total_bytes": 20 * mib, "fits": true, "note": ""},
-            {"variant": "mla_absorbed", "seq": 4096, "measured_peak_bytes": 70 * mib, "total_bytes": 80 * mib, "fits": true, "note": ""},
-            {"variant": "mla_absorbed", "seq": 2048, "measured_peak_bytes": 30 * mib, "total_bytes": 40 * mib, "fits": true, "note": ""},
-        ]);
+        let probe = |variant: &str, seq: usize, total: Option<u64>| CapacityProbe {
+            variant: variant.into(),
+            seq,
+            measured_peak_bytes: total.map(|t| t - 10 * mib),
+            total_bytes: total,
+            fits: total.is_some(),
+            note: if total.is_some() { "" } else { "not run" }.into(),
+        };
         let mut r = report(
-            serde_json::json!({"id": "SC-001", "kind": "mla", "capacity": {"memory_budget_gib": 0.25}}),
+            serde_json::json!({"id": "SC-001", "kind": "mla"}),
             vec![variant("mha", &[]), variant("mla_absorbed", &[])],
         );
-        r.notes = vec![
-            "decode at 8192 context".into(),
-            format!("capacity probes (budget 0.25 GiB): {probes}"),
+        r.notes = vec!["decode at 8192 context".into()];
+        r.series.capacity_probes = vec![
+            probe("mha", 1024, Some(100 * mib)),
+            probe("mha", 2048, Some(200 * mib)),
+            probe("mha", 4096, None),
+            probe("mla_absorbed", 1024, Some(20 * mib)),
+            probe("mla_absorbed", 4096, Some(80 * mib)),
+            probe("mla_absorbed", 2048, Some(40 * mib)),
         ];
+        r.series.capacity_budget_bytes = Some(256 * mib);
         r
     }
 
@@ -655,37 +638,36 @@ mod tests {
     #[test]
     fn mla_report_without_probes_or_budget() {
         let mut r = mla_report();
-        r.scenario = serde_json::json!({"kind": "mla"});
+        r.series.capacity_budget_bytes = None;
         let charts = report_charts(&r);
-        assert!(
-            charts[0].1.hlines.is_empty(),
-            "no budget in the scenario: no line"
-        );
-        r.notes.clear();
+        assert!(charts[0].1.hlines.is_empty(), "no budget: no line");
+        r.series.capacity_probes.clear();
         assert!(report_charts(&r).is_empty());
     }
 
     #[test]
     fn mtp_sweep_gives_speedup_per_batch() {
-        let sweep = |d: usize, b: usize, g: f64, s: f64| {
-            variant(
-                &format!("sweep_d{d}_b{b}"),
-                &[("greedy_tokens_per_s", g), ("speculative_tokens_per_s", s)],
-            )
+        let sweep = |depth: usize, batch: usize, g: f64, s: f64| MtpSweepPoint {
+            depth,
+            batch,
+            greedy_tokens_per_s: Some(g),
+            speculative_tokens_per_s: Some(s),
+            tokens_per_step: None,
+            identical: true,
         };
         let mut failed = sweep(4, 8, 100.0, 500.0);
-        failed.fail("speculative output differs from greedy");
-        let r = report(
+        failed.identical = false;
+        let mut r = report(
             serde_json::json!({"kind": "mtp", "thresholds": {"throughput_ratio": 1.3, "time_reduction": 0.25}}),
-            vec![
-                variant("greedy", &[("tokens_per_s", 100.0)]),
-                sweep(1, 1, 100.0, 120.0),
-                sweep(2, 1, 100.0, 150.0),
-                sweep(1, 8, 400.0, 600.0),
-                sweep(2, 8, 400.0, 800.0),
-                failed,
-            ],
+            vec![variant("greedy", &[("tokens_per_s", 100.0)])],
         );
+        r.series.mtp_sweep = vec![
+            sweep(1, 1, 100.0, 120.0),
+            sweep(2, 1, 100.0, 150.0),
+            sweep(1, 8, 400.0, 600.0),
+            sweep(2, 8, 400.0, 800.0),
+            failed,
+        ];
         let charts = report_charts(&r);
         assert_eq!(charts.len(), 1);
         let (suffix, c) = &charts[0];

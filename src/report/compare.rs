@@ -11,8 +11,8 @@ use serde::{Deserialize, Serialize};
 
 use super::schema::{Criterion, Report, Verdict};
 use super::write::{bytes_h, num_h, secs_h};
-use crate::error::{EXIT_BAD_INPUT, EXIT_CANNOT_RUN, EXIT_FAIL, EXIT_PASS};
-use crate::machine::ToolInfo;
+use crate::backend::machine::ToolInfo;
+use crate::error::{most_severe, EXIT_CANNOT_RUN};
 use crate::monitor::MeasuredMemory;
 
 /// 一个后端的运行状态。
@@ -75,10 +75,7 @@ impl BackendEntry {
             device: Some(report.backend.device.clone()),
             outcome: BackendOutcome::Ran,
             reason: None,
-            exit_code: match report.verdict {
-                Verdict::Pass => EXIT_PASS,
-                Verdict::Fail | Verdict::Error => EXIT_FAIL,
-            },
+            exit_code: report.verdict.exit_code(),
             report_file,
             wall_time_s: Some(report.wall_time_s),
             verdict: Some(report.verdict),
@@ -158,10 +155,7 @@ impl CompareReport {
         let exit_code = if counted.is_empty() {
             EXIT_CANNOT_RUN
         } else {
-            [EXIT_BAD_INPUT, EXIT_CANNOT_RUN, EXIT_FAIL]
-                .into_iter()
-                .find(|c| counted.iter().any(|b| b.exit_code == *c))
-                .unwrap_or(EXIT_PASS)
+            most_severe(counted.iter().map(|b| b.exit_code))
         };
         let verdict = if counted.is_empty() || counted.iter().any(|b| b.verdict.is_none()) {
             Verdict::Error
@@ -360,6 +354,7 @@ impl CompareReport {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::error::{EXIT_FAIL, EXIT_PASS};
     use crate::report::{Comparison, VariantReport};
 
     fn report(verdict_pass: bool) -> Report {
@@ -386,7 +381,7 @@ mod tests {
             tool: ToolInfo::current(),
             created_at: "2026-11-28T00:00:00Z".into(),
             wall_time_s: 1.5,
-            machine: crate::machine::MachineInfo::capture(),
+            machine: crate::backend::machine::MachineInfo::capture(),
             backend: crate::report::BackendReport {
                 name: "flex".into(),
                 device: "cpu".into(),
@@ -399,6 +394,7 @@ mod tests {
             criteria: vec![c],
             notes: vec![],
             memory_series: vec![],
+            series: Default::default(),
         }
     }
 

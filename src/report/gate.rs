@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use comfy_table::{presets::UTF8_FULL_CONDENSED, Table};
 
 use super::schema::*;
-use crate::error::{DsoptError, EXIT_FAIL, EXIT_PASS};
+use crate::error::{most_severe, DsoptError, EXIT_FAIL, EXIT_PASS};
 
 /// The `kind` of an aggregate file (`summary`, `compare`, `sweep`) written by `dsopt run`,
 /// `compare` or a sweep; `None` for a single-run report or an unreadable file (which
@@ -215,11 +215,10 @@ pub fn gate(
             }
         }
     }
-    let exit_code = if rows.iter().all(|r| r.passed) {
-        EXIT_PASS
-    } else {
-        EXIT_FAIL
-    };
+    let exit_code = most_severe(
+        rows.iter()
+            .map(|r| if r.passed { EXIT_PASS } else { EXIT_FAIL }),
+    );
     Ok(GateOutcome {
         rows,
         regressions,

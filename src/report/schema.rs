@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::machine::{MachineInfo, ToolInfo};
+use crate::backend::machine::{MachineInfo, ToolInfo};
 use crate::monitor::{MeasuredMemory, MemorySample, Timings};
 
 /// 本工具写出和读取的报告模式版本。
@@ -43,6 +43,77 @@ pub struct Report {
     /// 内存时间序列。
     #[serde(default)]
     pub memory_series: Vec<MemorySample>,
+    /// 按种类的类型化序列（容量探测、MTP 扫描点）：图表与表格直接读取；`notes` 只写给人看。
+    #[serde(default, skip_serializing_if = "ReportSeries::is_empty")]
+    pub series: ReportSeries,
+}
+
+/// 按种类的类型化数据序列（空的序列不写入 JSON）。
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct ReportSeries {
+    /// MLA（SC-001b）：每次容量探测，按探测顺序（倍增，然后二分）。
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub capacity_probes: Vec<CapacityProbe>,
+    /// MLA：容量探测所比较的内存预算（字节）。
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub capacity_budget_bytes: Option<u64>,
+    /// MTP（SC-002）：草稿深度 D × 批大小扫描的每个点。
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub mtp_sweep: Vec<MtpSweepPoint>,
+}
+
+impl ReportSeries {
+    /// Whether no series holds anything.
+    pub fn is_empty(&self) -> bool {
+        self.capacity_probes.is_empty()
+            && self.capacity_budget_bytes.is_none()
+            && self.mtp_sweep.is_empty()
+    }
+}
+
+/// 一次容量探测：某个变体在某个序列长度下的实测内存与是否放得下预算。
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct CapacityProbe {
+    /// 变体名。
+    pub variant: String,
+    /// 探测的序列长度（token）。
+    pub seq: usize,
+    /// 实测解码峰值减去加载模型之前的水平（权重 + 缓存 + 解码工作区）；未运行或无法测量为 null。
+    pub measured_peak_bytes: Option<u64>,
+    /// 上一项加上实测的预填充工作区：与预算比较的数。
+    pub total_bytes: Option<u64>,
+    /// 是否放得下预算。
+    pub fits: bool,
+    /// 说明（为什么没有运行、用了哪个内存来源）。
+    pub note: String,
+}
+
+/// MTP 扫描的一个点：同一批提示上贪心与投机解码交替计时（中位数）。
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct MtpSweepPoint {
+    /// 草稿深度 D。
+    pub depth: usize,
+    /// 批大小。
+    pub batch: usize,
+    /// 贪心解码生成速度（token/s）。
+    pub greedy_tokens_per_s: Option<f64>,
+    /// 投机解码生成速度（token/s）。
+    pub speculative_tokens_per_s: Option<f64>,
+    /// 平均每步接受的 token 数。
+    pub tokens_per_step: Option<f64>,
+    /// 投机输出与贪心输出逐 token 相同。
+    pub identical: bool,
+}
+
+impl MtpSweepPoint {
+    /// speculative / greedy tokens per second; `None` unless both are measured, positive and
+    /// the outputs are identical (a differing output's speed is not a valid speedup).
+    pub fn speedup(&self) -> Option<f64> {
+        let (g, s) = (self.greedy_tokens_per_s?, self.speculative_tokens_per_s?);
+        (self.identical && g > 0.0)
+            .then_some(s / g)
+            .filter(|r| r.is_finite())
+    }
 }
 
 /// 后端信息。
@@ -295,6 +366,16 @@ impl Verdict {
             Verdict::Pass
         } else {
             Verdict::Fail
+        }
+    }
+
+    /// The exit code of a finished run with this verdict: 0 for pass, 1 for fail and for error
+    /// (a run that finished but could not measure a criterion; a run that could not be done at
+    /// all exits 3 through its error instead).
+    pub fn exit_code(self) -> i32 {
+        match self {
+            Verdict::Pass => crate::error::EXIT_PASS,
+            Verdict::Fail | Verdict::Error => crate::error::EXIT_FAIL,
         }
     }
 

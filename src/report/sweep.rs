@@ -10,8 +10,8 @@ use super::chart::{Chart, Series};
 use super::compare::{BackendEntry, VariantCell};
 use super::schema::{BackendReport, Criterion, Report, Verdict};
 use super::write::{bytes_h, num_h, secs_h};
-use crate::error::{EXIT_BAD_INPUT, EXIT_CANNOT_RUN, EXIT_FAIL, EXIT_PASS};
-use crate::machine::ToolInfo;
+use crate::backend::machine::ToolInfo;
+use crate::error::most_severe;
 
 /// 扫描中的一个点。
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -114,10 +114,7 @@ impl SweepReport {
         points: Vec<SweepPoint>,
         created_at: String,
     ) -> SweepReport {
-        let exit_code = [EXIT_BAD_INPUT, EXIT_CANNOT_RUN, EXIT_FAIL]
-            .into_iter()
-            .find(|c| points.iter().any(|p| p.exit_code == *c))
-            .unwrap_or(EXIT_PASS);
+        let exit_code = most_severe(points.iter().map(|p| p.exit_code));
         let verdict = if points.is_empty() || points.iter().any(|p| p.verdict.is_none()) {
             Verdict::Error
         } else {
@@ -367,6 +364,7 @@ pub fn scenario_budget_bytes(report: &Report) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::error::{EXIT_CANNOT_RUN, EXIT_PASS};
     use crate::monitor::MeasuredMemory;
     use std::collections::BTreeMap;
 

@@ -22,6 +22,7 @@ use crate::config::scenario::{MtpScenario, MtpTrain};
 use crate::nn::attention::AttentionConfig;
 use crate::nn::mtp::MtpModel;
 use crate::nn::DecoderConfig;
+use crate::rng::Rng;
 pub use corpus::Corpus;
 
 /// Held-out bytes kept with a checkpoint, for prompts when the corpus is not at hand.
@@ -177,17 +178,6 @@ pub fn default_cache_dir() -> PathBuf {
 }
 
 /// Deterministic xorshift generator for window positions.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-}
-
 /// `batch` windows of `len` bytes from `data` at positions drawn by `rng`, as token rows.
 fn window_rows(data: &[u8], batch: usize, len: usize, rng: &mut Rng) -> Vec<Vec<u32>> {
     let span = data.len().saturating_sub(len).max(1) as u64;
@@ -598,13 +588,16 @@ pub fn open_checkpoint(s: &MtpScenario, dir: &Path) -> anyhow::Result<(Checkpoin
     Ok((meta, read_heldout(dir)?))
 }
 
-/// Loads a checkpoint onto `device` of backend `B`.
+/// Loads a checkpoint onto `device` of backend `B` (`shape_buckets`: see
+/// [`DecoderConfig::with_shape_buckets`]).
 pub fn load<B: Backend>(
     dir: &Path,
     meta: &CheckpointMeta,
+    shape_buckets: bool,
     device: &B::Device,
 ) -> anyhow::Result<MtpModel<B>> {
-    MtpModel::<B>::new(&meta.model, meta.depth, device)
+    let model = meta.model.clone().with_shape_buckets(shape_buckets);
+    MtpModel::<B>::new(&model, meta.depth, device)
         .load_file(dir.join("model"), &recorder(), device)
         .with_context(|| format!("loading {}", dir.join("model.mpk").display()))
 }
@@ -710,7 +703,7 @@ mod tests {
         save(model.clone(), &meta, &corpus.heldout, dir.path()).unwrap();
         assert_eq!(read_heldout(dir.path()).unwrap(), corpus.heldout);
         let back = read_meta(dir.path()).unwrap().expect("complete checkpoint");
-        let loaded = load::<Flex>(dir.path(), &back, &Default::default()).unwrap();
+        let loaded = load::<Flex>(dir.path(), &back, false, &Default::default()).unwrap();
         let e1 = evaluate(&model, &corpus, &t);
         let e2 = evaluate(&loaded, &corpus, &t);
         assert_eq!(e1, e2, "saved and loaded models score identically");

@@ -27,6 +27,7 @@ pub const ROW_TILE: usize = 2048;
 /// - v_src: `[b, g, cap, >= dv]` (values are its first `dv` columns; may be the same tensor)
 /// - returns `[b, g, rows, dv]`
 ///
+/// `widen` turns on the shape buckets of partial key blocks ([`attention_with`]).
 /// Rows are processed in tiles of `ROW_TILE / g`, so the workspace is bounded by the tile and
 /// the key block for every head layout (MHA, GQA, absorbed MLA alike).
 #[allow(clippy::too_many_arguments)]
@@ -39,19 +40,19 @@ pub fn attention<B: Backend>(
     q_len: usize,
     kv_len: usize,
     block: usize,
+    widen: bool,
 ) -> Tensor<B, 4> {
     // few rows at a short context on the CPU backend: one fused pass (see `fused`)
     let q = match super::fused::attention(q, k_src, v_src, dv, q_starts, q_len) {
         Ok(o) => return o,
         Err(q) => q,
     };
-    let widen = crate::backend::compiles_per_shape::<B>(&q.device());
     attention_with(q, k_src, v_src, dv, q_starts, q_len, kv_len, block, widen)
 }
 
-/// [`attention`] in tensor ops only (no fused pass), with the shape buckets of partial key
-/// blocks switched by the caller (`widen`; [`attention`] turns them on for backends that
-/// compile kernels per shape).
+/// [`attention`] in tensor ops only (no fused pass). `widen` switches the shape buckets of
+/// partial key blocks (the model's `shape_buckets` flag: on for backends that compile kernels
+/// per shape).
 #[allow(clippy::too_many_arguments)]
 pub fn attention_with<B: Backend>(
     q: Tensor<B, 4>,
@@ -296,7 +297,7 @@ pub fn reference<B: Backend>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::bench::calibrate::pseudo_random;
+    use crate::rng::uniform;
     use burn::backend::Flex;
 
     use crate::nn::test_util::t4;
@@ -364,12 +365,12 @@ mod tests {
             (2, 2 * q_len, 8, 8, 6, 6, false),
             (1, 4 * q_len, 20, 20, 20, 16, true),
         ] {
-            let q = pseudo_random(2 * g * rows * dk, 41);
-            let k = pseudo_random(2 * g * cap * kcols, 42);
+            let q = uniform(2 * g * rows * dk, 41);
+            let k = uniform(2 * g * cap * kcols, 42);
             let v = if shared {
                 k.clone()
             } else {
-                pseudo_random(2 * g * cap * vcols, 43)
+                uniform(2 * g * cap * vcols, 43)
             };
             let dev = Default::default();
             let qt = Tensor::<B, 4>::from_data(TensorData::new(q.clone(), [2, g, rows, dk]), &dev);
@@ -486,7 +487,7 @@ mod tests {
         let k = t4([1, 1, q_start + q_len, 4], 10);
         let v = t4([1, 1, q_start + q_len, 3], 11);
         let want = reference(q.clone(), k.clone(), v.clone(), q_start, q_len);
-        let got = attention(q, &k, &v, 3, &[q_start], q_len, q_start + q_len, 256);
+        let got = attention(q, &k, &v, 3, &[q_start], q_len, q_start + q_len, 256, false);
         assert!(max_diff(got, want) < 1e-5);
     }
 
@@ -495,7 +496,7 @@ mod tests {
         // absorbed MLA: K = all 10 columns, V = the first 6 of the same tensor
         let q = t4([1, 1, 4, 10], 4);
         let kv = t4([1, 1, 9, 10], 5); // capacity 9, only 4 used
-        let got = attention(q.clone(), &kv, &kv, 6, &[0], 4, 4, 2);
+        let got = attention(q.clone(), &kv, &kv, 6, &[0], 4, 4, 2, false);
         let k = kv.clone().slice([0..1, 0..1, 0..4, 0..10]);
         let v = kv.slice([0..1, 0..1, 0..4, 0..6]);
         let want = reference(q, k, v, 0, 4);
@@ -507,7 +508,7 @@ mod tests {
         let q = t4([1, 1, 3, 4], 6);
         let k = t4([1, 1, 3, 4], 7);
         let v = t4([1, 1, 3, 2], 8);
-        let out = attention(q, &k, &v, 2, &[0], 3, 3, 2);
+        let out = attention(q, &k, &v, 2, &[0], 3, 3, 2, false);
         let row0 = out.slice([0..1, 0..1, 0..1, 0..2]);
         let v0 = v.slice([0..1, 0..1, 0..1, 0..2]);
         assert!(max_diff(row0, v0) < 1e-6);
@@ -521,7 +522,7 @@ mod tests {
         let q = t4([2, 2, 2 * q_len, 8], 21);
         let k = t4([2, 2, kv_len, 8], 22);
         let v = t4([2, 2, kv_len, 5], 23);
-        let got = attention(q.clone(), &k, &v, 5, &[2, 6], q_len, kv_len, 4);
+        let got = attention(q.clone(), &k, &v, 5, &[2, 6], q_len, kv_len, 4, false);
         for (i, st) in [2usize, 6].into_iter().enumerate() {
             let qi = q.clone().slice([i..i + 1, 0..2, 0..2 * q_len, 0..8]);
             let ki = k.clone().slice([i..i + 1, 0..2, 0..st + q_len, 0..8]);

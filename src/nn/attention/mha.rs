@@ -18,6 +18,7 @@ pub struct MhaAttention<B: Backend> {
     n_kv_heads: usize,
     head_dim: usize,
     key_block: usize,
+    shape_buckets: bool,
     rope_theta: f64,
     scale: f64,
 }
@@ -36,6 +37,7 @@ impl<B: Backend> MhaAttention<B> {
             n_kv_heads: g,
             head_dim: d,
             key_block: c.key_block,
+            shape_buckets: c.shape_buckets,
             rope_theta: c.rope_theta,
             scale: c.mscale * c.mscale / (d as f64).sqrt(),
         }
@@ -95,6 +97,7 @@ impl<B: Backend> MhaAttention<B> {
             s,
             max_end(starts, s),
             self.key_block,
+            self.shape_buckets,
         );
         // [b, g, hpg*s, d] -> [b, h, s, d] -> [b, s, h*d]
         let o = o

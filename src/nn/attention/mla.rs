@@ -57,6 +57,7 @@ pub struct MlaAttention<B: Backend> {
     qk_rope_head_dim: usize,
     v_head_dim: usize,
     key_block: usize,
+    shape_buckets: bool,
     rope_theta: f64,
     scale: f64,
     /// 当前实现（不是参数，切换不改变权重）。
@@ -101,6 +102,7 @@ impl<B: Backend> MlaAttention<B> {
             qk_rope_head_dim: c.qk_rope_head_dim,
             v_head_dim: c.v_head_dim,
             key_block: c.key_block,
+            shape_buckets: c.shape_buckets,
             rope_theta: c.rope_theta,
             scale: c.mscale * c.mscale / (qk as f64).sqrt(),
             implementation: c.mla_impl,
@@ -244,6 +246,7 @@ impl<B: Backend> MlaAttention<B> {
                     s,
                     max_end(starts, s),
                     self.key_block,
+                    self.shape_buckets,
                 ) // [b, h, s, dv]
             }
             MlaImpl::Absorbed => {
@@ -263,7 +266,17 @@ impl<B: Backend> MlaAttention<B> {
                 let latent = cache.k.as_ref().expect("latent");
                 // 值就是同一缓存的前 dc 列
                 let end = max_end(starts, s);
-                let o = blocked::attention(q, latent, latent, dc, starts, s, end, self.key_block);
+                let o = blocked::attention(
+                    q,
+                    latent,
+                    latent,
+                    dc,
+                    starts,
+                    s,
+                    end,
+                    self.key_block,
+                    self.shape_buckets,
+                );
                 // 注意力之后再乘 W_UV：[h, b·s, dc] x [h, dc, dv] -> [h, b·s, dv]
                 let o = o
                     .reshape([b, h, s, dc])

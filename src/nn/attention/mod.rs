@@ -53,6 +53,11 @@ pub struct AttentionConfig {
     pub mscale: f64,
     /// RoPE 基数。
     pub rope_theta: f64,
+    /// 部分键块按桶大小读取（形状分桶）：在按形状编译内核的后端（CubeCL：wgpu、CUDA）上由运行器
+    /// 打开一次（[`crate::nn::DecoderConfig::with_shape_buckets`]），CPU 后端保持关闭。
+    /// 运行期属性，不属于模型形状：不写入场景、报告或检查点键。
+    #[serde(skip)]
+    pub shape_buckets: bool,
 }
 
 impl AttentionConfig {
@@ -72,6 +77,7 @@ impl AttentionConfig {
             key_block: 512,
             mscale: 1.0,
             rope_theta: 10000.0,
+            shape_buckets: false,
         }
     }
 

@@ -26,6 +26,10 @@ pub struct MoeConfig {
     pub n_shared_experts: usize,
     /// 路由器。
     pub router: RouterConfig,
+    /// 专家的 token 组按桶大小填充（形状分桶，见 [`MoeLayer::dispatch_with`]）：在按形状编译内核
+    /// 的后端上由运行器打开一次；运行期属性，不写入场景、报告或检查点键。
+    #[serde(skip)]
+    pub shape_buckets: bool,
 }
 
 impl MoeConfig {
@@ -38,6 +42,7 @@ impl MoeConfig {
                 .collect(),
             shared: (self.n_shared_experts > 0)
                 .then(|| SwiGlu::new(self.dim, self.n_shared_experts * self.moe_inter_dim, device)),
+            shape_buckets: self.shape_buckets,
         }
     }
 
@@ -75,6 +80,8 @@ pub struct MoeLayer<B: Backend> {
     pub experts: Vec<SwiGlu<B>>,
     /// 共享专家（合成一个）。
     pub shared: Option<SwiGlu<B>>,
+    /// 形状分桶（见 [`MoeConfig::shape_buckets`]）。
+    pub shape_buckets: bool,
 }
 
 impl<B: Backend> MoeLayer<B> {
@@ -129,7 +136,8 @@ impl<B: Backend> MoeLayer<B> {
     /// Sorted dispatch; `expert(e, x)` applies routed expert `e` to its tokens `[1, n, dim]`
     /// (a resident expert, or one fetched from an offload cache).
     ///
-    /// On backends that compile kernels per shape (CubeCL: wgpu, CUDA) each expert's group of
+    /// With `shape_buckets` on (set for backends that compile kernels per shape: CubeCL's wgpu and
+    /// CUDA) each expert's group of
     /// tokens is padded to a bucket size ([`bucket`]: 1, 2, 3, 4, 6, 8, 12, …) by repeating its
     /// last token, and the padded rows' outputs are dropped: with a varying number of tokens per
     /// expert, exact shapes would compile new kernels on almost every call.
@@ -139,8 +147,7 @@ impl<B: Backend> MoeLayer<B> {
         routing: &Routing,
         expert: &mut dyn FnMut(usize, Tensor<B, 3>) -> Tensor<B, 3>,
     ) -> Tensor<B, 2> {
-        let bucketed = crate::backend::compiles_per_shape::<B>(&x.device());
-        self.dispatch_rows(x, routing, expert, bucketed)
+        self.dispatch_rows(x, routing, expert, self.shape_buckets)
     }
 
     /// [`MoeLayer::dispatch_with`] with the row padding chosen by the caller.
@@ -224,8 +231,8 @@ impl<B: Backend> MoeLayer<B> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::bench::calibrate::pseudo_random;
     use crate::nn::moe::router::ScoreFunc;
+    use crate::rng::uniform;
     use burn::backend::Flex;
     use burn::module::Module;
 
@@ -246,6 +253,7 @@ mod tests {
                 norm_topk_prob: true,
                 bias_update_speed: 0.001,
             },
+            shape_buckets: false,
         }
     }
 
@@ -255,10 +263,7 @@ mod tests {
         for (score, groups) in [(ScoreFunc::Softmax, 1), (ScoreFunc::Sigmoid, 4)] {
             B::seed(&dev, 3);
             let layer = config(score, groups).init::<B>(&dev);
-            let x = Tensor::<B, 2>::from_data(
-                TensorData::new(pseudo_random(20 * 16, 5), [20, 16]),
-                &dev,
-            );
+            let x = Tensor::<B, 2>::from_data(TensorData::new(uniform(20 * 16, 5), [20, 16]), &dev);
             let (y, routing) = layer.forward(x.clone());
             let want = layer.forward_reference(x, &routing);
             let d: f32 = (y - want).abs().max().into_scalar();
@@ -277,8 +282,7 @@ mod tests {
         let dev = Default::default();
         B::seed(&dev, 4);
         let layer = config(ScoreFunc::Softmax, 1).init::<B>(&dev);
-        let x =
-            Tensor::<B, 2>::from_data(TensorData::new(pseudo_random(20 * 16, 6), [20, 16]), &dev);
+        let x = Tensor::<B, 2>::from_data(TensorData::new(uniform(20 * 16, 6), [20, 16]), &dev);
         let routing = layer.router.route(x.clone());
         let mut shapes = Vec::new();
         let padded = layer.dispatch_rows(
@@ -328,7 +332,7 @@ mod tests {
     fn a_single_token_batch_works() {
         let dev = Default::default();
         let layer = config(ScoreFunc::Softmax, 1).init::<B>(&dev);
-        let x = Tensor::<B, 2>::from_data(TensorData::new(pseudo_random(16, 8), [1, 16]), &dev);
+        let x = Tensor::<B, 2>::from_data(TensorData::new(uniform(16, 8), [1, 16]), &dev);
         let (y, r) = layer.forward(x);
         assert_eq!(y.dims(), [1, 16]);
         assert_eq!(r.experts[0].len(), 3);

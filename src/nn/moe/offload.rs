@@ -220,10 +220,10 @@ impl<B: Backend> ExpertStore<B> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::bench::calibrate::pseudo_random;
     use crate::nn::attention::AttentionConfig;
     use crate::nn::moe::{LoadStats, MoeConfig, RouterConfig, Routing, ScoreFunc};
     use crate::nn::DecoderConfig;
+    use crate::rng::uniform;
     use burn::backend::Flex;
     use burn::module::Module;
     use burn::tensor::{Int, Tensor};
@@ -245,6 +245,7 @@ mod tests {
                 norm_topk_prob: true,
                 bias_update_speed: 0.001,
             },
+            shape_buckets: false,
         }
     }
 
@@ -267,7 +268,7 @@ mod tests {
         assert_eq!(host[0].len(), 4);
         let layer = moe().init::<B>(&dev);
         let mut store = ExpertStore::<B>::new(host, 2, &dev);
-        let x = Tensor::<B, 2>::from_data(TensorData::new(pseudo_random(2 * 16, 2), [2, 16]), &dev);
+        let x = Tensor::<B, 2>::from_data(TensorData::new(uniform(2 * 16, 2), [2, 16]), &dev);
         let plan = |experts: Vec<Vec<usize>>| Routing {
             weights: experts.iter().map(|e| vec![0.5; e.len()]).collect(),
             load: LoadStats::of(vec![0; 4]),

@@ -17,7 +17,15 @@ use burn::nn::{Linear, LinearConfig};
 use burn::tensor::{activation, backend::Backend, Tensor};
 use serde::{Deserialize, Serialize};
 
-pub use crate::config::scenario::ScoreFunc;
+/// 路由打分函数（场景文件里写作 `score_func = "softmax" | "sigmoid"`）。
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ScoreFunc {
+    /// softmax（DeepSeek-V2）。
+    Softmax,
+    /// sigmoid（DeepSeek-V3）。
+    Sigmoid,
+}
 
 /// 路由器配置（DeepSeek 的参数名）。
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

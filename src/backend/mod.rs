@@ -1,4 +1,5 @@
-//! 后端层：后端种类、编译进来的特性、本机可用性探测，以及把泛型任务派发到具体后端的接口。
+//! 硬件发现：后端种类、编译进来的特性、本机可用性探测、机器信息（[`machine`]），以及把泛型任务
+//! 派发到具体后端的接口。
 //!
 //! Concrete backend types are named in exactly one place, the binary's dispatch point
 //! (`src/cli/dispatch.rs`), so that the heavy generic model code is instantiated once per
@@ -7,6 +8,8 @@
 use serde::{Deserialize, Serialize};
 
 use crate::error::DsoptError;
+
+pub mod machine;
 
 /// 后端种类。
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, clap::ValueEnum)]
@@ -23,6 +26,11 @@ pub enum BackendKind {
 impl BackendKind {
     /// All kinds, in the order `auto` prefers them.
     pub const ALL: [BackendKind; 3] = [BackendKind::Cuda, BackendKind::Wgpu, BackendKind::Flex];
+
+    /// Whether this backend compiles its kernels per shape at run time (CubeCL: wgpu, CUDA).
+    pub fn compiles_per_shape(self) -> bool {
+        matches!(self, BackendKind::Wgpu | BackendKind::Cuda)
+    }
 
     /// Lowercase name.
     pub fn as_str(self) -> &'static str {
@@ -264,7 +272,7 @@ fn cuda_probe() -> Result<Vec<String>, String> {
     if lib.is_none() {
         return Err("libcuda.so.1 not found — no NVIDIA driver on this machine".into());
     }
-    let gpus = crate::machine::nvml_gpus();
+    let gpus = crate::backend::machine::nvml_gpus();
     if gpus.is_empty() {
         return Err("the NVIDIA driver loads but reports no GPU (NVML found none)".into());
     }
@@ -399,11 +407,14 @@ pub struct BackendContext<B: burn::tensor::backend::Backend> {
     pub pool: Option<crate::monitor::device::PoolProbe>,
 }
 
-/// Whether backend `B` compiles its kernels per shape at run time (CubeCL: wgpu, CUDA). Code
-/// with data-dependent shapes (MoE expert groups) pads them to a few bucket sizes there; on
-/// the CPU backend exact shapes cost nothing extra.
-pub fn compiles_per_shape<B: burn::tensor::backend::Backend>(device: &B::Device) -> bool {
-    B::name(device).contains("cubecl")
+impl<B: burn::tensor::backend::Backend> BackendContext<B> {
+    /// Whether models run here pad data-dependent shapes (partial key blocks, MoE expert groups)
+    /// to a few bucket sizes: on the backends that compile kernels per shape at run time (CubeCL:
+    /// wgpu, CUDA); on the CPU backend exact shapes cost nothing extra. Runners pass it to
+    /// [`crate::nn::DecoderConfig::with_shape_buckets`] once.
+    pub fn shape_buckets(&self) -> bool {
+        self.selected.kind.compiles_per_shape()
+    }
 }
 
 /// The Burn float dtype of a scenario dtype.
