@@ -1,8 +1,15 @@
 //! clap definitions and the entry point of the binary.
 
+mod bench;
 mod commands;
+mod compare;
 mod dispatch;
-mod multi;
+mod gate;
+mod info;
+mod run;
+mod sweep;
+mod train;
+mod validate;
 
 use std::path::PathBuf;
 

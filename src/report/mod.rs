@@ -2,8 +2,10 @@
 
 pub mod chart;
 pub mod compare;
+pub mod export;
 pub mod gate;
 pub mod schema;
+pub mod summary;
 pub mod sweep;
 pub mod table;
 pub mod timefmt;

@@ -70,20 +70,40 @@ pub fn unique_stem(dir: &Path, stem: &str) -> String {
     candidate
 }
 
+/// Writes `text` as `<stem>.json` / `.md` style files into `out` (atomic).
+pub fn write_json_and_markdown(
+    out: &Path,
+    stem: &str,
+    json: &str,
+    md: &str,
+) -> anyhow::Result<PathBuf> {
+    let stem = unique_stem(out, stem);
+    let json_path = out.join(format!("{stem}.json"));
+    write_atomic(&json_path, json.as_bytes())?;
+    write_atomic(&out.join(format!("{stem}.md")), md.as_bytes())?;
+    Ok(json_path)
+}
+
 /// Writes every format of `report` into `dir`; returns the paths.
 pub fn write_all(report: &Report, dir: &Path, stem: &str) -> anyhow::Result<WrittenFiles> {
+    use super::export::{Csv, Exporter, Json, Markdown, MemoryCsv};
+    let at = |e: &dyn Exporter| dir.join(format!("{stem}{}", e.file_suffix().unwrap_or("")));
     let mut files = WrittenFiles {
-        json: dir.join(format!("{stem}.json")),
-        csv: dir.join(format!("{stem}.csv")),
-        memory_csv: dir.join(format!("{stem}-memory.csv")),
-        markdown: dir.join(format!("{stem}.md")),
+        json: at(&Json),
+        csv: at(&Csv),
+        memory_csv: at(&MemoryCsv),
+        markdown: at(&Markdown),
         charts: Vec::new(),
     };
-    write_atomic(&files.json, to_json(report)?.as_bytes())?;
-    write_atomic(&files.csv, &to_csv(report)?)?;
-    write_atomic(&files.memory_csv, &memory_csv(report)?)?;
+    for (e, path) in [
+        (&Json as &dyn Exporter, &files.json),
+        (&Csv, &files.csv),
+        (&MemoryCsv, &files.memory_csv),
+    ] {
+        write_atomic(path, e.render(report)?.as_bytes())?;
+    }
     // charts before the Markdown, which links only those written; a failed chart costs a warning
-    let mut md = to_markdown(report);
+    let mut md = Markdown.render(report)?;
     let mut links = String::new();
     for (suffix, chart) in super::chart::report_charts(report) {
         let file = format!("{stem}-{suffix}.svg");

@@ -1,0 +1,133 @@
+//! `dsopt bench`: one scenario on one backend (overrides, the monitor, the report files).
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::Context;
+
+use dsopt::backend::{BackendContext, BackendJob, SelectedBackend};
+use dsopt::bench::{self, RunOutput};
+use dsopt::config::{Overrides, Scenario};
+use dsopt::error::DsoptError;
+use dsopt::monitor::{progress, MonitorConfig};
+use dsopt::report::{self, Report};
+
+use dsopt::report::export::{Exporter, Json, TerminalTable};
+
+use super::commands::log;
+use super::{dispatch::dispatch, Format, OverrideArgs, RunArgs};
+
+/// The scenario overrides of one run; a list of values (a sweep) is refused here.
+pub(super) fn overrides(o: &OverrideArgs) -> Result<Overrides, DsoptError> {
+    let one = |flag: &str, v: &[usize]| match v {
+        [] => Ok(None),
+        [x] => Ok(Some(*x)),
+        _ => Err(DsoptError::Usage(format!(
+            "--{flag} takes one value here; a list of values (a sweep) is for `dsopt bench`"
+        ))),
+    };
+    Ok(Overrides {
+        seq: one("seq", &o.seq)?,
+        batch: one("batch", &o.batch)?,
+        warmup: o.warmup,
+        repetitions: o.repetitions,
+        corpus: o.corpus.clone(),
+        train_steps: o.train_steps,
+        checkpoint: o.checkpoint.clone(),
+        config: o.config.clone(),
+        dtype: o.dtype,
+    })
+}
+
+/// The swept parameter and its values when `--seq` or `--batch` has several values.
+pub(super) fn sweep_of(o: &OverrideArgs) -> Result<Option<(&'static str, Vec<usize>)>, DsoptError> {
+    match (o.seq.len() > 1, o.batch.len() > 1) {
+        (true, true) => Err(DsoptError::Usage(
+            "sweep one parameter at a time: give --seq or --batch a list, not both".into(),
+        )),
+        (true, false) => Ok(Some(("seq", o.seq.clone()))),
+        (false, true) => Ok(Some(("batch", o.batch.clone()))),
+        (false, false) => Ok(None),
+    }
+}
+
+fn monitor_config(s: &Scenario, quiet: bool) -> MonitorConfig {
+    let (warmup, repetitions) = match s {
+        Scenario::Mla(s) => (s.run.warmup, s.run.repetitions),
+        Scenario::Mtp(s) => (s.run.warmup, s.run.repetitions),
+        Scenario::Moe(s) => (s.run.warmup, s.run.repetitions),
+        Scenario::Model(s) => (s.run.warmup, s.run.repetitions),
+        Scenario::Calibrate(s) => (s.run.warmup, s.run.repetitions),
+    };
+    MonitorConfig {
+        warmup,
+        repetitions,
+        progress: !quiet,
+        ..Default::default()
+    }
+}
+
+/// The generic job run at the dispatch point.
+struct BenchJob<'a> {
+    scenario: &'a Scenario,
+    monitor: MonitorConfig,
+}
+
+impl BackendJob for BenchJob<'_> {
+    type Output = anyhow::Result<RunOutput>;
+    fn run<B: burn::tensor::backend::Backend>(self, ctx: BackendContext<B>) -> Self::Output {
+        bench::run_scenario(self.scenario, &ctx, self.monitor)
+    }
+}
+
+/// Loads overrides, runs one scenario, writes the report files, prints the verdict; returns
+/// the report and the path of its JSON file.
+pub(super) fn bench_one(
+    mut s: Scenario,
+    file: &str,
+    o: &OverrideArgs,
+    run: &RunArgs,
+    selected: &SelectedBackend,
+    quiet: bool,
+) -> anyhow::Result<(Report, PathBuf)> {
+    s.apply(&overrides(o)?, Path::new(file))?;
+    let started = Instant::now();
+    log(
+        quiet,
+        format!(
+            "dsopt: {} `{}` on {} ({})",
+            s.id(),
+            s.title(),
+            selected.kind,
+            selected.device
+        ),
+    );
+    progress::trace(format!("{}: start on {}", s.id(), selected.kind));
+    let job = BenchJob {
+        scenario: &s,
+        monitor: monitor_config(&s, quiet),
+    };
+    let out = dispatch(selected, job)??;
+    let report = bench::assemble(&s, file, selected, started, out);
+    let stem = report::write::unique_stem(
+        &run.out,
+        &report::write::file_stem(&report, report::timefmt::now_secs()),
+    );
+    let files = report::write::write_all(&report, &run.out, &stem)
+        .with_context(|| format!("writing the report into {}", run.out.display()))?;
+    match run.format {
+        Format::Json => print!("{}", Json.render(&report)?),
+        Format::Table => print!("{}", TerminalTable.render(&report)?),
+        Format::Silent => {}
+    }
+    log(
+        quiet,
+        format!(
+            "report: {} (+ .csv, -memory.csv, .md, {} chart(s)) in {:.1} s",
+            files.json.display(),
+            files.charts.len(),
+            report.wall_time_s
+        ),
+    );
+    Ok((report, files.json))
+}
