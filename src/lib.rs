@@ -7,7 +7,6 @@
 pub mod backend;
 pub mod bench;
 pub mod config;
-pub mod decode;
 pub mod error;
 pub mod monitor;
 pub mod report;

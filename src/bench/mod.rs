@@ -2,10 +2,10 @@
 
 pub mod calibrate;
 pub mod mla;
-pub mod model;
 pub mod moe;
 pub mod mtp;
 pub mod roofline;
+pub mod strategy;
 
 use std::time::Instant;
 
@@ -72,7 +72,7 @@ pub fn run_scenario<B: burn::tensor::backend::Backend>(
         Scenario::Mla(s) => mla::run(s, ctx, monitor),
         Scenario::Moe(s) => moe::run(s, ctx, monitor),
         Scenario::Mtp(s) => mtp::run(s, ctx, monitor),
-        Scenario::Model(s) => model::run(s, ctx, monitor),
+        Scenario::Model(s) => strategy::run(s, ctx, monitor),
     }
 }
 

@@ -1,4 +1,7 @@
 //! Value checks for scenarios: each violation names the dotted key and how to fix it.
+//!
+//! Why this file is over 500 lines: it is one table of rules, a short function per scenario
+//! kind, with the tests that show each rule firing; splitting it would scatter the rules.
 
 use super::diag::Violation;
 use super::optimization::{DecoderShape, OptimizationConfig};

@@ -1,6 +1,7 @@
 //! Burn 模块：注意力（MHA/GQA、MLA、RoPE、KV 缓存、分块注意力）、FFN、解码器模型。
 
 pub mod attention;
+pub mod decode;
 pub mod ffn;
 pub(crate) mod flex;
 pub mod linear;

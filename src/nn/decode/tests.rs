@@ -1,0 +1,219 @@
+//! Decoding tests: cached greedy equals the full forward, speculative equals greedy token for token, drafts equal their from-scratch computation.
+
+use super::*;
+use crate::nn::attention::AttentionConfig;
+use crate::nn::DecoderConfig;
+use burn::backend::Flex;
+
+type B = Flex;
+
+fn config() -> DecoderConfig {
+    let mut a = AttentionConfig::mha(2, 8);
+    a.key_block = 4;
+    DecoderConfig {
+        vocab_size: 24,
+        hidden: 16,
+        n_layers: 2,
+        ffn_hidden: 24,
+        attention: a,
+        moe: None,
+    }
+}
+
+fn setup(depth: usize) -> (Decoder<B>, MtpPredictor<B>) {
+    let dev = Default::default();
+    B::seed(&dev, 11);
+    let c = config();
+    (c.init(&dev), MtpPredictor::new(&c, depth, &dev))
+}
+
+fn prompts(b: usize, p: usize) -> Vec<Vec<u32>> {
+    (0..b)
+        .map(|i| (0..p).map(|j| ((i * 7 + j * 3 + 1) % 24) as u32).collect())
+        .collect()
+}
+
+/// Drafts that are the greedy continuation (`right`) or never it (`!right`).
+fn oracle<'a>(
+    greedy_out: &'a [Vec<u32>],
+    p: usize,
+    depth: usize,
+    right: impl Fn(usize) -> bool + 'a,
+) -> impl Fn(usize, &[u32]) -> Vec<u32> + 'a {
+    move |i, s| {
+        (0..depth)
+            .map(|j| {
+                let g = greedy_out[i].get(s.len() - p + j).copied().unwrap_or(0);
+                if right(i) {
+                    g
+                } else {
+                    (g + 1) % 24
+                }
+            })
+            .collect()
+    }
+}
+
+#[test]
+fn planted_right_and_wrong_drafts_give_greedy_tokens_at_batch_1_and_8() {
+    let (m, _) = setup(0);
+    let (p, n, depth) = (5, 12, 3);
+    for b in [1, 8] {
+        let pr = prompts(b, p);
+        let want = greedy(&m, &pr, n, 4);
+        // all right: every draft accepted, D+1 tokens per step
+        let f = oracle(&want, p, depth, |_| true);
+        let (got, st) = speculative(&m, &Drafter::Planted { depth, f: &f }, &pr, n, 4);
+        assert_eq!(got, want, "all-right drafts, batch {b}");
+        assert_eq!(st.accepted, st.attempted, "every draft accepted");
+        assert_eq!(st.mean_accepted_length(), Some(4.0));
+        // all wrong: nothing accepted, one token per step
+        let f = oracle(&want, p, depth, |_| false);
+        let (got, st) = speculative(&m, &Drafter::Planted { depth, f: &f }, &pr, n, 4);
+        assert_eq!(got, want, "all-wrong drafts, batch {b}");
+        assert_eq!(st.accepted, vec![0; depth]);
+        assert_eq!(st.mean_accepted_length(), Some(1.0));
+    }
+}
+
+#[test]
+fn sequences_of_a_batch_keep_their_own_lengths() {
+    let (m, _) = setup(0);
+    let (p, n, depth) = (4, 11, 3);
+    let pr = prompts(8, p);
+    let want = greedy(&m, &pr, n, 2);
+    // even sequences always accept, odd never: lengths diverge at once
+    let f = oracle(&want, p, depth, |i| i % 2 == 0);
+    let (got, st) = speculative(&m, &Drafter::Planted { depth, f: &f }, &pr, n, 2);
+    assert_eq!(got, want);
+    let acc = st.acceptance();
+    assert!(acc[0].unwrap() > 0.2 && acc[0].unwrap() < 0.8, "{acc:?}");
+}
+
+#[test]
+fn depth_zero_is_plain_greedy() {
+    let (m, mtp) = setup(0);
+    let pr = prompts(2, 4);
+    let (got, st) = speculative(&m, &Drafter::Mtp(&mtp), &pr, 6, 4);
+    assert_eq!(got, greedy(&m, &pr, 6, 4));
+    assert_eq!(st.steps, 0);
+}
+
+/// Module drafts for one sequence computed from scratch: main trunk over all but the last
+/// token, then the modules over every position.
+fn reference_drafts(m: &Decoder<B>, mtp: &MtpPredictor<B>, seq: &[u32]) -> Vec<u32> {
+    let dev = m.device();
+    let n = seq.len();
+    let mut cache = m.new_cache(1, n + 8);
+    let mut h = m.forward_trunk(
+        id_tensor::<B>(&[seq[..n - 1].to_vec()], &dev),
+        &mut cache,
+        &[0],
+        None,
+    );
+    let mut ext = seq.to_vec();
+    let mut caches = mtp.new_caches(1, n + 8);
+    for k in 0..mtp.depth() {
+        let ahead: Vec<u32> = (0..n - 1).map(|i| ext[i + k + 1]).collect();
+        h = mtp.forward_module(
+            k,
+            m,
+            h,
+            id_tensor::<B>(&[ahead], &dev),
+            &[0],
+            &mut caches[k],
+        );
+        let d = h.dims()[2];
+        let last = h.clone().slice([0..1, n - 2..n - 1, 0..d]);
+        ext.push(argmax_rows(mtp.logits(k, m, last))[0][0]);
+    }
+    ext[n..].to_vec()
+}
+
+#[test]
+fn mtp_drafts_match_a_from_scratch_computation_and_output_stays_greedy() {
+    let (m, mtp) = setup(3);
+    let pr = prompts(8, 6);
+    let want = greedy(&m, &pr, 14, 4);
+    let mut trace = DraftTrace::new();
+    let (got, st) = speculative_traced(&m, &Drafter::Mtp(&mtp), &pr, 14, 4, Some(&mut trace));
+    assert_eq!(got, want);
+    assert!(st.steps > 0 && trace.len() >= 2);
+    for (seqs, drafts) in &trace {
+        for (s, d) in seqs.iter().zip(drafts) {
+            assert_eq!(
+                d,
+                &reference_drafts(&m, &mtp, s),
+                "sequence of length {}",
+                s.len()
+            );
+        }
+    }
+}
+
+#[test]
+fn finished_sequences_wait_without_breaking_any_depth() {
+    // even sequences accept every draft and finish early, odd ones never; each depth,
+    // including D = 1 where a finished sequence's next pass would start past its end
+    let pr = prompts(4, 5);
+    let (m, mtp) = setup(4);
+    let want = greedy(&m, &pr, 13, 4);
+    for depth in 1..=4 {
+        let f = oracle(&want, 5, depth, |i| i % 2 == 0);
+        let (got, _) = speculative(&m, &Drafter::Planted { depth, f: &f }, &pr, 13, 4);
+        assert_eq!(got, want, "planted, D = {depth}");
+        let mtp = mtp.clone().truncated(depth);
+        let (got, _) = speculative(&m, &Drafter::Mtp(&mtp), &pr, 13, 4);
+        assert_eq!(got, want, "MTP, D = {depth}");
+    }
+}
+
+#[test]
+fn one_read_back_per_step_with_mtp_and_planted_drafts() {
+    let (m, mtp) = setup(3);
+    let pr = prompts(8, 5);
+    let want = greedy(&m, &pr, 12, 4);
+    let f = oracle(&want, 5, 3, |i| i % 3 == 0);
+    for drafter in [Drafter::Mtp(&mtp), Drafter::Planted { depth: 3, f: &f }] {
+        let (got, st) = speculative(&m, &drafter, &pr, 12, 4);
+        assert_eq!(got, want);
+        assert!(st.steps > 1);
+        // the prefill's first token, then exactly one per verify step
+        assert_eq!(st.read_backs, st.steps + 1, "{st:?}");
+        let mut metrics = Default::default();
+        st.insert_metrics(&mut metrics);
+        assert_eq!(metrics["read_backs_per_step"], Some(1.0));
+    }
+}
+
+#[test]
+fn device_acceptance_equals_the_host_prefix_rule() {
+    let dev = Default::default();
+    let drafts = vec![
+        vec![1, 2, 3],
+        vec![1, 9, 3],
+        vec![7, 2, 3],
+        vec![1, 2, 8],
+        vec![4, 4, 4],
+    ];
+    let predicted = vec![
+        vec![1, 2, 3, 5],
+        vec![1, 2, 3, 5],
+        vec![1, 2, 3, 5],
+        vec![1, 2, 3, 5],
+        vec![4, 4, 4, 4],
+    ];
+    let host: Vec<u32> = drafts
+        .iter()
+        .zip(&predicted)
+        .map(|(d, p)| d.iter().zip(p).take_while(|(a, b)| a == b).count() as u32)
+        .collect();
+    assert_eq!(host, vec![3, 1, 0, 2, 3]);
+    let a = accepted_lengths(
+        id_tensor::<B>(&drafts, &dev),
+        id_tensor::<B>(&predicted, &dev),
+    );
+    let mut st = SpecStats::default();
+    let got: Vec<u32> = read_ids(a, &mut st).into_iter().map(|r| r[0]).collect();
+    assert_eq!(got, host);
+}
