@@ -15,6 +15,6 @@ pub use optimization::{
     DecoderShape, FfnKind, GqaOptions, MlaOptions, MoeOptions, MtpOptions, OptimizationConfig,
 };
 pub use scenario::{
-    CalibrateScenario, Dtype, MlaScenario, ModelRun, ModelScenario, MoeScenario, MtpScenario,
-    Overrides, Scenario, ScenarioKind,
+    CalibrateScenario, Dtype, MlaScenario, MlaVariant, ModelRun, ModelScenario, MoeScenario,
+    MtpScenario, Overrides, Scenario, ScenarioKind,
 };

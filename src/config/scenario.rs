@@ -127,6 +127,39 @@ pub struct ModelShape {
     pub rope_theta: f64,
 }
 
+/// SC-001 的一个注意力变体（`attention.variants` 的取值）。声明顺序即运行顺序：朴素 MLA 紧接着
+/// 吸收 MLA，二者共享同一份权重。
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MlaVariant {
+    /// 标准多头注意力（基线）。
+    Mha,
+    /// 分组查询注意力（`gqa_kv_heads` 个 K/V 头）。
+    Gqa,
+    /// 朴素 MLA：缓存重建出的每头 K/V（与吸收 MLA 的等价性参照）。
+    MlaNaive,
+    /// 吸收 MLA：只缓存潜向量与 RoPE 键（被测的优化）。
+    MlaAbsorbed,
+}
+
+impl MlaVariant {
+    /// The name in scenario files and reports.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MlaVariant::Mha => "mha",
+            MlaVariant::Gqa => "gqa",
+            MlaVariant::MlaNaive => "mla_naive",
+            MlaVariant::MlaAbsorbed => "mla_absorbed",
+        }
+    }
+}
+
+impl std::fmt::Display for MlaVariant {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// MLA/MHA/GQA 的注意力维度。
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -146,8 +179,8 @@ pub struct MlaAttentionShape {
     pub qk_rope_head_dim: usize,
     /// 每头 value 维度（DeepSeek: 128）。
     pub v_head_dim: usize,
-    /// 要运行的变体：`mha`、`gqa`、`mla_absorbed`、`mla_naive`。
-    pub variants: Vec<String>,
+    /// 要运行的变体：`mha`、`gqa`、`mla_absorbed`、`mla_naive`（拼错在解析时报错）。
+    pub variants: Vec<MlaVariant>,
     /// 预填充时每块查询的 token 数（分块预填充，避免 [S, S] 分数矩阵）。
     pub prefill_chunk: usize,
 }

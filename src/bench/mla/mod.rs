@@ -13,7 +13,7 @@ use burn::tensor::{backend::Backend, Int, Tensor, TensorData};
 
 use super::RunOutput;
 use crate::backend::BackendContext;
-use crate::config::MlaScenario;
+use crate::config::{MlaScenario, MlaVariant};
 use crate::monitor::{alloc, MonitorConfig, PerformanceMonitor, PoolProbe};
 use crate::nn::attention::{AttentionConfig, AttentionKind, MlaImpl};
 use crate::nn::model::{Decoder, DecoderConfig};
@@ -27,13 +27,13 @@ use capacity::{capacity_search, probe_slope};
 const GIB: f64 = 1024.0 * 1024.0 * 1024.0;
 
 /// The decoder configuration of a scenario variant.
-pub fn decoder_config(s: &MlaScenario, variant: &str) -> DecoderConfig {
+pub fn decoder_config(s: &MlaScenario, variant: MlaVariant) -> DecoderConfig {
     let a = &s.attention;
     let (kind, n_kv, imp) = match variant {
-        "mha" => (AttentionKind::Mha, s.model.n_heads, MlaImpl::Absorbed),
-        "gqa" => (AttentionKind::Gqa, a.gqa_kv_heads, MlaImpl::Absorbed),
-        "mla_naive" => (AttentionKind::Mla, s.model.n_heads, MlaImpl::Naive),
-        _ => (AttentionKind::Mla, s.model.n_heads, MlaImpl::Absorbed),
+        MlaVariant::Mha => (AttentionKind::Mha, s.model.n_heads, MlaImpl::Absorbed),
+        MlaVariant::Gqa => (AttentionKind::Gqa, a.gqa_kv_heads, MlaImpl::Absorbed),
+        MlaVariant::MlaNaive => (AttentionKind::Mla, s.model.n_heads, MlaImpl::Naive),
+        MlaVariant::MlaAbsorbed => (AttentionKind::Mla, s.model.n_heads, MlaImpl::Absorbed),
     };
     DecoderConfig {
         vocab_size: s.model.vocab_size,
@@ -85,6 +85,7 @@ fn memory_now(pool: &Option<PoolProbe>) -> Option<u64> {
 }
 
 struct VariantRun {
+    variant: MlaVariant,
     report: VariantReport,
     prefill_logits: Option<Vec<f32>>,
     decoded: Option<Vec<i64>>,
@@ -139,19 +140,15 @@ pub fn run<B: Backend>(
     let mut runs: Vec<VariantRun> = Vec::new();
     let mut probes: Vec<CapacityProbe> = Vec::new();
     // naive and absorbed MLA share one model (same weights), so they are run back to back
-    let mut order: Vec<&str> = s.attention.variants.iter().map(String::as_str).collect();
-    order.sort_by_key(|v| match *v {
-        "mha" => 0,
-        "gqa" => 1,
-        "mla_naive" => 2,
-        _ => 3,
-    });
+    // (MlaVariant's order: mha, gqa, mla_naive, mla_absorbed)
+    let mut order = s.attention.variants.clone();
+    order.sort();
     let mut mla_model: Option<(Decoder<B>, Option<u64>)> = None;
     // One throwaway pass of the first variant before anything is measured: thread pools and the
     // GEMM library's per-thread packing buffers are process state, allocated once and kept;
     // without this pass the first variant measured would be charged for them (about 1 MiB on
     // the CPU backend, which decides the smoke scenario's tiny budget).
-    if let Some(first) = order.first() {
+    if let Some(&first) = order.first() {
         let cfg = decoder_config(s, first).with_shape_buckets(ctx.shape_buckets());
         B::seed(dev, 42);
         warm_up(&cfg.init::<B>(dev), s, dev);
@@ -161,7 +158,7 @@ pub fn run<B: Backend>(
         B::sync(dev).ok();
         let (model, before_load) = match (variant, mla_model.take()) {
             // same weights as mla_naive: its pre-load level is the baseline
-            ("mla_absorbed", Some((mut m, base))) => {
+            (MlaVariant::MlaAbsorbed, Some((mut m, base))) => {
                 m.set_mla_impl(MlaImpl::Absorbed);
                 (m, base)
             }
@@ -197,8 +194,8 @@ pub fn run<B: Backend>(
         // its argmax is compared with naive's at every step without a cascade: one near-tie that
         // rounds the other way (half precision) changes one token, not every token after it.
         // The work per step is the same as free-running decoding.
-        let forced: Option<Vec<Tensor<B, 2, Int>>> = (variant == "mla_absorbed")
-            .then(|| runs.iter().find(|r| r.report.name == "mla_naive"))
+        let forced: Option<Vec<Tensor<B, 2, Int>>> = (variant == MlaVariant::MlaAbsorbed)
+            .then(|| runs.iter().find(|r| r.variant == MlaVariant::MlaNaive))
             .flatten()
             .and_then(|r| r.decoded.as_ref())
             .filter(|ids| ids.len() == batch * steps)
@@ -210,7 +207,7 @@ pub fn run<B: Backend>(
                     })
                     .collect()
             });
-        let m = monitor.measure(variant, |probe| {
+        let m = monitor.measure(variant.as_str(), |probe| {
             let mut cache = model.new_cache(batch, seq + steps);
             let t0 = Instant::now();
             let logits = model.prefill(prompt.clone(), &mut cache, chunk, |_| {
@@ -356,7 +353,7 @@ pub fn run<B: Backend>(
                 &cfg,
                 s,
                 ctx,
-                variant,
+                variant.as_str(),
                 before_load,
                 workspace.unwrap_or(0),
                 budget,
@@ -372,11 +369,12 @@ pub fn run<B: Backend>(
             "capacity_is_lower_bound".into(),
             capacity.map(|_| if capped { 1.0 } else { 0.0 }),
         );
-        if let Some(slope) = probe_slope(&probes, variant) {
+        if let Some(slope) = probe_slope(&probes, variant.as_str()) {
             v.metrics
                 .insert("measured_bytes_per_token".into(), Some(slope));
         }
         runs.push(VariantRun {
+            variant,
             report: v,
             prefill_logits: first,
             decoded,
@@ -386,7 +384,7 @@ pub fn run<B: Backend>(
             capacity,
             capped,
         });
-        if variant == "mla_naive" {
+        if variant == MlaVariant::MlaNaive {
             mla_model = Some((model, before_load));
         }
     }

@@ -1,7 +1,7 @@
 //! SC-001 的判定：吸收 MLA 与朴素 MLA 的等价性（同一权重），以及由测量值计算的各项标准。
 
 use super::VariantRun;
-use crate::config::{Dtype, MlaScenario};
+use crate::config::{Dtype, MlaScenario, MlaVariant};
 use crate::report::{CapacityProbe, Comparison, Criterion, Equivalence};
 
 /// Checks absorbed against naive MLA (a failed check fails the absorbed variant), puts the
@@ -18,8 +18,10 @@ pub(super) fn criteria(
     // equivalence: absorbed vs naive on the same weights (last-token logits and decoded tokens);
     // validation guarantees both ran or were attempted. A criterion of its own (SC-001-eq), so
     // the gate recomputes it; a failed check also fails the absorbed variant.
-    let naive = runs.iter().position(|r| r.report.name == "mla_naive");
-    let absorbed = runs.iter().position(|r| r.report.name == "mla_absorbed");
+    let naive = runs.iter().position(|r| r.variant == MlaVariant::MlaNaive);
+    let absorbed = runs
+        .iter()
+        .position(|r| r.variant == MlaVariant::MlaAbsorbed);
     let half = s.run.dtype != Dtype::F32;
     let mut eq_diff = None;
     let mut eq_tol = 1e-3;
@@ -61,11 +63,11 @@ pub(super) fn criteria(
         runs[a].report.equivalence = eq;
     }
 
-    let get = |name: &str| {
+    let get = |variant: MlaVariant| {
         runs.iter()
-            .find(|r| r.report.name == name && r.report.error.is_none())
+            .find(|r| r.variant == variant && r.report.error.is_none())
     };
-    let (mha, mla) = (get("mha"), get("mla_absorbed"));
+    let (mha, mla) = (get(MlaVariant::Mha), get(MlaVariant::MlaAbsorbed));
     let reduction = |f: fn(&VariantRun) -> Option<u64>| -> Option<f64> {
         let (a, b) = (f(mla?)? as f64, f(mha?)? as f64);
         (b > 0.0).then(|| 1.0 - a / b)
@@ -86,7 +88,7 @@ pub(super) fn criteria(
     let mla_capped = mla.is_some_and(|r| r.capped);
     let mla_workspace = mla.and_then(|r| r.workspace);
     for r in runs.iter_mut() {
-        if r.report.name == "mla_absorbed" {
+        if r.variant == MlaVariant::MlaAbsorbed {
             r.report
                 .metrics
                 .insert("runtime_peak_reduction_vs_mha".into(), runtime_red);
@@ -132,7 +134,7 @@ pub(super) fn criteria(
         s.attention
             .variants
             .iter()
-            .map(|v| format!("{v} {}", fitting(v)))
+            .map(|v| format!("{v} {}", fitting(v.as_str())))
             .collect::<Vec<_>>()
             .join(", ")
     ));

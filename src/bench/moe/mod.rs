@@ -50,17 +50,47 @@ pub fn moe_config(s: &MoeScenario) -> MoeConfig {
     }
 }
 
-/// The decoder of a variant: `moe`, `dense_equal_total` or `dense_equal_active`.
-pub fn decoder_config(s: &MoeScenario, variant: &str) -> DecoderConfig {
+/// SC-003 的三个变体：MoE，以及两个稠密对照（FFN 宽度分别等于 MoE 的总参数与激活参数）。
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MoeVariant {
+    /// DeepSeekMoE FFN（被测的优化）。
+    Moe,
+    /// 稠密 FFN，参数量等于 MoE 的总参数（SC-003a 的基线）。
+    DenseEqualTotal,
+    /// 稠密 FFN，参数量等于 MoE 每个 token 的激活参数（路由开销的参照）。
+    DenseEqualActive,
+}
+
+impl MoeVariant {
+    /// Every variant, in the order they are measured.
+    pub const ALL: [MoeVariant; 3] = [
+        MoeVariant::Moe,
+        MoeVariant::DenseEqualTotal,
+        MoeVariant::DenseEqualActive,
+    ];
+
+    /// The name in reports.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MoeVariant::Moe => "moe",
+            MoeVariant::DenseEqualTotal => "dense_equal_total",
+            MoeVariant::DenseEqualActive => "dense_equal_active",
+        }
+    }
+}
+
+/// The decoder of a variant.
+pub fn decoder_config(s: &MoeScenario, variant: MoeVariant) -> DecoderConfig {
     let moe = moe_config(s);
     let heads = s.model.n_heads;
     let mut attention = AttentionConfig::mha(heads, s.model.hidden / heads);
     attention.mla_impl = MlaImpl::Absorbed;
     attention.rope_theta = s.model.rope_theta;
     let ffn_hidden = match variant {
-        "dense_equal_total" => moe.dense_equal_total_width(),
-        "dense_equal_active" => moe.dense_equal_active_width(),
-        _ => s.model.ffn_hidden,
+        MoeVariant::DenseEqualTotal => moe.dense_equal_total_width(),
+        MoeVariant::DenseEqualActive => moe.dense_equal_active_width(),
+        // (every layer's FFN is the MoE; the dense width is not used)
+        MoeVariant::Moe => s.model.ffn_hidden,
     };
     DecoderConfig {
         vocab_size: s.model.vocab_size,
@@ -68,7 +98,7 @@ pub fn decoder_config(s: &MoeScenario, variant: &str) -> DecoderConfig {
         n_layers: s.model.n_layers,
         ffn_hidden,
         attention,
-        moe: (variant == "moe").then_some(moe),
+        moe: (variant == MoeVariant::Moe).then_some(moe),
     }
 }
 
@@ -98,7 +128,7 @@ pub fn run<B: Backend>(
         {
             // both fractions: the FFN's (what routing saves) and the whole model's (what the
             // spec's "13B total / 1.3B active" means: attention, embeddings and head included)
-            let whole = decoder_config(s, "moe");
+            let whole = decoder_config(s, MoeVariant::Moe);
             let (total, active) = (whole.params(), super::strategy::active_params(&whole));
             format!(
                 "FFN parameters per layer: MoE total {} / active {} ({:.1} % active); whole \
@@ -117,14 +147,14 @@ pub fn run<B: Backend>(
     ];
     let mut series = Vec::new();
     let mut variants = Vec::new();
-    let mut tps: Vec<(String, Option<f64>, Option<f64>)> = Vec::new();
-    let names = ["moe", "dense_equal_total", "dense_equal_active"];
+    let mut tps: Vec<(MoeVariant, Option<f64>, Option<f64>)> = Vec::new();
+    let names = MoeVariant::ALL;
     // all three models are built first, then measured in interleaved rounds (moe, dense total,
     // dense active, moe, ...) so machine drift hits them alike; prefill and decode are two
     // separately timed workloads inside each run
     let cfgs: Vec<DecoderConfig> = names
         .iter()
-        .map(|v| decoder_config(s, v).with_shape_buckets(ctx.shape_buckets()))
+        .map(|&v| decoder_config(s, v).with_shape_buckets(ctx.shape_buckets()))
         .collect();
     let models: Vec<_> = cfgs
         .iter()
@@ -201,7 +231,7 @@ pub fn run<B: Backend>(
             Ok(())
         }));
     }
-    let ms = monitor.measure_interleaved(&names, &mut workloads);
+    let ms = monitor.measure_interleaved(&names.map(MoeVariant::as_str), &mut workloads);
     drop(workloads);
     series.extend(monitor.series().iter().cloned());
     let median = |xs: &[f64]| -> Option<f64> {
@@ -229,7 +259,7 @@ pub fn run<B: Backend>(
         v.metrics.insert("decode_tokens_per_s".into(), decode_tps);
         v.metrics.insert("params".into(), Some(cfg.params() as f64));
         let loads = loads.borrow();
-        if variant == "moe" && !loads.is_empty() {
+        if variant == MoeVariant::Moe && !loads.is_empty() {
             let per_expert: Vec<usize> = (0..s.moe.n_routed_experts)
                 .map(|e| loads.iter().map(|l| l.tokens_per_expert[e]).sum())
                 .collect();
@@ -244,7 +274,7 @@ pub fn run<B: Backend>(
             kv_cache_bytes: cfg.kv_cache_bytes(pb, ps, eb),
             activations_bytes: 0,
         });
-        tps.push((variant.to_string(), prefill_tps, decode_tps));
+        tps.push((variant, prefill_tps, decode_tps));
         variants.push(v);
     }
     drop(models);
@@ -254,17 +284,21 @@ pub fn run<B: Backend>(
          decode are timed separately inside every run (medians of the timed rounds)"
             .into(),
     );
-    let get = |name: &str, decode: bool| {
+    let get = |variant: MoeVariant, decode: bool| {
         tps.iter()
-            .find(|t| t.0 == name)
+            .find(|t| t.0 == variant)
             .and_then(|t| if decode { t.2 } else { t.1 })
     };
     let ratio = |a: Option<f64>, b: Option<f64>| a.zip(b).map(|(a, b)| a / b);
-    let pre_total = ratio(get("moe", false), get("dense_equal_total", false));
-    let dec_total = ratio(get("moe", true), get("dense_equal_total", true));
-    let pre_active = ratio(get("moe", false), get("dense_equal_active", false));
-    let dec_active = ratio(get("moe", true), get("dense_equal_active", true));
-    if let Some(v) = variants.iter_mut().find(|v| v.name == "moe") {
+    use MoeVariant::{DenseEqualActive, DenseEqualTotal, Moe};
+    let pre_total = ratio(get(Moe, false), get(DenseEqualTotal, false));
+    let dec_total = ratio(get(Moe, true), get(DenseEqualTotal, true));
+    let pre_active = ratio(get(Moe, false), get(DenseEqualActive, false));
+    let dec_active = ratio(get(Moe, true), get(DenseEqualActive, true));
+    if let Some(v) = variants
+        .iter_mut()
+        .find(|v| v.name == MoeVariant::Moe.as_str())
+    {
         v.metrics
             .insert("prefill_speedup_vs_dense_total".into(), pre_total);
         v.metrics
