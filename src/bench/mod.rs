@@ -136,3 +136,9 @@ pub fn token_tensor<B: burn::tensor::backend::Backend>(
         .collect();
     burn::tensor::Tensor::from_data(burn::tensor::TensorData::new(v, [b, s]), dev)
 }
+
+/// `x` with `digits` decimals, or "not measured".
+pub(crate) fn fmt_opt(x: Option<f64>, digits: usize) -> String {
+    x.map(|v| format!("{v:.digits$}"))
+        .unwrap_or_else(|| "not measured".into())
+}

@@ -9,6 +9,7 @@ mod load;
 pub mod optimization;
 pub mod scenario;
 pub mod validate;
+pub mod variants;
 
 pub use diag::{find_key_line, Violation};
 pub use optimization::{
@@ -16,5 +17,5 @@ pub use optimization::{
 };
 pub use scenario::{
     CalibrateScenario, Dtype, MlaScenario, MlaVariant, ModelRun, ModelScenario, MoeScenario,
-    MtpScenario, Overrides, Scenario, ScenarioKind,
+    MoeVariant, MtpScenario, Overrides, Scenario, ScenarioKind,
 };

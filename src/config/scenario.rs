@@ -16,6 +16,7 @@ use serde::{Deserialize, Serialize};
 
 pub use super::dtype::Dtype;
 use super::optimization::{DecoderShape, OptimizationConfig};
+pub use super::variants::{MlaVariant, MoeVariant};
 pub use crate::nn::moe::ScoreFunc;
 
 /// 场景类型（顶层键 `kind`）。
@@ -125,39 +126,6 @@ pub struct ModelShape {
     /// RoPE 基数 θ（默认 10000）。
     #[serde(default = "default_rope_theta")]
     pub rope_theta: f64,
-}
-
-/// SC-001 的一个注意力变体（`attention.variants` 的取值）。声明顺序即运行顺序：朴素 MLA 紧接着
-/// 吸收 MLA，二者共享同一份权重。
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum MlaVariant {
-    /// 标准多头注意力（基线）。
-    Mha,
-    /// 分组查询注意力（`gqa_kv_heads` 个 K/V 头）。
-    Gqa,
-    /// 朴素 MLA：缓存重建出的每头 K/V（与吸收 MLA 的等价性参照）。
-    MlaNaive,
-    /// 吸收 MLA：只缓存潜向量与 RoPE 键（被测的优化）。
-    MlaAbsorbed,
-}
-
-impl MlaVariant {
-    /// The name in scenario files and reports.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            MlaVariant::Mha => "mha",
-            MlaVariant::Gqa => "gqa",
-            MlaVariant::MlaNaive => "mla_naive",
-            MlaVariant::MlaAbsorbed => "mla_absorbed",
-        }
-    }
-}
-
-impl std::fmt::Display for MlaVariant {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
 }
 
 /// MLA/MHA/GQA 的注意力维度。

@@ -8,6 +8,16 @@ use super::optimization::{DecoderShape, OptimizationConfig};
 use super::scenario::*;
 use crate::nn::attention::AttentionKind;
 
+/// The routing fields of an MoE section, whichever struct holds them.
+struct Routing {
+    n_routed_experts: usize,
+    num_experts_per_tok: usize,
+    moe_inter_dim: usize,
+    n_group: usize,
+    topk_group: usize,
+    route_scale: f64,
+}
+
 struct Checker {
     out: Vec<Violation>,
 }
@@ -97,6 +107,64 @@ impl Checker {
         self.at_least("model.ffn_hidden", m.ffn_hidden, 1);
         self.positive("model.rope_theta", m.rope_theta);
     }
+
+    /// The MLA dimension rules at `prefix`: `[kv_lora_rank, qk_nope_head_dim,
+    /// qk_rope_head_dim, v_head_dim]` (SC-001's `attention` section and `optimization.mla`).
+    fn mla_dims(&mut self, prefix: &str, [rank, nope, rope, v]: [usize; 4]) {
+        let key = |k: &str| format!("{prefix}.{k}");
+        self.at_least(&key("kv_lora_rank"), rank, 1);
+        self.at_least(&key("qk_nope_head_dim"), nope, 1);
+        self.at_least(&key("qk_rope_head_dim"), rope, 2);
+        if !rope.is_multiple_of(2) {
+            self.fail(
+                &key("qk_rope_head_dim"),
+                "must be even (RoPE rotates pairs)",
+                "use e.g. 64",
+            );
+        }
+        self.at_least(&key("v_head_dim"), v, 1);
+    }
+
+    /// The routing rules of an MoE section at `prefix` (`moe` in SC-003 scenarios,
+    /// `optimization.moe` in an optimisation config): the same rules for both.
+    fn routing(&mut self, prefix: &str, m: Routing) {
+        let key = |k: &str| format!("{prefix}.{k}");
+        self.at_least(&key("n_routed_experts"), m.n_routed_experts, 1);
+        self.at_least(&key("num_experts_per_tok"), m.num_experts_per_tok, 1);
+        self.at_most(
+            &key("num_experts_per_tok"),
+            m.num_experts_per_tok,
+            m.n_routed_experts,
+        );
+        self.at_least(&key("moe_inter_dim"), m.moe_inter_dim, 1);
+        self.at_least(&key("n_group"), m.n_group, 1);
+        if m.n_group >= 1 && !m.n_routed_experts.is_multiple_of(m.n_group) {
+            self.fail(
+                &key("n_group"),
+                format!(
+                    "{} groups do not divide n_routed_experts = {}",
+                    m.n_group, m.n_routed_experts
+                ),
+                "choose n_group that divides n_routed_experts (1 = no grouping)",
+            );
+        }
+        self.at_least(&key("topk_group"), m.topk_group, 1);
+        self.at_most(&key("topk_group"), m.topk_group, m.n_group);
+        if m.n_group >= 1 && m.topk_group >= 1 && m.topk_group <= m.n_group {
+            let per_group = m.n_routed_experts / m.n_group;
+            if m.topk_group * per_group < m.num_experts_per_tok {
+                self.fail(
+                    &key("topk_group"),
+                    format!(
+                        "{} groups of {per_group} experts cannot supply num_experts_per_tok = {}",
+                        m.topk_group, m.num_experts_per_tok
+                    ),
+                    "raise topk_group or lower num_experts_per_tok",
+                );
+            }
+        }
+        self.positive(&key("route_scale"), m.route_scale);
+    }
 }
 
 fn leaf(key: &str) -> &str {
@@ -141,17 +209,15 @@ fn mla(c: &mut Checker, s: &MlaScenario) {
             "use a proper divisor of n_heads, e.g. n_heads / 4",
         );
     }
-    c.at_least("attention.kv_lora_rank", a.kv_lora_rank, 1);
-    c.at_least("attention.qk_nope_head_dim", a.qk_nope_head_dim, 1);
-    c.at_least("attention.qk_rope_head_dim", a.qk_rope_head_dim, 2);
-    if !a.qk_rope_head_dim.is_multiple_of(2) {
-        c.fail(
-            "attention.qk_rope_head_dim",
-            "must be even (RoPE rotates pairs)",
-            "use e.g. 64",
-        );
-    }
-    c.at_least("attention.v_head_dim", a.v_head_dim, 1);
+    c.mla_dims(
+        "attention",
+        [
+            a.kv_lora_rank,
+            a.qk_nope_head_dim,
+            a.qk_rope_head_dim,
+            a.v_head_dim,
+        ],
+    );
     c.at_least("attention.prefill_chunk", a.prefill_chunk, 1);
     if a.variants.is_empty() {
         c.fail(
@@ -253,41 +319,17 @@ fn moe(c: &mut Checker, s: &MoeScenario) {
     c.model(&s.model);
     c.heads_divide_hidden(&s.model);
     let m = &s.moe;
-    c.at_least("moe.n_routed_experts", m.n_routed_experts, 1);
-    c.at_least("moe.num_experts_per_tok", m.num_experts_per_tok, 1);
-    c.at_most(
-        "moe.num_experts_per_tok",
-        m.num_experts_per_tok,
-        m.n_routed_experts,
+    c.routing(
+        "moe",
+        Routing {
+            n_routed_experts: m.n_routed_experts,
+            num_experts_per_tok: m.num_experts_per_tok,
+            moe_inter_dim: m.moe_inter_dim,
+            n_group: m.n_group,
+            topk_group: m.topk_group,
+            route_scale: m.route_scale,
+        },
     );
-    c.at_least("moe.moe_inter_dim", m.moe_inter_dim, 1);
-    c.at_least("moe.n_group", m.n_group, 1);
-    if m.n_group >= 1 && !m.n_routed_experts.is_multiple_of(m.n_group) {
-        c.fail(
-            "moe.n_group",
-            format!(
-                "{} groups do not divide n_routed_experts = {}",
-                m.n_group, m.n_routed_experts
-            ),
-            "choose n_group that divides n_routed_experts (1 = no grouping)",
-        );
-    }
-    c.at_least("moe.topk_group", m.topk_group, 1);
-    c.at_most("moe.topk_group", m.topk_group, m.n_group);
-    if m.n_group >= 1 && m.topk_group >= 1 && m.topk_group <= m.n_group {
-        let per_group = m.n_routed_experts / m.n_group;
-        if m.topk_group * per_group < m.num_experts_per_tok {
-            c.fail(
-                "moe.topk_group",
-                format!(
-                    "{} groups of {per_group} experts cannot supply num_experts_per_tok = {}",
-                    m.topk_group, m.num_experts_per_tok
-                ),
-                "raise topk_group or lower num_experts_per_tok",
-            );
-        }
-    }
-    c.positive("moe.route_scale", m.route_scale);
     c.at_least("run.prefill_batch", s.run.prefill_batch, 1);
     c.at_least("run.prefill_seq", s.run.prefill_seq, 1);
     c.at_least("run.decode_batch", s.run.decode_batch, 1);
@@ -344,59 +386,29 @@ pub(crate) fn optimization(o: &OptimizationConfig, shape: Option<&DecoderShape>)
     }
     // MLA dimensions
     let a = &o.mla;
-    c.at_least("optimization.mla.kv_lora_rank", a.kv_lora_rank, 1);
-    c.at_least("optimization.mla.qk_nope_head_dim", a.qk_nope_head_dim, 1);
-    c.at_least("optimization.mla.qk_rope_head_dim", a.qk_rope_head_dim, 2);
-    if !a.qk_rope_head_dim.is_multiple_of(2) {
-        c.fail(
-            "optimization.mla.qk_rope_head_dim",
-            "must be even (RoPE rotates pairs)",
-            "use e.g. 64",
-        );
-    }
-    c.at_least("optimization.mla.v_head_dim", a.v_head_dim, 1);
+    c.mla_dims(
+        "optimization.mla",
+        [
+            a.kv_lora_rank,
+            a.qk_nope_head_dim,
+            a.qk_rope_head_dim,
+            a.v_head_dim,
+        ],
+    );
     c.positive("optimization.mla.mscale", a.mscale);
     // MoE routing
     let m = &o.moe;
-    c.at_least("optimization.moe.n_routed_experts", m.n_routed_experts, 1);
-    c.at_least(
-        "optimization.moe.num_experts_per_tok",
-        m.num_experts_per_tok,
-        1,
+    c.routing(
+        "optimization.moe",
+        Routing {
+            n_routed_experts: m.n_routed_experts,
+            num_experts_per_tok: m.num_experts_per_tok,
+            moe_inter_dim: m.moe_inter_dim,
+            n_group: m.n_group,
+            topk_group: m.topk_group,
+            route_scale: m.route_scale,
+        },
     );
-    c.at_most(
-        "optimization.moe.num_experts_per_tok",
-        m.num_experts_per_tok,
-        m.n_routed_experts,
-    );
-    c.at_least("optimization.moe.moe_inter_dim", m.moe_inter_dim, 1);
-    c.at_least("optimization.moe.n_group", m.n_group, 1);
-    if m.n_group >= 1 && !m.n_routed_experts.is_multiple_of(m.n_group) {
-        c.fail(
-            "optimization.moe.n_group",
-            format!(
-                "{} groups do not divide n_routed_experts = {}",
-                m.n_group, m.n_routed_experts
-            ),
-            "choose n_group that divides n_routed_experts (1 = no grouping)",
-        );
-    }
-    c.at_least("optimization.moe.topk_group", m.topk_group, 1);
-    c.at_most("optimization.moe.topk_group", m.topk_group, m.n_group);
-    if m.n_group >= 1 && m.topk_group >= 1 && m.topk_group <= m.n_group {
-        let per_group = m.n_routed_experts / m.n_group;
-        if m.topk_group * per_group < m.num_experts_per_tok {
-            c.fail(
-                "optimization.moe.topk_group",
-                format!(
-                    "{} groups of {per_group} experts cannot supply num_experts_per_tok = {}",
-                    m.topk_group, m.num_experts_per_tok
-                ),
-                "raise topk_group or lower num_experts_per_tok",
-            );
-        }
-    }
-    c.positive("optimization.moe.route_scale", m.route_scale);
     c.at_most("optimization.mtp.depth", o.mtp.depth, 8);
     c.out
 }
@@ -508,7 +520,10 @@ mod tests {
         let e = parse_err(ScenarioKind::Mla, "\"mla_naive\"", "\"mla_fast\"");
         assert!(e.contains("mla_fast"), "{e}");
         assert!(e.contains("attention.variants"), "{e}");
-        assert!(e.contains("`mla_naive`") && e.contains("`mla_absorbed`"), "{e}");
+        assert!(
+            e.contains("`mla_naive`") && e.contains("`mla_absorbed`"),
+            "{e}"
+        );
     }
 
     #[test]

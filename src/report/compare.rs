@@ -3,17 +3,17 @@
 //! 不可用的后端（未编译、没有设备、驱动缺失）是表中的一行，写明原因，不会中止整个对比；
 //! 退出码只由真正运行了的后端决定（见 [`CompareReport::exit_code`]）。
 
-use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
 use comfy_table::{presets::UTF8_FULL_CONDENSED, Table};
 use serde::{Deserialize, Serialize};
 
-use super::schema::{Criterion, Report, Verdict};
+pub use super::aggregate::VariantCell;
+use super::aggregate::{variant_names, verdict_of, RunRow};
+use super::schema::{Report, Verdict};
 use super::write::{bytes_h, num_h, secs_h};
 use crate::backend::machine::ToolInfo;
 use crate::error::{most_severe, EXIT_CANNOT_RUN};
-use crate::monitor::MeasuredMemory;
 
 /// 一个后端的运行状态。
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
@@ -27,21 +27,6 @@ pub enum BackendOutcome {
     Error,
 }
 
-/// 对比表中一个变体在一个后端上的要点。
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct VariantCell {
-    /// 变体名。
-    pub name: String,
-    /// 状态（`ok`、`failed`、`skipped`）。
-    pub status: String,
-    /// 中位耗时（秒）；未测量为 null。
-    pub median_s: Option<f64>,
-    /// 各来源内存峰值。
-    pub memory: MeasuredMemory,
-    /// 与种类相关的指标（tokens/s 等）。
-    pub metrics: BTreeMap<String, Option<f64>>,
-}
-
 /// 一个后端的一行。
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct BackendEntry {
@@ -53,18 +38,9 @@ pub struct BackendEntry {
     pub outcome: BackendOutcome,
     /// 不可用或出错的原因。
     pub reason: Option<String>,
-    /// 该后端的退出码（与 `dsopt bench` 相同的约定）。
-    pub exit_code: i32,
-    /// 该后端报告的 JSON 路径。
-    pub report_file: Option<String>,
-    /// 运行墙钟时间（秒）。
-    pub wall_time_s: Option<f64>,
-    /// 判定。
-    pub verdict: Option<Verdict>,
-    /// 各变体要点。
-    pub variants: Vec<VariantCell>,
-    /// 验收标准。
-    pub criteria: Vec<Criterion>,
+    /// 这次运行的要点（退出码、报告、判定、变体、标准）。
+    #[serde(flatten)]
+    pub run: RunRow,
 }
 
 impl BackendEntry {
@@ -75,22 +51,7 @@ impl BackendEntry {
             device: Some(report.backend.device.clone()),
             outcome: BackendOutcome::Ran,
             reason: None,
-            exit_code: report.verdict.exit_code(),
-            report_file,
-            wall_time_s: Some(report.wall_time_s),
-            verdict: Some(report.verdict),
-            variants: report
-                .variants
-                .iter()
-                .map(|v| VariantCell {
-                    name: v.name.clone(),
-                    status: format!("{:?}", v.status).to_lowercase(),
-                    median_s: v.timings.as_ref().map(|t| t.median_s),
-                    memory: v.memory.measured.clone(),
-                    metrics: v.metrics.clone(),
-                })
-                .collect(),
-            criteria: report.criteria.clone(),
+            run: RunRow::ran(report, report_file),
         }
     }
 
@@ -106,12 +67,7 @@ impl BackendEntry {
                 BackendOutcome::Error
             },
             reason: Some(reason),
-            exit_code,
-            report_file: None,
-            wall_time_s: None,
-            verdict: None,
-            variants: vec![],
-            criteria: vec![],
+            run: RunRow::not_run(exit_code),
         }
     }
 }
@@ -155,17 +111,9 @@ impl CompareReport {
         let exit_code = if counted.is_empty() {
             EXIT_CANNOT_RUN
         } else {
-            most_severe(counted.iter().map(|b| b.exit_code))
+            most_severe(counted.iter().map(|b| b.run.exit_code))
         };
-        let verdict = if counted.is_empty() || counted.iter().any(|b| b.verdict.is_none()) {
-            Verdict::Error
-        } else {
-            let all: Vec<Criterion> = counted
-                .iter()
-                .flat_map(|b| b.criteria.iter().cloned())
-                .collect();
-            Verdict::of(&all)
-        };
+        let verdict = verdict_of(counted.iter().map(|b| &b.run));
         CompareReport {
             schema_version: super::SCHEMA_VERSION,
             kind: "compare".into(),
@@ -181,22 +129,14 @@ impl CompareReport {
 
     /// Variant names in first-seen order over all backends.
     fn variant_names(&self) -> Vec<String> {
-        let mut names: Vec<String> = Vec::new();
-        for b in &self.backends {
-            for v in &b.variants {
-                if !names.contains(&v.name) {
-                    names.push(v.name.clone());
-                }
-            }
-        }
-        names
+        variant_names(self.backends.iter().map(|b| &b.run))
     }
 
     /// Criterion ids in first-seen order over all backends.
     fn criterion_ids(&self) -> Vec<String> {
         let mut ids: Vec<String> = Vec::new();
         for b in &self.backends {
-            for c in &b.criteria {
+            for c in &b.run.criteria {
                 if !ids.contains(&c.id) {
                     ids.push(c.id.clone());
                 }
@@ -228,14 +168,15 @@ impl CompareReport {
                         b.backend.clone(),
                         format!("{:?}", b.outcome).to_lowercase(),
                         b.device.clone().unwrap_or_else(|| "—".into()),
-                        b.wall_time_s.map(secs_h).unwrap_or_else(|| "—".into()),
-                        b.verdict
+                        b.run.wall_time_s.map(secs_h).unwrap_or_else(|| "—".into()),
+                        b.run
+                            .verdict
                             .map(|v| v.as_str().to_string())
                             .unwrap_or_else(|| "—".into()),
-                        b.exit_code.to_string(),
+                        b.run.exit_code.to_string(),
                         b.reason
                             .clone()
-                            .or_else(|| b.report_file.clone())
+                            .or_else(|| b.run.report_file.clone())
                             .unwrap_or_default(),
                     ]
                 })
@@ -245,7 +186,7 @@ impl CompareReport {
         vh.extend(names.iter().cloned());
         let mut vrows = Vec::new();
         for name in self.variant_names() {
-            let cell = |b: &BackendEntry| b.variants.iter().find(|v| v.name == name).cloned();
+            let cell = |b: &BackendEntry| b.run.variants.iter().find(|v| v.name == name).cloned();
             let mut line = |measure: &str, f: &dyn Fn(&VariantCell) -> String| {
                 let mut row = vec![name.clone(), measure.to_string()];
                 row.extend(self.backends.iter().map(|b| match cell(b) {
@@ -282,7 +223,7 @@ impl CompareReport {
             let first = self
                 .backends
                 .iter()
-                .flat_map(|b| b.criteria.iter())
+                .flat_map(|b| b.run.criteria.iter())
                 .find(|c| c.id == id)
                 .expect("id from criteria");
             let mut row = vec![
@@ -290,7 +231,7 @@ impl CompareReport {
                 format!("{} {}", first.comparison.symbol(), first.threshold),
             ];
             row.extend(self.backends.iter().map(
-                |b| match b.criteria.iter().find(|c| c.id == id) {
+                |b| match b.run.criteria.iter().find(|c| c.id == id) {
                     Some(c) => format!(
                         "{} {}",
                         num_h(c.measured),
@@ -355,7 +296,8 @@ impl CompareReport {
 mod tests {
     use super::*;
     use crate::error::{EXIT_FAIL, EXIT_PASS};
-    use crate::report::{Comparison, VariantReport};
+    use crate::monitor::MeasuredMemory;
+    use crate::report::{Comparison, Criterion, VariantReport};
 
     fn report(verdict_pass: bool) -> Report {
         let mut v = VariantReport::from_measurement::<()>(&crate::monitor::Measurement {

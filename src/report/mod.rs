@@ -1,5 +1,6 @@
 //! 报告：模式（`schema_version` 1）、JSON/CSV/Markdown/终端表格写出，以及 CI 门禁（gate）。
 
+pub mod aggregate;
 pub mod chart;
 pub mod compare;
 pub mod export;

@@ -6,9 +6,9 @@ use std::fmt::Write as _;
 
 use serde::{Deserialize, Serialize};
 
+use super::aggregate::{variant_names, verdict_of, RunRow, VariantCell};
 use super::chart::{Chart, Series};
-use super::compare::{BackendEntry, VariantCell};
-use super::schema::{BackendReport, Criterion, Report, Verdict};
+use super::schema::{BackendReport, Report, Verdict};
 use super::write::{bytes_h, num_h, secs_h};
 use crate::backend::machine::ToolInfo;
 use crate::error::most_severe;
@@ -18,35 +18,20 @@ use crate::error::most_severe;
 pub struct SweepPoint {
     /// 参数取值。
     pub value: usize,
-    /// 该点报告的 JSON 路径。
-    pub report_file: Option<String>,
-    /// 该点的退出码。
-    pub exit_code: i32,
     /// 出错原因（该点没有报告时）。
     pub error: Option<String>,
-    /// 判定。
-    pub verdict: Option<Verdict>,
-    /// 运行墙钟时间（秒）。
-    pub wall_time_s: Option<f64>,
-    /// 各变体要点。
-    pub variants: Vec<VariantCell>,
-    /// 验收标准。
-    pub criteria: Vec<Criterion>,
+    /// 这次运行的要点（退出码、报告、判定、变体、标准）。
+    #[serde(flatten)]
+    pub run: RunRow,
 }
 
 impl SweepPoint {
     /// A point that ran: its report summarised.
     pub fn ran(value: usize, report: &Report, report_file: Option<String>) -> SweepPoint {
-        let e = BackendEntry::ran(&report.backend.name, report, report_file);
         SweepPoint {
             value,
-            report_file: e.report_file,
-            exit_code: e.exit_code,
             error: None,
-            verdict: e.verdict,
-            wall_time_s: e.wall_time_s,
-            variants: e.variants,
-            criteria: e.criteria,
+            run: RunRow::ran(report, report_file),
         }
     }
 
@@ -54,13 +39,8 @@ impl SweepPoint {
     pub fn failed(value: usize, error: String, exit_code: i32) -> SweepPoint {
         SweepPoint {
             value,
-            report_file: None,
-            exit_code,
             error: Some(error),
-            verdict: None,
-            wall_time_s: None,
-            variants: vec![],
-            criteria: vec![],
+            run: RunRow::not_run(exit_code),
         }
     }
 }
@@ -114,16 +94,8 @@ impl SweepReport {
         points: Vec<SweepPoint>,
         created_at: String,
     ) -> SweepReport {
-        let exit_code = most_severe(points.iter().map(|p| p.exit_code));
-        let verdict = if points.is_empty() || points.iter().any(|p| p.verdict.is_none()) {
-            Verdict::Error
-        } else {
-            let all: Vec<Criterion> = points
-                .iter()
-                .flat_map(|p| p.criteria.iter().cloned())
-                .collect();
-            Verdict::of(&all)
-        };
+        let exit_code = most_severe(points.iter().map(|p| p.run.exit_code));
+        let verdict = verdict_of(points.iter().map(|p| &p.run));
         SweepReport {
             schema_version: super::SCHEMA_VERSION,
             kind: "sweep".into(),
@@ -143,15 +115,7 @@ impl SweepReport {
     }
 
     fn variant_names(&self) -> Vec<String> {
-        let mut names: Vec<String> = Vec::new();
-        for p in &self.points {
-            for v in &p.variants {
-                if !names.contains(&v.name) {
-                    names.push(v.name.clone());
-                }
-            }
-        }
-        names
+        variant_names(self.points.iter().map(|p| &p.run))
     }
 
     /// One series per variant of `f(variant)` against the parameter (points where `f` is
@@ -164,7 +128,7 @@ impl SweepReport {
                     .points
                     .iter()
                     .filter_map(|p| {
-                        let v = p.variants.iter().find(|v| v.name == name)?;
+                        let v = p.run.variants.iter().find(|v| v.name == name)?;
                         Some((p.value as f64, f(v)?))
                     })
                     .collect();
@@ -186,7 +150,8 @@ impl SweepReport {
         let x_label = format!("{p} ({})", self.scenario_key);
         let mut out = Vec::new();
         let device = self.points.iter().any(|pt| {
-            pt.variants
+            pt.run
+                .variants
                 .iter()
                 .any(|v| v.memory.device_peak_bytes.is_some())
         });
@@ -221,7 +186,7 @@ impl SweepReport {
         }
         let mut metrics: Vec<String> = Vec::new();
         for pt in &self.points {
-            for v in &pt.variants {
+            for v in &pt.run.variants {
                 for (k, val) in &v.metrics {
                     if k.ends_with("tokens_per_s") && val.is_some() && !metrics.contains(k) {
                         metrics.push(k.clone());
@@ -271,13 +236,14 @@ impl SweepReport {
             .map(|p| {
                 let mut row = vec![
                     p.value.to_string(),
-                    p.verdict
+                    p.run
+                        .verdict
                         .map(|v| v.as_str().to_string())
                         .unwrap_or_else(|| format!("error: {}", p.error.as_deref().unwrap_or(""))),
-                    p.wall_time_s.map(secs_h).unwrap_or_else(|| "—".into()),
+                    p.run.wall_time_s.map(secs_h).unwrap_or_else(|| "—".into()),
                 ];
                 for n in names {
-                    row.push(match p.variants.iter().find(|v| &v.name == n) {
+                    row.push(match p.run.variants.iter().find(|v| &v.name == n) {
                         Some(v) => format!(
                             "{} / {}",
                             v.median_s.map(secs_h).unwrap_or_else(|| "—".into()),
@@ -287,7 +253,8 @@ impl SweepReport {
                     });
                 }
                 row.push(
-                    p.criteria
+                    p.run
+                        .criteria
                         .iter()
                         .map(|c| {
                             format!(
@@ -338,7 +305,8 @@ impl SweepReport {
                 "- {} = {}：{}",
                 self.parameter,
                 p.value,
-                p.report_file
+                p.run
+                    .report_file
                     .as_deref()
                     .map(|f| format!("`{f}`"))
                     .unwrap_or_else(|| "（无报告）".into())
@@ -384,16 +352,18 @@ mod tests {
     fn point(value: usize) -> SweepPoint {
         SweepPoint {
             value,
-            report_file: Some(format!("r{value}.json")),
-            exit_code: EXIT_PASS,
             error: None,
-            verdict: Some(Verdict::Pass),
-            wall_time_s: Some(1.0),
-            variants: vec![
-                cell("mha", value as u64 * 4096, 100.0),
-                cell("mla_absorbed", value as u64 * 1024, 150.0),
-            ],
-            criteria: vec![],
+            run: RunRow {
+                report_file: Some(format!("r{value}.json")),
+                exit_code: EXIT_PASS,
+                verdict: Some(Verdict::Pass),
+                wall_time_s: Some(1.0),
+                variants: vec![
+                    cell("mha", value as u64 * 4096, 100.0),
+                    cell("mla_absorbed", value as u64 * 1024, 150.0),
+                ],
+                criteria: vec![],
+            },
         }
     }
 

@@ -24,7 +24,6 @@ use burn::tensor::{backend::Backend, ElementConversion, Int, Tensor};
 use serde::{Deserialize, Serialize};
 
 use crate::config::scenario::{MtpScenario, MtpTrain};
-use crate::nn::attention::AttentionConfig;
 use crate::nn::mtp::MtpModel;
 use crate::nn::DecoderConfig;
 use crate::rng::Rng;
@@ -126,18 +125,7 @@ pub struct CheckpointMeta {
 
 /// The main model configuration of an MTP scenario (MHA attention, dense FFN).
 pub fn model_config(s: &MtpScenario) -> DecoderConfig {
-    let heads = s.model.n_heads;
-    let mut attention = AttentionConfig::mha(heads, s.model.hidden / heads);
-    attention.rope_theta = s.model.rope_theta;
-    attention.key_block = 128;
-    DecoderConfig {
-        vocab_size: s.model.vocab_size,
-        hidden: s.model.hidden,
-        n_layers: s.model.n_layers,
-        ffn_hidden: s.model.ffn_hidden,
-        attention,
-        moe: None,
-    }
+    s.decoder_config()
 }
 
 /// Depth to train: the scenario's D and every depth of its sweep (module k serves every D >= k).

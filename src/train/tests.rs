@@ -1,6 +1,7 @@
 //! Training tests: schedule, windows, checkpoints, distillation leaves the main model unchanged.
 
 use super::*;
+use crate::nn::attention::AttentionConfig;
 
 fn tiny() -> (DecoderConfig, MtpTrain, Corpus) {
     let mut attention = AttentionConfig::mha(2, 8);

@@ -15,7 +15,7 @@ use super::RunOutput;
 use crate::backend::BackendContext;
 use crate::config::{MlaScenario, MlaVariant};
 use crate::monitor::{alloc, MonitorConfig, PerformanceMonitor, PoolProbe};
-use crate::nn::attention::{AttentionConfig, AttentionKind, MlaImpl};
+use crate::nn::attention::MlaImpl;
 use crate::nn::model::{Decoder, DecoderConfig};
 use crate::report::{AnalyticMemory, CapacityProbe, ReportSeries, VariantReport};
 
@@ -25,40 +25,6 @@ mod verdict;
 use capacity::{capacity_search, probe_slope};
 
 const GIB: f64 = 1024.0 * 1024.0 * 1024.0;
-
-/// The decoder configuration of a scenario variant.
-pub fn decoder_config(s: &MlaScenario, variant: MlaVariant) -> DecoderConfig {
-    let a = &s.attention;
-    let (kind, n_kv, imp) = match variant {
-        MlaVariant::Mha => (AttentionKind::Mha, s.model.n_heads, MlaImpl::Absorbed),
-        MlaVariant::Gqa => (AttentionKind::Gqa, a.gqa_kv_heads, MlaImpl::Absorbed),
-        MlaVariant::MlaNaive => (AttentionKind::Mla, s.model.n_heads, MlaImpl::Naive),
-        MlaVariant::MlaAbsorbed => (AttentionKind::Mla, s.model.n_heads, MlaImpl::Absorbed),
-    };
-    DecoderConfig {
-        vocab_size: s.model.vocab_size,
-        hidden: s.model.hidden,
-        n_layers: s.model.n_layers,
-        ffn_hidden: s.model.ffn_hidden,
-        attention: AttentionConfig {
-            kind,
-            n_heads: s.model.n_heads,
-            n_kv_heads: n_kv,
-            head_dim: a.head_dim,
-            kv_lora_rank: a.kv_lora_rank,
-            q_lora_rank: a.q_lora_rank,
-            qk_nope_head_dim: a.qk_nope_head_dim,
-            qk_rope_head_dim: a.qk_rope_head_dim,
-            v_head_dim: a.v_head_dim,
-            mla_impl: imp,
-            key_block: a.prefill_chunk,
-            mscale: 1.0,
-            rope_theta: s.model.rope_theta,
-            shape_buckets: false,
-        },
-        moe: None,
-    }
-}
 
 /// One untimed prefill of a short prefix (two chunks at most) and one decode step: kernel
 /// compilation / autotune on the CubeCL backends, thread pools and scratch buffers everywhere.
@@ -149,12 +115,16 @@ pub fn run<B: Backend>(
     // without this pass the first variant measured would be charged for them (about 1 MiB on
     // the CPU backend, which decides the smoke scenario's tiny budget).
     if let Some(&first) = order.first() {
-        let cfg = decoder_config(s, first).with_shape_buckets(ctx.shape_buckets());
+        let cfg = s
+            .decoder_config(first)
+            .with_shape_buckets(ctx.shape_buckets());
         B::seed(dev, 42);
         warm_up(&cfg.init::<B>(dev), s, dev);
     }
     for variant in order {
-        let cfg = decoder_config(s, variant).with_shape_buckets(ctx.shape_buckets());
+        let cfg = s
+            .decoder_config(variant)
+            .with_shape_buckets(ctx.shape_buckets());
         B::sync(dev).ok();
         let (model, before_load) = match (variant, mla_model.take()) {
             // same weights as mla_naive: its pre-load level is the baseline

@@ -21,86 +21,14 @@ use burn::tensor::{backend::Backend, Int, Tensor};
 use super::RunOutput;
 use crate::backend::BackendContext;
 use crate::config::MoeScenario;
+use crate::config::MoeVariant;
 use crate::monitor::{MonitorConfig, PerformanceMonitor};
-use crate::nn::attention::{AttentionConfig, MlaImpl};
 use crate::nn::model::{Decoder, DecoderConfig};
-use crate::nn::moe::{ExpertStore, LoadStats, MoeConfig, RouterConfig};
+use crate::nn::moe::{ExpertStore, LoadStats};
 use crate::report::{AnalyticMemory, Comparison, Criterion, VariantReport};
 
 mod offload;
 use offload::{offload, sc003b_not_applicable};
-
-/// The MoE configuration of a scenario.
-pub fn moe_config(s: &MoeScenario) -> MoeConfig {
-    MoeConfig {
-        dim: s.model.hidden,
-        moe_inter_dim: s.moe.moe_inter_dim,
-        n_shared_experts: s.moe.n_shared_experts,
-        router: RouterConfig {
-            n_routed_experts: s.moe.n_routed_experts,
-            num_experts_per_tok: s.moe.num_experts_per_tok,
-            score_func: s.moe.score_func,
-            n_group: s.moe.n_group,
-            topk_group: s.moe.topk_group,
-            route_scale: s.moe.route_scale,
-            norm_topk_prob: false,
-            bias_update_speed: 0.001,
-        },
-        shape_buckets: false,
-    }
-}
-
-/// SC-003 的三个变体：MoE，以及两个稠密对照（FFN 宽度分别等于 MoE 的总参数与激活参数）。
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum MoeVariant {
-    /// DeepSeekMoE FFN（被测的优化）。
-    Moe,
-    /// 稠密 FFN，参数量等于 MoE 的总参数（SC-003a 的基线）。
-    DenseEqualTotal,
-    /// 稠密 FFN，参数量等于 MoE 每个 token 的激活参数（路由开销的参照）。
-    DenseEqualActive,
-}
-
-impl MoeVariant {
-    /// Every variant, in the order they are measured.
-    pub const ALL: [MoeVariant; 3] = [
-        MoeVariant::Moe,
-        MoeVariant::DenseEqualTotal,
-        MoeVariant::DenseEqualActive,
-    ];
-
-    /// The name in reports.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            MoeVariant::Moe => "moe",
-            MoeVariant::DenseEqualTotal => "dense_equal_total",
-            MoeVariant::DenseEqualActive => "dense_equal_active",
-        }
-    }
-}
-
-/// The decoder of a variant.
-pub fn decoder_config(s: &MoeScenario, variant: MoeVariant) -> DecoderConfig {
-    let moe = moe_config(s);
-    let heads = s.model.n_heads;
-    let mut attention = AttentionConfig::mha(heads, s.model.hidden / heads);
-    attention.mla_impl = MlaImpl::Absorbed;
-    attention.rope_theta = s.model.rope_theta;
-    let ffn_hidden = match variant {
-        MoeVariant::DenseEqualTotal => moe.dense_equal_total_width(),
-        MoeVariant::DenseEqualActive => moe.dense_equal_active_width(),
-        // (every layer's FFN is the MoE; the dense width is not used)
-        MoeVariant::Moe => s.model.ffn_hidden,
-    };
-    DecoderConfig {
-        vocab_size: s.model.vocab_size,
-        hidden: s.model.hidden,
-        n_layers: s.model.n_layers,
-        ffn_hidden,
-        attention,
-        moe: (variant == MoeVariant::Moe).then_some(moe),
-    }
-}
 
 /// Runs SC-003a on backend `B`.
 pub fn run<B: Backend>(
@@ -113,7 +41,10 @@ pub fn run<B: Backend>(
     let eb = s.run.dtype.bytes();
     let (pb, ps) = (s.run.prefill_batch, s.run.prefill_seq);
     let (db, steps) = (s.run.decode_batch, s.run.decode_steps);
-    let moe = moe_config(s);
+    let moe = s
+        .decoder_config(MoeVariant::Moe)
+        .moe
+        .expect("the MoE variant has an MoE FFN");
     let mut notes = vec![
         format!(
             "dims: hidden {}, {} layers, {} heads (MHA), vocab {}; MoE {} routed + {} shared experts \
@@ -128,7 +59,7 @@ pub fn run<B: Backend>(
         {
             // both fractions: the FFN's (what routing saves) and the whole model's (what the
             // spec's "13B total / 1.3B active" means: attention, embeddings and head included)
-            let whole = decoder_config(s, MoeVariant::Moe);
+            let whole = s.decoder_config(MoeVariant::Moe);
             let (total, active) = (whole.params(), super::strategy::active_params(&whole));
             format!(
                 "FFN parameters per layer: MoE total {} / active {} ({:.1} % active); whole \
@@ -154,7 +85,7 @@ pub fn run<B: Backend>(
     // separately timed workloads inside each run
     let cfgs: Vec<DecoderConfig> = names
         .iter()
-        .map(|&v| decoder_config(s, v).with_shape_buckets(ctx.shape_buckets()))
+        .map(|&v| s.decoder_config(v).with_shape_buckets(ctx.shape_buckets()))
         .collect();
     let models: Vec<_> = cfgs
         .iter()

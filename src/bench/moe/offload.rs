@@ -87,7 +87,9 @@ pub(super) fn offload<B: Backend>(
     B::sync(dev).ok();
     B::memory_cleanup(dev);
     let (db, steps) = (s.run.decode_batch, s.run.decode_steps);
-    let cfg = decoder_config(s, MoeVariant::Moe).with_shape_buckets(ctx.shape_buckets());
+    let cfg = s
+        .decoder_config(MoeVariant::Moe)
+        .with_shape_buckets(ctx.shape_buckets());
     B::seed(dev, 11);
     <burn::backend::Flex as Backend>::seed(&Default::default(), 12);
     let (model, host) = cfg.init_offloaded::<B>(dev);

@@ -23,11 +23,6 @@ const PREFILL_CHUNK: usize = 256;
 /// Output of one timed decode: tokens and (speculative only) statistics.
 type Decoded = (Vec<Vec<u32>>, Option<SpecStats>);
 
-fn fmt_opt(x: Option<f64>, digits: usize) -> String {
-    x.map(|v| format!("{v:.digits$}"))
-        .unwrap_or_else(|| "not measured".into())
-}
-
 /// Mean seconds of `reps` calls of `f` (after one untimed call), synchronised.
 fn time_mean<B: Backend>(dev: &B::Device, reps: usize, mut f: impl FnMut()) -> f64 {
     f();
@@ -210,7 +205,7 @@ pub fn run<B: Backend>(
         "repetition: {} of the 4-grams of greedy's generated tokens are distinct (pooled over the \
          {batch} sequences; 1.0 = no 4-gram repeats; a model stuck in a loop scores near 0 and \
          would make drafting easy)",
-        fmt_opt(distinct4, 3)
+        super::fmt_opt(distinct4, 3)
     ));
     if let Some(v) = variants.get_mut(1) {
         let mismatched = greedy_out
@@ -296,9 +291,9 @@ pub fn run<B: Backend>(
          roofline, and steps far below both limits are bound by per-operation overhead instead. {}",
         plain_t.bytes() / 1e6,
         plain_t.flops / 1e6,
-        fmt_opt(frac(plain_gb, limits.read_gb_per_s), 3),
-        fmt_opt(frac(verify_gflop, limits.gemm_gflop_per_s), 3),
-        fmt_opt(ridge, 1),
+        super::fmt_opt(frac(plain_gb, limits.read_gb_per_s), 3),
+        super::fmt_opt(frac(verify_gflop, limits.gemm_gflop_per_s), 3),
+        super::fmt_opt(ridge, 1),
         limits.note()
     ));
     if let Some(v) = variants.get_mut(1) {
@@ -352,19 +347,13 @@ pub fn run<B: Backend>(
         one * 1e3,
         stats
             .as_ref()
-            .map(|st| st
-                .conditional_acceptance()
-                .iter()
-                .enumerate()
-                .map(|(j, a)| format!("d{}={}", j + 1, fmt_opt(*a, 3)))
-                .collect::<Vec<_>>()
-                .join(", "))
+            .map(SpecStats::acceptance_text)
             .unwrap_or_else(|| "not measured".into()),
-        fmt_opt(stats.as_ref().and_then(|s| s.mean_accepted_length()), 2),
-        fmt_opt(stat("verify_s_per_step").map(|x| x * 1e3), 2),
-        fmt_opt(stat("draft_s_per_step").map(|x| x * 1e3), 2),
-        fmt_opt(stat("draft_over_verify"), 2),
-        fmt_opt(stat("read_backs_per_step"), 2),
+        super::fmt_opt(stats.as_ref().and_then(|s| s.mean_accepted_length()), 2),
+        super::fmt_opt(stat("verify_s_per_step").map(|x| x * 1e3), 2),
+        super::fmt_opt(stat("draft_s_per_step").map(|x| x * 1e3), 2),
+        super::fmt_opt(stat("draft_over_verify"), 2),
+        super::fmt_opt(stat("read_backs_per_step"), 2),
     ));
     let same = match identical {
         Some(true) => "outputs identical to greedy",

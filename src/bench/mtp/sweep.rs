@@ -102,7 +102,7 @@ pub(super) fn sweep<B: Backend>(
             rows.push(format!(
                 "D={d} batch={b}: {gt:.1} / {stp:.1} tok/s, {:.2}x, {} tokens/step, {}",
                 stp / gt,
-                fmt_opt(st.mean_accepted_length(), 2),
+                crate::bench::fmt_opt(st.mean_accepted_length(), 2),
                 if same { "identical" } else { "DIFFERENT" }
             ));
             variants.push(v);

@@ -83,11 +83,6 @@ fn agreement(a: &[Vec<u32>], b: &[Vec<u32>]) -> (f64, usize) {
     (same as f64 / total as f64, total - same)
 }
 
-fn fmt_opt(x: Option<f64>, digits: usize) -> String {
-    x.map(|v| format!("{v:.digits$}"))
-        .unwrap_or_else(|| "not measured".into())
-}
-
 /// Parameters used per token by the main model (all of them for a dense FFN).
 /// Parameters a token passes through (for an MoE model: shared + the top-k routed experts).
 pub(crate) fn active_params(cfg: &DecoderConfig) -> usize {
@@ -332,8 +327,8 @@ pub fn run<B: Backend>(
                  all accepted ({} tokens per verify step); also requires greedy == argmax of a \
                  full forward ({}). A correctness check, not a speed claim",
                 batch * n,
-                fmt_opt(spec_cmp.map(|c| c.0), 4),
-                fmt_opt(oracle.as_ref().and_then(|o| o.1.mean_accepted_length()), 2),
+                super::fmt_opt(spec_cmp.map(|c| c.0), 4),
+                super::fmt_opt(oracle.as_ref().and_then(|o| o.1.mean_accepted_length()), 2),
                 match ff_ok {
                     Some(true) => "it is",
                     Some(false) => "it is NOT",
@@ -442,26 +437,20 @@ pub fn run<B: Backend>(
     notes.push(format!(
         "figures (median): prefill {} tokens/s; greedy {} tokens/s end to end ({} decode-only); \
          speculative {}",
-        fmt_opt(tps(0, "prefill_tokens_per_s"), 1),
-        fmt_opt(tps(1, "tokens_per_s"), 1),
-        fmt_opt(tps(1, "decode_tokens_per_s"), 1),
+        super::fmt_opt(tps(0, "prefill_tokens_per_s"), 1),
+        super::fmt_opt(tps(1, "tokens_per_s"), 1),
+        super::fmt_opt(tps(1, "decode_tokens_per_s"), 1),
         if depth > 0 {
             format!(
                 "{} tokens/s end to end ({} decode-only), {}x greedy; mean tokens per verify \
                  step {}; acceptance per draft position (given the earlier ones accepted) {}",
-                fmt_opt(tps(2, "tokens_per_s"), 1),
-                fmt_opt(tps(2, "decode_tokens_per_s"), 1),
-                fmt_opt(tps(2, "speedup_vs_greedy"), 2),
-                fmt_opt(stats.as_ref().and_then(|s| s.mean_accepted_length()), 2),
+                super::fmt_opt(tps(2, "tokens_per_s"), 1),
+                super::fmt_opt(tps(2, "decode_tokens_per_s"), 1),
+                super::fmt_opt(tps(2, "speedup_vs_greedy"), 2),
+                super::fmt_opt(stats.as_ref().and_then(|s| s.mean_accepted_length()), 2),
                 stats
                     .as_ref()
-                    .map(|st| st
-                        .conditional_acceptance()
-                        .iter()
-                        .enumerate()
-                        .map(|(j, a)| format!("d{}={}", j + 1, fmt_opt(*a, 3)))
-                        .collect::<Vec<_>>()
-                        .join(", "))
+                    .map(SpecStats::acceptance_text)
                     .unwrap_or_else(|| "not measured".into())
             )
         } else {

@@ -112,6 +112,20 @@ impl SpecStats {
             .collect()
     }
 
+    /// [`Self::conditional_acceptance`] as text for reports: `d1=0.920, d2=0.950, …`
+    /// ("not measured" for a depth never attempted).
+    pub fn acceptance_text(&self) -> String {
+        self.conditional_acceptance()
+            .iter()
+            .enumerate()
+            .map(|(j, a)| match a {
+                Some(a) => format!("d{}={a:.3}", j + 1),
+                None => format!("d{}=not measured", j + 1),
+            })
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
     /// Fraction of sequence-steps in which draft position j was accepted.
     pub fn acceptance(&self) -> Vec<Option<f64>> {
         self.accepted
