@@ -78,7 +78,7 @@ impl DecoderConfig {
         let host = m
             .layers
             .iter_mut()
-            .map(|l| match (l.moe.as_mut(), &self.moe) {
+            .map(|l| match (l.moe_mut(), &self.moe) {
                 (Some(moe), Some(c)) => {
                     let n = moe.experts.len();
                     moe.experts.clear(); // lazy parameters: nothing was allocated
@@ -124,26 +124,39 @@ impl DecoderConfig {
     }
 }
 
-/// 注意力槽：MHA/GQA 或 MLA 之一。
+/// 注意力：MHA/GQA 或 MLA（Burn 为枚举派生 `Module`）。
+// one value per layer: the variants' size difference costs nothing, and Burn derives `Module`
+// for the enum as it is
+#[allow(clippy::large_enum_variant)]
 #[derive(Module, Debug)]
-pub struct Attention<B: Backend> {
-    mha: Option<MhaAttention<B>>,
-    mla: Option<MlaAttention<B>>,
+pub enum Attention<B: Backend> {
+    /// MHA 或 GQA（K/V 头数由配置决定）。
+    Mha(MhaAttention<B>),
+    /// 多头潜在注意力。
+    Mla(MlaAttention<B>),
 }
 
 impl<B: Backend> Attention<B> {
     fn new(dim: usize, c: &AttentionConfig, device: &B::Device) -> Self {
         match c.kind {
-            AttentionKind::Mha | AttentionKind::Gqa => Attention {
-                mha: Some(MhaAttention::new(dim, c, device)),
-                mla: None,
-            },
-            AttentionKind::Mla => Attention {
-                mha: None,
-                mla: Some(MlaAttention::new(dim, c, device)),
-            },
+            AttentionKind::Mha | AttentionKind::Gqa => {
+                Attention::Mha(MhaAttention::new(dim, c, device))
+            }
+            AttentionKind::Mla => Attention::Mla(MlaAttention::new(dim, c, device)),
         }
     }
+}
+
+/// 前馈层：稠密 SwiGLU 或 DeepSeekMoE。
+// one value per layer: the variants' size difference costs nothing, and Burn derives `Module`
+// for the enum as it is
+#[allow(clippy::large_enum_variant)]
+#[derive(Module, Debug)]
+pub enum Ffn<B: Backend> {
+    /// 稠密 SwiGLU。
+    Dense(SwiGlu<B>),
+    /// DeepSeekMoE（路由专家 + 共享专家）。
+    Moe(MoeLayer<B>),
 }
 
 /// 一个 pre-norm 解码块。
@@ -152,8 +165,7 @@ pub struct Block<B: Backend> {
     attn_norm: RmsNorm<B>,
     attn: Attention<B>,
     ffn_norm: RmsNorm<B>,
-    ffn: Option<SwiGlu<B>>,
-    moe: Option<MoeLayer<B>>,
+    ffn: Ffn<B>,
 }
 
 impl<B: Backend> Block<B> {
@@ -164,26 +176,40 @@ impl<B: Backend> Block<B> {
             attn_norm: RmsNormConfig::new(d).with_epsilon(1e-6).init(device),
             attn: Attention::new(d, &c.attention, device),
             ffn_norm: RmsNormConfig::new(d).with_epsilon(1e-6).init(device),
-            ffn: c
-                .moe
-                .is_none()
-                .then(|| SwiGlu::new(d, c.ffn_hidden, device)),
-            moe: c.moe.as_ref().map(|m| m.init(device)),
+            ffn: match &c.moe {
+                None => Ffn::Dense(SwiGlu::new(d, c.ffn_hidden, device)),
+                Some(m) => Ffn::Moe(m.init(device)),
+            },
+        }
+    }
+
+    /// This block's MoE layer, if its FFN is one.
+    pub fn moe(&self) -> Option<&MoeLayer<B>> {
+        match &self.ffn {
+            Ffn::Moe(m) => Some(m),
+            Ffn::Dense(_) => None,
+        }
+    }
+
+    /// [`Block::moe`], mutable.
+    pub fn moe_mut(&mut self) -> Option<&mut MoeLayer<B>> {
+        match &mut self.ffn {
+            Ffn::Moe(m) => Some(m),
+            Ffn::Dense(_) => None,
         }
     }
 
     /// An empty cache layer for this block's attention.
     pub fn new_cache(&self, batch: usize, capacity: usize, device: &B::Device) -> LayerCache<B> {
-        match (&self.attn.mha, &self.attn.mla) {
-            (Some(a), _) => a.new_cache(batch, capacity, device),
-            (_, Some(a)) => a.new_cache(batch, capacity, device),
-            _ => unreachable!("one attention per block"),
+        match &self.attn {
+            Attention::Mha(a) => a.new_cache(batch, capacity, device),
+            Attention::Mla(a) => a.new_cache(batch, capacity, device),
         }
     }
 
     /// Switches an MLA attention between naive and absorbed (same weights).
     fn set_mla_impl(&mut self, i: MlaImpl) {
-        if let Some(m) = self.attn.mla.as_mut() {
+        if let Attention::Mla(m) = &mut self.attn {
             m.set_implementation(i);
         }
     }
@@ -213,16 +239,15 @@ impl<B: Backend> Block<B> {
         offload: Option<Offload<'_, B>>,
     ) -> Tensor<B, 3> {
         let h = self.attn_norm.forward(x.clone());
-        let a = match (&self.attn.mha, &self.attn.mla) {
-            (Some(m), _) => m.forward(h, starts, lc),
-            (_, Some(m)) => m.forward(h, starts, lc),
-            _ => unreachable!(),
+        let a = match &self.attn {
+            Attention::Mha(m) => m.forward(h, starts, lc),
+            Attention::Mla(m) => m.forward(h, starts, lc),
         };
         let x = x + a;
         let h = self.ffn_norm.forward(x.clone());
-        let f = match (&self.ffn, &self.moe) {
-            (Some(ffn), _) => ffn.forward(h),
-            (_, Some(moe)) => {
+        let f = match &self.ffn {
+            Ffn::Dense(ffn) => ffn.forward(h),
+            Ffn::Moe(moe) => {
                 // tokens of every sequence routed together: [b, s, d] -> [b·s, d]
                 let [b, s, d] = h.dims();
                 let h = h.reshape([b * s, d]);
@@ -235,7 +260,6 @@ impl<B: Backend> Block<B> {
                 }
                 y.reshape([b, s, d])
             }
-            _ => unreachable!("one FFN per block"),
         };
         x + f
     }
@@ -345,7 +369,7 @@ impl<B: Backend> Decoder<B> {
                 .iter()
                 .enumerate()
                 .skip(i + 1)
-                .find_map(|(j, l)| l.moe.as_ref().map(|m| (j, &m.router)));
+                .find_map(|(j, l)| l.moe().map(|m| (j, &m.router)));
             let o = Offload {
                 store: &mut *store,
                 layer: i,
@@ -361,7 +385,7 @@ impl<B: Backend> Decoder<B> {
     /// offloaded model).
     pub fn set_routed_experts(&mut self, experts: Vec<Vec<SwiGlu<B>>>) {
         for (l, e) in self.layers.iter_mut().zip(experts) {
-            if let Some(m) = l.moe.as_mut() {
+            if let Some(m) = l.moe_mut() {
                 m.experts = e;
             }
         }

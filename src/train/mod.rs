@@ -34,8 +34,9 @@ const HELDOUT_KEPT: usize = 256 * 1024;
 /// File name of the kept held-out text.
 const HELDOUT_FILE: &str = "heldout.txt";
 
-/// Version of the checkpoint layout (bump when the files change meaning).
-const CHECKPOINT_VERSION: u32 = 1;
+/// Version of the checkpoint layout (bump when the files change meaning). 2: attention and FFN
+/// are enum modules (`Attention::Mha`, `Ffn::Dense`), so the record layout of version 1 differs.
+const CHECKPOINT_VERSION: u32 = 2;
 /// Corpus bytes read at most.
 pub const MAX_CORPUS_BYTES: usize = 32 << 20;
 /// Held-out windows evaluated.

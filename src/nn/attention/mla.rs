@@ -32,17 +32,46 @@ pub enum MlaImpl {
     Absorbed,
 }
 
+/// 查询投影：直接投影（`q_lora_rank = 0`），或先压缩再解压的低秩投影（DeepSeek-V2/V3）。
+// one value per layer: the variants' size difference costs nothing, and Burn derives `Module`
+// for the enum as it is
+#[allow(clippy::large_enum_variant)]
+#[derive(Module, Debug)]
+pub enum QueryProjection<B: Backend> {
+    /// `wq`：`dim -> h·(d_nope + d_r)`。
+    Direct(Linear<B>),
+    /// `wq_a`、`q_norm`、`wq_b`：`dim -> q_lora_rank -> h·(d_nope + d_r)`。
+    LowRank(LowRankQuery<B>),
+}
+
+/// 低秩查询投影的三部分。
+#[derive(Module, Debug)]
+pub struct LowRankQuery<B: Backend> {
+    /// 查询压缩 `dim -> q_lora_rank`。
+    wq_a: Linear<B>,
+    /// 查询压缩后的 RMSNorm。
+    q_norm: RmsNorm<B>,
+    /// 查询解压 `q_lora_rank -> h·(d_nope + d_r)`。
+    wq_b: Linear<B>,
+}
+
+impl<B: Backend> QueryProjection<B> {
+    /// `[b, s, dim] -> [b, s, h·(d_nope + d_r)]`
+    fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        match self {
+            QueryProjection::Direct(wq) => linear::forward(wq, x),
+            QueryProjection::LowRank(q) => {
+                linear::forward(&q.wq_b, q.q_norm.forward(linear::forward(&q.wq_a, x)))
+            }
+        }
+    }
+}
+
 /// 多头潜在注意力模块（参数名与 DeepSeek 一致）。
 #[derive(Module, Debug)]
 pub struct MlaAttention<B: Backend> {
-    /// 查询投影 `dim -> h·(d_nope + d_r)`（`q_lora_rank = 0` 时）。
-    wq: Option<Linear<B>>,
-    /// 查询压缩 `dim -> q_lora_rank`。
-    wq_a: Option<Linear<B>>,
-    /// 查询压缩后的 RMSNorm。
-    q_norm: Option<RmsNorm<B>>,
-    /// 查询解压 `q_lora_rank -> h·(d_nope + d_r)`。
-    wq_b: Option<Linear<B>>,
+    /// 查询投影（直接或低秩）。
+    query: QueryProjection<B>,
     /// 键值下投影 `dim -> d_c + d_r`（潜向量与 RoPE 键）。
     wkv_a: Linear<B>,
     /// 潜向量 RMSNorm。
@@ -71,25 +100,19 @@ impl<B: Backend> MlaAttention<B> {
         let lin = |i, o| LinearConfig::new(i, o).with_bias(false).init(device);
         let h = c.n_heads;
         let qk = c.qk_nope_head_dim + c.qk_rope_head_dim;
-        let (wq, wq_a, q_norm, wq_b) = if c.q_lora_rank == 0 {
-            (Some(lin(dim, h * qk)), None, None, None)
+        let query = if c.q_lora_rank == 0 {
+            QueryProjection::Direct(lin(dim, h * qk))
         } else {
-            (
-                None,
-                Some(lin(dim, c.q_lora_rank)),
-                Some(
-                    RmsNormConfig::new(c.q_lora_rank)
-                        .with_epsilon(1e-6)
-                        .init(device),
-                ),
-                Some(lin(c.q_lora_rank, h * qk)),
-            )
+            QueryProjection::LowRank(LowRankQuery {
+                wq_a: lin(dim, c.q_lora_rank),
+                q_norm: RmsNormConfig::new(c.q_lora_rank)
+                    .with_epsilon(1e-6)
+                    .init(device),
+                wq_b: lin(c.q_lora_rank, h * qk),
+            })
         };
         MlaAttention {
-            wq,
-            wq_a,
-            q_norm,
-            wq_b,
+            query,
             wkv_a: lin(dim, c.kv_lora_rank + c.qk_rope_head_dim),
             kv_norm: RmsNormConfig::new(c.kv_lora_rank)
                 .with_epsilon(1e-6)
@@ -205,13 +228,7 @@ impl<B: Backend> MlaAttention<B> {
             self.v_head_dim,
         );
         // 查询：[b, s, h·(dn+dr)] -> [b, h, s, dn+dr]
-        let q = match (&self.wq, &self.wq_a, &self.q_norm, &self.wq_b) {
-            (Some(wq), ..) => linear::forward(wq, x.clone()),
-            (None, Some(a), Some(n), Some(bq)) => {
-                linear::forward(bq, n.forward(linear::forward(a, x.clone())))
-            }
-            _ => unreachable!("query projection configured"),
-        };
+        let q = self.query.forward(x.clone());
         let q = q.reshape([b, s, h, dn + dr]).swap_dims(1, 2);
         let q_nope = q.clone().slice([0..b, 0..h, 0..s, 0..dn]);
         let q_pe = rope::apply4(
