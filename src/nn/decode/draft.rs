@@ -20,16 +20,37 @@ pub(super) struct MtpState<B: Backend> {
     pub(super) from: Vec<Vec<usize>>,
 }
 
+/// Where the drafts of one speculative decode come from: the MTP modules with their state
+/// between steps, or a planted function (tests).
+pub(super) enum Source<'a, B: Backend> {
+    /// The modules and their per-sequence state.
+    Mtp(&'a MtpPredictor<B>, MtpState<B>),
+    /// `f(sequence index, tokens so far) -> depth drafts`.
+    Planted {
+        depth: usize,
+        f: &'a dyn Fn(usize, &[u32]) -> Vec<u32>,
+    },
+}
+
+impl<B: Backend> Source<'_, B> {
+    /// The MTP state, when the drafts come from MTP modules.
+    pub(super) fn mtp_state(&mut self) -> Option<&mut MtpState<B>> {
+        match self {
+            Source::Mtp(_, st) => Some(st),
+            Source::Planted { .. } => None,
+        }
+    }
+}
+
 /// The next D drafts for every sequence, on the device: `[b, D]`.
 pub(super) fn draft<B: Backend>(
     model: &Decoder<B>,
-    drafter: &Drafter<'_, B>,
-    state: Option<&mut MtpState<B>>,
+    source: &mut Source<'_, B>,
     seqs: &[Vec<u32>],
     device: &B::Device,
 ) -> Tensor<B, 2, Int> {
-    match (drafter, state) {
-        (Drafter::Planted { f, depth }, _) => {
+    match source {
+        Source::Planted { f, depth } => {
             let rows: Vec<Vec<u32>> = seqs
                 .iter()
                 .enumerate()
@@ -41,8 +62,7 @@ pub(super) fn draft<B: Backend>(
                 .collect();
             id_tensor::<B>(&rows, device)
         }
-        (Drafter::Mtp(m), Some(st)) => draft_mtp(model, m, st, seqs, device),
-        (Drafter::Mtp(_), None) => unreachable!("MTP drafter has its state"),
+        Source::Mtp(m, st) => draft_mtp(model, m, st, seqs, device),
     }
 }
 

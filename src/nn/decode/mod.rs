@@ -16,7 +16,7 @@ use crate::nn::mtp::MtpPredictor;
 use crate::nn::Decoder;
 
 mod draft;
-use draft::{draft, MtpState};
+use draft::{draft, MtpState, Source};
 
 /// 草稿来源：训练好的 MTP 模块，或测试用的"植入"草稿函数。
 pub enum Drafter<'a, B: Backend> {
@@ -329,7 +329,7 @@ pub fn speculative_traced<B: Backend>(
         s.push(n[0]);
     }
     stats.phases.prefill_s = started.elapsed().as_secs_f64();
-    let mut state = match drafter {
+    let mut source = match drafter {
         Drafter::Mtp(m) => {
             let mut hidden = Some(crate::nn::attention::cache_write::zeros::<B>(
                 [b, 1, cap, d],
@@ -342,18 +342,24 @@ pub fn speculative_traced<B: Backend>(
                     &device,
                 ))
             };
-            Some(MtpState {
-                hidden,
-                caches: m.new_caches(b, cap),
-                outputs: (1..m.depth()).map(|_| zeros()).collect(),
-                from: vec![vec![0; b]; m.depth()],
-            })
+            Source::Mtp(
+                m,
+                MtpState {
+                    hidden,
+                    caches: m.new_caches(b, cap),
+                    outputs: (1..m.depth()).map(|_| zeros()).collect(),
+                    from: vec![vec![0; b]; m.depth()],
+                },
+            )
         }
-        Drafter::Planted { .. } => None,
+        Drafter::Planted { depth, f } => Source::Planted {
+            depth: *depth,
+            f: *f,
+        },
     };
     let done = |seqs: &[Vec<u32>]| seqs.iter().all(|s| s.len() >= p + new_tokens);
     let mut clock = std::time::Instant::now();
-    let mut drafts = draft(model, drafter, state.as_mut(), &seqs, &device);
+    let mut drafts = draft(model, &mut source, &seqs, &device);
     stats.draft_s += clock.elapsed().as_secs_f64();
     if let Some(t) = trace.as_deref_mut() {
         t.push((seqs.clone(), read_ids(drafts.clone(), &mut stats)));
@@ -369,7 +375,7 @@ pub fn speculative_traced<B: Backend>(
             .collect();
         let window = Tensor::cat(vec![id_tensor::<B>(&last, &device), drafts.clone()], 1);
         let trunk = model.forward_trunk(window, &mut cache, &starts, None);
-        if let Some(st) = state.as_mut() {
+        if let Some(st) = source.mtp_state() {
             append(&mut st.hidden, trunk.clone().unsqueeze_dim::<4>(1), &starts);
         }
         let predicted = model
@@ -406,7 +412,7 @@ pub fn speculative_traced<B: Backend>(
             break;
         }
         clock = std::time::Instant::now();
-        drafts = draft(model, drafter, state.as_mut(), &seqs, &device);
+        drafts = draft(model, &mut source, &seqs, &device);
         stats.draft_s += clock.elapsed().as_secs_f64();
         if let Some(t) = trace.as_deref_mut() {
             t.push((seqs.clone(), read_ids(drafts.clone(), &mut stats)));
