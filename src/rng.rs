@@ -24,7 +24,7 @@ pub fn token_ids(len: usize, vocab: usize, seed: u64) -> Vec<u32> {
 /// `b` prompts of `p` token ids each in `[0, vocab)`: [`token_ids`] cut into rows.
 pub fn prompts(b: usize, p: usize, vocab: usize, seed: u64) -> Vec<Vec<u32>> {
     let ids = token_ids(b * p, vocab, seed);
-    ids.chunks(p.max(1)).take(b).map(<[u32]>::to_vec).collect()
+    (0..b).map(|i| ids[i * p..(i + 1) * p].to_vec()).collect()
 }
 
 /// `len` values in `[-1, 1)` from `seed` (xorshift64*, 24 significant bits).
@@ -74,6 +74,11 @@ mod tests {
         assert_ne!(ids, token_ids(60, 40, 4));
         let rows = prompts(3, 20, 40, 3);
         assert_eq!(rows.concat(), ids);
+        assert_eq!(
+            prompts(2, 0, 40, 3),
+            vec![Vec::<u32>::new(); 2],
+            "b empty prompts"
+        );
         // the stream earlier versions drew (reports stay comparable), computed independently
         assert_eq!(token_ids(4, 1000, 1), vec![153, 196, 870, 34]);
     }

@@ -87,20 +87,17 @@ pub(super) fn criteria(
     let decode_ratio = mha.zip(mla).and_then(|(h, l)| Some(tps(l)? / tps(h)?));
     let mla_capped = mla.is_some_and(|r| r.capped);
     let mla_workspace = mla.and_then(|r| r.workspace);
-    for r in runs.iter_mut() {
-        if r.variant == MlaVariant::MlaAbsorbed {
-            r.report
-                .metrics
-                .insert("runtime_peak_reduction_vs_mha".into(), runtime_red);
-            r.report
-                .metrics
-                .insert("total_peak_reduction_vs_mha".into(), total_red);
-            r.report
-                .metrics
-                .insert("decode_speedup_vs_mha".into(), decode_ratio);
-            r.report
-                .metrics
-                .insert("capacity_ratio_vs_mha".into(), cap_ratio);
+    for r in runs
+        .iter_mut()
+        .filter(|r| r.variant == MlaVariant::MlaAbsorbed)
+    {
+        for (k, v) in [
+            ("runtime_peak_reduction_vs_mha", runtime_red),
+            ("total_peak_reduction_vs_mha", total_red),
+            ("decode_speedup_vs_mha", decode_ratio),
+            ("capacity_ratio_vs_mha", cap_ratio),
+        ] {
+            r.report.metrics.insert(k.into(), v);
         }
     }
     notes.push(format!(
