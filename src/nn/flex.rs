@@ -8,34 +8,47 @@
 use std::any::Any;
 
 use burn::backend::flex::{FlexTensor, Layout};
-use burn::tensor::{backend::Backend, Bytes, DType, Tensor, TensorPrimitive};
+use burn::tensor::{backend::Backend, Bytes, DType, Shape, Tensor, TensorPrimitive};
 
 /// The flex tensor inside `t`, or `t` back when `B` is another backend.
+///
+/// The primitive is moved out, not cloned (its buffer keeps one owner, which is what lets a
+/// caller write into it in place); an empty placeholder takes its place and is dropped.
 pub(crate) fn into_flex<B: Backend, const D: usize>(
     t: Tensor<B, D>,
 ) -> Result<FlexTensor, Tensor<B, D>> {
     match t.into_primitive() {
-        TensorPrimitive::Float(p) => {
-            let any: Box<dyn Any> = Box::new(p);
-            match any.downcast::<FlexTensor>() {
-                Ok(f) => Ok(*f),
-                Err(any) => match any.downcast::<B::FloatTensorPrimitive>() {
-                    Ok(p) => Err(Tensor::from_primitive(TensorPrimitive::Float(*p))),
-                    Err(_) => unreachable!("a primitive is its own type"),
-                },
+        TensorPrimitive::Float(mut p) => {
+            match (&mut p as &mut dyn Any).downcast_mut::<FlexTensor>() {
+                Some(f) => {
+                    let dtype = f.dtype();
+                    Ok(std::mem::replace(
+                        f,
+                        FlexTensor::empty(Shape::new([0]), dtype),
+                    ))
+                }
+                None => Err(Tensor::from_primitive(TensorPrimitive::Float(p))),
             }
         }
         q => Err(Tensor::from_primitive(q)),
     }
 }
 
-/// A tensor of `B` from a flex tensor; only called once [`into_flex`] has shown that `B`'s
-/// primitive is `FlexTensor`.
+/// A tensor of `B` from a flex tensor. Called once [`into_flex`] has shown that `B`'s
+/// primitive is `FlexTensor`, so the flex tensor simply takes the place of an empty `B`
+/// primitive; were `B` another backend, the values would go through host memory instead (a
+/// copy, correct on any backend).
 pub(crate) fn from_flex<B: Backend, const D: usize>(t: FlexTensor) -> Tensor<B, D> {
-    let any: Box<dyn Any> = Box::new(t);
-    match any.downcast::<B::FloatTensorPrimitive>() {
-        Ok(p) => Tensor::from_primitive(TensorPrimitive::Float(*p)),
-        Err(_) => unreachable!("B's float primitive is FlexTensor (checked by into_flex)"),
+    let device = B::Device::default();
+    let mut p = Tensor::<B, 1>::empty([0], &device)
+        .into_primitive()
+        .tensor();
+    match (&mut p as &mut dyn Any).downcast_mut::<FlexTensor>() {
+        Some(slot) => {
+            *slot = t;
+            Tensor::from_primitive(TensorPrimitive::Float(p))
+        }
+        None => Tensor::from_data(t.into_data(), &device),
     }
 }
 

@@ -11,7 +11,7 @@ pub mod mtp;
 pub mod rope;
 
 pub use attention::mla::{MlaAttention, MlaImpl};
-pub use attention::{AttentionConfig, AttentionKind, KvCache};
+pub use attention::{Attention, AttentionConfig, AttentionKind, KvCache};
 pub use model::{Decoder, DecoderConfig};
 pub use mtp::{MtpModel, MtpPredictor};
 

@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use super::attention::mha::MhaAttention;
 use super::attention::mla::{MlaAttention, MlaImpl};
-use super::attention::{AttentionConfig, AttentionKind, KvCache, LayerCache};
+use super::attention::{Attention, AttentionConfig, AttentionKind, KvCache, LayerCache};
 use super::ffn::SwiGlu;
 use super::moe::{ExpertStore, HostExpert, LoadStats, MoeConfig, MoeLayer, MoeRouter};
 
@@ -124,29 +124,6 @@ impl DecoderConfig {
     }
 }
 
-/// 注意力：MHA/GQA 或 MLA（Burn 为枚举派生 `Module`）。
-// one value per layer: the variants' size difference costs nothing, and Burn derives `Module`
-// for the enum as it is
-#[allow(clippy::large_enum_variant)]
-#[derive(Module, Debug)]
-pub enum Attention<B: Backend> {
-    /// MHA 或 GQA（K/V 头数由配置决定）。
-    Mha(MhaAttention<B>),
-    /// 多头潜在注意力。
-    Mla(MlaAttention<B>),
-}
-
-impl<B: Backend> Attention<B> {
-    fn new(dim: usize, c: &AttentionConfig, device: &B::Device) -> Self {
-        match c.kind {
-            AttentionKind::Mha | AttentionKind::Gqa => {
-                Attention::Mha(MhaAttention::new(dim, c, device))
-            }
-            AttentionKind::Mla => Attention::Mla(MlaAttention::new(dim, c, device)),
-        }
-    }
-}
-
 /// 前馈层：稠密 SwiGLU 或 DeepSeekMoE。
 // one value per layer: the variants' size difference costs nothing, and Burn derives `Module`
 // for the enum as it is
@@ -174,7 +151,7 @@ impl<B: Backend> Block<B> {
         let d = c.hidden;
         Block {
             attn_norm: RmsNormConfig::new(d).with_epsilon(1e-6).init(device),
-            attn: Attention::new(d, &c.attention, device),
+            attn: c.attention.init(d, device),
             ffn_norm: RmsNormConfig::new(d).with_epsilon(1e-6).init(device),
             ffn: match &c.moe {
                 None => Ffn::Dense(SwiGlu::new(d, c.ffn_hidden, device)),
@@ -412,7 +389,7 @@ impl<B: Backend> Decoder<B> {
     }
 
     /// Prefill `tokens` `[b, s]` in query chunks of `chunk` tokens; returns the last position's
-    /// logits `[b, 1, vocab]`. `each_chunk` is called after every chunk (memory checkpoints).
+    /// logits `[b, 1, vocab]` (`[b, 0, vocab]` for an empty prompt). `each_chunk` is called after every chunk (memory checkpoints).
     pub fn prefill(
         &self,
         tokens: Tensor<B, 2, Int>,
@@ -432,7 +409,11 @@ impl<B: Backend> Decoder<B> {
             each_chunk(e);
             i = e;
         }
-        self.logits(last.expect("at least one token"))
+        let last = last.unwrap_or_else(|| {
+            let d = self.head.weight.dims()[0];
+            Tensor::zeros([b, 0, d], &self.device())
+        });
+        self.logits(last)
     }
 
     /// One decode step for `tokens` `[b, 1]`; returns logits `[b, 1, vocab]`.

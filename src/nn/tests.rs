@@ -236,3 +236,41 @@ fn moe_decoder_cached_decode_equals_full_forward_and_counts_params() {
         assert!(d < 1e-4, "position {i}: {d}");
     }
 }
+
+#[test]
+fn a_cache_without_v_or_absorbed_weights_gets_them_on_first_use() {
+    // V (MHA/GQA, naive MLA) and the absorbed weights (absorbed MLA) are made with the cache;
+    // a cache that lacks them gets them at its first write, and computes the same logits
+    for (kind, imp) in VARIANTS {
+        let c = config(kind, imp);
+        let m = model(&c);
+        let ids = tokens(2, 5, 3);
+        let mut full = m.new_cache(2, 8);
+        let want = m.prefill(ids.clone(), &mut full, 2, |_| {});
+        let mut bare = m.new_cache(2, 8);
+        for l in &mut bare.layers {
+            l.v = None;
+            l.absorbed = None;
+        }
+        let got = m.prefill(ids, &mut bare, 2, |_| {});
+        assert_eq!(max_diff(want, got), 0.0, "{kind:?} {imp:?}");
+        assert_eq!(bare.tensor_bytes(), full.tensor_bytes(), "{kind:?} {imp:?}");
+        assert_eq!(
+            bare.absorbed_weight_bytes(),
+            full.absorbed_weight_bytes(),
+            "{kind:?} {imp:?}"
+        );
+    }
+}
+
+#[test]
+fn prefill_of_an_empty_prompt_returns_no_logits() {
+    let c = config(AttentionKind::Mha, MlaImpl::Absorbed);
+    let m = model(&c);
+    let mut cache = m.new_cache(2, 4);
+    let ids = Tensor::<B, 2, Int>::from_data(
+        TensorData::new(Vec::<i64>::new(), [2, 0]),
+        &Default::default(),
+    );
+    assert_eq!(m.prefill(ids, &mut cache, 2, |_| {}).dims(), [2, 0, 32]);
+}

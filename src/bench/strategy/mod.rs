@@ -65,7 +65,11 @@ pub fn full_forward_argmax<B: Backend>(
     let h = main.forward_hidden(decode::id_tensor::<B>(&rows, &main.device()), &mut cache);
     let d = h.dims()[2];
     // position i predicts token i+1: positions p-1 .. p+n-2 predict the n generated tokens
-    decode::try_argmax_rows(main.logits(h.slice([0..b, p - 1..len, 0..d])))
+    Ok(decode::argmax_rows(main.logits(h.slice([
+        0..b,
+        p - 1..len,
+        0..d,
+    ]))))
 }
 
 /// Fraction of positions where `a` and `b` agree (and the count of differing positions).
@@ -95,6 +99,143 @@ pub(crate) fn active_params(cfg: &DecoderConfig) -> usize {
 /// KV-cache bytes per token over all layers at `eb` bytes per element.
 fn kv_bytes_per_token(cfg: &DecoderConfig, eb: usize) -> usize {
     cfg.n_layers * cfg.attention.kv_elements_per_token() * eb
+}
+
+/// Greedy decoding against the argmax of one uncached full forward over prompt + generated
+/// tokens: the greedy variant's equivalence (it fails on any differing token). Returns the
+/// (agreement fraction, differing tokens) and whether all agree; None when not checked.
+fn check_greedy<B: Backend>(
+    main: &Decoder<B>,
+    prompts: &[Vec<u32>],
+    greedy_out: Option<&Vec<Vec<u32>>>,
+    n: usize,
+    v: &mut VariantReport,
+) -> (Option<(f64, usize)>, Option<bool>) {
+    let batch = prompts.len();
+    // the untimed checks are isolated like the measured runs: a failure marks the variant
+    let ff = match greedy_out {
+        Some(g) => match full_forward_argmax(main, prompts, g) {
+            Ok(f) => Some(f),
+            Err(e) => {
+                v.fail(format!("the full-forward reference could not run: {e:#}"));
+                None
+            }
+        },
+        None => None,
+    };
+    let ff_cmp = greedy_out.zip(ff.as_ref()).map(|(g, f)| agreement(g, f));
+    let ff_ok = ff_cmp.map(|(_, diff)| diff == 0);
+    v.equivalence = Equivalence {
+        checked: ff_cmp.is_some(),
+        reference: Some(
+            "argmax of one uncached full forward over prompt + generated tokens (token for token)"
+                .into(),
+        ),
+        max_abs_diff: ff_cmp.map(|(_, d)| d as f64),
+        tolerance: Some(0.0),
+        passed: ff_ok,
+    };
+    if ff_ok == Some(false) {
+        let d = ff_cmp.map(|c| c.1).unwrap_or(0);
+        v.fail(format!(
+            "cached greedy decoding differs from the full forward in {d} of {} tokens",
+            batch * n
+        ));
+    }
+    (ff_cmp, ff_ok)
+}
+
+/// The notes that describe the model (attention, FFN, MTP depth, dtype), the untrained
+/// weights, the prompts and the analytic figures against the standard model of this shape.
+fn describe(
+    s: &ModelScenario,
+    cfg: &DecoderConfig,
+    standard: &DecoderConfig,
+    mtp_params: usize,
+    kv_tok: usize,
+    kv_tok_std: usize,
+) -> Vec<String> {
+    let o = &s.optimization;
+    let depth = o.mtp_depth();
+    let (batch, plen, n) = (s.run.batch, s.run.prompt_len, s.run.new_tokens);
+    let chunk = o.prefill_chunk;
+    let a = &cfg.attention;
+    let attn = match a.kind {
+        crate::nn::AttentionKind::Mha => format!("MHA {} heads x {}", a.n_heads, a.head_dim),
+        crate::nn::AttentionKind::Gqa => format!(
+            "GQA {} query heads, {} K/V heads x {}",
+            a.n_heads, a.n_kv_heads, a.head_dim
+        ),
+        crate::nn::AttentionKind::Mla => format!(
+            "MLA {:?} ({} heads, kv_lora_rank {}, q_lora_rank {}, nope {}, rope {}, v {})",
+            a.mla_impl,
+            a.n_heads,
+            a.kv_lora_rank,
+            a.q_lora_rank,
+            a.qk_nope_head_dim,
+            a.qk_rope_head_dim,
+            a.v_head_dim
+        ),
+    };
+    let ffn = match &cfg.moe {
+        Some(m) => format!(
+            "DeepSeekMoE in every layer: {} routed + {} shared experts of width {}, top-{}, {:?} \
+             scores, {} group(s) keep {}",
+            m.router.n_routed_experts,
+            m.n_shared_experts,
+            m.moe_inter_dim,
+            m.router.num_experts_per_tok,
+            m.router.score_func,
+            m.router.n_group,
+            m.router.topk_group
+        ),
+        None => format!("dense SwiGLU FFN {}", cfg.ffn_hidden),
+    };
+    vec![
+        format!(
+            "model `{label}`: hidden {hidden}, {layers} layers, vocab {vocab}; {attn}; {ffn}; \
+             MTP depth {depth}; {dtype}; prefill chunk {chunk}, key block {key_block}",
+            label = o.label(),
+            dtype = super::dtype_note(o.dtype),
+            hidden = cfg.hidden,
+            layers = cfg.n_layers,
+            vocab = cfg.vocab_size,
+            key_block = a.key_block
+        ),
+        format!(
+            "weights random (seed {}), nothing trained: the MTP modules are untrained, so their \
+             drafts are close to guesses; acceptance and speculative speed here describe this \
+             untrained model, not a trained one (SC-002 measures trained MTP modules). The MoE \
+             router is untrained too",
+            s.run.seed
+        ),
+        format!(
+            "prompts: {batch} random sequences of {plen} tokens (seed {}); {n} new tokens each, \
+             greedy both ways; variants interleaved",
+            s.run.seed
+        ),
+        format!(
+            "analytic: parameters {} main ({} active per token{}), {} in the MTP modules; \
+             standard model of this shape (MHA, dense, no MTP): {} parameters. KV cache {} \
+             bytes/token over all layers at {} vs {} for the standard model ({:.3}x)",
+            cfg.params(),
+            active_params(cfg),
+            if cfg.moe.is_some() {
+                format!(
+                    ", {:.1} %",
+                    100.0 * active_params(cfg) as f64 / cfg.params() as f64
+                )
+            } else {
+                String::new()
+            },
+            mtp_params,
+            standard.params(),
+            kv_tok,
+            o.dtype.as_str(),
+            kv_tok_std,
+            kv_tok as f64 / kv_tok_std as f64
+        ),
+    ]
 }
 
 /// Runs a `model` scenario on backend `B`.
@@ -130,7 +271,7 @@ pub fn run<B: Backend>(
             let logits = main.prefill(ids, &mut cache, chunk, |_| {
                 probe.checkpoint("prefill_chunk")
             });
-            Ok((decode::try_argmax_rows(logits)?, None))
+            Ok((decode::argmax_rows(logits), None))
         }),
         Box::new(|probe| {
             let out = decode::greedy(main, &prompts, n, chunk);
@@ -207,39 +348,7 @@ pub fn run<B: Backend>(
 
     // correctness: greedy vs one full forward; speculative vs greedy
     let greedy_out = ms[1].output.as_ref().map(|o| o.0.clone());
-    // the untimed checks are isolated like the measured runs: a failure marks the variant
-    let ff = match &greedy_out {
-        Some(g) => match full_forward_argmax(main, &prompts, g) {
-            Ok(f) => Some(f),
-            Err(e) => {
-                variants[1].fail(format!("the full-forward reference could not run: {e:#}"));
-                None
-            }
-        },
-        None => None,
-    };
-    let ff_cmp = greedy_out
-        .as_ref()
-        .zip(ff.as_ref())
-        .map(|(g, f)| agreement(g, f));
-    let ff_ok = ff_cmp.map(|(_, diff)| diff == 0);
-    variants[1].equivalence = Equivalence {
-        checked: ff_cmp.is_some(),
-        reference: Some(
-            "argmax of one uncached full forward over prompt + generated tokens (token for token)"
-                .into(),
-        ),
-        max_abs_diff: ff_cmp.map(|(_, d)| d as f64),
-        tolerance: Some(0.0),
-        passed: ff_ok,
-    };
-    if ff_ok == Some(false) {
-        let d = ff_cmp.map(|c| c.1).unwrap_or(0);
-        variants[1].fail(format!(
-            "cached greedy decoding differs from the full forward in {d} of {} tokens",
-            batch * n
-        ));
-    }
+    let (ff_cmp, ff_ok) = check_greedy(main, &prompts, greedy_out.as_ref(), n, &mut variants[1]);
     let spec = ms.get(2).and_then(|m| m.output.as_ref());
     let spec_cmp = greedy_out
         .as_ref()
@@ -352,83 +461,7 @@ pub fn run<B: Backend>(
         )
     };
 
-    let a = &cfg.attention;
-    let attn = match a.kind {
-        crate::nn::AttentionKind::Mha => format!("MHA {} heads x {}", a.n_heads, a.head_dim),
-        crate::nn::AttentionKind::Gqa => format!(
-            "GQA {} query heads, {} K/V heads x {}",
-            a.n_heads, a.n_kv_heads, a.head_dim
-        ),
-        crate::nn::AttentionKind::Mla => format!(
-            "MLA {:?} ({} heads, kv_lora_rank {}, q_lora_rank {}, nope {}, rope {}, v {})",
-            a.mla_impl,
-            a.n_heads,
-            a.kv_lora_rank,
-            a.q_lora_rank,
-            a.qk_nope_head_dim,
-            a.qk_rope_head_dim,
-            a.v_head_dim
-        ),
-    };
-    let ffn = match &cfg.moe {
-        Some(m) => format!(
-            "DeepSeekMoE in every layer: {} routed + {} shared experts of width {}, top-{}, {:?} \
-             scores, {} group(s) keep {}",
-            m.router.n_routed_experts,
-            m.n_shared_experts,
-            m.moe_inter_dim,
-            m.router.num_experts_per_tok,
-            m.router.score_func,
-            m.router.n_group,
-            m.router.topk_group
-        ),
-        None => format!("dense SwiGLU FFN {}", cfg.ffn_hidden),
-    };
-    let mut notes = vec![
-        format!(
-            "model `{label}`: hidden {hidden}, {layers} layers, vocab {vocab}; {attn}; {ffn}; \
-             MTP depth {depth}; {dtype}; prefill chunk {chunk}, key block {key_block}",
-            label = o.label(),
-            dtype = super::dtype_note(o.dtype),
-            hidden = cfg.hidden,
-            layers = cfg.n_layers,
-            vocab = cfg.vocab_size,
-            key_block = a.key_block
-        ),
-        format!(
-            "weights random (seed {}), nothing trained: the MTP modules are untrained, so their \
-             drafts are close to guesses; acceptance and speculative speed here describe this \
-             untrained model, not a trained one (SC-002 measures trained MTP modules). The MoE \
-             router is untrained too",
-            s.run.seed
-        ),
-        format!(
-            "prompts: {batch} random sequences of {plen} tokens (seed {}); {n} new tokens each, \
-             greedy both ways; variants interleaved",
-            s.run.seed
-        ),
-        format!(
-            "analytic: parameters {} main ({} active per token{}), {} in the MTP modules; \
-             standard model of this shape (MHA, dense, no MTP): {} parameters. KV cache {} \
-             bytes/token over all layers at {} vs {} for the standard model ({:.3}x)",
-            cfg.params(),
-            active_params(&cfg),
-            if cfg.moe.is_some() {
-                format!(
-                    ", {:.1} %",
-                    100.0 * active_params(&cfg) as f64 / cfg.params() as f64
-                )
-            } else {
-                String::new()
-            },
-            mtp_params,
-            standard.params(),
-            kv_tok,
-            o.dtype.as_str(),
-            kv_tok_std,
-            kv_tok as f64 / kv_tok_std as f64
-        ),
-    ];
+    let mut notes = describe(s, &cfg, &standard, mtp_params, kv_tok, kv_tok_std);
     let tps = |i: usize, k: &str| {
         variants
             .get(i)

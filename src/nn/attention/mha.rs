@@ -24,8 +24,8 @@ pub struct MhaAttention<B: Backend> {
 }
 
 impl<B: Backend> MhaAttention<B> {
-    /// New attention for hidden size `dim`.
-    pub fn new(dim: usize, c: &AttentionConfig, device: &B::Device) -> Self {
+    /// New attention for hidden size `dim` (the public way: [`AttentionConfig::init`]).
+    pub(super) fn new(dim: usize, c: &AttentionConfig, device: &B::Device) -> Self {
         let lin = |i, o| LinearConfig::new(i, o).with_bias(false).init(device);
         let (h, g, d) = (c.n_heads, c.n_kv_heads, c.head_dim);
         MhaAttention {
@@ -52,7 +52,7 @@ impl<B: Backend> MhaAttention<B> {
     pub fn new_cache(&self, batch: usize, capacity: usize, device: &B::Device) -> LayerCache<B> {
         let shape = [batch, self.n_kv_heads, capacity, self.head_dim];
         LayerCache {
-            k: Some(cache_write::zeros(shape, device)),
+            k: cache_write::zeros(shape, device),
             v: Some(cache_write::zeros(shape, device)),
             absorbed: None,
         }
@@ -85,13 +85,18 @@ impl<B: Backend> MhaAttention<B> {
             .reshape([b, s, g, d])
             .swap_dims(1, 2);
         append(&mut cache.k, k, starts);
-        append(&mut cache.v, v, starts);
+        // V is allocated with the cache ([`Self::new_cache`]); a cache made without it gets it here
+        let cap = cache.k.dims()[2];
+        let vc = cache
+            .v
+            .get_or_insert_with(|| cache_write::zeros([b, g, cap, d], &v.device()));
+        append(vc, v, starts);
         // fold the heads of a group into rows: [b, h, s, d] -> [b, g, hpg*s, d]
         let q = q.reshape([b, g, hpg * s, d]);
         let o = blocked::attention(
             q,
-            cache.k.as_ref().expect("k"),
-            cache.v.as_ref().expect("v"),
+            &cache.k,
+            vc,
             d,
             starts,
             s,

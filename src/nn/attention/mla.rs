@@ -95,8 +95,9 @@ pub struct MlaAttention<B: Backend> {
 }
 
 impl<B: Backend> MlaAttention<B> {
-    /// 为隐藏维度 `dim` 新建 MLA 模块（权重按 `c` 的维度初始化）。
-    pub fn new(dim: usize, c: &AttentionConfig, device: &B::Device) -> Self {
+    /// 为隐藏维度 `dim` 新建 MLA 模块（权重按 `c` 的维度初始化；对外的入口是
+    /// [`AttentionConfig::init`]）。
+    pub(super) fn new(dim: usize, c: &AttentionConfig, device: &B::Device) -> Self {
         let lin = |i, o| LinearConfig::new(i, o).with_bias(false).init(device);
         let h = c.n_heads;
         let qk = c.qk_nope_head_dim + c.qk_rope_head_dim;
@@ -162,7 +163,7 @@ impl<B: Backend> MlaAttention<B> {
         let h = self.n_heads;
         match self.implementation {
             MlaImpl::Naive => LayerCache {
-                k: Some(cache_write::zeros(
+                k: cache_write::zeros(
                     [
                         batch,
                         h,
@@ -170,7 +171,7 @@ impl<B: Backend> MlaAttention<B> {
                         self.qk_nope_head_dim + self.qk_rope_head_dim,
                     ],
                     device,
-                )),
+                ),
                 v: Some(cache_write::zeros(
                     [batch, h, capacity, self.v_head_dim],
                     device,
@@ -178,7 +179,7 @@ impl<B: Backend> MlaAttention<B> {
                 absorbed: None,
             },
             MlaImpl::Absorbed => LayerCache {
-                k: Some(cache_write::zeros(
+                k: cache_write::zeros(
                     [
                         batch,
                         1,
@@ -186,7 +187,7 @@ impl<B: Backend> MlaAttention<B> {
                         self.kv_lora_rank + self.qk_rope_head_dim,
                     ],
                     device,
-                )),
+                ),
                 v: None,
                 absorbed: Some(self.absorbed_weights()),
             },
@@ -252,12 +253,18 @@ impl<B: Backend> MlaAttention<B> {
                 let k_pe = k_pe.unsqueeze_dim::<4>(1).expand([b, h, s, dr]);
                 let k = Tensor::cat(vec![k_nope, k_pe], 3); // [b, h, s, dn+dr]
                 append(&mut cache.k, k, starts);
-                append(&mut cache.v, v, starts);
+                // V is allocated with the cache ([`Self::new_cache`]); a cache made without it
+                // gets it here
+                let cap = cache.k.dims()[2];
+                let vc = cache
+                    .v
+                    .get_or_insert_with(|| cache_write::zeros([b, h, cap, dv], &v.device()));
+                append(vc, v, starts);
                 let q = Tensor::cat(vec![q_nope, q_pe], 3) * self.scale;
                 blocked::attention(
                     q,
-                    cache.k.as_ref().expect("k"),
-                    cache.v.as_ref().expect("v"),
+                    &cache.k,
+                    vc,
                     dv,
                     starts,
                     s,
@@ -267,7 +274,12 @@ impl<B: Backend> MlaAttention<B> {
                 ) // [b, h, s, dv]
             }
             MlaImpl::Absorbed => {
-                let (w_uk, w_uv) = cache.absorbed.clone().expect("absorbed weights in cache");
+                // arranged once with the cache ([`Self::new_cache`]); a cache made without them
+                // gets them here
+                let (w_uk, w_uv) = cache
+                    .absorbed
+                    .get_or_insert_with(|| self.absorbed_weights())
+                    .clone();
                 // 按头计算 q_nope · W_UK：[h, b·s, dn] x [h, dn, dc] -> [h, b·s, dc]
                 let q_abs = q_nope.swap_dims(0, 1).reshape([h, b * s, dn]).matmul(w_uk);
                 let q_abs = q_abs.reshape([h, b, s, dc]).swap_dims(0, 1); // [b, h, s, dc]
@@ -280,7 +292,7 @@ impl<B: Backend> MlaAttention<B> {
                 ]);
                 let entry = Tensor::cat(vec![c_kv, k_pe], 2).unsqueeze_dim::<4>(1); // [b, 1, s, dc+dr]
                 append(&mut cache.k, entry, starts);
-                let latent = cache.k.as_ref().expect("latent");
+                let latent = &cache.k;
                 // 值就是同一缓存的前 dc 列
                 let end = max_end(starts, s);
                 let o = blocked::attention(

@@ -6,6 +6,7 @@ pub mod fused;
 pub mod mha;
 pub mod mla;
 
+use burn::module::Module;
 use burn::tensor::{backend::Backend, Tensor};
 use serde::{Deserialize, Serialize};
 
@@ -106,11 +107,40 @@ impl AttentionConfig {
     }
 }
 
+impl AttentionConfig {
+    /// 按本配置新建注意力模块（Burn 的 `XConfig::init` 习惯）：MHA/GQA 或 MLA，输入输出维度
+    /// 均为模型维度 `dim`。
+    ///
+    /// # Shapes
+    /// 模块的前向：`x: [b, s, dim] -> [b, s, dim]`
+    pub fn init<B: Backend>(&self, dim: usize, device: &B::Device) -> Attention<B> {
+        match self.kind {
+            AttentionKind::Mha | AttentionKind::Gqa => {
+                Attention::Mha(mha::MhaAttention::new(dim, self, device))
+            }
+            AttentionKind::Mla => Attention::Mla(mla::MlaAttention::new(dim, self, device)),
+        }
+    }
+}
+
+/// 注意力：MHA/GQA 或 MLA（Burn 为枚举派生 `Module`），由 [`AttentionConfig::init`] 新建。
+// one value per layer: the variants' size difference costs nothing, and Burn derives `Module`
+// for the enum as it is
+#[allow(clippy::large_enum_variant)]
+#[derive(Module, Debug)]
+pub enum Attention<B: Backend> {
+    /// MHA 或 GQA（K/V 头数由配置决定）。
+    Mha(mha::MhaAttention<B>),
+    /// 多头潜在注意力。
+    Mla(mla::MlaAttention<B>),
+}
+
 /// 一层的缓存张量，按容量预先分配。
 #[derive(Debug, Clone)]
 pub struct LayerCache<B: Backend> {
     /// MHA/GQA/朴素 MLA：K `[b, g, cap, dk]`；吸收 MLA：潜向量与 RoPE 键拼接 `[b, 1, cap, d_c + d_r]`。
-    pub k: Option<Tensor<B, 4>>,
+    /// 总是存在（写入时由 [`append`] 原地更新）。
+    pub k: Tensor<B, 4>,
     /// MHA/GQA/朴素 MLA：V `[b, g, cap, dv]`；吸收 MLA：无（值是潜向量的前 d_c 列）。
     pub v: Option<Tensor<B, 4>>,
     /// 吸收 MLA 预先整理的 W_UK `[h, d_nope, d_c]` 与 W_UV `[h, d_c, d_v]`（运行期状态，随缓存创建）。
@@ -133,12 +163,11 @@ pub struct KvCache<B: Backend> {
 impl<B: Backend> KvCache<B> {
     /// Bytes actually held by the cache tensors (K and V; not the absorbed weights).
     pub fn tensor_bytes(&self) -> u64 {
-        let bytes = |t: &Option<Tensor<B, 4>>| {
-            t.as_ref()
-                .map(|t| (t.shape().num_elements() * t.dtype().size()) as u64)
-                .unwrap_or(0)
-        };
-        self.layers.iter().map(|l| bytes(&l.k) + bytes(&l.v)).sum()
+        let bytes = |t: &Tensor<B, 4>| (t.shape().num_elements() * t.dtype().size()) as u64;
+        self.layers
+            .iter()
+            .map(|l| bytes(&l.k) + l.v.as_ref().map(bytes).unwrap_or(0))
+            .sum()
     }
 
     /// Bytes of the pre-arranged absorbed MLA weights kept with the cache.
@@ -159,17 +188,14 @@ impl<B: Backend> KvCache<B> {
         // written in blocks so the temporary stays small next to the cache
         const BLOCK: usize = 1024;
         for l in &mut self.layers {
-            for t in [&mut l.k, &mut l.v] {
-                if let Some(mut x) = t.take() {
-                    let [b, g, _, d] = x.dims();
-                    let mut i = 0;
-                    while i < len {
-                        let e = (i + BLOCK).min(len);
-                        let fill = Tensor::<B, 4>::full([b, g, e - i, d], value, &x.device());
-                        x = cache_write::write_rows(x, fill, &vec![i; b]);
-                        i = e;
-                    }
-                    *t = Some(x);
+            for t in std::iter::once(&mut l.k).chain(l.v.as_mut()) {
+                let [b, g, _, d] = t.dims();
+                let mut i = 0;
+                while i < len {
+                    let e = (i + BLOCK).min(len);
+                    let fill = Tensor::<B, 4>::full([b, g, e - i, d], value, &t.device());
+                    append(t, fill, &vec![i; b]);
+                    i = e;
                 }
             }
         }
@@ -184,11 +210,10 @@ pub(crate) fn max_end(starts: &[usize], s: usize) -> usize {
 
 /// Writes `new` `[b, g, s, d]` at positions `starts[i]..starts[i]+s` of sequence `i` of `slot`,
 /// in place (see [`cache_write`]: one write for the whole batch, no copy of the cache).
-pub(crate) fn append<B: Backend>(
-    slot: &mut Option<Tensor<B, 4>>,
-    new: Tensor<B, 4>,
-    starts: &[usize],
-) {
-    let cache = slot.take().expect("cache tensor present");
-    *slot = Some(cache_write::write_rows(cache, new, starts));
+///
+/// The cache tensor is moved out of `slot` for the write, so it is uniquely owned there (what
+/// lets flex write into its buffer); a handle to `new` holds the slot meanwhile (no allocation).
+pub(crate) fn append<B: Backend>(slot: &mut Tensor<B, 4>, new: Tensor<B, 4>, starts: &[usize]) {
+    let cache = std::mem::replace(slot, new.clone());
+    *slot = cache_write::write_rows(cache, new, starts);
 }

@@ -9,12 +9,12 @@ use super::*;
 pub(super) struct MtpState<B: Backend> {
     /// Main-model residual stream (before the final norm) at every committed position:
     /// `[b, 1, cap, d]`.
-    pub(super) hidden: Option<Tensor<B, 4>>,
+    pub(super) hidden: Tensor<B, 4>,
     /// One cache layer per module.
     pub(super) caches: Vec<LayerCache<B>>,
     /// Output of module k (the input of module k+1) at every position it has computed,
     /// `[b, 1, cap, d]`, for k = 0..D-1 (the last module's output feeds nothing).
-    pub(super) outputs: Vec<Option<Tensor<B, 4>>>,
+    pub(super) outputs: Vec<Tensor<B, 4>>,
     /// `from[k][i]`: where module k's pass over sequence i starts next time (its cache and its
     /// outputs are final before it).
     pub(super) from: Vec<Vec<usize>>,
@@ -89,7 +89,7 @@ fn draft_mtp<B: Backend>(
 ) -> Tensor<B, 2, Int> {
     let b = seqs.len();
     let depth = m.depth();
-    let [_, _, cap, d] = st.hidden.as_ref().expect("hidden cache").dims();
+    let [_, _, cap, d] = st.hidden.dims();
     let ends: Vec<usize> = seqs.iter().map(|s| s.len() - 2).collect();
     let mut drafts: Vec<Tensor<B, 2, Int>> = Vec::with_capacity(depth);
     let mut prev_out: Option<Tensor<B, 3>> = None;
@@ -107,7 +107,7 @@ fn draft_mtp<B: Backend>(
             .zip(&ends)
             .map(|(&f, &e)| e + 1 - f)
             .max()
-            .expect("batch");
+            .unwrap_or(0); // an empty batch passes over nothing
         assert!(
             from.iter().all(|&f| f + len <= cap),
             "MTP pass beyond cache capacity"
@@ -119,12 +119,10 @@ fn draft_mtp<B: Backend>(
         // the input rows from..from+len of each sequence, gathered in one select (padding past
         // a sequence's end is computed and ignored: causal attention keeps it away from real
         // positions, and those positions are recomputed before they are ever read as final)
-        let source = if k == 0 {
-            st.hidden.as_ref()
-        } else {
-            st.outputs[k - 1].as_ref()
-        }
-        .expect("input cache");
+        let source = match k.checked_sub(1) {
+            Some(j) => &st.outputs[j],
+            None => &st.hidden,
+        };
         let rows: Vec<i64> = from
             .iter()
             .enumerate()

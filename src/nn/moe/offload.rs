@@ -145,13 +145,14 @@ impl<B: Backend> ExpertStore<B> {
     /// Copies expert `e` of `layer` to the device (evicting the least recently used expert
     /// when the cache is full) and marks it used at `tick`.
     fn copy_in(&mut self, layer: usize, e: usize, tick: u64) -> SwiGlu<B> {
-        if self.cache.len() >= self.capacity {
-            let oldest = *self
-                .cache
+        let full = self.cache.len() >= self.capacity;
+        let lru = || {
+            self.cache
                 .iter()
                 .min_by_key(|(_, (_, used))| *used)
-                .map(|(k, _)| k)
-                .expect("a full cache is not empty");
+                .map(|(k, _)| *k)
+        };
+        if let Some(oldest) = full.then(lru).flatten() {
             self.cache.remove(&oldest);
             self.unused_prefetch.remove(&oldest);
             self.stats.evictions += 1;

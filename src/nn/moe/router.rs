@@ -141,12 +141,8 @@ impl<B: Backend> MoeRouter<B> {
     /// 路由 `[tokens, dim]`：在设备上打分，读回一次，在主机上挑选。
     pub fn route(&self, x: Tensor<B, 2>) -> Routing {
         let [t, _] = x.dims();
-        let scores: Vec<f32> = self
-            .scores(x)
-            .into_data()
-            .convert::<f32>()
-            .to_vec()
-            .expect("f32 scores");
+        // read in whatever float type the backend keeps them (converted per element)
+        let scores: Vec<f32> = self.scores(x).into_data().iter::<f32>().collect();
         select(&scores, t, &self.bias, &self.config)
     }
 
@@ -158,9 +154,8 @@ impl<B: Backend> MoeRouter<B> {
         let (e1, e2) = (self.config.n_routed_experts, next.config.n_routed_experts);
         let both: Vec<f32> = Tensor::cat(vec![self.scores(x.clone()), next.scores(x)], 1)
             .into_data()
-            .convert::<f32>()
-            .to_vec()
-            .expect("f32 scores");
+            .iter::<f32>()
+            .collect();
         let (mut a, mut b) = (Vec::with_capacity(t * e1), Vec::with_capacity(t * e2));
         for row in both.chunks(e1 + e2) {
             a.extend_from_slice(&row[..e1]);

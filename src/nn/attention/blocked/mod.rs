@@ -118,8 +118,9 @@ fn attention_rows<B: Backend>(
     let out_dtype = q.dtype();
     // the last key any row of this tile may see
     let offsets = || (row0..row0 + rows).map(|r| r % q_len);
-    let last_q = q_starts.iter().max().expect("batch") + offsets().max().expect("rows");
-    let first_q = q_starts.iter().min().expect("batch") + offsets().min().expect("rows");
+    // (an empty batch or tile has no rows to mask: 0 is as good as any bound)
+    let last_q = q_starts.iter().max().unwrap_or(&0) + offsets().max().unwrap_or(0);
+    let first_q = q_starts.iter().min().unwrap_or(&0) + offsets().min().unwrap_or(0);
     // every row's absolute position, uploaded once: the masks of all key blocks are built on
     // the device from it (not one host mask per block and sequence)
     let mut positions = None;
