@@ -62,19 +62,12 @@ struct VariantRun {
     capped: bool,
 }
 
-/// Runs SC-001 on backend `B`.
-pub fn run<B: Backend>(
-    s: &MlaScenario,
-    ctx: &BackendContext<B>,
-    monitor_cfg: MonitorConfig,
-) -> anyhow::Result<RunOutput> {
-    let dev = &ctx.device;
-    crate::backend::use_float_dtype::<B>(dev, s.run.dtype)?;
-    let eb = s.run.dtype.bytes();
+/// The notes that describe the run (dimensions, attention blocking, where memory is read),
+/// and the memory source the criteria use.
+fn setup_notes(s: &MlaScenario, pooled: bool) -> (Vec<String>, &'static str) {
     let (batch, seq, steps) = (s.run.batch, s.run.seq, s.run.decode_tokens);
     let chunk = s.attention.prefill_chunk;
-    let budget = (s.capacity.memory_budget_gib * GIB) as u64;
-    let source = if ctx.pool.is_some() {
+    let source = if pooled {
         "device pool (CubeCL)"
     } else {
         "host allocator"
@@ -91,7 +84,7 @@ pub fn run<B: Backend>(
         "attention: query chunks of {chunk} tokens x key blocks of {chunk} (online softmax): the \
          workspace does not grow with the sequence; memory source for the criteria: {source}"
     )];
-    if ctx.pool.is_some() {
+    if pooled {
         notes.push(
             "device pool usage is sampled at sync points (after each prefill chunk and decode \
              step): transient attention buffers freed inside a chunk are not seen, so peaks and \
@@ -100,6 +93,103 @@ pub fn run<B: Backend>(
                 .into(),
         );
     }
+    (notes, source)
+}
+
+/// Naive MLA's greedy tokens as `steps` columns `[batch, 1]`, for absorbed MLA to decode
+/// teacher-forced on them (None when naive MLA did not run or decoded a different count).
+fn forced_tokens<B: Backend>(
+    runs: &[VariantRun],
+    batch: usize,
+    steps: usize,
+    dev: &B::Device,
+) -> Option<Vec<Tensor<B, 2, Int>>> {
+    runs.iter()
+        .find(|r| r.variant == MlaVariant::MlaNaive)
+        .and_then(|r| r.decoded.as_ref())
+        .filter(|ids| ids.len() == batch * steps)
+        .map(|ids| {
+            (0..steps)
+                .map(|i| {
+                    let col: Vec<i64> = (0..batch).map(|b| ids[b * steps + i]).collect();
+                    Tensor::from_data(TensorData::new(col, [batch, 1]), dev)
+                })
+                .collect()
+        })
+}
+
+/// One timed run's figures: prefill seconds, decode seconds, KV-cache tensor bytes, host
+/// bytes allocated during the decode loop.
+type Split = (f64, f64, u64, Option<u64>);
+
+/// Speed figures of one variant from its timed runs (medians), with the roofline of a decode
+/// step at the mean context of the timed steps (step j attends to seq + j keys) and of the
+/// whole prefill, set against the measured limits.
+fn speed_metrics(
+    cfg: &DecoderConfig,
+    s: &MlaScenario,
+    split: &[Split],
+    limits: &super::roofline::Limits,
+) -> Vec<(&'static str, Option<f64>)> {
+    let (batch, seq, steps) = (s.run.batch, s.run.seq, s.run.decode_tokens);
+    let eb = s.run.dtype.bytes();
+    let med = |i: usize| -> Option<f64> {
+        let mut xs: Vec<f64> = split
+            .iter()
+            .map(|x| if i == 0 { x.0 } else { x.1 })
+            .collect();
+        xs.sort_by(f64::total_cmp);
+        xs.get(xs.len() / 2).copied()
+    };
+    let (prefill_s, decode_s) = (med(0), med(1));
+    let step = super::roofline::decode_step(cfg, batch, seq + steps.div_ceil(2), eb);
+    let prefill_flops = super::roofline::prefill_flops(cfg, batch, seq);
+    let decode_gbps = decode_s.map(|t| step.bytes() * steps as f64 / t / 1e9);
+    let prefill_gflops = prefill_s.map(|t| prefill_flops / t / 1e9);
+    let frac = |x: Option<f64>, lim: Option<f64>| x.zip(lim).map(|(x, l)| x / l);
+    vec![
+        ("prefill_s", prefill_s),
+        (
+            "prefill_tokens_per_s",
+            prefill_s.map(|t| (batch * seq) as f64 / t),
+        ),
+        ("decode_s", decode_s),
+        (
+            "decode_tokens_per_s",
+            decode_s.map(|t| (batch * steps) as f64 / t),
+        ),
+        ("decode_bytes_per_step", Some(step.bytes())),
+        ("decode_weight_bytes_per_step", Some(step.weight_bytes)),
+        ("decode_kv_bytes_per_step", Some(step.kv_bytes)),
+        ("decode_flops_per_step", Some(step.flops)),
+        ("decode_gb_per_s", decode_gbps),
+        (
+            "decode_gflop_per_s",
+            decode_s.map(|t| step.flops * steps as f64 / t / 1e9),
+        ),
+        ("prefill_flops", Some(prefill_flops)),
+        ("prefill_gflop_per_s", prefill_gflops),
+        (
+            "prefill_gemm_fraction",
+            frac(prefill_gflops, limits.gemm_gflop_per_s),
+        ),
+        ("limit_gemm_gflop_per_s", limits.gemm_gflop_per_s),
+    ]
+}
+
+/// Runs SC-001 on backend `B`.
+pub fn run<B: Backend>(
+    s: &MlaScenario,
+    ctx: &BackendContext<B>,
+    monitor_cfg: MonitorConfig,
+) -> anyhow::Result<RunOutput> {
+    let dev = &ctx.device;
+    crate::backend::use_float_dtype::<B>(dev, s.run.dtype)?;
+    let eb = s.run.dtype.bytes();
+    let (batch, seq, steps) = (s.run.batch, s.run.seq, s.run.decode_tokens);
+    let chunk = s.attention.prefill_chunk;
+    let budget = (s.capacity.memory_budget_gib * GIB) as u64;
+    let (mut notes, source) = setup_notes(s, ctx.pool.is_some());
     // the limits every speed below is set against, measured here with this backend
     let mut limits = super::roofline::measure(ctx);
     let mut series = Vec::new();
@@ -158,25 +248,15 @@ pub fn run<B: Backend>(
             ctx.pool.clone(),
         );
         // prefill s, decode s, cache bytes, host bytes allocated during the decode loop
-        let mut split: Vec<(f64, f64, u64, Option<u64>)> = Vec::new();
+        let mut split: Vec<Split> = Vec::new();
         let prompt = super::token_tensor::<B>(batch, seq, cfg.vocab_size, 7, dev);
         // absorbed MLA decodes teacher-forced on naive MLA's greedy tokens (same weights), so
         // its argmax is compared with naive's at every step without a cascade: one near-tie that
         // rounds the other way (half precision) changes one token, not every token after it.
         // The work per step is the same as free-running decoding.
-        let forced: Option<Vec<Tensor<B, 2, Int>>> = (variant == MlaVariant::MlaAbsorbed)
-            .then(|| runs.iter().find(|r| r.variant == MlaVariant::MlaNaive))
-            .flatten()
-            .and_then(|r| r.decoded.as_ref())
-            .filter(|ids| ids.len() == batch * steps)
-            .map(|ids| {
-                (0..steps)
-                    .map(|i| {
-                        let col: Vec<i64> = (0..batch).map(|b| ids[b * steps + i]).collect();
-                        Tensor::from_data(TensorData::new(col, [batch, 1]), dev)
-                    })
-                    .collect()
-            });
+        let forced = (variant == MlaVariant::MlaAbsorbed)
+            .then(|| forced_tokens::<B>(&runs, batch, steps, dev))
+            .flatten();
         let m = monitor.measure(variant.as_str(), |probe| {
             let mut cache = model.new_cache(batch, seq + steps);
             let t0 = Instant::now();
@@ -236,38 +316,13 @@ pub fn run<B: Backend>(
             kv_cache_bytes: cfg.kv_cache_bytes(batch, seq + steps, eb),
             activations_bytes: analytic_workspace(&cfg, batch, chunk, eb),
         });
-        let med = |i: usize| -> Option<f64> {
-            let mut xs: Vec<f64> = split
-                .iter()
-                .map(|x| if i == 0 { x.0 } else { x.1 })
-                .collect();
-            xs.sort_by(f64::total_cmp);
-            xs.get(xs.len() / 2).copied()
-        };
-        let (prefill_s, decode_s) = (med(0), med(1));
+        let speed = speed_metrics(&cfg, s, &split, &limits);
         let kv_per_token = cfg.attention.kv_elements_per_token() * eb * cfg.n_layers;
-        // roofline: a decode step at the mean context of the timed steps (step j attends to
-        // seq + j keys), and the whole prefill
-        let step = super::roofline::decode_step(&cfg, batch, seq + steps.div_ceil(2), eb);
-        let prefill_flops = super::roofline::prefill_flops(&cfg, batch, seq);
-        let decode_gbps = decode_s.map(|t| step.bytes() * steps as f64 / t / 1e9);
-        let prefill_gflops = prefill_s.map(|t| prefill_flops / t / 1e9);
-        let frac = |x: Option<f64>, lim: Option<f64>| x.zip(lim).map(|(x, l)| x / l);
         let alloc_per_step = split
             .last()
             .and_then(|x| x.3)
             .map(|b| b as f64 / steps.max(1) as f64);
-        for (k, x) in [
-            ("prefill_s", prefill_s),
-            (
-                "prefill_tokens_per_s",
-                prefill_s.map(|t| (batch * seq) as f64 / t),
-            ),
-            ("decode_s", decode_s),
-            (
-                "decode_tokens_per_s",
-                decode_s.map(|t| (batch * steps) as f64 / t),
-            ),
+        let memory = [
             ("runtime_peak_bytes", runtime_peak.map(|b| b as f64)),
             ("total_peak_bytes", total_peak.map(|b| b as f64)),
             (
@@ -279,21 +334,6 @@ pub fn run<B: Backend>(
             ("kv_cache_tensor_bytes", cache_bytes.map(|b| b as f64)),
             ("prefill_workspace_bytes", workspace.map(|b| b as f64)),
             ("kv_bytes_per_token_analytic", Some(kv_per_token as f64)),
-            ("decode_bytes_per_step", Some(step.bytes())),
-            ("decode_weight_bytes_per_step", Some(step.weight_bytes)),
-            ("decode_kv_bytes_per_step", Some(step.kv_bytes)),
-            ("decode_flops_per_step", Some(step.flops)),
-            ("decode_gb_per_s", decode_gbps),
-            (
-                "decode_gflop_per_s",
-                decode_s.map(|t| step.flops * steps as f64 / t / 1e9),
-            ),
-            ("prefill_flops", Some(prefill_flops)),
-            ("prefill_gflop_per_s", prefill_gflops),
-            (
-                "prefill_gemm_fraction",
-                frac(prefill_gflops, limits.gemm_gflop_per_s),
-            ),
             ("host_alloc_bytes_per_decode_step", alloc_per_step),
             (
                 "host_alloc_per_decode_step_vs_kv_cache",
@@ -302,9 +342,9 @@ pub fn run<B: Backend>(
                     .filter(|(_, c)| *c > 0)
                     .map(|(a, c)| a / c as f64),
             ),
-            ("limit_gemm_gflop_per_s", limits.gemm_gflop_per_s),
             ("kv_heads", Some(cfg.attention.n_kv_heads as f64)),
-        ] {
+        ];
+        for (k, x) in speed.into_iter().chain(memory) {
             v.metrics.insert(k.into(), x);
         }
         let (first, decoded) = match m.output {

@@ -24,28 +24,16 @@ use crate::config::MoeScenario;
 use crate::config::MoeVariant;
 use crate::monitor::{MonitorConfig, PerformanceMonitor};
 use crate::nn::model::{Decoder, DecoderConfig};
-use crate::nn::moe::{ExpertStore, LoadStats};
+use crate::nn::moe::{ExpertStore, LoadStats, MoeConfig};
 use crate::report::{AnalyticMemory, Comparison, Criterion, VariantReport};
 
 mod offload;
 use offload::{offload, sc003b_not_applicable};
 
-/// Runs SC-003a on backend `B`.
-pub fn run<B: Backend>(
-    s: &MoeScenario,
-    ctx: &BackendContext<B>,
-    monitor_cfg: MonitorConfig,
-) -> anyhow::Result<RunOutput> {
-    let dev = &ctx.device;
-    crate::backend::use_float_dtype::<B>(dev, s.run.dtype)?;
-    let eb = s.run.dtype.bytes();
-    let (pb, ps) = (s.run.prefill_batch, s.run.prefill_seq);
-    let (db, steps) = (s.run.decode_batch, s.run.decode_steps);
-    let moe = s
-        .decoder_config(MoeVariant::Moe)
-        .moe
-        .expect("the MoE variant has an MoE FFN");
-    let mut notes = vec![
+/// The notes that describe the three models: dimensions, FFN-level and whole-model active
+/// fractions, and the router.
+fn model_notes(s: &MoeScenario, moe: &MoeConfig) -> Vec<String> {
+    vec![
         format!(
             "dims: hidden {}, {} layers, {} heads (MHA), vocab {}; MoE {} routed + {} shared experts \
              of width {}, top-{}, {:?} scores, {} group(s); dense-equal-total FFN width {}, \
@@ -75,20 +63,19 @@ pub fn run<B: Backend>(
         "router: untrained (random weights) — load spreads evenly, which is the harder case for \
          expert caching but typical for speed"
             .into(),
-    ];
-    let mut series = Vec::new();
-    let mut variants = Vec::new();
-    let mut tps: Vec<(MoeVariant, Option<f64>, Option<f64>)> = Vec::new();
-    let names = MoeVariant::ALL;
-    // all three models are built first, then measured in interleaved rounds (moe, dense total,
-    // dense active, moe, ...) so machine drift hits them alike; prefill and decode are two
-    // separately timed workloads inside each run
-    let cfgs: Vec<DecoderConfig> = names
-        .iter()
-        .map(|&v| s.decoder_config(v).with_shape_buckets(ctx.shape_buckets()))
-        .collect();
-    let models: Vec<_> = cfgs
-        .iter()
+    ]
+}
+
+/// The models of `cfgs` (same seed), each warmed up on the measured prefill and decode shapes
+/// (lazy parameters materialised, kernels compiled).
+fn warmed_models<B: Backend>(
+    s: &MoeScenario,
+    cfgs: &[DecoderConfig],
+    dev: &B::Device,
+) -> Vec<Decoder<B>> {
+    let (pb, ps) = (s.run.prefill_batch, s.run.prefill_seq);
+    let db = s.run.decode_batch;
+    cfgs.iter()
         .map(|cfg| {
             B::seed(dev, 11);
             let model = cfg.init::<B>(dev);
@@ -108,7 +95,81 @@ pub fn run<B: Backend>(
             }
             model
         })
+        .collect()
+}
+
+/// MoE over dense-equal-total (SC-003a) and over dense-equal-active (routing overhead), for
+/// prefill and decode, from each variant's (prefill, decode) tokens per second: metrics of the
+/// MoE variant and a note. Returns the two SC-003a ratios (prefill, decode).
+fn speedups(
+    tps: &[(MoeVariant, Option<f64>, Option<f64>)],
+    variants: &mut [VariantReport],
+    notes: &mut Vec<String>,
+) -> (Option<f64>, Option<f64>) {
+    let get = |variant: MoeVariant, decode: bool| {
+        tps.iter()
+            .find(|t| t.0 == variant)
+            .and_then(|t| if decode { t.2 } else { t.1 })
+    };
+    let ratio = |a: Option<f64>, b: Option<f64>| a.zip(b).map(|(a, b)| a / b);
+    use MoeVariant::{DenseEqualActive, DenseEqualTotal, Moe};
+    let pre_total = ratio(get(Moe, false), get(DenseEqualTotal, false));
+    let dec_total = ratio(get(Moe, true), get(DenseEqualTotal, true));
+    let pre_active = ratio(get(Moe, false), get(DenseEqualActive, false));
+    let dec_active = ratio(get(Moe, true), get(DenseEqualActive, true));
+    if let Some(v) = variants
+        .iter_mut()
+        .find(|v| v.name == MoeVariant::Moe.as_str())
+    {
+        v.metrics
+            .insert("prefill_speedup_vs_dense_total".into(), pre_total);
+        v.metrics
+            .insert("decode_speedup_vs_dense_total".into(), dec_total);
+        v.metrics
+            .insert("prefill_ratio_vs_dense_active".into(), pre_active);
+        v.metrics
+            .insert("decode_ratio_vs_dense_active".into(), dec_active);
+    }
+    notes.push(format!(
+        "MoE vs dense-equal-active (routing overhead; below 1 = slower): prefill {}, decode {}",
+        pre_active
+            .map(|x| format!("{x:.2}x"))
+            .unwrap_or("not measured".into()),
+        dec_active
+            .map(|x| format!("{x:.2}x"))
+            .unwrap_or("not measured".into()),
+    ));
+    (pre_total, dec_total)
+}
+
+/// Runs SC-003a on backend `B`.
+pub fn run<B: Backend>(
+    s: &MoeScenario,
+    ctx: &BackendContext<B>,
+    monitor_cfg: MonitorConfig,
+) -> anyhow::Result<RunOutput> {
+    let dev = &ctx.device;
+    crate::backend::use_float_dtype::<B>(dev, s.run.dtype)?;
+    let eb = s.run.dtype.bytes();
+    let (pb, ps) = (s.run.prefill_batch, s.run.prefill_seq);
+    let (db, steps) = (s.run.decode_batch, s.run.decode_steps);
+    let moe = s
+        .decoder_config(MoeVariant::Moe)
+        .moe
+        .expect("the MoE variant has an MoE FFN");
+    let mut notes = model_notes(s, &moe);
+    let mut series = Vec::new();
+    let mut variants = Vec::new();
+    let mut tps: Vec<(MoeVariant, Option<f64>, Option<f64>)> = Vec::new();
+    let names = MoeVariant::ALL;
+    // all three models are built first, then measured in interleaved rounds (moe, dense total,
+    // dense active, moe, ...) so machine drift hits them alike; prefill and decode are two
+    // separately timed workloads inside each run
+    let cfgs: Vec<DecoderConfig> = names
+        .iter()
+        .map(|&v| s.decoder_config(v).with_shape_buckets(ctx.shape_buckets()))
         .collect();
+    let models = warmed_models::<B>(s, &cfgs, dev);
     let vocab = s.model.vocab_size;
     let prompt = super::token_tensor::<B>(pb, ps, vocab, 3, dev);
     let step_ids: Vec<Tensor<B, 2, Int>> = (0..steps)
@@ -215,39 +276,7 @@ pub fn run<B: Backend>(
          decode are timed separately inside every run (medians of the timed rounds)"
             .into(),
     );
-    let get = |variant: MoeVariant, decode: bool| {
-        tps.iter()
-            .find(|t| t.0 == variant)
-            .and_then(|t| if decode { t.2 } else { t.1 })
-    };
-    let ratio = |a: Option<f64>, b: Option<f64>| a.zip(b).map(|(a, b)| a / b);
-    use MoeVariant::{DenseEqualActive, DenseEqualTotal, Moe};
-    let pre_total = ratio(get(Moe, false), get(DenseEqualTotal, false));
-    let dec_total = ratio(get(Moe, true), get(DenseEqualTotal, true));
-    let pre_active = ratio(get(Moe, false), get(DenseEqualActive, false));
-    let dec_active = ratio(get(Moe, true), get(DenseEqualActive, true));
-    if let Some(v) = variants
-        .iter_mut()
-        .find(|v| v.name == MoeVariant::Moe.as_str())
-    {
-        v.metrics
-            .insert("prefill_speedup_vs_dense_total".into(), pre_total);
-        v.metrics
-            .insert("decode_speedup_vs_dense_total".into(), dec_total);
-        v.metrics
-            .insert("prefill_ratio_vs_dense_active".into(), pre_active);
-        v.metrics
-            .insert("decode_ratio_vs_dense_active".into(), dec_active);
-    }
-    notes.push(format!(
-        "MoE vs dense-equal-active (routing overhead; below 1 = slower): prefill {}, decode {}",
-        pre_active
-            .map(|x| format!("{x:.2}x"))
-            .unwrap_or("not measured".into()),
-        dec_active
-            .map(|x| format!("{x:.2}x"))
-            .unwrap_or("not measured".into()),
-    ));
+    let (pre_total, dec_total) = speedups(&tps, &mut variants, &mut notes);
     let mut criteria = vec![
         Criterion::evaluate(
             "SC-003a-prefill",

@@ -1,6 +1,7 @@
 //! SC-002 运行器：训练好的 MTP 模块做自推测解码，对比普通贪心自回归解码（同一批提示、
 //! 同一次运行、交替测量）。两者输出必须逐 token 相同，否则自推测变体判为失败。
 
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use burn::tensor::backend::Backend;
@@ -8,9 +9,10 @@ use burn::tensor::backend::Backend;
 use crate::backend::BackendContext;
 use crate::bench::RunOutput;
 use crate::config::scenario::MtpScenario;
-use crate::monitor::{MonitorConfig, PerformanceMonitor, Workload};
+use crate::monitor::{Measurement, MonitorConfig, PerformanceMonitor, Workload};
 use crate::nn::decode::{self, Drafter, SpecStats};
 use crate::nn::mtp::{MtpModel, MtpPredictor};
+use crate::nn::{Decoder, DecoderConfig};
 use crate::report::{AnalyticMemory, Comparison, Criterion, Equivalence, VariantReport};
 use crate::train;
 
@@ -35,18 +37,14 @@ fn time_mean<B: Backend>(dev: &B::Device, reps: usize, mut f: impl FnMut()) -> f
     t.elapsed().as_secs_f64() / reps.max(1) as f64
 }
 
-/// Runs SC-002.
-pub fn run<B: Backend>(
+/// The scenario's checkpoint: the given folder, or the default cache's (trained now when it
+/// is missing). Returns its folder, metadata, whether it was trained in this call, and the
+/// held-out text the prompts come from.
+fn checkpoint(
     s: &MtpScenario,
-    ctx: &BackendContext<B>,
-    monitor_cfg: MonitorConfig,
-) -> anyhow::Result<RunOutput> {
-    let dev = &ctx.device;
-    // before training: an unsupported dtype fails at once
-    crate::backend::use_float_dtype::<B>(dev, s.run.dtype)?;
-    let eb = s.run.dtype.bytes();
-    let progress = monitor_cfg.progress;
-    let (ckpt, meta, trained_now, heldout) = match &s.train.checkpoint {
+    progress: bool,
+) -> anyhow::Result<(PathBuf, train::CheckpointMeta, bool, Vec<u8>)> {
+    Ok(match &s.train.checkpoint {
         Some(dir) => {
             let (meta, heldout) = train::open_checkpoint(s, dir)?;
             (dir.clone(), meta, false, heldout)
@@ -62,12 +60,21 @@ pub fn run<B: Backend>(
             let (dir, meta, trained) = train::ensure_checkpoint(s, &cache_dir, &corpus, progress)?;
             (dir, meta, trained, corpus.heldout)
         }
-    };
-    let full: MtpModel<B> = train::load(&ckpt, &meta, ctx.shape_buckets(), dev)?;
+    })
+}
+
+/// The notes that describe the model: dimensions, corpus, checkpoint, held-out accuracy,
+/// self-distillation and prompts.
+fn model_notes(
+    s: &MtpScenario,
+    ckpt: &Path,
+    meta: &train::CheckpointMeta,
+    trained_now: bool,
+) -> Vec<String> {
     let depth = s.mtp.depth;
     let (batch, plen, n) = (s.run.batch, s.run.prompt_len, s.run.new_tokens);
     let sm = &meta.summary;
-    let mut notes = vec![
+    vec![
         format!(
             "dims: hidden {}, {} layers, {} heads (MHA), FFN {}, byte-level vocab {}; MTP depth D = {} \
              (\"predicting 4 tokens\" = the main token + D = 3 drafts), modules trained to depth {} (in f32; run in {})",
@@ -121,60 +128,111 @@ pub fn run<B: Backend>(
             "prompts: {batch} held-out windows of {plen} bytes (never trained on); {n} new tokens per sequence; \
              greedy decoding both ways"
         ),
-    ];
-    let main = &full.main;
-    let mtp = full.mtp.clone().truncated(depth);
-    let prompts = train::heldout_prompts(&heldout, batch, plen);
+    ]
+}
 
-    // both decoders on the same prompts, interleaved rounds; each run also records its
-    // prefill and decode phases (SC-002a is the whole job, SC-002b the decode phase alone)
-    let phases: [std::cell::RefCell<Vec<decode::PhaseTimes>>; 2] = Default::default();
-    let mut monitor = PerformanceMonitor::for_backend::<B>(monitor_cfg, dev, ctx.pool.clone());
-    let mut workloads: Vec<Workload<'_, Decoded>> = vec![
-        Box::new(|probe| {
-            let (out, ph) = decode::greedy_timed(main, &prompts, n, PREFILL_CHUNK);
-            phases[0].borrow_mut().push(ph);
-            probe.checkpoint("decoded");
-            Ok((out, None))
-        }),
-        Box::new(|probe| {
-            let (out, st) =
-                decode::speculative(main, &Drafter::Mtp(&mtp), &prompts, n, PREFILL_CHUNK);
-            phases[1].borrow_mut().push(st.phases);
-            probe.checkpoint("decoded");
-            Ok((out, Some(st)))
-        }),
-    ];
-    let names = ["greedy", "speculative"];
-    let ms = monitor.measure_interleaved(&names, &mut workloads);
-    drop(workloads);
-    let mut variants = Vec::new();
-    let mut secs = Vec::new();
-    for (i, m) in ms.iter().enumerate() {
-        let mut v = VariantReport::from_measurement(m);
-        // the speculative decoder also holds the D modules and their caches
-        let (extra_w, extra_layers) = if i == 1 {
-            (MtpPredictor::<B>::params(&meta.model, depth), depth)
-        } else {
-            (0, 0)
-        };
-        let layers = meta.model.n_layers.max(1);
-        let per_layer = meta
-            .model
-            .kv_cache_bytes(batch, plen + n + 2 * depth + 2, eb)
-            / layers as u64;
-        let t = v.timings.as_ref().map(|t| t.median_s);
-        v.metrics.insert("generation_s".into(), t);
-        v.metrics
-            .insert("tokens_per_s".into(), t.map(|t| (batch * n) as f64 / t));
-        v.memory.analytic = Some(AnalyticMemory {
-            weights_bytes: ((meta.model.params() + extra_w) * eb) as u64,
-            kv_cache_bytes: per_layer * (layers + extra_layers) as u64,
-            activations_bytes: 0,
+/// The cost of one verify step (D+1 tokens) against one plain step at the same batch and
+/// context, on the uniform-start path, and both against the machine's measured limits
+/// (metrics of the speculative variant, and a note). Returns the plain and the verify step's
+/// seconds.
+fn step_costs<B: Backend>(
+    s: &MtpScenario,
+    main: &Decoder<B>,
+    model: &DecoderConfig,
+    ctx: &BackendContext<B>,
+    variants: &mut [VariantReport],
+    notes: &mut Vec<String>,
+) -> (f64, f64) {
+    let dev = &ctx.device;
+    let depth = s.mtp.depth;
+    let (batch, plen, n) = (s.run.batch, s.run.prompt_len, s.run.new_tokens);
+    let eb = s.run.dtype.bytes();
+    // the cost of one verify step (D+1 tokens) against one plain step, same batch and context
+    let ctx_len = plen + n / 2;
+    let (one, verify) = {
+        let mut c1 = main.new_cache(batch, ctx_len + depth + 2);
+        c1.fill_synthetic(ctx_len, 0.01);
+        let ids1 = decode::id_tensor::<B>(&vec![vec![1u32]; batch], dev);
+        let idsk = decode::id_tensor::<B>(&vec![vec![1u32; depth + 1]; batch], dev);
+        let starts = vec![ctx_len; batch];
+        let one = time_mean::<B>(dev, 8, || {
+            let h = main.forward_trunk(ids1.clone(), &mut c1, &starts, None);
+            let _ = main.logits(main.final_norm(h)).argmax(2).into_data();
         });
-        secs.push(t);
-        variants.push(v);
+        let verify = time_mean::<B>(dev, 8, || {
+            let h = main.forward_trunk(idsk.clone(), &mut c1, &starts, None);
+            let _ = main.logits(main.final_norm(h)).argmax(2).into_data();
+        });
+        (one, verify)
+    };
+    // the same two steps against the machine's measured limits (streaming read, GEMM)
+    let limits = super::roofline::measure(ctx);
+    let plain_t = super::roofline::decode_step(model, batch, ctx_len, eb);
+    let rows = batch * (depth + 1);
+    // D+1 query rows per sequence: D+1 times the FLOPs, the same weights and cache read once
+    let verify_flops = plain_t.flops * (depth + 1) as f64;
+    let frac = |x: f64, limit: Option<f64>| limit.filter(|l| *l > 0.0).map(|l| x / l);
+    let plain_gb = plain_t.bytes() / one / 1e9;
+    let verify_gflop = verify_flops / verify / 1e9;
+    // rows at which a weight-streaming step turns compute-bound: 2·rows·W flops vs W·eb bytes
+    let ridge = limits
+        .gemm_gflop_per_s
+        .zip(limits.read_gb_per_s)
+        .map(|(f, r)| f * eb as f64 / (2.0 * r));
+    if let Some(v) = variants.get_mut(1) {
+        v.metrics
+            .insert("plain_step_gb_per_s".into(), Some(plain_gb));
+        v.metrics.insert(
+            "plain_step_read_fraction".into(),
+            frac(plain_gb, limits.read_gb_per_s),
+        );
+        v.metrics
+            .insert("verify_step_gflop_per_s".into(), Some(verify_gflop));
+        v.metrics.insert(
+            "verify_step_gemm_fraction".into(),
+            frac(verify_gflop, limits.gemm_gflop_per_s),
+        );
+        v.metrics.insert("verify_rows".into(), Some(rows as f64));
+        v.metrics.insert("ridge_rows".into(), ridge);
+        v.metrics
+            .insert("limit_read_gb_per_s".into(), limits.read_gb_per_s);
+        v.metrics
+            .insert("limit_gemm_gflop_per_s".into(), limits.gemm_gflop_per_s);
     }
+    notes.push(format!(
+        "roofline: a plain step (batch {batch}, context {ctx_len}) reads {:.2} MB of weights and \
+         cache and does {:.1} MFLOP, measured {plain_gb:.1} GB/s = {} of the read limit; a verify \
+         step has {rows} query rows ({verify_gflop:.1} GFLOP/s = {} of the GEMM limit). The ridge \
+         (rows at which streaming the weights once stops being the bound) is {} rows here: a \
+         verify step with more rows than that cannot cost the same as a plain step even at the \
+         roofline, and steps far below both limits are bound by per-operation overhead instead. {}",
+        plain_t.bytes() / 1e6,
+        plain_t.flops / 1e6,
+        super::fmt_opt(frac(plain_gb, limits.read_gb_per_s), 3),
+        super::fmt_opt(frac(verify_gflop, limits.gemm_gflop_per_s), 3),
+        super::fmt_opt(ridge, 1),
+        limits.note()
+    ));
+    if let Some(v) = variants.get_mut(1) {
+        v.metrics.insert("plain_step_s".into(), Some(one));
+        v.metrics
+            .insert(format!("verify_step_s_{}_tokens", depth + 1), Some(verify));
+        v.metrics
+            .insert("verify_over_plain_step".into(), Some(verify / one));
+    }
+    (one, verify)
+}
+
+/// Compares the two decoders' tokens: SC-002-eq's figures and the speculative variant's
+/// equivalence (it fails when the tokens differ), the repetition of greedy's text, and the
+/// speculative statistics. Returns (identical, identical fraction, statistics).
+fn compare_outputs(
+    ms: &[Measurement<Decoded>],
+    prompts: &[Vec<u32>],
+    variants: &mut [VariantReport],
+    notes: &mut Vec<String>,
+) -> anyhow::Result<(Option<bool>, Option<f64>, Option<SpecStats>)> {
+    let batch = prompts.len();
     let greedy_out = ms[0].output.as_ref().map(|o| o.0.clone());
     let spec = ms[1].output.as_ref();
     // diagnostics: the generated tokens of both decoders, for comparing backends
@@ -230,79 +288,134 @@ pub fn run<B: Backend>(
         }
     }
 
-    // the cost of one verify step (D+1 tokens) against one plain step, same batch and context
-    let ctx_len = plen + n / 2;
-    let (one, verify) = {
-        let mut c1 = main.new_cache(batch, ctx_len + depth + 2);
-        c1.fill_synthetic(ctx_len, 0.01);
-        let ids1 = decode::id_tensor::<B>(&vec![vec![1u32]; batch], dev);
-        let idsk = decode::id_tensor::<B>(&vec![vec![1u32; depth + 1]; batch], dev);
-        let starts = vec![ctx_len; batch];
-        let one = time_mean::<B>(dev, 8, || {
-            let h = main.forward_trunk(ids1.clone(), &mut c1, &starts, None);
-            let _ = main.logits(main.final_norm(h)).argmax(2).into_data();
-        });
-        let verify = time_mean::<B>(dev, 8, || {
-            let h = main.forward_trunk(idsk.clone(), &mut c1, &starts, None);
-            let _ = main.logits(main.final_norm(h)).argmax(2).into_data();
-        });
-        (one, verify)
+    Ok((identical, identical_fraction, stats))
+}
+
+/// SC-002a (end-to-end time), SC-002b (decode throughput) and SC-002-eq (identical tokens).
+fn criteria(
+    s: &MtpScenario,
+    reduction: Option<f64>,
+    ratio: Option<f64>,
+    identical: Option<bool>,
+    identical_fraction: Option<f64>,
+) -> Vec<Criterion> {
+    let depth = s.mtp.depth;
+    let (batch, n) = (s.run.batch, s.run.new_tokens);
+    let same = match identical {
+        Some(true) => "outputs identical to greedy",
+        Some(false) => "FAIL: outputs differ from greedy",
+        None => "outputs not compared (a variant failed)",
     };
-    // the same two steps against the machine's measured limits (streaming read, GEMM)
-    let limits = super::roofline::measure(ctx);
-    let plain_t = super::roofline::decode_step(&meta.model, batch, ctx_len, eb);
-    let rows = batch * (depth + 1);
-    // D+1 query rows per sequence: D+1 times the FLOPs, the same weights and cache read once
-    let verify_flops = plain_t.flops * (depth + 1) as f64;
-    let frac = |x: f64, limit: Option<f64>| limit.filter(|l| *l > 0.0).map(|l| x / l);
-    let plain_gb = plain_t.bytes() / one / 1e9;
-    let verify_gflop = verify_flops / verify / 1e9;
-    // rows at which a weight-streaming step turns compute-bound: 2·rows·W flops vs W·eb bytes
-    let ridge = limits
-        .gemm_gflop_per_s
-        .zip(limits.read_gb_per_s)
-        .map(|(f, r)| f * eb as f64 / (2.0 * r));
-    if let Some(v) = variants.get_mut(1) {
+    vec![
+        Criterion::evaluate(
+            "SC-002a",
+            "generation_time_reduction",
+            Comparison::AtLeast,
+            s.thresholds.time_reduction,
+            reduction,
+            format!(
+                "1 - t(speculative)/t(greedy), end to end: prefill of the {batch} prompts + {n} new \
+                 tokens each, D = {depth}; {same}"
+            ),
+        ),
+        Criterion::evaluate(
+            "SC-002b",
+            "throughput_ratio",
+            Comparison::AtLeast,
+            s.thresholds.throughput_ratio,
+            ratio,
+            format!(
+                "steady-state decode throughput, speculative over greedy: median decode-phase \
+                 time of greedy / of speculative (prefill excluded: the phases are timed inside \
+                 every interleaved run, the first generated token counts to the prefill); {same}"
+            ),
+        ),
+        // equivalence first: a speedup from a decoder that generates other tokens is a bug
+        Criterion::evaluate(
+            "SC-002-eq",
+            "identical_sequence_fraction_speculative_vs_greedy",
+            Comparison::AtLeast,
+            1.0,
+            identical_fraction,
+            format!(
+                "sequences (of {batch}) whose speculative tokens equal greedy's token for token"
+            ),
+        ),
+    ]
+}
+
+/// Runs SC-002.
+pub fn run<B: Backend>(
+    s: &MtpScenario,
+    ctx: &BackendContext<B>,
+    monitor_cfg: MonitorConfig,
+) -> anyhow::Result<RunOutput> {
+    let dev = &ctx.device;
+    // before training: an unsupported dtype fails at once
+    crate::backend::use_float_dtype::<B>(dev, s.run.dtype)?;
+    let eb = s.run.dtype.bytes();
+    let (ckpt, meta, trained_now, heldout) = checkpoint(s, monitor_cfg.progress)?;
+    let full: MtpModel<B> = train::load(&ckpt, &meta, ctx.shape_buckets(), dev)?;
+    let depth = s.mtp.depth;
+    let (batch, plen, n) = (s.run.batch, s.run.prompt_len, s.run.new_tokens);
+    let mut notes = model_notes(s, &ckpt, &meta, trained_now);
+    let main = &full.main;
+    let mtp = full.mtp.clone().truncated(depth);
+    let prompts = train::heldout_prompts(&heldout, batch, plen);
+
+    // both decoders on the same prompts, interleaved rounds; each run also records its
+    // prefill and decode phases (SC-002a is the whole job, SC-002b the decode phase alone)
+    let phases: [std::cell::RefCell<Vec<decode::PhaseTimes>>; 2] = Default::default();
+    let mut monitor = PerformanceMonitor::for_backend::<B>(monitor_cfg, dev, ctx.pool.clone());
+    let mut workloads: Vec<Workload<'_, Decoded>> = vec![
+        Box::new(|probe| {
+            let (out, ph) = decode::greedy_timed(main, &prompts, n, PREFILL_CHUNK);
+            phases[0].borrow_mut().push(ph);
+            probe.checkpoint("decoded");
+            Ok((out, None))
+        }),
+        Box::new(|probe| {
+            let (out, st) =
+                decode::speculative(main, &Drafter::Mtp(&mtp), &prompts, n, PREFILL_CHUNK);
+            phases[1].borrow_mut().push(st.phases);
+            probe.checkpoint("decoded");
+            Ok((out, Some(st)))
+        }),
+    ];
+    let names = ["greedy", "speculative"];
+    let ms = monitor.measure_interleaved(&names, &mut workloads);
+    drop(workloads);
+    let mut variants = Vec::new();
+    let mut secs = Vec::new();
+    for (i, m) in ms.iter().enumerate() {
+        let mut v = VariantReport::from_measurement(m);
+        // the speculative decoder also holds the D modules and their caches
+        let (extra_w, extra_layers) = if i == 1 {
+            (MtpPredictor::<B>::params(&meta.model, depth), depth)
+        } else {
+            (0, 0)
+        };
+        let layers = meta.model.n_layers.max(1);
+        let per_layer = meta
+            .model
+            .kv_cache_bytes(batch, plen + n + 2 * depth + 2, eb)
+            / layers as u64;
+        let t = v.timings.as_ref().map(|t| t.median_s);
+        v.metrics.insert("generation_s".into(), t);
         v.metrics
-            .insert("plain_step_gb_per_s".into(), Some(plain_gb));
-        v.metrics.insert(
-            "plain_step_read_fraction".into(),
-            frac(plain_gb, limits.read_gb_per_s),
-        );
-        v.metrics
-            .insert("verify_step_gflop_per_s".into(), Some(verify_gflop));
-        v.metrics.insert(
-            "verify_step_gemm_fraction".into(),
-            frac(verify_gflop, limits.gemm_gflop_per_s),
-        );
-        v.metrics.insert("verify_rows".into(), Some(rows as f64));
-        v.metrics.insert("ridge_rows".into(), ridge);
-        v.metrics
-            .insert("limit_read_gb_per_s".into(), limits.read_gb_per_s);
-        v.metrics
-            .insert("limit_gemm_gflop_per_s".into(), limits.gemm_gflop_per_s);
+            .insert("tokens_per_s".into(), t.map(|t| (batch * n) as f64 / t));
+        v.memory.analytic = Some(AnalyticMemory {
+            weights_bytes: ((meta.model.params() + extra_w) * eb) as u64,
+            kv_cache_bytes: per_layer * (layers + extra_layers) as u64,
+            activations_bytes: 0,
+        });
+        secs.push(t);
+        variants.push(v);
     }
-    notes.push(format!(
-        "roofline: a plain step (batch {batch}, context {ctx_len}) reads {:.2} MB of weights and \
-         cache and does {:.1} MFLOP, measured {plain_gb:.1} GB/s = {} of the read limit; a verify \
-         step has {rows} query rows ({verify_gflop:.1} GFLOP/s = {} of the GEMM limit). The ridge \
-         (rows at which streaming the weights once stops being the bound) is {} rows here: a \
-         verify step with more rows than that cannot cost the same as a plain step even at the \
-         roofline, and steps far below both limits are bound by per-operation overhead instead. {}",
-        plain_t.bytes() / 1e6,
-        plain_t.flops / 1e6,
-        super::fmt_opt(frac(plain_gb, limits.read_gb_per_s), 3),
-        super::fmt_opt(frac(verify_gflop, limits.gemm_gflop_per_s), 3),
-        super::fmt_opt(ridge, 1),
-        limits.note()
-    ));
-    if let Some(v) = variants.get_mut(1) {
-        v.metrics.insert("plain_step_s".into(), Some(one));
-        v.metrics
-            .insert(format!("verify_step_s_{}_tokens", depth + 1), Some(verify));
-        v.metrics
-            .insert("verify_over_plain_step".into(), Some(verify / one));
-    }
+    let (identical, identical_fraction, stats) =
+        compare_outputs(&ms, &prompts, &mut variants, &mut notes)?;
+    let (one, verify) = step_costs(s, main, &meta.model, ctx, &mut variants, &mut notes);
+    let ctx_len = plen + n / 2;
     let (tg, ts) = (secs[0], secs[1]);
     let reduction = tg.zip(ts).map(|(g, sp)| 1.0 - sp / g);
     // decode-phase medians of the timed rounds (the monitor's warm-up rounds come first)
@@ -355,47 +468,7 @@ pub fn run<B: Backend>(
         super::fmt_opt(stat("draft_over_verify"), 2),
         super::fmt_opt(stat("read_backs_per_step"), 2),
     ));
-    let same = match identical {
-        Some(true) => "outputs identical to greedy",
-        Some(false) => "FAIL: outputs differ from greedy",
-        None => "outputs not compared (a variant failed)",
-    };
-    let criteria = vec![
-        Criterion::evaluate(
-            "SC-002a",
-            "generation_time_reduction",
-            Comparison::AtLeast,
-            s.thresholds.time_reduction,
-            reduction,
-            format!(
-                "1 - t(speculative)/t(greedy), end to end: prefill of the {batch} prompts + {n} new \
-                 tokens each, D = {depth}; {same}"
-            ),
-        ),
-        Criterion::evaluate(
-            "SC-002b",
-            "throughput_ratio",
-            Comparison::AtLeast,
-            s.thresholds.throughput_ratio,
-            ratio,
-            format!(
-                "steady-state decode throughput, speculative over greedy: median decode-phase \
-                 time of greedy / of speculative (prefill excluded: the phases are timed inside \
-                 every interleaved run, the first generated token counts to the prefill); {same}"
-            ),
-        ),
-        // equivalence first: a speedup from a decoder that generates other tokens is a bug
-        Criterion::evaluate(
-            "SC-002-eq",
-            "identical_sequence_fraction_speculative_vs_greedy",
-            Comparison::AtLeast,
-            1.0,
-            identical_fraction,
-            format!(
-                "sequences (of {batch}) whose speculative tokens equal greedy's token for token"
-            ),
-        ),
-    ];
+    let criteria = criteria(s, reduction, ratio, identical, identical_fraction);
     let mut sweep_points = Vec::new();
     if let Some(sw) = &s.sweep {
         sweep(
