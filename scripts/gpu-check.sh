@@ -71,9 +71,9 @@ run_step() {
         cal) step cal "$STEP_LIMIT_S" bench calibrate --backend cuda $r ;;
         mla-smoke)
             step mla-smoke-cuda-bf16 "$STEP_LIMIT_S" bench mla --backend cuda --dtype bf16 \
-                --scenario scenarios/smoke/sc001-mla-smoke.toml $r
+                --scenario scenarios/gpu/sc001-mla-pool-smoke.toml $r
             step mla-smoke-wgpu-f16 "$STEP_LIMIT_S" bench mla --backend wgpu --dtype f16 \
-                --scenario scenarios/smoke/sc001-mla-smoke.toml $r
+                --scenario scenarios/gpu/sc001-mla-pool-smoke.toml $r
             ;;
         moe-smoke)
             step moe-smoke-cuda-bf16 "$STEP_LIMIT_S" bench moe --backend cuda --dtype bf16 \

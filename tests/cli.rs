@@ -546,12 +546,15 @@ fn json_format_puts_only_json_on_stdout() {
 fn mla_smoke_on_flex_and_wgpu_writes_measured_criteria() {
     for backend in common::backends("mla_smoke_on_flex_and_wgpu_writes_measured_criteria") {
         let dir = tempfile::tempdir().unwrap();
-        let (_, v) = run_one(
-            backend,
-            "scenarios/smoke/sc001-mla-smoke.toml",
-            dir.path(),
-            &[],
-        );
+        // a device pool reserves whole pages (about 8 MiB on lavapipe): its smoke has a budget
+        // above one page, the host allocator's the 1 MiB one
+        let pooled = backend != "flex";
+        let scenario = if pooled {
+            "scenarios/gpu/sc001-mla-pool-smoke.toml"
+        } else {
+            "scenarios/smoke/sc001-mla-smoke.toml"
+        };
+        let (_, v) = run_one(backend, scenario, dir.path(), &[]);
         let ids: Vec<&str> = v["criteria"]
             .as_array()
             .unwrap()
@@ -577,7 +580,47 @@ fn mla_smoke_on_flex_and_wgpu_writes_measured_criteria() {
             assert_eq!(x["status"], "ok", "{backend}: {x}");
             assert!(x["metrics"]["decode_tokens_per_s"].as_f64().unwrap() > 0.0);
             assert!(x["metrics"]["capacity_tokens"].as_f64().unwrap() > 0.0);
+            // a pool backend confirms its capacity by a real prefill, the host does not
+            let confirmed = &x["metrics"]["capacity_confirmed_by_real_prefill"];
+            if pooled {
+                assert_eq!(confirmed.as_f64(), Some(1.0), "{backend}: {x}");
+            } else {
+                assert!(confirmed.is_null(), "{backend}: {x}");
+            }
         }
+        // every probe says what it was decided on; the pool's are decided on reserved bytes,
+        // which are at least the bytes in use, and one real prefill per variant ran there
+        let probes = v["series"]["capacity_probes"].as_array().unwrap();
+        let real: Vec<&Value> = probes
+            .iter()
+            .filter(|p| p["real_prefill"] == true)
+            .collect();
+        for p in probes {
+            let (note, total) = (p["note"].as_str().unwrap(), p["total_bytes"].as_f64());
+            if total.is_none() {
+                assert!(note.starts_with("not run"), "{backend}: {p}");
+                continue;
+            }
+            if pooled {
+                assert!(note.contains("pool reserved bytes"), "{backend}: {p}");
+                let (r, m) = (
+                    p["reserved_peak_bytes"].as_f64(),
+                    p["measured_peak_bytes"].as_f64(),
+                );
+                assert!(
+                    r.unwrap() >= m.unwrap() && total.unwrap() >= r.unwrap(),
+                    "{p}"
+                );
+            } else {
+                assert!(note.contains("host allocator"), "{backend}: {p}");
+                assert!(p["reserved_peak_bytes"].is_null(), "{p}");
+            }
+        }
+        assert_eq!(
+            real.len(),
+            if pooled { 4 } else { 0 },
+            "{backend}: {probes:?}"
+        );
         // absorbed MLA was checked against naive MLA on the same weights
         assert_eq!(v["variants"][3]["equivalence"]["passed"], true, "{backend}");
         // the cache of absorbed MLA is the smallest: (32 + 8) vs 2 x 4 x 16 elements per token

@@ -80,8 +80,16 @@ pub struct CapacityProbe {
     pub seq: usize,
     /// 实测解码峰值减去加载模型之前的水平（权重 + 缓存 + 解码工作区）；未运行或无法测量为 null。
     pub measured_peak_bytes: Option<u64>,
-    /// 上一项加上实测的预填充工作区：与预算比较的数。
+    /// 设备内存池在探测峰值时**保留**的字节数减去加载模型之前的使用量（池后端：分配器真正
+    /// 占用的、保守的数；主机分配器逐字节计数，没有这一项，为 null）。
+    #[serde(default)]
+    pub reserved_peak_bytes: Option<u64>,
+    /// 与预算比较的数：池后端为保留字节（没有时为使用字节），主机上为使用字节；合成缓存的探测
+    /// 再加上实测的预填充工作区，真实预填充的探测已经包含它。
     pub total_bytes: Option<u64>,
+    /// 这次探测是一次真实的分块预填充（确认找到的容量，池后端），而不是合成缓存加解码步。
+    #[serde(default)]
+    pub real_prefill: bool,
     /// 是否放得下预算。
     pub fits: bool,
     /// 说明（为什么没有运行、用了哪个内存来源）。

@@ -1,14 +1,17 @@
-//! SC-001b 的容量探测：每次探测都是一次真实的预填充与解码，在预算下倍增再二分出最长上下文。
+//! SC-001b 的容量探测：每次探测都是真实分配并运行的缓存与解码步，在预算下倍增再二分出最长
+//! 上下文。设备内存池后端按池**保留**的字节（保守的数）判定是否放得下，并用一次真实的分块
+//! 预填充确认找到的容量（放不下则按 1/32 递减重试）；主机分配器逐字节计数，按实测峰值判定。
 
 use burn::tensor::backend::Backend;
 
 use super::*;
 
-/// Least-squares slope of measured probe peak vs sequence length (bytes per token).
+/// Least-squares slope of measured probe peak vs sequence length (bytes per token), over the
+/// synthetic-cache probes (a confirming real prefill is another workload).
 pub(super) fn probe_slope(probes: &[CapacityProbe], variant: &str) -> Option<f64> {
     let pts: Vec<(f64, f64)> = probes
         .iter()
-        .filter(|p| p.variant == variant)
+        .filter(|p| p.variant == variant && !p.real_prefill)
         .filter_map(|p| Some((p.seq as f64, p.measured_peak_bytes? as f64)))
         .collect();
     if pts.len() < 2 {
@@ -86,6 +89,51 @@ pub(super) fn capacity_search<B: Backend>(
     (Some(lo), false)
 }
 
+/// The highest pool readings seen at the sync points of one probe.
+#[derive(Default)]
+struct PoolPeak {
+    in_use: Option<u64>,
+    reserved: Option<u64>,
+}
+
+impl PoolPeak {
+    /// Waits for the device and takes one reading of the pool (nothing without a pool).
+    fn sample<B: Backend>(&mut self, ctx: &BackendContext<B>) {
+        B::sync(&ctx.device).ok();
+        if let Some(p) = ctx.pool.as_ref().and_then(|p| p()) {
+            self.in_use = Some(self.in_use.unwrap_or(0).max(p.in_use));
+            self.reserved = Some(self.reserved.unwrap_or(0).max(p.reserved));
+        }
+    }
+}
+
+/// Starts a probe from a clean slate: the device idle, the pool's free pages given back (so
+/// its reserved bytes are this probe's, not the previous one's), the host peak reset.
+fn clean_start<B: Backend>(ctx: &BackendContext<B>) {
+    B::sync(&ctx.device).ok();
+    B::memory_cleanup(&ctx.device);
+    alloc::reset_peak();
+}
+
+/// The figure a probe compares with the budget and the note saying which it is: on a pool
+/// backend the pool's reserved bytes (what the allocator really holds; in-use bytes when the
+/// pool does not report reserved), on the host the counting allocator's exact peak.
+fn budget_figure(
+    pooled: bool,
+    in_use: Option<u64>,
+    reserved: Option<u64>,
+    extra: u64,
+) -> (Option<u64>, String) {
+    match (pooled, reserved) {
+        (true, Some(r)) => (Some(r + extra), "pool reserved bytes".into()),
+        (true, None) => (
+            in_use.map(|m| m + extra),
+            "pool in-use bytes (reserved not reported)".into(),
+        ),
+        (false, _) => (in_use.map(|m| m + extra), "host allocator".into()),
+    }
+}
+
 #[allow(clippy::too_many_arguments)]
 fn probe_once<B: Backend>(
     model: &Decoder<B>,
@@ -109,50 +157,155 @@ fn probe_once<B: Backend>(
             variant: variant.into(),
             seq,
             measured_peak_bytes: None,
+            reserved_peak_bytes: None,
             total_bytes: None,
             fits: false,
+            real_prefill: false,
             note: format!(
                 "not run: weights + cache alone are {analytic} bytes, over twice the budget"
             ),
         };
     }
-    B::sync(dev).ok();
-    alloc::reset_peak();
-    let mut pool_peak: Option<u64> = None;
-    let sample = |pool_peak: &mut Option<u64>| {
-        B::sync(dev).ok();
-        if let Some(p) = ctx.pool.as_ref().and_then(|p| p()) {
-            *pool_peak = Some(pool_peak.unwrap_or(0).max(p.in_use));
-        }
-    };
+    clean_start(ctx);
+    let mut pool = PoolPeak::default();
     {
         let mut cache = model.new_cache(batch, seq + steps);
         cache.fill_synthetic(seq, 0.01);
-        sample(&mut pool_peak);
+        pool.sample(ctx);
         let mut next = crate::bench::token_tensor::<B>(batch, 1, cfg.vocab_size, 3, dev);
         for _ in 0..steps {
             let l = model.decode_step(next, &mut cache);
             next = l.argmax(2).reshape([batch, 1]);
-            sample(&mut pool_peak);
+            pool.sample(ctx);
         }
     }
-    let peak = if ctx.pool.is_some() {
-        pool_peak
-    } else {
-        alloc::peak()
-    };
-    let measured = peak.zip(before_load).map(|(p, b)| p.saturating_sub(b));
-    let total = measured.map(|m| m + workspace);
+    probe_result(
+        ctx,
+        variant,
+        seq,
+        pool,
+        before_load,
+        workspace,
+        budget,
+        false,
+    )
+}
+
+/// A probe's record from its peaks: bytes above the pre-load level, plus `extra` (the measured
+/// prefill workspace for a synthetic-cache probe, 0 for a real prefill).
+#[allow(clippy::too_many_arguments)]
+fn probe_result<B: Backend>(
+    ctx: &BackendContext<B>,
+    variant: &str,
+    seq: usize,
+    pool: PoolPeak,
+    before_load: Option<u64>,
+    extra: u64,
+    budget: u64,
+    real_prefill: bool,
+) -> CapacityProbe {
+    let pooled = ctx.pool.is_some();
+    let in_use = if pooled { pool.in_use } else { alloc::peak() };
+    let above = |x: Option<u64>| x.zip(before_load).map(|(p, b)| p.saturating_sub(b));
+    let (measured, reserved) = (above(in_use), above(pool.reserved));
+    let (total, source) = budget_figure(pooled, measured, reserved, extra);
     CapacityProbe {
         variant: variant.into(),
         seq,
         measured_peak_bytes: measured,
+        reserved_peak_bytes: reserved,
         total_bytes: total,
         fits: total.is_some_and(|t| t <= budget),
+        real_prefill,
         note: if total.is_none() {
             "memory not measurable on this backend".into()
+        } else if real_prefill {
+            format!("real chunked prefill at the found capacity; decided on {source}")
         } else {
-            String::new()
+            format!("decided on {source}")
         },
+    }
+}
+
+/// Tries before a capacity that no real prefill confirms is given up.
+const CONFIRM_TRIES: usize = 4;
+
+/// On a pool backend, confirms a capacity found with synthetic caches by one real chunked
+/// prefill (of `found` tokens per sequence, then the probe's decode steps), deciding on the
+/// pool's reserved bytes sampled after every chunk and step; when it does not fit, steps down by
+/// 1/32 and tries again (each try a listed probe). Returns the confirmed capacity, or None when
+/// [`CONFIRM_TRIES`] real prefills did not fit. Not run on the host allocator, whose count is
+/// exact (every byte, not sampled at sync points) and where the prefill workspace is measured.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn confirm_capacity<B: Backend>(
+    model: &Decoder<B>,
+    cfg: &DecoderConfig,
+    s: &MlaScenario,
+    ctx: &BackendContext<B>,
+    variant: &str,
+    before_load: Option<u64>,
+    budget: u64,
+    found: usize,
+    probes: &mut Vec<CapacityProbe>,
+) -> Option<usize> {
+    let dev = &ctx.device;
+    let batch = s.run.batch;
+    let steps = s.capacity.probe_decode_tokens;
+    let mut seq = found;
+    for _ in 0..CONFIRM_TRIES {
+        clean_start(ctx);
+        let mut pool = PoolPeak::default();
+        {
+            let mut cache = model.new_cache(batch, seq + steps);
+            let prompt = crate::bench::token_tensor::<B>(batch, seq, cfg.vocab_size, 5, dev);
+            let logits = model.prefill(prompt, &mut cache, s.attention.prefill_chunk, |_| {
+                pool.sample(ctx)
+            });
+            let mut next = logits.argmax(2).reshape([batch, 1]);
+            for _ in 0..steps {
+                let l = model.decode_step(next, &mut cache);
+                next = l.argmax(2).reshape([batch, 1]);
+                pool.sample(ctx);
+            }
+        }
+        let p = probe_result(ctx, variant, seq, pool, before_load, 0, budget, true);
+        crate::monitor::progress::trace(format!(
+            "{variant}: capacity confirmed by a real prefill of {seq} tokens: total {:?} bytes, fits {}",
+            p.total_bytes, p.fits
+        ));
+        let fits = p.fits;
+        probes.push(p);
+        if fits {
+            return Some(seq);
+        }
+        let next = seq.saturating_sub((seq / 32).max(1));
+        if next < s.capacity.min_seq || next == 0 {
+            break;
+        }
+        seq = next;
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::budget_figure;
+
+    #[test]
+    fn a_pool_backend_decides_on_reserved_bytes_the_host_on_its_exact_count() {
+        // pool: reserved (with the workspace added), whatever the in-use figure says
+        let (t, src) = budget_figure(true, Some(100), Some(8 << 20), 5);
+        assert_eq!(t, Some((8 << 20) + 5));
+        assert!(src.contains("reserved"), "{src}");
+        // pool without a reserved figure: in use, and the note says so
+        let (t, src) = budget_figure(true, Some(100), None, 5);
+        assert_eq!(t, Some(105));
+        assert!(src.contains("not reported"), "{src}");
+        // host allocator: its count, never a reserved figure
+        let (t, src) = budget_figure(false, Some(100), Some(1 << 30), 5);
+        assert_eq!(t, Some(105));
+        assert_eq!(src, "host allocator");
+        // nothing measured: nothing to compare
+        assert_eq!(budget_figure(false, None, None, 5).0, None);
     }
 }

@@ -22,7 +22,7 @@ use crate::report::{AnalyticMemory, CapacityProbe, ReportSeries, VariantReport};
 mod capacity;
 mod verdict;
 
-use capacity::{capacity_search, probe_slope};
+use capacity::{capacity_search, confirm_capacity, probe_slope};
 
 const GIB: f64 = 1024.0 * 1024.0 * 1024.0;
 
@@ -89,7 +89,8 @@ fn setup_notes(s: &MlaScenario, pooled: bool) -> (Vec<String>, &'static str) {
             "device pool usage is sampled at sync points (after each prefill chunk and decode \
              step): transient attention buffers freed inside a chunk are not seen, so peaks and \
              the prefill workspace are lower bounds on this backend (NVML, where present, reads \
-             the driver's figure every 10 ms)"
+             the driver's figure every 10 ms); so capacity (SC-001b) is decided on the pool's \
+             reserved bytes and confirmed by a real prefill"
                 .into(),
         );
     }
@@ -372,8 +373,31 @@ pub fn run<B: Backend>(
         } else {
             (None, false)
         };
+        // on a pool backend the found capacity must hold under one real chunked prefill too
+        let (capacity, capped, confirmed) = match capacity {
+            Some(found) if ctx.pool.is_some() => {
+                let c = confirm_capacity(
+                    &model,
+                    &cfg,
+                    s,
+                    ctx,
+                    variant.as_str(),
+                    before_load,
+                    budget,
+                    found,
+                    &mut probes,
+                );
+                (c, capped && c == Some(found), Some(c.is_some()))
+            }
+            other => (other, capped, None),
+        };
         v.metrics
             .insert("capacity_tokens".into(), capacity.map(|c| c as f64));
+        // 1 = a real chunked prefill at capacity_tokens fit (pool backends; null: not run)
+        v.metrics.insert(
+            "capacity_confirmed_by_real_prefill".into(),
+            confirmed.map(|c| if c { 1.0 } else { 0.0 }),
+        );
         // 1 = still fit at capacity.max_seq, so capacity_tokens is only a lower bound
         v.metrics.insert(
             "capacity_is_lower_bound".into(),

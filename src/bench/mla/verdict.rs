@@ -123,6 +123,37 @@ pub(super) fn criteria(
         ));
     }
     let fitting = |v: &str| probes.iter().filter(|p| p.variant == v && p.fits).count();
+    // on a pool backend a budget below one pool page fits nothing at all: say so, with the fix
+    // (the bytes in use would have fit, the pages reserved for them do not)
+    let budget = (s.capacity.memory_budget_gib * 1073741824.0) as u64;
+    for v in &s.attention.variants {
+        let first = probes.iter().find(|p| p.variant == v.as_str());
+        let granular =
+            first.filter(|p| !p.fits && p.measured_peak_bytes.is_some_and(|m| m <= budget));
+        if let Some((r, m)) =
+            granular.and_then(|p| p.reserved_peak_bytes.zip(p.measured_peak_bytes))
+        {
+            notes.push(format!(
+                "{}: even {} tokens reserve {:.1} MiB of device-pool pages ({:.2} MiB in use), \
+                 over the {:.2} MiB budget: the budget is below this backend's allocation \
+                 granularity (fix: a larger capacity.memory_budget_gib; \
+                 scenarios/gpu/sc001-mla-pool-smoke.toml is the smoke for pool backends)",
+                v.as_str(),
+                s.capacity.min_seq,
+                r as f64 / 1048576.0,
+                m as f64 / 1048576.0,
+                budget as f64 / 1048576.0
+            ));
+        }
+    }
+    let confirms = probes.iter().filter(|p| p.real_prefill).count();
+    if confirms > 0 {
+        notes.push(format!(
+            "capacity on the device pool: every probe decided on the pool's reserved bytes; each \
+             length found was then run as one real chunked prefill ({confirms} such probe(s), \
+             `real_prefill: true` in series.capacity_probes)"
+        ));
+    }
     notes.push(format!(
         "capacity probes (budget {} GiB): {} in all, listed in series.capacity_probes \
          (fitting: {})",
@@ -156,9 +187,16 @@ pub(super) fn criteria(
             cap_ratio,
             format!(
                 "longest context under {:.2} GiB by measured probes (doubling, then bisection), {} decode steps each, \
-                 plus the measured prefill workspace{}",
+                 plus the measured prefill workspace; {}{}",
                 s.capacity.memory_budget_gib,
                 s.capacity.probe_decode_tokens,
+                if probes.iter().any(|p| p.real_prefill) {
+                    "decided on the device pool's reserved bytes (the conservative figure), the \
+                     length found confirmed by one real chunked prefill (stepping down by 1/32 \
+                     until one fits)"
+                } else {
+                    "decided on the measured peak"
+                },
                 if mla_capped { "; MLA capped at max_seq (lower bound)" } else { "" }
             ),
         ),

@@ -182,7 +182,9 @@ fn mla_report() -> Report {
         variant: variant.into(),
         seq,
         measured_peak_bytes: total.map(|t| t - 10 * mib),
+        reserved_peak_bytes: None,
         total_bytes: total,
+        real_prefill: false,
         fits: total.is_some(),
         note: if total.is_some() { "" } else { "not run" }.into(),
     };
