@@ -179,7 +179,18 @@ fn step_costs<B: Backend>(
         .gemm_gflop_per_s
         .zip(limits.read_gb_per_s)
         .map(|(f, r)| f * eb as f64 / (2.0 * r));
+    // the best speculative decoding could do on this machine: D+1 tokens from every verify
+    // step (every draft accepted), drafting free, both steps at the measured limits — an upper
+    // bound from the limits and the counted bytes and FLOPs, not a measurement
+    let k = (depth + 1) as f64;
+    let ceiling = limits
+        .gemm_gflop_per_s
+        .zip(limits.read_gb_per_s)
+        .filter(|(f, r)| *f > 0.0 && *r > 0.0)
+        .map(|(f, r)| speedup_ceiling(plain_t.bytes(), plain_t.flops, r, f, k));
     if let Some(v) = variants.get_mut(1) {
+        v.metrics
+            .insert("speedup_ceiling_at_roofline".into(), ceiling);
         v.metrics
             .insert("plain_step_gb_per_s".into(), Some(plain_gb));
         v.metrics.insert(
@@ -205,12 +216,17 @@ fn step_costs<B: Backend>(
          step has {rows} query rows ({verify_gflop:.1} GFLOP/s = {} of the GEMM limit). The ridge \
          (rows at which streaming the weights once stops being the bound) is {} rows here: a \
          verify step with more rows than that cannot cost the same as a plain step even at the \
-         roofline, and steps far below both limits are bound by per-operation overhead instead. {}",
+         roofline, and steps far below both limits are bound by per-operation overhead instead. \
+         Ceiling: with every draft accepted ({k} tokens per verify step), drafting free and both \
+         steps at these limits, speculative decoding would be at most {}x greedy here \
+         (`speedup_ceiling_at_roofline`: a bound from the measured limits and the counted bytes \
+         and FLOPs, not a measurement). {}",
         plain_t.bytes() / 1e6,
         plain_t.flops / 1e6,
         super::fmt_opt(frac(plain_gb, limits.read_gb_per_s), 3),
         super::fmt_opt(frac(verify_gflop, limits.gemm_gflop_per_s), 3),
         super::fmt_opt(ridge, 1),
+        super::fmt_opt(ceiling, 2),
         limits.note()
     ));
     if let Some(v) = variants.get_mut(1) {
@@ -509,9 +525,30 @@ pub fn distinct_ngram_fraction(seqs: &[Vec<u32>], n: usize) -> Option<f64> {
     (total > 0).then(|| seen.len() as f64 / total as f64)
 }
 
+/// Greedy time over speculative time per token when a plain step (`bytes` read, `flops` done)
+/// and a verify step (the same bytes, `k` times the FLOPs, `k` tokens) both run at the limits
+/// (`read_gbps`, `gemm_gflops`) and drafting is free: `k · max(R, C) / max(R, k·C)`.
+fn speedup_ceiling(bytes: f64, flops: f64, read_gbps: f64, gemm_gflops: f64, k: f64) -> f64 {
+    let read = bytes / (read_gbps * 1e9);
+    let compute = flops / (gemm_gflops * 1e9);
+    k * read.max(compute) / read.max(k * compute)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_roofline_ceiling_is_k_when_read_bound_and_1_when_compute_bound() {
+        // 1 GB at 1 GB/s (1 s) against 1 GFLOP at 1000 GFLOP/s: read-bound even with 4x the rows
+        assert!((speedup_ceiling(1e9, 1e9, 1.0, 1000.0, 4.0) - 4.0).abs() < 1e-12);
+        // compute-bound already: 4 tokens cost 4 times the compute, nothing gained
+        assert!((speedup_ceiling(1e6, 1e12, 1000.0, 1.0, 4.0) - 1.0).abs() < 1e-12);
+        // plain step at the ridge (read time = compute time): the verify step is compute-bound
+        // at k times, so again 1; halfway (read = 2 x compute): 4 x 2 / 4 = 2
+        assert!((speedup_ceiling(1e9, 1e9, 1.0, 1.0, 4.0) - 1.0).abs() < 1e-12);
+        assert!((speedup_ceiling(2e9, 1e9, 1.0, 1.0, 4.0) - 2.0).abs() < 1e-12);
+    }
 
     #[test]
     fn distinct_ngrams_tell_a_loop_from_varied_text() {
