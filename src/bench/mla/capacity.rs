@@ -27,67 +27,184 @@ pub(super) fn probe_slope(probes: &[CapacityProbe], variant: &str) -> Option<f64
     (sxx > 0.0).then(|| sxy / sxx)
 }
 
-/// Doubling then bisection on the context length; every probe is a real, measured run.
-#[allow(clippy::too_many_arguments)]
-pub(super) fn capacity_search<B: Backend>(
-    model: &Decoder<B>,
-    cfg: &DecoderConfig,
-    s: &MlaScenario,
-    ctx: &BackendContext<B>,
-    variant: &str,
-    before_load: Option<u64>,
-    workspace: u64,
-    budget: u64,
-    probes: &mut Vec<CapacityProbe>,
-) -> (Option<usize>, bool) {
-    let mut probe = |seq: usize| -> bool {
-        let p = probe_once(
-            model,
-            cfg,
-            s,
-            ctx,
-            variant,
-            seq,
-            before_load,
-            workspace,
-            budget,
-        );
-        let fits = p.fits;
-        crate::monitor::progress::trace(format!(
-            "{variant}: capacity probe {seq} tokens: total {:?} bytes, fits {fits} {}",
-            p.total_bytes, p.note
-        ));
-        probes.push(p);
-        fits
-    };
-    let (min, max) = (s.capacity.min_seq, s.capacity.max_seq);
-    if !probe(min) {
-        return (None, false);
-    }
-    let mut lo = min;
-    let mut hi = None;
-    while hi.is_none() && lo < max {
-        let next = (lo * 2).min(max);
-        if probe(next) {
-            lo = next;
-        } else {
-            hi = Some(next);
-        }
-    }
-    let Some(mut hi) = hi else {
-        return (Some(lo), true); // fits at max_seq: a lower bound
-    };
-    // bisection to about 1/32 of the value
-    while hi - lo > (lo / 32).max(1) {
-        let mid = lo + (hi - lo) / 2;
-        if probe(mid) {
-            lo = mid;
-        } else {
-            hi = mid;
-        }
-    }
-    (Some(lo), false)
+/// What every capacity probe of one variant shares: the model, its scenario and backend, the
+/// memory level before the model was loaded (probes count the bytes above it) and the budget.
+pub(super) struct Prober<'a, B: Backend> {
+    pub(super) model: &'a Decoder<B>,
+    pub(super) cfg: &'a DecoderConfig,
+    pub(super) s: &'a MlaScenario,
+    pub(super) ctx: &'a BackendContext<B>,
+    pub(super) variant: &'a str,
+    pub(super) before_load: Option<u64>,
+    pub(super) budget: u64,
 }
+
+impl<B: Backend> Prober<'_, B> {
+    /// Doubling then bisection on the context length; every probe is a real, measured run
+    /// (a synthetic cache plus decode steps, `workspace` = the measured prefill workspace
+    /// added). Returns the longest length that fit and whether it is capped at `max_seq`.
+    pub(super) fn search(
+        &self,
+        workspace: u64,
+        probes: &mut Vec<CapacityProbe>,
+    ) -> (Option<usize>, bool) {
+        let variant = self.variant;
+        let mut probe = |seq: usize| -> bool {
+            let p = self.probe_once(seq, workspace);
+            let fits = p.fits;
+            crate::monitor::progress::trace(format!(
+                "{variant}: capacity probe {seq} tokens: total {:?} bytes, fits {fits} {}",
+                p.total_bytes, p.note
+            ));
+            probes.push(p);
+            fits
+        };
+        let (min, max) = (self.s.capacity.min_seq, self.s.capacity.max_seq);
+        if !probe(min) {
+            return (None, false);
+        }
+        let mut lo = min;
+        let mut hi = None;
+        while hi.is_none() && lo < max {
+            let next = (lo * 2).min(max);
+            if probe(next) {
+                lo = next;
+            } else {
+                hi = Some(next);
+            }
+        }
+        let Some(mut hi) = hi else {
+            return (Some(lo), true); // fits at max_seq: a lower bound
+        };
+        // bisection to about 1/32 of the value
+        while hi - lo > (lo / 32).max(1) {
+            let mid = lo + (hi - lo) / 2;
+            if probe(mid) {
+                lo = mid;
+            } else {
+                hi = mid;
+            }
+        }
+        (Some(lo), false)
+    }
+
+    /// One probe: a cache of `seq` tokens per sequence filled with synthetic values (memory does
+    /// not depend on them), then the probe's decode steps; `workspace` is added to its figure.
+    fn probe_once(&self, seq: usize, workspace: u64) -> CapacityProbe {
+        let (s, cfg, dev) = (self.s, self.cfg, &self.ctx.device);
+        let batch = s.run.batch;
+        let steps = s.capacity.probe_decode_tokens;
+        let eb = s.run.dtype.bytes();
+        let analytic = cfg.kv_cache_bytes(batch, seq + steps, eb) + (cfg.params() * eb) as u64;
+        if analytic > self.budget.saturating_mul(2) {
+            // never provoke a real out-of-memory: clearly too big, by the analytic size alone
+            return CapacityProbe {
+                variant: self.variant.into(),
+                seq,
+                measured_peak_bytes: None,
+                reserved_peak_bytes: None,
+                total_bytes: None,
+                fits: false,
+                real_prefill: false,
+                note: format!(
+                    "not run: weights + cache alone are {analytic} bytes, over twice the budget"
+                ),
+            };
+        }
+        clean_start(self.ctx);
+        let mut pool = PoolPeak::default();
+        {
+            let mut cache = self.model.new_cache(batch, seq + steps);
+            cache.fill_synthetic(seq, 0.01);
+            pool.sample(self.ctx);
+            let mut next = crate::bench::token_tensor::<B>(batch, 1, cfg.vocab_size, 3, dev);
+            for _ in 0..steps {
+                let l = self.model.decode_step(next, &mut cache);
+                next = l.argmax(2).reshape([batch, 1]);
+                pool.sample(self.ctx);
+            }
+        }
+        self.result(seq, pool, workspace, false)
+    }
+
+    /// A probe's record from its peaks: bytes above the pre-load level, plus `extra` (the
+    /// measured prefill workspace for a synthetic-cache probe, 0 for a real prefill).
+    fn result(&self, seq: usize, pool: PoolPeak, extra: u64, real_prefill: bool) -> CapacityProbe {
+        let pooled = self.ctx.pool.is_some();
+        let in_use = if pooled { pool.in_use } else { alloc::peak() };
+        let above = |x: Option<u64>| x.zip(self.before_load).map(|(p, b)| p.saturating_sub(b));
+        let (measured, reserved) = (above(in_use), above(pool.reserved));
+        let (total, source) = budget_figure(pooled, measured, reserved, extra);
+        CapacityProbe {
+            variant: self.variant.into(),
+            seq,
+            measured_peak_bytes: measured,
+            reserved_peak_bytes: reserved,
+            total_bytes: total,
+            fits: total.is_some_and(|t| t <= self.budget),
+            real_prefill,
+            note: if total.is_none() {
+                "memory not measurable on this backend".into()
+            } else if real_prefill {
+                format!("real chunked prefill at the found capacity; decided on {source}")
+            } else {
+                format!("decided on {source}")
+            },
+        }
+    }
+
+    /// On a pool backend, confirms a capacity found with synthetic caches by one real chunked
+    /// prefill (of `found` tokens per sequence, then the probe's decode steps), deciding on the
+    /// pool's reserved bytes sampled after every chunk and step; when it does not fit, steps
+    /// down by 1/32 and tries again (each try a listed probe). Returns the confirmed capacity,
+    /// or None when [`CONFIRM_TRIES`] real prefills did not fit. Not run on the host allocator,
+    /// whose count is exact (every byte, not sampled at sync points) and where the prefill
+    /// workspace is measured.
+    pub(super) fn confirm(&self, found: usize, probes: &mut Vec<CapacityProbe>) -> Option<usize> {
+        let (s, dev) = (self.s, &self.ctx.device);
+        let batch = s.run.batch;
+        let steps = s.capacity.probe_decode_tokens;
+        let mut seq = found;
+        for _ in 0..CONFIRM_TRIES {
+            clean_start(self.ctx);
+            let mut pool = PoolPeak::default();
+            {
+                let mut cache = self.model.new_cache(batch, seq + steps);
+                let vocab = self.cfg.vocab_size;
+                let prompt = crate::bench::token_tensor::<B>(batch, seq, vocab, 5, dev);
+                let chunk = s.attention.prefill_chunk;
+                let logits = self
+                    .model
+                    .prefill(prompt, &mut cache, chunk, |_| pool.sample(self.ctx));
+                let mut next = logits.argmax(2).reshape([batch, 1]);
+                for _ in 0..steps {
+                    let l = self.model.decode_step(next, &mut cache);
+                    next = l.argmax(2).reshape([batch, 1]);
+                    pool.sample(self.ctx);
+                }
+            }
+            let p = self.result(seq, pool, 0, true);
+            crate::monitor::progress::trace(format!(
+                "{}: capacity confirmed by a real prefill of {seq} tokens: total {:?} bytes, fits {}",
+                self.variant, p.total_bytes, p.fits
+            ));
+            let fits = p.fits;
+            probes.push(p);
+            if fits {
+                return Some(seq);
+            }
+            let next = seq.saturating_sub((seq / 32).max(1));
+            if next < s.capacity.min_seq || next == 0 {
+                break;
+            }
+            seq = next;
+        }
+        None
+    }
+}
+
+/// Tries before a capacity that no real prefill confirms is given up.
+const CONFIRM_TRIES: usize = 4;
 
 /// The highest pool readings seen at the sync points of one probe.
 #[derive(Default)]
@@ -132,159 +249,6 @@ fn budget_figure(
         ),
         (false, _) => (in_use.map(|m| m + extra), "host allocator".into()),
     }
-}
-
-#[allow(clippy::too_many_arguments)]
-fn probe_once<B: Backend>(
-    model: &Decoder<B>,
-    cfg: &DecoderConfig,
-    s: &MlaScenario,
-    ctx: &BackendContext<B>,
-    variant: &str,
-    seq: usize,
-    before_load: Option<u64>,
-    workspace: u64,
-    budget: u64,
-) -> CapacityProbe {
-    let dev = &ctx.device;
-    let batch = s.run.batch;
-    let steps = s.capacity.probe_decode_tokens;
-    let eb = s.run.dtype.bytes();
-    let analytic = cfg.kv_cache_bytes(batch, seq + steps, eb) + (cfg.params() * eb) as u64;
-    if analytic > budget.saturating_mul(2) {
-        // never provoke a real out-of-memory: clearly too big, by the analytic size alone
-        return CapacityProbe {
-            variant: variant.into(),
-            seq,
-            measured_peak_bytes: None,
-            reserved_peak_bytes: None,
-            total_bytes: None,
-            fits: false,
-            real_prefill: false,
-            note: format!(
-                "not run: weights + cache alone are {analytic} bytes, over twice the budget"
-            ),
-        };
-    }
-    clean_start(ctx);
-    let mut pool = PoolPeak::default();
-    {
-        let mut cache = model.new_cache(batch, seq + steps);
-        cache.fill_synthetic(seq, 0.01);
-        pool.sample(ctx);
-        let mut next = crate::bench::token_tensor::<B>(batch, 1, cfg.vocab_size, 3, dev);
-        for _ in 0..steps {
-            let l = model.decode_step(next, &mut cache);
-            next = l.argmax(2).reshape([batch, 1]);
-            pool.sample(ctx);
-        }
-    }
-    probe_result(
-        ctx,
-        variant,
-        seq,
-        pool,
-        before_load,
-        workspace,
-        budget,
-        false,
-    )
-}
-
-/// A probe's record from its peaks: bytes above the pre-load level, plus `extra` (the measured
-/// prefill workspace for a synthetic-cache probe, 0 for a real prefill).
-#[allow(clippy::too_many_arguments)]
-fn probe_result<B: Backend>(
-    ctx: &BackendContext<B>,
-    variant: &str,
-    seq: usize,
-    pool: PoolPeak,
-    before_load: Option<u64>,
-    extra: u64,
-    budget: u64,
-    real_prefill: bool,
-) -> CapacityProbe {
-    let pooled = ctx.pool.is_some();
-    let in_use = if pooled { pool.in_use } else { alloc::peak() };
-    let above = |x: Option<u64>| x.zip(before_load).map(|(p, b)| p.saturating_sub(b));
-    let (measured, reserved) = (above(in_use), above(pool.reserved));
-    let (total, source) = budget_figure(pooled, measured, reserved, extra);
-    CapacityProbe {
-        variant: variant.into(),
-        seq,
-        measured_peak_bytes: measured,
-        reserved_peak_bytes: reserved,
-        total_bytes: total,
-        fits: total.is_some_and(|t| t <= budget),
-        real_prefill,
-        note: if total.is_none() {
-            "memory not measurable on this backend".into()
-        } else if real_prefill {
-            format!("real chunked prefill at the found capacity; decided on {source}")
-        } else {
-            format!("decided on {source}")
-        },
-    }
-}
-
-/// Tries before a capacity that no real prefill confirms is given up.
-const CONFIRM_TRIES: usize = 4;
-
-/// On a pool backend, confirms a capacity found with synthetic caches by one real chunked
-/// prefill (of `found` tokens per sequence, then the probe's decode steps), deciding on the
-/// pool's reserved bytes sampled after every chunk and step; when it does not fit, steps down by
-/// 1/32 and tries again (each try a listed probe). Returns the confirmed capacity, or None when
-/// [`CONFIRM_TRIES`] real prefills did not fit. Not run on the host allocator, whose count is
-/// exact (every byte, not sampled at sync points) and where the prefill workspace is measured.
-#[allow(clippy::too_many_arguments)]
-pub(super) fn confirm_capacity<B: Backend>(
-    model: &Decoder<B>,
-    cfg: &DecoderConfig,
-    s: &MlaScenario,
-    ctx: &BackendContext<B>,
-    variant: &str,
-    before_load: Option<u64>,
-    budget: u64,
-    found: usize,
-    probes: &mut Vec<CapacityProbe>,
-) -> Option<usize> {
-    let dev = &ctx.device;
-    let batch = s.run.batch;
-    let steps = s.capacity.probe_decode_tokens;
-    let mut seq = found;
-    for _ in 0..CONFIRM_TRIES {
-        clean_start(ctx);
-        let mut pool = PoolPeak::default();
-        {
-            let mut cache = model.new_cache(batch, seq + steps);
-            let prompt = crate::bench::token_tensor::<B>(batch, seq, cfg.vocab_size, 5, dev);
-            let logits = model.prefill(prompt, &mut cache, s.attention.prefill_chunk, |_| {
-                pool.sample(ctx)
-            });
-            let mut next = logits.argmax(2).reshape([batch, 1]);
-            for _ in 0..steps {
-                let l = model.decode_step(next, &mut cache);
-                next = l.argmax(2).reshape([batch, 1]);
-                pool.sample(ctx);
-            }
-        }
-        let p = probe_result(ctx, variant, seq, pool, before_load, 0, budget, true);
-        crate::monitor::progress::trace(format!(
-            "{variant}: capacity confirmed by a real prefill of {seq} tokens: total {:?} bytes, fits {}",
-            p.total_bytes, p.fits
-        ));
-        let fits = p.fits;
-        probes.push(p);
-        if fits {
-            return Some(seq);
-        }
-        let next = seq.saturating_sub((seq / 32).max(1));
-        if next < s.capacity.min_seq || next == 0 {
-            break;
-        }
-        seq = next;
-    }
-    None
 }
 
 #[cfg(test)]

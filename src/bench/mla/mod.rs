@@ -22,7 +22,7 @@ use crate::report::{AnalyticMemory, CapacityProbe, ReportSeries, VariantReport};
 mod capacity;
 mod verdict;
 
-use capacity::{capacity_search, confirm_capacity, probe_slope};
+use capacity::probe_slope;
 
 const GIB: f64 = 1024.0 * 1024.0 * 1024.0;
 
@@ -358,35 +358,24 @@ pub fn run<B: Backend>(
             None => (None, None),
         };
         // capacity probes under the budget
+        let prober = capacity::Prober {
+            model: &model,
+            cfg: &cfg,
+            s,
+            ctx,
+            variant: variant.as_str(),
+            before_load,
+            budget,
+        };
         let (capacity, capped) = if v.error.is_none() {
-            capacity_search(
-                &model,
-                &cfg,
-                s,
-                ctx,
-                variant.as_str(),
-                before_load,
-                workspace.unwrap_or(0),
-                budget,
-                &mut probes,
-            )
+            prober.search(workspace.unwrap_or(0), &mut probes)
         } else {
             (None, false)
         };
         // on a pool backend the found capacity must hold under one real chunked prefill too
         let (capacity, capped, confirmed) = match capacity {
             Some(found) if ctx.pool.is_some() => {
-                let c = confirm_capacity(
-                    &model,
-                    &cfg,
-                    s,
-                    ctx,
-                    variant.as_str(),
-                    before_load,
-                    budget,
-                    found,
-                    &mut probes,
-                );
+                let c = prober.confirm(found, &mut probes);
                 (c, capped && c == Some(found), Some(c.is_some()))
             }
             other => (other, capped, None),
