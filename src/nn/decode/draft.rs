@@ -20,6 +20,24 @@ pub(super) struct MtpState<B: Backend> {
     pub(super) from: Vec<Vec<usize>>,
 }
 
+impl<B: Backend> MtpState<B> {
+    /// After a verify step in which sequence `i` accepted `accepted[i]` drafts (`None`: it had
+    /// finished). Drafting left module k to restart at the first position that used a draft
+    /// (`n - 1 - k`, n the length before the step); its results at positions whose drafts were
+    /// all accepted are final as they are (the same inputs as the real tokens), so its next
+    /// pass starts `min(k, a)` positions later. Module k then passes over max(a + 1, k + 1)
+    /// positions of a sequence instead of a + 1 + k.
+    pub(super) fn accept(&mut self, accepted: &[Option<usize>]) {
+        for (k, from) in self.from.iter_mut().enumerate() {
+            for (f, a) in from.iter_mut().zip(accepted) {
+                if let Some(a) = a {
+                    *f += k.min(*a);
+                }
+            }
+        }
+    }
+}
+
 /// Where the drafts of one speculative decode come from: the MTP modules with their state
 /// between steps, or a planted function (tests).
 pub(super) enum Source<'a, B: Backend> {
@@ -70,12 +88,12 @@ pub(super) fn draft<B: Backend>(
 /// `from[k]..=n-2` (n = its length). At position i it needs token i+k+1, known for i+k+1 < n
 /// and a draft of an earlier module otherwise; its draft is its prediction at position n-2.
 ///
-/// Module k recomputes only the positions whose inputs were drafts in the previous round
-/// (`i + k + 1 >= n_prev`, so from `n_prev - 1 - k`): its cache and its outputs before that are
-/// final. Its input there is module k-1's output, kept per position in `st.outputs` (computed
-/// this round for positions `>= from[k-1]`, in earlier rounds before that). Module 0 passes over
-/// one position more than the accepted drafts, module D-1 over D-1 more: fewer rows than one
-/// common start for all modules (which recomputed D-1 final positions in module 0).
+/// Module k recomputes only the positions whose inputs were rejected drafts in the previous
+/// round (`i + k + 1 >= n_prev + a`, a the accepted drafts, so from `n_prev - 1 - k + min(k, a)`,
+/// set by [`MtpState::accept`]): its cache and its outputs before that are final. Its input
+/// there is module k-1's output, kept per position in `st.outputs` (computed this round for
+/// positions `>= from[k-1]`, in earlier rounds before that). Module 0 passes over one position
+/// more than the accepted drafts, module k over max(a + 1, k + 1) positions.
 ///
 /// No read-back: a module's draft (its argmax, `[b, 1]` on the device) is placed into the next
 /// modules' input tokens with a host-built 0/1 position mask, and the D drafts are returned as
@@ -174,7 +192,8 @@ fn draft_mtp<B: Backend>(
         prev_out = Some(out);
         prev_from = from;
     }
-    // next round: module k restarts where its inputs were drafts this round (i + k + 1 >= n)
+    // next round: module k restarts where its inputs were drafts this round (i + k + 1 >= n),
+    // moved on past the accepted ones by `MtpState::accept`
     for (k, f) in st.from.iter_mut().enumerate() {
         *f = seqs.iter().map(|s| s.len().saturating_sub(1 + k)).collect();
     }

@@ -374,11 +374,13 @@ pub fn speculative_traced<B: Backend>(
             &mut stats,
         );
         stats.steps += 1;
-        for (s, row) in seqs.iter_mut().zip(&back) {
+        let mut accepted = vec![None; b];
+        for ((s, row), acc) in seqs.iter_mut().zip(&back).zip(&mut accepted) {
             if s.len() >= p + new_tokens {
                 continue; // finished: stays in the batch, computed and ignored
             }
             let a = row[0] as usize;
+            *acc = Some(a);
             let (y, dr) = (&row[1..depth + 2], &row[depth + 2..]);
             debug_assert_eq!(a, (0..depth).take_while(|&j| dr[j] == y[j]).count());
             stats.sequence_steps += 1;
@@ -391,6 +393,9 @@ pub fn speculative_traced<B: Backend>(
             }
             s.extend_from_slice(&dr[..a]);
             s.push(y[a]);
+        }
+        if let Some(st) = source.mtp_state() {
+            st.accept(&accepted);
         }
         stats.verify_s += clock.elapsed().as_secs_f64();
         if done(&seqs) {

@@ -152,6 +152,64 @@ fn mtp_drafts_match_a_from_scratch_computation_and_output_stays_greedy() {
 }
 
 #[test]
+fn drafts_after_every_acceptance_length_match_a_from_scratch_computation() {
+    // A random model rarely accepts a draft, so acceptance is decided here: sequence i accepts
+    // (i + step) % (D + 1) drafts, then gets a token other than the next draft. Every module
+    // then restarts past positions it computed from accepted drafts (`MtpState::accept`), and
+    // its drafts must still equal the from-scratch ones.
+    let depth = 3;
+    let (m, mtp) = setup(depth);
+    let dev = m.device();
+    let pr = prompts(8, 6);
+    let (b, p) = (pr.len(), 6);
+    let cap = p + 8 * (depth + 1) + 2 * depth + 2;
+    let mut cache = m.new_cache(b, cap);
+    let trunk = m.forward_trunk(id_tensor::<B>(&pr, &dev), &mut cache, &vec![0; b], None);
+    let d = trunk.dims()[2];
+    let zeros = || crate::nn::attention::cache_write::zeros::<B>([b, 1, cap, d], &dev);
+    let mut hidden = zeros();
+    append(&mut hidden, trunk.unsqueeze_dim::<4>(1), &vec![0; b]);
+    let state = MtpState {
+        hidden,
+        caches: mtp.new_caches(b, cap),
+        outputs: (1..depth).map(|_| zeros()).collect(),
+        from: vec![vec![0; b]; depth],
+    };
+    let mut source = Source::Mtp(&mtp, state);
+    let mut seqs: Vec<Vec<u32>> = pr.iter().map(|s| [s.as_slice(), &[1]].concat()).collect();
+    let mut accepted_at = vec![0usize; depth + 1];
+    for step in 0..8 {
+        let drafts = draft(&m, &mut source, &seqs, &dev);
+        let dr = id_rows(drafts.clone());
+        for (s, got) in seqs.iter().zip(&dr) {
+            assert_eq!(
+                got,
+                &reference_drafts(&m, &mtp, s),
+                "step {step}, length {}",
+                s.len()
+            );
+        }
+        // the verify step's main-model pass, as in the decode loop
+        let starts: Vec<usize> = seqs.iter().map(|s| s.len() - 1).collect();
+        let last: Vec<Vec<u32>> = seqs.iter().map(|s| vec![s[s.len() - 1]]).collect();
+        let window = Tensor::cat(vec![id_tensor::<B>(&last, &dev), drafts], 1);
+        let t = m.forward_trunk(window, &mut cache, &starts, None);
+        let st = source.mtp_state().unwrap();
+        append(&mut st.hidden, t.unsqueeze_dim::<4>(1), &starts);
+        let mut accepted = Vec::new();
+        for (i, (s, dr)) in seqs.iter_mut().zip(&dr).enumerate() {
+            let a = (i + step) % (depth + 1);
+            s.extend_from_slice(&dr[..a]);
+            s.push(dr.get(a).map_or(5, |x| (x + 1) % 24));
+            accepted.push(Some(a));
+            accepted_at[a] += 1;
+        }
+        st.accept(&accepted);
+    }
+    assert!(accepted_at.iter().all(|&n| n > 0), "{accepted_at:?}");
+}
+
+#[test]
 fn finished_sequences_wait_without_breaking_any_depth() {
     // even sequences accept every draft and finish early, odd ones never; each depth,
     // including D = 1 where a finished sequence's next pass would start past its end
