@@ -129,6 +129,17 @@ pub fn measure<B: Backend>(ctx: &BackendContext<B>) -> Limits {
     }
 }
 
+/// Read bandwidth for a working set of `bytes` read again and again (a decode step's weights
+/// and cache): on the CPU backend a host buffer of that size, read like [`host_read_gb_per_s`],
+/// so where it fits in the caches this is the caches' rate, not memory's. `None` on device-pool
+/// backends, where a reduction that small measures the launch latency rather than bandwidth.
+pub fn working_set_read_gb_per_s<B: Backend>(ctx: &BackendContext<B>, bytes: usize) -> Option<f64> {
+    if ctx.pool.is_some() {
+        return None;
+    }
+    host_read_gb_per_s(bytes, rayon::current_num_threads())
+}
+
 /// Streaming read bandwidth of host memory: every thread sums its share of a buffer (written
 /// first, so every page is really mapped); best of 10 after one warm-up pass (a shared machine
 /// gives single passes anywhere from 45 to 66 GB/s here; the best pass is the limit).

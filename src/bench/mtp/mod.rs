@@ -174,10 +174,19 @@ fn step_costs<B: Backend>(
     let frac = |x: f64, limit: Option<f64>| limit.filter(|l| *l > 0.0).map(|l| x / l);
     let plain_gb = plain_t.bytes() / one / 1e9;
     let verify_gflop = verify_flops / verify / 1e9;
+    // a plain step reads the same weights and cache every step: where they fit in the CPU's
+    // caches it can read them faster than the streaming limit, so the bounds below take the
+    // faster of the two (the tighter ceiling: a faster plain step leaves less to gain)
+    let ws_read =
+        super::roofline::working_set_read_gb_per_s(ctx, plain_t.bytes().max(1.0) as usize);
+    let read = match (limits.read_gb_per_s, ws_read) {
+        (Some(a), Some(b)) => Some(a.max(b)),
+        (a, b) => a.or(b),
+    };
     // rows at which a weight-streaming step turns compute-bound: 2·rows·W flops vs W·eb bytes
     let ridge = limits
         .gemm_gflop_per_s
-        .zip(limits.read_gb_per_s)
+        .zip(read)
         .map(|(f, r)| f * eb as f64 / (2.0 * r));
     // the best speculative decoding could do on this machine: D+1 tokens from every verify
     // step (every draft accepted), drafting free, both steps at the measured limits — an upper
@@ -185,7 +194,7 @@ fn step_costs<B: Backend>(
     let k = (depth + 1) as f64;
     let ceiling = limits
         .gemm_gflop_per_s
-        .zip(limits.read_gb_per_s)
+        .zip(read)
         .filter(|(f, r)| *f > 0.0 && *r > 0.0)
         .map(|(f, r)| speedup_ceiling(plain_t.bytes(), plain_t.flops, r, f, k));
     if let Some(v) = variants.get_mut(1) {
@@ -208,6 +217,8 @@ fn step_costs<B: Backend>(
         v.metrics
             .insert("limit_read_gb_per_s".into(), limits.read_gb_per_s);
         v.metrics
+            .insert("limit_read_working_set_gb_per_s".into(), ws_read);
+        v.metrics
             .insert("limit_gemm_gflop_per_s".into(), limits.gemm_gflop_per_s);
     }
     notes.push(format!(
@@ -217,15 +228,18 @@ fn step_costs<B: Backend>(
          (rows at which streaming the weights once stops being the bound) is {} rows here: a \
          verify step with more rows than that cannot cost the same as a plain step even at the \
          roofline, and steps far below both limits are bound by per-operation overhead instead. \
-         Ceiling: with every draft accepted ({k} tokens per verify step), drafting free and both \
-         steps at these limits, speculative decoding would be at most {}x greedy here \
-         (`speedup_ceiling_at_roofline`: a bound from the measured limits and the counted bytes \
-         and FLOPs, not a measurement). {}",
+         Read rate of a working set this size, read again and again (`limit_read_working_set_\
+         gb_per_s`; on the CPU it sits in the caches when it fits): {} GB/s; the ridge and the \
+         ceiling use the faster of that and the streaming limit. Ceiling: with every draft \
+         accepted ({k} tokens per verify step), drafting free and both steps at these limits, \
+         speculative decoding would be at most {}x greedy here (`speedup_ceiling_at_roofline`: a \
+         bound from the measured limits and the counted bytes and FLOPs, not a measurement). {}",
         plain_t.bytes() / 1e6,
         plain_t.flops / 1e6,
         super::fmt_opt(frac(plain_gb, limits.read_gb_per_s), 3),
         super::fmt_opt(frac(verify_gflop, limits.gemm_gflop_per_s), 3),
         super::fmt_opt(ridge, 1),
+        super::fmt_opt(ws_read, 1),
         super::fmt_opt(ceiling, 2),
         limits.note()
     ));
