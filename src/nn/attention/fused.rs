@@ -177,23 +177,7 @@ fn one_group_body<'a, const AVX: bool>(
             for (j, sj) in s[..nv].iter_mut().enumerate() {
                 *sj = dot_any::<AVX>(qr, key(k0 + j));
             }
-            let block_max = s[..nv].iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let m_new = m[r].max(block_max);
-            let corr = if m[r] == f32::NEG_INFINITY {
-                0.0
-            } else {
-                exp_neg(m[r] - m_new)
-            };
-            // two loops: the map vectorises, the sum keeps eight partial sums
-            for x in s[..nv].iter_mut() {
-                *x = exp_neg(*x - m_new);
-            }
-            let mut part = [0f32; 8];
-            for (i, x) in s[..nv].iter().enumerate() {
-                part[i % 8] += *x;
-            }
-            let sum = ((part[0] + part[4]) + (part[1] + part[5]))
-                + ((part[2] + part[6]) + (part[3] + part[7]));
+            let (m_new, corr, sum) = softmax_block(&mut s[..nv], m[r]);
             l[r] = l[r] * corr + sum;
             let o = &mut out[r * dv..(r + 1) * dv];
             if corr != 1.0 {
@@ -210,6 +194,31 @@ fn one_group_body<'a, const AVX: bool>(
         let inv = 1.0 / l[r];
         out[r * dv..(r + 1) * dv].iter_mut().for_each(|x| *x *= inv);
     }
+}
+
+/// One block of the online softmax: with `m` the running maximum before the block, turns the
+/// scores `s` into `exp(s - m_new)` and returns (`m_new`, the factor `exp(m - m_new)` for what was
+/// accumulated before, the block's sum). Inlined into the AVX2 bodies, so compiled for them.
+#[inline(always)]
+fn softmax_block(s: &mut [f32], m: f32) -> (f32, f32, f32) {
+    let block_max = s.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let m_new = m.max(block_max);
+    let corr = if m == f32::NEG_INFINITY {
+        0.0
+    } else {
+        exp_neg(m - m_new)
+    };
+    // two loops: the map vectorises, the sum keeps eight partial sums
+    for x in s.iter_mut() {
+        *x = exp_neg(*x - m_new);
+    }
+    let mut part = [0f32; 8];
+    for (i, x) in s.iter().enumerate() {
+        part[i % 8] += *x;
+    }
+    let sum =
+        ((part[0] + part[4]) + (part[1] + part[5])) + ((part[2] + part[6]) + (part[3] + part[7]));
+    (m_new, corr, sum)
 }
 
 /// [`dot`], or its AVX2/FMA twin inside [`one_group_avx2`].
@@ -241,7 +250,6 @@ mod x86 {
     use std::arch::x86_64::*;
 
     use super::KEY_BLOCK;
-    use crate::nn::flex::exp_neg;
 
     /// [`super::one_group_body`] for head widths `dk = 8·NK`, `dv = 8·NV` (at most 64): one row
     /// at a time, its query and its output accumulators held in registers across all its keys.
@@ -288,22 +296,7 @@ mod x86 {
                 for (t, sj) in s[j..nv].iter_mut().enumerate() {
                     *sj = dot(qr, key(k0 + j + t));
                 }
-                let block_max = s[..nv].iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                let m_new = m.max(block_max);
-                let corr = if m == f32::NEG_INFINITY {
-                    0.0
-                } else {
-                    exp_neg(m - m_new)
-                };
-                for x in s[..nv].iter_mut() {
-                    *x = exp_neg(*x - m_new);
-                }
-                let mut part = [0f32; 8];
-                for (i, x) in s[..nv].iter().enumerate() {
-                    part[i % 8] += *x;
-                }
-                let sum = ((part[0] + part[4]) + (part[1] + part[5]))
-                    + ((part[2] + part[6]) + (part[3] + part[7]));
+                let (m_new, corr, sum) = super::softmax_block(&mut s[..nv], m);
                 l = l * corr + sum;
                 if corr != 1.0 {
                     let vc = _mm256_set1_ps(corr);
