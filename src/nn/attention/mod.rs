@@ -7,7 +7,7 @@ pub mod mha;
 pub mod mla;
 
 use burn::module::Module;
-use burn::tensor::{backend::Backend, Tensor};
+use burn::tensor::{backend::Backend, Int, Tensor};
 use serde::{Deserialize, Serialize};
 
 pub use mla::MlaImpl;
@@ -160,7 +160,32 @@ pub struct KvCache<B: Backend> {
     pub batch: usize,
 }
 
+impl<B: Backend> LayerCache<B> {
+    /// Keeps only the sequences `rows` (indices into the batch, in the new batch order): one
+    /// gather of K and V along the batch axis (a copy of the kept sequences' cache).
+    pub fn keep_sequences(&mut self, rows: Tensor<B, 1, Int>) {
+        self.k = self.k.clone().select(0, rows.clone());
+        if let Some(v) = self.v.as_mut() {
+            *v = v.clone().select(0, rows);
+        }
+    }
+}
+
 impl<B: Backend> KvCache<B> {
+    /// Keeps only the sequences `rows` of the batch (speculative decoding drops sequences
+    /// that have finished, see [`LayerCache::keep_sequences`]).
+    pub fn keep_sequences(&mut self, rows: &[usize]) {
+        let Some(first) = self.layers.first() else {
+            self.batch = rows.len();
+            return;
+        };
+        let idx = row_index::<B>(rows, &first.k.device());
+        for l in &mut self.layers {
+            l.keep_sequences(idx.clone());
+        }
+        self.batch = rows.len();
+    }
+
     /// Bytes actually held by the cache tensors (K and V; not the absorbed weights).
     pub fn tensor_bytes(&self) -> u64 {
         let bytes = |t: &Tensor<B, 4>| (t.shape().num_elements() * t.dtype().size()) as u64;
@@ -201,6 +226,12 @@ impl<B: Backend> KvCache<B> {
         }
         self.len = len;
     }
+}
+
+/// Batch indices as a 1-D int tensor (for `select` along the batch axis).
+pub(crate) fn row_index<B: Backend>(rows: &[usize], device: &B::Device) -> Tensor<B, 1, Int> {
+    let data: Vec<i64> = rows.iter().map(|&r| r as i64).collect();
+    Tensor::from_data(burn::tensor::TensorData::new(data, [rows.len()]), device)
 }
 
 /// One past the last position written by a chunk of `s` tokens at per-sequence `starts`.

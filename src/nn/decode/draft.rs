@@ -27,13 +27,26 @@ impl<B: Backend> MtpState<B> {
     /// all accepted are final as they are (the same inputs as the real tokens), so its next
     /// pass starts `min(k, a)` positions later. Module k then passes over max(a + 1, k + 1)
     /// positions of a sequence instead of a + 1 + k.
-    pub(super) fn accept(&mut self, accepted: &[Option<usize>]) {
+    pub(super) fn accept(&mut self, accepted: &[usize]) {
         for (k, from) in self.from.iter_mut().enumerate() {
-            for (f, a) in from.iter_mut().zip(accepted) {
-                if let Some(a) = a {
-                    *f += k.min(*a);
-                }
+            for (f, &a) in from.iter_mut().zip(accepted) {
+                *f += k.min(a);
             }
+        }
+    }
+
+    /// Keeps only the sequences `rows` of the batch (`idx`: the same indices on the device):
+    /// the main model's hidden states, each module's cache and outputs, and the restart points.
+    pub(super) fn keep_sequences(&mut self, rows: &[usize], idx: Tensor<B, 1, Int>) {
+        self.hidden = self.hidden.clone().select(0, idx.clone());
+        for o in &mut self.outputs {
+            *o = o.clone().select(0, idx.clone());
+        }
+        for c in &mut self.caches {
+            c.keep_sequences(idx.clone());
+        }
+        for f in &mut self.from {
+            *f = rows.iter().map(|&r| f[r]).collect();
         }
     }
 }
@@ -43,7 +56,7 @@ impl<B: Backend> MtpState<B> {
 pub(super) enum Source<'a, B: Backend> {
     /// The modules and their per-sequence state.
     Mtp(&'a MtpPredictor<B>, MtpState<B>),
-    /// `f(sequence index, tokens so far) -> depth drafts`.
+    /// `f(sequence index among the prompts, tokens so far) -> depth drafts`.
     Planted {
         depth: usize,
         f: &'a dyn Fn(usize, &[u32]) -> Vec<u32>,
@@ -60,19 +73,21 @@ impl<B: Backend> Source<'_, B> {
     }
 }
 
-/// The next D drafts for every sequence, on the device: `[b, D]`.
+/// The next D drafts for every sequence of the batch, on the device: `[b, D]`. `ids[r]`: the
+/// index among the prompts of the batch's row r (what a planted drafter is told).
 pub(super) fn draft<B: Backend>(
     model: &Decoder<B>,
     source: &mut Source<'_, B>,
     seqs: &[Vec<u32>],
+    ids: &[usize],
     device: &B::Device,
 ) -> Tensor<B, 2, Int> {
     match source {
         Source::Planted { f, depth } => {
             let rows: Vec<Vec<u32>> = seqs
                 .iter()
-                .enumerate()
-                .map(|(i, s)| {
+                .zip(ids)
+                .map(|(s, &i)| {
                     let d = f(i, s);
                     assert_eq!(d.len(), *depth, "a planted drafter returns D drafts");
                     d
@@ -113,13 +128,12 @@ fn draft_mtp<B: Backend>(
     let mut prev_out: Option<Tensor<B, 3>> = None;
     let mut prev_from: Vec<usize> = Vec::new();
     for k in 0..depth {
-        // a finished sequence no longer grows: its next pass would start past its end, so it
-        // recomputes its last position (harmless: same inputs, same cache entry)
-        let from: Vec<usize> = st.from[k]
-            .iter()
-            .zip(&ends)
-            .map(|(&f, &e)| f.min(e))
-            .collect();
+        // (finished sequences have left the batch, so every pass has a position to compute)
+        let from = st.from[k].clone();
+        debug_assert!(
+            from.iter().zip(&ends).all(|(&f, &e)| f <= e),
+            "{from:?} {ends:?}"
+        );
         let len = from
             .iter()
             .zip(&ends)

@@ -6,12 +6,13 @@
 //! 写入与屏蔽，RoPE 按各自的位置旋转），不等待最慢的序列。输出与普通贪心解码逐 token 相同
 //! （测试证明；数值上验证前向与单步前向的浮点舍入可能不同，基准报告逐序列比对结果）。
 //!
-//! 已生成够 `new_tokens` 的序列在批中继续参与计算直到全部完成（静态批处理），但不再增长，
-//! 其结果被忽略；这部分开销计入测得的时间。
+//! 已生成够 `new_tokens` 的序列在那一步之后离开批（它的 KV 缓存与 MTP 状态按批维度收缩，一次
+//! gather 复制），剩下的序列继续解码：最慢的序列仍决定步数，但先完成的序列不再陪算。
+//! 普通贪心解码中所有序列同时完成，不涉及此事。
 
 use burn::tensor::{backend::Backend, Int, Tensor, TensorData};
 
-use crate::nn::attention::{append, LayerCache};
+use crate::nn::attention::{append, row_index, LayerCache};
 use crate::nn::mtp::MtpPredictor;
 use crate::nn::Decoder;
 
@@ -48,6 +49,8 @@ pub struct SpecStats {
     pub steps: usize,
     /// 逐序列的验证步数之和（序列完成后不再计数）。
     pub sequence_steps: usize,
+    /// 各验证步的批行数之和（完成的序列离开批，所以等于 `sequence_steps`；测试据此检查）。
+    pub batch_rows: usize,
     /// 第 j 个草稿被检验的次数（前 j-1 个都已接受）。
     pub attempted: Vec<usize>,
     /// 第 j 个草稿被接受的次数。
@@ -295,7 +298,11 @@ pub fn speculative_traced<B: Backend>(
         accepted: vec![0; depth],
         ..SpecStats::default()
     };
+    // the sequences still decoding, in batch order, and each row's index among the prompts;
+    // a sequence leaves the batch after the step that completes it (into `finished`)
     let mut seqs: Vec<Vec<u32>> = prompts.to_vec();
+    let mut rows: Vec<usize> = (0..b).collect();
+    let mut finished: Vec<Vec<u32>> = vec![Vec::new(); b];
 
     // prefill: the whole prompt, then the main model's first token
     let mut trunk_parts = Vec::new();
@@ -344,15 +351,15 @@ pub fn speculative_traced<B: Backend>(
             f: *f,
         },
     };
-    let done = |seqs: &[Vec<u32>]| seqs.iter().all(|s| s.len() >= p + new_tokens);
     let mut clock = std::time::Instant::now();
-    let mut drafts = draft(model, &mut source, &seqs, &device);
+    let mut drafts = draft(model, &mut source, &seqs, &rows, &device);
     stats.draft_s += clock.elapsed().as_secs_f64();
     if let Some(t) = trace.as_deref_mut() {
         t.push((seqs.clone(), read_ids(drafts.clone(), &mut stats)));
     }
 
-    while !done(&seqs) {
+    loop {
+        let b = seqs.len();
         clock = std::time::Instant::now();
         // verify: the last token plus the D drafts, each sequence at its own position
         let starts: Vec<usize> = seqs.iter().map(|s| s.len() - 1).collect();
@@ -374,13 +381,11 @@ pub fn speculative_traced<B: Backend>(
             &mut stats,
         );
         stats.steps += 1;
-        let mut accepted = vec![None; b];
+        stats.batch_rows += b;
+        let mut accepted = vec![0; b];
         for ((s, row), acc) in seqs.iter_mut().zip(&back).zip(&mut accepted) {
-            if s.len() >= p + new_tokens {
-                continue; // finished: stays in the batch, computed and ignored
-            }
             let a = row[0] as usize;
-            *acc = Some(a);
+            *acc = a;
             let (y, dr) = (&row[1..depth + 2], &row[depth + 2..]);
             debug_assert_eq!(a, (0..depth).take_while(|&j| dr[j] == y[j]).count());
             stats.sequence_steps += 1;
@@ -397,18 +402,33 @@ pub fn speculative_traced<B: Backend>(
         if let Some(st) = source.mtp_state() {
             st.accept(&accepted);
         }
+        // sequences complete after this step leave the batch
+        let keep: Vec<usize> = (0..b).filter(|&r| seqs[r].len() < p + new_tokens).collect();
+        if keep.len() < b {
+            for r in (0..b).rev() {
+                if seqs[r].len() >= p + new_tokens {
+                    finished[rows.remove(r)] = seqs.remove(r);
+                }
+            }
+            if !keep.is_empty() {
+                cache.keep_sequences(&keep);
+                if let Some(st) = source.mtp_state() {
+                    st.keep_sequences(&keep, row_index::<B>(&keep, &device));
+                }
+            }
+        }
         stats.verify_s += clock.elapsed().as_secs_f64();
-        if done(&seqs) {
+        if seqs.is_empty() {
             break;
         }
         clock = std::time::Instant::now();
-        drafts = draft(model, &mut source, &seqs, &device);
+        drafts = draft(model, &mut source, &seqs, &rows, &device);
         stats.draft_s += clock.elapsed().as_secs_f64();
         if let Some(t) = trace.as_deref_mut() {
             t.push((seqs.clone(), read_ids(drafts.clone(), &mut stats)));
         }
     }
-    let out = seqs
+    let out = finished
         .into_iter()
         .map(|s| s[p..p + new_tokens].to_vec())
         .collect();

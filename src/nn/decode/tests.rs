@@ -156,7 +156,9 @@ fn drafts_after_every_acceptance_length_match_a_from_scratch_computation() {
     // A random model rarely accepts a draft, so acceptance is decided here: sequence i accepts
     // (i + step) % (D + 1) drafts, then gets a token other than the next draft. Every module
     // then restarts past positions it computed from accepted drafts (`MtpState::accept`), and
-    // its drafts must still equal the from-scratch ones.
+    // its drafts must still equal the from-scratch ones. Halfway, four sequences leave the
+    // batch (as finished ones do): the rest keep their caches and module state through the
+    // gather, and their drafts must still be the from-scratch ones.
     let depth = 3;
     let (m, mtp) = setup(depth);
     let dev = m.device();
@@ -179,7 +181,15 @@ fn drafts_after_every_acceptance_length_match_a_from_scratch_computation() {
     let mut seqs: Vec<Vec<u32>> = pr.iter().map(|s| [s.as_slice(), &[1]].concat()).collect();
     let mut accepted_at = vec![0usize; depth + 1];
     for step in 0..8 {
-        let drafts = draft(&m, &mut source, &seqs, &dev);
+        if step == 4 {
+            let keep = [1, 3, 4, 6];
+            seqs = keep.iter().map(|&r| seqs[r].clone()).collect();
+            cache.keep_sequences(&keep);
+            let idx = row_index::<B>(&keep, &dev);
+            source.mtp_state().unwrap().keep_sequences(&keep, idx);
+        }
+        let ids: Vec<usize> = (0..seqs.len()).collect();
+        let drafts = draft(&m, &mut source, &seqs, &ids, &dev);
         let dr = id_rows(drafts.clone());
         for (s, got) in seqs.iter().zip(&dr) {
             assert_eq!(
@@ -201,7 +211,7 @@ fn drafts_after_every_acceptance_length_match_a_from_scratch_computation() {
             let a = (i + step) % (depth + 1);
             s.extend_from_slice(&dr[..a]);
             s.push(dr.get(a).map_or(5, |x| (x + 1) % 24));
-            accepted.push(Some(a));
+            accepted.push(a);
             accepted_at[a] += 1;
         }
         st.accept(&accepted);
@@ -210,19 +220,26 @@ fn drafts_after_every_acceptance_length_match_a_from_scratch_computation() {
 }
 
 #[test]
-fn finished_sequences_wait_without_breaking_any_depth() {
-    // even sequences accept every draft and finish early, odd ones never; each depth,
-    // including D = 1 where a finished sequence's next pass would start past its end
+fn finished_sequences_leave_the_batch_without_breaking_any_depth() {
+    // sequences 0 and 2 accept every draft and finish early (they leave the batch from the
+    // middle, so the rows behind them move up), 1 and 3 never; each depth. With MTP drafts
+    // the rows that stay keep their module caches and restart points through the gather.
     let pr = prompts(4, 5);
     let (m, mtp) = setup(4);
     let want = greedy(&m, &pr, 13, 4);
     for depth in 1..=4 {
         let f = oracle(&want, 5, depth, |i| i % 2 == 0);
-        let (got, _) = speculative(&m, &Drafter::Planted { depth, f: &f }, &pr, 13, 4);
+        let (got, st) = speculative(&m, &Drafter::Planted { depth, f: &f }, &pr, 13, 4);
         assert_eq!(got, want, "planted, D = {depth}");
+        // the early ones really left: the batch shrank, no row computed for a finished one
+        assert_eq!(st.batch_rows, st.sequence_steps, "D = {depth}: {st:?}");
+        assert!(st.batch_rows < st.steps * pr.len(), "D = {depth}: {st:?}");
+        // MTP drafts (a random model rejects most: the rows that leave the batch with the
+        // module state are tested in `drafts_after_every_acceptance_length_...`)
         let mtp = mtp.clone().truncated(depth);
-        let (got, _) = speculative(&m, &Drafter::Mtp(&mtp), &pr, 13, 4);
+        let (got, st) = speculative(&m, &Drafter::Mtp(&mtp), &pr, 13, 4);
         assert_eq!(got, want, "MTP, D = {depth}");
+        assert_eq!(st.batch_rows, st.sequence_steps, "MTP, D = {depth}: {st:?}");
     }
 }
 
