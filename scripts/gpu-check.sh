@@ -22,6 +22,10 @@
 #               inside the binary (Autodiff<Flex>, ~4-5 min on 2 cores); to spend no GPU minutes on
 #               it, carry the checkpoint trained here: MTP_CACHE=<dir holding mtp-<hash>/>
 #               (e.g. a copy of ~/.cache/dsopt, ~9 MB per checkpoint)
+#   mtp-cpu     the same SC-002 benchmark on flex, on this machine's CPU cores (same checkpoint; not
+#               in the default list). The development machine has one physical core, where a
+#               batch-8 verify step (32 rows) is far past the ridge (~6-10 rows); a many-core CPU
+#               moves the ridge, and this step measures whether SC-002 then passes on a CPU.
 #
 # Environment: STEP_LIMIT_S (default 150) per step, MLA_LIMIT_S and MOE_LIMIT_S (default 240)
 # for the two big scenarios; AUTOTUNE (default "balanced"; "minimal" sets
@@ -84,6 +88,10 @@ run_step() {
         mtp)
             DSOPT_CACHE=${MTP_CACHE:-$OUT/mtp-cache} step mtp-cuda "$MOE_LIMIT_S" bench mtp \
                 --backend cuda $r
+            ;;
+        mtp-cpu)
+            DSOPT_CACHE=${MTP_CACHE:-$OUT/mtp-cache} step mtp-flex "$STEP_LIMIT_S" bench mtp \
+                --backend flex $r
             ;;
         *) echo "unknown step $1" >&2; return 2 ;;
     esac
