@@ -134,7 +134,10 @@ pub fn gemv_rows(x: &[f32], w: Weights<'_>, rows: usize, k: usize, n: usize) -> 
     y
 }
 
-/// `y += x[:, k0..k1] · w[k0..k1, :]`, a column tile at a time.
+/// `y += x[:, k0..k1] · w[k0..k1, :]`: f32 weights on a CPU with AVX2 + FMA go through the
+/// register kernel ([`x86::accumulate_regs`]) for all but the last `n % 16` columns; everything
+/// else (f16 weights, other CPUs, those last columns) through [`accumulate_body`], a column tile
+/// at a time.
 #[allow(clippy::too_many_arguments)]
 fn accumulate(
     y: &mut [f32],
@@ -150,15 +153,25 @@ fn accumulate(
     {
         if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
         {
-            // SAFETY: the CPU has AVX2 and FMA (checked just above).
-            unsafe { accumulate_avx2(y, x, w, rows, k, n, k0, k1) };
+            let mut first = 0;
+            if let Weights::F32(wf) = w {
+                first = n - n % x86::COLS;
+                // SAFETY: the CPU has AVX2 and FMA (checked just above); the slices have the
+                // lengths `gemv_rows` asserts (x: rows·k, w: k·n, y: rows·n)
+                unsafe { x86::accumulate_regs(y, x, wf, rows, k, n, k0, k1) };
+            }
+            if first < n {
+                // SAFETY: as above
+                unsafe { accumulate_avx2(y, x, w, rows, k, n, k0, k1, first) };
+            }
             return;
         }
     }
-    accumulate_body(y, x, w, rows, k, n, k0, k1);
+    accumulate_body(y, x, w, rows, k, n, k0, k1, 0);
 }
 
-/// [`accumulate_body`] compiled with AVX2 + FMA (the build's baseline is SSE2 only).
+/// [`accumulate_body`] (columns `first..n`) compiled with AVX2 + FMA (the build's baseline is
+/// SSE2 only).
 #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
 #[target_feature(enable = "avx2,fma")]
 #[allow(clippy::too_many_arguments)]
@@ -171,8 +184,9 @@ unsafe fn accumulate_avx2(
     n: usize,
     k0: usize,
     k1: usize,
+    first: usize,
 ) {
-    accumulate_body(y, x, w, rows, k, n, k0, k1);
+    accumulate_body(y, x, w, rows, k, n, k0, k1, first);
 }
 
 #[inline(always)]
@@ -186,9 +200,10 @@ fn accumulate_body(
     n: usize,
     k0: usize,
     k1: usize,
+    first: usize,
 ) {
     let mut wide = [0.0f32; COL_TILE];
-    let mut c0 = 0;
+    let mut c0 = first;
     while c0 < n {
         let c1 = (c0 + COL_TILE).min(n);
         for kk in k0..k1 {
@@ -213,6 +228,107 @@ fn accumulate_body(
     }
 }
 
+/// The register kernel for f32 weights (x86 with AVX2 + FMA).
+#[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
+mod x86 {
+    #[cfg(target_arch = "x86")]
+    use std::arch::x86::*;
+    #[cfg(target_arch = "x86_64")]
+    use std::arch::x86_64::*;
+
+    /// Output columns per block: two 8-float registers.
+    pub const COLS: usize = 16;
+    /// Input rows per group: 6 rows x 2 registers of accumulators + 2 weight registers + 1
+    /// broadcast = 15 of the 16 AVX2 registers (the shape of `gemm`'s own f32 micro-kernel).
+    const ROWS: usize = 6;
+
+    /// `y[:, c] += x[:, k0..k1] · w[k0..k1, c]` for the columns `c < n - n % 16`.
+    ///
+    /// The streaming loop ([`super::accumulate_body`]) adds each weight row into `rows` output
+    /// tiles of 2048 floats: a load and a store of `y` per multiply-add, out of L2 once the tiles
+    /// of 8 rows outgrow L1. Here a block of 16 columns of up to 6 rows is accumulated in
+    /// registers over the whole band `k0..k1` (weights read as 64-byte pieces of consecutive
+    /// rows, inputs broadcast one at a time) and added into `y` once; the row groups of one
+    /// column block run back to back, so the block's weights (k x 64 bytes) are re-read from L1/L2.
+    ///
+    /// # Safety
+    /// The CPU must have AVX2 and FMA; `x.len() >= rows·k`, `w.len() >= k·n`, `y.len() >= rows·n`,
+    /// `k1 <= k`.
+    #[target_feature(enable = "avx2,fma")]
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn accumulate_regs(
+        y: &mut [f32],
+        x: &[f32],
+        w: &[f32],
+        rows: usize,
+        k: usize,
+        n: usize,
+        k0: usize,
+        k1: usize,
+    ) {
+        assert!(x.len() >= rows * k && w.len() >= k * n && y.len() >= rows * n && k1 <= k);
+        let mut c = 0;
+        while c + COLS <= n {
+            let mut r0 = 0;
+            while r0 < rows {
+                let g = (rows - r0).min(ROWS);
+                // SAFETY (all six): the caller's guarantees; every index is below the asserted
+                // lengths (r0 + g <= rows, c + 16 <= n, kk < k1 <= k)
+                unsafe {
+                    match g {
+                        6 => group::<6>(y, x, w, r0, k, n, k0, k1, c),
+                        5 => group::<5>(y, x, w, r0, k, n, k0, k1, c),
+                        4 => group::<4>(y, x, w, r0, k, n, k0, k1, c),
+                        3 => group::<3>(y, x, w, r0, k, n, k0, k1, c),
+                        2 => group::<2>(y, x, w, r0, k, n, k0, k1, c),
+                        _ => group::<1>(y, x, w, r0, k, n, k0, k1, c),
+                    }
+                }
+                r0 += g;
+            }
+            c += COLS;
+        }
+    }
+
+    /// Rows `r0..r0+R`, columns `c..c+16`, weight rows `k0..k1`.
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn group<const R: usize>(
+        y: &mut [f32],
+        x: &[f32],
+        w: &[f32],
+        r0: usize,
+        k: usize,
+        n: usize,
+        k0: usize,
+        k1: usize,
+        c: usize,
+    ) {
+        // SAFETY: see `accumulate_regs` (indices in bounds; unaligned loads and stores)
+        unsafe {
+            let mut acc = [[_mm256_setzero_ps(); 2]; R];
+            let xp = x.as_ptr().add(r0 * k);
+            let mut wp = w.as_ptr().add(k0 * n + c);
+            for kk in k0..k1 {
+                let w0 = _mm256_loadu_ps(wp);
+                let w1 = _mm256_loadu_ps(wp.add(8));
+                for (r, a) in acc.iter_mut().enumerate() {
+                    let xv = _mm256_broadcast_ss(&*xp.add(r * k + kk));
+                    a[0] = _mm256_fmadd_ps(xv, w0, a[0]);
+                    a[1] = _mm256_fmadd_ps(xv, w1, a[1]);
+                }
+                wp = wp.add(n);
+            }
+            for (r, a) in acc.iter().enumerate() {
+                let yp = y.as_mut_ptr().add((r0 + r) * n + c);
+                _mm256_storeu_ps(yp, _mm256_add_ps(_mm256_loadu_ps(yp), a[0]));
+                _mm256_storeu_ps(yp.add(8), _mm256_add_ps(_mm256_loadu_ps(yp.add(8)), a[1]));
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -226,9 +342,12 @@ mod tests {
     #[test]
     fn streaming_equals_the_gemm_for_every_row_count_and_odd_sizes() {
         let dev = Default::default();
-        for (k, n) in [(64, 48), (300, 2100), (2048, 3000)] {
+        // n = 48: whole 16-column blocks; 2100 and 3000: a tail for the streaming loop; 7: only
+        // the tail
+        for (k, n) in [(64, 48), (300, 2100), (2048, 3000), (33, 7)] {
             let lin = LinearConfig::new(k, n).with_bias(false).init::<B>(&dev);
-            for rows in [1, 3, 16] {
+            // every row-group size of the register kernel (6, 5, .., 1) and several groups
+            for rows in [1, 2, 3, 4, 5, 6, 7, 8, 13, 16] {
                 let x = Tensor::<B, 3>::from_data(
                     TensorData::new(uniform(rows * k, rows as u64), [1, rows, k]),
                     &dev,
