@@ -67,6 +67,9 @@ pub fn run_scenario<B: burn::tensor::backend::Backend>(
     // same process (`dsopt run <dir>`): reserved-bytes figures are the scenario's own
     B::sync(&ctx.device).ok();
     B::memory_cleanup(&ctx.device);
+    // the matmul library's per-thread buffers exist on every thread before any baseline, so a
+    // peak does not depend on which worker first packed a block (see the function)
+    crate::monitor::alloc::settle_thread_locals();
     match scenario {
         Scenario::Calibrate(s) => calibrate::run(s, ctx, monitor),
         Scenario::Mla(s) => mla::run(s, ctx, monitor),

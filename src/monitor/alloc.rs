@@ -63,6 +63,23 @@ unsafe impl GlobalAlloc for CountingAlloc {
     }
 }
 
+/// 预先分配矩阵乘法库的每线程缓冲区，使内存峰值不受线程调度影响。
+///
+/// gemm (the matmul library under burn-flex) gives each thread that packs a matrix block a
+/// buffer the size of the L2 cache (512 KiB on this EPYC), allocated on that thread's first
+/// such matmul and kept for the thread's life. Which rayon worker first packs a block inside a
+/// measured window is a matter of scheduling: one code change that moved a single call made the
+/// SC-001 smoke's absorbed-MLA runtime peak read 56,635 bytes one build and 580,923 the next
+/// (exactly 512 KiB more), failing SC-001b on a budget of 1 MiB. Touching the buffer on the
+/// calling thread and on every thread of the global pool before any baseline makes it part of
+/// the process's fixed cost, as the weights-loaded baseline already treats the binary's own
+/// statics.
+pub fn settle_thread_locals() {
+    let touch = || gemm_common::gemm::L2_SLAB.with(|slab| drop(slab.borrow()));
+    touch();
+    rayon::broadcast(|_| touch());
+}
+
 /// Whether the counting allocator is the process's global allocator.
 pub fn installed() -> bool {
     INSTALLED.load(Ordering::Relaxed)
