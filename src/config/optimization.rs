@@ -75,7 +75,7 @@ pub struct OptimizationConfig {
     pub attention: AttentionKind,
     /// FFN 种类：`dense`（默认）或 `moe`（见 `[optimization.moe]`）。
     pub ffn: FfnKind,
-    /// 数值类型：`f32`（默认）、`f16`（wgpu、CUDA）、`bf16`（CUDA）；设备不支持时运行器以退出码 3 说明。
+    /// 数值类型：`f32`（默认）、`f16`（flex、wgpu、CUDA）、`bf16`（flex、CUDA）；设备不支持时运行器以退出码 3 说明。
     pub dtype: Dtype,
     /// 分块预填充时每块的查询 token 数（默认 256；避免构造 `[S, S]` 分数矩阵）。
     pub prefill_chunk: usize,
@@ -203,6 +203,9 @@ pub struct DecoderShape {
     /// RoPE 基数 θ（默认 10000）。
     #[serde(default = "default_rope_theta")]
     pub rope_theta: f64,
+    /// YaRN 长上下文缩放（config.json 的 `rope_scaling` 键名；缺省 = 普通 RoPE）。
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rope_scaling: Option<crate::nn::rope::Yarn>,
 }
 
 fn default_rope_theta() -> f64 {
@@ -305,6 +308,7 @@ impl OptimizationConfig {
         a.mscale = m.mscale;
         a.key_block = self.key_block;
         a.rope_theta = shape.rope_theta;
+        a.rope_scaling = shape.rope_scaling;
         DecoderConfig {
             vocab_size: shape.vocab_size,
             hidden: shape.hidden,
@@ -330,6 +334,7 @@ mod tests {
             vocab_size: 48,
             ffn_hidden: 64,
             rope_theta: 10000.0,
+            rope_scaling: None,
         }
     }
 

@@ -126,6 +126,11 @@ pub struct ModelShape {
     /// RoPE 基数 θ（默认 10000）。
     #[serde(default = "default_rope_theta")]
     pub rope_theta: f64,
+    /// YaRN 长上下文缩放（config.json 的 `rope_scaling` 键名与取值：`factor`、
+    /// `original_max_position_embeddings`、`beta_fast`、`beta_slow`、`mscale`、`mscale_all_dim`）；
+    /// 缺省 = 普通 RoPE。
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rope_scaling: Option<crate::nn::rope::Yarn>,
 }
 
 /// MLA/MHA/GQA 的注意力维度。

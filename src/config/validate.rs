@@ -106,6 +106,47 @@ impl Checker {
         self.at_least("model.vocab_size", m.vocab_size, 2);
         self.at_least("model.ffn_hidden", m.ffn_hidden, 1);
         self.positive("model.rope_theta", m.rope_theta);
+        self.yarn(m.rope_scaling.as_ref());
+    }
+
+    /// YaRN (`model.rope_scaling`): the factor stretches the context (>= 1), the ramp needs
+    /// beta_fast > beta_slow > 0, and the original length is a length.
+    fn yarn(&mut self, y: Option<&crate::nn::rope::Yarn>) {
+        let Some(y) = y else { return };
+        if !(y.factor >= 1.0 && y.factor.is_finite()) {
+            self.fail(
+                "model.rope_scaling.factor",
+                format!("is {}, must be a finite number >= 1", y.factor),
+                "use the checkpoint's value (DeepSeek: 40)",
+            );
+        }
+        self.at_least(
+            "model.rope_scaling.original_max_position_embeddings",
+            y.original_max_position_embeddings,
+            1,
+        );
+        self.positive("model.rope_scaling.beta_slow", y.beta_slow);
+        if !(y.beta_fast > y.beta_slow && y.beta_fast.is_finite()) {
+            self.fail(
+                "model.rope_scaling.beta_fast",
+                format!(
+                    "is {}, must exceed beta_slow = {}",
+                    y.beta_fast, y.beta_slow
+                ),
+                "use the checkpoint's values (DeepSeek: beta_fast = 32, beta_slow = 1)",
+            );
+        }
+        for (k, v) in [("mscale", y.mscale), ("mscale_all_dim", y.mscale_all_dim)] {
+            if let Some(v) = v {
+                if !(v >= 0.0 && v.is_finite()) {
+                    self.fail(
+                        &format!("model.rope_scaling.{k}"),
+                        format!("is {v}, must be a finite number >= 0"),
+                        "use the checkpoint's value (V2: 0.707, V3: 1.0)",
+                    );
+                }
+            }
+        }
     }
 
     /// The MLA dimension rules at `prefix`: `[kv_lora_rank, qk_nope_head_dim,
@@ -430,6 +471,7 @@ fn model(c: &mut Checker, s: &ModelScenario) {
     c.at_least("model.vocab_size", m.vocab_size, 2);
     c.at_least("model.ffn_hidden", m.ffn_hidden, 1);
     c.positive("model.rope_theta", m.rope_theta);
+    c.yarn(m.rope_scaling.as_ref());
     c.out.extend(optimization(&s.optimization, Some(m)));
     c.at_least("run.batch", s.run.batch, 1);
     c.at_least("run.prompt_len", s.run.prompt_len, 1);

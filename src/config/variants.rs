@@ -86,6 +86,7 @@ impl ModelShape {
             vocab_size: self.vocab_size,
             ffn_hidden,
             rope_theta: self.rope_theta,
+            rope_scaling: self.rope_scaling,
         }
     }
 }

@@ -274,3 +274,47 @@ fn prefill_of_an_empty_prompt_returns_no_logits() {
     );
     assert_eq!(m.prefill(ids, &mut cache, 2, |_| {}).dims(), [2, 0, 32]);
 }
+
+/// YaRN (DeepSeek-V3's rope_scaling, scaled down to the test's 4-wide RoPE and 8-token
+/// original context) with query compression: absorbed == naive and cached == full forward
+/// still hold, and YaRN does change the output (its frequencies and mscale² are used).
+#[test]
+fn yarn_with_query_compression_keeps_every_equivalence() {
+    use super::rope::Yarn;
+    let yarn = Yarn {
+        factor: 40.0,
+        original_max_position_embeddings: 8,
+        beta_fast: 32.0,
+        beta_slow: 1.0,
+        mscale: Some(1.0),
+        mscale_all_dim: Some(1.0),
+    };
+    let mut c = config(AttentionKind::Mla, MlaImpl::Naive);
+    c.attention.q_lora_rank = 12;
+    c.attention.rope_scaling = Some(yarn);
+    let (b, s) = (2, 9);
+    let toks = tokens(b, s, 3);
+    let mut m = model(&c);
+    let mut c1 = m.new_cache(b, s);
+    let naive = m.prefill(toks.clone(), &mut c1, s, |_| {});
+    m.set_mla_impl(MlaImpl::Absorbed);
+    let mut c2 = m.new_cache(b, s);
+    let absorbed = m.prefill(toks.clone(), &mut c2, 3, |_| {});
+    assert!(max_diff(naive.clone(), absorbed.clone()) < 1e-4);
+    // one token at a time
+    let mut c3 = m.new_cache(b, s);
+    let steps: Vec<Tensor<B, 3>> = (0..s)
+        .map(|i| m.decode_step(toks.clone().slice([0..b, i..i + 1]), &mut c3))
+        .collect();
+    // prefill returns the last position's logits [b, 1, vocab]
+    let stepped_last = steps.last().unwrap().clone();
+    assert!(max_diff(absorbed.clone(), stepped_last) < 1e-4);
+    // the same weights without YaRN give other logits
+    let mut plain = c.clone();
+    plain.attention.rope_scaling = None;
+    let mut m2 = model(&plain);
+    m2.set_mla_impl(MlaImpl::Absorbed);
+    let mut c4 = m2.new_cache(b, s);
+    let without = m2.prefill(toks, &mut c4, 3, |_| {});
+    assert!(max_diff(absorbed, without) > 1e-3);
+}

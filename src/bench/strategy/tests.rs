@@ -18,6 +18,7 @@ fn shape() -> DecoderShape {
         vocab_size: 40,
         ffn_hidden: 48,
         rope_theta: 10000.0,
+        rope_scaling: None,
     }
 }
 

@@ -19,7 +19,9 @@ pub struct MhaAttention<B: Backend> {
     head_dim: usize,
     key_block: usize,
     shape_buckets: bool,
-    rope_theta: f64,
+    /// RoPE 设定（基数与可选的 YaRN）；不是参数。
+    #[module(skip)]
+    rope: rope::Rope,
     scale: f64,
 }
 
@@ -38,8 +40,8 @@ impl<B: Backend> MhaAttention<B> {
             head_dim: d,
             key_block: c.key_block,
             shape_buckets: c.shape_buckets,
-            rope_theta: c.rope_theta,
-            scale: c.mscale * c.mscale / (d as f64).sqrt(),
+            rope: c.rope(),
+            scale: c.softmax_scale(d),
         }
     }
 
@@ -76,11 +78,11 @@ impl<B: Backend> MhaAttention<B> {
         let q = linear::forward(&self.wq, x.clone())
             .reshape([b, s, h, d])
             .swap_dims(1, 2);
-        let q = rope::apply4_scaled(q, starts, self.rope_theta, self.scale as f32);
+        let q = rope::apply4_scaled(q, starts, self.rope, self.scale as f32);
         let k = linear::forward(&self.wk, x.clone())
             .reshape([b, s, g, d])
             .swap_dims(1, 2);
-        let k = rope::apply4(k, starts, self.rope_theta);
+        let k = rope::apply4(k, starts, self.rope);
         let v = linear::forward(&self.wv, x)
             .reshape([b, s, g, d])
             .swap_dims(1, 2);

@@ -87,7 +87,9 @@ pub struct MlaAttention<B: Backend> {
     v_head_dim: usize,
     key_block: usize,
     shape_buckets: bool,
-    rope_theta: f64,
+    /// RoPE 设定（基数与可选的 YaRN）；不是参数。
+    #[module(skip)]
+    rope: rope::Rope,
     scale: f64,
     /// 当前实现（不是参数，切换不改变权重）。
     #[module(skip)]
@@ -127,8 +129,8 @@ impl<B: Backend> MlaAttention<B> {
             v_head_dim: c.v_head_dim,
             key_block: c.key_block,
             shape_buckets: c.shape_buckets,
-            rope_theta: c.rope_theta,
-            scale: c.mscale * c.mscale / (qk as f64).sqrt(),
+            rope: c.rope(),
+            scale: c.softmax_scale(qk),
             implementation: c.mla_impl,
         }
     }
@@ -232,15 +234,11 @@ impl<B: Backend> MlaAttention<B> {
         let q = self.query.forward(x.clone());
         let q = q.reshape([b, s, h, dn + dr]).swap_dims(1, 2);
         let q_nope = q.clone().slice([0..b, 0..h, 0..s, 0..dn]);
-        let q_pe = rope::apply4(
-            q.slice([0..b, 0..h, 0..s, dn..dn + dr]),
-            starts,
-            self.rope_theta,
-        );
+        let q_pe = rope::apply4(q.slice([0..b, 0..h, 0..s, dn..dn + dr]), starts, self.rope);
         // 潜向量与唯一的共享 RoPE 键：[b, s, dc + dr]
         let kv = linear::forward(&self.wkv_a, x);
         let c_kv = self.kv_norm.forward(kv.clone().slice([0..b, 0..s, 0..dc]));
-        let k_pe = rope::apply(kv.slice([0..b, 0..s, dc..dc + dr]), starts, self.rope_theta);
+        let k_pe = rope::apply(kv.slice([0..b, 0..s, dc..dc + dr]), starts, self.rope);
 
         let o = match self.implementation {
             MlaImpl::Naive => {

@@ -54,6 +54,10 @@ pub struct AttentionConfig {
     pub mscale: f64,
     /// RoPE 基数。
     pub rope_theta: f64,
+    /// YaRN 长上下文缩放（config.json 的 `rope_scaling`；`None` = 普通 RoPE）。改变 RoPE 频率，
+    /// 并把 softmax 缩放乘以 `mscale(s, mscale_all_dim)²`（与上面的 `mscale` 相乘）。
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rope_scaling: Option<crate::nn::rope::Yarn>,
     /// 部分键块按桶大小读取（形状分桶）：在按形状编译内核的后端（CubeCL：wgpu、CUDA）上由运行器
     /// 打开一次（[`crate::nn::DecoderConfig::with_shape_buckets`]），CPU 后端保持关闭。
     /// 运行期属性，不属于模型形状：不写入场景、报告或检查点键。
@@ -78,11 +82,12 @@ impl AttentionConfig {
             key_block: 512,
             mscale: 1.0,
             rope_theta: 10000.0,
+            rope_scaling: None,
             shape_buckets: false,
         }
     }
 
-    /// KV-cache elements per token per layer for this configuration (REFERENCE.md):
+    /// KV-cache elements per token per layer for this configuration (DeepSeek-V2 report, arXiv 2405.04434):
     /// MHA `2·n_h·d_h`, GQA `2·n_g·d_h`, MLA naive `n_h·(d_nope + d_rope + d_v)`,
     /// MLA absorbed `d_c + d_r`.
     pub fn kv_elements_per_token(&self) -> usize {
@@ -99,11 +104,20 @@ impl AttentionConfig {
 
     /// YaRN mscale: `0.1·m·ln(factor) + 1` for a context-extension factor > 1, else 1.
     pub fn yarn_mscale(factor: f64, m: f64) -> f64 {
-        if factor <= 1.0 {
-            1.0
-        } else {
-            0.1 * m * factor.ln() + 1.0
+        crate::nn::rope::yarn_get_mscale(factor, m)
+    }
+
+    /// RoPE 设定（基数与可选的 YaRN）。
+    pub fn rope(&self) -> crate::nn::rope::Rope {
+        crate::nn::rope::Rope {
+            theta: self.rope_theta,
+            yarn: self.rope_scaling,
         }
+    }
+
+    /// softmax 缩放：`mscale² · rope.softmax_factor() / sqrt(qk 宽度)`。
+    pub fn softmax_scale(&self, qk_width: usize) -> f64 {
+        self.mscale * self.mscale * self.rope().softmax_factor() / (qk_width as f64).sqrt()
     }
 }
 
