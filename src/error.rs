@@ -1,4 +1,4 @@
-//! User-facing errors and their exit codes (DESIGN.md section 4).
+//! User-facing errors and their exit codes (docs/gate.md and the README list them).
 //!
 //! Exit codes: 0 all criteria passed · 1 a criterion failed · 2 bad input (usage, scenario,
 //! report) · 3 the run could not be done (backend unavailable, out of memory, internal error).
@@ -40,6 +40,15 @@ pub enum DsoptError {
     /// A report file that is missing, unreadable or of an unknown schema.
     #[error("report {}: {message}", .file.display())]
     Report { file: PathBuf, message: String },
+    /// A model description that cannot be used: a preset name, a checkpoint's `config.json` or
+    /// weights (the file or preset, the key or tensor, what is wrong, the fix).
+    #[error("{}", model_message(.source_name, .key, .message, .fix))]
+    Model {
+        source_name: String,
+        key: Option<String>,
+        message: String,
+        fix: String,
+    },
     /// A command-line usage problem not caught by the argument parser.
     #[error("{0}")]
     Usage(String),
@@ -72,13 +81,26 @@ fn scenario_message(
     s
 }
 
+fn model_message(source: &str, key: &Option<String>, message: &str, fix: &str) -> String {
+    let mut s = format!("model {source}");
+    if let Some(key) = key {
+        s.push_str(&format!(": key `{key}`"));
+    }
+    s.push_str(&format!(": {message}"));
+    if !fix.is_empty() {
+        s.push_str(&format!("\n  fix: {fix}"));
+    }
+    s
+}
+
 impl DsoptError {
     /// The process exit code this error maps to.
     pub fn exit_code(&self) -> i32 {
         match self {
-            DsoptError::Scenario { .. } | DsoptError::Report { .. } | DsoptError::Usage(_) => {
-                EXIT_BAD_INPUT
-            }
+            DsoptError::Scenario { .. }
+            | DsoptError::Report { .. }
+            | DsoptError::Model { .. }
+            | DsoptError::Usage(_) => EXIT_BAD_INPUT,
             DsoptError::BackendUnavailable { .. } | DsoptError::CannotRun(_) => EXIT_CANNOT_RUN,
         }
     }

@@ -1318,3 +1318,140 @@ fn config_file_switches_the_strategies_of_a_model_scenario() {
         .code(2)
         .stderr(predicate::str::contains("optimization.gqa"));
 }
+
+/// A tiny DeepSeek-V3-style config.json: query compression, YaRN, qk_nope != v_head_dim, so a
+/// swap between two widths would fail loudly.
+const TINY_CONFIG: &str = r#"{
+  "model_type": "deepseek_v3", "architectures": ["DeepseekV3ForCausalLM"],
+  "vocab_size": 64, "hidden_size": 64, "intermediate_size": 96, "moe_intermediate_size": 16,
+  "num_hidden_layers": 3, "num_attention_heads": 4, "num_key_value_heads": 4,
+  "n_shared_experts": 1, "n_routed_experts": 8, "num_experts_per_tok": 2,
+  "routed_scaling_factor": 2.5, "scoring_func": "sigmoid", "topk_method": "noaux_tc",
+  "n_group": 2, "topk_group": 1, "norm_topk_prob": true, "first_k_dense_replace": 1,
+  "kv_lora_rank": 32, "q_lora_rank": 24, "qk_rope_head_dim": 8, "v_head_dim": 12,
+  "qk_nope_head_dim": 16, "hidden_act": "silu", "rms_norm_eps": 1e-6, "rope_theta": 10000,
+  "rope_scaling": {"type": "yarn", "factor": 40, "original_max_position_embeddings": 16,
+                   "beta_fast": 32, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0},
+  "torch_dtype": "bfloat16", "bos_token_id": 0
+}"#;
+
+#[test]
+fn model_presets_and_a_checkpoint_config_drive_bench_mla() {
+    // `info --json` lists the presets with their parameter counts
+    let out = dsopt().args(["info", "--json"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(0));
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let names: Vec<&str> = v["presets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "deepseek-v2-lite",
+            "deepseek-v2",
+            "deepseek-v3",
+            "moonlight-16b-a3b"
+        ]
+    );
+    // an unknown name lists the presets (exit 2); another kind is refused (exit 2)
+    dsopt()
+        .args([
+            "bench",
+            "mla",
+            "--backend",
+            "flex",
+            "--model",
+            "deepseek-v9",
+        ])
+        .assert()
+        .code(2)
+        .stderr(
+            predicate::str::contains("deepseek-v2-lite")
+                .and(predicate::str::contains("moonlight-16b-a3b")),
+        );
+    dsopt()
+        .args([
+            "bench",
+            "moe",
+            "--backend",
+            "flex",
+            "--model",
+            "deepseek-v2-lite",
+        ])
+        .assert()
+        .code(2)
+        .stderr(predicate::str::contains("implemented for `mla`"));
+    // the whole of V3 does not fit: exit 3 with the bytes and --layers, before anything is built
+    dsopt()
+        .args([
+            "bench",
+            "mla",
+            "--backend",
+            "flex",
+            "--model",
+            "deepseek-v3",
+        ])
+        .assert()
+        .code(3)
+        .stderr(predicate::str::contains("--layers").and(predicate::str::contains("GiB")));
+    // a folder with a config.json: its dimensions at the smoke scenario's size
+    let model = tempfile::tempdir().unwrap();
+    std::fs::write(model.path().join("config.json"), TINY_CONFIG).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (_, v) = run_one(
+        "flex",
+        "scenarios/smoke/sc001-mla-smoke.toml",
+        dir.path(),
+        &[
+            std::ffi::OsStr::new("--model"),
+            model.path().as_os_str(),
+            std::ffi::OsStr::new("--layers"),
+            std::ffi::OsStr::new("2"),
+        ],
+    );
+    let s = &v["scenario"];
+    assert_eq!(s["model"]["hidden"], 64);
+    assert_eq!(s["model"]["n_layers"], 2);
+    assert_eq!(s["model"]["ffn_hidden"], 96);
+    assert_eq!(s["model"]["rope_scaling"]["factor"], 40.0);
+    assert_eq!(
+        s["attention"]["head_dim"], 12,
+        "MHA of n_heads x v_head_dim"
+    );
+    assert_eq!(s["attention"]["q_lora_rank"], 24);
+    assert_eq!(s["attention"]["qk_nope_head_dim"], 16);
+    assert_eq!(s["model_origin"]["weights"], "random");
+    assert_eq!(
+        (
+            s["model_origin"]["layers"].as_u64(),
+            s["model_origin"]["total_layers"].as_u64()
+        ),
+        (Some(2), Some(3))
+    );
+    assert!(s["model_origin"]["note"]
+        .as_str()
+        .unwrap()
+        .contains("2 of 3 layers"));
+    // the capacity budget is the model's own weights plus the scenario's runtime budget
+    let weights = s["model_origin"]["weights_bytes"].as_f64().unwrap();
+    let budget = s["capacity"]["memory_budget_gib"].as_f64().unwrap();
+    assert_eq!(s["model_origin"]["runtime_budget_gib"], 0.001);
+    assert!(
+        (budget - 0.001 - weights / (1u64 << 30) as f64).abs() < 1e-9,
+        "{budget} {weights}"
+    );
+    // naive and absorbed MLA agree with YaRN and query compression, and every criterion was measured
+    for c in v["criteria"].as_array().unwrap() {
+        assert!(c["measured"].as_f64().is_some(), "{c}");
+    }
+    let eq = v["criteria"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["id"] == "SC-001-eq")
+        .unwrap();
+    assert_eq!(eq["passed"], true, "{eq}");
+}

@@ -67,6 +67,48 @@ fn monitor_config(s: &Scenario, quiet: bool) -> MonitorConfig {
     }
 }
 
+/// With `--model`, the largest variant's weights plus the capacity budget must fit this
+/// machine's memory before anything is built (exit 3 with the bytes and `--layers` as the fix).
+fn check_fits_in_memory(s: &Scenario) -> Result<(), DsoptError> {
+    let Scenario::Mla(m) = s else { return Ok(()) };
+    let Some(origin) = &m.model_origin else {
+        return Ok(());
+    };
+    let elem = m.run.dtype.bytes() as u64;
+    let bytes_at = |layers: usize| -> u64 {
+        let mut m = m.clone();
+        m.model.n_layers = layers;
+        m.attention
+            .variants
+            .iter()
+            .map(|&v| m.decoder_config(v).params() as u64 * elem)
+            .max()
+            .unwrap_or(0)
+    };
+    let weights = bytes_at(m.model.n_layers);
+    let budget = (m.capacity.memory_budget_gib * (1u64 << 30) as f64) as u64;
+    let ram = dsopt::backend::machine::MachineInfo::capture().ram_bytes;
+    if ram == 0 || weights + budget <= ram {
+        return Ok(());
+    }
+    let per_layer = bytes_at(2).saturating_sub(bytes_at(1)).max(1);
+    let fit = (ram.saturating_sub(budget + bytes_at(1))) / per_layer + 1;
+    Err(DsoptError::CannotRun(format!(
+        "--model {} with {} of {} layers: the largest variant's weights need {} in {} plus \
+         the {} capacity budget, but this machine has {} of memory\n  fix: --layers {} or \
+         fewer (each layer adds {})",
+        origin.model,
+        m.model.n_layers,
+        origin.total_layers,
+        report::write::bytes_h(Some(weights)),
+        m.run.dtype.as_str(),
+        report::write::bytes_h(Some(budget)),
+        report::write::bytes_h(Some(ram)),
+        fit.max(1),
+        report::write::bytes_h(Some(per_layer)),
+    )))
+}
+
 /// The generic job run at the dispatch point.
 struct BenchJob<'a> {
     scenario: &'a Scenario,
@@ -90,7 +132,13 @@ pub(super) fn bench_one(
     selected: &SelectedBackend,
     quiet: bool,
 ) -> anyhow::Result<(Report, PathBuf)> {
+    if let Some(name) = &o.model {
+        let spec = dsopt::checkpoint::resolve(name, o.layers)?;
+        dsopt::checkpoint::apply_model(&mut s, &spec, file)?;
+    }
     s.apply(&overrides(o)?, Path::new(file))?;
+    check_fits_in_memory(&s)?;
+    dsopt::checkpoint::add_weights_to_budget(&mut s);
     let started = Instant::now();
     log(
         quiet,

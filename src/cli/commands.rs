@@ -85,6 +85,17 @@ pub fn run(cli: &Cli) -> anyhow::Result<i32> {
             cache_dir,
             force,
             overrides: o,
+        } if o.model.is_some() => Err(DsoptError::Usage(
+            "--model: `dsopt train` trains the byte-level MTP model of an SC-002 scenario; \
+             drop --model"
+                .into(),
+        )
+        .into()),
+        Command::Train {
+            scenario,
+            cache_dir,
+            force,
+            overrides: o,
         } => train_cmd(
             scenario.as_deref(),
             cache_dir.as_deref(),

@@ -14,6 +14,42 @@ struct InfoOut {
     backends: Vec<backend::BackendStatus>,
     default_backend: Option<String>,
     machine: MachineInfo,
+    presets: Vec<PresetOut>,
+}
+
+/// One built-in model preset (`--model NAME`), with figures computed from its configuration.
+#[derive(Serialize)]
+struct PresetOut {
+    name: &'static str,
+    title: &'static str,
+    layers: usize,
+    params_total: u128,
+    params_active: u128,
+    params_mtp: u128,
+    weights_bf16_bytes: u128,
+    kv_cache_latent_elements_per_token_layer: usize,
+    kv_cache_mha_elements_per_token_layer: usize,
+}
+
+fn presets() -> Vec<PresetOut> {
+    dsopt::checkpoint::PRESETS
+        .iter()
+        .map(|p| {
+            let c = p.config();
+            let n = c.param_count();
+            PresetOut {
+                name: p.name,
+                title: p.title,
+                layers: c.num_hidden_layers,
+                params_total: n.total,
+                params_active: n.active,
+                params_mtp: n.mtp,
+                weights_bf16_bytes: c.weight_bytes(dsopt::config::Dtype::Bf16),
+                kv_cache_latent_elements_per_token_layer: c.latent_cache_elements(),
+                kv_cache_mha_elements_per_token_layer: c.mha_cache_elements(),
+            }
+        })
+        .collect()
 }
 
 pub(super) fn info(json: bool, quiet: bool) -> anyhow::Result<i32> {
@@ -29,6 +65,7 @@ pub(super) fn info(json: bool, quiet: bool) -> anyhow::Result<i32> {
         backends,
         default_backend,
         machine,
+        presets: presets(),
     };
     if json {
         println!("{}", serde_json::to_string_pretty(&out)?);
@@ -81,6 +118,30 @@ pub(super) fn info(json: bool, quiet: bool) -> anyhow::Result<i32> {
     if m.gpus.is_empty() {
         println!("GPUs: none found (NVML absent, no hardware wgpu adapter)");
     }
+    let mut table = comfy_table::Table::new();
+    table
+        .load_style(comfy_table::presets::UTF8_FULL_CONDENSED)
+        .set_header(vec![
+            "--model preset",
+            "layers",
+            "params total / active",
+            "bf16 weights",
+            "KV per token·layer: latent / MHA",
+        ]);
+    let b = |x: u128| format!("{:.1}B", x as f64 / 1e9);
+    for p in &out.presets {
+        table.add_row(vec![
+            format!("{} ({})", p.name, p.title),
+            p.layers.to_string(),
+            format!("{} / {}", b(p.params_total), b(p.params_active)),
+            report::write::bytes_h(Some(p.weights_bf16_bytes as u64)),
+            format!(
+                "{} / {}",
+                p.kv_cache_latent_elements_per_token_layer, p.kv_cache_mha_elements_per_token_layer
+            ),
+        ]);
+    }
+    println!("{table}");
     for g in &m.gpus {
         println!(
             "GPU: {} · driver {} · memory {} total, {} used · via {}",

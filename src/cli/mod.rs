@@ -66,7 +66,7 @@ pub enum Command {
         /// Backends, comma-separated: flex,wgpu,cuda (auto is allowed too).
         #[arg(long, value_enum, value_delimiter = ',', required = true)]
         backends: Vec<BackendChoice>,
-        /// A scenario file, or a kind (mla, mtp, moe, calibrate) for its shipped scenario.
+        /// A scenario file, or a kind (mla, mtp, moe, model, calibrate) for its shipped scenario.
         #[arg(value_name = "SCENARIO|KIND")]
         target: String,
         /// Output folder for the reports.
@@ -78,12 +78,17 @@ pub enum Command {
         #[command(flatten)]
         overrides: OverrideArgs,
     },
-    /// Check reports for CI: exit 0 all criteria passed, 1 one failed, 2 a report is bad.
+    /// Check reports for CI: exit 0 every expected criterion measured and passed; 1 one failed,
+    /// is missing or not applicable, a stored verdict disagrees with its values, or a regression
+    /// against --baseline; 2 a report or baseline is missing, unreadable, of an unknown kind or
+    /// measured under other conditions.
     Gate {
         /// Report JSON files.
         #[arg(required = true, value_name = "REPORT.json")]
         reports: Vec<PathBuf>,
-        /// A baseline report: fail on a regression beyond --noise and the measured spread.
+        /// A baseline report for every report given: fail on a regression beyond --noise and the
+        /// measured spread. It must come from the same scenario, backend, device and machine
+        /// (else exit 2; see --allow-different-machine).
         #[arg(long, value_name = "REPORT.json")]
         baseline: Option<PathBuf>,
         /// Relative noise threshold for regressions (0.05 = 5 %).
@@ -130,7 +135,8 @@ pub struct RunArgs {
     /// Output folder for reports.
     #[arg(long, value_name = "DIR", default_value = "reports")]
     pub out: PathBuf,
-    /// What goes to stdout: the verdict table, or the report JSON only.
+    /// What goes to stdout: the verdict table, or JSON only (the report; for `run` the summary,
+    /// for a sweep the sweep).
     #[arg(long, value_enum, default_value_t = Format::Table)]
     pub format: Format,
 }
@@ -138,11 +144,12 @@ pub struct RunArgs {
 /// Scenario overrides from the command line.
 #[derive(Args, Debug, Clone, Default)]
 pub struct OverrideArgs {
-    /// Sequence length (MLA run.seq, MTP run.new_tokens, MoE run.prefill_seq, calibrate size).
+    /// Sequence length (MLA run.seq, MTP and model run.new_tokens, MoE run.prefill_seq,
+    /// calibrate size).
     /// `dsopt bench` sweeps a comma-separated list: --seq 1024,2048,4096,8192.
     #[arg(long, value_delimiter = ',', num_args = 1)]
     pub seq: Vec<usize>,
-    /// Batch size (MLA/MTP run.batch, MoE run.decode_batch, calibrate batch).
+    /// Batch size (MLA/MTP/model run.batch, MoE run.decode_batch, calibrate batch).
     /// `dsopt bench` sweeps a comma-separated list: --batch 1,8,32.
     #[arg(long, value_delimiter = ',', num_args = 1)]
     pub batch: Vec<usize>,
@@ -162,15 +169,25 @@ pub struct OverrideArgs {
     /// An MTP checkpoint folder to use as is (no training, no corpus needed).
     #[arg(long, value_name = "DIR")]
     pub checkpoint: Option<PathBuf>,
-    /// Numeric type of the run (parameters, KV cache, activations): f32 everywhere; f16 on wgpu
-    /// adapters with SHADER_F16 and on CUDA; bf16 on CUDA. Replaces the scenario's `run.dtype`
-    /// (`optimization.dtype` for model scenarios). Softmax statistics stay f32.
+    /// Numeric type of the run (parameters, KV cache, activations): f32 everywhere; f16 on the
+    /// CPU backend (flex), on wgpu adapters with SHADER_F16 and on CUDA; bf16 on flex and CUDA.
+    /// Replaces the scenario's `run.dtype` (`optimization.dtype` for model scenarios). Softmax
+    /// statistics stay f32.
     #[arg(long, value_enum)]
     pub dtype: Option<dsopt::config::Dtype>,
     /// An OptimizationConfig file (an `[optimization]` table, or its bare keys) that replaces
     /// the `[optimization]` section of a `model` scenario.
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
+    /// A DeepSeek model's dimensions: a built-in preset (deepseek-v2-lite, deepseek-v2,
+    /// deepseek-v3, moonlight-16b-a3b; `dsopt info` lists them) or a folder holding a
+    /// checkpoint's config.json. Weights are random at those dimensions (loading a checkpoint's
+    /// weights is not implemented yet). `mla` scenarios only, so far.
+    #[arg(long, value_name = "NAME|DIR")]
+    pub model: Option<String>,
+    /// With --model: keep the first N layers (the dense layers stay first).
+    #[arg(long, value_name = "N", requires = "model")]
+    pub layers: Option<usize>,
 }
 
 /// stdout format.

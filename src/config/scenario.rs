@@ -107,6 +107,30 @@ pub struct MlaScenario {
     pub capacity: MlaCapacity,
     /// 阈值。
     pub thresholds: MlaThresholds,
+    /// 模型维度的来源（`--model` 给出时：预设或检查点的 `config.json`）。只由命令行设置，
+    /// 不能写在场景文件里；写入报告的场景 JSON。
+    #[serde(default, skip_deserializing, skip_serializing_if = "Option::is_none")]
+    pub model_origin: Option<ModelOrigin>,
+}
+
+/// 模型维度的来源（`--model`），写入报告。
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ModelOrigin {
+    /// 预设名或检查点目录。
+    pub model: String,
+    /// 保留的层数。
+    pub layers: usize,
+    /// 完整模型的层数。
+    pub total_layers: usize,
+    /// 权重来源：目前总是 `random`（随机权重，准确的维度）。
+    pub weights: String,
+    /// 该模型自己（MLA）的权重字节数（运行的数值类型下）；容量预算 = 它 + 运行期预算。
+    /// 在命令行覆盖（`--dtype`）之后才确定，之前为 `None`。
+    pub weights_bytes: Option<u64>,
+    /// 运行期预算（GiB）：场景的 `capacity.memory_budget_gib` 原值。
+    pub runtime_budget_gib: f64,
+    /// 一句话说明（"random weights, DeepSeek-V2-Lite dimensions, 2 of 27 layers" 以及与真实模型的差别）。
+    pub note: String,
 }
 
 /// 解码器主干形状。

@@ -1,0 +1,96 @@
+//! `--model`：把一个模型描述的维度放进场景（目前是 SC-001 的 `mla` 场景）。
+//!
+//! SC-001 比较吸收 MLA（潜向量缓存）与 n_heads 个 v_head_dim 宽的 MHA（以及 n_heads/4 个 KV 头的
+//! GQA）。检查点里没有 MHA 的权重，而内存与速度不依赖权重取值，所以权重总是随机的。每层的 FFN
+//! 是 `intermediate_size` 宽的稠密 SwiGLU：MoE 层的专家不构建（SC-001 量的是注意力与 KV 缓存的
+//! 运行期内存，权重之上的部分），报告里写明这一点。
+
+use super::ModelSpec;
+use crate::config::scenario::{ModelOrigin, Scenario};
+use crate::error::DsoptError;
+
+/// Puts the dimensions of `spec` into scenario `s` (before the command-line overrides); kinds
+/// other than `mla` are refused with exit 2 (not implemented yet).
+pub fn apply_model(s: &mut Scenario, spec: &ModelSpec, file: &str) -> Result<(), DsoptError> {
+    let Scenario::Mla(m) = s else {
+        return Err(DsoptError::Usage(format!(
+            "--model: {file} is a `{}` scenario; --model is implemented for `mla` (SC-001) so far",
+            s.kind().as_str()
+        )));
+    };
+    let c = &spec.config;
+    m.model.hidden = c.hidden_size;
+    m.model.n_layers = c.num_hidden_layers;
+    m.model.n_heads = c.num_attention_heads;
+    m.model.vocab_size = c.vocab_size;
+    m.model.ffn_hidden = c.intermediate_size;
+    m.model.rope_theta = c.rope_theta;
+    m.model.rope_scaling = c.rope_scaling;
+    let a = &mut m.attention;
+    // SC-001's baseline: an MHA of n_heads heads of v_head_dim, and a GQA of a quarter of them
+    a.head_dim = c.v_head_dim;
+    a.gqa_kv_heads = (c.num_attention_heads / 4).max(1);
+    a.kv_lora_rank = c.kv_lora_rank;
+    a.q_lora_rank = c.q_lora_rank.unwrap_or(0);
+    a.qk_nope_head_dim = c.qk_nope_head_dim;
+    a.qk_rope_head_dim = c.qk_rope_head_dim;
+    a.v_head_dim = c.v_head_dim;
+    if a.gqa_kv_heads >= c.num_attention_heads {
+        // one or two heads: no GQA to compare with
+        a.variants.retain(|v| *v != crate::config::MlaVariant::Gqa);
+    }
+    let mut note = format!(
+        "{}; every layer's FFN is dense of intermediate_size = {} (the MoE layers' experts are \
+         not built: SC-001 measures the attention's runtime memory above the weights)",
+        spec.describe(),
+        c.intermediate_size
+    );
+    if c.rms_norm_eps != 1e-6 {
+        note.push_str(&format!(
+            "; RMSNorm uses eps 1e-6, not the model's {}",
+            c.rms_norm_eps
+        ));
+    }
+    m.title = format!("{} — {}", m.title, spec.describe());
+    m.model_origin = Some(ModelOrigin {
+        model: match &spec.source {
+            super::ModelSource::Preset(p) => p.clone(),
+            super::ModelSource::Dir(d) => d.display().to_string(),
+        },
+        layers: c.num_hidden_layers,
+        total_layers: spec.total_layers,
+        weights: "random".into(),
+        weights_bytes: None,
+        runtime_budget_gib: m.capacity.memory_budget_gib,
+        note,
+    });
+    Ok(())
+}
+
+/// After the command-line overrides (the dtype is known): the capacity budget of a model from
+/// `--model` becomes its own weights (absorbed MLA's, in the run's dtype) plus the scenario's
+/// runtime budget, so that "the same budget" means the same memory with the real model's
+/// weights in it. Does nothing for scenarios without `--model`.
+pub fn add_weights_to_budget(s: &mut Scenario) {
+    let Scenario::Mla(m) = s else { return };
+    let Some(origin) = m.model_origin.as_ref() else {
+        return;
+    };
+    let runtime = origin.runtime_budget_gib;
+    let weights = m
+        .decoder_config(crate::config::MlaVariant::MlaAbsorbed)
+        .params() as u64
+        * m.run.dtype.bytes() as u64;
+    let gib = (1u64 << 30) as f64;
+    m.capacity.memory_budget_gib = runtime + weights as f64 / gib;
+    let note = format!(
+        "; capacity budget = the model's weights in {} ({:.2} GiB) + a runtime budget of {} GiB",
+        m.run.dtype.as_str(),
+        weights as f64 / gib,
+        runtime
+    );
+    if let Some(o) = m.model_origin.as_mut() {
+        o.weights_bytes = Some(weights);
+        o.note.push_str(&note);
+    }
+}

@@ -1,0 +1,326 @@
+use super::*;
+use crate::config::Dtype;
+use crate::error::{DsoptError, EXIT_BAD_INPUT};
+use crate::nn::moe::ScoreFunc;
+
+fn preset(name: &str) -> DeepseekConfig {
+    presets::find(name).expect("preset exists").config()
+}
+
+fn json(name: &str) -> serde_json::Map<String, serde_json::Value> {
+    match serde_json::from_str(presets::find(name).unwrap().config_json).unwrap() {
+        serde_json::Value::Object(m) => m,
+        _ => unreachable!(),
+    }
+}
+
+fn parse_map(m: &serde_json::Map<String, serde_json::Value>) -> Result<DeepseekConfig, DsoptError> {
+    parse_config(
+        "test/config.json",
+        &serde_json::Value::Object(m.clone()).to_string(),
+    )
+}
+
+/// The key an error names, and that it is bad input (exit 2) mentioning the file.
+fn bad_key(r: Result<DeepseekConfig, DsoptError>) -> String {
+    let e = r.expect_err("must be refused");
+    assert_eq!(e.exit_code(), EXIT_BAD_INPUT, "{e}");
+    assert!(e.to_string().contains("test/config.json"), "{e}");
+    match e {
+        DsoptError::Model { key, .. } => key.unwrap_or_default(),
+        other => panic!("not a model error: {other}"),
+    }
+}
+
+#[test]
+fn every_preset_parses_and_passes_its_checks() {
+    for p in PRESETS {
+        let c = p.config();
+        assert!(c.check().is_ok(), "{}", p.name);
+        assert_eq!(c.kv_lora_rank, 512, "{}", p.name);
+        assert_eq!(c.qk_rope_head_dim, 64, "{}", p.name);
+    }
+}
+
+#[test]
+fn preset_parameter_counts_equal_the_published_totals() {
+    // published: V2-Lite 15.7B total; V2 236B / 21B active; V3 671B / 37B active (without the
+    // 14B MTP module); Moonlight 16B / 3B active
+    let b = |x: u128| x as f64 / 1e9;
+    let v2l = preset("deepseek-v2-lite").param_count();
+    assert!((b(v2l.total) - 15.7).abs() < 0.05, "{}", b(v2l.total));
+    let v2 = preset("deepseek-v2").param_count();
+    assert!((b(v2.total) - 236.0).abs() < 0.5, "{}", b(v2.total));
+    assert!((b(v2.active) - 21.0).abs() < 0.5, "{}", b(v2.active));
+    let v3 = preset("deepseek-v3").param_count();
+    assert!((b(v3.total) - 671.0).abs() < 0.5, "{}", b(v3.total));
+    assert!((b(v3.active) - 37.0).abs() < 1.0, "{}", b(v3.active));
+    // one MTP layer: a full MoE block plus eh_proj, norms and its own head
+    assert!(b(v3.mtp) > 11.5 && b(v3.mtp) < 14.5, "{}", b(v3.mtp));
+    let ml = preset("moonlight-16b-a3b").param_count();
+    assert!((b(ml.total) - 16.0).abs() < 0.1, "{}", b(ml.total));
+    assert!((b(ml.active) - 3.0).abs() < 0.15, "{}", b(ml.active));
+    assert_eq!(v2l.mtp, 0);
+    // bf16 bytes of V2-Lite: about 31.4 GB (REFERENCE: about 29 GB = 29 GiB of tensors)
+    let bytes = preset("deepseek-v2-lite").weight_bytes(Dtype::Bf16);
+    assert_eq!(bytes, v2l.total * 2);
+}
+
+#[test]
+fn presets_carry_the_architecture_switches() {
+    let v2l = preset("deepseek-v2-lite");
+    assert_eq!(v2l.model_type, ModelType::DeepseekV2);
+    assert_eq!(v2l.q_lora_rank, None);
+    let y = v2l.rope_scaling.expect("yarn");
+    assert_eq!((y.factor, y.mscale_all_dim), (40.0, Some(0.707)));
+    let m = v2l.moe.as_ref().unwrap();
+    assert_eq!(
+        (m.scoring_func, m.topk_method),
+        (ScoreFunc::Softmax, TopkMethod::Greedy)
+    );
+    assert_eq!(v2l.dtype, Some(Dtype::Bf16));
+    let v2 = preset("deepseek-v2");
+    let m = v2.moe.as_ref().unwrap();
+    assert_eq!(m.topk_method, TopkMethod::GroupLimitedGreedy);
+    assert_eq!(
+        (m.n_group, m.topk_group, m.routed_scaling_factor),
+        (8, 3, 16.0)
+    );
+    let v3 = preset("deepseek-v3");
+    assert_eq!(v3.q_lora_rank, Some(1536));
+    assert_eq!(v3.first_k_dense_replace, 3);
+    assert_eq!(v3.num_nextn_predict_layers, 1);
+    assert_eq!(v3.quantization, Some(Fp8Blocks { block: [128, 128] }));
+    let m = v3.moe.as_ref().unwrap();
+    assert_eq!(
+        (m.scoring_func, m.topk_method),
+        (ScoreFunc::Sigmoid, TopkMethod::NoauxTc)
+    );
+    assert!(m.norm_topk_prob);
+    let ml = preset("moonlight-16b-a3b");
+    assert_eq!(ml.rms_norm_eps, 1e-5);
+    assert_eq!(ml.rope_theta, 50000.0);
+    assert_eq!(ml.rope_scaling, None);
+}
+
+#[test]
+fn both_rope_forms_give_the_same_model() {
+    let old = json("deepseek-v3");
+    let mut new = old.clone();
+    let mut params = new
+        .remove("rope_scaling")
+        .unwrap()
+        .as_object()
+        .unwrap()
+        .clone();
+    params.remove("type");
+    params.insert("rope_type".into(), "yarn".into());
+    let theta = new.remove("rope_theta").unwrap();
+    params.insert("rope_theta".into(), theta);
+    new.insert("rope_parameters".into(), params.into());
+    // newer saves: head_dim is the RoPE width, and `dtype` replaces `torch_dtype`
+    new.insert("head_dim".into(), 64.into());
+    let dtype = new.remove("torch_dtype").unwrap();
+    new.insert("dtype".into(), dtype);
+    assert_eq!(parse_map(&old).unwrap(), parse_map(&new).unwrap());
+    // the rope_type spelling of the old form too
+    let mut alt = old.clone();
+    let rs = alt
+        .get_mut("rope_scaling")
+        .unwrap()
+        .as_object_mut()
+        .unwrap();
+    rs.remove("type");
+    rs.insert("rope_type".into(), "yarn".into());
+    assert_eq!(parse_map(&old).unwrap(), parse_map(&alt).unwrap());
+    // plain RoPE in the new form
+    let mut plain = json("moonlight-16b-a3b");
+    plain.remove("rope_scaling");
+    plain.insert(
+        "rope_parameters".into(),
+        serde_json::json!({"rope_type": "default", "rope_theta": 50000.0}),
+    );
+    plain.remove("rope_theta");
+    assert_eq!(parse_map(&plain).unwrap(), preset("moonlight-16b-a3b"));
+}
+
+#[test]
+fn query_compression_null_or_absent_means_none_and_zero_is_refused() {
+    let mut m = json("deepseek-v2-lite");
+    m.remove("q_lora_rank");
+    assert_eq!(parse_map(&m).unwrap().q_lora_rank, None);
+    m.insert("q_lora_rank".into(), 0.into());
+    assert_eq!(bad_key(parse_map(&m)), "q_lora_rank");
+}
+
+#[test]
+fn keys_that_do_not_change_the_computation_are_ignored() {
+    let mut m = json("deepseek-v3");
+    for (k, v) in [
+        ("bos_token_id", serde_json::json!(0)),
+        ("eos_token_id", serde_json::json!(1)),
+        ("initializer_range", serde_json::json!(0.02)),
+        ("transformers_version", serde_json::json!("4.99")),
+        ("auto_map", serde_json::json!({"AutoConfig": "x"})),
+        ("some_future_key", serde_json::json!([1, 2])),
+    ] {
+        m.insert(k.into(), v);
+    }
+    assert_eq!(parse_map(&m).unwrap(), preset("deepseek-v3"));
+}
+
+#[test]
+fn each_unsupported_value_exits_2_naming_its_key() {
+    use serde_json::json;
+    let cases: Vec<(&str, &str, serde_json::Value)> = vec![
+        ("deepseek-v3", "model_type", json!("llama")),
+        ("deepseek-v3", "hidden_act", json!("gelu")),
+        ("deepseek-v3", "attention_bias", json!(true)),
+        ("deepseek-v3", "tie_word_embeddings", json!(true)),
+        ("deepseek-v3", "moe_layer_freq", json!(2)),
+        ("deepseek-v3", "rope_interleave", json!(false)),
+        ("deepseek-v3", "torch_dtype", json!("int8")),
+        ("deepseek-v3", "topk_method", json!("greedy")),
+        ("deepseek-v3", "scoring_func", json!("softmax")),
+        ("deepseek-v2", "topk_method", json!("noaux_tc")),
+        ("deepseek-v2", "topk_method", json!("best_k")),
+        ("deepseek-v2", "scoring_func", json!("relu")),
+        (
+            "deepseek-v3",
+            "quantization_config",
+            json!({"quant_method": "gptq", "bits": 4}),
+        ),
+        ("deepseek-v3", "n_group", json!(7)),
+        ("deepseek-v3", "topk_group", json!(9)),
+        ("deepseek-v3", "first_k_dense_replace", json!(62)),
+        ("deepseek-v3", "qk_rope_head_dim", json!(63)),
+        ("deepseek-v3", "rms_norm_eps", json!(0)),
+        ("deepseek-v3", "hidden_size", json!(-5)),
+        ("deepseek-v3", "vocab_size", json!(1.5)),
+    ];
+    for (p, key, value) in cases {
+        let mut m = json(p);
+        m.insert(key.into(), value.clone());
+        let named = bad_key(parse_map(&m));
+        let want = match key {
+            "scoring_func" if p == "deepseek-v3" => "topk_method",
+            _ => key,
+        };
+        assert_eq!(named, want, "{p}: {key} = {value}");
+    }
+    // nested keys
+    let mut m = json("deepseek-v3");
+    m["quantization_config"]["weight_block_size"] = json!([64, 64]);
+    assert_eq!(
+        bad_key(parse_map(&m)),
+        "quantization_config.weight_block_size"
+    );
+    let mut m = json("deepseek-v3");
+    m["rope_scaling"]["type"] = json!("linear");
+    assert_eq!(bad_key(parse_map(&m)), "rope_scaling.rope_type");
+    let mut m = json("deepseek-v3");
+    m["rope_scaling"].as_object_mut().unwrap().remove("factor");
+    assert_eq!(bad_key(parse_map(&m)), "rope_scaling.factor");
+    // a missing required key
+    let mut m = json("deepseek-v3");
+    m.remove("kv_lora_rank");
+    assert_eq!(bad_key(parse_map(&m)), "kv_lora_rank");
+}
+
+#[test]
+fn absurd_sizes_are_refused_before_anything_is_allocated() {
+    use serde_json::json;
+    for (key, value) in [
+        ("n_routed_experts", json!(1_000_000_000_000u64)),
+        ("vocab_size", json!(u64::MAX)),
+        ("num_hidden_layers", json!(100_000)),
+        ("hidden_size", json!(1e12)),
+    ] {
+        let mut m = json("deepseek-v3");
+        m.insert(key.into(), value);
+        assert_eq!(bad_key(parse_map(&m)), key);
+    }
+    // the largest sizes the limits allow still count without overflow
+    let mut m = json("deepseek-v3");
+    for (k, v) in [
+        ("vocab_size", 4_194_304u64),
+        ("hidden_size", 65_536),
+        ("moe_intermediate_size", 1_048_576),
+        ("n_routed_experts", 65_536),
+        ("num_hidden_layers", 1_024),
+        ("num_attention_heads", 1_024),
+        ("n_group", 1),
+        ("topk_group", 1),
+    ] {
+        m.insert(k.into(), v.into());
+    }
+    let c = parse_map(&m).unwrap();
+    assert!(c.param_count().total > 1_000_000_000_000_000);
+}
+
+#[test]
+fn not_json_and_oversized_files_are_bad_input() {
+    let e = parse_config("x/config.json", "{ not json").unwrap_err();
+    assert_eq!(e.exit_code(), EXIT_BAD_INPUT);
+    assert!(e.to_string().contains("x/config.json"), "{e}");
+    let e = parse_config("x/config.json", "[1, 2]").unwrap_err();
+    assert_eq!(e.exit_code(), EXIT_BAD_INPUT);
+    let dir = tempfile::tempdir().unwrap();
+    let big = dir.path().join("config.json");
+    std::fs::write(&big, vec![b' '; (1 << 20) + 1]).unwrap();
+    let e = read_config_file(&big).unwrap_err();
+    assert!(e.to_string().contains("bytes"), "{e}");
+    let e = read_config_file(&dir.path().join("missing.json")).unwrap_err();
+    assert_eq!(e.exit_code(), EXIT_BAD_INPUT);
+}
+
+#[test]
+fn keeping_the_first_layers_keeps_the_dense_ones_first() {
+    let v3 = preset("deepseek-v3");
+    let two = v3.with_layers(2);
+    assert_eq!((two.first_k_dense_replace, two.moe_layers()), (2, 0));
+    let five = v3.with_layers(5);
+    assert_eq!((five.first_k_dense_replace, five.moe_layers()), (3, 2));
+    assert!(five.param_count().total < v3.param_count().total);
+    assert_eq!(v3.moe_layers(), 58);
+}
+
+#[test]
+fn resolve_takes_a_preset_or_a_directory() {
+    let s = resolve("deepseek-v2-lite", Some(2)).unwrap();
+    assert_eq!(s.source, ModelSource::Preset("deepseek-v2-lite".into()));
+    assert_eq!((s.config.num_hidden_layers, s.total_layers), (2, 27));
+    assert_eq!(
+        s.describe(),
+        "random weights, DeepSeek-V2-Lite dimensions, 2 of 27 layers"
+    );
+    // unknown names list the presets
+    let e = resolve("deepseek-v4", None).unwrap_err();
+    assert_eq!(e.exit_code(), EXIT_BAD_INPUT);
+    for p in PRESETS {
+        assert!(e.to_string().contains(p.name), "{e}");
+    }
+    // layers out of range
+    assert_eq!(
+        resolve("deepseek-v3", Some(0)).unwrap_err().exit_code(),
+        EXIT_BAD_INPUT
+    );
+    assert_eq!(
+        resolve("deepseek-v3", Some(62)).unwrap_err().exit_code(),
+        EXIT_BAD_INPUT
+    );
+    // a directory: its config.json
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("config.json"),
+        presets::find("moonlight-16b-a3b").unwrap().config_json,
+    )
+    .unwrap();
+    let s = resolve(dir.path().to_str().unwrap(), None).unwrap();
+    assert_eq!(s.source, ModelSource::Dir(dir.path().to_path_buf()));
+    assert_eq!(s.config, preset("moonlight-16b-a3b"));
+    // a directory without config.json names the file
+    let empty = tempfile::tempdir().unwrap();
+    let e = resolve(empty.path().to_str().unwrap(), None).unwrap_err();
+    assert!(e.to_string().contains("config.json"), "{e}");
+}
