@@ -1,15 +1,15 @@
 #!/usr/bin/env bash
 # GPU checks in one timed pass: run on a machine with an NVIDIA GPU, with a dsopt binary built
 # elsewhere (nothing is compiled here). Every step has its own time limit, so a step that stalls
-# (kernel compilation, autotune) costs its slot and not the whole session; whatever finished is
-# kept under $OUT.
+# (kernel compilation, autotune) costs its own time limit and not the whole run; whatever finished
+# is kept under $OUT.
 #
 # Build the binary on the development machine (no CUDA toolkit needed to build):
 #   CUDARC_CUDA_VERSION=13000 CARGO_TARGET_DIR=/tmp/cudacheck \
 #       cargo build --release --features cuda --bin dsopt
-#   strip /tmp/cudacheck/release/dsopt && gzip -c /tmp/cudacheck/release/dsopt > .devrun/dsopt.gz
+#   strip /tmp/cudacheck/release/dsopt && gzip -c /tmp/cudacheck/release/dsopt > dsopt.gz
 # then, on the GPU machine, from the repository root:
-#   DSOPT_GZ=.devrun/dsopt.gz OUT=/some/dir bash scripts/gpu-check.sh [STEP...]
+#   DSOPT_GZ=dsopt.gz OUT=/some/dir bash scripts/gpu-check.sh [STEP...]
 #
 # Steps (default: all, in this order; each prints one line with its exit code and seconds):
 #   info        dsopt info --json (which backends answer, which dtypes the report will use)
@@ -19,13 +19,13 @@
 #   mla         the GPU MLA scenario (V2-Lite attention dims, 27 layers, bf16, 16 GiB budget)
 #   moe         the GPU MoE scenario (13.0B total / 1.35B active, bf16, 24 GiB model offloaded under 8 GiB)
 #   mtp         SC-002 on CUDA (batch 8, D = 3, the D x batch sweep). Training runs on the CPU
-#               inside the binary (Autodiff<Flex>, ~4-5 min on 2 cores); to spend no GPU minutes on
-#               it, carry the checkpoint trained here: MTP_CACHE=<dir holding mtp-<hash>/>
+#               inside the binary (Autodiff<Flex>, ~4-5 min on 2 cores); to skip it on the GPU
+#               machine, bring a checkpoint trained elsewhere: MTP_CACHE=<dir holding mtp-<hash>/>
 #               (e.g. a copy of ~/.cache/dsopt, ~9 MB per checkpoint)
 #   mtp-cpu     the same SC-002 benchmark on flex, on this machine's CPU cores (same checkpoint; not
-#               in the default list). The development machine has one physical core, where a
-#               batch-8 verify step (32 rows) is far past the ridge (~6-10 rows); a many-core CPU
-#               moves the ridge, and this step measures whether SC-002 then passes on a CPU.
+#               in the default list). On a 2-core machine (one physical core) a batch-8 verify
+#               step (32 rows) is far past the ridge (~6-10 rows); a many-core CPU moves the
+#               ridge, and this step measures whether SC-002 then passes on a CPU.
 #
 # Environment: STEP_LIMIT_S (default 150) per step, MLA_LIMIT_S and MOE_LIMIT_S (default 240)
 # for the two big scenarios; AUTOTUNE (default "balanced"; "minimal" sets

@@ -1,6 +1,6 @@
 //! 报告模式，版本 1（`schema_version: 1`）。结构体即 JSON 模式：`Option` 表示"未测量"（`null`）。
 //!
-//! 字段与 DESIGN.md 第 4 节一致；可以增加字段，不可改名或删除。
+//! 每个字段的含义、单位与 `null` 的语义见 docs/reports.md；可以增加字段，不可改名或删除。
 
 use std::collections::BTreeMap;
 
