@@ -382,7 +382,7 @@ impl Reader<'_> {
                 }
             }
         };
-        if !(theta > 0.0) {
+        if theta.is_nan() || theta <= 0.0 {
             return Err(self.fail("rope_theta", format!("is {theta}, must be positive"), ""));
         }
         let Some(p) = params else {
@@ -456,7 +456,8 @@ impl Reader<'_> {
             mscale: num("mscale")?,
             mscale_all_dim: num("mscale_all_dim")?,
         };
-        if !(yarn.factor >= 1.0)
+        if yarn.factor.is_nan()
+            || yarn.factor < 1.0
             || original == 0
             || !(yarn.beta_fast > yarn.beta_slow && yarn.beta_slow > 0.0)
         {

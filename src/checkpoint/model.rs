@@ -214,7 +214,7 @@ impl DeepseekConfig {
                     "use the model's published value",
                 );
             }
-            if !(m.routed_scaling_factor > 0.0) {
+            if m.routed_scaling_factor.is_nan() || m.routed_scaling_factor <= 0.0 {
                 return fail(
                     "routed_scaling_factor",
                     format!("is {}, must be positive", m.routed_scaling_factor),
