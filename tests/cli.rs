@@ -1356,45 +1356,21 @@ fn model_presets_and_a_checkpoint_config_drive_bench_mla() {
             "moonlight-16b-a3b"
         ]
     );
-    // an unknown name lists the presets (exit 2); another kind is refused (exit 2)
-    dsopt()
-        .args([
-            "bench",
-            "mla",
-            "--backend",
-            "flex",
-            "--model",
-            "deepseek-v9",
-        ])
-        .assert()
-        .code(2)
-        .stderr(
-            predicate::str::contains("deepseek-v2-lite")
-                .and(predicate::str::contains("moonlight-16b-a3b")),
-        );
-    dsopt()
-        .args([
-            "bench",
-            "moe",
-            "--backend",
-            "flex",
-            "--model",
-            "deepseek-v2-lite",
-        ])
-        .assert()
+    // an unknown name lists the presets (exit 2); another kind is refused (exit 2); the whole
+    // of V3 does not fit: exit 3 with the bytes and --layers, before anything is built
+    let with_model = |kind: &str, model: &str| {
+        dsopt()
+            .args(["bench", kind, "--backend", "flex", "--model", model])
+            .assert()
+    };
+    with_model("mla", "deepseek-v9").code(2).stderr(
+        predicate::str::contains("deepseek-v2-lite")
+            .and(predicate::str::contains("moonlight-16b-a3b")),
+    );
+    with_model("moe", "deepseek-v2-lite")
         .code(2)
         .stderr(predicate::str::contains("implemented for `mla`"));
-    // the whole of V3 does not fit: exit 3 with the bytes and --layers, before anything is built
-    dsopt()
-        .args([
-            "bench",
-            "mla",
-            "--backend",
-            "flex",
-            "--model",
-            "deepseek-v3",
-        ])
-        .assert()
+    with_model("mla", "deepseek-v3")
         .code(3)
         .stderr(predicate::str::contains("--layers").and(predicate::str::contains("GiB")));
     // a folder with a config.json: its dimensions at the smoke scenario's size

@@ -52,6 +52,14 @@ fn presets() -> Vec<PresetOut> {
         .collect()
 }
 
+/// A condensed terminal table with these column headers.
+fn new_table(header: Vec<&str>) -> comfy_table::Table {
+    let mut t = comfy_table::Table::new();
+    t.load_style(comfy_table::presets::UTF8_FULL_CONDENSED)
+        .set_header(header);
+    t
+}
+
 pub(super) fn info(json: bool, quiet: bool) -> anyhow::Result<i32> {
     let spin = progress::spinner(!quiet, "probing backends and devices…");
     let backends = backend::probe_all();
@@ -78,16 +86,13 @@ pub(super) fn info(json: bool, quiet: bool) -> anyhow::Result<i32> {
         t.version,
         t.git_commit.as_deref().unwrap_or("unknown")
     );
-    let mut table = comfy_table::Table::new();
-    table
-        .load_style(comfy_table::presets::UTF8_FULL_CONDENSED)
-        .set_header(vec![
-            "backend",
-            "compiled",
-            "usable",
-            "features",
-            "devices / reason",
-        ]);
+    let mut table = new_table(vec![
+        "backend",
+        "compiled",
+        "usable",
+        "features",
+        "devices / reason",
+    ]);
     for b in &out.backends {
         let detail = if b.usable {
             b.devices.join("\n")
@@ -118,19 +123,16 @@ pub(super) fn info(json: bool, quiet: bool) -> anyhow::Result<i32> {
     if m.gpus.is_empty() {
         println!("GPUs: none found (NVML absent, no hardware wgpu adapter)");
     }
-    let mut table = comfy_table::Table::new();
-    table
-        .load_style(comfy_table::presets::UTF8_FULL_CONDENSED)
-        .set_header(vec![
-            "--model preset",
-            "layers",
-            "params total / active",
-            "bf16 weights",
-            "KV per token·layer: latent / MHA",
-        ]);
+    let mut presets = new_table(vec![
+        "--model preset",
+        "layers",
+        "params total / active",
+        "bf16 weights",
+        "KV per token·layer: latent / MHA",
+    ]);
     let b = |x: u128| format!("{:.1}B", x as f64 / 1e9);
     for p in &out.presets {
-        table.add_row(vec![
+        presets.add_row(vec![
             format!("{} ({})", p.name, p.title),
             p.layers.to_string(),
             format!("{} / {}", b(p.params_total), b(p.params_active)),
@@ -141,7 +143,7 @@ pub(super) fn info(json: bool, quiet: bool) -> anyhow::Result<i32> {
             ),
         ]);
     }
-    println!("{table}");
+    println!("{presets}");
     for g in &m.gpus {
         println!(
             "GPU: {} · driver {} · memory {} total, {} used · via {}",
