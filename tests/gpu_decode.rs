@@ -94,6 +94,8 @@ fn check(cfg: DecoderConfig) {
 
 fn small(attention: AttentionConfig) -> DecoderConfig {
     DecoderConfig {
+        first_k_dense_replace: 0,
+        rms_norm_eps: dsopt::nn::model::default_rms_norm_eps(),
         vocab_size: 64,
         hidden: 64,
         n_layers: 2,

@@ -316,6 +316,8 @@ mod tests {
         a.v_head_dim = 6;
         a.mla_impl = imp;
         DecoderConfig {
+            first_k_dense_replace: 0,
+            rms_norm_eps: crate::nn::model::default_rms_norm_eps(),
             vocab_size: 50,
             hidden: 32,
             n_layers: 2,

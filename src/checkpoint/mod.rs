@@ -3,13 +3,18 @@
 //!
 //! `--model NAME|DIR`：值是一个已存在的目录时，读取其中的 `config.json`；否则按预设名查找
 //! （未知的名字列出全部预设）。`--layers N` 保留前 N 层（稠密在前的布局不变）。
-//! 目前只取维度：权重总是随机的，报告里写明"随机权重、某模型的维度、N / 总层数"。
-//! 检查点权重的加载（safetensors、FP8 块缩放）与 `dsopt verify` 尚未实现。
+//! `bench` 目前只取维度：权重总是随机的，报告里写明"随机权重、某模型的维度、N / 总层数"。
+//! 检查点权重的加载（[`load`]：safetensors 单文件或分片、FP8 块缩放）由 `dsopt verify`
+//! 使用（[`reference`]：与 transformers 的参考 logits 比较）。
 
 pub mod hf_config;
+pub mod load;
 pub mod model;
 pub mod presets;
+pub mod reference;
+pub mod safetensors;
 mod scenario;
+pub mod verify;
 
 use std::path::{Path, PathBuf};
 

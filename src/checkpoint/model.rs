@@ -7,6 +7,7 @@ use serde::Serialize;
 
 use crate::config::Dtype;
 use crate::nn::moe::ScoreFunc;
+pub use crate::nn::moe::TopkMethod;
 use crate::nn::rope::{Rope, Yarn};
 
 /// `model_type`：决定参考实现（transformers）用哪个类，从而决定路由的细节。
@@ -19,18 +20,6 @@ pub enum ModelType {
     DeepseekV3,
     /// Kimi K2（DeepSeek-V3 的架构）。
     KimiK2,
-}
-
-/// `topk_method`：如何从打分中选出专家。
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum TopkMethod {
-    /// 直接取 top-k（V2-Lite）。
-    Greedy,
-    /// 组分数 = 组内最大分数，保留 topk_group 个组，再在其中取 top-k（V2）。
-    GroupLimitedGreedy,
-    /// 打分加上 `e_score_correction_bias` 只用于选择；组分数 = 组内前 2 个（加偏置后的）分数之和（V3）。
-    NoauxTc,
 }
 
 /// FP8 e4m3 权重及其 `weight_scale_inv` 块缩放（V3 的格式）。

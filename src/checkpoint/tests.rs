@@ -324,3 +324,128 @@ fn resolve_takes_a_preset_or_a_directory() {
     let e = resolve(empty.path().to_str().unwrap(), None).unwrap_err();
     assert!(e.to_string().contains("config.json"), "{e}");
 }
+
+/// Writes `tensors` (name, file entry, raw bytes) as one safetensors file.
+fn write_safetensors(
+    path: &std::path::Path,
+    tensors: &[(String, safetensors::TensorInfo, Vec<u8>)],
+) {
+    let mut header = serde_json::Map::new();
+    let mut data = Vec::new();
+    for (name, info, bytes) in tensors {
+        let begin = data.len();
+        data.extend_from_slice(bytes);
+        header.insert(
+            name.clone(),
+            serde_json::json!({
+                "dtype": info.dtype.name(), "shape": info.shape, "data_offsets": [begin, data.len()]
+            }),
+        );
+    }
+    let h = serde_json::Value::Object(header).to_string();
+    let mut out = (h.len() as u64).to_le_bytes().to_vec();
+    out.extend_from_slice(h.as_bytes());
+    out.extend_from_slice(&data);
+    std::fs::write(path, out).unwrap();
+}
+
+fn fixture_dir(name: &str) -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/models")
+        .join(name)
+}
+
+/// Two shards and their index load exactly as the single file does; a missing shard, or a
+/// tensor the index places in a shard that lacks it, exits 2 naming the file.
+#[test]
+fn a_sharded_checkpoint_loads_like_the_single_file() {
+    let src = fixture_dir("v3-tiny");
+    let config = read_config_file(&src.join("config.json")).unwrap();
+    let single = load::Checkpoint::open(&src, &config).unwrap();
+    let file = safetensors::SafeFile::open(&src.join("model.safetensors")).unwrap();
+    let all: Vec<_> = file
+        .tensors()
+        .iter()
+        .map(|(n, i)| (n.clone(), i.clone(), file.read_bytes(n).unwrap()))
+        .collect();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    std::fs::copy(src.join("config.json"), dir.join("config.json")).unwrap();
+    let (a, b) = all.split_at(all.len() / 2);
+    let names = [
+        "model-00001-of-00002.safetensors",
+        "model-00002-of-00002.safetensors",
+    ];
+    write_safetensors(&dir.join(names[0]), a);
+    write_safetensors(&dir.join(names[1]), b);
+    let map: serde_json::Map<String, serde_json::Value> = a
+        .iter()
+        .map(|t| (t.0.clone(), names[0].into()))
+        .chain(b.iter().map(|t| (t.0.clone(), names[1].into())))
+        .collect();
+    let index = serde_json::json!({"metadata": {}, "weight_map": map}).to_string();
+    std::fs::write(dir.join("model.safetensors.index.json"), &index).unwrap();
+    let sharded = load::Checkpoint::open(dir, &config).unwrap();
+    for (name, info, _) in &all {
+        if info.dtype == safetensors::StDtype::F8E4M3 {
+            continue;
+        }
+        assert_eq!(
+            sharded.read(name, &info.shape).unwrap(),
+            single.read(name, &info.shape).unwrap(),
+            "{name}"
+        );
+    }
+    // a shape the config does not imply
+    let (n0, i0, _) = &all[0];
+    let wrong: Vec<usize> = i0.shape.iter().map(|d| d + 1).collect();
+    let e = sharded.read(n0, &wrong).unwrap_err().to_string();
+    assert!(e.contains("config.json implies"), "{e}");
+    // the index names a tensor its shard lacks
+    let bad = index.replace(
+        &format!("\"{}\":\"{}\"", b[0].0, names[1]),
+        &format!("\"{}\":\"{}\"", b[0].0, names[0]),
+    );
+    assert_ne!(bad, index);
+    std::fs::write(dir.join("model.safetensors.index.json"), &bad).unwrap();
+    let e = load::Checkpoint::open(dir, &config).unwrap_err();
+    assert!(e.to_string().contains("is not in this shard"), "{e}");
+    std::fs::write(dir.join("model.safetensors.index.json"), &index).unwrap();
+    // a missing shard
+    std::fs::remove_file(dir.join(names[1])).unwrap();
+    let e = load::Checkpoint::open(dir, &config).unwrap_err();
+    assert_eq!(e.exit_code(), EXIT_BAD_INPUT);
+    assert!(
+        e.to_string().contains(names[1]) && e.to_string().contains("missing"),
+        "{e}"
+    );
+}
+
+/// The FP8 fixture's weights dequantise to what its reference was computed from: its f32 run
+/// equals the bf16 fixture's to the tolerance of the FP8 rounding (and both load).
+#[test]
+fn fp8_weights_are_dequantised_with_their_block_scales() {
+    let dir = fixture_dir("v3-fp8-tiny");
+    let config = read_config_file(&dir.join("config.json")).unwrap();
+    assert_eq!(config.quantization.map(|q| q.block), Some([128, 128]));
+    let ck = load::Checkpoint::open(&dir, &config).unwrap();
+    let name = "model.layers.0.self_attn.kv_b_proj.weight";
+    let shape = [3 * (10 + 12), 24];
+    let (w, bytes) = ck.read(name, &shape).unwrap();
+    // one byte per weight plus one f32 scale (a single cropped 128 x 128 block)
+    assert_eq!(bytes, (shape[0] * shape[1] + 4) as u64);
+    let q = safetensors::SafeFile::open(&dir.join("model.safetensors")).unwrap();
+    let raw = q.read_bytes(name).unwrap();
+    let s = q.read_f32(&format!("{name}_scale_inv")).unwrap()[0];
+    for (i, (&b, &x)) in raw.iter().zip(&w).enumerate() {
+        assert_eq!(safetensors::e4m3_to_f32(b) * s, x, "element {i}");
+    }
+    // without quantization_config the FP8 tensor is refused
+    let mut plain = config.clone();
+    plain.quantization = None;
+    let e = load::Checkpoint::open(&dir, &plain)
+        .unwrap()
+        .read(name, &shape)
+        .unwrap_err();
+    assert!(e.to_string().contains("no quantization_config"), "{e}");
+}

@@ -14,6 +14,7 @@ use super::run::run_many;
 use super::sweep::sweep_cmd;
 use super::train::train_cmd;
 use super::validate::validate;
+use super::verify::{verify_cmd, VerifyArgs};
 use super::{Cli, Command};
 
 /// Runs the parsed command; returns the exit code.
@@ -80,6 +81,22 @@ pub fn run(cli: &Cli) -> anyhow::Result<i32> {
             },
         ),
         Command::Validate { paths } => validate(paths),
+        Command::Verify {
+            model,
+            reference,
+            layers,
+            dtype,
+            backend,
+            format,
+        } => verify_cmd(VerifyArgs {
+            model,
+            reference,
+            layers: *layers,
+            dtype: *dtype,
+            backend: *backend,
+            format: *format,
+            quiet: cli.quiet,
+        }),
         Command::Train {
             scenario,
             cache_dir,

@@ -10,6 +10,7 @@ mod run;
 mod sweep;
 mod train;
 mod validate;
+mod verify;
 
 use std::path::PathBuf;
 
@@ -117,6 +118,29 @@ pub enum Command {
         force: bool,
         #[command(flatten)]
         overrides: OverrideArgs,
+    },
+    /// Check a DeepSeek checkpoint against reference logits made with transformers
+    /// (scripts/make_reference.py): naive and absorbed MLA, full forward and cached decode.
+    /// Exit 0 every path within tolerance, 1 one is not, 2 bad input.
+    Verify {
+        /// Checkpoint folder (config.json + model.safetensors or shards with their index).
+        #[arg(long, value_name = "DIR")]
+        model: String,
+        /// Reference file: input_ids [B, S] (int64) and logits [B, S, V] (float32).
+        #[arg(long, value_name = "FILE")]
+        reference: PathBuf,
+        /// Keep the first N layers (default: the layers the reference was made with).
+        #[arg(long, value_name = "N")]
+        layers: Option<usize>,
+        /// Numeric type of the run (default: the checkpoint's, else f32).
+        #[arg(long, value_enum)]
+        dtype: Option<dsopt::config::Dtype>,
+        /// Backend (default flex: the CPU).
+        #[arg(long, value_enum, default_value_t = BackendChoice::Flex)]
+        backend: BackendChoice,
+        /// What goes to stdout: a table, or JSON.
+        #[arg(long, value_enum, default_value_t = Format::Table)]
+        format: Format,
     },
     /// Parse and validate scenario files without running them.
     Validate {

@@ -50,7 +50,7 @@ use super::dtype::Dtype;
 use crate::nn::attention::{AttentionConfig, AttentionKind, MlaImpl};
 use crate::nn::model::DecoderConfig;
 use crate::nn::moe::ScoreFunc;
-use crate::nn::moe::{MoeConfig, RouterConfig};
+use crate::nn::moe::{MoeConfig, RouterConfig, TopkMethod};
 
 /// FFN 种类。默认是稠密 SwiGLU（FR-006：标准行为保持为默认）。
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -265,7 +265,7 @@ impl OptimizationConfig {
     }
 
     /// 隐藏维度 `hidden` 下的 MoE 层配置（稠密 FFN 时为 `None`）。路由器设置与
-    /// SC-003 运行器相同（`norm_topk_prob = false`，γ = 0.001）。
+    /// SC-003 运行器相同（分组时按 V3 的组分数，sigmoid 时归一化，γ = 0.001）。
     pub fn moe_config(&self, hidden: usize) -> Option<MoeConfig> {
         (self.ffn == FfnKind::Moe).then(|| {
             let m = &self.moe;
@@ -277,10 +277,17 @@ impl OptimizationConfig {
                     n_routed_experts: m.n_routed_experts,
                     num_experts_per_tok: m.num_experts_per_tok,
                     score_func: m.score_func,
+                    // scenarios' grouped routing is V3's (top-2 sum), and sigmoid weights are
+                    // normalised, as they always were here
+                    topk_method: if m.n_group > 1 {
+                        TopkMethod::NoauxTc
+                    } else {
+                        TopkMethod::Greedy
+                    },
                     n_group: m.n_group,
                     topk_group: m.topk_group,
                     route_scale: m.route_scale,
-                    norm_topk_prob: false,
+                    norm_topk_prob: m.score_func == ScoreFunc::Sigmoid,
                     bias_update_speed: 0.001,
                 },
                 shape_buckets: false,
@@ -310,6 +317,8 @@ impl OptimizationConfig {
         a.rope_theta = shape.rope_theta;
         a.rope_scaling = shape.rope_scaling;
         DecoderConfig {
+            first_k_dense_replace: 0,
+            rms_norm_eps: crate::nn::model::default_rms_norm_eps(),
             vocab_size: shape.vocab_size,
             hidden: shape.hidden,
             n_layers: shape.n_layers,
@@ -358,6 +367,8 @@ mod tests {
         let mut a = AttentionConfig::mha(s.n_heads, s.head_dim);
         a.rope_theta = s.rope_theta;
         let want = DecoderConfig {
+            first_k_dense_replace: 0,
+            rms_norm_eps: crate::nn::model::default_rms_norm_eps(),
             vocab_size: s.vocab_size,
             hidden: s.hidden,
             n_layers: s.n_layers,

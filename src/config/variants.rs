@@ -269,6 +269,8 @@ mod tests {
         attention.rope_theta = s.model.rope_theta;
         attention.key_block = 128;
         let want = DecoderConfig {
+            first_k_dense_replace: 0,
+            rms_norm_eps: crate::nn::model::default_rms_norm_eps(),
             vocab_size: s.model.vocab_size,
             hidden: s.model.hidden,
             n_layers: s.model.n_layers,

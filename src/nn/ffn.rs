@@ -41,6 +41,11 @@ impl<B: Backend> SwiGlu<B> {
         linear::forward(&self.w2, h)
     }
 
+    /// An FFN from its three linear layers (`w1` gate, `w2` down, `w3` up).
+    pub fn from_linears(w1: Linear<B>, w2: Linear<B>, w3: Linear<B>) -> Self {
+        SwiGlu { w1, w2, w3 }
+    }
+
     /// An FFN from host weights `w1`, `w2`, `w3` (Burn's `[d_in, d_out]` layout), copied to
     /// `device`.
     pub fn from_data(w1: TensorData, w2: TensorData, w3: TensorData, device: &B::Device) -> Self {

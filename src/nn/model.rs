@@ -31,6 +31,31 @@ pub struct DecoderConfig {
     /// MoE 配置：`None` = 稠密 SwiGLU FFN（默认，FR-006）；`Some` = 每层 FFN 换成 DeepSeekMoE。
     #[serde(default)]
     pub moe: Option<MoeConfig>,
+    /// 有 MoE 时，前几层仍用宽度 `ffn_hidden` 的稠密 FFN（config.json 的 `first_k_dense_replace`）。
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub first_k_dense_replace: usize,
+    /// 各块与最终 RMSNorm 的 ε（config.json 的 `rms_norm_eps`；MLA 的潜向量 RMSNorm 总是 1e-6，与 transformers 相同）。
+    #[serde(
+        default = "default_rms_norm_eps",
+        skip_serializing_if = "is_default_eps"
+    )]
+    pub rms_norm_eps: f64,
+}
+
+// the defaults are left out of serialised configurations, so that the keys of cached MTP
+// checkpoints (a hash of the configuration) stay what they were
+fn is_zero(v: &usize) -> bool {
+    *v == 0
+}
+
+/// Whether `v` is [`default_rms_norm_eps`] (serialisation leaves it out).
+pub fn is_default_eps(v: &f64) -> bool {
+    *v == default_rms_norm_eps()
+}
+
+/// The ε of DeepSeek-V2/V3's RMSNorm (Moonlight uses 1e-5).
+pub fn default_rms_norm_eps() -> f64 {
+    1e-6
 }
 
 impl DecoderConfig {
@@ -51,9 +76,11 @@ impl DecoderConfig {
         Decoder {
             embed: EmbeddingConfig::new(self.vocab_size, d).init(device),
             layers: (0..self.n_layers)
-                .map(|_| Block::new(self, device))
+                .map(|i| Block::for_layer(self, i, device))
                 .collect(),
-            norm: RmsNormConfig::new(d).with_epsilon(1e-6).init(device),
+            norm: RmsNormConfig::new(d)
+                .with_epsilon(self.rms_norm_eps)
+                .init(device),
             head: LinearConfig::new(d, self.vocab_size)
                 .with_bias(false)
                 .init(device),
@@ -109,12 +136,20 @@ impl DecoderConfig {
             }
             AttentionKind::Mla => MlaAttention::<burn::backend::Flex>::params(d, &self.attention),
         };
-        let ffn = match &self.moe {
-            None => SwiGlu::<burn::backend::Flex>::params(d, self.ffn_hidden),
-            Some(m) => m.total_params(),
-        };
-        let layer = attn + ffn + 2 * d;
-        2 * self.vocab_size * d + self.n_layers * layer + d
+        let dense = SwiGlu::<burn::backend::Flex>::params(d, self.ffn_hidden);
+        let ffn: usize = (0..self.n_layers)
+            .map(|i| match &self.moe {
+                Some(m) if self.is_moe_layer(i) => m.total_params(),
+                _ => dense,
+            })
+            .sum();
+        2 * self.vocab_size * d + self.n_layers * (attn + 2 * d) + ffn + d
+    }
+
+    /// Whether layer `i` has a MoE FFN (a MoE model's first `first_k_dense_replace` layers are
+    /// dense).
+    pub fn is_moe_layer(&self, i: usize) -> bool {
+        self.moe.is_some() && i >= self.first_k_dense_replace
     }
 
     /// KV-cache bytes for `batch` sequences of `capacity` tokens at `elem_bytes` per element.
@@ -146,17 +181,46 @@ pub struct Block<B: Backend> {
 }
 
 impl<B: Backend> Block<B> {
-    /// A block with the attention and FFN of `c` (also used by the MTP modules).
+    /// A block with the attention and FFN of `c`, MoE when `c` has one (the MTP modules).
     pub fn new(c: &DecoderConfig, device: &B::Device) -> Self {
+        Self::build(c, c.moe.is_some(), device)
+    }
+
+    /// The block of layer `i` of `c` (dense before `first_k_dense_replace`).
+    pub fn for_layer(c: &DecoderConfig, i: usize, device: &B::Device) -> Self {
+        Self::build(c, c.is_moe_layer(i), device)
+    }
+
+    fn build(c: &DecoderConfig, moe: bool, device: &B::Device) -> Self {
         let d = c.hidden;
+        let norm = || {
+            RmsNormConfig::new(d)
+                .with_epsilon(c.rms_norm_eps)
+                .init(device)
+        };
         Block {
-            attn_norm: RmsNormConfig::new(d).with_epsilon(1e-6).init(device),
+            attn_norm: norm(),
             attn: c.attention.init(d, device),
-            ffn_norm: RmsNormConfig::new(d).with_epsilon(1e-6).init(device),
-            ffn: match &c.moe {
-                None => Ffn::Dense(SwiGlu::new(d, c.ffn_hidden, device)),
-                Some(m) => Ffn::Moe(m.init(device)),
+            ffn_norm: norm(),
+            ffn: match (&c.moe, moe) {
+                (Some(m), true) => Ffn::Moe(m.init(device)),
+                _ => Ffn::Dense(SwiGlu::new(d, c.ffn_hidden, device)),
             },
+        }
+    }
+
+    /// A block from its parts (a loaded checkpoint).
+    pub fn from_parts(
+        attn_norm: RmsNorm<B>,
+        attn: Attention<B>,
+        ffn_norm: RmsNorm<B>,
+        ffn: Ffn<B>,
+    ) -> Self {
+        Block {
+            attn_norm,
+            attn,
+            ffn_norm,
+            ffn,
         }
     }
 
@@ -260,6 +324,21 @@ pub struct Decoder<B: Backend> {
 }
 
 impl<B: Backend> Decoder<B> {
+    /// A model from its parts (a loaded checkpoint).
+    pub fn from_parts(
+        embed: Embedding<B>,
+        layers: Vec<Block<B>>,
+        norm: RmsNorm<B>,
+        head: Linear<B>,
+    ) -> Self {
+        Decoder {
+            embed,
+            layers,
+            norm,
+            head,
+        }
+    }
+
     /// An empty KV cache of `capacity` tokens for `batch` sequences (allocated now, in full).
     pub fn new_cache(&self, batch: usize, capacity: usize) -> KvCache<B> {
         let device = self.head.weight.device();

@@ -189,6 +189,8 @@ mod tests {
 
     fn config() -> DecoderConfig {
         DecoderConfig {
+            first_k_dense_replace: 0,
+            rms_norm_eps: crate::nn::model::default_rms_norm_eps(),
             vocab_size: 40,
             hidden: 16,
             n_layers: 2,

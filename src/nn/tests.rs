@@ -21,6 +21,8 @@ fn config(kind: AttentionKind, mla_impl: MlaImpl) -> DecoderConfig {
     a.mla_impl = mla_impl;
     a.key_block = 4;
     DecoderConfig {
+        first_k_dense_replace: 0,
+        rms_norm_eps: crate::nn::model::default_rms_norm_eps(),
         vocab_size: 32,
         hidden: 32,
         n_layers: 2,
@@ -196,7 +198,7 @@ fn yarn_mscale() {
 }
 
 fn moe_config() -> DecoderConfig {
-    use super::moe::{MoeConfig, RouterConfig, ScoreFunc};
+    use super::moe::{MoeConfig, RouterConfig, ScoreFunc, TopkMethod};
     let mut c = config(AttentionKind::Mha, MlaImpl::Absorbed);
     c.moe = Some(MoeConfig {
         dim: 32,
@@ -206,6 +208,7 @@ fn moe_config() -> DecoderConfig {
             n_routed_experts: 6,
             num_experts_per_tok: 2,
             score_func: ScoreFunc::Softmax,
+            topk_method: TopkMethod::Greedy,
             n_group: 1,
             topk_group: 1,
             route_scale: 1.0,

@@ -7,6 +7,8 @@ fn tiny() -> (DecoderConfig, MtpTrain, Corpus) {
     let mut attention = AttentionConfig::mha(2, 8);
     attention.key_block = 16;
     let c = DecoderConfig {
+        first_k_dense_replace: 0,
+        rms_norm_eps: crate::nn::model::default_rms_norm_eps(),
         vocab_size: 256,
         hidden: 16,
         n_layers: 1,

@@ -55,6 +55,13 @@ pub struct LowRankQuery<B: Backend> {
     wq_b: Linear<B>,
 }
 
+impl<B: Backend> LowRankQuery<B> {
+    /// From its parts (a loaded checkpoint's `q_a_proj`, `q_a_layernorm`, `q_b_proj`).
+    pub fn new(wq_a: Linear<B>, q_norm: RmsNorm<B>, wq_b: Linear<B>) -> Self {
+        LowRankQuery { wq_a, q_norm, wq_b }
+    }
+}
+
 impl<B: Backend> QueryProjection<B> {
     /// `[b, s, dim] -> [b, s, h·(d_nope + d_r)]`
     fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
@@ -123,6 +130,35 @@ impl<B: Backend> MlaAttention<B> {
             wkv_b: lin(c.kv_lora_rank, h * (c.qk_nope_head_dim + c.v_head_dim)),
             wo: lin(h * c.v_head_dim, dim),
             n_heads: h,
+            kv_lora_rank: c.kv_lora_rank,
+            qk_nope_head_dim: c.qk_nope_head_dim,
+            qk_rope_head_dim: c.qk_rope_head_dim,
+            v_head_dim: c.v_head_dim,
+            key_block: c.key_block,
+            shape_buckets: c.shape_buckets,
+            rope: c.rope(),
+            scale: c.softmax_scale(qk),
+            implementation: c.mla_impl,
+        }
+    }
+
+    /// 由已有的各部分组成 MLA 模块（加载的检查点；形状由调用方按 `c` 检查过）。
+    pub fn from_parts(
+        c: &AttentionConfig,
+        query: QueryProjection<B>,
+        wkv_a: Linear<B>,
+        kv_norm: RmsNorm<B>,
+        wkv_b: Linear<B>,
+        wo: Linear<B>,
+    ) -> Self {
+        let qk = c.qk_nope_head_dim + c.qk_rope_head_dim;
+        MlaAttention {
+            query,
+            wkv_a,
+            kv_norm,
+            wkv_b,
+            wo,
+            n_heads: c.n_heads,
             kv_lora_rank: c.kv_lora_rank,
             qk_nope_head_dim: c.qk_nope_head_dim,
             qk_rope_head_dim: c.qk_rope_head_dim,

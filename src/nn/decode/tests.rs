@@ -11,6 +11,8 @@ fn config() -> DecoderConfig {
     let mut a = AttentionConfig::mha(2, 8);
     a.key_block = 4;
     DecoderConfig {
+        first_k_dense_replace: 0,
+        rms_norm_eps: crate::nn::model::default_rms_norm_eps(),
         vocab_size: 24,
         hidden: 16,
         n_layers: 2,

@@ -247,6 +247,7 @@ mod tests {
                 n_routed_experts: 8,
                 num_experts_per_tok: 3,
                 score_func: score,
+                topk_method: crate::nn::moe::TopkMethod::NoauxTc,
                 n_group: groups,
                 topk_group: groups.clamp(1, 2),
                 route_scale: 1.0,

@@ -6,4 +6,4 @@ pub mod router;
 
 pub use layer::{MoeConfig, MoeLayer};
 pub use offload::{ExpertStore, HostExpert, OffloadStats};
-pub use router::{LoadStats, MoeRouter, RouterConfig, Routing, ScoreFunc};
+pub use router::{LoadStats, MoeRouter, RouterConfig, Routing, ScoreFunc, TopkMethod};

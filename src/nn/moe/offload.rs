@@ -240,6 +240,7 @@ mod tests {
                 n_routed_experts: 4,
                 num_experts_per_tok: 2,
                 score_func: ScoreFunc::Softmax,
+                topk_method: crate::nn::moe::TopkMethod::Greedy,
                 n_group: 1,
                 topk_group: 1,
                 route_scale: 1.0,
@@ -252,6 +253,8 @@ mod tests {
 
     fn decoder() -> DecoderConfig {
         DecoderConfig {
+            first_k_dense_replace: 0,
+            rms_norm_eps: crate::nn::model::default_rms_norm_eps(),
             vocab_size: 32,
             hidden: 16,
             n_layers: 2,

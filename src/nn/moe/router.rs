@@ -1,10 +1,12 @@
 //! `MoeRouter`：DeepSeek 的门控（`Gate`）。
 //!
 //! 打分：`scores = softmax(x · Wᵀ)`（V2）或 `sigmoid(x · Wᵀ)`（V3），`W` 形状 `[n_experts, dim]`。
-//! 选择：可选的无辅助损失偏置 `bias`（只用于挑选专家）；可选分组路由——专家分成 `n_group` 组，
-//! 组分数 = 组内最高两个（加偏置后）分数之和，保留 `topk_group` 组，再在其中选 top-k。
-//! 权重：取*未加偏置*的分数，在选中的专家上归一化（sigmoid 总是归一化，softmax 由
-//! `norm_topk_prob` 决定），再乘 `route_scale`。不丢弃任何 token。
+//! 选择：可选的无辅助损失偏置 `bias`（只用于挑选专家）；按 `topk_method` 分组路由——专家分成
+//! `n_group` 组，组分数在 `group_limited_greedy`（V2）是组内最高分，在 `noaux_tc`（V3）是组内
+//! 最高两个加偏置分数之和；保留 `topk_group` 组（其余组的专家不参与，相当于 −inf），再在其中选
+//! top-k；`greedy` 不分组。
+//! 权重：取*未加偏置*的分数；`norm_topk_prob` 时在选中的专家上归一化（分母加 1e-20，与
+//! transformers 相同），再乘 `route_scale`（`routed_scaling_factor`）。不丢弃任何 token。
 //!
 //! 偏置更新（DeepSeek-V3 的负载均衡）：每步之后，负载低于平均的专家 `bias += γ`，高于平均的
 //! `bias -= γ`（γ 默认 0.001）。每次调用都给出负载统计（每个专家的 token 数、最大/平均、空闲专家数）。
@@ -27,6 +29,31 @@ pub enum ScoreFunc {
     Sigmoid,
 }
 
+/// `topk_method`：如何从打分中选出专家（config.json 的取值）。
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum TopkMethod {
+    /// 直接取 top-k，不分组（V2-Lite）。
+    #[default]
+    Greedy,
+    /// 组分数 = 组内最大分数，保留 `topk_group` 个组，再在其中取 top-k（V2）。
+    GroupLimitedGreedy,
+    /// 打分加上选择偏置（`e_score_correction_bias`）只用于挑选；组分数 = 组内前 2 个加偏置
+    /// 分数之和（V3、Moonlight）。
+    NoauxTc,
+}
+
+impl TopkMethod {
+    /// The name config.json uses.
+    pub fn name(self) -> &'static str {
+        match self {
+            TopkMethod::Greedy => "greedy",
+            TopkMethod::GroupLimitedGreedy => "group_limited_greedy",
+            TopkMethod::NoauxTc => "noaux_tc",
+        }
+    }
+}
+
 /// 路由器配置（DeepSeek 的参数名）。
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RouterConfig {
@@ -36,13 +63,15 @@ pub struct RouterConfig {
     pub num_experts_per_tok: usize,
     /// 打分函数。
     pub score_func: ScoreFunc,
+    /// 选择方法（决定组分数的定义；`Greedy` 不分组）。
+    pub topk_method: TopkMethod,
     /// 分组数（1 = 不分组）。
     pub n_group: usize,
     /// 保留的组数。
     pub topk_group: usize,
-    /// 门控权重缩放。
+    /// 门控权重缩放（`routed_scaling_factor`）。
     pub route_scale: f64,
-    /// softmax 打分时是否在选中专家上归一化（sigmoid 总是归一化）。
+    /// 是否在选中专家上把权重归一化（`norm_topk_prob`）。
     pub norm_topk_prob: bool,
     /// 偏置更新步长 γ。
     pub bias_update_speed: f32,
@@ -106,6 +135,15 @@ impl<B: Backend> MoeRouter<B> {
             bias: vec![0.0; config.n_routed_experts],
             config,
         }
+    }
+
+    /// 由门控线性层（Burn 的 `[dim, n_experts]` 布局）与选择偏置组成路由器（加载的检查点）。
+    ///
+    /// # Panics
+    /// `bias` 的长度不等于 `n_routed_experts` 时 panic。
+    pub fn from_parts(gate: Linear<B>, bias: Vec<f32>, config: RouterConfig) -> Self {
+        assert_eq!(bias.len(), config.n_routed_experts);
+        MoeRouter { gate, bias, config }
     }
 
     /// 路由器配置。
@@ -195,13 +233,17 @@ pub fn select(scores: &[f32], t: usize, bias: &[f32], c: &RouterConfig) -> Routi
         // 加偏置的分数用于挑选；未加偏置的分数用于加权
         let biased: Vec<f32> = row.iter().zip(bias).map(|(s, b)| s + b).collect();
         let mut allowed = vec![true; e];
-        if c.n_group > 1 {
-            // 组分数 = 组内最高两个加偏置分数之和
+        if c.n_group > 1 && c.topk_method != TopkMethod::Greedy {
+            // 组分数：V2 取组内最高分，V3 取组内最高两个加偏置分数之和
+            let top = match c.topk_method {
+                TopkMethod::GroupLimitedGreedy => 1,
+                _ => 2,
+            };
             let mut groups: Vec<(usize, f32)> = (0..c.n_group)
                 .map(|g| {
                     let mut v: Vec<f32> = biased[g * per_group..(g + 1) * per_group].to_vec();
                     v.sort_by(|a, b| b.total_cmp(a));
-                    (g, v.iter().take(2).sum())
+                    (g, v.iter().take(top).sum())
                 })
                 .collect();
             groups.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
@@ -215,11 +257,10 @@ pub fn select(scores: &[f32], t: usize, bias: &[f32], c: &RouterConfig) -> Routi
         order.sort_by(|&a, &b| biased[b].total_cmp(&biased[a]).then(a.cmp(&b)));
         order.truncate(k);
         let mut w: Vec<f32> = order.iter().map(|&i| row[i]).collect();
-        if c.score_func == ScoreFunc::Sigmoid || c.norm_topk_prob {
-            let sum: f32 = w.iter().sum();
-            if sum > 0.0 {
-                w.iter_mut().for_each(|x| *x /= sum);
-            }
+        // as transformers' DeepseekV3TopkRouter: `w / (sum + 1e-20)`, then `· routed_scaling_factor`
+        if c.norm_topk_prob {
+            let sum: f32 = w.iter().sum::<f32>() + 1e-20;
+            w.iter_mut().for_each(|x| *x /= sum);
         }
         w.iter_mut().for_each(|x| *x *= c.route_scale as f32);
         for &i in &order {
@@ -244,6 +285,11 @@ mod tests {
             n_routed_experts: e,
             num_experts_per_tok: k,
             score_func: ScoreFunc::Softmax,
+            topk_method: if groups > 1 {
+                TopkMethod::NoauxTc
+            } else {
+                TopkMethod::Greedy
+            },
             n_group: groups,
             topk_group,
             route_scale: 1.0,
@@ -288,11 +334,29 @@ mod tests {
     fn sigmoid_weights_are_renormalised_and_scaled() {
         let mut c = cfg(4, 2, 1, 1);
         c.score_func = ScoreFunc::Sigmoid;
+        c.norm_topk_prob = true;
         c.route_scale = 2.5;
         let r = select(&[0.9, 0.1, 0.6, 0.2], 1, &[0.0; 4], &c);
         assert_eq!(r.experts, vec![vec![0, 2]]);
         let w = &r.weights[0];
         assert!((w[0] - 2.5 * 0.9 / 1.5).abs() < 1e-6 && (w[1] - 2.5 * 0.6 / 1.5).abs() < 1e-6);
+        c.norm_topk_prob = false;
+        let w = select(&[0.9, 0.1, 0.6, 0.2], 1, &[0.0; 4], &c).weights;
+        assert!((w[0][0] - 2.5 * 0.9).abs() < 1e-6);
+    }
+
+    #[test]
+    fn group_score_is_max_for_v2_and_top2_sum_for_v3() {
+        // g0 = {0.30, 0.01}: max 0.30, top-2 sum 0.31; g1 = {0.20, 0.20}: max 0.20, sum 0.40
+        let s = [0.30, 0.01, 0.20, 0.20];
+        let mut c = cfg(4, 1, 2, 1);
+        c.topk_method = TopkMethod::GroupLimitedGreedy;
+        assert_eq!(select(&s, 1, &[0.0; 4], &c).experts, vec![vec![0]]);
+        c.topk_method = TopkMethod::NoauxTc;
+        assert_eq!(select(&s, 1, &[0.0; 4], &c).experts, vec![vec![2]]);
+        // greedy ignores the groups
+        c.topk_method = TopkMethod::Greedy;
+        assert_eq!(select(&s, 1, &[0.0; 4], &c).experts, vec![vec![0]]);
     }
 
     #[test]

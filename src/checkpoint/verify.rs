@@ -1,0 +1,146 @@
+//! `dsopt verify`：把参考文件的 `input_ids` 送进加载好的检查点，每条计算路径的 logits 都与
+//! transformers 的参考 logits 比较。
+//!
+//! 路径（同一组权重）：朴素 MLA 整段前向、吸收 MLA 整段前向、朴素 MLA 逐 token 缓存解码、
+//! 吸收 MLA 逐 token 缓存解码。每条路径都必须在容差之内，命令才以 0 退出。
+
+use std::path::PathBuf;
+
+use burn::tensor::{backend::Backend, Int, Tensor, TensorData};
+use serde::Serialize;
+
+use super::load::{load_decoder, Checkpoint, LoadReport};
+use super::model::DeepseekConfig;
+use super::reference::{compare, PathCheck, Reference};
+use crate::backend::{burn_dtype, use_float_dtype, BackendContext, BackendJob};
+use crate::config::Dtype;
+use crate::error::DsoptError;
+use crate::nn::attention::MlaImpl;
+use crate::nn::Decoder;
+
+/// What `dsopt verify` found.
+#[derive(Debug, Clone, Serialize)]
+pub struct VerifyOutcome {
+    /// The checkpoint folder.
+    pub model: String,
+    /// Layers run (of the checkpoint's).
+    pub layers: usize,
+    /// The run's dtype.
+    pub dtype: Dtype,
+    /// The backend.
+    pub backend: String,
+    /// Reference batch and sequence length.
+    pub batch: usize,
+    /// Sequence length.
+    pub seq: usize,
+    /// Loading.
+    pub load: LoadReport,
+    /// One entry per path.
+    pub paths: Vec<PathCheck>,
+    /// Every path within tolerance.
+    pub pass: bool,
+}
+
+/// The job: load `dir` as `config` (already cut to the reference's layers) in `dtype`, run
+/// every path on the reference's prompts.
+pub struct VerifyJob {
+    /// Checkpoint folder.
+    pub dir: PathBuf,
+    /// Its description (with `--layers` applied).
+    pub config: DeepseekConfig,
+    /// The reference.
+    pub reference: Reference,
+    /// The run's dtype.
+    pub dtype: Dtype,
+    /// No progress on stderr.
+    pub quiet: bool,
+}
+
+impl BackendJob for VerifyJob {
+    type Output = Result<VerifyOutcome, DsoptError>;
+
+    fn run<B: Backend>(self, ctx: BackendContext<B>) -> Self::Output {
+        let dev = ctx.device;
+        use_float_dtype::<B>(&dev, self.dtype)?;
+        let ckpt = Checkpoint::open(&self.dir, &self.config)?;
+        let dc = self.config.decoder_config(MlaImpl::Naive);
+        let (mut model, load) =
+            load_decoder::<B>(&ckpt, &dc, &dev, burn_dtype(self.dtype), self.quiet)?;
+        if !self.quiet {
+            eprintln!(
+                "loaded {} tensors, {:.1} MB in {:.2} s ({:.0} MB/s)",
+                load.tensors,
+                load.bytes_read as f64 / 1e6,
+                load.seconds,
+                load.bytes_read as f64 / 1e6 / load.seconds.max(1e-9)
+            );
+        }
+        let r = &self.reference;
+        let (b, s) = r.dims();
+        let ids: Vec<i64> = r.input_ids.iter().flatten().map(|&t| t as i64).collect();
+        let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [b, s]), &dev);
+        let mut paths = Vec::new();
+        for (imp, name) in [
+            (MlaImpl::Naive, "naive MLA"),
+            (MlaImpl::Absorbed, "absorbed MLA"),
+        ] {
+            model.set_mla_impl(imp);
+            let full = full_forward(&model, ids.clone(), b, s);
+            paths.push(compare(
+                &format!("{name}, full forward"),
+                r,
+                &full,
+                self.dtype,
+            ));
+            let step = cached_decode(&model, ids.clone(), b, s);
+            paths.push(compare(
+                &format!("{name}, cached decode token by token"),
+                r,
+                &step,
+                self.dtype,
+            ));
+        }
+        let pass = paths.iter().all(|p| p.pass);
+        Ok(VerifyOutcome {
+            model: self.dir.display().to_string(),
+            layers: self.config.num_hidden_layers,
+            dtype: self.dtype,
+            backend: ctx.selected.kind.to_string(),
+            batch: b,
+            seq: s,
+            load,
+            paths,
+            pass,
+        })
+    }
+}
+
+fn to_host<B: Backend>(t: Tensor<B, 3>) -> Vec<f32> {
+    t.into_data().iter::<f32>().collect()
+}
+
+/// Every position's logits from one forward over the whole prompt.
+fn full_forward<B: Backend>(
+    m: &Decoder<B>,
+    ids: Tensor<B, 2, Int>,
+    b: usize,
+    s: usize,
+) -> Vec<f32> {
+    let mut cache = m.new_cache(b, s);
+    let h = m.forward_hidden(ids, &mut cache);
+    to_host(m.logits(h))
+}
+
+/// Every position's logits from one decode step per token (the cache carries the prefix).
+fn cached_decode<B: Backend>(
+    m: &Decoder<B>,
+    ids: Tensor<B, 2, Int>,
+    b: usize,
+    s: usize,
+) -> Vec<f32> {
+    let mut cache = m.new_cache(b, s);
+    let steps: Vec<Tensor<B, 3>> = (0..s)
+        .map(|t| m.decode_step(ids.clone().slice([0..b, t..t + 1]), &mut cache))
+        .collect();
+    to_host(Tensor::cat(steps, 1))
+}
