@@ -9,6 +9,9 @@ Run by hand (needs torch, transformers and safetensors; never run by CI, nothing
   # the fixtures under tests/fixtures/models/ (small random models, published layouts)
   python3 scripts/make_reference.py --fixtures tests/fixtures/models
 
+  # a random-weight checkpoint at a published model's dimensions, for load measurements
+  python3 scripts/make_reference.py --random src/checkpoint/presets/deepseek-v2-lite.json --layers 2 --out DIR
+
 Reference format: one safetensors file with int64 `input_ids` [B, S] and float32 `logits`
 [B, S, V]; `__metadata__` has `layers` when --layers cut the model, plus the versions used.
 Logits are computed in float32 from the checkpoint's weights (bf16 weights are widened exactly).
@@ -290,8 +293,15 @@ def make_fixture(name, out_dir):
                 "weight_block_size": [128, 128],
             },
         )
-    torch.manual_seed(sum(map(ord, "v3-tiny" if fp8 else name)))
     config = cls(**COMMON, **extra, torch_dtype="bfloat16")
+    seed = sum(map(ord, "v3-tiny" if fp8 else name))
+    write_random(config, os.path.join(out_dir, name), seed, fp8, 4, 24, dict(fixture=name))
+
+
+def write_random(config, d, seed, fp8, batch, seq, meta):
+    """A checkpoint of `config` with random weights (bf16, published layout; FP8 blocks when
+    `fp8`) and its reference for `batch` prompts of `seq` random tokens, in folder `d`."""
+    torch.manual_seed(seed)
     config._attn_implementation = "eager"
     model = AutoModelForCausalLM.from_config(
         config, attn_implementation="eager", experts_implementation="eager"
@@ -310,7 +320,6 @@ def make_fixture(name, out_dir):
         # only: the RoPE frequencies are buffers computed from the config, never rounded)
         for t in model.parameters():
             t.copy_(t.to(torch.bfloat16).float())
-    d = os.path.join(out_dir, name)
     os.makedirs(d, exist_ok=True)
     config.save_pretrained(d)
     sd = published_state_dict(model)
@@ -329,9 +338,9 @@ def make_fixture(name, out_dir):
                 deq[k] = w
         load_published(model, sd, deq)
     save_file(tensors, os.path.join(d, "model.safetensors"), metadata={"format": "pt"})
-    ids = prompts(config.vocab_size, 4, 24, 7)
+    ids = prompts(config.vocab_size, batch, seq, 7)
     logits, stable = reference(model, ids)
-    meta = dict(versions(), fixture=name)
+    meta = dict(versions(), **meta)
     save_file(
         {"input_ids": ids, "logits": logits, "route_stable": stable},
         os.path.join(d, "reference.safetensors"),
@@ -339,6 +348,17 @@ def make_fixture(name, out_dir):
     )
     print(f"  positions whose routing is robust: {stable.sum().item()} of {stable.numel()}")
     print(f"{d}: {sum(v.numel() for v in sd.values())} parameters, logits max |x| {logits.abs().max():.3f}")
+
+
+def random_like(args):
+    """--random CONFIG_JSON: a checkpoint at a published model's dimensions (its first --layers
+    layers) with random weights, for load and memory measurements at real size."""
+    with open(args.random) as f:
+        values = json.load(f)
+    if args.layers is not None:
+        values["num_hidden_layers"] = args.layers
+    config = transformers.AutoConfig.for_model(values.pop("model_type"), **values)
+    write_random(config, args.out, 0, False, args.batch, args.seq, {})
 
 
 def from_checkpoint(args):
@@ -370,12 +390,19 @@ def main():
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--fixtures", metavar="DIR", help="write every fixture under DIR")
     ap.add_argument(
+        "--random",
+        metavar="CONFIG_JSON",
+        help="write a random-weight checkpoint of this config.json (and its reference) to --out DIR",
+    )
+    ap.add_argument(
         "--only", action="append", choices=sorted(FIXTURES) + ["v3-fp8-tiny"], help="with --fixtures: this one only"
     )
     args = ap.parse_args()
     if args.fixtures:
         for name in args.only or sorted(FIXTURES) + ["v3-fp8-tiny"]:
             make_fixture(name, args.fixtures)
+    elif args.random and args.out:
+        random_like(args)
     elif args.model and args.out:
         from_checkpoint(args)
     else:

@@ -14,8 +14,9 @@
 //!   `PATH`; a leading `cargo run --release --` is replaced by `dsopt` (no other `cargo` command
 //!   may be marked).
 //! - The tested blocks of one document run in order, in one fresh temporary directory that holds
-//!   copies of the repository's `scenarios/` and `docs/examples/`, so that `scenarios/smoke/...`,
-//!   `docs/examples/...` and `reports/` mean what they mean at the repository root. The MTP
+//!   copies of the repository's `scenarios/`, `docs/examples/` and `tests/fixtures/models/`, so
+//!   that `scenarios/smoke/...`, `docs/examples/...`, `tests/fixtures/models/...` and `reports/`
+//!   mean what they mean at the repository root. The MTP
 //!   checkpoint cache (`DSOPT_CACHE`) is inside that directory too.
 //! - Only commands that finish in seconds may be marked: smoke scenarios, with `--backend flex`
 //!   wherever a backend is chosen, and exit codes that do not depend on measured speed.
@@ -166,9 +167,10 @@ fn run_document(doc: &Path) -> usize {
     }
     let dir = tempfile::tempdir().unwrap();
     copy_tree(&repo().join("scenarios"), &dir.path().join("scenarios"));
-    let examples = repo().join("docs/examples");
-    if examples.is_dir() {
-        copy_tree(&examples, &dir.path().join("docs/examples"));
+    for sub in ["docs/examples", "tests/fixtures/models"] {
+        if repo().join(sub).is_dir() {
+            copy_tree(&repo().join(sub), &dir.path().join(sub));
+        }
     }
     let bin = dir.path().join(".bin");
     std::fs::create_dir_all(&bin).unwrap();

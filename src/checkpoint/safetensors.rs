@@ -191,6 +191,22 @@ impl SafeFile {
         Ok(buf)
     }
 
+    /// Bytes `offset..offset + buf.len()` of tensor `name` (a positioned read; `offset` counts
+    /// from the tensor's first byte).
+    ///
+    /// # Panics
+    /// When the range is not inside the tensor.
+    pub fn read_range(&self, name: &str, offset: u64, buf: &mut [u8]) -> Result<(), DsoptError> {
+        let info = self.info(name).ok_or_else(|| self.missing(name))?;
+        assert!(
+            info.start + offset + buf.len() as u64 <= info.end,
+            "range outside {name}"
+        );
+        self.file
+            .read_exact_at(buf, info.start + offset)
+            .map_err(|e| bad(&self.path, Some(name), format!("cannot be read: {e}")))
+    }
+
     /// Tensor `name` widened to f32 (F32, F16, BF16; FP8 needs its scales: see
     /// [`dequantize_fp8`]).
     pub fn read_f32(&self, name: &str) -> Result<Vec<f32>, DsoptError> {

@@ -68,11 +68,16 @@ impl BackendJob for VerifyJob {
             load_decoder::<B>(&ckpt, &dc, &dev, burn_dtype(self.dtype), self.quiet)?;
         if !self.quiet {
             eprintln!(
-                "loaded {} tensors, {:.1} MB in {:.2} s ({:.0} MB/s)",
+                "loaded {} tensors, {:.1} MB read in {:.2} s ({:.0} MB/s); parameters {:.1} MB, \
+                 host heap peak while loading {}",
                 load.tensors,
                 load.bytes_read as f64 / 1e6,
                 load.seconds,
-                load.bytes_read as f64 / 1e6 / load.seconds.max(1e-9)
+                load.bytes_read as f64 / 1e6 / load.seconds.max(1e-9),
+                load.model_bytes as f64 / 1e6,
+                load.host_peak_bytes
+                    .map(|b| format!("{:.1} MB", b as f64 / 1e6))
+                    .unwrap_or_else(|| "not measured".into())
             );
         }
         let r = &self.reference;
