@@ -1367,9 +1367,28 @@ fn model_presets_and_a_checkpoint_config_drive_bench_mla() {
         predicate::str::contains("deepseek-v2-lite")
             .and(predicate::str::contains("moonlight-16b-a3b")),
     );
-    with_model("moe", "deepseek-v2-lite")
+    with_model("mtp", "deepseek-v2-lite")
         .code(2)
         .stderr(predicate::str::contains("implemented for `mla`"));
+    // bench moe: the three variants of all 27 layers do not fit (exit 3 with --layers); one
+    // layer of V2-Lite is its dense layer, with no MoE layer to measure (exit 2)
+    with_model("moe", "deepseek-v2-lite").code(3).stderr(
+        predicate::str::contains("--layers").and(predicate::str::contains("resident together")),
+    );
+    dsopt()
+        .args([
+            "bench",
+            "moe",
+            "--backend",
+            "flex",
+            "--model",
+            "deepseek-v2-lite",
+            "--layers",
+            "1",
+        ])
+        .assert()
+        .code(2)
+        .stderr(predicate::str::contains("--layers 2 or more"));
     with_model("mla", "deepseek-v3")
         .code(3)
         .stderr(predicate::str::contains("--layers").and(predicate::str::contains("GiB")));
@@ -1430,4 +1449,79 @@ fn model_presets_and_a_checkpoint_config_drive_bench_mla() {
         .find(|c| c["id"] == "SC-001-eq")
         .unwrap();
     assert_eq!(eq["passed"], true, "{eq}");
+}
+
+/// `bench moe --model DIR`: the checkpoint's MoE layers (sigmoid noaux_tc, 2 groups, one dense
+/// layer first) against dense FFNs, at the smoke scenario's run size.
+#[test]
+fn a_checkpoint_config_drives_bench_moe() {
+    let model = tempfile::tempdir().unwrap();
+    std::fs::write(model.path().join("config.json"), TINY_CONFIG).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (_, v) = run_one(
+        "flex",
+        "scenarios/smoke/sc003-moe-smoke.toml",
+        dir.path(),
+        &[std::ffi::OsStr::new("--model"), model.path().as_os_str()],
+    );
+    let s = &v["scenario"];
+    assert_eq!(
+        (
+            s["model"]["hidden"].as_u64(),
+            s["model"]["n_layers"].as_u64()
+        ),
+        (Some(64), Some(3))
+    );
+    assert_eq!(
+        s["model"]["ffn_hidden"], 96,
+        "the dense first layer's width"
+    );
+    let m = &s["moe"];
+    assert_eq!(
+        (
+            m["n_routed_experts"].as_u64(),
+            m["num_experts_per_tok"].as_u64()
+        ),
+        (Some(8), Some(2))
+    );
+    assert_eq!(
+        (m["topk_method"].as_str(), m["norm_topk_prob"].as_bool()),
+        (Some("noaux_tc"), Some(true))
+    );
+    assert_eq!(
+        (
+            m["first_k_dense_replace"].as_u64(),
+            m["route_scale"].as_f64()
+        ),
+        (Some(1), Some(2.5))
+    );
+    assert!(s["model_origin"]["note"]
+        .as_str()
+        .unwrap()
+        .contains("first 1 layer(s) are dense"));
+    // the speed criteria were measured, and the MoE variant has one dense and two MoE layers' parameters
+    for id in ["SC-003a-prefill", "SC-003a-decode"] {
+        let c = v["criteria"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["id"] == id)
+            .unwrap();
+        assert!(c["measured"].as_f64().is_some(), "{c}");
+    }
+    let params = |name: &str| {
+        v["variants"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|x| x["name"] == name)
+            .unwrap()["metrics"]["params"]
+            .as_f64()
+            .unwrap()
+    };
+    // dense of equal total size: the MoE layers' experts without their routers
+    assert_eq!(
+        params("moe") - params("dense_equal_total"),
+        (2 * 64 * 8) as f64
+    );
 }

@@ -95,6 +95,7 @@ fn check(cfg: DecoderConfig) {
 fn small(attention: AttentionConfig) -> DecoderConfig {
     DecoderConfig {
         first_k_dense_replace: 0,
+        first_dense_ffn_hidden: None,
         rms_norm_eps: dsopt::nn::model::default_rms_norm_eps(),
         vocab_size: 64,
         hidden: 64,

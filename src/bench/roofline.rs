@@ -317,6 +317,7 @@ mod tests {
         a.mla_impl = imp;
         DecoderConfig {
             first_k_dense_replace: 0,
+            first_dense_ffn_hidden: None,
             rms_norm_eps: crate::nn::model::default_rms_norm_eps(),
             vocab_size: 50,
             hidden: 32,

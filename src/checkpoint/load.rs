@@ -76,6 +76,7 @@ impl DeepseekConfig {
             attention,
             moe,
             first_k_dense_replace: self.first_k_dense_replace,
+            first_dense_ffn_hidden: None,
             rms_norm_eps: self.rms_norm_eps,
         }
     }
@@ -616,7 +617,7 @@ pub fn load_decoder<B: Backend>(
         )?;
         let ffn = match &c.moe {
             Some(m) if c.is_moe_layer(i) => Ffn::Moe(r.moe(&format!("{p}.mlp"), m)?),
-            _ => Ffn::Dense(r.swiglu(&format!("{p}.mlp"), d, c.ffn_hidden)?),
+            _ => Ffn::Dense(r.swiglu(&format!("{p}.mlp"), d, c.dense_ffn_hidden(i))?),
         };
         layers.push(Block::from_parts(attn_norm, attn, ffn_norm, ffn));
         if !quiet {

@@ -12,9 +12,13 @@ use crate::error::DsoptError;
 /// Puts the dimensions of `spec` into scenario `s` (before the command-line overrides); kinds
 /// other than `mla` are refused with exit 2 (not implemented yet).
 pub fn apply_model(s: &mut Scenario, spec: &ModelSpec, file: &str) -> Result<(), DsoptError> {
+    if let Scenario::Moe(m) = s {
+        return apply_to_moe(m, spec, file);
+    }
     let Scenario::Mla(m) = s else {
         return Err(DsoptError::Usage(format!(
-            "--model: {file} is a `{}` scenario; --model is implemented for `mla` (SC-001) so far",
+            "--model: {file} is a `{}` scenario; --model is implemented for `mla` (SC-001) and \
+             `moe` (SC-003) so far",
             s.kind().as_str()
         )));
     };
@@ -62,6 +66,94 @@ pub fn apply_model(s: &mut Scenario, spec: &ModelSpec, file: &str) -> Result<(),
         weights: "random".into(),
         weights_bytes: None,
         runtime_budget_gib: m.capacity.memory_budget_gib,
+        note,
+    });
+    Ok(())
+}
+
+/// SC-003 on a model's dimensions: its MoE layers (routing as config.json defines it) against
+/// dense FFNs of equal total and equal active size; the dense layers before them
+/// (`first_k_dense_replace`) are the same in every variant. The attention is the scenario's
+/// standard MHA of `num_attention_heads` heads (the same in every variant: SC-003 compares FFNs).
+fn apply_to_moe(
+    m: &mut crate::config::scenario::MoeScenario,
+    spec: &ModelSpec,
+    file: &str,
+) -> Result<(), DsoptError> {
+    let c = &spec.config;
+    let Some(moe) = &c.moe else {
+        return Err(DsoptError::Usage(format!(
+            "--model {}: a dense model (n_routed_experts is null) has no MoE layer for `bench moe`",
+            spec.title
+        )));
+    };
+    if c.num_hidden_layers <= c.first_k_dense_replace {
+        return Err(DsoptError::Usage(format!(
+            "--model {} with {} layers: its first {} layers are dense, so there is no MoE layer \
+             to measure; give --layers {} or more",
+            spec.title,
+            c.num_hidden_layers,
+            c.first_k_dense_replace,
+            c.first_k_dense_replace + 1
+        )));
+    }
+    if !c.hidden_size.is_multiple_of(c.num_attention_heads) {
+        return Err(DsoptError::Usage(format!(
+            "--model {}: {file}'s MHA needs hidden_size ({}) divisible by num_attention_heads ({})",
+            spec.title, c.hidden_size, c.num_attention_heads
+        )));
+    }
+    m.model.hidden = c.hidden_size;
+    m.model.n_layers = c.num_hidden_layers;
+    m.model.n_heads = c.num_attention_heads;
+    m.model.vocab_size = c.vocab_size;
+    m.model.ffn_hidden = c.intermediate_size;
+    m.model.rope_theta = c.rope_theta;
+    m.model.rope_scaling = c.rope_scaling;
+    m.model.rms_norm_eps = c.rms_norm_eps;
+    let s = &mut m.moe;
+    s.n_routed_experts = moe.n_routed_experts;
+    s.n_shared_experts = moe.n_shared_experts;
+    s.num_experts_per_tok = moe.num_experts_per_tok;
+    s.moe_inter_dim = moe.moe_intermediate_size;
+    s.score_func = moe.scoring_func;
+    s.n_group = moe.n_group;
+    s.topk_group = moe.topk_group;
+    s.route_scale = moe.routed_scaling_factor;
+    s.topk_method = Some(moe.topk_method);
+    // as in the verified loader: transformers' DeepseekV2 router never normalises
+    s.norm_topk_prob =
+        Some(moe.norm_topk_prob && c.model_type != super::model::ModelType::DeepseekV2);
+    s.first_k_dense_replace = c.first_k_dense_replace;
+    let note = format!(
+        "{}; the first {} layer(s) are dense (intermediate_size {}) in every variant, the MoE \
+         layers' FFN is what differs; attention is a standard MHA of {} heads in every variant \
+         (SC-003 compares FFNs, not attention); routing: {} {} over {} experts, top-{}, {} groups \
+         keep {}, routed_scaling_factor {}; random router weights spread tokens more evenly than \
+         a trained router",
+        spec.describe(),
+        c.first_k_dense_replace,
+        c.intermediate_size,
+        c.num_attention_heads,
+        format!("{:?}", moe.scoring_func).to_lowercase(),
+        moe.topk_method.name(),
+        moe.n_routed_experts,
+        moe.num_experts_per_tok,
+        moe.n_group,
+        moe.topk_group,
+        moe.routed_scaling_factor
+    );
+    m.title = format!("{} — {}", m.title, spec.describe());
+    m.model_origin = Some(ModelOrigin {
+        model: match &spec.source {
+            super::ModelSource::Preset(p) => p.clone(),
+            super::ModelSource::Dir(d) => d.display().to_string(),
+        },
+        layers: c.num_hidden_layers,
+        total_layers: spec.total_layers,
+        weights: "random".into(),
+        weights_bytes: None,
+        runtime_budget_gib: 0.0,
         note,
     });
     Ok(())

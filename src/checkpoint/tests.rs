@@ -449,3 +449,53 @@ fn fp8_weights_are_dequantised_with_their_block_scales() {
         .unwrap_err();
     assert!(e.to_string().contains("no quantization_config"), "{e}");
 }
+
+/// `bench moe --model`: the model's MoE layers against dense FFNs of equal total and active
+/// size, the dense-first layers unchanged in every variant, routing as config.json defines it.
+#[test]
+fn a_preset_gives_sc003_its_moe_layers_and_dense_first_layers() {
+    use crate::config::{MoeVariant, Scenario, ScenarioKind};
+    use crate::nn::moe::TopkMethod;
+    let moe_of = |name: &str, layers: usize| {
+        let mut s = Scenario::builtin(ScenarioKind::Moe);
+        apply_model(
+            &mut s,
+            &resolve(name, Some(layers)).unwrap(),
+            "sc003-moe.toml",
+        )?;
+        let Scenario::Moe(m) = s else { unreachable!() };
+        Ok::<_, DsoptError>(m)
+    };
+    let m = moe_of("deepseek-v2-lite", 2).unwrap();
+    assert!(crate::config::validate::validate(&Scenario::Moe(m.clone())).is_empty());
+    let moe = m.decoder_config(MoeVariant::Moe);
+    assert_eq!((moe.n_layers, moe.first_k_dense_replace), (2, 1));
+    assert!(!moe.is_moe_layer(0) && moe.is_moe_layer(1));
+    assert_eq!(moe.dense_ffn_hidden(0), 10944);
+    let r = &moe.moe.as_ref().unwrap().router;
+    assert_eq!((r.n_routed_experts, r.num_experts_per_tok), (64, 6));
+    assert_eq!(
+        (r.topk_method, r.norm_topk_prob),
+        (TopkMethod::Greedy, false)
+    );
+    let total = m.decoder_config(MoeVariant::DenseEqualTotal);
+    // layer 0 keeps the model's dense FFN; layer 1's is as wide as 64 + 2 experts
+    assert_eq!(total.dense_ffn_hidden(0), 10944);
+    assert_eq!(total.dense_ffn_hidden(1), 66 * 1408);
+    // equal total size: the dense variant has the MoE's parameters less the router's
+    assert_eq!(moe.params() - total.params(), 2048 * 64);
+    let active = m.decoder_config(MoeVariant::DenseEqualActive);
+    assert_eq!(active.dense_ffn_hidden(1), 8 * 1408);
+    // V3: three dense layers first, noaux_tc with normalised weights scaled by 2.5
+    let m = moe_of("deepseek-v3", 4).unwrap();
+    let r = m.decoder_config(MoeVariant::Moe).moe.unwrap().router;
+    assert_eq!(
+        (r.topk_method, r.norm_topk_prob, r.route_scale),
+        (TopkMethod::NoauxTc, true, 2.5)
+    );
+    assert_eq!((r.n_group, r.topk_group), (8, 4));
+    // only dense layers left: exit 2 naming the fix
+    let e = moe_of("deepseek-v3", 3).unwrap_err();
+    assert_eq!(e.exit_code(), EXIT_BAD_INPUT);
+    assert!(e.to_string().contains("--layers 4"), "{e}");
+}

@@ -70,6 +70,9 @@ fn monitor_config(s: &Scenario, quiet: bool) -> MonitorConfig {
 /// With `--model`, the largest variant's weights plus the capacity budget must fit this
 /// machine's memory before anything is built (exit 3 with the bytes and `--layers` as the fix).
 fn check_fits_in_memory(s: &Scenario) -> Result<(), DsoptError> {
+    if let Scenario::Moe(m) = s {
+        return check_moe_fits(m);
+    }
     let Scenario::Mla(m) = s else { return Ok(()) };
     let Some(origin) = &m.model_origin else {
         return Ok(());
@@ -106,6 +109,56 @@ fn check_fits_in_memory(s: &Scenario) -> Result<(), DsoptError> {
         report::write::bytes_h(Some(ram)),
         fit.max(1),
         report::write::bytes_h(Some(per_layer)),
+    )))
+}
+
+/// `bench moe --model`: the three variants are resident together (measured interleaved), so
+/// their weights add up; exit 3 with the bytes and a `--layers` that fits when they exceed this
+/// machine's memory (one GiB kept for activations and the rest of the process).
+fn check_moe_fits(m: &dsopt::config::scenario::MoeScenario) -> Result<(), DsoptError> {
+    use dsopt::config::MoeVariant;
+    let Some(origin) = &m.model_origin else {
+        return Ok(());
+    };
+    let elem = m.run.dtype.bytes() as u64;
+    let bytes_at = |layers: usize| -> u64 {
+        let mut m = m.clone();
+        m.model.n_layers = layers;
+        MoeVariant::ALL
+            .iter()
+            .map(|&v| m.decoder_config(v).params() as u64 * elem)
+            .sum()
+    };
+    let need = bytes_at(m.model.n_layers) + (1 << 30);
+    let ram = dsopt::backend::machine::MachineInfo::capture().ram_bytes;
+    if ram == 0 || need <= ram {
+        return Ok(());
+    }
+    let first = m.moe.first_k_dense_replace + 1;
+    let per_layer = bytes_at(first + 1).saturating_sub(bytes_at(first)).max(1);
+    let fit = ram.saturating_sub(bytes_at(first) + (1 << 30)) / per_layer + first as u64;
+    let fix = if ram >= bytes_at(first) + (1 << 30) {
+        format!(
+            "--layers {fit} or fewer (each MoE layer adds {})",
+            report::write::bytes_h(Some(per_layer))
+        )
+    } else {
+        format!(
+            "no --layers fits: the smallest choice ({first} layers) needs {} (half of it in bf16); \
+             use a machine with more memory",
+            report::write::bytes_h(Some(bytes_at(first) + (1 << 30)))
+        )
+    };
+    Err(DsoptError::CannotRun(format!(
+        "--model {} with {} of {} layers: the three variants' weights (MoE, dense of equal total \
+         and of equal active size, resident together) need {} in {} plus 1 GiB, but this machine \
+         has {} of memory\n  fix: {fix}",
+        origin.model,
+        m.model.n_layers,
+        origin.total_layers,
+        report::write::bytes_h(Some(need - (1 << 30))),
+        m.run.dtype.as_str(),
+        report::write::bytes_h(Some(ram)),
     )))
 }
 

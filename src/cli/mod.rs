@@ -205,8 +205,8 @@ pub struct OverrideArgs {
     pub config: Option<PathBuf>,
     /// A DeepSeek model's dimensions: a built-in preset (deepseek-v2-lite, deepseek-v2,
     /// deepseek-v3, moonlight-16b-a3b; `dsopt info` lists them) or a folder holding a
-    /// checkpoint's config.json. Weights are random at those dimensions (loading a checkpoint's
-    /// weights is not implemented yet). `mla` scenarios only, so far.
+    /// checkpoint's config.json. Weights are random at those dimensions (`dsopt verify` reads a
+    /// checkpoint's weights). `mla` (SC-001) and `moe` (SC-003) scenarios, so far.
     #[arg(long, value_name = "NAME|DIR")]
     pub model: Option<String>,
     /// With --model: keep the first N layers (the dense layers stay first).

@@ -159,6 +159,12 @@ pub struct MoeOptions {
     pub topk_group: usize,
     /// 门控权重缩放（默认 2.5）。
     pub route_scale: f64,
+    /// 选择方法（config.json 的 `topk_method`）；缺省：分组时 `noaux_tc`（V3 的组分数），否则 `greedy`。
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub topk_method: Option<TopkMethod>,
+    /// 是否把选中专家的权重归一化（`norm_topk_prob`）；缺省：sigmoid 打分时归一化。
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub norm_topk_prob: Option<bool>,
 }
 
 impl Default for MoeOptions {
@@ -172,6 +178,8 @@ impl Default for MoeOptions {
             n_group: 8,
             topk_group: 4,
             route_scale: 2.5,
+            topk_method: None,
+            norm_topk_prob: None,
         }
     }
 }
@@ -279,15 +287,17 @@ impl OptimizationConfig {
                     score_func: m.score_func,
                     // scenarios' grouped routing is V3's (top-2 sum), and sigmoid weights are
                     // normalised, as they always were here
-                    topk_method: if m.n_group > 1 {
+                    topk_method: m.topk_method.unwrap_or(if m.n_group > 1 {
                         TopkMethod::NoauxTc
                     } else {
                         TopkMethod::Greedy
-                    },
+                    }),
                     n_group: m.n_group,
                     topk_group: m.topk_group,
                     route_scale: m.route_scale,
-                    norm_topk_prob: m.score_func == ScoreFunc::Sigmoid,
+                    norm_topk_prob: m
+                        .norm_topk_prob
+                        .unwrap_or(m.score_func == ScoreFunc::Sigmoid),
                     bias_update_speed: 0.001,
                 },
                 shape_buckets: false,
@@ -318,6 +328,7 @@ impl OptimizationConfig {
         a.rope_scaling = shape.rope_scaling;
         DecoderConfig {
             first_k_dense_replace: 0,
+            first_dense_ffn_hidden: None,
             rms_norm_eps: crate::nn::model::default_rms_norm_eps(),
             vocab_size: shape.vocab_size,
             hidden: shape.hidden,
@@ -368,6 +379,7 @@ mod tests {
         a.rope_theta = s.rope_theta;
         let want = DecoderConfig {
             first_k_dense_replace: 0,
+            first_dense_ffn_hidden: None,
             rms_norm_eps: crate::nn::model::default_rms_norm_eps(),
             vocab_size: s.vocab_size,
             hidden: s.hidden,

@@ -155,6 +155,12 @@ pub struct ModelShape {
     /// 缺省 = 普通 RoPE。
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rope_scaling: Option<crate::nn::rope::Yarn>,
+    /// RMSNorm 的 ε（config.json 的 `rms_norm_eps`，默认 1e-6）。
+    #[serde(
+        default = "crate::nn::model::default_rms_norm_eps",
+        skip_serializing_if = "crate::nn::model::is_default_eps"
+    )]
+    pub rms_norm_eps: f64,
 }
 
 /// MLA/MHA/GQA 的注意力维度。
@@ -366,6 +372,9 @@ pub struct MoeScenario {
     pub offload: Option<MoeOffload>,
     /// 阈值。
     pub thresholds: MoeThresholds,
+    /// `--model` 给出的模型（不是场景键：由命令行设置）。
+    #[serde(skip_deserializing, default, skip_serializing_if = "Option::is_none")]
+    pub model_origin: Option<ModelOrigin>,
 }
 
 /// DeepSeekMoE 形状。
@@ -391,6 +400,16 @@ pub struct MoeShape {
     /// 门控权重缩放。
     #[serde(default = "one_f")]
     pub route_scale: f64,
+    /// 选择方法（`greedy`、`group_limited_greedy`、`noaux_tc`）；缺省：分组时 `noaux_tc`，否则 `greedy`。
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub topk_method: Option<crate::nn::moe::TopkMethod>,
+    /// 是否把选中专家的权重归一化；缺省：sigmoid 打分时归一化。
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub norm_topk_prob: Option<bool>,
+    /// 前几层用稠密 FFN（宽度为 `model.ffn_hidden`），其后每层是 MoE（config.json 的
+    /// `first_k_dense_replace`；默认 0 = 每层都是 MoE）。稠密基线只替换 MoE 层。
+    #[serde(default)]
+    pub first_k_dense_replace: usize,
 }
 
 fn one() -> usize {

@@ -360,6 +360,16 @@ fn moe(c: &mut Checker, s: &MoeScenario) {
     c.model(&s.model);
     c.heads_divide_hidden(&s.model);
     let m = &s.moe;
+    if m.first_k_dense_replace >= s.model.n_layers.max(1) {
+        c.fail(
+            "moe.first_k_dense_replace",
+            format!(
+                "is {} with model.n_layers = {}: no MoE layer would be left",
+                m.first_k_dense_replace, s.model.n_layers
+            ),
+            format!("use at most {}", s.model.n_layers.saturating_sub(1)),
+        );
+    }
     c.routing(
         "moe",
         Routing {

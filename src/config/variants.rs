@@ -152,6 +152,8 @@ impl MoeScenario {
                 n_group: m.n_group,
                 topk_group: m.topk_group,
                 route_scale: m.route_scale,
+                topk_method: m.topk_method,
+                norm_topk_prob: m.norm_topk_prob,
             },
             ..OptimizationConfig::standard()
         }
@@ -174,7 +176,13 @@ impl MoeScenario {
         let shape = self
             .model
             .decoder_shape(self.model.hidden / heads, ffn_hidden);
-        self.optimization(variant).decoder_config(&shape)
+        let mut c = self.optimization(variant).decoder_config(&shape);
+        // the first layers are the same dense FFN in every variant; only the MoE layers differ
+        c.first_k_dense_replace = self.moe.first_k_dense_replace;
+        c.first_dense_ffn_hidden =
+            (self.moe.first_k_dense_replace > 0).then_some(self.model.ffn_hidden);
+        c.rms_norm_eps = self.model.rms_norm_eps;
+        c
     }
 }
 
@@ -270,6 +278,7 @@ mod tests {
         attention.key_block = 128;
         let want = DecoderConfig {
             first_k_dense_replace: 0,
+            first_dense_ffn_hidden: None,
             rms_norm_eps: crate::nn::model::default_rms_norm_eps(),
             vocab_size: s.model.vocab_size,
             hidden: s.model.hidden,

@@ -34,6 +34,10 @@ pub struct DecoderConfig {
     /// 有 MoE 时，前几层仍用宽度 `ffn_hidden` 的稠密 FFN（config.json 的 `first_k_dense_replace`）。
     #[serde(default, skip_serializing_if = "is_zero")]
     pub first_k_dense_replace: usize,
+    /// 前 `first_k_dense_replace` 层稠密 FFN 的宽度，与 `ffn_hidden` 不同时给出（SC-003 的稠密基线：
+    /// 它们的 `ffn_hidden` 是替换 MoE 层的宽度，前几层仍是模型自己的稠密层）。
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub first_dense_ffn_hidden: Option<usize>,
     /// 各块与最终 RMSNorm 的 ε（config.json 的 `rms_norm_eps`；MLA 的潜向量 RMSNorm 总是 1e-6，与 transformers 相同）。
     #[serde(
         default = "default_rms_norm_eps",
@@ -136,11 +140,10 @@ impl DecoderConfig {
             }
             AttentionKind::Mla => MlaAttention::<burn::backend::Flex>::params(d, &self.attention),
         };
-        let dense = SwiGlu::<burn::backend::Flex>::params(d, self.ffn_hidden);
         let ffn: usize = (0..self.n_layers)
             .map(|i| match &self.moe {
                 Some(m) if self.is_moe_layer(i) => m.total_params(),
-                _ => dense,
+                _ => SwiGlu::<burn::backend::Flex>::params(d, self.dense_ffn_hidden(i)),
             })
             .sum();
         2 * self.vocab_size * d + self.n_layers * (attn + 2 * d) + ffn + d
@@ -150,6 +153,14 @@ impl DecoderConfig {
     /// dense).
     pub fn is_moe_layer(&self, i: usize) -> bool {
         self.moe.is_some() && i >= self.first_k_dense_replace
+    }
+
+    /// The width of layer `i`'s FFN when it is dense.
+    pub fn dense_ffn_hidden(&self, i: usize) -> usize {
+        match self.first_dense_ffn_hidden {
+            Some(w) if i < self.first_k_dense_replace => w,
+            _ => self.ffn_hidden,
+        }
     }
 
     /// KV-cache bytes for `batch` sequences of `capacity` tokens at `elem_bytes` per element.
@@ -183,15 +194,15 @@ pub struct Block<B: Backend> {
 impl<B: Backend> Block<B> {
     /// A block with the attention and FFN of `c`, MoE when `c` has one (the MTP modules).
     pub fn new(c: &DecoderConfig, device: &B::Device) -> Self {
-        Self::build(c, c.moe.is_some(), device)
+        Self::build(c, c.moe.is_some(), c.ffn_hidden, device)
     }
 
     /// The block of layer `i` of `c` (dense before `first_k_dense_replace`).
     pub fn for_layer(c: &DecoderConfig, i: usize, device: &B::Device) -> Self {
-        Self::build(c, c.is_moe_layer(i), device)
+        Self::build(c, c.is_moe_layer(i), c.dense_ffn_hidden(i), device)
     }
 
-    fn build(c: &DecoderConfig, moe: bool, device: &B::Device) -> Self {
+    fn build(c: &DecoderConfig, moe: bool, dense_width: usize, device: &B::Device) -> Self {
         let d = c.hidden;
         let norm = || {
             RmsNormConfig::new(d)
@@ -204,7 +215,7 @@ impl<B: Backend> Block<B> {
             ffn_norm: norm(),
             ffn: match (&c.moe, moe) {
                 (Some(m), true) => Ffn::Moe(m.init(device)),
-                _ => Ffn::Dense(SwiGlu::new(d, c.ffn_hidden, device)),
+                _ => Ffn::Dense(SwiGlu::new(d, dense_width, device)),
             },
         }
     }

@@ -190,6 +190,7 @@ mod tests {
     fn config() -> DecoderConfig {
         DecoderConfig {
             first_k_dense_replace: 0,
+            first_dense_ffn_hidden: None,
             rms_norm_eps: crate::nn::model::default_rms_norm_eps(),
             vocab_size: 40,
             hidden: 16,

@@ -22,6 +22,7 @@ fn config(kind: AttentionKind, mla_impl: MlaImpl) -> DecoderConfig {
     a.key_block = 4;
     DecoderConfig {
         first_k_dense_replace: 0,
+        first_dense_ffn_hidden: None,
         rms_norm_eps: crate::nn::model::default_rms_norm_eps(),
         vocab_size: 32,
         hidden: 32,

@@ -8,6 +8,7 @@ fn tiny() -> (DecoderConfig, MtpTrain, Corpus) {
     attention.key_block = 16;
     let c = DecoderConfig {
         first_k_dense_replace: 0,
+        first_dense_ffn_hidden: None,
         rms_norm_eps: crate::nn::model::default_rms_norm_eps(),
         vocab_size: 256,
         hidden: 16,

@@ -64,6 +64,9 @@ fn model_notes(s: &MoeScenario, moe: &MoeConfig) -> Vec<String> {
          expert caching but typical for speed"
             .into(),
     ]
+    .into_iter()
+    .chain(s.model_origin.as_ref().map(|o| o.note.clone()))
+    .collect()
 }
 
 /// The models of `cfgs` (same seed), each warmed up on the measured prefill and decode shapes

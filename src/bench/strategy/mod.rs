@@ -91,7 +91,10 @@ fn agreement(a: &[Vec<u32>], b: &[Vec<u32>]) -> (f64, usize) {
 /// Parameters a token passes through (for an MoE model: shared + the top-k routed experts).
 pub(crate) fn active_params(cfg: &DecoderConfig) -> usize {
     match &cfg.moe {
-        Some(m) => cfg.params() - cfg.n_layers * (m.total_params() - m.active_params()),
+        Some(m) => {
+            let moe_layers = (0..cfg.n_layers).filter(|&i| cfg.is_moe_layer(i)).count();
+            cfg.params() - moe_layers * (m.total_params() - m.active_params())
+        }
         None => cfg.params(),
     }
 }
