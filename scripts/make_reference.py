@@ -13,7 +13,8 @@ Run by hand (needs torch, transformers and safetensors; never run by CI, nothing
   python3 scripts/make_reference.py --random src/checkpoint/presets/deepseek-v2-lite.json --layers 2 --out DIR
 
 Reference format: one safetensors file with int64 `input_ids` [B, S] and float32 `logits`
-[B, S, V]; `__metadata__` has `layers` when --layers cut the model, plus the versions used.
+[B, S, V] (and, for a checkpoint with V3's MTP layer, float32 `mtp_logits` [B, S-1, V]: the MTP
+module at positions 0..S-2, fed the main model's last hidden state h_i and token t_{i+1}); `__metadata__` has `layers` when --layers cut the model, plus the versions used.
 Logits are computed in float32 from the checkpoint's weights (bf16 weights are widened exactly).
 
 Fixture checkpoints are written in the layout of the published DeepSeek checkpoints (one
@@ -213,6 +214,64 @@ def load_published(model, sd, replaced):
                 own[k].copy_(w)
 
 
+class MtpLayer(torch.nn.Module):
+    """DeepSeek-V3's MTP layer as its paper and inference/model.py define it (transformers drops
+    it): h' = eh_proj([enorm(emb(t_{i+1})); hnorm(h_i)]) -- the embedding half first, h_i the
+    main model's last hidden state before the final norm -- then one decoder layer (MoE: its
+    index is past first_k_dense_replace), then shared_head.norm and the output head."""
+
+    def __init__(self, config, model):
+        super().__init__()
+        from transformers.models.deepseek_v3.modeling_deepseek_v3 import (
+            DeepseekV3DecoderLayer,
+            DeepseekV3RMSNorm,
+        )
+
+        d, eps = config.hidden_size, config.rms_norm_eps
+        self.enorm = DeepseekV3RMSNorm(d, eps=eps)
+        self.hnorm = DeepseekV3RMSNorm(d, eps=eps)
+        self.eh_proj = torch.nn.Linear(2 * d, d, bias=False)
+        self.layer = DeepseekV3DecoderLayer(config, config.num_hidden_layers)
+        self.head_norm = DeepseekV3RMSNorm(d, eps=eps)
+        self.main = [model]  # not a submodule
+
+    def forward(self, h, ids_ahead):
+        model = self.main[0]
+        e = self.enorm(model.model.embed_tokens(ids_ahead))
+        x = self.eh_proj(torch.cat([e, self.hnorm(h)], dim=-1))
+        b, s, _ = x.shape
+        pos = torch.arange(s).unsqueeze(0)
+        cos_sin = model.model.rotary_emb(x, pos)
+        mask = torch.full((s, s), float("-inf")).triu(1)[None, None]
+        out = self.layer(x, attention_mask=mask, position_ids=pos, position_embeddings=cos_sin)
+        return model.lm_head(self.head_norm(out))
+
+    def tensors(self, prefix):
+        """Its tensors under the published names (`model.layers.{L}.*`)."""
+        out = {
+            f"{prefix}.enorm.weight": self.enorm.weight,
+            f"{prefix}.hnorm.weight": self.hnorm.weight,
+            f"{prefix}.eh_proj.weight": self.eh_proj.weight,
+            f"{prefix}.shared_head.norm.weight": self.head_norm.weight,
+            # the published checkpoint keeps its own copies of the shared embedding and head
+            f"{prefix}.embed_tokens.weight": self.main[0].model.embed_tokens.weight,
+            f"{prefix}.shared_head.head.weight": self.main[0].lm_head.weight,
+        }
+        for name, t in published_state_dict(self.layer).items():
+            out[f"{prefix}.{name}"] = t
+        return out
+
+
+def last_hidden(model, ids):
+    """The main model's last decoder layer output (before the final norm)."""
+    got = []
+    h = model.model.layers[-1].register_forward_hook(lambda m, i, o: got.append(o[0] if isinstance(o, tuple) else o))
+    with torch.no_grad():
+        model(input_ids=ids)
+    h.remove()
+    return got[0]
+
+
 def prompts(vocab, batch, seq, seed):
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, vocab, (batch, seq), generator=g, dtype=torch.int64)
@@ -295,10 +354,12 @@ def make_fixture(name, out_dir):
         )
     config = cls(**COMMON, **extra, torch_dtype="bfloat16")
     seed = sum(map(ord, "v3-tiny" if fp8 else name))
-    write_random(config, os.path.join(out_dir, name), seed, fp8, 4, 24, dict(fixture=name))
+    # v3-tiny carries V3's MTP layer (model.layers.{L}), with the reference's mtp_logits
+    mtp = name == "v3-tiny"
+    write_random(config, os.path.join(out_dir, name), seed, fp8, 4, 24, dict(fixture=name), mtp)
 
 
-def write_random(config, d, seed, fp8, batch, seq, meta):
+def write_random(config, d, seed, fp8, batch, seq, meta, mtp=False):
     """A checkpoint of `config` with random weights (bf16, published layout; FP8 blocks when
     `fp8`) and its reference for `batch` prompts of `seq` random tokens, in folder `d`."""
     torch.manual_seed(seed)
@@ -337,12 +398,32 @@ def write_random(config, d, seed, fp8, batch, seq, meta):
                 tensors[k + "_scale_inv"] = scale
                 deq[k] = w
         load_published(model, sd, deq)
-    save_file(tensors, os.path.join(d, "model.safetensors"), metadata={"format": "pt"})
     ids = prompts(config.vocab_size, batch, seq, 7)
+    extra = {}
+    if mtp:
+        layer = MtpLayer(config, model).float().eval()
+        with torch.no_grad():
+            for pname, p in layer.named_parameters():
+                if "norm" in pname:
+                    p.copy_(1.0 + 0.1 * torch.randn_like(p))
+                else:
+                    p.copy_(torch.randn_like(p) * (0.6 / p.shape[-1] ** 0.5))
+            for m in layer.modules():
+                if hasattr(m, "e_score_correction_bias"):
+                    m.e_score_correction_bias.copy_(0.05 * torch.randn_like(m.e_score_correction_bias))
+            for p in layer.parameters():
+                p.copy_(p.to(torch.bfloat16).float())
+            h = last_hidden(model, ids)
+            # module 1 at positions 0..S-2 predicts t_{i+2} from h_i and t_{i+1}
+            extra["mtp_logits"] = layer(h[:, :-1], ids[:, 1:]).float().contiguous()
+        for k, v in layer.tensors(f"model.layers.{config.num_hidden_layers}").items():
+            keep = torch.float32 if k.endswith("e_score_correction_bias") else torch.bfloat16
+            tensors[k] = v.detach().to(keep).contiguous()
+    save_file(tensors, os.path.join(d, "model.safetensors"), metadata={"format": "pt"})
     logits, stable = reference(model, ids)
     meta = dict(versions(), **meta)
     save_file(
-        {"input_ids": ids, "logits": logits, "route_stable": stable},
+        {"input_ids": ids, "logits": logits, "route_stable": stable, **extra},
         os.path.join(d, "reference.safetensors"),
         metadata=meta,
     )

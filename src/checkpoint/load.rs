@@ -28,6 +28,7 @@ use crate::nn::attention::{Attention, AttentionConfig, AttentionKind, MlaImpl};
 use crate::nn::ffn::SwiGlu;
 use crate::nn::model::{Block, Decoder, DecoderConfig, Ffn};
 use crate::nn::moe::{MoeConfig, MoeLayer, MoeRouter, RouterConfig, TopkMethod};
+use crate::nn::mtp::{MtpModule, MtpPredictor};
 
 impl DeepseekConfig {
     /// The decoder this description defines (MLA in `mla_impl`, dense-first MoE layers).
@@ -236,6 +237,33 @@ impl Checkpoint {
             .filter_map(|f| std::fs::metadata(f.path()).ok())
             .map(|m| m.len())
             .sum()
+    }
+
+    /// Whether the checkpoint has tensor `name`.
+    pub fn has(&self, name: &str) -> bool {
+        self.index.contains_key(name)
+    }
+
+    /// Whether tensors `a` and `b` hold the same dtype, shape and bytes (read in chunks).
+    pub fn same_bytes(&self, a: &str, b: &str) -> Result<bool, DsoptError> {
+        let (fa, fb) = (self.file_of(a)?, self.file_of(b)?);
+        let (ia, ib) = (fa.info(a).expect("indexed"), fb.info(b).expect("indexed"));
+        if ia.dtype != ib.dtype || ia.shape != ib.shape {
+            return Ok(false);
+        }
+        let len = ia.end - ia.start;
+        let mut off = 0;
+        let (mut x, mut y) = (vec![0u8; READ_CHUNK], vec![0u8; READ_CHUNK]);
+        while off < len {
+            let n = (len - off).min(READ_CHUNK as u64) as usize;
+            fa.read_range(a, off, &mut x[..n])?;
+            fb.read_range(b, off, &mut y[..n])?;
+            if x[..n] != y[..n] {
+                return Ok(false);
+            }
+            off += n as u64;
+        }
+        Ok(true)
     }
 
     fn file_of(&self, name: &str) -> Result<&SafeFile, DsoptError> {
@@ -542,6 +570,69 @@ impl<B: Backend> Reader<'_, B> {
         ))
     }
 
+    /// Decoder layer `i` (`model.layers.{i}`; an index past the model's layers is an MTP
+    /// layer's block, MoE when the model has MoE).
+    fn block(&mut self, c: &DecoderConfig, i: usize) -> Result<Block<B>, DsoptError> {
+        let d = c.hidden;
+        let p = format!("model.layers.{i}");
+        let attn_norm = self.norm(&format!("{p}.input_layernorm.weight"), d, c.rms_norm_eps)?;
+        let attn = Attention::Mla(self.attention(&format!("{p}.self_attn"), c)?);
+        let ffn_norm = self.norm(
+            &format!("{p}.post_attention_layernorm.weight"),
+            d,
+            c.rms_norm_eps,
+        )?;
+        let ffn = match &c.moe {
+            Some(m) if c.is_moe_layer(i) => Ffn::Moe(self.moe(&format!("{p}.mlp"), m)?),
+            _ => Ffn::Dense(self.swiglu(&format!("{p}.mlp"), d, c.dense_ffn_hidden(i))?),
+        };
+        Ok(Block::from_parts(attn_norm, attn, ffn_norm, ffn))
+    }
+
+    /// DeepSeek-V3's MTP layer `model.layers.{L}` (L = the model's layer count) as dsopt's
+    /// first MTP module. Its `eh_proj` takes `[enorm(emb); hnorm(h)]` (embedding half first);
+    /// dsopt's projection takes `[h; e]`, so the two input halves are exchanged on load. The
+    /// layer's own copies of the embedding and output head must equal the main model's (dsopt's
+    /// MTP modules share them).
+    fn mtp_module(&mut self, c: &DecoderConfig) -> Result<MtpModule<B>, DsoptError> {
+        let (d, l) = (c.hidden, c.n_layers);
+        let p = format!("model.layers.{l}");
+        for (own, main) in [
+            (
+                format!("{p}.embed_tokens.weight"),
+                "model.embed_tokens.weight",
+            ),
+            (format!("{p}.shared_head.head.weight"), "lm_head.weight"),
+        ] {
+            if self.ckpt.has(&own) && !self.ckpt.same_bytes(&own, main)? {
+                return Err(model_err(
+                    &self.ckpt.dir,
+                    Some(&own),
+                    format!("differs from `{main}`"),
+                    "dsopt's MTP modules share the main model's embedding and output head; this \
+                     checkpoint's MTP layer has its own, which is not supported",
+                ));
+            }
+        }
+        let hnorm = self.norm(&format!("{p}.hnorm.weight"), d, c.rms_norm_eps)?;
+        let enorm = self.norm(&format!("{p}.enorm.weight"), d, c.rms_norm_eps)?;
+        let eh = self.linear(&format!("{p}.eh_proj.weight"), d, 2 * d)?;
+        // Burn's [in, out]: rows 0..d take the embedding, d..2d the hidden state; dsopt's order
+        // is [h; e]
+        let w = eh.weight.val();
+        let w = Tensor::cat(
+            vec![w.clone().slice([d..2 * d, 0..d]), w.slice([0..d, 0..d])],
+            0,
+        );
+        let proj = Linear {
+            weight: Param::from_tensor(w),
+            bias: None,
+        };
+        let block = self.block(c, l)?;
+        let norm = self.norm(&format!("{p}.shared_head.norm.weight"), d, c.rms_norm_eps)?;
+        Ok(MtpModule::from_parts(hnorm, enorm, proj, block, norm))
+    }
+
     fn moe(&mut self, p: &str, m: &MoeConfig) -> Result<MoeLayer<B>, DsoptError> {
         let (d, e) = (m.dim, m.router.n_routed_experts);
         let gate = self.linear(&format!("{p}.gate.weight"), e, d)?;
@@ -577,6 +668,33 @@ impl<B: Backend> Reader<'_, B> {
     }
 }
 
+/// DeepSeek-V3's MTP layer (`model.layers.{L}`, L = `c.n_layers`) as a one-module
+/// [`MtpPredictor`], or `None` when the checkpoint has none.
+pub fn load_mtp<B: Backend>(
+    ckpt: &Checkpoint,
+    c: &DecoderConfig,
+    device: &B::Device,
+    dtype: DType,
+) -> Result<Option<MtpPredictor<B>>, DsoptError> {
+    if !ckpt.has(&format!("model.layers.{}.eh_proj.weight", c.n_layers)) {
+        return Ok(None);
+    }
+    let mut r = Reader::<B> {
+        ckpt,
+        device,
+        dtype,
+        report: LoadReport {
+            tensors: 0,
+            bytes_read: 0,
+            seconds: 0.0,
+            model_bytes: 0,
+            largest_tensor_bytes: 0,
+            host_peak_bytes: None,
+        },
+    };
+    Ok(Some(MtpPredictor::from_modules(vec![r.mtp_module(c)?])))
+}
+
 /// Builds the decoder `c` from the checkpoint's tensors in `dtype` on `device`, reporting each
 /// layer on stderr unless `quiet`.
 pub fn load_decoder<B: Backend>(
@@ -607,19 +725,7 @@ pub fn load_decoder<B: Backend>(
     };
     let mut layers = Vec::with_capacity(c.n_layers);
     for i in 0..c.n_layers {
-        let p = format!("model.layers.{i}");
-        let attn_norm = r.norm(&format!("{p}.input_layernorm.weight"), d, c.rms_norm_eps)?;
-        let attn = Attention::Mla(r.attention(&format!("{p}.self_attn"), c)?);
-        let ffn_norm = r.norm(
-            &format!("{p}.post_attention_layernorm.weight"),
-            d,
-            c.rms_norm_eps,
-        )?;
-        let ffn = match &c.moe {
-            Some(m) if c.is_moe_layer(i) => Ffn::Moe(r.moe(&format!("{p}.mlp"), m)?),
-            _ => Ffn::Dense(r.swiglu(&format!("{p}.mlp"), d, c.dense_ffn_hidden(i))?),
-        };
-        layers.push(Block::from_parts(attn_norm, attn, ffn_norm, ffn));
+        layers.push(r.block(c, i)?);
         if !quiet {
             let s = t0.elapsed().as_secs_f64();
             eprintln!(

@@ -33,6 +33,9 @@ pub struct Reference {
     /// Per position (`[B][S]`), whether every routing decision up to it is robust to a small
     /// perturbation (`None`: the reference does not say; every position is compared).
     pub route_stable: Option<Vec<Vec<bool>>>,
+    /// DeepSeek-V3's MTP layer at positions `0..S-1` (`[B, S-1, V]`, row-major), fed the main
+    /// model's last hidden state `h_i` and token `t_{i+1}`; `None` when the reference has none.
+    pub mtp_logits: Option<Vec<f32>>,
 }
 
 fn ref_err(path: &Path, key: Option<&str>, message: String) -> DsoptError {
@@ -109,18 +112,55 @@ impl Reference {
                 ))
             }
         };
+        let mtp_logits = match f.info("mtp_logits") {
+            None => None,
+            Some(i) if s >= 2 && i.shape == [b, s - 1, v] => Some(f.read_f32("mtp_logits")?),
+            Some(i) => {
+                return Err(ref_err(
+                    path,
+                    Some("mtp_logits"),
+                    format!(
+                        "has shape {:?}; expected [{b}, {}, {v}]",
+                        i.shape,
+                        s.saturating_sub(1)
+                    ),
+                ))
+            }
+        };
         Ok(Reference {
             input_ids,
             logits: f.read_f32("logits")?,
             vocab: v,
             layers,
             route_stable,
+            mtp_logits,
         })
     }
 
     /// Batch size and sequence length.
     pub fn dims(&self) -> (usize, usize) {
         (self.input_ids.len(), self.input_ids[0].len())
+    }
+
+    /// The MTP layer's part as a reference of its own: positions `0..S-1`, its logits, the main
+    /// model's routing stability there (the MTP layer's own routing is not perturbed by the
+    /// script: in half precision its near-ties are not excluded).
+    pub fn mtp(&self) -> Option<Reference> {
+        let logits = self.mtp_logits.clone()?;
+        let cut = |rows: &Vec<Vec<usize>>| -> Vec<Vec<usize>> {
+            rows.iter().map(|r| r[..r.len() - 1].to_vec()).collect()
+        };
+        Some(Reference {
+            input_ids: cut(&self.input_ids),
+            logits,
+            vocab: self.vocab,
+            layers: self.layers,
+            route_stable: self
+                .route_stable
+                .as_ref()
+                .map(|st| st.iter().map(|r| r[..r.len() - 1].to_vec()).collect()),
+            mtp_logits: None,
+        })
     }
 }
 
@@ -253,6 +293,7 @@ mod tests {
             vocab: v,
             layers: None,
             route_stable: None,
+            mtp_logits: None,
         }
     }
 

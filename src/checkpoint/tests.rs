@@ -499,3 +499,61 @@ fn a_preset_gives_sc003_its_moe_layers_and_dense_first_layers() {
     assert_eq!(e.exit_code(), EXIT_BAD_INPUT);
     assert!(e.to_string().contains("--layers 4"), "{e}");
 }
+
+/// V3's MTP layer loads as dsopt's first MTP module and agrees with the reference's
+/// `mtp_logits`; the same file with the two input halves of `eh_proj` exchanged (the order
+/// dsopt's own modules use) does not.
+#[test]
+fn the_mtp_layer_loads_in_its_own_order_and_a_swapped_eh_proj_fails() {
+    use burn::backend::Flex;
+    use burn::tensor::{Int, Tensor, TensorData};
+    let src = fixture_dir("v3-tiny");
+    let config = read_config_file(&src.join("config.json")).unwrap();
+    let reference = reference::Reference::read(&src.join("reference.safetensors")).unwrap();
+    let mref = reference.mtp().expect("the fixture has mtp_logits");
+    let (b, s) = reference.dims();
+    let dc = config.decoder_config(crate::nn::MlaImpl::Absorbed);
+    let dev = Default::default();
+    let run = |dir: &std::path::Path| {
+        let ck = load::Checkpoint::open(dir, &config).unwrap();
+        let (main, _) =
+            load::load_decoder::<Flex>(&ck, &dc, &dev, burn::tensor::DType::F32, true).unwrap();
+        let mtp = load::load_mtp::<Flex>(&ck, &dc, &dev, burn::tensor::DType::F32)
+            .unwrap()
+            .expect("an MTP layer");
+        let ids: Vec<i64> = reference
+            .input_ids
+            .iter()
+            .flatten()
+            .map(|&t| t as i64)
+            .collect();
+        let ids = Tensor::<Flex, 2, Int>::from_data(TensorData::new(ids, [b, s]), &dev);
+        let got = verify::mtp_forward(&main, mtp, crate::nn::MlaImpl::Absorbed, ids, b, s);
+        reference::compare("mtp", &mref, &got, Dtype::F32)
+    };
+    let ok = run(&src);
+    assert!(ok.pass && ok.max_abs_diff < 1e-5, "{ok:?}");
+    // the same checkpoint with eh_proj's input halves exchanged in every row
+    let file = safetensors::SafeFile::open(&src.join("model.safetensors")).unwrap();
+    let name = format!("model.layers.{}.eh_proj.weight", config.num_hidden_layers);
+    let all: Vec<_> = file
+        .tensors()
+        .iter()
+        .map(|(n, i)| {
+            let mut bytes = file.read_bytes(n).unwrap();
+            if *n == name {
+                let row = i.shape[1] * 2; // bf16
+                for r in bytes.chunks_mut(row) {
+                    let (a, b) = r.split_at_mut(row / 2);
+                    a.swap_with_slice(b);
+                }
+            }
+            (n.clone(), i.clone(), bytes)
+        })
+        .collect();
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::copy(src.join("config.json"), tmp.path().join("config.json")).unwrap();
+    write_safetensors(&tmp.path().join("model.safetensors"), &all);
+    let swapped = run(tmp.path());
+    assert!(!swapped.pass && swapped.max_abs_diff > 1e-2, "{swapped:?}");
+}

@@ -9,13 +9,14 @@ use std::path::PathBuf;
 use burn::tensor::{backend::Backend, Int, Tensor, TensorData};
 use serde::Serialize;
 
-use super::load::{load_decoder, Checkpoint, LoadReport};
+use super::load::{load_decoder, load_mtp, Checkpoint, LoadReport};
 use super::model::DeepseekConfig;
 use super::reference::{compare, PathCheck, Reference};
 use crate::backend::{burn_dtype, use_float_dtype, BackendContext, BackendJob};
 use crate::config::Dtype;
 use crate::error::DsoptError;
 use crate::nn::attention::MlaImpl;
+use crate::nn::mtp::MtpPredictor;
 use crate::nn::Decoder;
 
 /// What `dsopt verify` found.
@@ -37,6 +38,8 @@ pub struct VerifyOutcome {
     pub load: LoadReport,
     /// One entry per path.
     pub paths: Vec<PathCheck>,
+    /// What was not checked, and why.
+    pub notes: Vec<String>,
     /// Every path within tolerance.
     pub pass: bool,
 }
@@ -54,6 +57,9 @@ pub struct VerifyJob {
     pub dtype: Dtype,
     /// No progress on stderr.
     pub quiet: bool,
+    /// The checkpoint's layer count (its MTP layer, if any, is `model.layers.{total}`; it is
+    /// checked only when every layer is kept).
+    pub total_layers: usize,
 }
 
 impl BackendJob for VerifyJob {
@@ -105,6 +111,46 @@ impl BackendJob for VerifyJob {
                 self.dtype,
             ));
         }
+        let mut notes = Vec::new();
+        let mtp = if self.config.num_hidden_layers == self.total_layers {
+            load_mtp::<B>(&ckpt, &dc, &dev, burn_dtype(self.dtype))?
+        } else {
+            None
+        };
+        match (r.mtp(), mtp) {
+            (Some(mref), Some(mtp)) => {
+                for (imp, name) in [
+                    (MlaImpl::Naive, "naive MLA"),
+                    (MlaImpl::Absorbed, "absorbed MLA"),
+                ] {
+                    model.set_mla_impl(imp);
+                    let got = mtp_forward(&model, mtp.clone(), imp, ids.clone(), b, s);
+                    paths.push(compare(
+                        &format!("MTP layer ({name})"),
+                        &mref,
+                        &got,
+                        self.dtype,
+                    ));
+                }
+            }
+            (Some(_), None) if self.config.num_hidden_layers < self.total_layers => notes.push(
+                "the MTP layer was not checked: it follows the last layer, and --layers kept fewer"
+                    .to_string(),
+            ),
+            (Some(_), None) => {
+                return Err(DsoptError::Model {
+                    source_name: self.dir.display().to_string(),
+                    key: Some(format!("model.layers.{}.eh_proj.weight", self.total_layers)),
+                    message: "is missing, but the reference has mtp_logits".into(),
+                    fix: "use the checkpoint the reference was made from".into(),
+                })
+            }
+            (None, Some(_)) => notes.push(
+                "the checkpoint has an MTP layer, but the reference has no mtp_logits: not checked"
+                    .to_string(),
+            ),
+            (None, None) => {}
+        }
         let pass = paths.iter().all(|p| p.pass);
         Ok(VerifyOutcome {
             model: self.dir.display().to_string(),
@@ -115,6 +161,7 @@ impl BackendJob for VerifyJob {
             seq: s,
             load,
             paths,
+            notes,
             pass,
         })
     }
@@ -148,4 +195,28 @@ fn cached_decode<B: Backend>(
         .map(|t| m.decode_step(ids.clone().slice([0..b, t..t + 1]), &mut cache))
         .collect();
     to_host(Tensor::cat(steps, 1))
+}
+
+/// The MTP layer's logits at positions `0..S-1`: the main model's last hidden state (before its
+/// final norm) at position i and token `t_{i+1}` through module 1, whose MLA is switched to `imp`.
+pub(crate) fn mtp_forward<B: Backend>(
+    m: &Decoder<B>,
+    mut mtp: MtpPredictor<B>,
+    imp: MlaImpl,
+    ids: Tensor<B, 2, Int>,
+    b: usize,
+    s: usize,
+) -> Vec<f32> {
+    mtp.set_mla_impl(imp);
+    let starts = vec![0; b];
+    let mut cache = m.new_cache(b, s - 1);
+    let h = m.forward_trunk(
+        ids.clone().slice([0..b, 0..s - 1]),
+        &mut cache,
+        &starts,
+        None,
+    );
+    let mut caches = mtp.new_caches(b, s - 1);
+    let h1 = mtp.forward_module(0, m, h, ids.slice([0..b, 1..s]), &starts, &mut caches[0]);
+    to_host(mtp.logits(0, m, h1))
 }

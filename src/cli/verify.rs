@@ -94,6 +94,7 @@ pub fn verify_cmd(a: VerifyArgs<'_>) -> anyhow::Result<i32> {
             reference,
             dtype,
             quiet: a.quiet,
+            total_layers: spec.total_layers,
         },
     )??;
     match a.format {
@@ -139,6 +140,9 @@ fn print_outcome(o: &VerifyOutcome, title: &str, total_layers: usize) {
         ]);
     }
     println!("{t}");
+    for n in &o.notes {
+        println!("note: {n}");
+    }
     if o.paths.iter().any(|p| p.positions_compared < p.positions) {
         println!(
             "positions: half precision compares only the positions whose MoE routing is robust \

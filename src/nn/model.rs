@@ -260,7 +260,7 @@ impl<B: Backend> Block<B> {
     }
 
     /// Switches an MLA attention between naive and absorbed (same weights).
-    fn set_mla_impl(&mut self, i: MlaImpl) {
+    pub fn set_mla_impl(&mut self, i: MlaImpl) {
         if let Attention::Mla(m) = &mut self.attn {
             m.set_implementation(i);
         }

@@ -38,7 +38,32 @@ pub struct MtpPredictor<B: Backend> {
     modules: Vec<MtpModule<B>>,
 }
 
+impl<B: Backend> MtpModule<B> {
+    /// A module from its parts (a loaded checkpoint's MTP layer). `proj` takes `[h; e]`: the
+    /// previous depth's hidden state first, the embedding second.
+    pub fn from_parts(
+        hnorm: RmsNorm<B>,
+        enorm: RmsNorm<B>,
+        proj: Linear<B>,
+        block: Block<B>,
+        norm: RmsNorm<B>,
+    ) -> Self {
+        MtpModule {
+            hnorm,
+            enorm,
+            proj,
+            block,
+            norm,
+        }
+    }
+}
+
 impl<B: Backend> MtpPredictor<B> {
+    /// A predictor of the given modules, in depth order.
+    pub fn from_modules(modules: Vec<MtpModule<B>>) -> Self {
+        MtpPredictor { modules }
+    }
+
     /// 新建 `depth` 个模块，形状与 `c` 的 Transformer 块相同（没有自己的嵌入层和输出头）。
     pub fn new(c: &DecoderConfig, depth: usize, device: &B::Device) -> Self {
         let d = c.hidden;
@@ -61,6 +86,13 @@ impl<B: Backend> MtpPredictor<B> {
         let d = c.hidden;
         let block = (c.params() - 2 * c.vocab_size * d - d) / c.n_layers.max(1);
         depth * (3 * d + 2 * d * d + block)
+    }
+
+    /// 把每个模块的 MLA 切换为朴素/吸收实现（同一组权重；之后需要新建缓存）。
+    pub fn set_mla_impl(&mut self, i: crate::nn::attention::MlaImpl) {
+        for m in &mut self.modules {
+            m.block.set_mla_impl(i);
+        }
     }
 
     /// 草稿深度 D（模块数）。
