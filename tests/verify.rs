@@ -7,6 +7,8 @@ use assert_cmd::Command;
 use predicates::prelude::*;
 use serde_json::Value;
 
+mod common;
+
 fn dsopt() -> Command {
     let mut c = Command::cargo_bin("dsopt").expect("binary built");
     c.env_remove("CUBECL_WGPU_DEFAULT_DEVICE");
@@ -21,10 +23,20 @@ fn fixture(name: &str) -> PathBuf {
 
 /// `dsopt verify` of `dir` against `reference` in `dtype`: exit code and the JSON outcome.
 fn verify(dir: &Path, reference: &Path, dtype: &str) -> (i32, Value) {
+    verify_on("flex", dir, reference, dtype)
+}
+
+fn verify_on(backend: &str, dir: &Path, reference: &Path, dtype: &str) -> (i32, Value) {
     let out = dsopt()
         .args([
-            "--quiet", "verify", "--format", "json", "--dtype", dtype, "--model",
+            "--quiet",
+            "verify",
+            "--format",
+            "json",
+            "--backend",
+            backend,
         ])
+        .args(["--dtype", dtype, "--model"])
         .arg(dir)
         .arg("--reference")
         .arg(reference)
@@ -171,4 +183,22 @@ fn bad_verify_input_exits_2() {
         .stderr(predicate::str::contains(
             "model.layers.0.self_attn.q_proj.weight",
         ));
+}
+
+/// The same model on the wgpu backend (CubeCL kernels; lavapipe on a machine without a GPU):
+/// V2-Lite's routing and MLA through every path agree with transformers in f32 (~1 min there).
+#[test]
+fn a_fixture_agrees_with_transformers_on_wgpu() {
+    if !common::wgpu_available("a_fixture_agrees_with_transformers_on_wgpu") {
+        return;
+    }
+    let d = fixture("v2-lite-tiny");
+    let (code, j) = verify_on("wgpu", &d, &d.join("reference.safetensors"), "f32");
+    assert_eq!(j["backend"], "wgpu", "{j}");
+    let paths = j["paths"].as_array().expect("paths");
+    assert_eq!(paths.len(), 4, "{j}");
+    for p in paths {
+        assert!(p["max_abs_diff"].as_f64().unwrap() <= 1e-4, "{p}");
+    }
+    assert_eq!(code, 0, "{j}");
 }

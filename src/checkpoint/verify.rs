@@ -66,10 +66,14 @@ impl BackendJob for VerifyJob {
     type Output = Result<VerifyOutcome, DsoptError>;
 
     fn run<B: Backend>(self, ctx: BackendContext<B>) -> Self::Output {
+        let buckets = ctx.shape_buckets();
         let dev = ctx.device;
         use_float_dtype::<B>(&dev, self.dtype)?;
         let ckpt = Checkpoint::open(&self.dir, &self.config)?;
-        let dc = self.config.decoder_config(MlaImpl::Naive);
+        let dc = self
+            .config
+            .decoder_config(MlaImpl::Naive)
+            .with_shape_buckets(buckets);
         let (mut model, load) =
             load_decoder::<B>(&ckpt, &dc, &dev, burn_dtype(self.dtype), self.quiet)?;
         if !self.quiet {
