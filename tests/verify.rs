@@ -202,3 +202,35 @@ fn a_fixture_agrees_with_transformers_on_wgpu() {
     }
     assert_eq!(code, 0, "{j}");
 }
+
+/// A checkpoint larger than this machine exits 3 before anything is loaded, with the bytes
+/// and a `--layers` to use (DeepSeek-V3's config.json: 671B parameters never fit here).
+#[test]
+fn a_checkpoint_larger_than_memory_exits_3_before_loading() {
+    let dir = tempfile::tempdir().unwrap();
+    let presets = Path::new(env!("CARGO_MANIFEST_DIR")).join("src/checkpoint/presets");
+    std::fs::copy(
+        presets.join("deepseek-v3.json"),
+        dir.path().join("config.json"),
+    )
+    .unwrap();
+    // a reference of one token (no model.safetensors at all: nothing may be read)
+    let v = 129280;
+    let header = format!(
+        r#"{{"input_ids":{{"dtype":"I64","shape":[1,1],"data_offsets":[0,8]}},"logits":{{"dtype":"F32","shape":[1,1,{v}],"data_offsets":[8,{}]}}}}"#,
+        8 + 4 * v
+    );
+    let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+    bytes.extend_from_slice(header.as_bytes());
+    bytes.resize(bytes.len() + 8 + 4 * v, 0);
+    let reference = dir.path().join("ref.safetensors");
+    std::fs::write(&reference, bytes).unwrap();
+    dsopt()
+        .args(["verify", "--model"])
+        .arg(dir.path())
+        .arg("--reference")
+        .arg(&reference)
+        .assert()
+        .code(3)
+        .stderr(predicate::str::contains("GiB").and(predicate::str::contains("--layers")));
+}
