@@ -280,7 +280,16 @@ impl Reader<'_> {
             qk_nope_head_dim: self.usize("qk_nope_head_dim")?,
             qk_rope_head_dim: self.usize("qk_rope_head_dim")?,
             v_head_dim: self.usize("v_head_dim")?,
-            first_k_dense_replace: self.usize_or("first_k_dense_replace", 0)?,
+            // absent keys take the defaults of transformers' config class (which makes the
+            // reference logits): DeepseekV2Config 0, DeepseekV3Config 3
+            first_k_dense_replace: self.usize_or(
+                "first_k_dense_replace",
+                if model_type == ModelType::DeepseekV2 {
+                    0
+                } else {
+                    3
+                },
+            )?,
             moe,
             rms_norm_eps: self.f64_or("rms_norm_eps", 1e-6)?,
             rope_theta,
@@ -522,17 +531,30 @@ impl Reader<'_> {
                 "use model_type deepseek_v3 for noaux_tc routing",
             ));
         }
+        if !v3_like && scoring_func == ScoreFunc::Sigmoid {
+            return Err(self.fail(
+                "scoring_func",
+                "sigmoid in a deepseek_v2 model: the reference implementation's DeepseekV2 router always uses softmax",
+                "remove the key (or set softmax), or use model_type deepseek_v3 for sigmoid routing",
+            ));
+        }
+        // absent keys take the defaults of transformers' DeepseekV2Config / DeepseekV3Config
+        let (shared, groups, keep, norm, scale) = if v3_like {
+            (1, 8, 4, true, 2.5)
+        } else {
+            (2, 1, 1, false, 1.0)
+        };
         Ok(Some(MoeSpec {
             n_routed_experts,
-            n_shared_experts: self.usize_or("n_shared_experts", 0)?,
+            n_shared_experts: self.usize_or("n_shared_experts", shared)?,
             num_experts_per_tok: self.usize("num_experts_per_tok")?,
             moe_intermediate_size: self.usize("moe_intermediate_size")?,
             scoring_func,
             topk_method,
-            n_group: self.usize_or("n_group", 1)?,
-            topk_group: self.usize_or("topk_group", 1)?,
-            norm_topk_prob: self.opt_bool("norm_topk_prob")?.unwrap_or(false),
-            routed_scaling_factor: self.f64_or("routed_scaling_factor", 1.0)?,
+            n_group: self.usize_or("n_group", groups)?,
+            topk_group: self.usize_or("topk_group", keep)?,
+            norm_topk_prob: self.opt_bool("norm_topk_prob")?.unwrap_or(norm),
+            routed_scaling_factor: self.f64_or("routed_scaling_factor", scale)?,
         }))
     }
 }

@@ -6,8 +6,10 @@
 //! `[out, in]`; Burn's `Linear` keeps `[in, out]`, and dsopt's CPU decode kernels stream those
 //! rows. The transpose is done on the host while the tensor is widened/converted to the run's
 //! dtype (one pass, one tensor at a time), so a loaded model is the same kind of module as a
-//! randomly initialised one and every fast path applies to it unchanged. The host holds at most
-//! the model plus one tensor in f32 while loading.
+//! randomly initialised one and every fast path applies to it unchanged. When the run's dtype is
+//! the file's, a tensor's bytes are read straight into its own buffer (the host holds the model
+//! plus a 16 MiB scratch); otherwise each tensor is widened to f32 and transposed (two f32 copies
+//! of one tensor at a time) before the conversion.
 
 use std::collections::BTreeMap;
 
@@ -100,7 +102,7 @@ pub struct Checkpoint {
 }
 
 /// What loading took.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Default, Serialize)]
 pub struct LoadReport {
     /// Tensors read.
     pub tensors: usize,
@@ -366,6 +368,15 @@ impl Checkpoint {
             let [rows, cols] = [shape[0], shape.get(1).copied().unwrap_or(1)];
             let sname = format!("{name}_scale_inv");
             let sshape = [rows.div_ceil(bs), cols.div_ceil(bs)];
+            let sf = self.file_of(&sname)?;
+            if sf.info(&sname).expect("indexed").dtype == StDtype::F8E4M3 {
+                return Err(model_err(
+                    sf.path(),
+                    Some(&sname),
+                    "is FP8; block scales are F32 (or BF16)".into(),
+                    "the checkpoint is not in DeepSeek-V3's FP8 format: download it again",
+                ));
+            }
             let (scale, sbytes) = self.read(&sname, &sshape)?;
             let q = f.read_bytes(name)?;
             return Ok((dequantize_fp8(&q, rows, cols, &scale, bs), bytes + sbytes));
@@ -670,29 +681,33 @@ impl<B: Backend> Reader<'_, B> {
 
 /// DeepSeek-V3's MTP layer (`model.layers.{L}`, L = `c.n_layers`) as a one-module
 /// [`MtpPredictor`], or `None` when the checkpoint has none.
+/// What it read is added to `report`.
 pub fn load_mtp<B: Backend>(
     ckpt: &Checkpoint,
     c: &DecoderConfig,
     device: &B::Device,
     dtype: DType,
+    report: &mut LoadReport,
 ) -> Result<Option<MtpPredictor<B>>, DsoptError> {
     if !ckpt.has(&format!("model.layers.{}.eh_proj.weight", c.n_layers)) {
         return Ok(None);
     }
+    let t0 = Instant::now();
     let mut r = Reader::<B> {
         ckpt,
         device,
         dtype,
-        report: LoadReport {
-            tensors: 0,
-            bytes_read: 0,
-            seconds: 0.0,
-            model_bytes: 0,
-            largest_tensor_bytes: 0,
-            host_peak_bytes: None,
-        },
+        report: LoadReport::default(),
     };
-    Ok(Some(MtpPredictor::from_modules(vec![r.mtp_module(c)?])))
+    let mtp = MtpPredictor::from_modules(vec![r.mtp_module(c)?]);
+    report.tensors += r.report.tensors;
+    report.bytes_read += r.report.bytes_read;
+    report.model_bytes += r.report.model_bytes;
+    report.largest_tensor_bytes = report
+        .largest_tensor_bytes
+        .max(r.report.largest_tensor_bytes);
+    report.seconds += t0.elapsed().as_secs_f64();
+    Ok(Some(mtp))
 }
 
 /// Builds the decoder `c` from the checkpoint's tensors in `dtype` on `device`, reporting each
@@ -710,14 +725,7 @@ pub fn load_decoder<B: Backend>(
         ckpt,
         device,
         dtype,
-        report: LoadReport {
-            tensors: 0,
-            bytes_read: 0,
-            seconds: 0.0,
-            model_bytes: 0,
-            largest_tensor_bytes: 0,
-            host_peak_bytes: None,
-        },
+        report: LoadReport::default(),
     };
     let (d, v) = (c.hidden, c.vocab_size);
     let embed = Embedding {

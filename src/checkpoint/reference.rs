@@ -127,9 +127,22 @@ impl Reference {
                 ))
             }
         };
+        let logits = f.read_f32("logits")?;
+        for (key, v) in [
+            ("logits", Some(&logits)),
+            ("mtp_logits", mtp_logits.as_ref()),
+        ] {
+            if v.is_some_and(|v| v.iter().any(|x| !x.is_finite())) {
+                return Err(ref_err(
+                    path,
+                    Some(key),
+                    "holds a NaN or an infinity".into(),
+                ));
+            }
+        }
         Ok(Reference {
             input_ids,
-            logits: f.read_f32("logits")?,
+            logits,
             vocab: v,
             layers,
             route_stable,

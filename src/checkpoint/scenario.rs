@@ -56,19 +56,24 @@ pub fn apply_model(s: &mut Scenario, spec: &ModelSpec, file: &str) -> Result<(),
         ));
     }
     m.title = format!("{} — {}", m.title, spec.describe());
-    m.model_origin = Some(ModelOrigin {
+    m.model_origin = Some(origin(spec, m.capacity.memory_budget_gib, note));
+    Ok(())
+}
+
+/// Where a scenario's model came from (random weights at `spec`'s dimensions).
+fn origin(spec: &ModelSpec, runtime_budget_gib: f64, note: String) -> ModelOrigin {
+    ModelOrigin {
         model: match &spec.source {
             super::ModelSource::Preset(p) => p.clone(),
             super::ModelSource::Dir(d) => d.display().to_string(),
         },
-        layers: c.num_hidden_layers,
+        layers: spec.config.num_hidden_layers,
         total_layers: spec.total_layers,
         weights: "random".into(),
         weights_bytes: None,
-        runtime_budget_gib: m.capacity.memory_budget_gib,
+        runtime_budget_gib,
         note,
-    });
-    Ok(())
+    }
 }
 
 /// SC-003 on a model's dimensions: its MoE layers (routing as config.json defines it) against
@@ -144,18 +149,7 @@ fn apply_to_moe(
         moe.routed_scaling_factor
     );
     m.title = format!("{} — {}", m.title, spec.describe());
-    m.model_origin = Some(ModelOrigin {
-        model: match &spec.source {
-            super::ModelSource::Preset(p) => p.clone(),
-            super::ModelSource::Dir(d) => d.display().to_string(),
-        },
-        layers: c.num_hidden_layers,
-        total_layers: spec.total_layers,
-        weights: "random".into(),
-        weights_bytes: None,
-        runtime_budget_gib: 0.0,
-        note,
-    });
+    m.model_origin = Some(origin(spec, 0.0, note));
     Ok(())
 }
 

@@ -518,7 +518,8 @@ fn the_mtp_layer_loads_in_its_own_order_and_a_swapped_eh_proj_fails() {
         let ck = load::Checkpoint::open(dir, &config).unwrap();
         let (main, _) =
             load::load_decoder::<Flex>(&ck, &dc, &dev, burn::tensor::DType::F32, true).unwrap();
-        let mtp = load::load_mtp::<Flex>(&ck, &dc, &dev, burn::tensor::DType::F32)
+        let mut report = load::LoadReport::default();
+        let mtp = load::load_mtp::<Flex>(&ck, &dc, &dev, burn::tensor::DType::F32, &mut report)
             .unwrap()
             .expect("an MTP layer");
         let ids: Vec<i64> = reference
@@ -556,4 +557,93 @@ fn the_mtp_layer_loads_in_its_own_order_and_a_swapped_eh_proj_fails() {
     write_safetensors(&tmp.path().join("model.safetensors"), &all);
     let swapped = run(tmp.path());
     assert!(!swapped.pass && swapped.max_abs_diff > 1e-2, "{swapped:?}");
+}
+
+/// Keys a config.json leaves out take the defaults of transformers' config class for its
+/// model_type (the reference implementation reads them so); V2 never routes with sigmoid there.
+#[test]
+fn absent_routing_keys_take_the_reference_classes_defaults() {
+    let mut m = json("deepseek-v3");
+    for k in [
+        "n_group",
+        "topk_group",
+        "norm_topk_prob",
+        "routed_scaling_factor",
+        "first_k_dense_replace",
+        "n_shared_experts",
+    ] {
+        m.remove(k);
+    }
+    let c = parse_map(&m).unwrap();
+    let moe = c.moe.unwrap();
+    assert_eq!(
+        (moe.n_group, moe.topk_group, moe.n_shared_experts),
+        (8, 4, 1)
+    );
+    assert_eq!((moe.norm_topk_prob, moe.routed_scaling_factor), (true, 2.5));
+    assert_eq!(c.first_k_dense_replace, 3);
+    let mut m = json("deepseek-v2-lite");
+    for k in [
+        "n_group",
+        "topk_group",
+        "norm_topk_prob",
+        "routed_scaling_factor",
+        "first_k_dense_replace",
+        "n_shared_experts",
+    ] {
+        m.remove(k);
+    }
+    let c = parse_map(&m).unwrap();
+    let moe = c.moe.unwrap();
+    assert_eq!(
+        (moe.n_group, moe.topk_group, moe.n_shared_experts),
+        (1, 1, 2)
+    );
+    assert_eq!(
+        (moe.norm_topk_prob, moe.routed_scaling_factor),
+        (false, 1.0)
+    );
+    assert_eq!(c.first_k_dense_replace, 0);
+    let mut m = json("deepseek-v2-lite");
+    m.insert("scoring_func".into(), "sigmoid".into());
+    assert!(bad_key(parse_map(&m)).contains("scoring_func"));
+}
+
+/// A reference whose logits hold a NaN is refused (a NaN would make every comparison pass).
+#[test]
+fn a_reference_with_nan_logits_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("r.safetensors");
+    let mut data = 3i64.to_le_bytes().to_vec();
+    for x in [0.5f32, f32::NAN] {
+        data.extend(x.to_le_bytes());
+    }
+    write_safetensors(
+        &p,
+        &[
+            (
+                "input_ids".into(),
+                safetensors::TensorInfo {
+                    dtype: safetensors::StDtype::I64,
+                    shape: vec![1, 1],
+                    start: 0,
+                    end: 8,
+                },
+                data[..8].to_vec(),
+            ),
+            (
+                "logits".into(),
+                safetensors::TensorInfo {
+                    dtype: safetensors::StDtype::F32,
+                    shape: vec![1, 1, 2],
+                    start: 0,
+                    end: 8,
+                },
+                data[8..].to_vec(),
+            ),
+        ],
+    );
+    let e = reference::Reference::read(&p).unwrap_err();
+    assert_eq!(e.exit_code(), EXIT_BAD_INPUT);
+    assert!(e.to_string().contains("NaN"), "{e}");
 }

@@ -74,8 +74,14 @@ impl BackendJob for VerifyJob {
             .config
             .decoder_config(MlaImpl::Naive)
             .with_shape_buckets(buckets);
-        let (mut model, load) =
+        let (mut model, mut load) =
             load_decoder::<B>(&ckpt, &dc, &dev, burn_dtype(self.dtype), self.quiet)?;
+        // DeepSeek-V3's MTP layer follows the last layer: checked only when every layer is kept
+        let mtp = if self.config.num_hidden_layers == self.total_layers {
+            load_mtp::<B>(&ckpt, &dc, &dev, burn_dtype(self.dtype), &mut load)?
+        } else {
+            None
+        };
         if !self.quiet {
             eprintln!(
                 "loaded {} tensors, {:.1} MB read in {:.2} s ({:.0} MB/s); parameters {:.1} MB, \
@@ -116,11 +122,6 @@ impl BackendJob for VerifyJob {
             ));
         }
         let mut notes = Vec::new();
-        let mtp = if self.config.num_hidden_layers == self.total_layers {
-            load_mtp::<B>(&ckpt, &dc, &dev, burn_dtype(self.dtype))?
-        } else {
-            None
-        };
         match (r.mtp(), mtp) {
             (Some(mref), Some(mtp)) => {
                 for (imp, name) in [

@@ -120,46 +120,50 @@ fn check_moe_fits(m: &dsopt::config::scenario::MoeScenario) -> Result<(), DsoptE
     let Some(origin) = &m.model_origin else {
         return Ok(());
     };
-    let elem = m.run.dtype.bytes() as u64;
-    let bytes_at = |layers: usize| -> u64 {
+    let elem = m.run.dtype.bytes() as u128;
+    // u128: a config.json within the parser's limits can exceed u64 here
+    let bytes_at = |layers: usize| -> u128 {
         let mut m = m.clone();
         m.model.n_layers = layers;
         MoeVariant::ALL
             .iter()
-            .map(|&v| m.decoder_config(v).params() as u64 * elem)
-            .sum()
+            .map(|&v| m.decoder_config(v).params() as u128 * elem)
+            .sum::<u128>()
+            + (1 << 30)
     };
-    let need = bytes_at(m.model.n_layers) + (1 << 30);
-    let ram = dsopt::backend::machine::MachineInfo::capture().ram_bytes;
+    let ram = dsopt::backend::machine::MachineInfo::capture().ram_bytes as u128;
+    let need = bytes_at(m.model.n_layers);
     if ram == 0 || need <= ram {
         return Ok(());
     }
+    // an MoE layer must be kept: at least first_k_dense_replace + 1 layers
     let first = m.moe.first_k_dense_replace + 1;
-    let per_layer = bytes_at(first + 1).saturating_sub(bytes_at(first)).max(1);
-    let fit = ram.saturating_sub(bytes_at(first) + (1 << 30)) / per_layer + first as u64;
-    let fix = if ram >= bytes_at(first) + (1 << 30) {
-        format!(
-            "--layers {fit} or fewer (each MoE layer adds {})",
-            report::write::bytes_h(Some(per_layer))
-        )
-    } else {
-        format!(
+    let fix = match (first..=origin.total_layers)
+        .rev()
+        .find(|&n| bytes_at(n) <= ram)
+    {
+        Some(n) => format!("--layers {n} or fewer (at least {first}: the first MoE layer)"),
+        None => format!(
             "no --layers fits: the smallest choice ({first} layers) needs {} (half of it in bf16); \
              use a machine with more memory",
-            report::write::bytes_h(Some(bytes_at(first) + (1 << 30)))
-        )
+            bytes_h(bytes_at(first))
+        ),
     };
     Err(DsoptError::CannotRun(format!(
         "--model {} with {} of {} layers: the three variants' weights (MoE, dense of equal total \
          and of equal active size, resident together) need {} in {} plus 1 GiB, but this machine \
-         has {} of memory\n  fix: {fix}",
+         has {}\n  fix: {fix}",
         origin.model,
         m.model.n_layers,
         origin.total_layers,
-        report::write::bytes_h(Some(need - (1 << 30))),
+        bytes_h(need - (1 << 30)),
         m.run.dtype.as_str(),
-        report::write::bytes_h(Some(ram)),
+        bytes_h(ram),
     )))
+}
+
+fn bytes_h(b: u128) -> String {
+    report::write::bytes_h(Some(b.min(u64::MAX as u128) as u64))
 }
 
 /// The generic job run at the dispatch point.

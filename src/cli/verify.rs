@@ -85,7 +85,12 @@ pub fn verify_cmd(a: VerifyArgs<'_>) -> anyhow::Result<i32> {
     }
     // the checkpoint's own dtype unless told otherwise (FP8 checkpoints compute in bf16)
     let dtype = a.dtype.or(c.dtype).unwrap_or(Dtype::F32);
-    check_fits(c, spec.total_layers, dtype, a.model)?;
+    check_fits(
+        &resolve(a.model, None)?.config,
+        c.num_hidden_layers,
+        dtype,
+        a.model,
+    )?;
     let selected = backend::select(a.backend)?;
     let outcome = dispatch(
         &selected,
@@ -107,43 +112,37 @@ pub fn verify_cmd(a: VerifyArgs<'_>) -> anyhow::Result<i32> {
 }
 
 /// Exit 3 before loading when the parameters (in the run's dtype; the MTP layer too when every
-/// layer is kept) and 1 GiB for the rest exceed this machine's memory, with a `--layers` that fits.
+/// layer is kept) and 1 GiB for the rest exceed this machine's memory, with the largest
+/// `--layers` that fits (`full` is the whole model's description, `layers` those kept).
 fn check_fits(
-    c: &dsopt::checkpoint::DeepseekConfig,
-    total_layers: usize,
+    full: &dsopt::checkpoint::DeepseekConfig,
+    layers: usize,
     dtype: Dtype,
     model: &str,
 ) -> Result<(), DsoptError> {
-    let bytes = |layers: usize| -> u128 {
-        let cut = c.with_layers(layers);
-        let counts = cut.param_count();
-        let mtp = if layers == total_layers {
-            counts.mtp
-        } else {
-            0
-        };
-        (counts.total + mtp) * dtype.bytes() as u128
+    let total = full.num_hidden_layers;
+    let bytes = |n: usize| -> u128 {
+        let counts = full.with_layers(n).param_count();
+        let mtp = if n == total { counts.mtp } else { 0 };
+        (counts.total + mtp) * dtype.bytes() as u128 + (1 << 30)
     };
-    let need = bytes(c.num_hidden_layers) + (1 << 30);
     let ram = dsopt::backend::machine::MachineInfo::capture().ram_bytes as u128;
+    let need = bytes(layers);
     if ram == 0 || need <= ram {
         return Ok(());
     }
-    let per_layer = bytes(2).saturating_sub(bytes(1)).max(1);
-    let fit = ram.saturating_sub(bytes(1) + (1 << 30)) / per_layer + 1;
     let gib = |b: u128| format!("{:.2} GiB", b as f64 / (1u64 << 30) as f64);
-    let fix = if fit >= 1 && ram >= bytes(1) + (1 << 30) {
-        format!(
-            "make the reference with `scripts/make_reference.py --layers N` and verify with --layers {} or fewer",
-            fit.min(c.num_hidden_layers as u128)
-        )
-    } else {
-        "use a machine with more memory".to_string()
+    // the parameter count is analytic: a scan over every layer count costs nothing
+    let fix = match (1..=total).rev().find(|&n| bytes(n) <= ram) {
+        Some(n) => format!(
+            "make the reference with `scripts/make_reference.py --layers {n}` and verify with \
+             --layers {n} (or fewer)"
+        ),
+        None => "use a machine with more memory".to_string(),
     };
     Err(DsoptError::CannotRun(format!(
-        "--model {model} with {} of {total_layers} layers: its parameters need {} in {} plus 1 GiB, \
+        "--model {model} with {layers} of {total} layers: its parameters need {} in {} plus 1 GiB, \
          but this machine has {}\n  fix: {fix}",
-        c.num_hidden_layers,
         gib(need - (1 << 30)),
         dtype.as_str(),
         gib(ram),

@@ -408,7 +408,7 @@ pub struct MoeShape {
     pub norm_topk_prob: Option<bool>,
     /// 前几层用稠密 FFN（宽度为 `model.ffn_hidden`），其后每层是 MoE（config.json 的
     /// `first_k_dense_replace`；默认 0 = 每层都是 MoE）。稠密基线只替换 MoE 层。
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "is_zero")]
     pub first_k_dense_replace: usize,
 }
 

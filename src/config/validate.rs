@@ -106,6 +106,7 @@ impl Checker {
         self.at_least("model.vocab_size", m.vocab_size, 2);
         self.at_least("model.ffn_hidden", m.ffn_hidden, 1);
         self.positive("model.rope_theta", m.rope_theta);
+        self.positive("model.rms_norm_eps", m.rms_norm_eps);
         self.yarn(m.rope_scaling.as_ref());
     }
 

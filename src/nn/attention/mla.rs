@@ -121,25 +121,16 @@ impl<B: Backend> MlaAttention<B> {
                 wq_b: lin(c.q_lora_rank, h * qk),
             })
         };
-        MlaAttention {
+        Self::from_parts(
+            c,
             query,
-            wkv_a: lin(dim, c.kv_lora_rank + c.qk_rope_head_dim),
-            kv_norm: RmsNormConfig::new(c.kv_lora_rank)
+            lin(dim, c.kv_lora_rank + c.qk_rope_head_dim),
+            RmsNormConfig::new(c.kv_lora_rank)
                 .with_epsilon(1e-6)
                 .init(device),
-            wkv_b: lin(c.kv_lora_rank, h * (c.qk_nope_head_dim + c.v_head_dim)),
-            wo: lin(h * c.v_head_dim, dim),
-            n_heads: h,
-            kv_lora_rank: c.kv_lora_rank,
-            qk_nope_head_dim: c.qk_nope_head_dim,
-            qk_rope_head_dim: c.qk_rope_head_dim,
-            v_head_dim: c.v_head_dim,
-            key_block: c.key_block,
-            shape_buckets: c.shape_buckets,
-            rope: c.rope(),
-            scale: c.softmax_scale(qk),
-            implementation: c.mla_impl,
-        }
+            lin(c.kv_lora_rank, h * (c.qk_nope_head_dim + c.v_head_dim)),
+            lin(h * c.v_head_dim, dim),
+        )
     }
 
     /// 由已有的各部分组成 MLA 模块（加载的检查点；形状由调用方按 `c` 检查过）。
