@@ -303,6 +303,23 @@ def chosen(gate, config, x):
     return idx.sort(dim=-1).values
 
 
+def flip_hook(config, unstable):
+    """A forward hook for a router that marks in `unstable` ([B, S], bool) every token whose
+    choice of experts changes under one of TRIALS random relative perturbations of size
+    PERTURBATION of the router's input."""
+    g = torch.Generator().manual_seed(1)
+
+    def hook(gate, inputs, output):
+        x = inputs[0].reshape(-1, inputs[0].shape[-1]).float()
+        base = chosen(gate, config, x)
+        for _ in range(TRIALS):
+            noise = torch.randn(x.shape, generator=g) * PERTURBATION
+            flipped = (chosen(gate, config, x * (1 + noise)) != base).any(-1)
+            unstable.view(-1).logical_or_(flipped)
+
+    return hook
+
+
 def reference_with_stability(model, ids):
     """f32 logits, and per position whether every routing decision up to it (in its sequence,
     in every MoE layer) survives TRIALS random relative perturbations of the router's input of
@@ -311,16 +328,7 @@ def reference_with_stability(model, ids):
     """
     b, s = ids.shape
     unstable = torch.zeros(b, s, dtype=torch.bool)
-    g = torch.Generator().manual_seed(1)
-
-    def hook(gate, inputs, output):
-        x = inputs[0].reshape(-1, inputs[0].shape[-1]).float()
-        base = chosen(gate, model.config, x)
-        for _ in range(TRIALS):
-            noise = torch.randn(x.shape, generator=g) * PERTURBATION
-            flipped = (chosen(gate, model.config, x * (1 + noise)) != base).any(-1)
-            unstable.view(-1).logical_or_(flipped)
-
+    hook = flip_hook(model.config, unstable)
     handles = [m.register_forward_hook(hook) for n, m in model.named_modules() if n.endswith("mlp.gate")]
     with torch.no_grad():
         logits = model(input_ids=ids).logits.float().contiguous()
@@ -414,8 +422,16 @@ def write_random(config, d, seed, fp8, batch, seq, meta, mtp=False):
             for p in layer.parameters():
                 p.copy_(p.to(torch.bfloat16).float())
             h = last_hidden(model, ids)
-            # module 1 at positions 0..S-2 predicts t_{i+2} from h_i and t_{i+1}
+            # module 1 at positions 0..S-2 predicts t_{i+2} from h_i and t_{i+1}; its position i
+            # is robust when the main model's positions up to i are and its own router's
+            # decisions up to i are
+            unstable = torch.zeros(ids.shape[0], ids.shape[1] - 1, dtype=torch.bool)
+            handle = layer.layer.mlp.gate.register_forward_hook(flip_hook(config, unstable))
             extra["mtp_logits"] = layer(h[:, :-1], ids[:, 1:]).float().contiguous()
+            handle.remove()
+            _, main_stable = reference(model, ids)
+            unstable |= main_stable[:, :-1] == 0
+            extra["mtp_route_stable"] = (~unstable).long().cummin(dim=1).values.contiguous()
         for k, v in layer.tensors(f"model.layers.{config.num_hidden_layers}").items():
             keep = torch.float32 if k.endswith("e_score_correction_bias") else torch.bfloat16
             tensors[k] = v.detach().to(keep).contiguous()

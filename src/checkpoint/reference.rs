@@ -36,6 +36,9 @@ pub struct Reference {
     /// DeepSeek-V3's MTP layer at positions `0..S-1` (`[B, S-1, V]`, row-major), fed the main
     /// model's last hidden state `h_i` and token `t_{i+1}`; `None` when the reference has none.
     pub mtp_logits: Option<Vec<f32>>,
+    /// The MTP layer's positions whose routing (the main model's up to `i` and its own) is
+    /// robust (`[B][S-1]`; `None`: the main model's is used).
+    pub mtp_route_stable: Option<Vec<Vec<bool>>>,
 }
 
 fn ref_err(path: &Path, key: Option<&str>, message: String) -> DsoptError {
@@ -96,22 +99,24 @@ impl Reference {
                 )
             })?),
         };
-        let route_stable = match f.info("route_stable") {
-            None => None,
-            Some(i) if i.shape == [b, s] => Some(
-                f.read_i64("route_stable")?
-                    .chunks(s)
-                    .map(|row| row.iter().map(|&x| x != 0).collect())
-                    .collect(),
-            ),
-            Some(i) => {
-                return Err(ref_err(
+        let mask = |key: &str, len: usize| -> Result<Option<Vec<Vec<bool>>>, DsoptError> {
+            match f.info(key) {
+                None => Ok(None),
+                Some(i) if i.shape == [b, len] && len > 0 => Ok(Some(
+                    f.read_i64(key)?
+                        .chunks(len)
+                        .map(|row| row.iter().map(|&x| x != 0).collect())
+                        .collect(),
+                )),
+                Some(i) => Err(ref_err(
                     path,
-                    Some("route_stable"),
-                    format!("has shape {:?}; expected [{b}, {s}]", i.shape),
-                ))
+                    Some(key),
+                    format!("has shape {:?}; expected [{b}, {len}]", i.shape),
+                )),
             }
         };
+        let route_stable = mask("route_stable", s)?;
+        let mtp_route_stable = mask("mtp_route_stable", s - 1)?;
         let mtp_logits = match f.info("mtp_logits") {
             None => None,
             Some(i) if s >= 2 && i.shape == [b, s - 1, v] => Some(f.read_f32("mtp_logits")?),
@@ -147,6 +152,7 @@ impl Reference {
             layers,
             route_stable,
             mtp_logits,
+            mtp_route_stable,
         })
     }
 
@@ -155,9 +161,8 @@ impl Reference {
         (self.input_ids.len(), self.input_ids[0].len())
     }
 
-    /// The MTP layer's part as a reference of its own: positions `0..S-1`, its logits, the main
-    /// model's routing stability there (the MTP layer's own routing is not perturbed by the
-    /// script: in half precision its near-ties are not excluded).
+    /// The MTP layer's part as a reference of its own: positions `0..S-1`, its logits, and its
+    /// routing stability (`mtp_route_stable`, else the main model's there).
     pub fn mtp(&self) -> Option<Reference> {
         let logits = self.mtp_logits.clone()?;
         let cut = |rows: &Vec<Vec<usize>>| -> Vec<Vec<usize>> {
@@ -168,11 +173,13 @@ impl Reference {
             logits,
             vocab: self.vocab,
             layers: self.layers,
-            route_stable: self
-                .route_stable
-                .as_ref()
-                .map(|st| st.iter().map(|r| r[..r.len() - 1].to_vec()).collect()),
+            route_stable: self.mtp_route_stable.clone().or_else(|| {
+                self.route_stable
+                    .as_ref()
+                    .map(|st| st.iter().map(|r| r[..r.len() - 1].to_vec()).collect())
+            }),
             mtp_logits: None,
+            mtp_route_stable: None,
         })
     }
 }
@@ -307,6 +314,7 @@ mod tests {
             layers: None,
             route_stable: None,
             mtp_logits: None,
+            mtp_route_stable: None,
         }
     }
 
@@ -353,5 +361,19 @@ mod tests {
         // no position left to compare is no pass
         r.route_stable = Some(vec![vec![false, false]]);
         assert!(!compare("p", &r, &got, Dtype::Bf16).pass);
+    }
+
+    #[test]
+    fn the_mtp_part_uses_its_own_routing_mask() {
+        let mut r = reference(vec![0.0; 9], 3);
+        r.input_ids = vec![vec![0, 0, 0]];
+        r.route_stable = Some(vec![vec![true, true, true]]);
+        r.mtp_logits = Some(vec![0.0; 6]);
+        // without its own mask: the main model's, cut to S - 1
+        assert_eq!(r.mtp().unwrap().route_stable, Some(vec![vec![true, true]]));
+        r.mtp_route_stable = Some(vec![vec![true, false]]);
+        let m = r.mtp().unwrap();
+        assert_eq!(m.route_stable, Some(vec![vec![true, false]]));
+        assert_eq!((m.dims(), m.logits.len()), ((1, 2), 6));
     }
 }
