@@ -23,13 +23,7 @@ pub fn apply_model(s: &mut Scenario, spec: &ModelSpec, file: &str) -> Result<(),
         )));
     };
     let c = &spec.config;
-    m.model.hidden = c.hidden_size;
-    m.model.n_layers = c.num_hidden_layers;
-    m.model.n_heads = c.num_attention_heads;
-    m.model.vocab_size = c.vocab_size;
-    m.model.ffn_hidden = c.intermediate_size;
-    m.model.rope_theta = c.rope_theta;
-    m.model.rope_scaling = c.rope_scaling;
+    set_model_shape(&mut m.model, c);
     let a = &mut m.attention;
     // SC-001's baseline: an MHA of n_heads heads of v_head_dim, and a GQA of a quarter of them
     a.head_dim = c.v_head_dim;
@@ -58,6 +52,17 @@ pub fn apply_model(s: &mut Scenario, spec: &ModelSpec, file: &str) -> Result<(),
     m.title = format!("{} — {}", m.title, spec.describe());
     m.model_origin = Some(origin(spec, m.capacity.memory_budget_gib, note));
     Ok(())
+}
+
+/// The trunk dimensions both kinds take from the model description.
+fn set_model_shape(m: &mut crate::config::scenario::ModelShape, c: &super::DeepseekConfig) {
+    m.hidden = c.hidden_size;
+    m.n_layers = c.num_hidden_layers;
+    m.n_heads = c.num_attention_heads;
+    m.vocab_size = c.vocab_size;
+    m.ffn_hidden = c.intermediate_size;
+    m.rope_theta = c.rope_theta;
+    m.rope_scaling = c.rope_scaling;
 }
 
 /// Where a scenario's model came from (random weights at `spec`'s dimensions).
@@ -108,13 +113,7 @@ fn apply_to_moe(
             spec.title, c.hidden_size, c.num_attention_heads
         )));
     }
-    m.model.hidden = c.hidden_size;
-    m.model.n_layers = c.num_hidden_layers;
-    m.model.n_heads = c.num_attention_heads;
-    m.model.vocab_size = c.vocab_size;
-    m.model.ffn_hidden = c.intermediate_size;
-    m.model.rope_theta = c.rope_theta;
-    m.model.rope_scaling = c.rope_scaling;
+    set_model_shape(&mut m.model, c);
     m.model.rms_norm_eps = c.rms_norm_eps;
     let s = &mut m.moe;
     s.n_routed_experts = moe.n_routed_experts;

@@ -559,19 +559,22 @@ fn the_mtp_layer_loads_in_its_own_order_and_a_swapped_eh_proj_fails() {
     assert!(!swapped.pass && swapped.max_abs_diff > 1e-2, "{swapped:?}");
 }
 
+/// The routing keys whose absent values take model-type defaults.
+const ROUTING_KEYS: [&str; 6] = [
+    "n_group",
+    "topk_group",
+    "norm_topk_prob",
+    "routed_scaling_factor",
+    "first_k_dense_replace",
+    "n_shared_experts",
+];
+
 /// Keys a config.json leaves out take the defaults of transformers' config class for its
 /// model_type (the reference implementation reads them so); V2 never routes with sigmoid there.
 #[test]
 fn absent_routing_keys_take_the_reference_classes_defaults() {
     let mut m = json("deepseek-v3");
-    for k in [
-        "n_group",
-        "topk_group",
-        "norm_topk_prob",
-        "routed_scaling_factor",
-        "first_k_dense_replace",
-        "n_shared_experts",
-    ] {
+    for k in ROUTING_KEYS {
         m.remove(k);
     }
     let c = parse_map(&m).unwrap();
@@ -583,14 +586,7 @@ fn absent_routing_keys_take_the_reference_classes_defaults() {
     assert_eq!((moe.norm_topk_prob, moe.routed_scaling_factor), (true, 2.5));
     assert_eq!(c.first_k_dense_replace, 3);
     let mut m = json("deepseek-v2-lite");
-    for k in [
-        "n_group",
-        "topk_group",
-        "norm_topk_prob",
-        "routed_scaling_factor",
-        "first_k_dense_replace",
-        "n_shared_experts",
-    ] {
+    for k in ROUTING_KEYS {
         m.remove(k);
     }
     let c = parse_map(&m).unwrap();
