@@ -122,15 +122,15 @@ mod tests {
     fn scenario_error_names_file_line_key_and_fix() {
         let e = DsoptError::Scenario {
             file: "a.toml".into(),
-            key: Some("model.n_heads".into()),
+            key: Some("model.num_attention_heads".into()),
             line: Some(7),
             message: "must be at least 1".into(),
-            fix: "set n_heads = 16".into(),
+            fix: "set num_attention_heads = 16".into(),
         };
         let s = e.to_string();
         assert_eq!(
             s,
-            "scenario a.toml:7: key `model.n_heads`: must be at least 1\n  fix: set n_heads = 16"
+            "scenario a.toml:7: key `model.num_attention_heads`: must be at least 1\n  fix: set num_attention_heads = 16"
         );
         assert_eq!(e.exit_code(), EXIT_BAD_INPUT);
     }

@@ -166,13 +166,33 @@ fn out_of_range_and_unknown_keys_are_exit_2_naming_the_key() {
     let text = std::fs::read_to_string(repo("scenarios/smoke/sc001-mla-smoke.toml")).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let f = dir.path().join("zero.toml");
-    std::fs::write(&f, text.replace("n_heads = 4", "n_heads = 0")).unwrap();
+    std::fs::write(
+        &f,
+        text.replace("num_attention_heads = 4", "num_attention_heads = 0"),
+    )
+    .unwrap();
     dsopt()
         .args(["bench", "mla", "--scenario"])
         .arg(&f)
         .assert()
         .code(2)
-        .stderr(predicate::str::contains("model.n_heads").and(predicate::str::contains("fix:")));
+        .stderr(
+            predicate::str::contains("model.num_attention_heads")
+                .and(predicate::str::contains("fix:")),
+        );
+    // a key under its old (pre-config.json) name names the new one, with its line
+    let old = dir.path().join("old.toml");
+    std::fs::write(&old, text.replace("hidden_size =", "hidden =")).unwrap();
+    dsopt()
+        .args(["bench", "mla", "--scenario"])
+        .arg(&old)
+        .assert()
+        .code(2)
+        .stderr(
+            predicate::str::contains("model.hidden`")
+                .and(predicate::str::contains("`hidden_size`"))
+                .and(predicate::str::contains("old.toml:")),
+        );
     let g = dir.path().join("typo.toml");
     std::fs::write(&g, text.replace("[run]", "[run]\nbatchsize = 2")).unwrap();
     dsopt()
@@ -816,9 +836,9 @@ fn sc003b_resident_twin_exceeds_the_budget_and_the_offloaded_run_does_not() {
     let dir = tempfile::tempdir().unwrap();
     let text = std::fs::read_to_string(repo("scenarios/smoke/sc003-moe-smoke.toml")).unwrap();
     let sized = text
-        .replace("hidden = 32", "hidden = 128")
+        .replace("hidden_size = 32", "hidden_size = 128")
         .replace("n_routed_experts = 8", "n_routed_experts = 64")
-        .replace("moe_inter_dim = 16", "moe_inter_dim = 256")
+        .replace("moe_intermediate_size = 16", "moe_intermediate_size = 256")
         .replace("memory_budget_gib = 0.0001", "memory_budget_gib = 0.02");
     let f = dir.path().join("sized.toml");
     std::fs::write(&f, sized).unwrap();
@@ -1306,7 +1326,10 @@ fn config_file_switches_the_strategies_of_a_model_scenario() {
     assert_eq!(code, 0, "{v}");
     assert_eq!(v["scenario"]["optimization"]["attention"], "mha");
     assert_eq!(v["scenario"]["optimization"]["ffn"], "dense");
-    assert_eq!(v["scenario"]["optimization"]["mtp"]["depth"], 0);
+    assert_eq!(
+        v["scenario"]["optimization"]["mtp"]["num_nextn_predict_layers"],
+        0
+    );
     // an invalid combination is bad input naming the key
     std::fs::write(&cfg, "attention = \"gqa\"\n").unwrap();
     dsopt()
@@ -1408,9 +1431,9 @@ fn model_presets_and_a_checkpoint_config_drive_bench_mla() {
         ],
     );
     let s = &v["scenario"];
-    assert_eq!(s["model"]["hidden"], 64);
-    assert_eq!(s["model"]["n_layers"], 2);
-    assert_eq!(s["model"]["ffn_hidden"], 96);
+    assert_eq!(s["model"]["hidden_size"], 64);
+    assert_eq!(s["model"]["num_hidden_layers"], 2);
+    assert_eq!(s["model"]["intermediate_size"], 96);
     assert_eq!(s["model"]["rope_scaling"]["factor"], 40.0);
     assert_eq!(
         s["attention"]["head_dim"], 12,
@@ -1467,13 +1490,13 @@ fn a_checkpoint_config_drives_bench_moe() {
     let s = &v["scenario"];
     assert_eq!(
         (
-            s["model"]["hidden"].as_u64(),
-            s["model"]["n_layers"].as_u64()
+            s["model"]["hidden_size"].as_u64(),
+            s["model"]["num_hidden_layers"].as_u64()
         ),
         (Some(64), Some(3))
     );
     assert_eq!(
-        s["model"]["ffn_hidden"], 96,
+        s["model"]["intermediate_size"], 96,
         "the dense first layer's width"
     );
     let m = &s["moe"];
@@ -1491,7 +1514,7 @@ fn a_checkpoint_config_drives_bench_moe() {
     assert_eq!(
         (
             m["first_k_dense_replace"].as_u64(),
-            m["route_scale"].as_f64()
+            m["routed_scaling_factor"].as_f64()
         ),
         (Some(1), Some(2.5))
     );

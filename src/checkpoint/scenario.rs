@@ -29,7 +29,7 @@ pub fn apply_model(s: &mut Scenario, spec: &ModelSpec, file: &str) -> Result<(),
     a.head_dim = c.v_head_dim;
     a.gqa_kv_heads = (c.num_attention_heads / 4).max(1);
     a.kv_lora_rank = c.kv_lora_rank;
-    a.q_lora_rank = c.q_lora_rank.unwrap_or(0);
+    a.q_lora_rank = c.q_lora_rank;
     a.qk_nope_head_dim = c.qk_nope_head_dim;
     a.qk_rope_head_dim = c.qk_rope_head_dim;
     a.v_head_dim = c.v_head_dim;
@@ -37,18 +37,12 @@ pub fn apply_model(s: &mut Scenario, spec: &ModelSpec, file: &str) -> Result<(),
         // one or two heads: no GQA to compare with
         a.variants.retain(|v| *v != crate::config::MlaVariant::Gqa);
     }
-    let mut note = format!(
+    let note = format!(
         "{}; every layer's FFN is dense of intermediate_size = {} (the MoE layers' experts are \
          not built: SC-001 measures the attention's runtime memory above the weights)",
         spec.describe(),
         c.intermediate_size
     );
-    if c.rms_norm_eps != 1e-6 {
-        note.push_str(&format!(
-            "; RMSNorm uses eps 1e-6, not the model's {}",
-            c.rms_norm_eps
-        ));
-    }
     m.title = format!("{} — {}", m.title, spec.describe());
     m.model_origin = Some(origin(spec, m.capacity.memory_budget_gib, note));
     Ok(())
@@ -63,6 +57,7 @@ fn set_model_shape(m: &mut crate::config::scenario::ModelShape, c: &super::Deeps
     m.ffn_hidden = c.intermediate_size;
     m.rope_theta = c.rope_theta;
     m.rope_scaling = c.rope_scaling;
+    m.rms_norm_eps = c.rms_norm_eps;
 }
 
 /// Where a scenario's model came from (random weights at `spec`'s dimensions).
@@ -114,7 +109,6 @@ fn apply_to_moe(
         )));
     }
     set_model_shape(&mut m.model, c);
-    m.model.rms_norm_eps = c.rms_norm_eps;
     let s = &mut m.moe;
     s.n_routed_experts = moe.n_routed_experts;
     s.n_shared_experts = moe.n_shared_experts;

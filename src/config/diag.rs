@@ -7,7 +7,7 @@ use crate::error::DsoptError;
 /// One problem found in a scenario.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Violation {
-    /// Dotted key, e.g. `model.n_heads`.
+    /// Dotted key, e.g. `model.num_attention_heads`.
     pub key: String,
     /// What is wrong.
     pub message: String,

@@ -26,6 +26,7 @@ impl Scenario {
     /// Parses and validates scenario text; `path` is used in messages only.
     pub fn parse(path: &Path, text: &str) -> Result<Scenario, DsoptError> {
         let table: toml::Table = toml::from_str(text).map_err(|e| toml_error(path, text, &e))?;
+        super::renamed::check(path, text, &table, false)?;
         let kind = match table.get("kind") {
             None => {
                 return Err(DsoptError::Scenario {
@@ -250,6 +251,7 @@ impl OptimizationConfig {
     ) -> Result<Self, DsoptError> {
         let table: toml::Table = toml::from_str(text).map_err(|e| toml_error(path, text, &e))?;
         let wrapped = table.contains_key("optimization");
+        super::renamed::check(path, text, &table, !wrapped)?;
         let de = |e: toml::de::Error| toml_error(path, text, &e);
         let cfg = if wrapped {
             toml::from_str::<Wrapped>(text).map_err(de)?.optimization

@@ -7,6 +7,7 @@ pub mod diag;
 pub mod dtype;
 mod load;
 pub mod optimization;
+mod renamed;
 pub mod scenario;
 pub mod validate;
 pub mod variants;

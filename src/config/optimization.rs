@@ -14,30 +14,33 @@
 //! key_block = 512            # 注意力按键分块的块大小（在线 softmax）
 //!
 //! [optimization.gqa]
-//! n_kv_heads = 2             # attention = "gqa" 时必填：真除 model.n_heads 的 KV 头数
+//! n_kv_heads = 2             # attention = "gqa" 时必填：真除 model.num_attention_heads 的 KV 头数
 //!
 //! [optimization.mla]
 //! impl = "absorbed"          # naive | absorbed
 //! kv_lora_rank = 512
-//! q_lora_rank = 0
+//! q_lora_rank = 1536         # 缺省 = 不压缩查询（V2-Lite）
 //! qk_nope_head_dim = 128
 //! qk_rope_head_dim = 64
 //! v_head_dim = 128
-//! mscale = 1.0
 //!
 //! [optimization.moe]
 //! n_routed_experts = 256
 //! n_shared_experts = 1
 //! num_experts_per_tok = 8
-//! moe_inter_dim = 2048
-//! score_func = "sigmoid"
+//! moe_intermediate_size = 2048
+//! scoring_func = "sigmoid"
 //! n_group = 8
 //! topk_group = 4
-//! route_scale = 2.5
+//! routed_scaling_factor = 2.5
 //!
 //! [optimization.mtp]
-//! depth = 0
+//! num_nextn_predict_layers = 0
 //! ```
+//!
+//! 模型维度的键名与 Hugging Face `config.json` 相同（旧名如 `moe_inter_dim`、`depth` 以退出码 2
+//! 报出新名，见 [`renamed`](super::renamed)）。YaRN 不在这里：它属于模型（场景 `[model.rope_scaling]`，
+//! 其 `mscale` / `mscale_all_dim` 是 config.json 的系数 m，不是算好的因子）。
 //!
 //! 该节可以写在 `kind = "model"` 的场景文件里，也可以单独成文件（[`OptimizationConfig::load`]：
 //! 顶层是 `[optimization]` 表，或者直接是上面这些键），供 `--config FILE` 替换场景中的同名节。
@@ -56,7 +59,7 @@ use crate::nn::moe::{MoeConfig, RouterConfig, TopkMethod};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum FfnKind {
-    /// 稠密 SwiGLU FFN，中间维度为 `model.ffn_hidden`。
+    /// 稠密 SwiGLU FFN，中间维度为 `model.intermediate_size`。
     #[default]
     Dense,
     /// DeepSeekMoE：细粒度路由专家 + 常驻共享专家（每层都换成 MoE）。
@@ -95,7 +98,7 @@ pub struct OptimizationConfig {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct GqaOptions {
-    /// K/V 头数 n_g：必须真除 `model.n_heads`（且小于它）。没有默认值可言（取决于头数），
+    /// K/V 头数 n_g：必须真除 `model.num_attention_heads`（且小于它）。没有默认值可言（取决于头数），
     /// 所以 `attention = "gqa"` 时必须给出；其他注意力种类忽略它。
     #[serde(skip_serializing_if = "Option::is_none")]
     pub n_kv_heads: Option<usize>,
@@ -111,16 +114,15 @@ pub struct MlaOptions {
     pub implementation: MlaImpl,
     /// KV 潜向量维度 d_c（默认 512）。
     pub kv_lora_rank: usize,
-    /// 查询压缩维度 d_c'（默认 0 = 不压缩，如 V2-Lite；V3 为 1536）。
-    pub q_lora_rank: usize,
+    /// 查询压缩维度 d_c'（缺省 = 不压缩，如 V2-Lite；V3 为 1536）。没有 0 这个哨兵值。
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub q_lora_rank: Option<usize>,
     /// 不带 RoPE 的 q/k 每头维度（默认 128）。
     pub qk_nope_head_dim: usize,
     /// 解耦 RoPE 维度 d_r（默认 64，必须为偶数）。
     pub qk_rope_head_dim: usize,
     /// 每头 value 维度（默认 128）。
     pub v_head_dim: usize,
-    /// YaRN 的 mscale（默认 1.0 = 不用）；softmax 缩放乘以 mscale²。
-    pub mscale: f64,
 }
 
 impl Default for MlaOptions {
@@ -130,11 +132,10 @@ impl Default for MlaOptions {
         MlaOptions {
             implementation: MlaImpl::Absorbed,
             kv_lora_rank: 512,
-            q_lora_rank: 0,
+            q_lora_rank: None,
             qk_nope_head_dim: 128,
             qk_rope_head_dim: 64,
             v_head_dim: 128,
-            mscale: 1.0,
         }
     }
 }
@@ -149,15 +150,18 @@ pub struct MoeOptions {
     pub n_shared_experts: usize,
     /// 每个 token 激活的路由专家数 top-k（默认 8）。
     pub num_experts_per_tok: usize,
-    /// 每个专家的中间维度（默认 2048）。
+    /// 每个专家的中间维度（`moe_intermediate_size`，默认 2048）。
+    #[serde(rename = "moe_intermediate_size")]
     pub moe_inter_dim: usize,
-    /// 打分函数：`sigmoid`（默认，V3）或 `softmax`（V2）。
+    /// 打分函数（`scoring_func`）：`sigmoid`（默认，V3）或 `softmax`（V2）。
+    #[serde(rename = "scoring_func")]
     pub score_func: ScoreFunc,
     /// 分组路由的组数（默认 8；1 = 不分组）；必须整除 `n_routed_experts`。
     pub n_group: usize,
     /// 保留的组数（默认 4）；不大于 `n_group`。
     pub topk_group: usize,
-    /// 门控权重缩放（默认 2.5）。
+    /// 门控权重缩放（`routed_scaling_factor`，默认 2.5）。
+    #[serde(rename = "routed_scaling_factor")]
     pub route_scale: f64,
     /// 选择方法（config.json 的 `topk_method`）；缺省：分组时 `noaux_tc`（V3 的组分数），否则 `greedy`。
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -188,7 +192,9 @@ impl Default for MoeOptions {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct MtpOptions {
-    /// MTP 模块数 = 自推测解码的草稿深度 D（默认 0：没有模块，普通贪心解码；最大 8）。
+    /// MTP 模块数 = 自推测解码的草稿深度 D（config.json 的 `num_nextn_predict_layers`；
+    /// 默认 0：没有模块，普通贪心解码；最大 8）。
+    #[serde(rename = "num_nextn_predict_layers")]
     pub depth: usize,
 }
 
@@ -196,17 +202,21 @@ pub struct MtpOptions {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DecoderShape {
-    /// 隐藏维度 d。
+    /// 隐藏维度 d（config.json 的 `hidden_size`）。
+    #[serde(rename = "hidden_size")]
     pub hidden: usize,
-    /// 层数。
+    /// 层数（`num_hidden_layers`）。
+    #[serde(rename = "num_hidden_layers")]
     pub n_layers: usize,
-    /// 注意力（查询）头数 n_h。
+    /// 注意力（查询）头数 n_h（`num_attention_heads`）。
+    #[serde(rename = "num_attention_heads")]
     pub n_heads: usize,
     /// MHA/GQA 每头维度 d_h（偶数，RoPE 按对旋转；MLA 用 `[optimization.mla]` 的维度）。
     pub head_dim: usize,
     /// 词表大小。
     pub vocab_size: usize,
-    /// 稠密 SwiGLU FFN 的中间维度（`ffn = "moe"` 时不用）。
+    /// 稠密 SwiGLU FFN 的中间维度（`intermediate_size`；`ffn = "moe"` 时不用）。
+    #[serde(rename = "intermediate_size")]
     pub ffn_hidden: usize,
     /// RoPE 基数 θ（默认 10000）。
     #[serde(default = "default_rope_theta")]
@@ -214,6 +224,12 @@ pub struct DecoderShape {
     /// YaRN 长上下文缩放（config.json 的 `rope_scaling` 键名；缺省 = 普通 RoPE）。
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rope_scaling: Option<crate::nn::rope::Yarn>,
+    /// RMSNorm 的 ε（config.json 的 `rms_norm_eps`，默认 1e-6）。
+    #[serde(
+        default = "crate::nn::model::default_rms_norm_eps",
+        skip_serializing_if = "crate::nn::model::is_default_eps"
+    )]
+    pub rms_norm_eps: f64,
 }
 
 fn default_rope_theta() -> f64 {
@@ -317,19 +333,18 @@ impl OptimizationConfig {
         };
         let m = &self.mla;
         a.kv_lora_rank = m.kv_lora_rank;
-        a.q_lora_rank = m.q_lora_rank;
+        a.q_lora_rank = m.q_lora_rank.unwrap_or(0);
         a.qk_nope_head_dim = m.qk_nope_head_dim;
         a.qk_rope_head_dim = m.qk_rope_head_dim;
         a.v_head_dim = m.v_head_dim;
         a.mla_impl = m.implementation;
-        a.mscale = m.mscale;
         a.key_block = self.key_block;
         a.rope_theta = shape.rope_theta;
         a.rope_scaling = shape.rope_scaling;
         DecoderConfig {
             first_k_dense_replace: 0,
             first_dense_ffn_hidden: None,
-            rms_norm_eps: crate::nn::model::default_rms_norm_eps(),
+            rms_norm_eps: shape.rms_norm_eps,
             vocab_size: shape.vocab_size,
             hidden: shape.hidden,
             n_layers: shape.n_layers,
@@ -355,6 +370,7 @@ mod tests {
             ffn_hidden: 64,
             rope_theta: 10000.0,
             rope_scaling: None,
+            rms_norm_eps: 1e-6,
         }
     }
 
@@ -404,8 +420,8 @@ mod tests {
         let o = parse(
             "attention = \"mla\"\nffn = \"moe\"\nkey_block = 64\n[mla]\nimpl = \"naive\"\n\
              kv_lora_rank = 16\nqk_rope_head_dim = 4\n[moe]\nn_routed_experts = 8\n\
-             num_experts_per_tok = 2\nn_group = 2\ntopk_group = 1\nmoe_inter_dim = 12\n\
-             [mtp]\ndepth = 2\n",
+             num_experts_per_tok = 2\nn_group = 2\ntopk_group = 1\nmoe_intermediate_size = 12\n\
+             [mtp]\nnum_nextn_predict_layers = 2\n",
         )
         .unwrap();
         let c = o.decoder_config(&shape());
@@ -431,10 +447,14 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let bare = dir.path().join("bare.toml");
         let wrapped = dir.path().join("wrapped.toml");
-        std::fs::write(&bare, "attention = \"mla\"\n[mtp]\ndepth = 3\n").unwrap();
+        std::fs::write(
+            &bare,
+            "attention = \"mla\"\n[mtp]\nnum_nextn_predict_layers = 3\n",
+        )
+        .unwrap();
         std::fs::write(
             &wrapped,
-            "[optimization]\nattention = \"mla\"\n[optimization.mtp]\ndepth = 3\n",
+            "[optimization]\nattention = \"mla\"\n[optimization.mtp]\nnum_nextn_predict_layers = 3\n",
         )
         .unwrap();
         let a = OptimizationConfig::load(&bare).unwrap();
@@ -488,7 +508,9 @@ mod tests {
             ("[mla]\nkv_lora_rank = 0\n", "optimization.mla.kv_lora_rank"),
             ("[mla]\nqk_rope_head_dim = 7\n", "optimization.mla.qk_rope_head_dim"),
             ("[mla]\nv_head_dim = 0\n", "optimization.mla.v_head_dim"),
-            ("[mla]\nmscale = 0.0\n", "optimization.mla.mscale"),
+            ("[mla]\nq_lora_rank = 0\n", "optimization.mla.q_lora_rank"),
+            ("[mla]\nmscale = 1.0\n", "mla.mscale"),
+            ("[moe]\nroute_scale = 1.0\n", "moe.route_scale"),
             (
                 "[moe]\nn_group = 8\ntopk_group = 9\n",
                 "optimization.moe.topk_group",
@@ -501,7 +523,11 @@ mod tests {
                 "[moe]\nn_routed_experts = 10\nn_group = 4\n",
                 "optimization.moe.n_group",
             ),
-            ("[mtp]\ndepth = 9\n", "optimization.mtp.depth"),
+            (
+                "[mtp]\nnum_nextn_predict_layers = 9\n",
+                "optimization.mtp.num_nextn_predict_layers",
+            ),
+            ("[mtp]\ndepth = 1\n", "mtp.depth"),
             ("prefill_chunk = 0\n", "optimization.prefill_chunk"),
             ("key_block = 0\n", "optimization.key_block"),
         ];

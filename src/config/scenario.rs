@@ -110,8 +110,7 @@ pub struct MlaScenario {
     /// 模型维度的来源（`--model` 给出时：预设或检查点的 `config.json`）。只由命令行设置，
     /// 不能写在场景文件里；写入报告的场景 JSON。
     #[serde(default, skip_deserializing, skip_serializing_if = "Option::is_none")]
-    pub model_origin: Option<ModelOrigin>,
-}
+    pub model_origin: Option<ModelOrigin>,}
 
 /// 模型维度的来源（`--model`），写入报告。
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -137,15 +136,19 @@ pub struct ModelOrigin {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ModelShape {
-    /// 隐藏维度 d。
+    /// 隐藏维度 d（config.json 的 `hidden_size`）。
+    #[serde(rename = "hidden_size")]
     pub hidden: usize,
-    /// 层数。
+    /// 层数（`num_hidden_layers`）。
+    #[serde(rename = "num_hidden_layers")]
     pub n_layers: usize,
-    /// 注意力头数 n_h。
+    /// 注意力头数 n_h（`num_attention_heads`）。
+    #[serde(rename = "num_attention_heads")]
     pub n_heads: usize,
     /// 词表大小。
     pub vocab_size: usize,
-    /// 稠密 FFN 中间维度（SwiGLU）。
+    /// 稠密 FFN 中间维度（SwiGLU；`intermediate_size`）。
+    #[serde(rename = "intermediate_size")]
     pub ffn_hidden: usize,
     /// RoPE 基数 θ（默认 10000）。
     #[serde(default = "default_rope_theta")]
@@ -173,9 +176,9 @@ pub struct MlaAttentionShape {
     pub gqa_kv_heads: usize,
     /// KV 潜向量维度 d_c（DeepSeek: 512）。
     pub kv_lora_rank: usize,
-    /// 查询压缩维度 d_c'（0 表示不压缩，如 V2-Lite）。
-    #[serde(default)]
-    pub q_lora_rank: usize,
+    /// 查询压缩维度 d_c'；缺省 = 不压缩（如 V2-Lite；与 config.json 的 null 相同，没有 0 这个哨兵值）。
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub q_lora_rank: Option<usize>,
     /// 不带 RoPE 的 q/k 每头维度（DeepSeek: 128）。
     pub qk_nope_head_dim: usize,
     /// 解耦 RoPE 维度 d_r（DeepSeek: 64）。
@@ -266,7 +269,9 @@ pub struct MtpScenario {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MtpSettings {
-    /// 草稿深度 D（"预测 4 个 token" = 主 token + D = 3 个草稿）。
+    /// MTP 模块数 = 草稿深度 D（"预测 4 个 token" = 主 token + D = 3 个草稿；config.json 的
+    /// `num_nextn_predict_layers`）。
+    #[serde(rename = "num_nextn_predict_layers")]
     pub depth: usize,
 }
 
@@ -374,8 +379,7 @@ pub struct MoeScenario {
     pub thresholds: MoeThresholds,
     /// `--model` 给出的模型（不是场景键：由命令行设置）。
     #[serde(skip_deserializing, default, skip_serializing_if = "Option::is_none")]
-    pub model_origin: Option<ModelOrigin>,
-}
+    pub model_origin: Option<ModelOrigin>,}
 
 /// DeepSeekMoE 形状。
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -387,9 +391,11 @@ pub struct MoeShape {
     pub n_shared_experts: usize,
     /// 每个 token 激活的路由专家数 top-k。
     pub num_experts_per_tok: usize,
-    /// 每个专家的中间维度。
+    /// 每个专家的中间维度（`moe_intermediate_size`）。
+    #[serde(rename = "moe_intermediate_size")]
     pub moe_inter_dim: usize,
-    /// 打分函数。
+    /// 打分函数（`scoring_func`）。
+    #[serde(rename = "scoring_func")]
     pub score_func: ScoreFunc,
     /// 分组路由的组数（1 = 不分组）。
     #[serde(default = "one")]
@@ -397,8 +403,8 @@ pub struct MoeShape {
     /// 保留的组数。
     #[serde(default = "one")]
     pub topk_group: usize,
-    /// 门控权重缩放。
-    #[serde(default = "one_f")]
+    /// 门控权重缩放（`routed_scaling_factor`）。
+    #[serde(default = "one_f", rename = "routed_scaling_factor")]
     pub route_scale: f64,
     /// 选择方法（`greedy`、`group_limited_greedy`、`noaux_tc`）；缺省：分组时 `noaux_tc`，否则 `greedy`。
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -406,7 +412,7 @@ pub struct MoeShape {
     /// 是否把选中专家的权重归一化；缺省：sigmoid 打分时归一化。
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub norm_topk_prob: Option<bool>,
-    /// 前几层用稠密 FFN（宽度为 `model.ffn_hidden`），其后每层是 MoE（config.json 的
+    /// 前几层用稠密 FFN（宽度为 `model.intermediate_size`），其后每层是 MoE（config.json 的
     /// `first_k_dense_replace`；默认 0 = 每层都是 MoE）。稠密基线只替换 MoE 层。
     #[serde(default, skip_serializing_if = "is_zero")]
     pub first_k_dense_replace: usize,

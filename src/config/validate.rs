@@ -90,21 +90,32 @@ impl Checker {
     fn heads_divide_hidden(&mut self, m: &ModelShape) {
         if m.n_heads >= 1 && !m.hidden.is_multiple_of(m.n_heads) {
             self.fail(
-                "model.n_heads",
+                "model.num_attention_heads",
                 format!(
-                    "{} heads do not divide model.hidden = {}",
+                    "{} heads do not divide model.hidden_size = {}",
                     m.n_heads, m.hidden
                 ),
-                "choose n_heads that divides hidden",
+                "choose num_attention_heads that divides hidden_size",
+            );
+        }
+    }
+    /// `q_lora_rank`: absent = no query compression; 0 is no longer a sentinel for that.
+    fn q_lora_rank(&mut self, key: &str, v: Option<usize>) {
+        if v == Some(0) {
+            self.fail(
+                key,
+                "is 0: an absent q_lora_rank means no query compression (as null in config.json); \
+                 0 is not a rank",
+                "delete the key for no query compression (V2-Lite), or give the rank (V3: 1536)",
             );
         }
     }
     fn model(&mut self, m: &ModelShape) {
-        self.at_least("model.hidden", m.hidden, 1);
-        self.at_least("model.n_layers", m.n_layers, 1);
-        self.at_least("model.n_heads", m.n_heads, 1);
+        self.at_least("model.hidden_size", m.hidden, 1);
+        self.at_least("model.num_hidden_layers", m.n_layers, 1);
+        self.at_least("model.num_attention_heads", m.n_heads, 1);
         self.at_least("model.vocab_size", m.vocab_size, 2);
-        self.at_least("model.ffn_hidden", m.ffn_hidden, 1);
+        self.at_least("model.intermediate_size", m.ffn_hidden, 1);
         self.positive("model.rope_theta", m.rope_theta);
         self.positive("model.rms_norm_eps", m.rms_norm_eps);
         self.yarn(m.rope_scaling.as_ref());
@@ -178,7 +189,7 @@ impl Checker {
             m.num_experts_per_tok,
             m.n_routed_experts,
         );
-        self.at_least(&key("moe_inter_dim"), m.moe_inter_dim, 1);
+        self.at_least(&key("moe_intermediate_size"), m.moe_inter_dim, 1);
         self.at_least(&key("n_group"), m.n_group, 1);
         if m.n_group >= 1 && !m.n_routed_experts.is_multiple_of(m.n_group) {
             self.fail(
@@ -205,7 +216,7 @@ impl Checker {
                 );
             }
         }
-        self.positive(&key("route_scale"), m.route_scale);
+        self.positive(&key("routed_scaling_factor"), m.route_scale);
     }
 }
 
@@ -245,10 +256,10 @@ fn mla(c: &mut Checker, s: &MlaScenario) {
         c.fail(
             "attention.gqa_kv_heads",
             format!(
-                "{} KV heads must divide model.n_heads = {} and be fewer than it",
+                "{} KV heads must divide model.num_attention_heads = {} and be fewer than it",
                 a.gqa_kv_heads, s.model.n_heads
             ),
-            "use a proper divisor of n_heads, e.g. n_heads / 4",
+            "use a proper divisor of num_attention_heads, e.g. a quarter of it",
         );
     }
     c.mla_dims(
@@ -260,6 +271,7 @@ fn mla(c: &mut Checker, s: &MlaScenario) {
             a.v_head_dim,
         ],
     );
+    c.q_lora_rank("attention.q_lora_rank", a.q_lora_rank);
     c.at_least("attention.prefill_chunk", a.prefill_chunk, 1);
     if a.variants.is_empty() {
         c.fail(
@@ -324,8 +336,8 @@ fn mtp(c: &mut Checker, s: &MtpScenario) {
     c.id(&s.id, "SC");
     c.model(&s.model);
     c.heads_divide_hidden(&s.model);
-    c.at_least("mtp.depth", s.mtp.depth, 1);
-    c.at_most("mtp.depth", s.mtp.depth, 8);
+    c.at_least("mtp.num_nextn_predict_layers", s.mtp.depth, 1);
+    c.at_most("mtp.num_nextn_predict_layers", s.mtp.depth, 8);
     c.at_least("train.steps", s.train.steps, 1);
     c.at_least("train.batch", s.train.batch, 1);
     c.at_least("train.seq_len", s.train.seq_len, s.mtp.depth + 2);
@@ -365,7 +377,7 @@ fn moe(c: &mut Checker, s: &MoeScenario) {
         c.fail(
             "moe.first_k_dense_replace",
             format!(
-                "is {} with model.n_layers = {}: no MoE layer would be left",
+                "is {} with model.num_hidden_layers = {}: no MoE layer would be left",
                 m.first_k_dense_replace, s.model.n_layers
             ),
             format!("use at most {}", s.model.n_layers.saturating_sub(1)),
@@ -417,7 +429,7 @@ pub(crate) fn optimization(o: &OptimizationConfig, shape: Option<&DecoderShape>)
         (AttentionKind::Gqa, None) => c.fail(
             "optimization.gqa.n_kv_heads",
             "is missing: attention = \"gqa\" needs the number of K/V heads",
-            "add [optimization.gqa] with n_kv_heads = a proper divisor of model.n_heads",
+            "add [optimization.gqa] with n_kv_heads = a proper divisor of model.num_attention_heads",
         ),
         (_, Some(g)) => {
             c.at_least("optimization.gqa.n_kv_heads", g, 1);
@@ -426,10 +438,10 @@ pub(crate) fn optimization(o: &OptimizationConfig, shape: Option<&DecoderShape>)
                     c.fail(
                         "optimization.gqa.n_kv_heads",
                         format!(
-                            "{g} K/V heads must divide model.n_heads = {} and be fewer than it",
+                            "{g} K/V heads must divide model.num_attention_heads = {} and be fewer than it",
                             m.n_heads
                         ),
-                        "use a proper divisor of n_heads, e.g. n_heads / 4 (or attention = \"mha\")",
+                        "use a proper divisor of num_attention_heads, e.g. a quarter of it (or attention = \"mha\")",
                     );
                 }
             }
@@ -447,7 +459,7 @@ pub(crate) fn optimization(o: &OptimizationConfig, shape: Option<&DecoderShape>)
             a.v_head_dim,
         ],
     );
-    c.positive("optimization.mla.mscale", a.mscale);
+    c.q_lora_rank("optimization.mla.q_lora_rank", a.q_lora_rank);
     // MoE routing
     let m = &o.moe;
     c.routing(
@@ -461,16 +473,16 @@ pub(crate) fn optimization(o: &OptimizationConfig, shape: Option<&DecoderShape>)
             route_scale: m.route_scale,
         },
     );
-    c.at_most("optimization.mtp.depth", o.mtp.depth, 8);
+    c.at_most("optimization.mtp.num_nextn_predict_layers", o.mtp.depth, 8);
     c.out
 }
 
 fn model(c: &mut Checker, s: &ModelScenario) {
     c.id(&s.id, if s.id.starts_with("SC") { "SC" } else { "FR" });
     let m = &s.model;
-    c.at_least("model.hidden", m.hidden, 1);
-    c.at_least("model.n_layers", m.n_layers, 1);
-    c.at_least("model.n_heads", m.n_heads, 1);
+    c.at_least("model.hidden_size", m.hidden, 1);
+    c.at_least("model.num_hidden_layers", m.n_layers, 1);
+    c.at_least("model.num_attention_heads", m.n_heads, 1);
     c.at_least("model.head_dim", m.head_dim, 2);
     if !m.head_dim.is_multiple_of(2) {
         c.fail(
@@ -480,8 +492,9 @@ fn model(c: &mut Checker, s: &ModelScenario) {
         );
     }
     c.at_least("model.vocab_size", m.vocab_size, 2);
-    c.at_least("model.ffn_hidden", m.ffn_hidden, 1);
+    c.at_least("model.intermediate_size", m.ffn_hidden, 1);
     c.positive("model.rope_theta", m.rope_theta);
+    c.positive("model.rms_norm_eps", m.rms_norm_eps);
     c.yarn(m.rope_scaling.as_ref());
     c.out.extend(optimization(&s.optimization, Some(m)));
     c.at_least("run.batch", s.run.batch, 1);
@@ -518,8 +531,12 @@ mod tests {
 
     #[test]
     fn zero_heads_rejected_with_key_and_line() {
-        let e = parse_err(ScenarioKind::Mla, "n_heads = 16", "n_heads = 0");
-        assert!(e.contains("model.n_heads"), "{e}");
+        let e = parse_err(
+            ScenarioKind::Mla,
+            "num_attention_heads = 16",
+            "num_attention_heads = 0",
+        );
+        assert!(e.contains("model.num_attention_heads"), "{e}");
         assert!(e.contains("at least 1"), "{e}");
         assert!(e.contains("fix:"), "{e}");
     }
@@ -532,8 +549,15 @@ mod tests {
 
     #[test]
     fn heads_must_divide_width_for_mtp() {
-        let e = parse_err(ScenarioKind::Mtp, "n_heads = 4", "n_heads = 7");
-        assert!(e.contains("model.n_heads") && e.contains("divide"), "{e}");
+        let e = parse_err(
+            ScenarioKind::Mtp,
+            "num_attention_heads = 4",
+            "num_attention_heads = 7",
+        );
+        assert!(
+            e.contains("model.num_attention_heads") && e.contains("divide"),
+            "{e}"
+        );
     }
 
     #[test]

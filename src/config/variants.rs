@@ -87,6 +87,7 @@ impl ModelShape {
             ffn_hidden,
             rope_theta: self.rope_theta,
             rope_scaling: self.rope_scaling,
+            rms_norm_eps: self.rms_norm_eps,
         }
     }
 }
@@ -117,7 +118,6 @@ impl MlaScenario {
                 qk_nope_head_dim: a.qk_nope_head_dim,
                 qk_rope_head_dim: a.qk_rope_head_dim,
                 v_head_dim: a.v_head_dim,
-                mscale: 1.0,
             },
             ..OptimizationConfig::standard()
         }

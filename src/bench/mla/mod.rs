@@ -77,7 +77,8 @@ fn setup_notes(s: &MlaScenario, pooled: bool) -> (Vec<String>, &'static str) {
          q_lora_rank {}, nope {}, rope {}, v {}; vocab {}, FFN {}; batch {batch}, seq {seq}, \
          {steps} decode steps; {}",
         s.model.hidden, s.model.n_layers, s.model.n_heads, s.attention.head_dim,
-        s.attention.gqa_kv_heads, s.attention.kv_lora_rank, s.attention.q_lora_rank,
+        s.attention.gqa_kv_heads, s.attention.kv_lora_rank,
+        s.attention.q_lora_rank.map_or("none".to_string(), |r| r.to_string()),
         s.attention.qk_nope_head_dim, s.attention.qk_rope_head_dim, s.attention.v_head_dim,
         s.model.vocab_size, s.model.ffn_hidden, super::dtype_note(s.run.dtype)
     ), format!(

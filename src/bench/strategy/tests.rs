@@ -19,6 +19,7 @@ fn shape() -> DecoderShape {
         ffn_hidden: 48,
         rope_theta: 10000.0,
         rope_scaling: None,
+        rms_norm_eps: 1e-6,
     }
 }
 
@@ -34,7 +35,7 @@ fn opt(attn: AttentionKind, imp: MlaImpl, ffn: FfnKind, depth: usize) -> Optimiz
     o.gqa.n_kv_heads = Some(2);
     o.mla.implementation = imp;
     o.mla.kv_lora_rank = 16;
-    o.mla.q_lora_rank = if imp == MlaImpl::Naive { 0 } else { 12 };
+    o.mla.q_lora_rank = (imp != MlaImpl::Naive).then_some(12);
     o.mla.qk_nope_head_dim = 8;
     o.mla.qk_rope_head_dim = 4;
     o.mla.v_head_dim = 6;

@@ -32,7 +32,7 @@ pub enum MlaImpl {
     Absorbed,
 }
 
-/// 查询投影：直接投影（`q_lora_rank = 0`），或先压缩再解压的低秩投影（DeepSeek-V2/V3）。
+/// 查询投影：直接投影（没有 `q_lora_rank`，内部记作 0），或先压缩再解压的低秩投影（DeepSeek-V2/V3）。
 // one value per layer: the variants' size difference costs nothing, and Burn derives `Module`
 // for the enum as it is
 #[allow(clippy::large_enum_variant)]

@@ -19,7 +19,7 @@ use burn::nn::{Linear, LinearConfig};
 use burn::tensor::{activation, backend::Backend, Tensor};
 use serde::{Deserialize, Serialize};
 
-/// 路由打分函数（场景文件里写作 `score_func = "softmax" | "sigmoid"`）。
+/// 路由打分函数（场景文件与 config.json 里写作 `scoring_func = "softmax" | "sigmoid"`）。
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ScoreFunc {
