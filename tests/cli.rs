@@ -1390,7 +1390,7 @@ fn model_presets_and_a_checkpoint_config_drive_bench_mla() {
         predicate::str::contains("deepseek-v2-lite")
             .and(predicate::str::contains("moonlight-16b-a3b")),
     );
-    with_model("mtp", "deepseek-v2-lite")
+    with_model("model", "deepseek-v2-lite")
         .code(2)
         .stderr(predicate::str::contains("implemented for `mla`"));
     // bench moe: the three variants of all 27 layers do not fit (exit 3 with --layers); one
@@ -1472,6 +1472,38 @@ fn model_presets_and_a_checkpoint_config_drive_bench_mla() {
         .find(|c| c["id"] == "SC-001-eq")
         .unwrap();
     assert_eq!(eq["passed"], true, "{eq}");
+    // the same model named in the scenario file ([model] path + layers) gives the same run
+    let smoke = std::fs::read_to_string(repo("scenarios/smoke/sc001-mla-smoke.toml")).unwrap();
+    let start = smoke.find("[model]").unwrap();
+    let end = smoke.find("variants =").unwrap();
+    let named = format!(
+        "{}[model]\npath = {:?}\nlayers = 2\n\n[attention]\n{}",
+        &smoke[..start],
+        model.path().display().to_string(),
+        &smoke[end..]
+    );
+    let file = dir.path().join("named.toml");
+    std::fs::write(&file, &named).unwrap();
+    dsopt().args(["validate"]).arg(&file).assert().code(0);
+    let out2 = tempfile::tempdir().unwrap();
+    let (_, w) = run_one("flex", file.to_str().unwrap(), out2.path(), &[]);
+    let t = &w["scenario"];
+    for key in ["model", "attention", "capacity"] {
+        assert_eq!(t[key], s[key], "{key}");
+    }
+    assert_eq!(t["model_origin"], s["model_origin"]);
+    // ... and a model key written beside it is refused, naming it
+    let both = named.replace("layers = 2\n", "layers = 2\nhidden_size = 64\n");
+    std::fs::write(&file, both).unwrap();
+    dsopt()
+        .args(["validate"])
+        .arg(&file)
+        .assert()
+        .code(2)
+        .stdout(
+            predicate::str::contains("model.hidden_size")
+                .and(predicate::str::contains("config.json")),
+        );
 }
 
 /// `bench moe --model DIR`: the checkpoint's MoE layers (sigmoid noaux_tc, 2 groups, one dense
@@ -1546,5 +1578,55 @@ fn a_checkpoint_config_drives_bench_moe() {
     assert_eq!(
         params("moe") - params("dense_equal_total"),
         (2 * 64 * 8) as f64
+    );
+}
+
+/// `bench mtp --model DIR`: SC-002 on a checkpoint's own main model and MTP layer (the V3-style
+/// fixture: MLA with query compression, MoE with noaux_tc routing, one MTP layer), with the
+/// speculative tokens equal to greedy's; a preset, a model without an MTP layer and --layers
+/// are refused before anything runs.
+#[test]
+fn bench_mtp_on_a_checkpoint_drafts_with_its_own_mtp_layer() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = repo("tests/fixtures/models/v3-tiny");
+    let (_, v) = run_one(
+        "flex",
+        "scenarios/smoke/sc002-mtp-smoke.toml",
+        dir.path(),
+        &[std::ffi::OsStr::new("--model"), model.as_os_str()],
+    );
+    let s = &v["scenario"];
+    assert_eq!(s["model_origin"]["weights"], "checkpoint");
+    assert_eq!(s["mtp"]["num_nextn_predict_layers"], 1);
+    assert_eq!(s["model"]["hidden_size"], 48);
+    assert!(s.get("sweep").is_none_or(|w| w.is_null()), "{s}");
+    let eq = v["criteria"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["id"] == "SC-002-eq")
+        .unwrap();
+    assert_eq!(eq["measured"], 1.0, "{eq}");
+    let notes = v["notes"].to_string();
+    assert!(notes.contains("random token ids"), "{notes}");
+    assert!(
+        notes.contains("MTP layer read from the checkpoint"),
+        "{notes}"
+    );
+    let refused = |args: &[&str], what: &str| {
+        dsopt()
+            .args(["bench", "mtp", "--backend", "flex", "--scenario"])
+            .arg(repo("scenarios/smoke/sc002-mtp-smoke.toml"))
+            .args(args)
+            .assert()
+            .code(2)
+            .stderr(predicate::str::contains(what.to_string()));
+    };
+    refused(&["--model", "deepseek-v3"], "random weights cannot tell");
+    let v2 = repo("tests/fixtures/models/v2-lite-tiny");
+    refused(&["--model", v2.to_str().unwrap()], "no MTP layer");
+    refused(
+        &["--model", model.to_str().unwrap(), "--layers", "2"],
+        "keeps all 4 layers",
     );
 }

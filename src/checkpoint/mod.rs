@@ -23,8 +23,9 @@ use serde::Serialize;
 pub use hf_config::{parse_config, read_config_file};
 pub use model::{DeepseekConfig, Fp8Blocks, ModelType, MoeSpec, ParamCount, TopkMethod};
 pub use presets::{Preset, PRESETS};
-pub use scenario::{add_weights_to_budget, apply_model};
+pub use scenario::{add_weights_to_budget, apply_model, apply_model_source};
 
+use crate::config::Dtype;
 use crate::error::DsoptError;
 
 /// 模型从哪里来。
@@ -109,3 +110,40 @@ pub fn resolve(arg: &str, layers: Option<usize>) -> Result<ModelSpec, DsoptError
 
 #[cfg(test)]
 mod tests;
+
+/// Exit 3 before loading when the parameters (in the run's dtype; the MTP layer too when every
+/// layer is kept) and 1 GiB for the rest exceed this machine's memory, with the largest
+/// `--layers` that fits (`full` is the whole model's description, `layers` those kept;
+/// `fix_for_layers(n)` says how to use n layers).
+pub fn check_fits(
+    full: &DeepseekConfig,
+    layers: usize,
+    dtype: Dtype,
+    model: &str,
+    fix_for_layers: impl Fn(usize) -> String,
+) -> Result<(), DsoptError> {
+    let total = full.num_hidden_layers;
+    let bytes = |n: usize| -> u128 {
+        let counts = full.with_layers(n).param_count();
+        let mtp = if n == total { counts.mtp } else { 0 };
+        (counts.total + mtp) * dtype.bytes() as u128 + (1 << 30)
+    };
+    let ram = crate::backend::machine::MachineInfo::capture().ram_bytes as u128;
+    let need = bytes(layers);
+    if ram == 0 || need <= ram {
+        return Ok(());
+    }
+    let gib = |b: u128| format!("{:.2} GiB", b as f64 / (1u64 << 30) as f64);
+    // the parameter count is analytic: a scan over every layer count costs nothing
+    let fix = match (1..=total).rev().find(|&n| bytes(n) <= ram) {
+        Some(n) => fix_for_layers(n),
+        None => "use a machine with more memory".to_string(),
+    };
+    Err(DsoptError::CannotRun(format!(
+        "--model {model} with {layers} of {total} layers: its parameters need {} in {} plus 1 GiB, \
+         but this machine has {}\n  fix: {fix}",
+        gib(need - (1 << 30)),
+        dtype.as_str(),
+        gib(ram),
+    )))
+}

@@ -9,16 +9,46 @@ use super::ModelSpec;
 use crate::config::scenario::{ModelOrigin, Scenario};
 use crate::error::DsoptError;
 
+/// The model a run uses: `--model` (with `--layers`) when given, otherwise the scenario's own
+/// `[model] preset` / `path` (with its `layers`, which `--layers` overrides); its dimensions go
+/// into `s` through [`apply_model`]. `--layers` with no model anywhere is a usage error.
+pub fn apply_model_source(
+    s: &mut Scenario,
+    cli_model: Option<&str>,
+    cli_layers: Option<usize>,
+    file: &str,
+) -> Result<(), DsoptError> {
+    let (name, layers) = match (cli_model, s.model_ref()) {
+        (Some(m), _) => (m.to_string(), cli_layers),
+        (None, Some(r)) => (r.model.clone(), cli_layers.or(r.layers)),
+        (None, None) => {
+            return match cli_layers {
+                None => Ok(()),
+                Some(_) => Err(DsoptError::Usage(format!(
+                "--layers keeps the first N layers of a model, but neither --model nor {file}'s \
+                     [model] (preset = … or path = …) names one; add --model deepseek-v2-lite \
+                     (or another preset, or a checkpoint folder)"
+            ))),
+            }
+        }
+    };
+    let spec = super::resolve(&name, layers)?;
+    apply_model(s, &spec, file)
+}
+
 /// Puts the dimensions of `spec` into scenario `s` (before the command-line overrides); kinds
 /// other than `mla` are refused with exit 2 (not implemented yet).
 pub fn apply_model(s: &mut Scenario, spec: &ModelSpec, file: &str) -> Result<(), DsoptError> {
     if let Scenario::Moe(m) = s {
         return apply_to_moe(m, spec, file);
     }
+    if let Scenario::Mtp(m) = s {
+        return apply_to_mtp(m, spec);
+    }
     let Scenario::Mla(m) = s else {
         return Err(DsoptError::Usage(format!(
-            "--model: {file} is a `{}` scenario; --model is implemented for `mla` (SC-001) and \
-             `moe` (SC-003) so far",
+            "--model: {file} is a `{}` scenario; --model is implemented for `mla` (SC-001), \
+             `moe` (SC-003) and `mtp` (SC-002, a checkpoint with an MTP layer) so far",
             s.kind().as_str()
         )));
     };
@@ -74,6 +104,69 @@ fn origin(spec: &ModelSpec, runtime_budget_gib: f64, note: String) -> ModelOrigi
         runtime_budget_gib,
         note,
     }
+}
+
+/// SC-002 on a checkpoint's own weights: its main model and its MTP layer (DeepSeek-V3's
+/// `model.layers.{L}`) read from the folder, greedy against self-speculative decoding with that
+/// layer drafting. A preset is refused (random weights make acceptance meaningless), as are a
+/// model without an MTP layer and `--layers` (the MTP layer reads the last layer's output).
+fn apply_to_mtp(
+    m: &mut crate::config::scenario::MtpScenario,
+    spec: &ModelSpec,
+) -> Result<(), DsoptError> {
+    let c = &spec.config;
+    let super::ModelSource::Dir(dir) = &spec.source else {
+        return Err(DsoptError::Usage(format!(
+            "--model {}: `bench mtp` measures how often a checkpoint's own MTP layer is accepted, \
+             which random weights cannot tell; give a checkpoint folder (config.json + \
+             safetensors) with an MTP layer, or drop --model for SC-002 on dsopt's trained model",
+            spec.title
+        )));
+    };
+    if c.num_nextn_predict_layers == 0 {
+        return Err(DsoptError::Usage(format!(
+            "--model {}: the checkpoint has no MTP layer (num_nextn_predict_layers = 0 in its \
+             config.json), so there is nothing to draft with; use a DeepSeek-V3-style checkpoint \
+             with its MTP layer, or drop --model for SC-002 on dsopt's trained model",
+            dir.display()
+        )));
+    }
+    if c.num_hidden_layers != spec.total_layers {
+        return Err(DsoptError::Usage(format!(
+            "--layers {}: the MTP layer drafts from the last layer's hidden state, so `bench mtp` \
+             keeps all {} layers; drop --layers",
+            c.num_hidden_layers, spec.total_layers
+        )));
+    }
+    set_model_shape(&mut m.model, c);
+    // dsopt loads the first MTP layer (V3 has one): one draft per verify step
+    m.mtp.depth = 1;
+    let sweep = m.sweep.take().is_some();
+    let what = format!(
+        "{}'s own weights ({}), {} layers",
+        spec.title,
+        dir.display(),
+        c.num_hidden_layers
+    );
+    let note = format!(
+        "{what}: main model and MTP layer read from the checkpoint; D = 1 draft per step (the \
+         checkpoint's first MTP layer{}), not the spec's 3{}",
+        if c.num_nextn_predict_layers > 1 {
+            format!(" of {}", c.num_nextn_predict_layers)
+        } else {
+            String::new()
+        },
+        if sweep {
+            "; the scenario's depth x batch sweep is not run (it needs D modules)"
+        } else {
+            ""
+        }
+    );
+    m.title = format!("{} — {what}", m.title);
+    let mut o = origin(spec, 0.0, note);
+    o.weights = "checkpoint".into();
+    m.model_origin = Some(o);
+    Ok(())
 }
 
 /// SC-003 on a model's dimensions: its MoE layers (routing as config.json defines it) against

@@ -189,10 +189,7 @@ pub(super) fn bench_one(
     selected: &SelectedBackend,
     quiet: bool,
 ) -> anyhow::Result<(Report, PathBuf)> {
-    if let Some(name) = &o.model {
-        let spec = dsopt::checkpoint::resolve(name, o.layers)?;
-        dsopt::checkpoint::apply_model(&mut s, &spec, file)?;
-    }
+    dsopt::checkpoint::apply_model_source(&mut s, o.model.as_deref(), o.layers, file)?;
     s.apply(&overrides(o)?, Path::new(file))?;
     check_fits_in_memory(&s)?;
     dsopt::checkpoint::add_weights_to_budget(&mut s);

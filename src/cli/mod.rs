@@ -206,11 +206,13 @@ pub struct OverrideArgs {
     /// A DeepSeek model's dimensions: a built-in preset (deepseek-v2-lite, deepseek-v2,
     /// deepseek-v3, moonlight-16b-a3b; `dsopt info` lists them) or a folder holding a
     /// checkpoint's config.json. Weights are random at those dimensions (`dsopt verify` reads a
-    /// checkpoint's weights). `mla` (SC-001) and `moe` (SC-003) scenarios, so far.
+    /// checkpoint's weights). `mla` (SC-001) and `moe` (SC-003) scenarios, so far. Replaces the
+    /// scenario's own `[model] preset` / `path`.
     #[arg(long, value_name = "NAME|DIR")]
     pub model: Option<String>,
-    /// With --model: keep the first N layers (the dense layers stay first).
-    #[arg(long, value_name = "N", requires = "model")]
+    /// Keep the first N layers of the model (--model, or the scenario's [model] preset/path);
+    /// the dense layers stay first.
+    #[arg(long, value_name = "N")]
     pub layers: Option<usize>,
 }
 

@@ -14,7 +14,14 @@ pub(super) fn validate(paths: &[PathBuf]) -> anyhow::Result<i32> {
     }
     let mut code = EXIT_PASS;
     for f in files {
-        match Scenario::load(&f) {
+        // a scenario naming a model is checked with that model's dimensions
+        let loaded = Scenario::load(&f).and_then(|mut s| {
+            let name = f.display().to_string();
+            dsopt::checkpoint::apply_model_source(&mut s, None, None, &name)?;
+            s.check(&f, None)?;
+            Ok(s)
+        });
+        match loaded {
             Ok(s) => println!("ok    {} ({} {})", f.display(), s.id(), s.kind().as_str()),
             Err(e) => {
                 println!("error {e}");

@@ -85,11 +85,17 @@ pub fn verify_cmd(a: VerifyArgs<'_>) -> anyhow::Result<i32> {
     }
     // the checkpoint's own dtype unless told otherwise (FP8 checkpoints compute in bf16)
     let dtype = a.dtype.or(c.dtype).unwrap_or(Dtype::F32);
-    check_fits(
+    dsopt::checkpoint::check_fits(
         &resolve(a.model, None)?.config,
         c.num_hidden_layers,
         dtype,
         a.model,
+        |n| {
+            format!(
+                "make the reference with `scripts/make_reference.py --layers {n}` and verify with \
+                 --layers {n} (or fewer)"
+            )
+        },
     )?;
     let selected = backend::select(a.backend)?;
     let outcome = dispatch(
@@ -109,44 +115,6 @@ pub fn verify_cmd(a: VerifyArgs<'_>) -> anyhow::Result<i32> {
         Format::Silent => {}
     }
     Ok(if outcome.pass { 0 } else { 1 })
-}
-
-/// Exit 3 before loading when the parameters (in the run's dtype; the MTP layer too when every
-/// layer is kept) and 1 GiB for the rest exceed this machine's memory, with the largest
-/// `--layers` that fits (`full` is the whole model's description, `layers` those kept).
-fn check_fits(
-    full: &dsopt::checkpoint::DeepseekConfig,
-    layers: usize,
-    dtype: Dtype,
-    model: &str,
-) -> Result<(), DsoptError> {
-    let total = full.num_hidden_layers;
-    let bytes = |n: usize| -> u128 {
-        let counts = full.with_layers(n).param_count();
-        let mtp = if n == total { counts.mtp } else { 0 };
-        (counts.total + mtp) * dtype.bytes() as u128 + (1 << 30)
-    };
-    let ram = dsopt::backend::machine::MachineInfo::capture().ram_bytes as u128;
-    let need = bytes(layers);
-    if ram == 0 || need <= ram {
-        return Ok(());
-    }
-    let gib = |b: u128| format!("{:.2} GiB", b as f64 / (1u64 << 30) as f64);
-    // the parameter count is analytic: a scan over every layer count costs nothing
-    let fix = match (1..=total).rev().find(|&n| bytes(n) <= ram) {
-        Some(n) => format!(
-            "make the reference with `scripts/make_reference.py --layers {n}` and verify with \
-             --layers {n} (or fewer)"
-        ),
-        None => "use a machine with more memory".to_string(),
-    };
-    Err(DsoptError::CannotRun(format!(
-        "--model {model} with {layers} of {total} layers: its parameters need {} in {} plus 1 GiB, \
-         but this machine has {}\n  fix: {fix}",
-        gib(need - (1 << 30)),
-        dtype.as_str(),
-        gib(ram),
-    )))
 }
 
 fn print_outcome(o: &VerifyOutcome, title: &str, total_layers: usize) {

@@ -48,13 +48,12 @@ impl Scenario {
                 })
             }
         };
-        let de = |e: toml::de::Error| toml_error(path, text, &e);
-        let scenario = match kind.as_str() {
-            "mla" => Scenario::Mla(toml::from_str(text).map_err(de)?),
-            "mtp" => Scenario::Mtp(toml::from_str(text).map_err(de)?),
-            "moe" => Scenario::Moe(toml::from_str(text).map_err(de)?),
-            "model" => Scenario::Model(toml::from_str(text).map_err(de)?),
-            "calibrate" => Scenario::Calibrate(toml::from_str(text).map_err(de)?),
+        let k = match kind.as_str() {
+            "mla" => ScenarioKind::Mla,
+            "mtp" => ScenarioKind::Mtp,
+            "moe" => ScenarioKind::Moe,
+            "model" => ScenarioKind::Model,
+            "calibrate" => ScenarioKind::Calibrate,
             other => {
                 return Err(DsoptError::Scenario {
                     file: path.into(),
@@ -64,6 +63,33 @@ impl Scenario {
                     fix: "use one of \"mla\", \"mtp\", \"moe\", \"model\", \"calibrate\"".into(),
                 })
             }
+        };
+        let mut table = table;
+        let model_ref = super::model_ref::take(path, text, &mut table, k)?;
+        let de = |e: toml::de::Error| toml_error(path, text, &e);
+        // with a model, its keys were filled in: parse the table (no spans; the keys the user
+        // wrote are named all the same); otherwise the text, so that errors carry their line
+        let src = match model_ref {
+            Some(_) => Src::Table(table),
+            None => Src::Text(text),
+        };
+        let scenario = match k {
+            ScenarioKind::Mla => Scenario::Mla(src.parse().map_err(de)?),
+            ScenarioKind::Mtp => Scenario::Mtp(src.parse().map_err(de)?),
+            ScenarioKind::Moe => Scenario::Moe(src.parse().map_err(de)?),
+            ScenarioKind::Model => Scenario::Model(src.parse().map_err(de)?),
+            ScenarioKind::Calibrate => Scenario::Calibrate(src.parse().map_err(de)?),
+        };
+        let scenario = match (scenario, model_ref) {
+            (Scenario::Mla(mut m), r) => {
+                m.model_ref = r;
+                Scenario::Mla(m)
+            }
+            (Scenario::Moe(mut m), r) => {
+                m.model_ref = r;
+                Scenario::Moe(m)
+            }
+            (other, _) => other,
         };
         scenario.check(path, Some(text))?;
         Ok(scenario)
@@ -179,6 +205,22 @@ impl Scenario {
             },
             other => other,
         })
+    }
+}
+
+/// What a scenario is deserialised from: its text (errors keep their spans), or the table with
+/// a model's keys filled in.
+enum Src<'a> {
+    Text(&'a str),
+    Table(toml::Table),
+}
+
+impl Src<'_> {
+    fn parse<T: serde::de::DeserializeOwned>(&self) -> Result<T, toml::de::Error> {
+        match self {
+            Src::Text(t) => toml::from_str(t),
+            Src::Table(t) => toml::Value::Table(t.clone()).try_into(),
+        }
     }
 }
 

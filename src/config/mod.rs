@@ -6,6 +6,7 @@
 pub mod diag;
 pub mod dtype;
 mod load;
+pub mod model_ref;
 pub mod optimization;
 mod renamed;
 pub mod scenario;

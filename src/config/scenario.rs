@@ -110,7 +110,11 @@ pub struct MlaScenario {
     /// 模型维度的来源（`--model` 给出时：预设或检查点的 `config.json`）。只由命令行设置，
     /// 不能写在场景文件里；写入报告的场景 JSON。
     #[serde(default, skip_deserializing, skip_serializing_if = "Option::is_none")]
-    pub model_origin: Option<ModelOrigin>,}
+    pub model_origin: Option<ModelOrigin>,
+    /// 场景 `[model]` 里写的模型来源（`preset` / `path` / `layers`；命令行的 `--model` 优先）。
+    #[serde(skip)]
+    pub model_ref: Option<super::model_ref::ModelRef>,
+}
 
 /// 模型维度的来源（`--model`），写入报告。
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -121,7 +125,8 @@ pub struct ModelOrigin {
     pub layers: usize,
     /// 完整模型的层数。
     pub total_layers: usize,
-    /// 权重来源：目前总是 `random`（随机权重，准确的维度）。
+    /// 权重来源：`random`（随机权重，准确的维度；`bench mla|moe`）或 `checkpoint`（检查点的
+    /// 权重；`bench mtp`）。
     pub weights: String,
     /// 该模型自己（MLA）的权重字节数（运行的数值类型下）；容量预算 = 它 + 运行期预算。
     /// 在命令行覆盖（`--dtype`）之后才确定，之前为 `None`。
@@ -263,6 +268,10 @@ pub struct MtpScenario {
     pub sweep: Option<MtpSweep>,
     /// 阈值。
     pub thresholds: MtpThresholds,
+    /// `--model DIR` 给出的检查点（带 MTP 层的 DeepSeek 模型；不是场景键：由命令行设置）。
+    /// 给出时不训练：主模型与 MTP 层都从检查点读入。
+    #[serde(skip_deserializing, default, skip_serializing_if = "Option::is_none")]
+    pub model_origin: Option<ModelOrigin>,
 }
 
 /// MTP 模块设置。
@@ -379,7 +388,11 @@ pub struct MoeScenario {
     pub thresholds: MoeThresholds,
     /// `--model` 给出的模型（不是场景键：由命令行设置）。
     #[serde(skip_deserializing, default, skip_serializing_if = "Option::is_none")]
-    pub model_origin: Option<ModelOrigin>,}
+    pub model_origin: Option<ModelOrigin>,
+    /// 场景 `[model]` 里写的模型来源（`preset` / `path` / `layers`；命令行的 `--model` 优先）。
+    #[serde(skip)]
+    pub model_ref: Option<super::model_ref::ModelRef>,
+}
 
 /// DeepSeekMoE 形状。
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -616,6 +629,15 @@ pub struct Overrides {
 }
 
 impl Scenario {
+    /// The model the scenario's `[model]` section names (`preset` / `path`), if any.
+    pub fn model_ref(&self) -> Option<&super::model_ref::ModelRef> {
+        match self {
+            Scenario::Mla(s) => s.model_ref.as_ref(),
+            Scenario::Moe(s) => s.model_ref.as_ref(),
+            _ => None,
+        }
+    }
+
     /// The scenario's kind.
     pub fn kind(&self) -> ScenarioKind {
         match self {

@@ -335,7 +335,10 @@ fn mla(c: &mut Checker, s: &MlaScenario) {
 fn mtp(c: &mut Checker, s: &MtpScenario) {
     c.id(&s.id, "SC");
     c.model(&s.model);
-    c.heads_divide_hidden(&s.model);
+    if s.model_origin.is_none() {
+        // dsopt's own MHA model; a checkpoint's MLA has its own head widths
+        c.heads_divide_hidden(&s.model);
+    }
     c.at_least("mtp.num_nextn_predict_layers", s.mtp.depth, 1);
     c.at_most("mtp.num_nextn_predict_layers", s.mtp.depth, 8);
     c.at_least("train.steps", s.train.steps, 1);

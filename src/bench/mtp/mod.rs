@@ -16,6 +16,7 @@ use crate::nn::{Decoder, DecoderConfig};
 use crate::report::{AnalyticMemory, Comparison, Criterion, Equivalence, VariantReport};
 use crate::train;
 
+mod checkpoint;
 mod sweep;
 use sweep::sweep;
 
@@ -374,24 +375,81 @@ fn criteria(
     ]
 }
 
-/// Runs SC-002.
+/// Runs SC-002: on dsopt's own trained byte-level model, or (`--model DIR`) on a checkpoint's
+/// main model and MTP layer.
 pub fn run<B: Backend>(
     s: &MtpScenario,
     ctx: &BackendContext<B>,
     monitor_cfg: MonitorConfig,
 ) -> anyhow::Result<RunOutput> {
     let dev = &ctx.device;
-    // before training: an unsupported dtype fails at once
+    // before training or loading: an unsupported dtype fails at once
     crate::backend::use_float_dtype::<B>(dev, s.run.dtype)?;
-    let eb = s.run.dtype.bytes();
+    if let Some(origin) = &s.model_origin {
+        return checkpoint::run(s, origin, ctx, monitor_cfg);
+    }
     let (ckpt, meta, trained_now, heldout) = checkpoint(s, monitor_cfg.progress)?;
     let full: MtpModel<B> = train::load(&ckpt, &meta, ctx.shape_buckets(), dev)?;
+    let (batch, plen) = (s.run.batch, s.run.prompt_len);
+    let notes = model_notes(s, &ckpt, &meta, trained_now);
+    let main = &full.main;
+    let mtp = full.mtp.clone().truncated(s.mtp.depth);
+    let prompts = train::heldout_prompts(&heldout, batch, plen);
+    let mut out = measure(
+        s,
+        Models {
+            main,
+            mtp: &mtp,
+            config: &meta.model,
+            prompts: &prompts,
+        },
+        ctx,
+        monitor_cfg,
+        notes,
+    )?;
+    if let Some(sw) = &s.sweep {
+        sweep(
+            s,
+            main,
+            &full,
+            &heldout,
+            sw,
+            dev,
+            &mut out.variants,
+            &mut out.notes,
+            &mut out.series.mtp_sweep,
+        );
+    }
+    Ok(out)
+}
+
+/// The two decoders' models and the prompts they decode.
+pub(crate) struct Models<'a, B: Backend> {
+    /// The main model (greedy decoding, and the verifier of the speculative one).
+    pub main: &'a Decoder<B>,
+    /// The drafting MTP modules (depth = the scenario's D).
+    pub mtp: &'a MtpPredictor<B>,
+    /// The main model's configuration (analytic cache sizes, step costs).
+    pub config: &'a DecoderConfig,
+    /// `batch` prompts of `prompt_len` tokens.
+    pub prompts: &'a [Vec<u32>],
+}
+
+/// Greedy against self-speculative decoding of the same prompts, interleaved, with every
+/// SC-002 criterion and the figures behind them.
+pub(crate) fn measure<B: Backend>(
+    s: &MtpScenario,
+    m: Models<'_, B>,
+    ctx: &BackendContext<B>,
+    monitor_cfg: MonitorConfig,
+    mut notes: Vec<String>,
+) -> anyhow::Result<RunOutput> {
+    use burn::module::Module;
+    let dev = &ctx.device;
+    let eb = s.run.dtype.bytes();
     let depth = s.mtp.depth;
     let (batch, plen, n) = (s.run.batch, s.run.prompt_len, s.run.new_tokens);
-    let mut notes = model_notes(s, &ckpt, &meta, trained_now);
-    let main = &full.main;
-    let mtp = full.mtp.clone().truncated(depth);
-    let prompts = train::heldout_prompts(&heldout, batch, plen);
+    let (main, mtp, prompts) = (m.main, m.mtp, m.prompts);
 
     // both decoders on the same prompts, interleaved rounds; each run also records its
     // prefill and decode phases (SC-002a is the whole job, SC-002b the decode phase alone)
@@ -399,14 +457,14 @@ pub fn run<B: Backend>(
     let mut monitor = PerformanceMonitor::for_backend::<B>(monitor_cfg, dev, ctx.pool.clone());
     let mut workloads: Vec<Workload<'_, Decoded>> = vec![
         Box::new(|probe| {
-            let (out, ph) = decode::greedy_timed(main, &prompts, n, PREFILL_CHUNK);
+            let (out, ph) = decode::greedy_timed(main, prompts, n, PREFILL_CHUNK);
             phases[0].borrow_mut().push(ph);
             probe.checkpoint("decoded");
             Ok((out, None))
         }),
         Box::new(|probe| {
             let (out, st) =
-                decode::speculative(main, &Drafter::Mtp(&mtp), &prompts, n, PREFILL_CHUNK);
+                decode::speculative(main, &Drafter::Mtp(mtp), prompts, n, PREFILL_CHUNK);
             phases[1].borrow_mut().push(st.phases);
             probe.checkpoint("decoded");
             Ok((out, Some(st)))
@@ -417,25 +475,24 @@ pub fn run<B: Backend>(
     drop(workloads);
     let mut variants = Vec::new();
     let mut secs = Vec::new();
-    for (i, m) in ms.iter().enumerate() {
-        let mut v = VariantReport::from_measurement(m);
+    let main_params = main.num_params();
+    for (i, meas) in ms.iter().enumerate() {
+        let mut v = VariantReport::from_measurement(meas);
         // the speculative decoder also holds the D modules and their caches
         let (extra_w, extra_layers) = if i == 1 {
-            (MtpPredictor::<B>::params(&meta.model, depth), depth)
+            (mtp.num_params(), depth)
         } else {
             (0, 0)
         };
-        let layers = meta.model.n_layers.max(1);
-        let per_layer = meta
-            .model
-            .kv_cache_bytes(batch, plen + n + 2 * depth + 2, eb)
-            / layers as u64;
+        let layers = m.config.n_layers.max(1);
+        let per_layer =
+            m.config.kv_cache_bytes(batch, plen + n + 2 * depth + 2, eb) / layers as u64;
         let t = v.timings.as_ref().map(|t| t.median_s);
         v.metrics.insert("generation_s".into(), t);
         v.metrics
             .insert("tokens_per_s".into(), t.map(|t| (batch * n) as f64 / t));
         v.memory.analytic = Some(AnalyticMemory {
-            weights_bytes: ((meta.model.params() + extra_w) * eb) as u64,
+            weights_bytes: ((main_params + extra_w) * eb) as u64,
             kv_cache_bytes: per_layer * (layers + extra_layers) as u64,
             activations_bytes: 0,
         });
@@ -443,8 +500,8 @@ pub fn run<B: Backend>(
         variants.push(v);
     }
     let (identical, identical_fraction, stats) =
-        compare_outputs(&ms, &prompts, &mut variants, &mut notes)?;
-    let (one, verify) = step_costs(s, main, &meta.model, ctx, &mut variants, &mut notes);
+        compare_outputs(&ms, prompts, &mut variants, &mut notes)?;
+    let (one, verify) = step_costs(s, main, m.config, ctx, &mut variants, &mut notes);
     let ctx_len = plen + n / 2;
     let (tg, ts) = (secs[0], secs[1]);
     let reduction = tg.zip(ts).map(|(g, sp)| 1.0 - sp / g);
@@ -499,27 +556,13 @@ pub fn run<B: Backend>(
         super::fmt_opt(stat("read_backs_per_step"), 2),
     ));
     let criteria = criteria(s, reduction, ratio, identical, identical_fraction);
-    let mut sweep_points = Vec::new();
-    if let Some(sw) = &s.sweep {
-        sweep(
-            s,
-            main,
-            &full,
-            &heldout,
-            sw,
-            dev,
-            &mut variants,
-            &mut notes,
-            &mut sweep_points,
-        );
-    }
     Ok(RunOutput {
         variants,
         criteria,
         notes,
         memory_series: monitor.series().to_vec(),
         series: crate::report::ReportSeries {
-            mtp_sweep: sweep_points,
+            mtp_sweep: Vec::new(),
             ..Default::default()
         },
     })

@@ -1,0 +1,107 @@
+//! SC-002 on a checkpoint's own weights (`bench mtp --model DIR`): the main model and its MTP
+//! layer (DeepSeek-V3's `model.layers.{L}`) read from the folder; greedy decoding against
+//! self-speculative decoding with that layer drafting one token per step.
+
+use std::path::Path;
+
+use burn::tensor::backend::Backend;
+
+use super::{measure, Models};
+use crate::backend::{burn_dtype, BackendContext};
+use crate::bench::RunOutput;
+use crate::checkpoint::load::{load_decoder, load_mtp, Checkpoint};
+use crate::config::scenario::{ModelOrigin, MtpScenario};
+use crate::error::DsoptError;
+use crate::monitor::MonitorConfig;
+use crate::nn::attention::MlaImpl;
+
+/// `batch` prompts of `len` token ids drawn uniformly from `[0, vocab)` (xorshift, `seed`).
+pub(crate) fn random_prompts(vocab: usize, batch: usize, len: usize, seed: u64) -> Vec<Vec<u32>> {
+    let mut x = seed.max(1);
+    (0..batch)
+        .map(|_| {
+            (0..len)
+                .map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    (x % vocab.max(1) as u64) as u32
+                })
+                .collect()
+        })
+        .collect()
+}
+
+/// Runs SC-002 on the checkpoint `origin` names.
+pub(super) fn run<B: Backend>(
+    s: &MtpScenario,
+    origin: &ModelOrigin,
+    ctx: &BackendContext<B>,
+    monitor_cfg: MonitorConfig,
+) -> anyhow::Result<RunOutput> {
+    let dev = &ctx.device;
+    let spec = crate::checkpoint::resolve(&origin.model, None)?;
+    let c = &spec.config;
+    crate::checkpoint::check_fits(c, c.num_hidden_layers, s.run.dtype, &origin.model, |_| {
+        "the MTP layer needs every layer: use a machine with more memory, or --dtype bf16".into()
+    })?;
+    let ckpt = Checkpoint::open(Path::new(&origin.model), c)?;
+    let dc = c
+        .decoder_config(MlaImpl::Absorbed)
+        .with_shape_buckets(ctx.shape_buckets());
+    let dtype = burn_dtype(s.run.dtype);
+    let (main, mut load) = load_decoder::<B>(&ckpt, &dc, dev, dtype, !monitor_cfg.progress)?;
+    let Some(mtp) = load_mtp::<B>(&ckpt, &dc, dev, dtype, &mut load)? else {
+        return Err(DsoptError::Model {
+            source_name: origin.model.clone(),
+            key: Some("num_nextn_predict_layers".into()),
+            message: format!(
+                "config.json declares {} MTP layer(s), but the checkpoint has no \
+                 model.layers.{}.eh_proj.weight (transformers drops the MTP layer when it saves)",
+                c.num_nextn_predict_layers, c.num_hidden_layers
+            ),
+            fix: "use the checkpoint as published (with its MTP layer), or drop --model".into(),
+        }
+        .into());
+    };
+    let (batch, plen, n) = (s.run.batch, s.run.prompt_len, s.run.new_tokens);
+    let prompts = random_prompts(c.vocab_size, batch, plen, s.train.seed);
+    let notes = vec![
+        origin.note.clone(),
+        format!(
+            "dims: hidden {}, {} layers, {} heads, MLA kv_lora_rank {}, vocab {}; the MTP layer \
+             is one more block of the same shape; run in {}",
+            c.hidden_size,
+            c.num_hidden_layers,
+            c.num_attention_heads,
+            c.kv_lora_rank,
+            c.vocab_size,
+            super::super::dtype_note(s.run.dtype)
+        ),
+        format!(
+            "loaded {} tensors, {:.1} MB read in {:.2} s ({:.0} MB/s)",
+            load.tensors,
+            load.bytes_read as f64 / 1e6,
+            load.seconds,
+            load.bytes_read as f64 / 1e6 / load.seconds.max(1e-9)
+        ),
+        format!(
+            "prompts: {batch} x {plen} random token ids (uniform over the vocabulary, seed {}): \
+             the acceptance rate on random ids says little about real text; {n} new tokens per \
+             sequence, greedy decoding both ways",
+            s.train.seed
+        ),
+    ];
+    measure(
+        s,
+        Models {
+            main: &main,
+            mtp: &mtp,
+            config: &dc,
+            prompts: &prompts,
+        },
+        ctx,
+        monitor_cfg,
+        notes,
+    )
+}
