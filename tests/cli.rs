@@ -1622,6 +1622,43 @@ fn bench_mtp_on_a_checkpoint_drafts_with_its_own_mtp_layer() {
             .code(2)
             .stderr(predicate::str::contains(what.to_string()));
     };
+    // prompts from a file of token ids
+    let ids = dir.path().join("prompts.txt");
+    let rows: Vec<String> = (0..8)
+        .map(|r| {
+            (0..10)
+                .map(|i| ((r * 13 + i * 7) % 101).to_string())
+                .collect::<Vec<_>>()
+                .join(" ")
+        })
+        .collect();
+    std::fs::write(&ids, rows.join("\n")).unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let (_, w) = run_one(
+        "flex",
+        "scenarios/smoke/sc002-mtp-smoke.toml",
+        out.path(),
+        &[
+            std::ffi::OsStr::new("--model"),
+            model.as_os_str(),
+            std::ffi::OsStr::new("--prompts"),
+            ids.as_os_str(),
+        ],
+    );
+    assert!(w["notes"]
+        .to_string()
+        .contains("the first 8 ids of the first 8 prompts"));
+    refused(&["--prompts", ids.to_str().unwrap()], "held-out text");
+    std::fs::write(&ids, "1 2 3\n").unwrap();
+    refused(
+        &[
+            "--model",
+            model.to_str().unwrap(),
+            "--prompts",
+            ids.to_str().unwrap(),
+        ],
+        "1 prompt(s), but the run's batch is 8",
+    );
     refused(&["--model", "deepseek-v3"], "random weights cannot tell");
     let v2 = repo("tests/fixtures/models/v2-lite-tiny");
     refused(&["--model", v2.to_str().unwrap()], "no MTP layer");

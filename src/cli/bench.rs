@@ -36,6 +36,7 @@ pub(super) fn overrides(o: &OverrideArgs) -> Result<Overrides, DsoptError> {
         checkpoint: o.checkpoint.clone(),
         config: o.config.clone(),
         dtype: o.dtype,
+        prompts: o.prompts.clone(),
     })
 }
 

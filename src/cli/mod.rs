@@ -210,6 +210,10 @@ pub struct OverrideArgs {
     /// scenario's own `[model] preset` / `path`.
     #[arg(long, value_name = "NAME|DIR")]
     pub model: Option<String>,
+    /// Prompt token ids for `bench mtp --model DIR` (one prompt per line, ids separated by
+    /// spaces or commas, or a JSON array of arrays); without it the prompts are random ids.
+    #[arg(long, value_name = "FILE")]
+    pub prompts: Option<PathBuf>,
     /// Keep the first N layers of the model (--model, or the scenario's [model] preset/path);
     /// the dense layers stay first.
     #[arg(long, value_name = "N")]

@@ -150,6 +150,15 @@ impl Scenario {
                 }
             }
         }
+        if let (Some(p), false) = (&o.prompts, matches!(self, Scenario::Mtp(_))) {
+            return Err(DsoptError::Usage(format!(
+                "--prompts {}: prompt token ids are for `bench mtp --model DIR` (a checkpoint), \
+                 but {} is a `{}` scenario; drop --prompts",
+                p.display(),
+                path.display(),
+                self.kind().as_str()
+            )));
+        }
         match self {
             Scenario::Mla(s) => {
                 set(&mut s.run.seq, o.seq);
@@ -168,6 +177,9 @@ impl Scenario {
                 }
                 if let Some(c) = &o.checkpoint {
                     s.train.checkpoint = Some(c.clone());
+                }
+                if let Some(p) = &o.prompts {
+                    s.run.prompts = Some(p.clone());
                 }
             }
             Scenario::Moe(s) => {

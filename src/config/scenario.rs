@@ -337,6 +337,11 @@ pub struct MtpRun {
     /// 数值类型。
     #[serde(default)]
     pub dtype: Dtype,
+    /// 提示的 token id 文件（只用于检查点，`--model DIR`；每行一条提示，id 以空格或逗号分隔，
+    /// 或一个 JSON 数组的数组；`--prompts` 覆盖）。缺省：固定种子的随机 id。dsopt 自己的字节级
+    /// 模型的提示总取自留出文本。
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prompts: Option<PathBuf>,
 }
 
 /// 扫描设置。
@@ -623,6 +628,8 @@ pub struct Overrides {
     /// [`OptimizationConfig`]（文件顶层是 `[optimization]` 表或直接是其键），替换后再次校验。
     /// 其他种类的场景没有这一节，给出时报用法错误（退出码 2）。
     pub config: Option<PathBuf>,
+    /// `--prompts FILE`：MTP 的 `run.prompts`（只用于检查点：`bench mtp --model DIR`）。
+    pub prompts: Option<PathBuf>,
     /// `--dtype`：MLA/MTP/MoE 的 `run.dtype`、组合模型的 `optimization.dtype`（在 `--config`
     /// 之后应用）。校准场景总在 f32 中运行（与 f64 主机参考比较），给出时报用法错误。
     pub dtype: Option<Dtype>,

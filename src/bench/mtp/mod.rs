@@ -388,6 +388,14 @@ pub fn run<B: Backend>(
     if let Some(origin) = &s.model_origin {
         return checkpoint::run(s, origin, ctx, monitor_cfg);
     }
+    if let Some(p) = &s.run.prompts {
+        return Err(crate::DsoptError::Usage(format!(
+            "run.prompts / --prompts {}: prompt token ids are for a checkpoint (`--model DIR`); \
+             dsopt's own byte-level model takes its prompts from held-out text: drop them",
+            p.display()
+        ))
+        .into());
+    }
     let (ckpt, meta, trained_now, heldout) = checkpoint(s, monitor_cfg.progress)?;
     let full: MtpModel<B> = train::load(&ckpt, &meta, ctx.shape_buckets(), dev)?;
     let (batch, plen) = (s.run.batch, s.run.prompt_len);
