@@ -1667,3 +1667,40 @@ fn bench_mtp_on_a_checkpoint_drafts_with_its_own_mtp_layer() {
         "keeps all 4 layers",
     );
 }
+
+/// `bench moe --model DIR` with weights: the MoE variant is the checkpoint as loaded (its router
+/// measured per expert), the dense variants its shape with random weights.
+#[test]
+fn bench_moe_on_a_checkpoint_loads_its_router_and_experts() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = repo("tests/fixtures/models/v2-lite-tiny");
+    let (_, v) = run_one(
+        "flex",
+        "scenarios/smoke/sc003-moe-smoke.toml",
+        dir.path(),
+        &[std::ffi::OsStr::new("--model"), model.as_os_str()],
+    );
+    assert_eq!(v["scenario"]["model_origin"]["weights"], "checkpoint");
+    let moe = &v["variants"][0];
+    assert_eq!(moe["name"], "moe");
+    assert!(moe["error"].is_null(), "{moe}");
+    assert!(moe["metrics"]["load_max_over_mean"].as_f64().unwrap() >= 1.0);
+    let notes = v["notes"].to_string();
+    assert!(notes.contains("MoE variant loaded from"), "{notes}");
+    assert!(notes.contains("(MLA)"), "{notes}");
+    // a folder with only its config.json stays random, as before
+    let cfg_only = tempfile::tempdir().unwrap();
+    std::fs::copy(
+        model.join("config.json"),
+        cfg_only.path().join("config.json"),
+    )
+    .unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let (_, w) = run_one(
+        "flex",
+        "scenarios/smoke/sc003-moe-smoke.toml",
+        out.path(),
+        &[std::ffi::OsStr::new("--model"), cfg_only.path().as_os_str()],
+    );
+    assert_eq!(w["scenario"]["model_origin"]["weights"], "random");
+}

@@ -195,7 +195,13 @@ fn apply_to_moe(
             c.first_k_dense_replace + 1
         )));
     }
-    if !c.hidden_size.is_multiple_of(c.num_attention_heads) {
+    // a folder with weights: the MoE variant is the checkpoint itself (trained router and
+    // experts), the dense variants its architecture with random dense FFNs
+    let weights = match &spec.source {
+        super::ModelSource::Dir(d) => has_weights(d),
+        super::ModelSource::Preset(_) => false,
+    };
+    if !weights && !c.hidden_size.is_multiple_of(c.num_attention_heads) {
         return Err(DsoptError::Usage(format!(
             "--model {}: {file}'s MHA needs hidden_size ({}) divisible by num_attention_heads ({})",
             spec.title, c.hidden_size, c.num_attention_heads
@@ -216,16 +222,38 @@ fn apply_to_moe(
     s.norm_topk_prob =
         Some(moe.norm_topk_prob && c.model_type != super::model::ModelType::DeepseekV2);
     s.first_k_dense_replace = c.first_k_dense_replace;
+    let (what, attention, router) = if weights {
+        (
+            format!(
+                "{}'s own weights, {} of {} layers",
+                spec.title, c.num_hidden_layers, spec.total_layers
+            ),
+            format!(
+                "the checkpoint's MLA attention ({} heads) in every variant: the MoE variant is \
+                 the checkpoint as loaded (its router and experts), the two dense variants have \
+                 its shape with random weights",
+                c.num_attention_heads
+            ),
+            "the router is the checkpoint's own (trained, in a published checkpoint): the \
+             per-expert load is what it gave on these prompts",
+        )
+    } else {
+        (
+            spec.describe(),
+            format!(
+                "attention is a standard MHA of {} heads in every variant (SC-003 compares FFNs, \
+                 not attention)",
+                c.num_attention_heads
+            ),
+            "random router weights spread tokens more evenly than a trained router",
+        )
+    };
     let note = format!(
-        "{}; the first {} layer(s) are dense (intermediate_size {}) in every variant, the MoE \
-         layers' FFN is what differs; attention is a standard MHA of {} heads in every variant \
-         (SC-003 compares FFNs, not attention); routing: {} {} over {} experts, top-{}, {} groups \
-         keep {}, routed_scaling_factor {}; random router weights spread tokens more evenly than \
-         a trained router",
-        spec.describe(),
+        "{what}; the first {} layer(s) are dense (intermediate_size {}) in every variant, the \
+         MoE layers' FFN is what differs; {attention}; routing: {} {} over {} experts, top-{}, {} \
+         groups keep {}, routed_scaling_factor {}; {router}",
         c.first_k_dense_replace,
         c.intermediate_size,
-        c.num_attention_heads,
         format!("{:?}", moe.scoring_func).to_lowercase(),
         moe.topk_method.name(),
         moe.n_routed_experts,
@@ -234,9 +262,19 @@ fn apply_to_moe(
         moe.topk_group,
         moe.routed_scaling_factor
     );
-    m.title = format!("{} — {}", m.title, spec.describe());
-    m.model_origin = Some(origin(spec, 0.0, note));
+    m.title = format!("{} — {what}", m.title);
+    let mut o = origin(spec, 0.0, note);
+    if weights {
+        o.weights = "checkpoint".into();
+    }
+    m.model_origin = Some(o);
     Ok(())
+}
+
+/// A checkpoint folder with weights (`model.safetensors` or a sharded index), not only a
+/// `config.json`.
+pub fn has_weights(dir: &std::path::Path) -> bool {
+    dir.join("model.safetensors").is_file() || dir.join("model.safetensors.index.json").is_file()
 }
 
 /// After the command-line overrides (the dtype is known): the capacity budget of a model from

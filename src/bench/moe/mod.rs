@@ -32,14 +32,15 @@ use offload::{offload, sc003b_not_applicable};
 
 /// The notes that describe the three models: dimensions, FFN-level and whole-model active
 /// fractions, and the router.
-fn model_notes(s: &MoeScenario, moe: &MoeConfig) -> Vec<String> {
+fn model_notes(s: &MoeScenario, moe: &MoeConfig, whole: &DecoderConfig) -> Vec<String> {
+    let trained = is_trained(s);
     vec![
         format!(
-            "dims: hidden {}, {} layers, {} heads (MHA), vocab {}; MoE {} routed + {} shared experts \
+            "dims: hidden {}, {} layers, {} heads ({}), vocab {}; MoE {} routed + {} shared experts \
              of width {}, top-{}, {:?} scores, {} group(s); dense-equal-total FFN width {}, \
              dense-equal-active width {}; {}",
-            s.model.hidden, s.model.n_layers, s.model.n_heads, s.model.vocab_size,
-            s.moe.n_routed_experts, s.moe.n_shared_experts, s.moe.moe_inter_dim,
+            s.model.hidden, s.model.n_layers, s.model.n_heads,
+            if trained { "MLA" } else { "MHA" }, s.model.vocab_size, s.moe.n_routed_experts, s.moe.n_shared_experts, s.moe.moe_inter_dim,
             s.moe.num_experts_per_tok, s.moe.score_func, s.moe.n_group,
             moe.dense_equal_total_width(), moe.dense_equal_active_width(),
             super::dtype_note(s.run.dtype)
@@ -47,8 +48,7 @@ fn model_notes(s: &MoeScenario, moe: &MoeConfig) -> Vec<String> {
         {
             // both fractions: the FFN's (what routing saves) and the whole model's (what the
             // spec's "13B total / 1.3B active" means: attention, embeddings and head included)
-            let whole = s.decoder_config(MoeVariant::Moe);
-            let (total, active) = (whole.params(), super::strategy::active_params(&whole));
+            let (total, active) = (whole.params(), super::strategy::active_params(whole));
             format!(
                 "FFN parameters per layer: MoE total {} / active {} ({:.1} % active); whole \
                  model: {} total / {} active ({:.1} % active)",
@@ -60,28 +60,101 @@ fn model_notes(s: &MoeScenario, moe: &MoeConfig) -> Vec<String> {
                 100.0 * active as f64 / total as f64
             )
         },
-        "router: untrained (random weights) — load spreads evenly, which is the harder case for \
-         expert caching but typical for speed"
-            .into(),
+        if trained {
+            "router: the checkpoint's own; prompts are random token ids, so the measured \
+             per-expert load is that router's on random ids, not on real text"
+                .into()
+        } else {
+            "router: untrained (random weights) — load spreads evenly, which is the harder case \
+             for expert caching but typical for speed"
+                .into()
+        },
     ]
     .into_iter()
     .chain(s.model_origin.as_ref().map(|o| o.note.clone()))
     .collect()
 }
 
-/// The models of `cfgs` (same seed), each warmed up on the measured prefill and decode shapes
-/// (lazy parameters materialised, kernels compiled).
+/// Whether the MoE variant is a checkpoint's own model (`--model DIR` with weights).
+fn is_trained(s: &MoeScenario) -> bool {
+    s.model_origin
+        .as_ref()
+        .is_some_and(|o| o.weights == "checkpoint")
+}
+
+/// The three variants' configurations and models when the MoE variant is a checkpoint: the
+/// checkpoint as loaded (MLA, its dense-first layers, its trained routers and experts), and
+/// its architecture with random dense FFNs of equal total and equal active size in the MoE
+/// layers' place. Returns a note on the load.
+#[allow(clippy::type_complexity)]
+fn checkpoint_models<B: Backend>(
+    s: &MoeScenario,
+    ctx: &BackendContext<B>,
+    quiet: bool,
+) -> anyhow::Result<(Vec<DecoderConfig>, Vec<Decoder<B>>, String)> {
+    use crate::checkpoint::load::{load_decoder, Checkpoint};
+    let o = s.model_origin.as_ref().expect("checked by the caller");
+    let dev = &ctx.device;
+    let spec = crate::checkpoint::resolve(&o.model, Some(s.model.n_layers))?;
+    let c = &spec.config;
+    let ckpt = Checkpoint::open(std::path::Path::new(&o.model), c)?;
+    let moe_cfg = c
+        .decoder_config(crate::nn::attention::MlaImpl::Absorbed)
+        .with_shape_buckets(ctx.shape_buckets());
+    let moe = moe_cfg
+        .moe
+        .clone()
+        .expect("apply_model refuses dense models");
+    let dense = |width: usize| {
+        let mut d = moe_cfg.clone();
+        d.moe = None;
+        d.ffn_hidden = width;
+        d.first_dense_ffn_hidden = (d.first_k_dense_replace > 0).then_some(c.intermediate_size);
+        d
+    };
+    let cfgs = vec![
+        moe_cfg.clone(),
+        dense(moe.dense_equal_total_width()),
+        dense(moe.dense_equal_active_width()),
+    ];
+    let (loaded, load) = load_decoder::<B>(
+        &ckpt,
+        &moe_cfg,
+        dev,
+        crate::backend::burn_dtype(s.run.dtype),
+        quiet,
+    )?;
+    let mut loaded = Some(loaded);
+    let models = warmed_models(s, &cfgs, dev, |i, cfg| match i {
+        0 => loaded.take().expect("built once"),
+        _ => cfg.init::<B>(dev),
+    });
+    let note = format!(
+        "MoE variant loaded from {}: {} tensors, {:.1} MB read in {:.2} s; the dense variants \
+         are random",
+        o.model,
+        load.tensors,
+        load.bytes_read as f64 / 1e6,
+        load.seconds
+    );
+    Ok((cfgs, models, note))
+}
+
+/// The models `build` makes of `cfgs` (seeded alike), each warmed up on the measured prefill
+/// and decode shapes (lazy parameters materialised, kernels compiled).
 fn warmed_models<B: Backend>(
     s: &MoeScenario,
     cfgs: &[DecoderConfig],
     dev: &B::Device,
+    mut build: impl FnMut(usize, &DecoderConfig) -> Decoder<B>,
 ) -> Vec<Decoder<B>> {
     let (pb, ps) = (s.run.prefill_batch, s.run.prefill_seq);
     let db = s.run.decode_batch;
     cfgs.iter()
-        .map(|cfg| {
+        .enumerate()
+        .map(|(i, cfg)| {
             B::seed(dev, 11);
-            let model = cfg.init::<B>(dev);
+            let model = build(i, cfg);
             // warm-up: materialise lazy parameters and compile kernels on the measured shapes
             for _ in 0..s.run.warmup.max(1) {
                 let mut c = model.new_cache(pb, ps);
@@ -156,23 +229,27 @@ pub fn run<B: Backend>(
     let eb = s.run.dtype.bytes();
     let (pb, ps) = (s.run.prefill_batch, s.run.prefill_seq);
     let (db, steps) = (s.run.decode_batch, s.run.decode_steps);
-    let moe = s
-        .decoder_config(MoeVariant::Moe)
-        .moe
-        .expect("the MoE variant has an MoE FFN");
-    let mut notes = model_notes(s, &moe);
+    // all three models are built first, then measured in interleaved rounds (moe, dense total,
+    // dense active, moe, ...) so machine drift hits them alike; prefill and decode are two
+    // separately timed workloads inside each run
+    let (cfgs, models, load_note) = if is_trained(s) {
+        let (c, m, n) = checkpoint_models::<B>(s, ctx, !monitor_cfg.progress)?;
+        (c, m, Some(n))
+    } else {
+        let cfgs: Vec<DecoderConfig> = MoeVariant::ALL
+            .iter()
+            .map(|&v| s.decoder_config(v).with_shape_buckets(ctx.shape_buckets()))
+            .collect();
+        let models = warmed_models::<B>(s, &cfgs, dev, |_, cfg| cfg.init::<B>(dev));
+        (cfgs, models, None)
+    };
+    let moe = cfgs[0].moe.clone().expect("the MoE variant has an MoE FFN");
+    let mut notes = model_notes(s, &moe, &cfgs[0]);
+    notes.extend(load_note);
     let mut series = Vec::new();
     let mut variants = Vec::new();
     let mut tps: Vec<(MoeVariant, Option<f64>, Option<f64>)> = Vec::new();
     let names = MoeVariant::ALL;
-    // all three models are built first, then measured in interleaved rounds (moe, dense total,
-    // dense active, moe, ...) so machine drift hits them alike; prefill and decode are two
-    // separately timed workloads inside each run
-    let cfgs: Vec<DecoderConfig> = names
-        .iter()
-        .map(|&v| s.decoder_config(v).with_shape_buckets(ctx.shape_buckets()))
-        .collect();
-    let models = warmed_models::<B>(s, &cfgs, dev);
     let vocab = s.model.vocab_size;
     let prompt = super::token_tensor::<B>(pb, ps, vocab, 3, dev);
     let step_ids: Vec<Tensor<B, 2, Int>> = (0..steps)
@@ -300,6 +377,13 @@ pub fn run<B: Backend>(
     ];
     if let Some(o) = &s.offload {
         if super::has_device_pool(ctx.selected.kind) {
+            if is_trained(s) {
+                notes.push(
+                    "SC-003b's resident and offloaded twins are built from the scenario's shape \
+                     (MHA attention, random weights), not loaded from the checkpoint"
+                        .into(),
+                );
+            }
             let (v, c, n) = offload::<B>(s, o, ctx, &monitor_cfg, &mut series);
             variants.extend(v);
             criteria.extend(c);
