@@ -1688,6 +1688,34 @@ fn bench_moe_on_a_checkpoint_loads_its_router_and_experts() {
     let notes = v["notes"].to_string();
     assert!(notes.contains("MoE variant loaded from"), "{notes}");
     assert!(notes.contains("(MLA)"), "{notes}");
+    // prompts from a file: 8 rows of 16 ids cover the smoke prefill (2 x 8) and decode (8 x 2)
+    let ids = dir.path().join("ids.txt");
+    let rows: Vec<String> = (0..8)
+        .map(|r| {
+            (0..16)
+                .map(|i| ((r * 11 + i * 5) % 101).to_string())
+                .collect::<Vec<_>>()
+                .join(",")
+        })
+        .collect();
+    std::fs::write(&ids, rows.join("\n")).unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let (_, p) = run_one(
+        "flex",
+        "scenarios/smoke/sc003-moe-smoke.toml",
+        out.path(),
+        &[
+            std::ffi::OsStr::new("--model"),
+            model.as_os_str(),
+            std::ffi::OsStr::new("--prompts"),
+            ids.as_os_str(),
+        ],
+    );
+    assert!(
+        p["notes"].to_string().contains("token ids from"),
+        "{}",
+        p["notes"]
+    );
     // a folder with only its config.json stays random, as before
     let cfg_only = tempfile::tempdir().unwrap();
     std::fs::copy(

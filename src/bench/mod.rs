@@ -140,8 +140,110 @@ pub fn token_tensor<B: burn::tensor::backend::Backend>(
     burn::tensor::Tensor::from_data(burn::tensor::TensorData::new(v, [b, s]), dev)
 }
 
+/// The prompts in `file`: one per line, ids separated by spaces or commas (`#` starts a
+/// comment), or a JSON array of arrays. The first `batch` rows are used, each cut to `len` ids;
+/// too few rows, a row shorter than `len`, or an id outside the vocabulary exit 2 naming the
+/// file and the row.
+pub fn read_prompts(
+    file: &std::path::Path,
+    batch: usize,
+    len: usize,
+    vocab: usize,
+) -> Result<Vec<Vec<u32>>, crate::DsoptError> {
+    let bad = |m: String| {
+        crate::DsoptError::Usage(format!(
+            "--prompts {}: {m}; write one prompt per line as token ids (e.g. made with the \
+             checkpoint's tokenizer in Python), at least {batch} lines of {len} ids",
+            file.display()
+        ))
+    };
+    let text = std::fs::read_to_string(file).map_err(|e| bad(format!("cannot read it: {e}")))?;
+    let rows: Vec<(String, Vec<u64>)> = if text.trim_start().starts_with('[') {
+        let v: Vec<Vec<u64>> = serde_json::from_str(&text)
+            .map_err(|e| bad(format!("not a JSON array of arrays of token ids: {e}")))?;
+        v.into_iter()
+            .enumerate()
+            .map(|(i, r)| (format!("prompt {}", i + 1), r))
+            .collect()
+    } else {
+        let mut rows = Vec::new();
+        for (i, line) in text.lines().enumerate() {
+            let line = line.split('#').next().unwrap_or("").trim();
+            if line.is_empty() {
+                continue;
+            }
+            let ids = line
+                .split(|c: char| c.is_whitespace() || c == ',')
+                .filter(|t| !t.is_empty())
+                .map(|t| {
+                    t.parse::<u64>()
+                        .map_err(|_| bad(format!("line {}: `{t}` is not a token id", i + 1)))
+                })
+                .collect::<Result<Vec<u64>, _>>()?;
+            rows.push((format!("line {}", i + 1), ids));
+        }
+        rows
+    };
+    if rows.len() < batch {
+        return Err(bad(format!(
+            "{} prompt(s), but the run's batch is {batch}",
+            rows.len()
+        )));
+    }
+    rows.into_iter()
+        .take(batch)
+        .map(|(line, ids)| {
+            if ids.len() < len {
+                return Err(bad(format!(
+                    "{line} has {} ids, fewer than the {len} the run needs",
+                    ids.len()
+                )));
+            }
+            ids.into_iter()
+                .take(len)
+                .map(|t| {
+                    if t < vocab as u64 {
+                        Ok(t as u32)
+                    } else {
+                        Err(bad(format!(
+                            "{line}: id {t} is outside the vocabulary of {vocab}"
+                        )))
+                    }
+                })
+                .collect()
+        })
+        .collect()
+}
+
 /// `x` with `digits` decimals, or "not measured".
 pub(crate) fn fmt_opt(x: Option<f64>, digits: usize) -> String {
     x.map(|v| format!("{v:.digits$}"))
         .unwrap_or_else(|| "not measured".into())
+}
+
+#[cfg(test)]
+mod prompt_tests {
+    use super::*;
+    use std::path::Path;
+
+    #[test]
+    fn prompt_files_are_read_checked_and_cut() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("p.txt");
+        std::fs::write(&f, "# ids\n1 2 3 4\n\n5,6,7, 8 9\n").unwrap();
+        assert_eq!(
+            read_prompts(&f, 2, 3, 10).unwrap(),
+            vec![vec![1, 2, 3], vec![5, 6, 7]]
+        );
+        let j = dir.path().join("p.json");
+        std::fs::write(&j, "[[1, 2], [3, 4], [5, 6]]").unwrap();
+        assert_eq!(read_prompts(&j, 1, 2, 10).unwrap(), vec![vec![1, 2]]);
+        let err = |f: &Path, b, l, v| read_prompts(f, b, l, v).unwrap_err().to_string();
+        assert!(err(&f, 3, 3, 10).contains("2 prompt(s)"));
+        assert!(err(&f, 2, 5, 10).contains("line 2 has 4 ids"));
+        assert!(err(&f, 2, 3, 6).contains("id 6 is outside"));
+        std::fs::write(&f, "1 x 3\n").unwrap();
+        assert!(err(&f, 1, 1, 10).contains("line 1: `x`"));
+        assert!(err(&dir.path().join("none"), 1, 1, 10).contains("cannot read"));
+    }
 }

@@ -1,9 +1,11 @@
-//! `--model`：把一个模型描述的维度放进场景（目前是 SC-001 的 `mla` 场景）。
+//! `--model`（或场景 `[model]` 的 `preset` / `path`）：把一个模型放进场景。
 //!
-//! SC-001 比较吸收 MLA（潜向量缓存）与 n_heads 个 v_head_dim 宽的 MHA（以及 n_heads/4 个 KV 头的
-//! GQA）。检查点里没有 MHA 的权重，而内存与速度不依赖权重取值，所以权重总是随机的。每层的 FFN
-//! 是 `intermediate_size` 宽的稠密 SwiGLU：MoE 层的专家不构建（SC-001 量的是注意力与 KV 缓存的
-//! 运行期内存，权重之上的部分），报告里写明这一点。
+//! - `mla`（SC-001）：吸收 MLA（潜向量缓存）对 num_attention_heads 个 v_head_dim 宽的 MHA（以及约四分之一
+//!   KV 头的 GQA）。检查点里没有 MHA 的权重，而内存与速度不依赖权重取值，所以权重总是随机的。每层的 FFN
+//!   是 `intermediate_size` 宽的稠密 SwiGLU：MoE 层的专家不构建（SC-001 量的是注意力与 KV 缓存的
+//!   运行期内存，权重之上的部分），报告里写明这一点。
+//! - `moe`（SC-003）：目录里有权重时 MoE 变体就是加载的检查点，否则三个变体都是随机权重的 MHA 模型。
+//! - `mtp`（SC-002）：带 MTP 层的检查点，主模型与 MTP 层都用它的权重。
 
 use super::ModelSpec;
 use crate::config::scenario::{ModelOrigin, Scenario};
@@ -18,9 +20,13 @@ pub fn apply_model_source(
     cli_layers: Option<usize>,
     file: &str,
 ) -> Result<(), DsoptError> {
-    let (name, layers) = match (cli_model, s.model_ref()) {
-        (Some(m), _) => (m.to_string(), cli_layers),
-        (None, Some(r)) => (r.model.clone(), cli_layers.or(r.layers)),
+    let (name, layers, from_file) = match (cli_model, s.model_ref()) {
+        (Some(m), _) => (m.to_string(), cli_layers, false),
+        (None, Some(r)) => (
+            r.model.clone(),
+            cli_layers.or(r.layers),
+            cli_layers.is_none() && r.layers.is_some(),
+        ),
         (None, None) => {
             return match cli_layers {
                 None => Ok(()),
@@ -32,12 +38,28 @@ pub fn apply_model_source(
             }
         }
     };
-    let spec = super::resolve(&name, layers)?;
-    apply_model(s, &spec, file)
+    // a layer count written in the file is named as the file's key, not as the flag
+    let named = |e: DsoptError| match e {
+        DsoptError::Usage(m) if from_file => {
+            DsoptError::Usage(m.replace("--layers", &format!("{file}: [model] layers")))
+        }
+        other => other,
+    };
+    let spec = super::resolve(&name, layers).map_err(named)?;
+    apply_model(s, &spec, file).map_err(named)
 }
 
-/// Puts the dimensions of `spec` into scenario `s` (before the command-line overrides); kinds
-/// other than `mla` are refused with exit 2 (not implemented yet).
+/// The GQA baseline's K/V heads for `n` query heads: the largest proper divisor of `n` that is
+/// at most a quarter of it (1 for up to 7 heads; 4 of 16, 2 of 14, 3 of 18).
+fn gqa_heads(n: usize) -> usize {
+    (1..=(n / 4).max(1))
+        .rev()
+        .find(|d| n.is_multiple_of(*d))
+        .unwrap_or(1)
+}
+
+/// Puts the model `spec` into scenario `s` (before the command-line overrides): `mla`, `moe`
+/// and `mtp` scenarios; other kinds are refused with exit 2 (not implemented yet).
 pub fn apply_model(s: &mut Scenario, spec: &ModelSpec, file: &str) -> Result<(), DsoptError> {
     if let Scenario::Moe(m) = s {
         return apply_to_moe(m, spec, file);
@@ -57,7 +79,7 @@ pub fn apply_model(s: &mut Scenario, spec: &ModelSpec, file: &str) -> Result<(),
     let a = &mut m.attention;
     // SC-001's baseline: an MHA of n_heads heads of v_head_dim, and a GQA of a quarter of them
     a.head_dim = c.v_head_dim;
-    a.gqa_kv_heads = (c.num_attention_heads / 4).max(1);
+    a.gqa_kv_heads = gqa_heads(c.num_attention_heads);
     a.kv_lora_rank = c.kv_lora_rank;
     a.q_lora_rank = c.q_lora_rank;
     a.qk_nope_head_dim = c.qk_nope_head_dim;
@@ -201,7 +223,9 @@ fn apply_to_moe(
         super::ModelSource::Dir(d) => has_weights(d),
         super::ModelSource::Preset(_) => false,
     };
-    if !weights && !c.hidden_size.is_multiple_of(c.num_attention_heads) {
+    // (SC-003b's twins, where a backend offloads, are the scenario's MHA models)
+    let mha = !weights || m.offload.is_some();
+    if mha && !c.hidden_size.is_multiple_of(c.num_attention_heads) {
         return Err(DsoptError::Usage(format!(
             "--model {}: {file}'s MHA needs hidden_size ({}) divisible by num_attention_heads ({})",
             spec.title, c.hidden_size, c.num_attention_heads
@@ -302,5 +326,16 @@ pub fn add_weights_to_budget(s: &mut Scenario) {
     if let Some(o) = m.model_origin.as_mut() {
         o.weights_bytes = Some(weights);
         o.note.push_str(&note);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_gqa_baseline_divides_the_heads() {
+        for (n, g) in [(1, 1), (3, 1), (8, 2), (14, 2), (16, 4), (18, 3), (128, 32)] {
+            assert_eq!(super::gqa_heads(n), g, "{n} heads");
+            assert!(n % g == 0);
+        }
     }
 }

@@ -102,12 +102,14 @@ pub fn run(cli: &Cli) -> anyhow::Result<i32> {
             cache_dir,
             force,
             overrides: o,
-        } if o.model.is_some() => Err(DsoptError::Usage(
-            "--model: `dsopt train` trains the byte-level MTP model of an SC-002 scenario; \
-             drop --model"
-                .into(),
-        )
-        .into()),
+        } if o.model.is_some() || o.layers.is_some() || o.prompts.is_some() => {
+            Err(DsoptError::Usage(
+                "--model/--layers/--prompts: `dsopt train` trains the byte-level MTP model of an \
+             SC-002 scenario; drop them"
+                    .into(),
+            )
+            .into())
+        }
         Command::Train {
             scenario,
             cache_dir,

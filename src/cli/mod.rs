@@ -203,11 +203,11 @@ pub struct OverrideArgs {
     /// the `[optimization]` section of a `model` scenario.
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
-    /// A DeepSeek model's dimensions: a built-in preset (deepseek-v2-lite, deepseek-v2,
-    /// deepseek-v3, moonlight-16b-a3b; `dsopt info` lists them) or a folder holding a
-    /// checkpoint's config.json. Weights are random at those dimensions (`dsopt verify` reads a
-    /// checkpoint's weights). `mla` (SC-001) and `moe` (SC-003) scenarios, so far. Replaces the
-    /// scenario's own `[model] preset` / `path`.
+    /// A DeepSeek model: a built-in preset (deepseek-v2-lite, deepseek-v2, deepseek-v3,
+    /// moonlight-16b-a3b; `dsopt info` lists them) or a checkpoint folder (config.json, and
+    /// safetensors for its weights). `mla`: its dimensions, random weights; `moe`: the
+    /// checkpoint's own MoE model when the folder has weights, else random; `mtp`: a checkpoint
+    /// with an MTP layer (its weights). Replaces the scenario's own `[model] preset` / `path`.
     #[arg(long, value_name = "NAME|DIR")]
     pub model: Option<String>,
     /// Prompt token ids for `bench mtp --model DIR` (one prompt per line, ids separated by

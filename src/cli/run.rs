@@ -61,6 +61,10 @@ pub(super) fn run_many(
                 if o.config.is_some() && s.kind() != ScenarioKind::Model {
                     o.config = None;
                 }
+                // --prompts feeds the checkpoint runs of `mtp` and `moe` scenarios only
+                if !matches!(s.kind(), ScenarioKind::Mtp | ScenarioKind::Moe) {
+                    o.prompts = None;
+                }
                 let o = &o;
                 let quiet_table = RunArgs {
                     // JSON mode: stdout holds the summary only

@@ -64,8 +64,11 @@ pub(super) fn sweep_cmd(
         }
         one
     };
+    // checked with the model applied (a scenario's [model] preset/path, or --model)
+    let mut checked = scenario.clone();
+    dsopt::checkpoint::apply_model_source(&mut checked, o.model.as_deref(), o.layers, file)?;
     for &v in values {
-        scenario
+        checked
             .clone()
             .apply(&overrides(&one_value(v))?, Path::new(file))
             .with_context(|| format!("sweep point {param} = {v}"))?;

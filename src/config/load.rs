@@ -91,7 +91,23 @@ impl Scenario {
             }
             (other, _) => other,
         };
-        scenario.check(path, Some(text))?;
+        let mut scenario = scenario;
+        // a relative prompts file is taken from the scenario file's folder, as [model] path is
+        if let Some(dir) = path.parent() {
+            let prompts = match &mut scenario {
+                Scenario::Mtp(s) => s.run.prompts.as_mut(),
+                Scenario::Moe(s) => s.run.prompts.as_mut(),
+                _ => None,
+            };
+            if let Some(p) = prompts.filter(|p| p.is_relative()) {
+                *p = dir.join(&*p);
+            }
+        }
+        // with a named model the model's keys are placeholders until the model is applied
+        // (checkpoint::apply_model_source), which checks the scenario again
+        if scenario.model_ref().is_none() {
+            scenario.check(path, Some(text))?;
+        }
         Ok(scenario)
     }
 
@@ -150,9 +166,12 @@ impl Scenario {
                 }
             }
         }
-        if let (Some(p), false) = (&o.prompts, matches!(self, Scenario::Mtp(_))) {
+        if let (Some(p), false) = (
+            &o.prompts,
+            matches!(self, Scenario::Mtp(_) | Scenario::Moe(_)),
+        ) {
             return Err(DsoptError::Usage(format!(
-                "--prompts {}: prompt token ids are for `bench mtp --model DIR` (a checkpoint), \
+                "--prompts {}: prompt token ids are for `bench mtp|moe --model DIR` (a checkpoint), \
                  but {} is a `{}` scenario; drop --prompts",
                 p.display(),
                 path.display(),
@@ -183,6 +202,9 @@ impl Scenario {
                 }
             }
             Scenario::Moe(s) => {
+                if let Some(p) = &o.prompts {
+                    s.run.prompts = Some(p.clone());
+                }
                 set(&mut s.run.prefill_seq, o.seq);
                 set(&mut s.run.decode_batch, o.batch);
                 set(&mut s.run.repetitions, o.repetitions);

@@ -462,6 +462,11 @@ pub struct MoeRun {
     /// 数值类型。
     #[serde(default)]
     pub dtype: Dtype,
+    /// 提示的 token id 文件（只用于带权重的检查点，`--model DIR`；`--prompts` 覆盖）：前
+    /// `prefill_batch` 行的前 `prefill_seq` 个 id 是预填充，第 i 个解码步用前 `decode_batch` 行的
+    /// 第 i 个 id。缺省：固定种子的随机 id。
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prompts: Option<PathBuf>,
 }
 
 /// 专家卸载设置。
@@ -628,7 +633,7 @@ pub struct Overrides {
     /// [`OptimizationConfig`]（文件顶层是 `[optimization]` 表或直接是其键），替换后再次校验。
     /// 其他种类的场景没有这一节，给出时报用法错误（退出码 2）。
     pub config: Option<PathBuf>,
-    /// `--prompts FILE`：MTP 的 `run.prompts`（只用于检查点：`bench mtp --model DIR`）。
+    /// `--prompts FILE`：MTP 与 MoE 的 `run.prompts`（只用于检查点：`bench mtp|moe --model DIR`）。
     pub prompts: Option<PathBuf>,
     /// `--dtype`：MLA/MTP/MoE 的 `run.dtype`、组合模型的 `optimization.dtype`（在 `--config`
     /// 之后应用）。校准场景总在 f32 中运行（与 f64 主机参考比较），给出时报用法错误。

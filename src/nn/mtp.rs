@@ -67,7 +67,11 @@ impl<B: Backend> MtpPredictor<B> {
     /// 新建 `depth` 个模块，形状与 `c` 的 Transformer 块相同（没有自己的嵌入层和输出头）。
     pub fn new(c: &DecoderConfig, depth: usize, device: &B::Device) -> Self {
         let d = c.hidden;
-        let norm = || RmsNormConfig::new(d).with_epsilon(1e-6).init(device);
+        let norm = || {
+            RmsNormConfig::new(d)
+                .with_epsilon(c.rms_norm_eps)
+                .init(device)
+        };
         MtpPredictor {
             modules: (0..depth)
                 .map(|_| MtpModule {

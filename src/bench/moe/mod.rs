@@ -16,7 +16,7 @@
 
 use std::time::Instant;
 
-use burn::tensor::{backend::Backend, Int, Tensor};
+use burn::tensor::{backend::Backend, Int, Tensor, TensorData};
 
 use super::RunOutput;
 use crate::backend::BackendContext;
@@ -60,10 +60,13 @@ fn model_notes(s: &MoeScenario, moe: &MoeConfig, whole: &DecoderConfig) -> Vec<S
                 100.0 * active as f64 / total as f64
             )
         },
-        if trained {
+        if trained && s.run.prompts.is_none() {
             "router: the checkpoint's own; prompts are random token ids, so the measured \
-             per-expert load is that router's on random ids, not on real text"
+             per-expert load is that router's on random ids, not on real text (give --prompts \
+             FILE with ids of real text)"
                 .into()
+        } else if trained {
+            "router: the checkpoint's own, on the prompts of run.prompts".into()
         } else {
             "router: untrained (random weights) — load spreads evenly, which is the harder case \
              for expert caching but typical for speed"
@@ -232,6 +235,14 @@ pub fn run<B: Backend>(
     // all three models are built first, then measured in interleaved rounds (moe, dense total,
     // dense active, moe, ...) so machine drift hits them alike; prefill and decode are two
     // separately timed workloads inside each run
+    if let (Some(p), false) = (&s.run.prompts, is_trained(s)) {
+        return Err(crate::DsoptError::Usage(format!(
+            "run.prompts / --prompts {}: prompt token ids are for a checkpoint with weights \
+             (`--model DIR`); random weights route any ids alike: drop them",
+            p.display()
+        ))
+        .into());
+    }
     let (cfgs, models, load_note) = if is_trained(s) {
         let (c, m, n) = checkpoint_models::<B>(s, ctx, !monitor_cfg.progress)?;
         (c, m, Some(n))
@@ -251,10 +262,33 @@ pub fn run<B: Backend>(
     let mut tps: Vec<(MoeVariant, Option<f64>, Option<f64>)> = Vec::new();
     let names = MoeVariant::ALL;
     let vocab = s.model.vocab_size;
-    let prompt = super::token_tensor::<B>(pb, ps, vocab, 3, dev);
-    let step_ids: Vec<Tensor<B, 2, Int>> = (0..steps)
-        .map(|i| super::token_tensor::<B>(db, 1, vocab, 10 + i as u64, dev))
-        .collect();
+    let (prompt, step_ids) = match &s.run.prompts {
+        None => (
+            super::token_tensor::<B>(pb, ps, vocab, 3, dev),
+            (0..steps)
+                .map(|i| super::token_tensor::<B>(db, 1, vocab, 10 + i as u64, dev))
+                .collect::<Vec<Tensor<B, 2, Int>>>(),
+        ),
+        Some(f) => {
+            let rows = super::read_prompts(f, pb.max(db), ps.max(steps), vocab)?;
+            let ids = |r: &[Vec<u32>], b: usize, from: usize, len: usize| {
+                let v: Vec<i64> = r[..b]
+                    .iter()
+                    .flat_map(|row| row[from..from + len].iter().map(|&t| t as i64))
+                    .collect();
+                Tensor::<B, 2, Int>::from_data(TensorData::new(v, [b, len]), dev)
+            };
+            notes.push(format!(
+                "prompts: token ids from {}: the prefill is the first {ps} ids of the first {pb} \
+                 rows, decode step i feeds id i of the first {db} rows",
+                f.display()
+            ));
+            (
+                ids(&rows, pb, 0, ps),
+                (0..steps).map(|i| ids(&rows, db, i, 1)).collect(),
+            )
+        }
+    };
     // per variant: prefill seconds, decode seconds (every run) and the MoE's routing loads
     let times: Vec<std::cell::RefCell<(Vec<f64>, Vec<f64>)>> =
         names.iter().map(|_| Default::default()).collect();
