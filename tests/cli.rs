@@ -1390,9 +1390,13 @@ fn model_presets_and_a_checkpoint_config_drive_bench_mla() {
         predicate::str::contains("deepseek-v2-lite")
             .and(predicate::str::contains("moonlight-16b-a3b")),
     );
-    with_model("model", "deepseek-v2-lite")
+    with_model("calibrate", "deepseek-v2-lite")
         .code(2)
         .stderr(predicate::str::contains("implemented for `mla`"));
+    // the combined model of all 61 V3 layers does not fit: exit 3 before building
+    with_model("model", "deepseek-v3")
+        .code(3)
+        .stderr(predicate::str::contains("GiB"));
     // bench moe: the three variants of all 27 layers do not fit (exit 3 with --layers); one
     // layer of V2-Lite is its dense layer, with no MoE layer to measure (exit 2)
     with_model("moe", "deepseek-v2-lite").code(3).stderr(
@@ -1731,4 +1735,75 @@ fn bench_moe_on_a_checkpoint_loads_its_router_and_experts() {
         &[std::ffi::OsStr::new("--model"), cfg_only.path().as_os_str()],
     );
     assert_eq!(w["scenario"]["model_origin"]["weights"], "random");
+}
+
+/// `bench model --model`: the combined model's dimensions, routing and dense-first layers from
+/// a model description (random weights), with the scenario's switches; named in a scenario file
+/// too. Speculative decoding still equals greedy.
+#[test]
+fn bench_model_takes_a_models_dimensions() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = repo("tests/fixtures/models/v3-tiny");
+    let (_, v) = run_one(
+        "flex",
+        "scenarios/smoke/model-smoke.toml",
+        dir.path(),
+        &[std::ffi::OsStr::new("--model"), model.as_os_str()],
+    );
+    let s = &v["scenario"];
+    assert_eq!(s["model"]["hidden_size"], 48);
+    assert_eq!(s["model"]["num_hidden_layers"], 4);
+    assert_eq!(s["optimization"]["moe"]["first_k_dense_replace"], 2);
+    assert_eq!(s["optimization"]["moe"]["topk_method"], "noaux_tc");
+    assert_eq!(s["model_origin"]["weights"], "random");
+    let fr = &v["criteria"][0];
+    assert_eq!(
+        (fr["id"].as_str(), fr["passed"].as_bool()),
+        (Some("FR-004"), Some(true))
+    );
+    // the same from the scenario file's [model] path
+    let smoke = std::fs::read_to_string(repo("scenarios/smoke/model-smoke.toml")).unwrap();
+    let table: toml::Table = toml::from_str(&smoke).unwrap();
+    let mut t = table.clone();
+    let mut m = toml::Table::new();
+    m.insert("path".into(), model.display().to_string().into());
+    t.insert("model".into(), m.into());
+    let opt = t.get_mut("optimization").unwrap().as_table_mut().unwrap();
+    for (sec, keys) in [
+        (
+            "mla",
+            &[
+                "kv_lora_rank",
+                "q_lora_rank",
+                "qk_nope_head_dim",
+                "qk_rope_head_dim",
+                "v_head_dim",
+            ][..],
+        ),
+        (
+            "moe",
+            &[
+                "n_routed_experts",
+                "n_shared_experts",
+                "num_experts_per_tok",
+                "moe_intermediate_size",
+                "scoring_func",
+                "n_group",
+                "topk_group",
+                "routed_scaling_factor",
+            ][..],
+        ),
+    ] {
+        if let Some(x) = opt.get_mut(sec).and_then(|x| x.as_table_mut()) {
+            for k in keys {
+                x.remove(*k);
+            }
+        }
+    }
+    let file = dir.path().join("named.toml");
+    std::fs::write(&file, toml::to_string(&t).unwrap()).unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let (_, w) = run_one("flex", file.to_str().unwrap(), out.path(), &[]);
+    assert_eq!(w["scenario"]["model"], s["model"]);
+    assert_eq!(w["scenario"]["optimization"], s["optimization"]);
 }

@@ -67,10 +67,14 @@ pub fn apply_model(s: &mut Scenario, spec: &ModelSpec, file: &str) -> Result<(),
     if let Scenario::Mtp(m) = s {
         return apply_to_mtp(m, spec);
     }
+    if let Scenario::Model(m) = s {
+        return apply_to_model(m, spec);
+    }
     let Scenario::Mla(m) = s else {
         return Err(DsoptError::Usage(format!(
             "--model: {file} is a `{}` scenario; --model is implemented for `mla` (SC-001), \
-             `moe` (SC-003) and `mtp` (SC-002, a checkpoint with an MTP layer) so far",
+             `moe` (SC-003), `mtp` (SC-002, a checkpoint with an MTP layer) and `model` (FR-004) \
+             so far",
             s.kind().as_str()
         )));
     };
@@ -292,6 +296,79 @@ fn apply_to_moe(
         o.weights = "checkpoint".into();
     }
     m.model_origin = Some(o);
+    Ok(())
+}
+
+/// FR-004 on a model's dimensions (random weights, as every `model` scenario): the trunk, the
+/// MLA widths into `[optimization.mla]` and the routing into `[optimization.moe]`; the
+/// scenario's switches (attention kind, FFN kind, MTP depth, dtype) stay as written, so the
+/// same model can be run standard or optimised. MHA/GQA use `v_head_dim`-wide heads.
+fn apply_to_model(
+    m: &mut crate::config::scenario::ModelScenario,
+    spec: &ModelSpec,
+) -> Result<(), DsoptError> {
+    use crate::config::FfnKind;
+    let c = &spec.config;
+    let shape = &mut m.model;
+    shape.hidden = c.hidden_size;
+    shape.n_layers = c.num_hidden_layers;
+    shape.n_heads = c.num_attention_heads;
+    shape.head_dim = c.v_head_dim;
+    shape.vocab_size = c.vocab_size;
+    shape.ffn_hidden = c.intermediate_size;
+    shape.rope_theta = c.rope_theta;
+    shape.rope_scaling = c.rope_scaling;
+    shape.rms_norm_eps = c.rms_norm_eps;
+    let o = &mut m.optimization;
+    o.mla.kv_lora_rank = c.kv_lora_rank;
+    o.mla.q_lora_rank = c.q_lora_rank;
+    o.mla.qk_nope_head_dim = c.qk_nope_head_dim;
+    o.mla.qk_rope_head_dim = c.qk_rope_head_dim;
+    o.mla.v_head_dim = c.v_head_dim;
+    match (&c.moe, o.ffn) {
+        (Some(moe), _) => {
+            let r = &mut o.moe;
+            r.n_routed_experts = moe.n_routed_experts;
+            r.n_shared_experts = moe.n_shared_experts;
+            r.num_experts_per_tok = moe.num_experts_per_tok;
+            r.moe_inter_dim = moe.moe_intermediate_size;
+            r.score_func = moe.scoring_func;
+            r.n_group = moe.n_group;
+            r.topk_group = moe.topk_group;
+            r.route_scale = moe.routed_scaling_factor;
+            r.topk_method = Some(moe.topk_method);
+            r.norm_topk_prob =
+                Some(moe.norm_topk_prob && c.model_type != super::model::ModelType::DeepseekV2);
+            r.first_k_dense_replace = c.first_k_dense_replace;
+            if o.ffn == FfnKind::Moe && c.num_hidden_layers <= c.first_k_dense_replace {
+                return Err(DsoptError::Usage(format!(
+                    "--model {} with {} layers: its first {} layers are dense, so ffn = \"moe\" \
+                     has no MoE layer; give --layers {} or more",
+                    spec.title,
+                    c.num_hidden_layers,
+                    c.first_k_dense_replace,
+                    c.first_k_dense_replace + 1
+                )));
+            }
+        }
+        (None, FfnKind::Moe) => {
+            return Err(DsoptError::Usage(format!(
+                "--model {}: a dense model (n_routed_experts is null) with ffn = \"moe\"; set \
+                 ffn = \"dense\" in [optimization]",
+                spec.title
+            )))
+        }
+        (None, FfnKind::Dense) => {}
+    }
+    let note = format!(
+        "{}; the scenario's switches ({}) on the model's dimensions; MHA/GQA heads are \
+         v_head_dim = {} wide; MTP modules (if any) are random blocks of the same shape",
+        spec.describe(),
+        o.label(),
+        c.v_head_dim
+    );
+    m.title = format!("{} — {}", m.title, spec.describe());
+    m.model_origin = Some(origin(spec, 0.0, note));
     Ok(())
 }
 

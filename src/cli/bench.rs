@@ -74,6 +74,9 @@ fn check_fits_in_memory(s: &Scenario) -> Result<(), DsoptError> {
     if let Scenario::Moe(m) = s {
         return check_moe_fits(m);
     }
+    if let Scenario::Model(m) = s {
+        return check_model_fits(m);
+    }
     let Scenario::Mla(m) = s else { return Ok(()) };
     let Some(origin) = &m.model_origin else {
         return Ok(());
@@ -110,6 +113,49 @@ fn check_fits_in_memory(s: &Scenario) -> Result<(), DsoptError> {
         report::write::bytes_h(Some(ram)),
         fit.max(1),
         report::write::bytes_h(Some(per_layer)),
+    )))
+}
+
+/// `bench model --model`: the model (with its MTP modules) in the run's dtype and 1 GiB for
+/// the rest must fit this machine's memory (exit 3 with the bytes and `--layers`).
+fn check_model_fits(m: &dsopt::config::ModelScenario) -> Result<(), DsoptError> {
+    let Some(origin) = &m.model_origin else {
+        return Ok(());
+    };
+    let o = &m.optimization;
+    let bytes_at = |layers: usize| -> u128 {
+        let mut shape = m.model.clone();
+        shape.n_layers = layers;
+        let cfg = o.decoder_config(&shape);
+        let mtp = dsopt::nn::mtp::MtpPredictor::<burn::backend::Flex>::params(&cfg, o.mtp_depth());
+        (cfg.params() + mtp) as u128 * o.dtype.bytes() as u128 + (1 << 30)
+    };
+    let ram = dsopt::backend::machine::MachineInfo::capture().ram_bytes as u128;
+    let need = bytes_at(m.model.n_layers);
+    if ram == 0 || need <= ram {
+        return Ok(());
+    }
+    let first = match o.ffn {
+        dsopt::config::FfnKind::Moe => o.moe.first_k_dense_replace + 1,
+        dsopt::config::FfnKind::Dense => 1,
+    };
+    let fix = match (first..m.model.n_layers)
+        .rev()
+        .find(|&n| bytes_at(n) <= ram)
+    {
+        Some(n) => format!("--layers {n} (or fewer)"),
+        None => "a machine with more memory".into(),
+    };
+    let gib = |b: u128| format!("{:.2} GiB", b as f64 / (1u64 << 30) as f64);
+    Err(DsoptError::CannotRun(format!(
+        "--model {} with {} of {} layers: the model's parameters need {} in {} plus 1 GiB, but \
+         this machine has {}\n  fix: {fix}",
+        origin.model,
+        m.model.n_layers,
+        origin.total_layers,
+        gib(need - (1 << 30)),
+        o.dtype.as_str(),
+        gib(ram)
     )))
 }
 

@@ -89,6 +89,10 @@ impl Scenario {
                 m.model_ref = r;
                 Scenario::Moe(m)
             }
+            (Scenario::Model(mut m), r) => {
+                m.model_ref = r;
+                Scenario::Model(m)
+            }
             (other, _) => other,
         };
         let mut scenario = scenario;

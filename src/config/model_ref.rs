@@ -51,27 +51,49 @@ fn provided(kind: ScenarioKind) -> &'static [(&'static str, &'static [&'static s
                 ],
             ),
         ],
-        ScenarioKind::Moe => &[
+        ScenarioKind::Model => &[
             ("model", MODEL),
+            ("model", &["head_dim"]),
             (
-                "moe",
+                "optimization.mla",
                 &[
-                    "n_routed_experts",
-                    "n_shared_experts",
-                    "num_experts_per_tok",
-                    "moe_intermediate_size",
-                    "scoring_func",
-                    "n_group",
-                    "topk_group",
-                    "routed_scaling_factor",
-                    "topk_method",
-                    "norm_topk_prob",
-                    "first_k_dense_replace",
+                    "kv_lora_rank",
+                    "q_lora_rank",
+                    "qk_nope_head_dim",
+                    "qk_rope_head_dim",
+                    "v_head_dim",
                 ],
             ),
+            ("optimization.moe", MOE_ROUTING),
         ],
+        ScenarioKind::Moe => &[("model", MODEL), ("moe", MOE_ROUTING)],
         _ => &[],
     }
+}
+
+/// The routing keys of an MoE section (`[moe]`, `[optimization.moe]`).
+const MOE_ROUTING: &[&str] = &[
+    "n_routed_experts",
+    "n_shared_experts",
+    "num_experts_per_tok",
+    "moe_intermediate_size",
+    "scoring_func",
+    "n_group",
+    "topk_group",
+    "routed_scaling_factor",
+    "topk_method",
+    "norm_topk_prob",
+    "first_k_dense_replace",
+];
+
+/// The (possibly nested, `a.b`) table `section` of `table`, created empty when absent; `None`
+/// when a part of the path is not a table.
+fn section_mut<'a>(table: &'a mut toml::Table, section: &str) -> Option<&'a mut toml::Table> {
+    section.split('.').try_fold(table, |t, part| {
+        t.entry(part.to_string())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()))
+            .as_table_mut()
+    })
 }
 
 fn bad(path: &Path, text: &str, key: &str, message: String, fix: String) -> DsoptError {
@@ -190,7 +212,7 @@ pub(crate) fn take(
             source_key,
             format!(
                 "a `{}` scenario cannot name a model yet: [model] preset/path is implemented for \
-                 `mla` (SC-001) and `moe` (SC-003)",
+                 `mla` (SC-001), `moe` (SC-003) and `model` (FR-004)",
                 kind.as_str()
             ),
             "write the dimensions into [model] instead".into(),
@@ -199,11 +221,10 @@ pub(crate) fn take(
     let (_, builtin) = kind.default_scenario();
     let builtin: toml::Table = toml::from_str(builtin).expect("shipped scenarios are TOML");
     for (section, keys) in sections {
-        let defaults = builtin.get(*section).and_then(|v| v.as_table());
-        let entry = table
-            .entry(section.to_string())
-            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
-        let Some(t) = entry.as_table_mut() else {
+        let defaults = section
+            .split('.')
+            .try_fold(&builtin, |t, part| t.get(part).and_then(|v| v.as_table()));
+        let Some(t) = section_mut(table, section) else {
             continue; // a non-table section fails when the file is deserialised
         };
         for key in *keys {

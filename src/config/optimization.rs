@@ -169,6 +169,14 @@ pub struct MoeOptions {
     /// 是否把选中专家的权重归一化（`norm_topk_prob`）；缺省：sigmoid 打分时归一化。
     #[serde(skip_serializing_if = "Option::is_none")]
     pub norm_topk_prob: Option<bool>,
+    /// 前几层用宽度为 `model.intermediate_size` 的稠密 FFN，其后每层是 MoE（config.json 的
+    /// `first_k_dense_replace`；默认 0 = 每层都是 MoE）。
+    #[serde(skip_serializing_if = "is_zero")]
+    pub first_k_dense_replace: usize,
+}
+
+fn is_zero(x: &usize) -> bool {
+    *x == 0
 }
 
 impl Default for MoeOptions {
@@ -184,6 +192,7 @@ impl Default for MoeOptions {
             route_scale: 2.5,
             topk_method: None,
             norm_topk_prob: None,
+            first_k_dense_replace: 0,
         }
     }
 }
@@ -341,9 +350,14 @@ impl OptimizationConfig {
         a.key_block = self.key_block;
         a.rope_theta = shape.rope_theta;
         a.rope_scaling = shape.rope_scaling;
+        // dense layers before the MoE ones (config.json's first_k_dense_replace)
+        let first_dense = match self.ffn {
+            FfnKind::Moe => self.moe.first_k_dense_replace,
+            FfnKind::Dense => 0,
+        };
         DecoderConfig {
-            first_k_dense_replace: 0,
-            first_dense_ffn_hidden: None,
+            first_k_dense_replace: first_dense,
+            first_dense_ffn_hidden: (first_dense > 0).then_some(shape.ffn_hidden),
             rms_norm_eps: shape.rms_norm_eps,
             vocab_size: shape.vocab_size,
             hidden: shape.hidden,

@@ -518,6 +518,12 @@ pub struct ModelScenario {
     pub optimization: OptimizationConfig,
     /// 运行设置。
     pub run: ModelRun,
+    /// `--model` 给出的模型（不是场景键：由命令行设置；权重总是随机的）。
+    #[serde(skip_deserializing, default, skip_serializing_if = "Option::is_none")]
+    pub model_origin: Option<ModelOrigin>,
+    /// 场景 `[model]` 里写的模型来源（`preset` / `path` / `layers`；命令行的 `--model` 优先）。
+    #[serde(skip)]
+    pub model_ref: Option<super::model_ref::ModelRef>,
 }
 
 /// FR-004 运行设置。
@@ -646,6 +652,7 @@ impl Scenario {
         match self {
             Scenario::Mla(s) => s.model_ref.as_ref(),
             Scenario::Moe(s) => s.model_ref.as_ref(),
+            Scenario::Model(s) => s.model_ref.as_ref(),
             _ => None,
         }
     }

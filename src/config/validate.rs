@@ -4,7 +4,7 @@
 //! kind, with the tests that show each rule firing; splitting it would scatter the rules.
 
 use super::diag::Violation;
-use super::optimization::{DecoderShape, OptimizationConfig};
+use super::optimization::{DecoderShape, FfnKind, OptimizationConfig};
 use super::scenario::*;
 use crate::nn::attention::AttentionKind;
 
@@ -484,6 +484,18 @@ pub(crate) fn optimization(o: &OptimizationConfig, shape: Option<&DecoderShape>)
         },
     );
     c.at_most("optimization.mtp.num_nextn_predict_layers", o.mtp.depth, 8);
+    if let (FfnKind::Moe, Some(shape)) = (o.ffn, shape) {
+        if m.first_k_dense_replace >= shape.n_layers.max(1) {
+            c.fail(
+                "optimization.moe.first_k_dense_replace",
+                format!(
+                    "is {} with model.num_hidden_layers = {}: no MoE layer would be left",
+                    m.first_k_dense_replace, shape.n_layers
+                ),
+                format!("use at most {}", shape.n_layers.saturating_sub(1)),
+            );
+        }
+    }
     c.out
 }
 

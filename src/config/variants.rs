@@ -154,6 +154,8 @@ impl MoeScenario {
                 route_scale: m.route_scale,
                 topk_method: m.topk_method,
                 norm_topk_prob: m.norm_topk_prob,
+                // the dense first layers are set by `decoder_config`, alike in every variant
+                first_k_dense_replace: 0,
             },
             ..OptimizationConfig::standard()
         }

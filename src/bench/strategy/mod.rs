@@ -465,6 +465,7 @@ pub fn run<B: Backend>(
     };
 
     let mut notes = describe(s, &cfg, &standard, mtp_params, kv_tok, kv_tok_std);
+    notes.extend(s.model_origin.as_ref().map(|o| o.note.clone()));
     let tps = |i: usize, k: &str| {
         variants
             .get(i)
