@@ -268,7 +268,7 @@ fn calibration_on_flex_and_wgpu_agree_and_write_every_format() {
     for backend in common::backends("calibration_on_flex_and_wgpu_agree_and_write_every_format") {
         let dir = tempfile::tempdir().unwrap();
         let (json, v) = calibrate(backend, dir.path());
-        assert_eq!(v["schema_version"], 1);
+        assert_eq!(v["schema_version"], 2);
         assert_eq!(v["backend"]["name"], backend);
         assert_eq!(v["verdict"], "pass", "{backend}: {}", v["criteria"]);
         let var = &v["variants"][0];
@@ -385,12 +385,12 @@ fn gate_exit_codes() {
     let garbage = dir.path().join("garbage.json");
     std::fs::write(&garbage, "not json at all").unwrap();
     let future = variant_of(&v, dir.path(), "future.json", |v| {
-        v["schema_version"] = 2.into()
+        v["schema_version"] = 3.into()
     });
     for (bad, msg) in [
         (truncated, "truncated"),
         (garbage, "not valid JSON"),
-        (future, "unknown schema_version 2"),
+        (future, "unknown schema_version 3"),
         (dir.path().join("missing.json"), "cannot read"),
     ] {
         dsopt()
@@ -579,9 +579,12 @@ fn mla_smoke_on_flex_and_wgpu_writes_measured_criteria() {
             .as_array()
             .unwrap()
             .iter()
-            .map(|c| c["id"].as_str().unwrap())
+            .map(|c| c["spec_id"].as_str().unwrap())
             .collect();
         assert_eq!(ids, ["SC-001a", "SC-001b", "SC-001-eq", "SC-001-eq-tokens"]);
+        // a smoke run (64 tokens) is not the spec's operating point: its ids say so
+        assert_eq!(v["criteria"][0]["id"], "SC-001a@smoke-seq64", "{backend}");
+        assert_eq!(v["spec"]["conformant"], false, "{backend}");
         for c in v["criteria"].as_array().unwrap() {
             assert!(c["measured"].as_f64().is_some(), "{backend}: {c}");
         }
@@ -693,7 +696,10 @@ fn moe_smoke_measures_sc003a_everywhere_and_offload_on_wgpu() {
             &[],
         );
         let crit = v["criteria"].as_array().unwrap();
-        let ids: Vec<&str> = crit.iter().map(|c| c["id"].as_str().unwrap()).collect();
+        let ids: Vec<&str> = crit
+            .iter()
+            .map(|c| c["spec_id"].as_str().unwrap())
+            .collect();
         assert_eq!(
             ids,
             [
@@ -818,7 +824,7 @@ fn a_budget_larger_than_the_model_fails_sc003b() {
     let (code, v) = run_one("wgpu", f.to_str().unwrap(), dir.path(), &[]);
     assert_eq!(code, 1);
     let c = &v["criteria"][2];
-    assert_eq!(c["id"], "SC-003b");
+    assert_eq!(c["spec_id"], "SC-003b");
     assert!(c["measured"].as_f64().unwrap() < 0.01, "{c}");
     assert_eq!(c["passed"], false);
 }
@@ -848,7 +854,7 @@ fn sc003b_resident_twin_exceeds_the_budget_and_the_offloaded_run_does_not() {
             .as_array()
             .unwrap()
             .iter()
-            .find(|c| c["id"] == id)
+            .find(|c| c["spec_id"] == id)
             .unwrap_or_else(|| panic!("{id} missing: {}", v["criteria"]))
             .clone()
     };
@@ -1008,7 +1014,10 @@ fn mtp_smoke_on_flex_and_wgpu_trains_once_and_measures_sc002() {
     {
         let v = mtp_smoke(backend, cache.path());
         let crit = v["criteria"].as_array().unwrap();
-        let ids: Vec<&str> = crit.iter().map(|c| c["id"].as_str().unwrap()).collect();
+        let ids: Vec<&str> = crit
+            .iter()
+            .map(|c| c["spec_id"].as_str().unwrap())
+            .collect();
         assert_eq!(ids, ["SC-002a", "SC-002b", "SC-002-eq"]);
         for c in crit {
             assert!(c["measured"].as_f64().is_some(), "{backend}: {c}");
@@ -1473,7 +1482,7 @@ fn model_presets_and_a_checkpoint_config_drive_bench_mla() {
         .as_array()
         .unwrap()
         .iter()
-        .find(|c| c["id"] == "SC-001-eq")
+        .find(|c| c["spec_id"] == "SC-001-eq")
         .unwrap();
     assert_eq!(eq["passed"], true, "{eq}");
     // the same model named in the scenario file ([model] path + layers) gives the same run
@@ -1564,7 +1573,7 @@ fn a_checkpoint_config_drives_bench_moe() {
             .as_array()
             .unwrap()
             .iter()
-            .find(|c| c["id"] == id)
+            .find(|c| c["spec_id"] == id)
             .unwrap();
         assert!(c["measured"].as_f64().is_some(), "{c}");
     }
@@ -1608,7 +1617,7 @@ fn bench_mtp_on_a_checkpoint_drafts_with_its_own_mtp_layer() {
         .as_array()
         .unwrap()
         .iter()
-        .find(|c| c["id"] == "SC-002-eq")
+        .find(|c| c["spec_id"] == "SC-002-eq")
         .unwrap();
     assert_eq!(eq["measured"], 1.0, "{eq}");
     let notes = v["notes"].to_string();

@@ -88,7 +88,7 @@ pub fn run<B: Backend>(
     v.memory.analytic = Some(AnalyticMemory {
         weights_bytes: 2 * (batch * n * n) as u64 * elem,
         kv_cache_bytes: 0,
-        activations_bytes: (batch * n * n) as u64 * elem,
+        activations_bytes: Some((batch * n * n) as u64 * elem),
     });
     let mut rel_error = None;
     if let Some(out) = m.output {
@@ -158,6 +158,7 @@ pub fn run<B: Backend>(
         ],
         memory_series: monitor.series().to_vec(),
         series: Default::default(),
+        active_fraction: None,
     })
 }
 

@@ -13,6 +13,7 @@ use crate::backend::machine::{MachineInfo, ToolInfo};
 use crate::backend::{BackendContext, BackendKind, SelectedBackend};
 use crate::config::Scenario;
 use crate::monitor::{MemorySample, MonitorConfig};
+use crate::report::spec::OperatingPoint;
 use crate::report::{
     BackendReport, Criterion, Report, ReportSeries, VariantReport, Verdict, SCHEMA_VERSION,
 };
@@ -30,6 +31,39 @@ pub struct RunOutput {
     pub memory_series: Vec<MemorySample>,
     /// Typed per-kind series (capacity probes, sweep points).
     pub series: ReportSeries,
+    /// MoE: the whole model's active-parameter fraction of the MoE variant as built (part of
+    /// SC-003a's operating point).
+    pub active_fraction: Option<f64>,
+}
+
+/// What a timing ratio rests on: the fewer timed samples of its two sides and its noise band,
+/// 2 x the larger coefficient of variation of the two sides x the ratio (in the ratio's
+/// units; for `1 - ratio` the same band applies).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Evidence {
+    /// Timed samples on the fewer side (0 when a side was not timed).
+    pub samples: usize,
+    /// The noise band; `None` when a side has no spread estimate (one sample).
+    pub uncertainty: Option<f64>,
+}
+
+impl Evidence {
+    /// The evidence of `ratio` = (a side over another) from the two sides' timings.
+    pub fn of(
+        a: Option<&crate::monitor::Timings>,
+        b: Option<&crate::monitor::Timings>,
+        ratio: Option<f64>,
+    ) -> Evidence {
+        let n = |t: Option<&crate::monitor::Timings>| t.map(|t| t.samples_s.len()).unwrap_or(0);
+        let cv = a
+            .and_then(|t| t.cv)
+            .zip(b.and_then(|t| t.cv))
+            .map(|(x, y)| x.max(y));
+        Evidence {
+            samples: n(a).min(n(b)),
+            uncertainty: cv.zip(ratio).map(|(cv, r)| 2.0 * cv * r.abs()),
+        }
+    }
 }
 
 /// The run's numeric type for report notes: what is stored in `dtype`, what stays in f32.
@@ -85,8 +119,17 @@ pub fn assemble(
     scenario_file: &str,
     selected: &SelectedBackend,
     started: Instant,
-    out: RunOutput,
+    mut out: RunOutput,
 ) -> Report {
+    let kind = scenario.kind().as_str();
+    let op = operating_point(scenario, &out);
+    let spec = crate::report::spec::bind(kind, op, &mut out.criteria);
+    if !spec.conformant {
+        out.notes.push(format!(
+            "not the spec's operating point — its criteria carry `@` ids, not the spec's: {}",
+            spec.deviations.join("; ")
+        ));
+    }
     let verdict = Verdict::of(&out.criteria);
     Report {
         schema_version: SCHEMA_VERSION,
@@ -103,7 +146,62 @@ pub fn assemble(
         notes: out.notes,
         memory_series: out.memory_series,
         series: out.series,
+        spec: Some(spec),
     }
+}
+
+/// The operating point of a run: the facts the spec's claims are bound to (sequence, batch,
+/// tokens per step, active fraction, baseline), read from the scenario as run and, for MoE,
+/// the model as built; plus the conditions that are stated but not part of it.
+pub fn operating_point(scenario: &Scenario, out: &RunOutput) -> OperatingPoint {
+    use crate::config::MlaVariant;
+    let mut op = OperatingPoint {
+        smoke: scenario.smoke(),
+        ..Default::default()
+    };
+    match scenario {
+        Scenario::Mla(s) => {
+            let has = |v| s.attention.variants.contains(&v);
+            op.seq = Some(s.run.seq);
+            op.batch = Some(s.run.batch);
+            op.baseline =
+                (has(MlaVariant::Mha) && has(MlaVariant::MlaAbsorbed)).then(|| "mha".to_string());
+            op.stated = vec![
+                format!("batch {}", s.run.batch),
+                format!("memory budget {} GiB", s.capacity.memory_budget_gib),
+                format!("{} layer(s)", s.model.n_layers),
+                format!("dtype {}", s.run.dtype.as_str()),
+            ];
+        }
+        Scenario::Mtp(s) => {
+            op.batch = Some(s.run.batch);
+            op.tokens_per_step = Some(1 + s.mtp.depth);
+            op.baseline = Some("greedy".into());
+            op.stated = vec![
+                format!("{} new tokens per sequence", s.run.new_tokens),
+                format!("dtype {}", s.run.dtype.as_str()),
+            ];
+        }
+        Scenario::Moe(s) => {
+            op.batch = Some(s.run.decode_batch);
+            op.active_fraction = out.active_fraction;
+            op.baseline = Some("dense_equal_total".into());
+            op.stated = vec![
+                format!("decode batch {}", s.run.decode_batch),
+                format!(
+                    "prefill {} x {} tokens",
+                    s.run.prefill_batch, s.run.prefill_seq
+                ),
+                format!("dtype {}", s.run.dtype.as_str()),
+            ];
+            if let Some(o) = &s.offload {
+                op.stated
+                    .push(format!("offload budget {} GiB", o.memory_budget_gib));
+            }
+        }
+        Scenario::Model(_) | Scenario::Calibrate(_) => {}
+    }
+    op
 }
 
 /// The report's backend section.

@@ -77,8 +77,14 @@ fn measure_read<B: Backend>(ctx: &BackendContext<B>) -> (Option<f64>, String) {
         (
             host_read_gb_per_s(read_bytes, threads),
             format!(
-                "streaming read of a {} MiB host buffer on {threads} threads",
-                read_bytes >> 20
+                "streaming read of a {} MiB host buffer on {threads} threads ({})",
+                read_bytes >> 20,
+                last_level_cache_bytes()
+                    .map(|l| format!(
+                        "at least 4x the {} MiB last-level cache and 512 MiB",
+                        l >> 20
+                    ))
+                    .unwrap_or_else(|| "last-level cache size unknown: 512 MiB".into())
             ),
         )
     } else {
@@ -89,12 +95,46 @@ fn measure_read<B: Backend>(ctx: &BackendContext<B>) -> (Option<f64>, String) {
     }
 }
 
+/// The size of the largest CPU cache (the last level), read from Linux's sysfs
+/// (`/sys/devices/system/cpu/cpu0/cache/index*/size`); `None` where it cannot be read.
+pub fn last_level_cache_bytes() -> Option<usize> {
+    let dir = std::fs::read_dir("/sys/devices/system/cpu/cpu0/cache").ok()?;
+    dir.filter_map(|e| {
+        let text = std::fs::read_to_string(e.ok()?.path().join("size")).ok()?;
+        parse_cache_size(text.trim())
+    })
+    .max()
+}
+
+/// `"32K"`, `"1024K"`, `"300M"` or a plain byte count as bytes.
+fn parse_cache_size(t: &str) -> Option<usize> {
+    let (num, unit) = match t.char_indices().find(|(_, c)| !c.is_ascii_digit()) {
+        Some((i, _)) => t.split_at(i),
+        None => (t, ""),
+    };
+    let n: usize = num.parse().ok()?;
+    match unit.trim() {
+        "" => Some(n),
+        "K" | "KB" | "KiB" => Some(n << 10),
+        "M" | "MB" | "MiB" => Some(n << 20),
+        "G" | "GB" | "GiB" => Some(n << 30),
+        _ => None,
+    }
+}
+
+/// The streaming read limit's buffer on the host: at least 512 MiB and at least 4x the
+/// last-level cache (a 300 MiB L3 would hold a good part of a 512 MiB buffer and make the
+/// "memory" rate a cache rate).
+pub fn host_stream_bytes(llc: Option<usize>) -> usize {
+    (512usize << 20).max(llc.unwrap_or(0).saturating_mul(4))
+}
+
 /// Sizes of the limit measurements: large on real hardware, small on lavapipe (wgpu on the
 /// CPU, where the figure only exercises the code path).
 fn sizes<B: Backend>(ctx: &BackendContext<B>) -> (usize, usize) {
     use crate::backend::{AdapterType, BackendKind};
     match ctx.selected.kind {
-        BackendKind::Flex => (512 << 20, 2048),
+        BackendKind::Flex => (host_stream_bytes(last_level_cache_bytes()), 2048),
         BackendKind::Cuda => (2 << 30, 8192),
         BackendKind::Wgpu if ctx.selected.wgpu_adapter == Some(AdapterType::Cpu) => (64 << 20, 256),
         BackendKind::Wgpu => (1 << 30, 4096),
@@ -287,6 +327,34 @@ pub fn decode_step(c: &DecoderConfig, batch: usize, context: usize, eb: usize) -
     }
 }
 
+/// One decode step of a model with MoE layers, whose `batch` tokens touched `touched` distinct
+/// routed experts per MoE layer on average (measured): the weights read are every dense
+/// parameter, the shared experts and routers, and only the touched routed experts; the FLOPs are
+/// each token's own top-k experts. For a model without MoE layers, [`decode_step`].
+pub fn moe_decode_step(
+    c: &DecoderConfig,
+    batch: usize,
+    context: usize,
+    eb: usize,
+    touched: f64,
+) -> Traffic {
+    let plain = decode_step(c, batch, context, eb);
+    let Some(m) = &c.moe else {
+        return plain;
+    };
+    let moe_layers = (0..c.n_layers).filter(|&i| c.is_moe_layer(i)).count() as f64;
+    let n = m.router.n_routed_experts as f64;
+    let k = m.router.num_experts_per_tok as f64;
+    let expert = (3 * m.dim * m.moe_inter_dim) as f64;
+    let untouched = (n - touched.clamp(0.0, n)) * expert * moe_layers;
+    let not_computed = (n - k) * expert * moe_layers;
+    Traffic {
+        weight_bytes: plain.weight_bytes - untouched * eb as f64,
+        kv_bytes: plain.kv_bytes,
+        flops: plain.flops - batch as f64 * 2.0 * not_computed,
+    }
+}
+
 /// Useful FLOPs of a causal prefill of `seq` tokens for `batch` sequences (the masked half of
 /// the score blocks is not counted).
 pub fn prefill_flops(c: &DecoderConfig, batch: usize, seq: usize) -> f64 {
@@ -375,6 +443,61 @@ mod tests {
         let w = matmul_params(&abs) as f64;
         let p = prefill_flops(&abs, 2, 3);
         assert_eq!(p, 2.0 * (2.0 * w * 3.0 + (4 * 2 * 72) as f64 * 6.0));
+    }
+
+    #[test]
+    fn an_moe_step_reads_only_the_experts_it_touches() {
+        use crate::nn::moe::{MoeConfig, RouterConfig, ScoreFunc, TopkMethod};
+        let mut c = cfg(AttentionKind::Mha, MlaImpl::Naive, 0);
+        let dense = decode_step(&c, 8, 16, 4);
+        assert_eq!(
+            moe_decode_step(&c, 8, 16, 4, 3.0),
+            dense,
+            "no MoE: the dense step"
+        );
+        c.moe = Some(MoeConfig {
+            dim: c.hidden,
+            moe_inter_dim: 16,
+            n_shared_experts: 1,
+            router: RouterConfig {
+                n_routed_experts: 8,
+                num_experts_per_tok: 2,
+                score_func: ScoreFunc::Softmax,
+                topk_method: TopkMethod::Greedy,
+                n_group: 1,
+                topk_group: 1,
+                route_scale: 1.0,
+                norm_topk_prob: false,
+                bias_update_speed: 0.001,
+            },
+            shape_buckets: false,
+        });
+        c.first_k_dense_replace = 0;
+        let all = decode_step(&c, 8, 16, 4);
+        // touching every expert reads every weight; touching k computes the same FLOPs
+        assert_eq!(
+            moe_decode_step(&c, 8, 16, 4, 8.0).weight_bytes,
+            all.weight_bytes
+        );
+        let two = moe_decode_step(&c, 8, 16, 4, 2.0);
+        let expert = (3 * c.hidden * 16 * 4) as f64;
+        let layers = c.n_layers as f64;
+        assert_eq!(all.weight_bytes - two.weight_bytes, 6.0 * expert * layers);
+        assert_eq!(
+            all.flops - two.flops,
+            8.0 * 2.0 * 6.0 * (3 * c.hidden * 16) as f64 * layers
+        );
+    }
+
+    #[test]
+    fn the_stream_buffer_outgrows_a_large_last_level_cache() {
+        assert_eq!(parse_cache_size("32K"), Some(32 << 10));
+        assert_eq!(parse_cache_size("300M"), Some(300 << 20));
+        assert_eq!(parse_cache_size("4096"), Some(4096));
+        assert_eq!(parse_cache_size("x"), None);
+        assert_eq!(host_stream_bytes(None), 512 << 20);
+        assert_eq!(host_stream_bytes(Some(32 << 20)), 512 << 20);
+        assert_eq!(host_stream_bytes(Some(300 << 20)), 1200 << 20);
     }
 
     #[test]

@@ -71,6 +71,8 @@ pub fn run(cli: &Cli) -> anyhow::Result<i32> {
             noise,
             require,
             allow_different_machine,
+            allow_off_spec,
+            strict,
         } => gate_cmd(
             reports,
             baseline.as_deref(),
@@ -78,6 +80,8 @@ pub fn run(cli: &Cli) -> anyhow::Result<i32> {
                 require: require.clone(),
                 noise: *noise,
                 allow_different_machine: *allow_different_machine,
+                allow_off_spec: *allow_off_spec,
+                strict: *strict,
             },
         ),
         Command::Validate { paths } => validate(paths),

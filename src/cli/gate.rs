@@ -38,12 +38,25 @@ pub(super) fn gate_cmd(
     }
     let base = baseline.map(gate::load).transpose()?;
     let outcome = gate::gate(&reports, base.as_ref(), &opts)?;
+    for a in &outcome.added {
+        eprintln!("gate: {a}");
+    }
+    for d in &outcome.off_spec_allowed {
+        println!("off the spec's operating point (allowed by --allow-off-spec): {d}");
+    }
     println!("{}", gate::table(&outcome));
     for n in &outcome.not_checked {
-        println!("not checked (left out by --require): {n}");
+        println!("not checked: {n}");
     }
     for r in &outcome.regressions {
         println!("regression: {r}");
+    }
+    if outcome.rows.iter().any(|r| r.id == "off-spec" && !r.passed) {
+        println!(
+            "off-spec: a report measured off the spec's operating point does not gate as the \
+             spec's claim; run the scenario at the spec's point, or pass --allow-off-spec to \
+             gate its `@` criteria as measured"
+        );
     }
     println!(
         "gate: {}",

@@ -104,6 +104,16 @@ pub enum Command {
         /// settings (refused by default: exit 2 naming the field that differs).
         #[arg(long)]
         allow_different_machine: bool,
+        /// Gate reports measured off the spec's operating point (another batch, sequence or
+        /// active fraction, a weakened threshold, a smoke scenario, a version-1 report): their
+        /// deviations are printed and their `<id>@<tag>` criteria gated as measured. Refused by
+        /// default (exit 1 naming each deviation).
+        #[arg(long)]
+        allow_off_spec: bool,
+        /// Also fail marginal passes (a timing criterion closer to its threshold than twice the
+        /// larger CV of its two medians).
+        #[arg(long)]
+        strict: bool,
     },
     /// Train the MTP model of an SC-002 scenario (main model + D modules) and save a checkpoint.
     Train {

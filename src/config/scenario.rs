@@ -97,6 +97,9 @@ pub struct MlaScenario {
     /// 说明（可选）。
     #[serde(default)]
     pub description: Option<String>,
+    /// 冒烟场景（`smoke = true`）：它的标准永远不算规格标准（编号带 `@smoke`），门禁不把它当作规格的判定。
+    #[serde(default)]
+    pub smoke: bool,
     /// 模型形状（解码器主干）。
     pub model: ModelShape,
     /// 注意力变体及其维度（沿用 DeepSeek 的参数名）。
@@ -255,6 +258,9 @@ pub struct MtpScenario {
     /// 说明（可选）。
     #[serde(default)]
     pub description: Option<String>,
+    /// 冒烟场景（`smoke = true`）：它的标准永远不算规格标准（编号带 `@smoke`），门禁不把它当作规格的判定。
+    #[serde(default)]
+    pub smoke: bool,
     /// 主模型形状（字节级分词，vocab_size 通常为 256）。
     pub model: ModelShape,
     /// MTP 设置。
@@ -380,6 +386,9 @@ pub struct MoeScenario {
     /// 说明（可选）。
     #[serde(default)]
     pub description: Option<String>,
+    /// 冒烟场景（`smoke = true`）：它的标准永远不算规格标准（编号带 `@smoke`），门禁不把它当作规格的判定。
+    #[serde(default)]
+    pub smoke: bool,
     /// 主干形状。
     pub model: ModelShape,
     /// MoE 设置（沿用 DeepSeek 的参数名）。
@@ -511,6 +520,9 @@ pub struct ModelScenario {
     /// 说明（可选）。
     #[serde(default)]
     pub description: Option<String>,
+    /// 冒烟场景（`smoke = true`）：它的标准永远不算规格标准（编号带 `@smoke`），门禁不把它当作规格的判定。
+    #[serde(default)]
+    pub smoke: bool,
     /// 模型主干形状。
     pub model: DecoderShape,
     /// 开哪些优化（缺省 = 标准模型；`--config FILE` 整节替换）。
@@ -565,6 +577,9 @@ pub struct CalibrateScenario {
     /// 说明（可选）。
     #[serde(default)]
     pub description: Option<String>,
+    /// 冒烟场景（`smoke = true`）：它的标准永远不算规格标准（编号带 `@smoke`），门禁不把它当作规格的判定。
+    #[serde(default)]
+    pub smoke: bool,
     /// 工作负载。
     pub workload: CalibrateWorkload,
     /// 运行设置。
@@ -676,6 +691,17 @@ impl Scenario {
             Scenario::Moe(s) => &s.id,
             Scenario::Model(s) => &s.id,
             Scenario::Calibrate(s) => &s.id,
+        }
+    }
+
+    /// Whether the scenario marks itself a smoke test (`smoke = true`).
+    pub fn smoke(&self) -> bool {
+        match self {
+            Scenario::Mla(s) => s.smoke,
+            Scenario::Mtp(s) => s.smoke,
+            Scenario::Moe(s) => s.smoke,
+            Scenario::Model(s) => s.smoke,
+            Scenario::Calibrate(s) => s.smoke,
         }
     }
 

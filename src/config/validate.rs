@@ -608,7 +608,7 @@ mod tests {
         let e = parse_err(
             ScenarioKind::Moe,
             "num_experts_per_tok = 6",
-            "num_experts_per_tok = 65",
+            "num_experts_per_tok = 113",
         );
         assert!(e.contains("moe.num_experts_per_tok"), "{e}");
     }

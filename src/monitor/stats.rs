@@ -57,6 +57,17 @@ impl Timings {
     }
 }
 
+/// The median of `xs` (the mean of the two middle values for an even count), as every figure
+/// in a report uses it; `None` for no samples or a non-finite one.
+pub fn median(xs: &[f64]) -> Option<f64> {
+    if xs.is_empty() || xs.iter().any(|x| !x.is_finite()) {
+        return None;
+    }
+    let mut sorted = xs.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    Some(percentile(&sorted, 50.0))
+}
+
 /// Percentile `p` (0..=100) of sorted data, linear interpolation between closest ranks.
 pub fn percentile(sorted: &[f64], p: f64) -> f64 {
     match sorted.len() {
@@ -174,6 +185,16 @@ mod tests {
 
     fn close(a: f64, b: f64) -> bool {
         (a - b).abs() < 1e-12
+    }
+
+    #[test]
+    fn the_median_of_an_even_count_is_the_mean_of_the_middle_two() {
+        assert_eq!(median(&[4.0, 1.0, 3.0, 2.0]), Some(2.5));
+        assert_eq!(median(&[3.0, 1.0, 2.0]), Some(2.0));
+        assert_eq!(median(&[]), None);
+        assert_eq!(median(&[1.0, f64::NAN]), None);
+        let t = Timings::from_samples(vec![4.0, 1.0, 3.0, 2.0], vec![]).unwrap();
+        assert_eq!(Some(t.median_s), median(&t.samples_s));
     }
 
     #[test]

@@ -337,6 +337,7 @@ mod tests {
             notes: vec![],
             memory_series: vec![],
             series: Default::default(),
+            spec: None,
         }
     }
 

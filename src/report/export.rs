@@ -117,7 +117,7 @@ mod tests {
                 analytic: Some(AnalyticMemory {
                     weights_bytes: 1 << 20,
                     kv_cache_bytes: 4096,
-                    activations_bytes: 0,
+                    activations_bytes: None,
                 }),
             },
             metrics: [
@@ -211,6 +211,17 @@ mod tests {
                 capacity_budget_bytes: Some(16 << 20),
                 mtp_sweep: vec![],
             },
+            spec: Some(crate::report::spec::SpecStatus {
+                operating_point: crate::report::spec::OperatingPoint {
+                    seq: Some(8192),
+                    batch: Some(1),
+                    baseline: Some("mha".into()),
+                    stated: vec!["memory budget 1 GiB".into()],
+                    ..Default::default()
+                },
+                conformant: true,
+                deviations: vec![],
+            }),
         }
     }
 

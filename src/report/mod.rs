@@ -1,4 +1,4 @@
-//! 报告：模式（`schema_version` 1）、JSON/CSV/Markdown/终端表格写出，以及 CI 门禁（gate）。
+//! 报告：模式（`schema_version` 2）、JSON/CSV/Markdown/终端表格写出，以及 CI 门禁（gate）。
 
 pub mod aggregate;
 pub mod chart;
@@ -6,6 +6,7 @@ pub mod compare;
 pub mod export;
 pub mod gate;
 pub mod schema;
+pub mod spec;
 pub mod summary;
 pub mod sweep;
 pub mod table;

@@ -1,4 +1,5 @@
-//! 报告模式，版本 1（`schema_version: 1`）。结构体即 JSON 模式：`Option` 表示"未测量"（`null`）。
+//! 报告模式，版本 2（`schema_version: 2`；版本 1 的报告仍能读入，按"不在规格工作点"对待）。
+//! 结构体即 JSON 模式：`Option` 表示"未测量"（`null`）。
 //!
 //! 每个字段的含义、单位与 `null` 的语义见 docs/reports.md；可以增加字段，不可改名或删除。
 
@@ -9,13 +10,16 @@ use serde::{Deserialize, Serialize};
 use crate::backend::machine::{MachineInfo, ToolInfo};
 use crate::monitor::{MeasuredMemory, MemorySample, Timings};
 
-/// 本工具写出和读取的报告模式版本。
-pub const SCHEMA_VERSION: u32 = 1;
+/// 本工具写出的报告模式版本（版本 2 加了 `spec` 与标准的 `spec_id`、`depends_on`、`off_spec`）。
+pub const SCHEMA_VERSION: u32 = 2;
+
+/// 本工具还能读入的最早的模式版本（版本 1：没有工作点，门禁按不在规格工作点对待）。
+pub const OLDEST_READABLE_SCHEMA: u32 = 1;
 
 /// 一次运行的完整报告。
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Report {
-    /// 模式版本（1）。
+    /// 模式版本（2）。
     pub schema_version: u32,
     /// 工具名称、版本、git 提交。
     pub tool: ToolInfo,
@@ -46,6 +50,9 @@ pub struct Report {
     /// 按种类的类型化序列（容量探测、MTP 扫描点）：图表与表格直接读取；`notes` 只写给人看。
     #[serde(default, skip_serializing_if = "ReportSeries::is_empty")]
     pub series: ReportSeries,
+    /// 与规格的关系：工作点、是否与规格一致、每一处偏差（版本 1 的报告没有，为 null）。
+    #[serde(default)]
+    pub spec: Option<super::spec::SpecStatus>,
 }
 
 /// 按种类的类型化数据序列（空的序列不写入 JSON）。
@@ -189,8 +196,9 @@ pub struct AnalyticMemory {
     pub weights_bytes: u64,
     /// KV 缓存。
     pub kv_cache_bytes: u64,
-    /// 激活（工作区）。
-    pub activations_bytes: u64,
+    /// 激活（工作区）；没有估算为 null（不是 0）。
+    #[serde(default)]
+    pub activations_bytes: Option<u64>,
 }
 
 /// 等价性检查结果。
@@ -259,7 +267,61 @@ pub struct Criterion {
     /// `--require` 明确排除它时才不因它失败。
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub not_applicable: Option<String>,
+    /// 这条标准测的是哪条规格标准（`SC-002b@batch1` 的是 `SC-002b`）；规格之外的标准为 null。
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spec_id: Option<String>,
+    /// 前提：这些标准（同一份报告里的编号）都通过，这一条才能通过（速度与内存标准依赖等价性）。
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub depends_on: Vec<String>,
+    /// 不在规格工作点上测得（或阈值比规格宽）的原因；此时编号为 `<规格编号>@<标签>`。
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub off_spec: Option<String>,
+    /// 计时标准：两边中较少的一边的计时样本数（少于 3 个时不算测量到）。
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub samples: Option<usize>,
+    /// 计时标准的噪声带（与测量值同单位）：2 x 两个中位数中较大的变异系数 x 比值。测量值离阈值
+    /// 比这更近时，通过只是"勉强"（marginal）。
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uncertainty: Option<f64>,
+    /// 测量值只是下界（例如容量探测到上限仍放得下）：达到阈值即通过，达不到则"无定论"
+    /// （inconclusive），不是未通过。
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub lower_bound: bool,
 }
+
+/// 一条标准的结果（由测量值、阈值、样本数、噪声带与下界推出，不存）。
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// 通过，且离阈值比噪声带远。
+    Pass,
+    /// 通过，但离阈值比噪声带近（`gate --strict` 不放过）。
+    Marginal,
+    /// 未通过。
+    Fail,
+    /// 下界没达到阈值：真实值可能达到，也可能达不到。
+    Inconclusive,
+    /// 未能测量（或计时样本不足 3 个）。
+    NotMeasured,
+    /// 这个后端上不适用。
+    NotApplicable,
+}
+
+impl Outcome {
+    /// How the terminal, Markdown and gate tables show it.
+    pub fn label(self) -> &'static str {
+        match self {
+            Outcome::Pass => "PASS",
+            Outcome::Marginal => "PASS (marginal)",
+            Outcome::Fail => "FAIL",
+            Outcome::Inconclusive => "INCONCLUSIVE",
+            Outcome::NotMeasured => "NOT MEASURED",
+            Outcome::NotApplicable => "N/A",
+        }
+    }
+}
+
+/// The fewest timed samples a timing criterion needs on each side.
+pub const MIN_TIMING_SAMPLES: usize = 3;
 
 impl Criterion {
     /// Evaluates a criterion; an unmeasured value never passes.
@@ -281,6 +343,12 @@ impl Criterion {
             measured,
             note: note.into(),
             not_applicable: None,
+            spec_id: None,
+            depends_on: Vec::new(),
+            off_spec: None,
+            samples: None,
+            uncertainty: None,
+            lower_bound: false,
         }
     }
 
@@ -294,26 +362,92 @@ impl Criterion {
         reason: impl Into<String>,
     ) -> Criterion {
         let reason = reason.into();
-        Criterion {
-            id: id.into(),
-            metric: metric.into(),
+        let mut c = Criterion::evaluate(
+            id,
+            metric,
             comparison,
             threshold,
-            measured: None,
-            passed: false,
-            note: format!("not applicable: {reason}"),
-            not_applicable: Some(reason),
-        }
+            None,
+            format!("not applicable: {reason}"),
+        );
+        c.not_applicable = Some(reason);
+        c
+    }
+
+    /// A timing criterion: evaluated like [`Criterion::evaluate`] from the median-based
+    /// `measured`, but not measured at all with fewer than [`MIN_TIMING_SAMPLES`] samples on
+    /// the fewer side (`samples`), and carrying its noise band (`uncertainty`, in the
+    /// measured value's units) so that a pass closer to the threshold than the noise reads
+    /// "marginal".
+    #[allow(clippy::too_many_arguments)]
+    pub fn timing(
+        id: &str,
+        metric: &str,
+        comparison: Comparison,
+        threshold: f64,
+        measured: Option<f64>,
+        note: impl Into<String>,
+        samples: usize,
+        uncertainty: Option<f64>,
+    ) -> Criterion {
+        let mut note = note.into();
+        let measured = if samples < MIN_TIMING_SAMPLES {
+            note = format!(
+                "{note}; not measured: {samples} timed sample(s) on the fewer side, a timing \
+                 criterion needs at least {MIN_TIMING_SAMPLES} (--repetitions {MIN_TIMING_SAMPLES})"
+            );
+            None
+        } else {
+            measured
+        };
+        let mut c = Criterion::evaluate(id, metric, comparison, threshold, measured, note);
+        c.samples = Some(samples);
+        c.uncertainty = uncertainty.filter(|u| u.is_finite() && *u >= 0.0);
+        c
+    }
+
+    /// Marks the measured value a lower bound (the true value is at least it): an at-least
+    /// criterion it does not clear is inconclusive, not failed.
+    pub fn with_lower_bound(mut self, lower_bound: bool) -> Criterion {
+        self.lower_bound = lower_bound;
+        self
     }
 
     /// What `passed` must be, recomputed from the measured value, comparison and threshold
     /// (the gate trusts nothing stored): an unmeasured, non-finite or not-applicable value never
-    /// passes.
+    /// passes, nor does a timing criterion with fewer than [`MIN_TIMING_SAMPLES`] samples.
     pub fn recomputed_pass(&self) -> bool {
         self.not_applicable.is_none()
+            && self.samples.is_none_or(|n| n >= MIN_TIMING_SAMPLES)
             && self
                 .measured
                 .is_some_and(|m| m.is_finite() && self.comparison.passes(m, self.threshold))
+    }
+
+    /// The outcome, recomputed from the measured value (not from the stored flag).
+    pub fn outcome(&self) -> Outcome {
+        if self.not_applicable.is_some() {
+            return Outcome::NotApplicable;
+        }
+        let Some(m) = self
+            .measured
+            .filter(|m| m.is_finite())
+            .filter(|_| self.samples.is_none_or(|n| n >= MIN_TIMING_SAMPLES))
+        else {
+            return Outcome::NotMeasured;
+        };
+        if !self.comparison.passes(m, self.threshold) {
+            // a lower bound of an at-least criterion that falls short says nothing either way
+            return if self.lower_bound && self.comparison == Comparison::AtLeast {
+                Outcome::Inconclusive
+            } else {
+                Outcome::Fail
+            };
+        }
+        match self.uncertainty {
+            Some(u) if (m - self.threshold).abs() < u => Outcome::Marginal,
+            _ => Outcome::Pass,
+        }
     }
 }
 
@@ -336,18 +470,10 @@ pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f64 {
 /// The criterion ids a report of scenario `kind` must contain (`None` for an unknown kind);
 /// `scenario_id` is the calibration scenario's own id.
 pub fn expected_criteria(kind: &str, scenario_id: &str) -> Option<Vec<String>> {
-    let ids: &[&str] = match kind {
+    let ids: Vec<&str> = match kind {
         "calibrate" => return Some(vec![scenario_id.to_string()]),
-        "mla" => &["SC-001a", "SC-001b", "SC-001-eq", "SC-001-eq-tokens"],
-        "mtp" => &["SC-002a", "SC-002b", "SC-002-eq"],
-        "moe" => &[
-            "SC-003a-prefill",
-            "SC-003a-decode",
-            "SC-003b",
-            "SC-003b-peak",
-            "SC-003b-eq",
-        ],
-        "model" => &["FR-004"],
+        "mla" | "mtp" | "moe" => super::spec::ids(kind),
+        "model" => vec!["FR-004"],
         _ => return None,
     };
     Some(ids.iter().map(|s| s.to_string()).collect())
@@ -363,15 +489,24 @@ pub enum Verdict {
     Fail,
     /// 至少一个标准无法测量（或没有标准）。
     Error,
+    /// 没有未通过的，但至少一个标准的下界没达到阈值（无定论）。
+    Inconclusive,
 }
 
 impl Verdict {
-    /// pass if every criterion passed; error if one could not be measured (or none exist); else fail.
+    /// pass if every criterion passed; error if one could not be measured (or none exist);
+    /// fail if one failed; inconclusive if the only ones that did not pass are lower bounds
+    /// short of their threshold.
     pub fn of(criteria: &[Criterion]) -> Verdict {
         if criteria.is_empty() || criteria.iter().any(|c| c.measured.is_none()) {
             Verdict::Error
         } else if criteria.iter().all(|c| c.passed) {
             Verdict::Pass
+        } else if criteria
+            .iter()
+            .all(|c| c.passed || c.outcome() == Outcome::Inconclusive)
+        {
+            Verdict::Inconclusive
         } else {
             Verdict::Fail
         }
@@ -383,7 +518,7 @@ impl Verdict {
     pub fn exit_code(self) -> i32 {
         match self {
             Verdict::Pass => crate::error::EXIT_PASS,
-            Verdict::Fail | Verdict::Error => crate::error::EXIT_FAIL,
+            Verdict::Fail | Verdict::Error | Verdict::Inconclusive => crate::error::EXIT_FAIL,
         }
     }
 
@@ -393,6 +528,7 @@ impl Verdict {
             Verdict::Pass => "pass",
             Verdict::Fail => "fail",
             Verdict::Error => "error",
+            Verdict::Inconclusive => "inconclusive",
         }
     }
 }

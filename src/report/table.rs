@@ -67,10 +67,7 @@ pub fn variants_table(r: &Report) -> Table {
 /// throughput (only the figures the variant has).
 pub fn key_figures(v: &VariantReport) -> Vec<String> {
     let get = |k: &str| v.metrics.get(k).copied().flatten();
-    let pct = |x: Option<f64>, what: &str| {
-        x.map(|f| format!(" · {:.0} % {what}", f * 100.0))
-            .unwrap_or_default()
-    };
+    let pct = |x: Option<f64>, what: &str| super::write::fraction_text(x, what);
     let mut out = Vec::new();
     if let Some(t) = get("decode_tokens_per_s") {
         out.push(format!(
@@ -116,10 +113,11 @@ pub fn criteria_table(r: &Report) -> Table {
             Cell::new(&c.metric),
             Cell::new(format!("{} {}", c.comparison.symbol(), c.threshold)),
             Cell::new(num_h(c.measured)),
-            if c.not_applicable.is_some() {
-                Cell::new("N/A").fg(Color::Yellow)
-            } else {
-                verdict_cell(c.passed)
+            match c.outcome() {
+                Outcome::NotApplicable => Cell::new("N/A").fg(Color::Yellow),
+                Outcome::Marginal if c.passed => Cell::new("PASS (marginal)").fg(Color::Yellow),
+                Outcome::Inconclusive => Cell::new("INCONCLUSIVE").fg(Color::Yellow),
+                _ => verdict_cell(c.passed),
             },
         ]);
     }
@@ -129,8 +127,15 @@ pub fn criteria_table(r: &Report) -> Table {
 /// The full terminal summary of one report.
 pub fn render(r: &Report) -> String {
     let id = r.scenario["id"].as_str().unwrap_or("?");
+    let spec = match &r.spec {
+        Some(st) if !st.conformant => format!(
+            "NOT the spec's operating point (criteria carry `@` ids): {}\n",
+            st.deviations.join("; ")
+        ),
+        _ => String::new(),
+    };
     format!(
-        "{id} on {} ({}) — verdict: {}\n{}\n{}\n",
+        "{id} on {} ({}) — verdict: {}\n{spec}{}\n{}\n",
         r.backend.name,
         r.backend.device,
         r.verdict.as_str().to_uppercase(),

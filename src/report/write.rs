@@ -189,7 +189,9 @@ pub fn to_csv(report: &Report) -> anyhow::Result<Vec<u8>> {
             )?;
             row(
                 "analytic_activations_bytes",
-                a.activations_bytes.to_string(),
+                a.activations_bytes
+                    .map(|b| b.to_string())
+                    .unwrap_or_default(),
                 "bytes",
             )?;
         }
@@ -292,6 +294,7 @@ pub fn to_markdown(r: &Report) -> String {
         Verdict::Pass => "通过（pass）",
         Verdict::Fail => "未通过（fail）",
         Verdict::Error => "无法判定（error：有标准未能测量）",
+        Verdict::Inconclusive => "无定论（inconclusive：有标准的测量值只是下界，没达到阈值）",
     };
     let _ = writeln!(s, "**总判定：{verdict_zh}**\n");
     let _ = writeln!(
@@ -308,6 +311,21 @@ pub fn to_markdown(r: &Report) -> String {
         r.scenario_file
     );
     let _ = writeln!(s, "## 验收标准\n");
+    match &r.spec {
+        Some(st) if st.conformant => {
+            let _ = writeln!(s, "在规格的工作点上测得（门禁按规格标准把关）。\n");
+        }
+        Some(st) => {
+            let _ = writeln!(
+                s,
+                "**不在规格的工作点上**（标准编号带 `@`，不是规格的判定；门禁默认拒绝）：{}\n",
+                st.deviations.join("；")
+            );
+        }
+        None => {
+            let _ = writeln!(s, "（模式版本 1 的报告：没有记录工作点。）\n");
+        }
+    }
     let _ = writeln!(
         s,
         "| 编号 | 指标 | 阈值 | 测量值 | 结果 | 说明 |\n|---|---|---|---|---|---|"
@@ -321,12 +339,13 @@ pub fn to_markdown(r: &Report) -> String {
             c.comparison.symbol(),
             c.threshold,
             num_h(c.measured),
-            if c.not_applicable.is_some() {
-                "不适用"
-            } else if c.passed {
-                "通过"
-            } else {
-                "未通过"
+            match c.outcome() {
+                Outcome::NotApplicable => "不适用",
+                _ if c.passed && c.outcome() == Outcome::Marginal => "通过（勉强：在噪声带内）",
+                _ if c.passed => "通过",
+                Outcome::Inconclusive => "无定论（下界未达阈值）",
+                Outcome::NotMeasured => "未能测量",
+                _ => "未通过",
             },
             c.note.replace('|', "/")
         );
@@ -406,7 +425,7 @@ pub fn to_markdown(r: &Report) -> String {
                 v.name,
                 bytes_h(Some(a.weights_bytes)),
                 bytes_h(Some(a.kv_cache_bytes)),
-                bytes_h(Some(a.activations_bytes))
+                bytes_h(a.activations_bytes)
             );
         }
     }
@@ -445,4 +464,37 @@ pub fn to_markdown(r: &Report) -> String {
         );
     }
     s
+}
+
+/// A fraction of a measured limit as the tables show it: `" · 46 % of read BW"`; a fraction
+/// above 1 is flagged, not printed as a plain 105 % — the limit was not measured at this
+/// working set (a step whose bytes sit in a cache reads faster than a streaming limit).
+pub fn fraction_text(fraction: Option<f64>, what: &str) -> String {
+    match fraction {
+        Some(f) if f > 1.0 => format!(
+            " · {:.0} % {what}: above the measured limit (not measured at this working set)",
+            f * 100.0
+        ),
+        Some(f) => format!(" · {:.0} % {what}", f * 100.0),
+        None => String::new(),
+    }
+}
+
+#[cfg(test)]
+mod fraction_tests {
+    use super::*;
+
+    #[test]
+    fn a_fraction_above_its_limit_is_flagged() {
+        assert_eq!(
+            fraction_text(Some(0.46), "of read BW"),
+            " · 46 % of read BW"
+        );
+        let over = fraction_text(Some(1.05), "of read BW");
+        assert!(
+            over.contains("above the measured limit") && over.contains("105 %"),
+            "{over}"
+        );
+        assert_eq!(fraction_text(None, "of GEMM"), "");
+    }
 }

@@ -39,10 +39,27 @@ pub(super) struct Prober<'a, B: Backend> {
     pub(super) budget: u64,
 }
 
+/// How far the capacity search of the spec's optimised variant goes when it still fits at
+/// `capacity.max_seq`: a ratio still bounded there is only a lower bound.
+pub(crate) const CAPACITY_CEILING: usize = 1 << 20;
+
+/// The longest length the search of `variant` probes: `capacity.max_seq`, and for absorbed MLA
+/// (SC-001b's optimised variant) beyond it up to [`CAPACITY_CEILING`] — except in a smoke
+/// scenario, whose `max_seq` keeps its probes small.
+pub(crate) fn search_ceiling(s: &crate::config::MlaScenario, variant: &str) -> usize {
+    let max = s.capacity.max_seq;
+    if variant == crate::config::MlaVariant::MlaAbsorbed.as_str() && !s.smoke {
+        max.max(CAPACITY_CEILING)
+    } else {
+        max
+    }
+}
+
 impl<B: Backend> Prober<'_, B> {
     /// Doubling then bisection on the context length; every probe is a real, measured run
     /// (a synthetic cache plus decode steps, `workspace` = the measured prefill workspace
-    /// added). Returns the longest length that fit and whether it is capped at `max_seq`.
+    /// added). Returns the longest length that fit and whether it still fit at the search's
+    /// ceiling ([`search_ceiling`]).
     pub(super) fn search(
         &self,
         workspace: u64,
@@ -59,7 +76,7 @@ impl<B: Backend> Prober<'_, B> {
             probes.push(p);
             fits
         };
-        let (min, max) = (self.s.capacity.min_seq, self.s.capacity.max_seq);
+        let (min, max) = (self.s.capacity.min_seq, search_ceiling(self.s, variant));
         if !probe(min) {
             return (None, false);
         }
@@ -74,7 +91,7 @@ impl<B: Backend> Prober<'_, B> {
             }
         }
         let Some(mut hi) = hi else {
-            return (Some(lo), true); // fits at max_seq: a lower bound
+            return (Some(lo), true); // fits at the ceiling: a lower bound
         };
         // bisection to about 1/32 of the value
         while hi - lo > (lo / 32).max(1) {

@@ -136,12 +136,11 @@ fn speed_metrics(
     let (batch, seq, steps) = (s.run.batch, s.run.seq, s.run.decode_tokens);
     let eb = s.run.dtype.bytes();
     let med = |i: usize| -> Option<f64> {
-        let mut xs: Vec<f64> = split
+        let xs: Vec<f64> = split
             .iter()
             .map(|x| if i == 0 { x.0 } else { x.1 })
             .collect();
-        xs.sort_by(f64::total_cmp);
-        xs.get(xs.len() / 2).copied()
+        crate::monitor::stats::median(&xs)
     };
     let (prefill_s, decode_s) = (med(0), med(1));
     let step = super::roofline::decode_step(cfg, batch, seq + steps.div_ceil(2), eb);
@@ -316,7 +315,7 @@ pub fn run<B: Backend>(
         v.memory.analytic = Some(AnalyticMemory {
             weights_bytes: weights,
             kv_cache_bytes: cfg.kv_cache_bytes(batch, seq + steps, eb),
-            activations_bytes: analytic_workspace(&cfg, batch, chunk, eb),
+            activations_bytes: Some(analytic_workspace(&cfg, batch, chunk, eb)),
         });
         let speed = speed_metrics(&cfg, s, &split, &limits);
         let kv_per_token = cfg.attention.kv_elements_per_token() * eb * cfg.n_layers;
@@ -388,7 +387,7 @@ pub fn run<B: Backend>(
             "capacity_confirmed_by_real_prefill".into(),
             confirmed.map(|c| if c { 1.0 } else { 0.0 }),
         );
-        // 1 = still fit at capacity.max_seq, so capacity_tokens is only a lower bound
+        // 1 = still fit where the search stops (capacity::search_ceiling): only a lower bound
         v.metrics.insert(
             "capacity_is_lower_bound".into(),
             capacity.map(|_| if capped { 1.0 } else { 0.0 }),
@@ -420,11 +419,33 @@ pub fn run<B: Backend>(
     for r in runs.iter_mut() {
         let m = &mut r.report.metrics;
         let gbps = m.get("decode_gb_per_s").copied().flatten();
+        let fraction = gbps.zip(limits.read_gb_per_s).map(|(g, l)| g / l);
         m.insert("limit_read_gb_per_s".into(), limits.read_gb_per_s);
+        m.insert("decode_read_bandwidth_fraction".into(), fraction);
+        // beside the streaming limit, the read rate of a working set the size of this step's
+        // bytes (cache-resident where it fits: the limit a step that fits can approach)
+        let step_bytes = m.get("decode_bytes_per_step").copied().flatten();
+        let ws = step_bytes
+            .and_then(|b| super::roofline::working_set_read_gb_per_s(ctx, b.max(1.0) as usize));
+        m.insert("limit_working_set_read_gb_per_s".into(), ws);
         m.insert(
-            "decode_read_bandwidth_fraction".into(),
-            gbps.zip(limits.read_gb_per_s).map(|(g, l)| g / l),
+            "decode_working_set_read_fraction".into(),
+            gbps.zip(ws).map(|(g, l)| g / l),
         );
+        if let Some(f) = fraction.filter(|f| *f > 1.0) {
+            notes.push(format!(
+                "{}: decode reads at {:.0} % of the streaming read limit — above the measured \
+                 limit: the limit was not measured at this working set ({} MB per step; its \
+                 own working-set read rate: {})",
+                r.report.name,
+                f * 100.0,
+                step_bytes
+                    .map(|b| format!("{:.0}", b / 1e6))
+                    .unwrap_or("?".into()),
+                ws.map(|w| format!("{w:.1} GB/s"))
+                    .unwrap_or("not measured".into())
+            ));
+        }
     }
 
     let criteria = verdict::criteria(s, &mut runs, &probes, source, &mut notes);
@@ -438,6 +459,7 @@ pub fn run<B: Backend>(
             capacity_budget_bytes: Some(budget),
             mtp_sweep: Vec::new(),
         },
+        active_fraction: None,
     })
 }
 

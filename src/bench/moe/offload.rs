@@ -173,7 +173,7 @@ pub(super) fn offload<B: Backend>(
             weights_bytes: model_bytes - store.host_bytes()
                 + o.cache_experts as u64 * store.expert_bytes(),
             kv_cache_bytes: cfg.kv_cache_bytes(db, steps, eb),
-            activations_bytes: 0,
+            activations_bytes: None,
         });
         runs.push((v, m.output, stats, t));
     }

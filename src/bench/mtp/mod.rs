@@ -7,7 +7,7 @@ use std::time::Instant;
 use burn::tensor::backend::Backend;
 
 use crate::backend::BackendContext;
-use crate::bench::RunOutput;
+use crate::bench::{Evidence, RunOutput};
 use crate::config::scenario::MtpScenario;
 use crate::monitor::{Measurement, MonitorConfig, PerformanceMonitor, Workload};
 use crate::nn::decode::{self, Drafter, SpecStats};
@@ -322,11 +322,12 @@ fn compare_outputs(
     Ok((identical, identical_fraction, stats))
 }
 
-/// SC-002a (end-to-end time), SC-002b (decode throughput) and SC-002-eq (identical tokens).
+/// SC-002a (end-to-end time), SC-002b (decode throughput) and SC-002-eq (identical tokens);
+/// `values` are SC-002a's and SC-002b's measured figures, `evidence` their samples and noise.
 fn criteria(
     s: &MtpScenario,
-    reduction: Option<f64>,
-    ratio: Option<f64>,
+    values: [Option<f64>; 2],
+    evidence: [Evidence; 2],
     identical: Option<bool>,
     identical_fraction: Option<f64>,
 ) -> Vec<Criterion> {
@@ -338,28 +339,32 @@ fn criteria(
         None => "outputs not compared (a variant failed)",
     };
     vec![
-        Criterion::evaluate(
+        Criterion::timing(
             "SC-002a",
             "generation_time_reduction",
             Comparison::AtLeast,
             s.thresholds.time_reduction,
-            reduction,
+            values[0],
             format!(
                 "1 - t(speculative)/t(greedy), end to end: prefill of the {batch} prompts + {n} new \
                  tokens each, D = {depth}; {same}"
             ),
+            evidence[0].samples,
+            evidence[0].uncertainty,
         ),
-        Criterion::evaluate(
+        Criterion::timing(
             "SC-002b",
             "throughput_ratio",
             Comparison::AtLeast,
             s.thresholds.throughput_ratio,
-            ratio,
+            values[1],
             format!(
                 "steady-state decode throughput, speculative over greedy: median decode-phase \
                  time of greedy / of speculative (prefill excluded: the phases are timed inside \
                  every interleaved run, the first generated token counts to the prefill); {same}"
             ),
+            evidence[1].samples,
+            evidence[1].uncertainty,
         ),
         // equivalence first: a speedup from a decoder that generates other tokens is a bug
         Criterion::evaluate(
@@ -502,7 +507,7 @@ pub(crate) fn measure<B: Backend>(
         v.memory.analytic = Some(AnalyticMemory {
             weights_bytes: ((main_params + extra_w) * eb) as u64,
             kv_cache_bytes: per_layer * (layers + extra_layers) as u64,
-            activations_bytes: 0,
+            activations_bytes: None,
         });
         secs.push(t);
         variants.push(v);
@@ -513,21 +518,25 @@ pub(crate) fn measure<B: Backend>(
     let ctx_len = plen + n / 2;
     let (tg, ts) = (secs[0], secs[1]);
     let reduction = tg.zip(ts).map(|(g, sp)| 1.0 - sp / g);
-    // decode-phase medians of the timed rounds (the monitor's warm-up rounds come first)
-    let decode_median = |i: usize| -> Option<f64> {
+    // decode-phase statistics of the timed rounds (the monitor's warm-up rounds come first),
+    // by the statistics module (one median for every figure)
+    let decode_stats = |i: usize| -> Option<crate::monitor::Timings> {
         let reps = variants
             .get(i)
             .and_then(|v: &VariantReport| v.timings.as_ref())
             .map(|t| t.samples_s.len())?;
         let all = phases[i].borrow();
-        let mut xs: Vec<f64> = all[all.len().saturating_sub(reps)..]
+        let xs: Vec<f64> = all[all.len().saturating_sub(reps)..]
             .iter()
             .map(|p| p.decode_s)
             .collect();
-        xs.sort_by(f64::total_cmp);
-        xs.get(xs.len() / 2).copied()
+        crate::monitor::Timings::from_samples(xs, Vec::new())
     };
-    let (dg, ds) = (decode_median(0), decode_median(1));
+    let (dts, dss) = (decode_stats(0), decode_stats(1));
+    let (dg, ds) = (
+        dts.as_ref().map(|t| t.median_s),
+        dss.as_ref().map(|t| t.median_s),
+    );
     for (i, d) in [dg, ds].into_iter().enumerate() {
         if let Some(v) = variants.get_mut(i) {
             v.metrics.insert("decode_phase_s".into(), d);
@@ -539,6 +548,15 @@ pub(crate) fn measure<B: Backend>(
         }
     }
     let ratio = dg.zip(ds).map(|(g, sp)| g / sp);
+    let total = |i: usize| variants.get(i).and_then(|v| v.timings.clone());
+    let evidence = [
+        Evidence::of(
+            total(0).as_ref(),
+            total(1).as_ref(),
+            tg.zip(ts).map(|(g, sp)| sp / g),
+        ),
+        Evidence::of(dts.as_ref(), dss.as_ref(), ratio),
+    ];
     let spec_metrics = variants
         .get(1)
         .map(|v| v.metrics.clone())
@@ -563,7 +581,13 @@ pub(crate) fn measure<B: Backend>(
         super::fmt_opt(stat("draft_over_verify"), 2),
         super::fmt_opt(stat("read_backs_per_step"), 2),
     ));
-    let criteria = criteria(s, reduction, ratio, identical, identical_fraction);
+    let criteria = criteria(
+        s,
+        [reduction, ratio],
+        evidence,
+        identical,
+        identical_fraction,
+    );
     Ok(RunOutput {
         variants,
         criteria,
@@ -573,6 +597,7 @@ pub(crate) fn measure<B: Backend>(
             mtp_sweep: Vec::new(),
             ..Default::default()
         },
+        active_fraction: None,
     })
 }
 
@@ -613,6 +638,57 @@ mod tests {
         // at k times, so again 1; halfway (read = 2 x compute): 4 x 2 / 4 = 2
         assert!((speedup_ceiling(1e9, 1e9, 1.0, 1.0, 4.0) - 1.0).abs() < 1e-12);
         assert!((speedup_ceiling(2e9, 1e9, 1.0, 1.0, 4.0) - 2.0).abs() < 1e-12);
+    }
+
+    fn scenario() -> MtpScenario {
+        match crate::config::Scenario::builtin(crate::config::ScenarioKind::Mtp) {
+            crate::config::Scenario::Mtp(s) => s,
+            _ => unreachable!(),
+        }
+    }
+
+    #[test]
+    fn sc002_arithmetic_samples_and_noise_on_fixed_figures() {
+        use crate::report::Outcome;
+        let s = scenario();
+        let ev = |samples, uncertainty| Evidence {
+            samples,
+            uncertainty,
+        };
+        let c = criteria(
+            &s,
+            [Some(0.31), Some(1.45)],
+            [ev(3, Some(0.02)), ev(3, Some(0.05))],
+            Some(true),
+            Some(1.0),
+        );
+        let ids: Vec<&str> = c.iter().map(|c| c.id.as_str()).collect();
+        assert_eq!(ids, ["SC-002a", "SC-002b", "SC-002-eq"]);
+        assert!(c.iter().all(|c| c.passed), "{c:?}");
+        assert_eq!(c[0].outcome(), Outcome::Pass);
+        assert_eq!(c[0].samples, Some(3));
+        // 1.35 against 1.3 with a noise band of 0.1: marginal
+        let c = criteria(
+            &s,
+            [Some(0.31), Some(1.35)],
+            [ev(3, Some(0.02)), ev(3, Some(0.1))],
+            Some(true),
+            Some(1.0),
+        );
+        assert_eq!(c[1].outcome(), Outcome::Marginal);
+        // one sample per side: not measured, whatever the figure
+        let c = criteria(
+            &s,
+            [Some(0.5), Some(2.0)],
+            [ev(1, None), ev(1, None)],
+            Some(true),
+            Some(1.0),
+        );
+        assert!(c[0].measured.is_none() && c[1].measured.is_none());
+        assert!(c[0].note.contains("at least 3"));
+        // nothing measured: nothing passes
+        let c = criteria(&s, [None, None], [ev(0, None), ev(0, None)], None, None);
+        assert!(c.iter().all(|c| !c.passed && c.measured.is_none()));
     }
 
     #[test]

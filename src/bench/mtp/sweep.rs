@@ -34,10 +34,7 @@ pub(super) fn sweep<B: Backend>(
         B::sync(dev).ok();
         t.elapsed().as_secs_f64()
     };
-    let median = |mut xs: Vec<f64>| {
-        xs.sort_by(f64::total_cmp);
-        xs[xs.len() / 2]
-    };
+    let median = |xs: Vec<f64>| crate::monitor::stats::median(&xs).unwrap_or(f64::NAN);
     for &b in &sw.batches {
         let prompts = train::heldout_prompts(heldout, b, s.run.prompt_len);
         let g = decode::greedy(main, &prompts, n, PREFILL_CHUNK);

@@ -316,7 +316,7 @@ pub fn run<B: Backend>(
         v.memory.analytic = Some(AnalyticMemory {
             weights_bytes,
             kv_cache_bytes: kv,
-            activations_bytes: 0,
+            activations_bytes: None,
         });
         v.metrics
             .insert("params_total".into(), Some(cfg.params() as f64));
@@ -501,7 +501,7 @@ pub fn run<B: Backend>(
     );
     notes.push(
         "the analytic memory breakdown of this kind covers weights and KV caches only: its \
-         activations_bytes is not estimated (0 there means not estimated, not zero)"
+         activations_bytes is not estimated (null)"
             .into(),
     );
     Ok(RunOutput {
@@ -510,6 +510,7 @@ pub fn run<B: Backend>(
         notes,
         memory_series: monitor.series().to_vec(),
         series: Default::default(),
+        active_fraction: None,
     })
 }
 

@@ -172,6 +172,7 @@ fn report(scenario: serde_json::Value, variants: Vec<VariantReport>) -> Report {
         notes: vec![],
         memory_series: vec![],
         series: Default::default(),
+        spec: None,
     }
 }
 
