@@ -13,13 +13,13 @@
 
 use std::time::Instant;
 
-use burn::tensor::{backend::Backend, Distribution, Tensor};
+use burn::tensor::{backend::Backend, Distribution, Int, Tensor};
 use rayon::prelude::*;
 use serde::Serialize;
 
 use crate::backend::BackendContext;
 use crate::nn::attention::{AttentionKind, MlaImpl};
-use crate::nn::model::DecoderConfig;
+use crate::nn::model::{Decoder, DecoderConfig};
 
 /// 实测上限。
 #[derive(Debug, Clone, Serialize, Default)]
@@ -364,6 +364,44 @@ pub fn prefill_flops(c: &DecoderConfig, batch: usize, seq: usize) -> f64 {
     let keys = s * (s + 1.0) / 2.0;
     let attn = attention_flops_per_head(c, keys) * (c.attention.n_heads * c.n_layers) as f64;
     batch as f64 * (2.0 * w * s + attn)
+}
+
+/// The mean number of distinct routed experts each MoE layer's router picks at one decode step
+/// of `batch` tokens, over `steps` steps from an empty cache (one untimed pass); `None` for a
+/// model without MoE layers.
+pub fn experts_touched_per_step<B: Backend>(
+    model: &Decoder<B>,
+    step_ids: &[Tensor<B, 2, Int>],
+    batch: usize,
+    steps: usize,
+) -> Option<f64> {
+    let mut cache = model.new_cache(batch, steps);
+    let (mut sum, mut n) = (0usize, 0usize);
+    for x in step_ids {
+        let mut st = Vec::new();
+        let _ = model.forward_hidden_stats(x.clone(), &mut cache, Some(&mut st));
+        for layer in &st {
+            sum += layer.tokens_per_expert.iter().filter(|&&t| t > 0).count();
+            n += 1;
+        }
+    }
+    (n > 0).then(|| sum as f64 / n as f64)
+}
+
+/// Prefill FLOPs of `cfg` for `batch` x `seq` tokens, each token computing only its own top-k
+/// routed experts in the MoE layers.
+pub fn active_prefill_flops(cfg: &DecoderConfig, batch: usize, seq: usize) -> f64 {
+    let all = prefill_flops(cfg, batch, seq);
+    let Some(m) = &cfg.moe else {
+        return all;
+    };
+    let moe_layers = (0..cfg.n_layers).filter(|&i| cfg.is_moe_layer(i)).count();
+    let skipped = (m.router.n_routed_experts - m.router.num_experts_per_tok)
+        * 3
+        * m.dim
+        * m.moe_inter_dim
+        * moe_layers;
+    all - 2.0 * (batch * seq * skipped) as f64
 }
 
 #[cfg(test)]

@@ -221,44 +221,6 @@ fn speedups(
     (pre_total, dec_total)
 }
 
-/// The mean number of distinct routed experts each MoE layer's router picks at one decode step
-/// of `batch` tokens, over `steps` steps from an empty cache (one untimed pass); `None` for a
-/// model without MoE layers.
-fn experts_touched_per_step<B: Backend>(
-    model: &Decoder<B>,
-    step_ids: &[Tensor<B, 2, Int>],
-    batch: usize,
-    steps: usize,
-) -> Option<f64> {
-    let mut cache = model.new_cache(batch, steps);
-    let (mut sum, mut n) = (0usize, 0usize);
-    for x in step_ids {
-        let mut st = Vec::new();
-        let _ = model.forward_hidden_stats(x.clone(), &mut cache, Some(&mut st));
-        for layer in &st {
-            sum += layer.tokens_per_expert.iter().filter(|&&t| t > 0).count();
-            n += 1;
-        }
-    }
-    (n > 0).then(|| sum as f64 / n as f64)
-}
-
-/// Prefill FLOPs of `cfg` for `batch` x `seq` tokens, each token computing only its own top-k
-/// routed experts in the MoE layers.
-fn moe_prefill_flops(cfg: &DecoderConfig, batch: usize, seq: usize) -> f64 {
-    let all = super::roofline::prefill_flops(cfg, batch, seq);
-    let Some(m) = &cfg.moe else {
-        return all;
-    };
-    let moe_layers = (0..cfg.n_layers).filter(|&i| cfg.is_moe_layer(i)).count();
-    let skipped = (m.router.n_routed_experts - m.router.num_experts_per_tok)
-        * 3
-        * m.dim
-        * m.moe_inter_dim
-        * moe_layers;
-    all - 2.0 * (batch * seq * skipped) as f64
-}
-
 /// The decode roofline in one line: each variant's bytes per step and the fraction of the read
 /// limits it reaches, with the experts the MoE step touched.
 fn roofline_note(variants: &[VariantReport], touched: Option<f64>, n_routed: usize) -> String {
@@ -450,7 +412,7 @@ pub fn run<B: Backend>(
     series.extend(monitor.series().iter().cloned());
     // the experts a decode step actually touches: one untimed pass of the MoE model over the
     // same steps, counting the distinct routed experts of each MoE layer at each step
-    let touched = experts_touched_per_step(&models[0], &step_ids, db, steps);
+    let touched = super::roofline::experts_touched_per_step(&models[0], &step_ids, db, steps);
     // per-phase statistics of the timed rounds, by the statistics module (one median)
     let mut phase_stats: Vec<[Option<crate::monitor::Timings>; 2]> = Vec::new();
     for (i, m) in ms.iter().enumerate() {
@@ -484,7 +446,8 @@ pub fn run<B: Backend>(
             touched.unwrap_or(moe.router.n_routed_experts as f64),
         );
         let decode_gbps = decode_s.map(|t| step.bytes() * steps as f64 / t / 1e9);
-        let prefill_gflops = prefill_s.map(|t| moe_prefill_flops(cfg, pb, ps) / t / 1e9);
+        let prefill_gflops =
+            prefill_s.map(|t| super::roofline::active_prefill_flops(cfg, pb, ps) / t / 1e9);
         let frac =
             |x: Option<f64>, l: Option<f64>| x.zip(l.filter(|l| *l > 0.0)).map(|(x, l)| x / l);
         let ws = super::roofline::working_set_read_gb_per_s(ctx, step.bytes().max(1.0) as usize);

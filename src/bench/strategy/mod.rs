@@ -18,7 +18,7 @@
 //! the variants' metrics and in the notes, never as criteria.
 
 use burn::module::{Module, ModuleVisitor, Param};
-use burn::tensor::{backend::Backend, Tensor};
+use burn::tensor::{backend::Backend, Int, Tensor};
 
 use super::RunOutput;
 use crate::backend::BackendContext;
@@ -239,6 +239,79 @@ fn describe(
             kv_tok as f64 / kv_tok_std as f64
         ),
     ]
+}
+
+/// The prefill and the greedy decode step against the limits measured here: bytes and FLOPs
+/// per step from the configuration (an MoE step counts only the routed experts its tokens
+/// picked, measured in an untimed pass of single-token steps of random ids at the run's batch),
+/// fractions of the streaming and working-set read limits and of GEMM. Returns the note.
+fn roofline<B: Backend>(
+    s: &ModelScenario,
+    cfg: &DecoderConfig,
+    main: &Decoder<B>,
+    ctx: &BackendContext<B>,
+    variants: &mut [VariantReport],
+) -> String {
+    use super::roofline as rl;
+    let (batch, plen, n) = (s.run.batch, s.run.prompt_len, s.run.new_tokens);
+    let eb = s.optimization.dtype.bytes();
+    let limits = rl::measure(ctx);
+    let steps: Vec<Tensor<B, 2, Int>> = (0..n.max(1))
+        .map(|i| super::token_tensor::<B>(batch, 1, cfg.vocab_size, 100 + i as u64, &ctx.device))
+        .collect();
+    let touched = rl::experts_touched_per_step(main, &steps, batch, steps.len());
+    let n_routed = cfg.moe.as_ref().map(|m| m.router.n_routed_experts);
+    let step = rl::moe_decode_step(
+        cfg,
+        batch,
+        plen + n / 2,
+        eb,
+        touched.or(n_routed.map(|e| e as f64)).unwrap_or(0.0),
+    );
+    let ws = rl::working_set_read_gb_per_s(ctx, step.bytes().max(1.0) as usize);
+    let frac = |x: Option<f64>, l: Option<f64>| x.zip(l.filter(|l| *l > 0.0)).map(|(x, l)| x / l);
+    let get = |v: &VariantReport, k: &str| v.metrics.get(k).copied().flatten();
+    if let Some(v) = variants.first_mut() {
+        let gflops =
+            get(v, "prefill_s").map(|t| rl::active_prefill_flops(cfg, batch, plen) / t / 1e9);
+        v.metrics.insert("prefill_gflop_per_s".into(), gflops);
+        v.metrics.insert(
+            "prefill_gemm_fraction".into(),
+            frac(gflops, limits.gemm_gflop_per_s),
+        );
+    }
+    if let Some(v) = variants.get_mut(1) {
+        let gbps = get(v, "decode_tokens_per_s").map(|tps| step.bytes() * tps / batch as f64 / 1e9);
+        for (k, x) in [
+            ("decode_bytes_per_step", Some(step.bytes())),
+            ("decode_flops_per_step", Some(step.flops)),
+            ("decode_gb_per_s", gbps),
+            ("limit_read_gb_per_s", limits.read_gb_per_s),
+            (
+                "decode_read_bandwidth_fraction",
+                frac(gbps, limits.read_gb_per_s),
+            ),
+            ("limit_working_set_read_gb_per_s", ws),
+            ("decode_working_set_read_fraction", frac(gbps, ws)),
+            ("experts_touched_per_decode_step", touched),
+        ] {
+            v.metrics.insert(k.into(), x);
+        }
+    }
+    format!(
+        "{}; greedy decode step: {:.2} MB, {:.2} MFLOP at batch {batch}{} (decode tokens/s \
+         from the run minus the prefill)",
+        limits.note(),
+        step.bytes() / 1e6,
+        step.flops / 1e6,
+        match (touched, n_routed) {
+            (Some(t), Some(e)) => format!(
+                ", reading {t:.1} of {e} routed experts per MoE layer (measured in an untimed \
+                 pass of {n} single-token steps of random ids)"
+            ),
+            _ => String::new(),
+        }
+    )
 }
 
 /// Runs a `model` scenario on backend `B`.
@@ -466,6 +539,7 @@ pub fn run<B: Backend>(
 
     let mut notes = describe(s, &cfg, &standard, mtp_params, kv_tok, kv_tok_std);
     notes.extend(s.model_origin.as_ref().map(|o| o.note.clone()));
+    notes.push(roofline(s, &cfg, main, ctx, &mut variants));
     let tps = |i: usize, k: &str| {
         variants
             .get(i)
