@@ -345,3 +345,61 @@ mod prompt_tests {
         assert!(err(&dir.path().join("none"), 1, 1, 10).contains("cannot read"));
     }
 }
+
+#[cfg(test)]
+mod spec_tests {
+    use super::*;
+    use crate::config::{Scenario, ScenarioKind};
+    use crate::report::spec::{bind, operating_deviations};
+
+    /// The shipped default scenarios are at the spec's operating point (SC-003a's active fraction
+    /// from the MoE variant as built), so their reports carry the spec's ids.
+    #[test]
+    fn the_default_scenarios_are_spec_conformant() {
+        for kind in [ScenarioKind::Mla, ScenarioKind::Mtp, ScenarioKind::Moe] {
+            let s = Scenario::builtin(kind);
+            let active_fraction = match &s {
+                Scenario::Moe(m) => {
+                    let c = m.decoder_config(crate::config::MoeVariant::Moe);
+                    Some(strategy::active_params(&c) as f64 / c.params() as f64)
+                }
+                _ => None,
+            };
+            let out = RunOutput {
+                active_fraction,
+                ..Default::default()
+            };
+            let op = operating_point(&s, &out);
+            assert!(
+                operating_deviations(kind.as_str(), &op).is_empty(),
+                "{kind:?}: {op:?}"
+            );
+        }
+    }
+
+    /// A smoke scenario and a command-line override off the spec's point rename the criteria.
+    #[test]
+    fn smoke_and_overrides_leave_the_spec_point() {
+        let mut s = Scenario::builtin(ScenarioKind::Mtp);
+        if let Scenario::Mtp(m) = &mut s {
+            m.run.batch = 1;
+        }
+        let mut c = vec![Criterion::evaluate(
+            "SC-002b",
+            "m",
+            crate::report::Comparison::AtLeast,
+            1.3,
+            Some(1.337),
+            "",
+        )];
+        let st = bind("mtp", operating_point(&s, &RunOutput::default()), &mut c);
+        assert!(!st.conformant);
+        assert_eq!(c[0].id, "SC-002b@batch1");
+        let mut s = Scenario::builtin(ScenarioKind::Mla);
+        if let Scenario::Mla(m) = &mut s {
+            m.smoke = true;
+        }
+        let op = operating_point(&s, &RunOutput::default());
+        assert_eq!(operating_deviations("mla", &op)[0].0, "smoke");
+    }
+}
