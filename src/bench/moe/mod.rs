@@ -286,88 +286,77 @@ fn sc003a_criteria(
     ]
 }
 
-/// Runs SC-003a on backend `B`.
-pub fn run<B: Backend>(
+/// Each variant's prefill and decode timings of the timed rounds (statistics module), `None`
+/// for a failed variant.
+type PhaseStats = [Option<crate::monitor::Timings>; 2];
+
+/// The prefill prompt (`[prefill_batch, prefill_seq]`) and the decode steps' ids
+/// (`decode_steps` x `[decode_batch, 1]`): random ids, or the rows of `run.prompts`.
+#[allow(clippy::type_complexity)]
+fn inputs<B: Backend>(
     s: &MoeScenario,
-    ctx: &BackendContext<B>,
-    monitor_cfg: MonitorConfig,
-) -> anyhow::Result<RunOutput> {
-    let dev = &ctx.device;
-    crate::backend::use_float_dtype::<B>(dev, s.run.dtype)?;
-    let eb = s.run.dtype.bytes();
+    dev: &B::Device,
+    notes: &mut Vec<String>,
+) -> anyhow::Result<(Tensor<B, 2, Int>, Vec<Tensor<B, 2, Int>>)> {
     let (pb, ps) = (s.run.prefill_batch, s.run.prefill_seq);
     let (db, steps) = (s.run.decode_batch, s.run.decode_steps);
-    // all three models are built first, then measured in interleaved rounds (moe, dense total,
-    // dense active, moe, ...) so machine drift hits them alike; prefill and decode are two
-    // separately timed workloads inside each run
-    if let (Some(p), false) = (&s.run.prompts, is_trained(s)) {
-        return Err(crate::DsoptError::Usage(format!(
-            "run.prompts / --prompts {}: prompt token ids are for a checkpoint with weights \
-             (`--model DIR`); random weights route any ids alike: drop them",
-            p.display()
-        ))
-        .into());
-    }
-    // the limits every speed below is set against, measured in this run before the models
-    // exist (the streaming read buffer is larger than the last-level cache)
-    let limits = super::roofline::measure(ctx);
-    let (cfgs, models, load_note) = if is_trained(s) {
-        let (c, m, n) = checkpoint_models::<B>(s, ctx, !monitor_cfg.progress)?;
-        (c, m, Some(n))
-    } else {
-        let cfgs: Vec<DecoderConfig> = MoeVariant::ALL
-            .iter()
-            .map(|&v| s.decoder_config(v).with_shape_buckets(ctx.shape_buckets()))
-            .collect();
-        let models = warmed_models::<B>(s, &cfgs, dev, |_, cfg| cfg.init::<B>(dev));
-        (cfgs, models, None)
-    };
-    let moe = cfgs[0].moe.clone().expect("the MoE variant has an MoE FFN");
-    let mut notes = model_notes(s, &moe, &cfgs[0]);
-    let active_fraction =
-        Some(super::strategy::active_params(&cfgs[0]) as f64 / cfgs[0].params().max(1) as f64);
-    notes.extend(load_note);
-    let mut series = Vec::new();
-    let mut variants = Vec::new();
-    let mut tps: Vec<(MoeVariant, Option<f64>, Option<f64>)> = Vec::new();
-    let names = MoeVariant::ALL;
     let vocab = s.model.vocab_size;
-    let (prompt, step_ids) = match &s.run.prompts {
-        None => (
+    let Some(f) = &s.run.prompts else {
+        return Ok((
             super::token_tensor::<B>(pb, ps, vocab, 3, dev),
             (0..steps)
                 .map(|i| super::token_tensor::<B>(db, 1, vocab, 10 + i as u64, dev))
-                .collect::<Vec<Tensor<B, 2, Int>>>(),
-        ),
-        Some(f) => {
-            let rows = super::read_prompts(f, pb.max(db), ps.max(steps), vocab)?;
-            let ids = |r: &[Vec<u32>], b: usize, from: usize, len: usize| {
-                let v: Vec<i64> = r[..b]
-                    .iter()
-                    .flat_map(|row| row[from..from + len].iter().map(|&t| t as i64))
-                    .collect();
-                Tensor::<B, 2, Int>::from_data(TensorData::new(v, [b, len]), dev)
-            };
-            notes.push(format!(
-                "prompts: token ids from {}: the prefill is the first {ps} ids of the first {pb} \
-                 rows, decode step i feeds id i of the first {db} rows",
-                f.display()
-            ));
-            (
-                ids(&rows, pb, 0, ps),
-                (0..steps).map(|i| ids(&rows, db, i, 1)).collect(),
-            )
-        }
+                .collect(),
+        ));
     };
+    let rows = super::read_prompts(f, pb.max(db), ps.max(steps), vocab)?;
+    let ids = |b: usize, from: usize, len: usize| {
+        let v: Vec<i64> = rows[..b]
+            .iter()
+            .flat_map(|row| row[from..from + len].iter().map(|&t| t as i64))
+            .collect();
+        Tensor::<B, 2, Int>::from_data(TensorData::new(v, [b, len]), dev)
+    };
+    notes.push(format!(
+        "prompts: token ids from {}: the prefill is the first {ps} ids of the first {pb} rows, \
+         decode step i feeds id i of the first {db} rows",
+        f.display()
+    ));
+    Ok((ids(pb, 0, ps), (0..steps).map(|i| ids(db, i, 1)).collect()))
+}
+
+/// What the interleaved timing returns: the monitor's measurements, each variant's phase
+/// statistics, and the MoE variant's routing loads in the prefill.
+struct Timed {
+    measurements: Vec<crate::monitor::Measurement<()>>,
+    phases: Vec<PhaseStats>,
+    loads: Vec<LoadStats>,
+}
+
+/// Times the three models in interleaved rounds (moe, dense total, dense active, moe, ...) so
+/// machine drift hits them alike; prefill and decode are two separately timed workloads inside
+/// each run. The memory series goes to `series`.
+fn time_variants<B: Backend>(
+    s: &MoeScenario,
+    models: &[Decoder<B>],
+    cfgs: &[DecoderConfig],
+    (prompt, step_ids): (&Tensor<B, 2, Int>, &[Tensor<B, 2, Int>]),
+    ctx: &BackendContext<B>,
+    monitor_cfg: &MonitorConfig,
+    series: &mut Vec<crate::monitor::MemorySample>,
+) -> Timed {
+    let dev = &ctx.device;
+    let (pb, ps) = (s.run.prefill_batch, s.run.prefill_seq);
+    let (db, steps) = (s.run.decode_batch, s.run.decode_steps);
     // per variant: prefill seconds, decode seconds (every run) and the MoE's routing loads
     let times: Vec<std::cell::RefCell<(Vec<f64>, Vec<f64>)>> =
-        names.iter().map(|_| Default::default()).collect();
+        models.iter().map(|_| Default::default()).collect();
     let loads: std::cell::RefCell<Vec<LoadStats>> = Default::default();
     let mut monitor =
         PerformanceMonitor::for_backend::<B>(monitor_cfg.without_warmup(), dev, ctx.pool.clone());
     let mut workloads: Vec<crate::monitor::Workload<'_, ()>> = Vec::new();
     for (i, model) in models.iter().enumerate() {
-        let (prompt, step_ids, times, loads) = (&prompt, &step_ids, &times[i], &loads);
+        let (times, loads) = (&times[i], &loads);
         let hidden = cfgs[i].hidden;
         workloads.push(Box::new(move |probe| {
             let mut cache = model.new_cache(pb, ps);
@@ -407,82 +396,117 @@ pub fn run<B: Backend>(
             Ok(())
         }));
     }
-    let ms = monitor.measure_interleaved(&names.map(MoeVariant::as_str), &mut workloads);
+    let measurements =
+        monitor.measure_interleaved(&MoeVariant::ALL.map(MoeVariant::as_str), &mut workloads);
     drop(workloads);
     series.extend(monitor.series().iter().cloned());
-    // the experts a decode step actually touches: one untimed pass of the MoE model over the
-    // same steps, counting the distinct routed experts of each MoE layer at each step
-    let touched = super::roofline::experts_touched_per_step(&models[0], &step_ids, db, steps);
-    // per-phase statistics of the timed rounds, by the statistics module (one median)
-    let mut phase_stats: Vec<[Option<crate::monitor::Timings>; 2]> = Vec::new();
-    for (i, m) in ms.iter().enumerate() {
-        let (variant, cfg) = (names[i], &cfgs[i]);
-        let mut v = VariantReport::from_measurement(m);
-        let tm = times[i].borrow();
-        // the monitor keeps the timed rounds only: the last `repetitions` entries
-        let reps = v.timings.as_ref().map(|t| t.samples_s.len()).unwrap_or(0);
-        let timed = |xs: &[f64]| {
-            crate::monitor::Timings::from_samples(
-                xs[xs.len().saturating_sub(reps)..].to_vec(),
-                Vec::new(),
-            )
-        };
-        let stats = if v.error.is_none() {
-            [timed(&tm.0), timed(&tm.1)]
-        } else {
-            [None, None]
-        };
-        let (prefill_s, decode_s) = (
-            stats[0].as_ref().map(|t| t.median_s),
-            stats[1].as_ref().map(|t| t.median_s),
-        );
-        phase_stats.push(stats);
-        // this variant's step against the limits measured in this run
-        let step = super::roofline::moe_decode_step(
-            cfg,
-            db,
-            steps.div_ceil(2),
-            eb,
-            touched.unwrap_or(moe.router.n_routed_experts as f64),
-        );
-        let decode_gbps = decode_s.map(|t| step.bytes() * steps as f64 / t / 1e9);
-        let prefill_gflops =
-            prefill_s.map(|t| super::roofline::active_prefill_flops(cfg, pb, ps) / t / 1e9);
-        let frac =
-            |x: Option<f64>, l: Option<f64>| x.zip(l.filter(|l| *l > 0.0)).map(|(x, l)| x / l);
-        let ws = super::roofline::working_set_read_gb_per_s(ctx, step.bytes().max(1.0) as usize);
-        for (k, x) in [
-            ("decode_bytes_per_step", Some(step.bytes())),
-            ("decode_flops_per_step", Some(step.flops)),
-            ("decode_gb_per_s", decode_gbps),
-            ("limit_read_gb_per_s", limits.read_gb_per_s),
-            (
-                "decode_read_bandwidth_fraction",
-                frac(decode_gbps, limits.read_gb_per_s),
-            ),
-            ("limit_working_set_read_gb_per_s", ws),
-            ("decode_working_set_read_fraction", frac(decode_gbps, ws)),
-            ("prefill_gflop_per_s", prefill_gflops),
-            (
-                "prefill_gemm_fraction",
-                frac(prefill_gflops, limits.gemm_gflop_per_s),
-            ),
-        ] {
-            v.metrics.insert(k.into(), x);
-        }
-        if variant == MoeVariant::Moe {
-            v.metrics
-                .insert("experts_touched_per_decode_step".into(), touched);
-        }
-        let prefill_tps = prefill_s.map(|t| (pb * ps) as f64 / t);
-        let decode_tps = decode_s.map(|t| (db * steps) as f64 / t);
-        v.metrics.insert("prefill_s".into(), prefill_s);
-        v.metrics.insert("prefill_tokens_per_s".into(), prefill_tps);
-        v.metrics.insert("decode_s".into(), decode_s);
-        v.metrics.insert("decode_tokens_per_s".into(), decode_tps);
-        v.metrics.insert("params".into(), Some(cfg.params() as f64));
-        let loads = loads.borrow();
-        if variant == MoeVariant::Moe && !loads.is_empty() {
+    // the monitor keeps the timed rounds only: the last `repetitions` entries of each list
+    let phases = measurements
+        .iter()
+        .zip(&times)
+        .map(|(m, tm)| {
+            let tm = tm.borrow();
+            let reps = m.timings.as_ref().map(|t| t.samples_s.len()).unwrap_or(0);
+            let timed = |xs: &[f64]| {
+                crate::monitor::Timings::from_samples(
+                    xs[xs.len().saturating_sub(reps)..].to_vec(),
+                    Vec::new(),
+                )
+            };
+            if m.error.is_none() {
+                [timed(&tm.0), timed(&tm.1)]
+            } else {
+                [None, None]
+            }
+        })
+        .collect();
+    Timed {
+        measurements,
+        phases,
+        loads: loads.into_inner(),
+    }
+}
+
+/// The decode and prefill roofline figures of one variant: its step's bytes and FLOPs (the MoE
+/// step reading only the `touched` routed experts) against the limits measured in this run.
+fn roofline_metrics<B: Backend>(
+    s: &MoeScenario,
+    cfg: &DecoderConfig,
+    [prefill_s, decode_s]: [Option<f64>; 2],
+    touched: f64,
+    limits: &super::roofline::Limits,
+    ctx: &BackendContext<B>,
+) -> Vec<(&'static str, Option<f64>)> {
+    let (pb, ps) = (s.run.prefill_batch, s.run.prefill_seq);
+    let (db, steps) = (s.run.decode_batch, s.run.decode_steps);
+    let eb = s.run.dtype.bytes();
+    let step = super::roofline::moe_decode_step(cfg, db, steps.div_ceil(2), eb, touched);
+    let decode_gbps = decode_s.map(|t| step.bytes() * steps as f64 / t / 1e9);
+    let prefill_gflops =
+        prefill_s.map(|t| super::roofline::active_prefill_flops(cfg, pb, ps) / t / 1e9);
+    let frac = |x: Option<f64>, l: Option<f64>| x.zip(l.filter(|l| *l > 0.0)).map(|(x, l)| x / l);
+    let ws = super::roofline::working_set_read_gb_per_s(ctx, step.bytes().max(1.0) as usize);
+    vec![
+        ("decode_bytes_per_step", Some(step.bytes())),
+        ("decode_flops_per_step", Some(step.flops)),
+        ("decode_gb_per_s", decode_gbps),
+        ("limit_read_gb_per_s", limits.read_gb_per_s),
+        (
+            "decode_read_bandwidth_fraction",
+            frac(decode_gbps, limits.read_gb_per_s),
+        ),
+        ("limit_working_set_read_gb_per_s", ws),
+        ("decode_working_set_read_fraction", frac(decode_gbps, ws)),
+        ("prefill_gflop_per_s", prefill_gflops),
+        (
+            "prefill_gemm_fraction",
+            frac(prefill_gflops, limits.gemm_gflop_per_s),
+        ),
+    ]
+}
+
+/// One variant's report: timings, speeds, roofline, routing load (MoE), analytic memory.
+#[allow(clippy::too_many_arguments)]
+fn variant_report<B: Backend>(
+    s: &MoeScenario,
+    variant: MoeVariant,
+    cfg: &DecoderConfig,
+    m: &crate::monitor::Measurement<()>,
+    phases: &PhaseStats,
+    loads: &[LoadStats],
+    touched: Option<f64>,
+    limits: &super::roofline::Limits,
+    ctx: &BackendContext<B>,
+) -> VariantReport {
+    let (pb, ps) = (s.run.prefill_batch, s.run.prefill_seq);
+    let (db, steps) = (s.run.decode_batch, s.run.decode_steps);
+    let eb = s.run.dtype.bytes();
+    let mut v = VariantReport::from_measurement(m);
+    let [prefill_s, decode_s] = [0, 1].map(|i| phases[i].as_ref().map(|t| t.median_s));
+    let n_routed = cfg.moe.as_ref().map(|m| m.router.n_routed_experts as f64);
+    let all = touched.or(n_routed).unwrap_or(0.0);
+    for (k, x) in roofline_metrics(s, cfg, [prefill_s, decode_s], all, limits, ctx) {
+        v.metrics.insert(k.into(), x);
+    }
+    for (k, x) in [
+        ("prefill_s", prefill_s),
+        (
+            "prefill_tokens_per_s",
+            prefill_s.map(|t| (pb * ps) as f64 / t),
+        ),
+        ("decode_s", decode_s),
+        (
+            "decode_tokens_per_s",
+            decode_s.map(|t| (db * steps) as f64 / t),
+        ),
+        ("params", Some(cfg.params() as f64)),
+    ] {
+        v.metrics.insert(k.into(), x);
+    }
+    if variant == MoeVariant::Moe {
+        v.metrics
+            .insert("experts_touched_per_decode_step".into(), touched);
+        if !loads.is_empty() {
             let per_expert: Vec<usize> = (0..s.moe.n_routed_experts)
                 .map(|e| loads.iter().map(|l| l.tokens_per_expert[e]).sum())
                 .collect();
@@ -492,76 +516,157 @@ pub fn run<B: Backend>(
             v.metrics
                 .insert("unused_experts".into(), Some(l.unused_experts as f64));
         }
-        v.memory.analytic = Some(AnalyticMemory {
-            weights_bytes: (cfg.params() * eb) as u64,
-            kv_cache_bytes: cfg.kv_cache_bytes(pb, ps, eb),
-            activations_bytes: None,
-        });
-        tps.push((variant, prefill_tps, decode_tps));
-        variants.push(v);
     }
+    v.memory.analytic = Some(AnalyticMemory {
+        weights_bytes: (cfg.params() * eb) as u64,
+        kv_cache_bytes: cfg.kv_cache_bytes(pb, ps, eb),
+        activations_bytes: None,
+    });
+    v
+}
+
+/// SC-003b: the offloaded run and its resident twin on a device-pool backend; elsewhere (or
+/// without `[offload]`) its three criteria, present, unmeasured and never a pass.
+fn sc003b<B: Backend>(
+    s: &MoeScenario,
+    ctx: &BackendContext<B>,
+    monitor_cfg: &MonitorConfig,
+    out: &mut RunOutput,
+) {
+    let Some(o) = &s.offload else {
+        out.criteria.extend(sc003b_not_applicable(
+            s,
+            "the scenario has no [offload] section",
+        ));
+        return;
+    };
+    if super::has_device_pool(ctx.selected.kind) {
+        if is_trained(s) {
+            out.notes.push(
+                "SC-003b's resident and offloaded twins are built from the scenario's shape \
+                 (MHA attention, random weights), not loaded from the checkpoint"
+                    .into(),
+            );
+        }
+        let (v, c, n) = offload::<B>(s, o, ctx, monitor_cfg, &mut out.memory_series);
+        out.variants.extend(v);
+        out.criteria.extend(c);
+        out.notes.extend(n);
+    } else {
+        // present, unmeasured and never a pass: half of SC-003 untested is not an SC-003 pass
+        let why = format!(
+            "backend {} computes in host memory, so there is no separate device memory to \
+             budget; run with --backend wgpu or cuda to measure it (or gate the rest with \
+             --require SC-003a-prefill,SC-003a-decode)",
+            ctx.selected.kind
+        );
+        out.notes
+            .push(format!("SC-003b (expert offload) does not apply: {why}"));
+        out.criteria.extend(sc003b_not_applicable(s, &why));
+    }
+}
+
+/// Runs SC-003 on backend `B`: the three models built first, timed interleaved, each against
+/// the roofline; SC-003a from the timings, SC-003b from the offloaded run ([`sc003b`]).
+pub fn run<B: Backend>(
+    s: &MoeScenario,
+    ctx: &BackendContext<B>,
+    monitor_cfg: MonitorConfig,
+) -> anyhow::Result<RunOutput> {
+    let dev = &ctx.device;
+    crate::backend::use_float_dtype::<B>(dev, s.run.dtype)?;
+    if let (Some(p), false) = (&s.run.prompts, is_trained(s)) {
+        return Err(crate::DsoptError::Usage(format!(
+            "run.prompts / --prompts {}: prompt token ids are for a checkpoint with weights \
+             (`--model DIR`); random weights route any ids alike: drop them",
+            p.display()
+        ))
+        .into());
+    }
+    // the limits every speed below is set against, measured in this run before the models
+    // exist (the streaming read buffer is larger than the last-level cache)
+    let limits = super::roofline::measure(ctx);
+    let (cfgs, models, load_note) = if is_trained(s) {
+        let (c, m, n) = checkpoint_models::<B>(s, ctx, !monitor_cfg.progress)?;
+        (c, m, Some(n))
+    } else {
+        let cfgs: Vec<DecoderConfig> = MoeVariant::ALL
+            .iter()
+            .map(|&v| s.decoder_config(v).with_shape_buckets(ctx.shape_buckets()))
+            .collect();
+        let models = warmed_models::<B>(s, &cfgs, dev, |_, cfg| cfg.init::<B>(dev));
+        (cfgs, models, None)
+    };
+    let moe = cfgs[0].moe.clone().expect("the MoE variant has an MoE FFN");
+    let mut out = RunOutput {
+        notes: model_notes(s, &moe, &cfgs[0]),
+        active_fraction: Some(
+            super::strategy::active_params(&cfgs[0]) as f64 / cfgs[0].params().max(1) as f64,
+        ),
+        ..Default::default()
+    };
+    out.notes.extend(load_note);
+    let (prompt, step_ids) = inputs::<B>(s, dev, &mut out.notes)?;
+    let t = time_variants(
+        s,
+        &models,
+        &cfgs,
+        (&prompt, &step_ids),
+        ctx,
+        &monitor_cfg,
+        &mut out.memory_series,
+    );
+    // the experts a decode step actually touches: one untimed pass of the MoE model over the
+    // same steps, counting the distinct routed experts of each MoE layer at each step
+    let (db, steps) = (s.run.decode_batch, s.run.decode_steps);
+    let touched = super::roofline::experts_touched_per_step(&models[0], &step_ids, db, steps);
     drop(models);
-    notes.push(
+    let mut tps: Vec<(MoeVariant, Option<f64>, Option<f64>)> = Vec::new();
+    for (i, &variant) in MoeVariant::ALL.iter().enumerate() {
+        let v = variant_report(
+            s,
+            variant,
+            &cfgs[i],
+            &t.measurements[i],
+            &t.phases[i],
+            &t.loads,
+            touched,
+            &limits,
+            ctx,
+        );
+        let get = |k: &str| v.metrics.get(k).copied().flatten();
+        tps.push((
+            variant,
+            get("prefill_tokens_per_s"),
+            get("decode_tokens_per_s"),
+        ));
+        out.variants.push(v);
+    }
+    out.notes.push(
         "the three variants were measured in interleaved rounds with all three models loaded, so \
          each variant's host/device peak includes the other two models' weights; prefill and \
          decode are timed separately inside every run (medians of the timed rounds)"
             .into(),
     );
-    let (pre_total, dec_total) = speedups(&tps, &mut variants, &mut notes);
-    notes.push(limits.note());
-    notes.push(roofline_note(
-        &variants,
+    let (pre_total, dec_total) = speedups(&tps, &mut out.variants, &mut out.notes);
+    out.notes.push(limits.note());
+    out.notes.push(roofline_note(
+        &out.variants,
         touched,
         moe.router.n_routed_experts,
     ));
     // MoE (index 0) against dense-equal-total (index 1), per phase
     let evidence = |phase: usize, ratio| {
         crate::bench::Evidence::of(
-            phase_stats[0][phase].as_ref(),
-            phase_stats[1][phase].as_ref(),
+            t.phases[0][phase].as_ref(),
+            t.phases[1][phase].as_ref(),
             ratio,
         )
     };
-    let (pe, de) = (evidence(0, pre_total), evidence(1, dec_total));
-    let mut criteria = sc003a_criteria(s, [pre_total, dec_total], [pe, de]).to_vec();
-    if let Some(o) = &s.offload {
-        if super::has_device_pool(ctx.selected.kind) {
-            if is_trained(s) {
-                notes.push(
-                    "SC-003b's resident and offloaded twins are built from the scenario's shape \
-                     (MHA attention, random weights), not loaded from the checkpoint"
-                        .into(),
-                );
-            }
-            let (v, c, n) = offload::<B>(s, o, ctx, &monitor_cfg, &mut series);
-            variants.extend(v);
-            criteria.extend(c);
-            notes.extend(n);
-        } else {
-            // present, unmeasured and never a pass: half of SC-003 untested is not an SC-003 pass
-            let why = format!(
-                "backend {} computes in host memory, so there is no separate device memory to \
-                 budget; run with --backend wgpu or cuda to measure it (or gate the rest with \
-                 --require SC-003a-prefill,SC-003a-decode)",
-                ctx.selected.kind
-            );
-            notes.push(format!("SC-003b (expert offload) does not apply: {why}"));
-            criteria.extend(sc003b_not_applicable(s, &why));
-        }
-    } else {
-        criteria.extend(sc003b_not_applicable(
-            s,
-            "the scenario has no [offload] section",
-        ));
-    }
-    Ok(RunOutput {
-        variants,
-        criteria,
-        notes,
-        memory_series: series,
-        series: Default::default(),
-        active_fraction,
-    })
+    let ev = [evidence(0, pre_total), evidence(1, dec_total)];
+    out.criteria = sc003a_criteria(s, [pre_total, dec_total], ev).to_vec();
+    sc003b(s, ctx, &monitor_cfg, &mut out);
+    Ok(out)
 }
 
 #[cfg(test)]
