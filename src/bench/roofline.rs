@@ -327,6 +327,34 @@ pub fn decode_step(c: &DecoderConfig, batch: usize, context: usize, eb: usize) -
     }
 }
 
+/// `x / limit`, `None` unless both are known and the limit is positive.
+pub fn fraction(x: Option<f64>, limit: Option<f64>) -> Option<f64> {
+    x.zip(limit.filter(|l| *l > 0.0)).map(|(x, l)| x / l)
+}
+
+/// A decode step's roofline metrics: its bytes and FLOPs, the rate it read at (`gbps`, from the
+/// measured step time), and that rate as fractions of the streaming read limit and of the read
+/// rate of a working set the step's size (`ws`).
+pub fn decode_metrics(
+    step: &Traffic,
+    gbps: Option<f64>,
+    limits: &Limits,
+    ws: Option<f64>,
+) -> [(&'static str, Option<f64>); 7] {
+    [
+        ("decode_bytes_per_step", Some(step.bytes())),
+        ("decode_flops_per_step", Some(step.flops)),
+        ("decode_gb_per_s", gbps),
+        ("limit_read_gb_per_s", limits.read_gb_per_s),
+        (
+            "decode_read_bandwidth_fraction",
+            fraction(gbps, limits.read_gb_per_s),
+        ),
+        ("limit_working_set_read_gb_per_s", ws),
+        ("decode_working_set_read_fraction", fraction(gbps, ws)),
+    ]
+}
+
 /// One decode step of a model with MoE layers, whose `batch` tokens touched `touched` distinct
 /// routed experts per MoE layer on average (measured): the weights read are every dense
 /// parameter, the shared experts and routers, and only the touched routed experts; the FLOPs are

@@ -444,25 +444,14 @@ fn roofline_metrics<B: Backend>(
     let decode_gbps = decode_s.map(|t| step.bytes() * steps as f64 / t / 1e9);
     let prefill_gflops =
         prefill_s.map(|t| super::roofline::active_prefill_flops(cfg, pb, ps) / t / 1e9);
-    let frac = |x: Option<f64>, l: Option<f64>| x.zip(l.filter(|l| *l > 0.0)).map(|(x, l)| x / l);
     let ws = super::roofline::working_set_read_gb_per_s(ctx, step.bytes().max(1.0) as usize);
-    vec![
-        ("decode_bytes_per_step", Some(step.bytes())),
-        ("decode_flops_per_step", Some(step.flops)),
-        ("decode_gb_per_s", decode_gbps),
-        ("limit_read_gb_per_s", limits.read_gb_per_s),
-        (
-            "decode_read_bandwidth_fraction",
-            frac(decode_gbps, limits.read_gb_per_s),
-        ),
-        ("limit_working_set_read_gb_per_s", ws),
-        ("decode_working_set_read_fraction", frac(decode_gbps, ws)),
-        ("prefill_gflop_per_s", prefill_gflops),
-        (
-            "prefill_gemm_fraction",
-            frac(prefill_gflops, limits.gemm_gflop_per_s),
-        ),
-    ]
+    let mut out = super::roofline::decode_metrics(&step, decode_gbps, limits, ws).to_vec();
+    out.push(("prefill_gflop_per_s", prefill_gflops));
+    out.push((
+        "prefill_gemm_fraction",
+        super::roofline::fraction(prefill_gflops, limits.gemm_gflop_per_s),
+    ));
+    out
 }
 
 /// One variant's report: timings, speeds, roofline, routing load (MoE), analytic memory.

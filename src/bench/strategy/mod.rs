@@ -269,7 +269,6 @@ fn roofline<B: Backend>(
         touched.or(n_routed.map(|e| e as f64)).unwrap_or(0.0),
     );
     let ws = rl::working_set_read_gb_per_s(ctx, step.bytes().max(1.0) as usize);
-    let frac = |x: Option<f64>, l: Option<f64>| x.zip(l.filter(|l| *l > 0.0)).map(|(x, l)| x / l);
     let get = |v: &VariantReport, k: &str| v.metrics.get(k).copied().flatten();
     if let Some(v) = variants.first_mut() {
         let gflops =
@@ -277,24 +276,16 @@ fn roofline<B: Backend>(
         v.metrics.insert("prefill_gflop_per_s".into(), gflops);
         v.metrics.insert(
             "prefill_gemm_fraction".into(),
-            frac(gflops, limits.gemm_gflop_per_s),
+            rl::fraction(gflops, limits.gemm_gflop_per_s),
         );
     }
     if let Some(v) = variants.get_mut(1) {
         let gbps = get(v, "decode_tokens_per_s").map(|tps| step.bytes() * tps / batch as f64 / 1e9);
-        for (k, x) in [
-            ("decode_bytes_per_step", Some(step.bytes())),
-            ("decode_flops_per_step", Some(step.flops)),
-            ("decode_gb_per_s", gbps),
-            ("limit_read_gb_per_s", limits.read_gb_per_s),
-            (
-                "decode_read_bandwidth_fraction",
-                frac(gbps, limits.read_gb_per_s),
-            ),
-            ("limit_working_set_read_gb_per_s", ws),
-            ("decode_working_set_read_fraction", frac(gbps, ws)),
-            ("experts_touched_per_decode_step", touched),
-        ] {
+        let touched_metric = [("experts_touched_per_decode_step", touched)];
+        for (k, x) in rl::decode_metrics(&step, gbps, &limits, ws)
+            .into_iter()
+            .chain(touched_metric)
+        {
             v.metrics.insert(k.into(), x);
         }
     }
