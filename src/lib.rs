@@ -9,6 +9,7 @@ pub mod bench;
 pub mod checkpoint;
 pub mod config;
 pub mod error;
+pub mod kernels;
 pub mod monitor;
 pub mod report;
 pub mod rng;

@@ -54,6 +54,10 @@ pub struct MachineInfo {
     pub os: String,
     /// GPU 列表（NVML；没有 NVIDIA 驱动时来自 wgpu 的硬件适配器；都没有时为空）。
     pub gpus: Vec<GpuInfo>,
+    /// CPU 内核使用的 SIMD 级别（`avx512`、`avx2`、`neon`、`scalar`；`DSOPT_SIMD` 可降低）。
+    /// 较早的报告没有此项（null）。
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub simd: Option<String>,
 }
 
 impl MachineInfo {
@@ -99,6 +103,7 @@ impl MachineInfo {
             ram_bytes: sys.as_ref().map(|s| s.total_memory()).unwrap_or(0),
             os,
             gpus,
+            simd: Some(crate::kernels::Level::current().name().to_string()),
         }
     }
 }

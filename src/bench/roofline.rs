@@ -198,7 +198,7 @@ pub fn host_read_gb_per_s(bytes: usize, threads: usize) -> Option<f64> {
         // its workers, which spin for a while after each operation
         let total: u64 = buf
             .par_chunks(chunk)
-            .map(sum_words)
+            .map(|c| crate::kernels::reduce::sum_words(crate::kernels::Level::detected(), c))
             .reduce(|| 0, u64::wrapping_add);
         let dt = t.elapsed().as_secs_f64();
         check = check.wrapping_add(total);
@@ -208,40 +208,6 @@ pub fn host_read_gb_per_s(bytes: usize, threads: usize) -> Option<f64> {
     }
     std::hint::black_box(check);
     (best.is_finite() && best > 0.0).then(|| (words * 8) as f64 / best / 1e9)
-}
-
-/// Sum of a slice: with AVX2 where the CPU has it (the build's baseline is SSE2, whose narrower
-/// loads left about a fifth of the bandwidth unread here: a decode step then ran "above" the
-/// limit), else the portable loop.
-fn sum_words(x: &[u64]) -> u64 {
-    #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
-    {
-        if std::arch::is_x86_feature_detected!("avx2") {
-            // SAFETY: the CPU has AVX2 (checked just above).
-            return unsafe { sum_words_avx2(x) };
-        }
-    }
-    sum_words_body(x)
-}
-
-#[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
-#[target_feature(enable = "avx2")]
-unsafe fn sum_words_avx2(x: &[u64]) -> u64 {
-    sum_words_body(x)
-}
-
-/// The loop: independent accumulators, so it is bound by loads, not by the add latency.
-#[inline(always)]
-fn sum_words_body(x: &[u64]) -> u64 {
-    let mut acc = [0u64; 16];
-    let mut it = x.chunks_exact(16);
-    for c in &mut it {
-        for (a, v) in acc.iter_mut().zip(c) {
-            *a = a.wrapping_add(*v);
-        }
-    }
-    let tail: u64 = it.remainder().iter().fold(0, |a, v| a.wrapping_add(*v));
-    acc.iter().fold(tail, |a, v| a.wrapping_add(*v))
 }
 
 /// Device read bandwidth: a reduction that reads the whole tensor once.

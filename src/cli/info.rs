@@ -114,9 +114,10 @@ pub(super) fn info(json: bool, quiet: bool) -> anyhow::Result<i32> {
     );
     let m = &out.machine;
     println!(
-        "machine: {} · {} cores · {} RAM · {}",
+        "machine: {} · {} cores · SIMD {} · {} RAM · {}",
         m.cpu,
         m.cores,
+        m.simd.as_deref().unwrap_or("?"),
         report::write::bytes_h(Some(m.ram_bytes)),
         m.os
     );

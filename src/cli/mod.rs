@@ -245,6 +245,11 @@ pub enum Format {
 /// Parses the command line, runs it, returns the exit code.
 pub fn main() -> i32 {
     let cli = Cli::parse();
+    // a DSOPT_SIMD the CPU cannot run is a usage error before any kernel runs
+    if let Err(e) = dsopt::kernels::Level::from_env() {
+        eprintln!("error: {e}");
+        return 2;
+    }
     match commands::run(&cli) {
         Ok(code) => code,
         Err(e) => {

@@ -52,28 +52,31 @@ pub(crate) fn from_flex<B: Backend, const D: usize>(t: FlexTensor) -> Tensor<B, 
     }
 }
 
-/// `exp(x)` for `x <= 0` (scores minus their running max), relative error below 2e-6 for
-/// `x >= -20` (below 1e-5 down to -87, where the f32 product `x·log2(e)` limits it): `2^t`
-/// with `t = x·log2(e)` split into an integer (the exponent bits) and a fraction in
-/// [-0.5, 0.5] (a degree-6 polynomial). Branch-free, so the compiler vectorises the loops
-/// that call it (libm's `expf` is a call per element).
-#[inline(always)]
-pub(crate) fn exp_neg(x: f32) -> f32 {
-    let t = (x * std::f32::consts::LOG2_E).max(-126.0);
-    let n = (t + 0.5).floor();
-    let f = t - n;
-    // 2^f = exp(f·ln 2): Taylor coefficients (ln 2)^k / k!
-    let p = 1.0
-        + f * (std::f32::consts::LN_2
-            + f * (0.240_226_5
-                + f * (0.055_504_11
-                    + f * (0.009_618_129 + f * (0.001_333_355_8 + f * 0.000_154_035_3)))));
-    p * f32::from_bits(((n as i32 + 127) as u32) << 23)
+/// `n` elements of a flex tensor's storage from `at`, as stored (f32, f16 or bf16; any other
+/// dtype is read as f32, which the callers have ruled out).
+pub(crate) fn elems(t: &FlexTensor, at: usize, n: usize) -> crate::kernels::convert::Elems<'_> {
+    use crate::kernels::convert::Elems;
+    match t.dtype() {
+        DType::F16 => Elems::F16(&t.storage::<burn::tensor::f16>()[at..at + n]),
+        DType::BF16 => Elems::Bf16(&t.storage::<burn::tensor::bf16>()[at..at + n]),
+        _ => Elems::F32(&t.storage::<f32>()[at..at + n]),
+    }
 }
 
-/// `silu(a) · b` (SwiGLU's gate) in one pass on flex (f32, contiguous, same shape), or both
-/// tensors back. Burn's `silu(a) * b` is four element-wise passes with libm's `expf`; measured
-/// 39 us for 8 x 4 x 384 elements here, about a fifth of a verify step's FFN.
+/// A kernel's f32 result `y` as a contiguous flex tensor of `shape` in `dtype` (f16 and bf16
+/// rounded to nearest even; f32 as it is).
+pub(crate) fn from_f32(y: Vec<f32>, shape: Shape, dtype: DType) -> FlexTensor {
+    use crate::kernels::convert;
+    let layout = Layout::contiguous(shape);
+    match dtype {
+        DType::F16 => FlexTensor::new(Bytes::from_elems(convert::to_f16(&y)), layout, dtype),
+        DType::BF16 => FlexTensor::new(Bytes::from_elems(convert::to_bf16(&y)), layout, dtype),
+        _ => FlexTensor::new(Bytes::from_elems(y), layout, DType::F32),
+    }
+}
+
+/// `silu(a) · b` (SwiGLU's gate) in one pass on flex (f32, contiguous, same shape: the kernel
+/// [`crate::kernels::gate::swiglu`]), or both tensors back.
 #[allow(clippy::type_complexity)]
 pub(crate) fn swiglu_gate<B: Backend, const D: usize>(
     a: Tensor<B, D>,
@@ -98,7 +101,7 @@ pub(crate) fn swiglu_gate<B: Backend, const D: usize>(
     let xa = &af.storage::<f32>()[af.layout().start_offset()..][..n];
     let xb = &bf.storage::<f32>()[bf.layout().start_offset()..][..n];
     let mut out = vec![0f32; n];
-    gate(xa, xb, &mut out);
+    crate::kernels::gate::swiglu(crate::kernels::Level::current(), xa, xb, &mut out);
     let layout = Layout::contiguous(af.layout().shape().clone());
     Ok(from_flex(FlexTensor::new(
         Bytes::from_elems(out),
@@ -107,56 +110,9 @@ pub(crate) fn swiglu_gate<B: Backend, const D: usize>(
     )))
 }
 
-/// `out = a · sigmoid(a) · b`, for AVX2 + FMA when the CPU has them.
-fn gate(a: &[f32], b: &[f32], out: &mut [f32]) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
-        {
-            // SAFETY: the CPU has AVX2 and FMA (checked just above).
-            unsafe { gate_avx2(a, b, out) };
-            return;
-        }
-    }
-    gate_body(a, b, out);
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn gate_avx2(a: &[f32], b: &[f32], out: &mut [f32]) {
-    gate_body(a, b, out);
-}
-
-#[inline(always)]
-fn gate_body(a: &[f32], b: &[f32], out: &mut [f32]) {
-    for ((o, &x), &y) in out.iter_mut().zip(a).zip(b) {
-        // sigmoid from exp(-|x|) <= 1: no overflow on either side
-        let e = exp_neg(-x.abs());
-        let s = if x >= 0.0 { 1.0 } else { e } / (1.0 + e);
-        *o = x * s * y;
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn fast_exp_is_accurate_over_the_range_softmax_uses() {
-        let worst = |lo: f32, hi: f32| {
-            let mut w = 0f64;
-            for i in 0..=20000 {
-                let x = hi + (lo - hi) * i as f32 / 20000.0;
-                let want = (x as f64).exp();
-                w = w.max(((exp_neg(x) as f64 - want) / want).abs());
-            }
-            w
-        };
-        assert!(worst(-20.0, 0.0) < 2e-6, "{}", worst(-20.0, 0.0));
-        assert!(worst(-87.0, -20.0) < 1e-5, "{}", worst(-87.0, -20.0));
-        assert_eq!(exp_neg(0.0), 1.0);
-        assert!(exp_neg(-1000.0) < 1e-37);
-    }
 
     #[test]
     fn swiglu_gate_equals_silu_times_b() {

@@ -1,29 +1,21 @@
-//! 线性层的前向：解码时只有几行输入乘一个大权重（矩阵-向量积），在 CPU 后端上走一条流式读取
-//! 权重的快速路径（f32 与 f16 权重，f32 累加）；其余情况（预填充、GPU 后端、bf16、有偏置）仍用
-//! Burn 的 `Linear::forward`。
+//! 线性层的前向：解码时只有几行输入乘一个大权重（矩阵-向量积），在 CPU 后端上交给内核模块的
+//! 流式矩阵-向量积（[`crate::kernels::gemv`]，f32、f16、bf16 权重按存储读取，f32 累加）；其余情况
+//! （预填充、GPU 后端、有偏置）仍用 Burn 的 `Linear::forward`。
 //!
-//! Why: a decode step multiplies one row per sequence by every weight matrix, so it is bound by
-//! how fast the weights stream from memory. burn-flex hands such a product to the `gemm` crate,
-//! which reached about 31 GB/s here on cold weights (2048 x 2048, f32) against a measured 50 GB/s
-//! streaming read: its GEMM blocking is built for large products. Here each thread streams a
-//! contiguous band of weight rows once and accumulates `y += x[k] · W[k, :]` into a partial
-//! output that stays in L1/L2 (a column tile at a time); the partial outputs are summed at the end.
-//! The result equals the GEMM's up to the order of summation (tests compare with a tolerance).
+//! Why: a decode step is bound by how fast the weights stream from memory; burn-flex's GEMM is
+//! built for large products and, in bf16, widens the whole weight to f32 on every call (see the
+//! kernel's notes). This file only takes the slices out of the flex tensors and puts the result
+//! back.
 
-use burn::backend::flex::{FlexTensor, Layout};
 use burn::nn::Linear;
-use burn::tensor::{backend::Backend, f16, Bytes, DType, Shape, Tensor};
-use half::slice::HalfFloatSliceExt;
-use rayon::prelude::*;
+use burn::tensor::{backend::Backend, DType, Shape, Tensor};
 
-use super::flex::{from_flex, into_flex};
+use super::flex::{self, from_flex, into_flex};
+use crate::kernels::{convert, gemv, Level};
 
 /// Inputs with at most this many rows (batch x tokens) take the streaming path: decode steps and
 /// speculative verify steps; prefill chunks are GEMMs and keep the GEMM.
 pub const MAX_STREAM_ROWS: usize = 16;
-
-/// Output columns accumulated at a time (8 KiB of f32 per input row: stays in L1).
-const COL_TILE: usize = 2048;
 
 /// `lin.forward(x)`, with the streaming path where it applies.
 ///
@@ -36,7 +28,7 @@ pub fn forward<B: Backend, const D: usize>(lin: &Linear<B>, x: Tensor<B, D>) -> 
     if rows == 0
         || rows > MAX_STREAM_ROWS
         || lin.bias.is_some()
-        || !matches!(dtype, DType::F32 | DType::F16)
+        || !matches!(dtype, DType::F32 | DType::F16 | DType::BF16)
     {
         return lin.forward(x);
     }
@@ -44,16 +36,6 @@ pub fn forward<B: Backend, const D: usize>(lin: &Linear<B>, x: Tensor<B, D>) -> 
         Ok(y) => y,
         Err(x) => lin.forward(x),
     }
-}
-
-/// A weight matrix as the streaming product reads it.
-#[derive(Clone, Copy)]
-pub enum Weights<'a> {
-    /// f32, row-major `[k, n]`.
-    F32(&'a [f32]),
-    /// f16, row-major `[k, n]`: each row tile is widened to f32 in L1 (F16C where the CPU has
-    /// it), so memory carries half the bytes.
-    F16(&'a [f16]),
 }
 
 /// The streaming product on flex; `x` back when it does not apply (another backend, a weight
@@ -82,264 +64,65 @@ fn stream<B: Backend, const D: usize>(
     let off = xf.layout().start_offset();
     let mut out = dims.to_vec();
     out[D - 1] = n;
-    let layout = Layout::contiguous(Shape::from(out));
-    let t = match dtype {
-        DType::F32 => {
-            let xs = &xf.storage::<f32>()[off..off + rows * k];
-            let y = gemv_rows(xs, Weights::F32(&w.storage::<f32>()[..k * n]), rows, k, n);
-            FlexTensor::new(Bytes::from_elems(y), layout, DType::F32)
-        }
-        DType::F16 => {
-            let mut xs = vec![0.0f32; rows * k];
-            xf.storage::<f16>()[off..off + rows * k].convert_to_f32_slice(&mut xs);
-            let y = gemv_rows(&xs, Weights::F16(&w.storage::<f16>()[..k * n]), rows, k, n);
-            let mut yh = vec![f16::ZERO; y.len()];
-            yh.convert_from_f32_slice(&y);
-            FlexTensor::new(Bytes::from_elems(yh), layout, DType::F16)
-        }
+    let level = Level::current();
+    let xs = convert::to_f32(level, flex::elems(&xf, off, rows * k));
+    let ws = match dtype {
+        DType::F32 | DType::F16 | DType::BF16 => flex::elems(&w, 0, k * n),
         _ => return Err(from_flex(xf)),
     };
-    Ok(from_flex(t))
+    let y = gemv::gemv_rows(level, &xs, ws, rows, k, n);
+    Ok(from_flex(flex::from_f32(y, Shape::from(out), dtype)))
 }
 
-/// `y[r, :] = Σ_k x[r, k] · w[k, :]` for `rows` input rows, accumulated in f32: the weight rows
-/// are split into one contiguous band per thread, each band streamed once; partial outputs
-/// summed.
-pub fn gemv_rows(x: &[f32], w: Weights<'_>, rows: usize, k: usize, n: usize) -> Vec<f32> {
-    assert_eq!(x.len(), rows * k);
-    let wlen = match w {
-        Weights::F32(w) => w.len(),
-        Weights::F16(w) => w.len(),
+/// `x.matmul(w)` for few rows per batch entry (`x: [h, rows, k]`, `w: [h, k, n]`: absorbed MLA's
+/// per-head products with W_UK and W_UV), through the kernel module's products on flex where `w`'s
+/// rows or columns are contiguous (W_UK is a permuted view of `wkv_b`, output-major per head;
+/// W_UV a strided one, input-major): no copy of the weight, half precision read as stored.
+/// Burn's matmul elsewhere (many rows, another backend, other layouts).
+///
+/// # Shapes
+/// `x: [h, rows, k], w: [h, k, n] -> [h, rows, n]`
+pub fn matmul_few<B: Backend>(x: Tensor<B, 3>, w: &Tensor<B, 3>) -> Tensor<B, 3> {
+    let [h, rows, k] = x.dims();
+    let n = w.dims()[2];
+    if rows == 0 || rows > MAX_STREAM_ROWS || w.dims()[..2] != [h, k] {
+        return x.matmul(w.clone());
+    }
+    let wf = match into_flex(w.clone()) {
+        Ok(f) => f,
+        Err(_) => return x.matmul(w.clone()),
     };
-    assert_eq!(wlen, k * n);
-    // at least 64 weight rows per band; no more bands than threads
-    let bands = rayon::current_num_threads().min(k / 64).max(1);
-    let band = k.div_ceil(bands);
-    let partials: Vec<Vec<f32>> = (0..bands)
-        .into_par_iter()
-        .map(|b| {
-            let (k0, k1) = (b * band, ((b + 1) * band).min(k));
-            let mut y = vec![0.0f32; rows * n];
-            accumulate(&mut y, x, w, rows, k, n, k0, k1);
-            y
-        })
-        .collect();
-    let mut it = partials.into_iter();
-    let mut y = it.next().unwrap_or_else(|| vec![0.0; rows * n]);
-    for p in it {
-        for (a, b) in y.iter_mut().zip(&p) {
-            *a += *b;
-        }
+    let xf = match into_flex(x) {
+        Ok(f) => f,
+        Err(x) => return x.matmul(w.clone()),
+    };
+    let dtype = xf.dtype();
+    let st = wf.layout().strides().to_vec();
+    let fits = wf.dtype() == dtype
+        && matches!(dtype, DType::F32 | DType::F16 | DType::BF16)
+        && st.iter().all(|&s| s >= 0)
+        && (st[2] == 1 || st[1] == 1);
+    if !fits {
+        return from_flex::<B, 3>(xf).matmul(w.clone());
     }
-    y
-}
-
-/// `y += x[:, k0..k1] · w[k0..k1, :]`: f32 weights on a CPU with AVX2 + FMA go through the
-/// register kernel ([`x86::accumulate_regs`]) for all but the last `n % 16` columns; everything
-/// else (f16 weights, other CPUs, those last columns) through [`accumulate_body`], a column tile
-/// at a time.
-#[allow(clippy::too_many_arguments)]
-fn accumulate(
-    y: &mut [f32],
-    x: &[f32],
-    w: Weights<'_>,
-    rows: usize,
-    k: usize,
-    n: usize,
-    k0: usize,
-    k1: usize,
-) {
-    #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
-    {
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
-        {
-            let mut first = 0;
-            if let Weights::F32(wf) = w {
-                first = n - n % x86::COLS;
-                // SAFETY: the CPU has AVX2 and FMA (checked just above); the slices have the
-                // lengths `gemv_rows` asserts (x: rows·k, w: k·n, y: rows·n)
-                unsafe { x86::accumulate_regs(y, x, wf, rows, k, n, k0, k1) };
-            }
-            if first < n {
-                // SAFETY: as above
-                unsafe { accumulate_avx2(y, x, w, rows, k, n, k0, k1, first) };
-            }
-            return;
-        }
+    let level = Level::current();
+    let xf = xf.to_contiguous();
+    let xo = xf.layout().start_offset();
+    let x32 = convert::to_f32(level, flex::elems(&xf, xo, h * rows * k));
+    let all = flex::elems(&wf, 0, wf.bytes().len() / dtype.size());
+    let (sh, sk, sn) = (st[0] as usize, st[1] as usize, st[2] as usize);
+    let mut y = Vec::with_capacity(h * rows * n);
+    for hh in 0..h {
+        let xh = &x32[hh * rows * k..(hh + 1) * rows * k];
+        let off = wf.layout().start_offset() + hh * sh;
+        let yh = if sn == 1 {
+            gemv::gemv_strided(level, xh, all, off, sk, rows, k, n)
+        } else {
+            gemv::gemv_out_in(level, xh, all, off, sn, rows, k, n)
+        };
+        y.extend_from_slice(&yh);
     }
-    accumulate_body(y, x, w, rows, k, n, k0, k1, 0);
-}
-
-/// [`accumulate_body`] (columns `first..n`) compiled with AVX2 + FMA (the build's baseline is
-/// SSE2 only).
-#[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
-#[target_feature(enable = "avx2,fma")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn accumulate_avx2(
-    y: &mut [f32],
-    x: &[f32],
-    w: Weights<'_>,
-    rows: usize,
-    k: usize,
-    n: usize,
-    k0: usize,
-    k1: usize,
-    first: usize,
-) {
-    accumulate_body(y, x, w, rows, k, n, k0, k1, first);
-}
-
-#[inline(always)]
-#[allow(clippy::too_many_arguments)]
-fn accumulate_body(
-    y: &mut [f32],
-    x: &[f32],
-    w: Weights<'_>,
-    rows: usize,
-    k: usize,
-    n: usize,
-    k0: usize,
-    k1: usize,
-    first: usize,
-) {
-    let mut wide = [0.0f32; COL_TILE];
-    let mut c0 = first;
-    while c0 < n {
-        let c1 = (c0 + COL_TILE).min(n);
-        for kk in k0..k1 {
-            let wrow: &[f32] = match w {
-                Weights::F32(w) => &w[kk * n + c0..kk * n + c1],
-                Weights::F16(w) => {
-                    let dst = &mut wide[..c1 - c0];
-                    w[kk * n + c0..kk * n + c1].convert_to_f32_slice(dst);
-                    dst
-                }
-            };
-            for r in 0..rows {
-                let a = x[r * k + kk];
-                let yr = &mut y[r * n + c0..r * n + c1];
-                // multiply then add (not mul_add: without FMA hardware that is a libm call)
-                for (o, v) in yr.iter_mut().zip(wrow) {
-                    *o += a * *v;
-                }
-            }
-        }
-        c0 = c1;
-    }
-}
-
-/// The register kernel for f32 weights (x86 with AVX2 + FMA).
-#[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
-mod x86 {
-    #[cfg(target_arch = "x86")]
-    use std::arch::x86::*;
-    #[cfg(target_arch = "x86_64")]
-    use std::arch::x86_64::*;
-
-    /// Output columns per block: two 8-float registers.
-    pub const COLS: usize = 16;
-    /// Input rows per group: 6 rows x 2 registers of accumulators + 2 weight registers + 1
-    /// broadcast = 15 of the 16 AVX2 registers (the shape of `gemm`'s own f32 micro-kernel).
-    const ROWS: usize = 6;
-    /// Weight rows per pass over the columns: 8 concurrent streams of consecutive 64-byte pieces
-    /// (one per weight row), which the hardware prefetchers follow. Measured (2-core EPYC, one
-    /// row, 2048 x 6144 f32 weights from memory): 8 rows 1.2 ms, 16 rows 1.8 ms, 32 rows 2.7 ms,
-    /// the whole band at once 5.5 ms (one stream per weight row: no prefetch at all) against the
-    /// streaming loop's 1.5-1.9 ms; with 8 input rows 2.4-2.5 / 3.7-3.9 / 4.0-4.4 / 10.8 ms
-    /// against 6.1-6.7 ms. The output block is added into `y` once per pass (1/8 of a load and
-    /// a store per multiply-add).
-    const K_BLOCK: usize = 8;
-
-    /// `y[:, c] += x[:, k0..k1] · w[k0..k1, c]` for the columns `c < n - n % 16`.
-    ///
-    /// The streaming loop ([`super::accumulate_body`]) adds each weight row into `rows` output
-    /// tiles of 2048 floats: a load and a store of `y` per multiply-add, out of L2 once the tiles
-    /// of 8 rows outgrow L1. Here, for [`K_BLOCK`] weight rows at a time, a block of 16 columns
-    /// of up to 6 input rows is accumulated in registers (weights read as 64-byte pieces,
-    /// inputs broadcast one at a time) and added into `y`; the row groups of one column block
-    /// run back to back, so the block's weights are re-read from L1.
-    ///
-    /// # Safety
-    /// The CPU must have AVX2 and FMA; `x.len() >= rows·k`, `w.len() >= k·n`, `y.len() >= rows·n`,
-    /// `k1 <= k`.
-    #[target_feature(enable = "avx2,fma")]
-    #[allow(clippy::too_many_arguments)]
-    pub unsafe fn accumulate_regs(
-        y: &mut [f32],
-        x: &[f32],
-        w: &[f32],
-        rows: usize,
-        k: usize,
-        n: usize,
-        k0: usize,
-        k1: usize,
-    ) {
-        assert!(x.len() >= rows * k && w.len() >= k * n && y.len() >= rows * n && k1 <= k);
-        let mut kb = k0;
-        while kb < k1 {
-            let ke = (kb + K_BLOCK).min(k1);
-            let mut c = 0;
-            while c + COLS <= n {
-                let mut r0 = 0;
-                while r0 < rows {
-                    let g = (rows - r0).min(ROWS);
-                    // SAFETY (all six): the caller's guarantees; every index is below the
-                    // asserted lengths (r0 + g <= rows, c + 16 <= n, kk < ke <= k1 <= k)
-                    unsafe {
-                        match g {
-                            6 => group::<6>(y, x, w, r0, k, n, kb, ke, c),
-                            5 => group::<5>(y, x, w, r0, k, n, kb, ke, c),
-                            4 => group::<4>(y, x, w, r0, k, n, kb, ke, c),
-                            3 => group::<3>(y, x, w, r0, k, n, kb, ke, c),
-                            2 => group::<2>(y, x, w, r0, k, n, kb, ke, c),
-                            _ => group::<1>(y, x, w, r0, k, n, kb, ke, c),
-                        }
-                    }
-                    r0 += g;
-                }
-                c += COLS;
-            }
-            kb = ke;
-        }
-    }
-
-    /// Rows `r0..r0+R`, columns `c..c+16`, weight rows `k0..k1`.
-    #[target_feature(enable = "avx2,fma")]
-    #[inline]
-    #[allow(clippy::too_many_arguments)]
-    unsafe fn group<const R: usize>(
-        y: &mut [f32],
-        x: &[f32],
-        w: &[f32],
-        r0: usize,
-        k: usize,
-        n: usize,
-        k0: usize,
-        k1: usize,
-        c: usize,
-    ) {
-        // SAFETY: see `accumulate_regs` (indices in bounds; unaligned loads and stores)
-        unsafe {
-            let mut acc = [[_mm256_setzero_ps(); 2]; R];
-            let xp = x.as_ptr().add(r0 * k);
-            let mut wp = w.as_ptr().add(k0 * n + c);
-            for kk in k0..k1 {
-                let w0 = _mm256_loadu_ps(wp);
-                let w1 = _mm256_loadu_ps(wp.add(8));
-                for (r, a) in acc.iter_mut().enumerate() {
-                    let xv = _mm256_broadcast_ss(&*xp.add(r * k + kk));
-                    a[0] = _mm256_fmadd_ps(xv, w0, a[0]);
-                    a[1] = _mm256_fmadd_ps(xv, w1, a[1]);
-                }
-                wp = wp.add(n);
-            }
-            for (r, a) in acc.iter().enumerate() {
-                let yp = y.as_mut_ptr().add((r0 + r) * n + c);
-                _mm256_storeu_ps(yp, _mm256_add_ps(_mm256_loadu_ps(yp), a[0]));
-                _mm256_storeu_ps(yp.add(8), _mm256_add_ps(_mm256_loadu_ps(yp.add(8)), a[1]));
-            }
-        }
-    }
+    from_flex(flex::from_f32(y, Shape::from([h, rows, n]), dtype))
 }
 
 #[cfg(test)]
@@ -415,13 +198,54 @@ mod tests {
     }
 
     #[test]
-    fn gemv_rows_by_hand() {
-        // x = [[1, 2]], w = [[1, 0, 2], [3, 1, 0]] -> [7, 2, 2]
-        let w = [1.0, 0.0, 2.0, 3.0, 1.0, 0.0];
-        let y = gemv_rows(&[1.0, 2.0], Weights::F32(&w), 1, 2, 3);
-        assert_eq!(y, [7.0, 2.0, 2.0]);
-        let wh: Vec<f16> = w.iter().map(|x| f16::from_f32(*x)).collect();
-        let y = gemv_rows(&[1.0, 2.0], Weights::F16(&wh), 1, 2, 3);
-        assert_eq!(y, [7.0, 2.0, 2.0]);
+    fn per_head_products_on_weight_views_equal_burns_matmul() {
+        let dev = Default::default();
+        let (h, k, n, rows) = (3, 40, 24, 5);
+        // W_UK-like: a permuted view ([n, h, k] -> [h, k, n], output-major per head) and
+        // W_UV-like: a swapped view ([k, h, n] -> [h, k, n], input-major at a stride)
+        let a = Tensor::<B, 3>::from_data(TensorData::new(uniform(n * h * k, 11), [n, h, k]), &dev)
+            .permute([1, 2, 0]);
+        let c = Tensor::<B, 3>::from_data(TensorData::new(uniform(k * h * n, 12), [k, h, n]), &dev)
+            .swap_dims(0, 1);
+        let x = Tensor::<B, 3>::from_data(
+            TensorData::new(uniform(h * rows * k, 13), [h, rows, k]),
+            &dev,
+        );
+        for w in [a, c] {
+            for dt in [DType::F32, DType::F16, DType::BF16] {
+                let (xd, wd) = (x.clone().cast(dt), w.clone().cast(dt));
+                let got = matmul_few(xd.clone(), &wd);
+                assert_eq!(got.dtype(), dt);
+                let want = xd.matmul(wd).cast(DType::F32);
+                let scale: f32 = want.clone().abs().max().into_scalar();
+                let d: f32 = (got.cast(DType::F32) - want).abs().max().into_scalar();
+                let tol = match dt {
+                    DType::F32 => 1e-5,
+                    DType::F16 => 4.0 * 2f32.powi(-10),
+                    _ => 2.0 * 2f32.powi(-7),
+                };
+                assert!(d <= tol * scale, "{dt:?}: {d} vs scale {scale}");
+            }
+        }
+    }
+
+    #[test]
+    fn bf16_weights_stream_and_agree_with_the_gemm() {
+        let dev = Default::default();
+        let (k, n) = (300, 517);
+        let w = Tensor::<B, 2>::from_data(TensorData::new(uniform(k * n, 7), [k, n]), &dev);
+        let lin = Linear {
+            weight: burn::module::Param::from_tensor(w.cast(DType::BF16)),
+            bias: None,
+        };
+        let x = Tensor::<B, 3>::from_data(TensorData::new(uniform(3 * k, 8), [1, 3, k]), &dev)
+            .cast(DType::BF16);
+        let got = forward(&lin, x.clone());
+        assert_eq!(got.dtype(), DType::BF16);
+        let want = lin.forward(x).cast(DType::F32);
+        let scale: f32 = want.clone().abs().max().into_scalar();
+        let d: f32 = (got.cast(DType::F32) - want).abs().max().into_scalar();
+        // both accumulate in f32 and round to bf16 (8 bits of mantissa): two ulps of the largest
+        assert!(d <= 2.0 * 2f32.powi(-7) * scale, "{d} vs scale {scale}");
     }
 }

@@ -322,3 +322,72 @@ fn yarn_with_query_compression_keeps_every_equivalence() {
     let without = m2.prefill(toks, &mut c4, 3, |_| {});
     assert!(max_diff(absorbed, without) > 1e-3);
 }
+
+/// A decode-only run at `scenarios/sc001-mla.toml`'s dimensions for profiling by hand
+/// (`DSOPT_PROFILE_DTYPE=bf16 perf record target/release/deps/dsopt-… --ignored
+/// decode_profile`; one test per process: the device's dtype is set once).
+#[test]
+#[ignore]
+fn decode_profile() {
+    let dtype = match std::env::var("DSOPT_PROFILE_DTYPE").as_deref() {
+        Ok("bf16") => crate::config::Dtype::Bf16,
+        Ok("f16") => crate::config::Dtype::F16,
+        _ => crate::config::Dtype::F32,
+    };
+    let dev = Default::default();
+    crate::backend::use_float_dtype::<B>(&dev, dtype).unwrap();
+    for (kind, imp) in [
+        (AttentionKind::Mha, MlaImpl::Absorbed),
+        (AttentionKind::Mla, MlaImpl::Absorbed),
+    ] {
+        let mut a = AttentionConfig::mha(16, 128);
+        a.kind = kind;
+        a.mla_impl = imp;
+        a.kv_lora_rank = 512;
+        a.qk_nope_head_dim = 128;
+        a.qk_rope_head_dim = 64;
+        a.v_head_dim = 128;
+        let c = DecoderConfig {
+            first_k_dense_replace: 0,
+            first_dense_ffn_hidden: None,
+            rms_norm_eps: crate::nn::model::default_rms_norm_eps(),
+            vocab_size: 1024,
+            hidden: 2048,
+            n_layers: 1,
+            ffn_hidden: 2048,
+            attention: a,
+            moe: None,
+        };
+        let m: Decoder<B> = c.init(&dev);
+        let mut cache = m.new_cache(1, 8192 + 200);
+        if std::env::var("DSOPT_PROFILE_PREFILL").is_ok() {
+            let t = std::time::Instant::now();
+            let _ = m
+                .prefill(tokens(1, 8192, 5), &mut cache, 512, |_| {})
+                .into_data();
+            println!("prefill {:.2} s", t.elapsed().as_secs_f64());
+        } else {
+            cache.fill_synthetic(8192, 0.01);
+        }
+        let tok = tokens(1, 1, 3);
+        let t = std::time::Instant::now();
+        for _ in 0..32 {
+            let _ = m.decode_step(tok.clone(), &mut cache).into_data();
+        }
+        println!(
+            "first 32 steps: {:.3} ms per step",
+            t.elapsed().as_secs_f64() * 1e3 / 32.0
+        );
+        let t = std::time::Instant::now();
+        let n = 150;
+        for _ in 0..n {
+            let _ = m.decode_step(tok.clone(), &mut cache).into_data();
+        }
+        let dt = t.elapsed().as_secs_f64() / n as f64;
+        println!(
+            "{dtype:?} {kind:?}: {:.3} ms per step ({:.1} tok/s)",
+            dt * 1e3,
+            1.0 / dt
+        );
+    }
+}

@@ -154,6 +154,7 @@ mod tests {
                 ram_bytes: 24 << 30,
                 os: "test os".into(),
                 gpus: vec![],
+                simd: Some("avx2".into()),
             },
             backend: BackendReport {
                 name: "flex".into(),

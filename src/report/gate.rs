@@ -454,7 +454,8 @@ impl<'a> OneReport<'a> {
 }
 
 /// Why `base` is not a like-for-like baseline of `cur`: the first of scenario (id, kind and
-/// every value after overrides: sizes, batch, dtype), backend, device, or machine (CPU, cores)
+/// every value after overrides: sizes, batch, dtype), backend, device, or machine (CPU, cores,
+/// SIMD level of the CPU kernels)
 /// that differs; `None` when they match.
 pub fn baseline_mismatch(cur: &Report, base: &Report) -> Option<String> {
     let field =
@@ -517,6 +518,14 @@ pub fn baseline_mismatch(cur: &Report, base: &Report) -> Option<String> {
                 cur.machine.cores.to_string(),
                 base.machine.cores.to_string(),
             )
+        })
+        .or_else(|| {
+            // the CPU kernels' SIMD level (DSOPT_SIMD lowers it); a report without one (written
+            // before it was recorded) is not compared on it
+            match (&cur.machine.simd, &base.machine.simd) {
+                (Some(c), Some(b)) => field("SIMD level", c.clone(), b.clone()),
+                _ => None,
+            }
         })
 }
 

@@ -444,9 +444,10 @@ pub fn to_markdown(r: &Report) -> String {
     let m = &r.machine;
     let _ = writeln!(
         s,
-        "\n## 机器\n\n- CPU：{}（{} 核）\n- 内存：{}\n- 操作系统：{}",
+        "\n## 机器\n\n- CPU：{}（{} 核；CPU 内核 SIMD 级别：{}）\n- 内存：{}\n- 操作系统：{}",
         m.cpu,
         m.cores,
+        m.simd.as_deref().unwrap_or("未记录"),
         bytes_h(Some(m.ram_bytes)),
         m.os
     );

@@ -306,7 +306,8 @@ impl<B: Backend> MlaAttention<B> {
                     .get_or_insert_with(|| self.absorbed_weights())
                     .clone();
                 // 按头计算 q_nope · W_UK：[h, b·s, dn] x [h, dn, dc] -> [h, b·s, dc]
-                let q_abs = q_nope.swap_dims(0, 1).reshape([h, b * s, dn]).matmul(w_uk);
+                let q_abs =
+                    linear::matmul_few(q_nope.swap_dims(0, 1).reshape([h, b * s, dn]), &w_uk);
                 let q_abs = q_abs.reshape([h, b, s, dc]).swap_dims(0, 1); // [b, h, s, dc]
                                                                           // 每个（头, 位置）一行查询，所有头共享同一潜向量：[b, 1, h·s, dc+dr]
                 let q = (Tensor::cat(vec![q_abs, q_pe], 3) * self.scale).reshape([
@@ -336,7 +337,9 @@ impl<B: Backend> MlaAttention<B> {
                     .reshape([b, h, s, dc])
                     .swap_dims(0, 1)
                     .reshape([h, b * s, dc]);
-                o.matmul(w_uv).reshape([h, b, s, dv]).swap_dims(0, 1) // [b, h, s, dv]
+                linear::matmul_few(o, &w_uv)
+                    .reshape([h, b, s, dv])
+                    .swap_dims(0, 1) // [b, h, s, dv]
             }
         };
         // [b, h, s, dv] -> [b, s, h·dv]

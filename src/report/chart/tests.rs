@@ -158,6 +158,7 @@ fn report(scenario: serde_json::Value, variants: Vec<VariantReport>) -> Report {
             ram_bytes: 1 << 30,
             os: "test".into(),
             gpus: vec![],
+            simd: None,
         },
         backend: BackendReport {
             name: "flex".into(),

@@ -1,0 +1,572 @@
+//! 少行注意力（解码步、推测解码的验证步）：每个（序列，K/V 组）一遍读完缓存的键和值，在线
+//! softmax（f32 统计量），键值以存储的精度（f32、f16、bf16）读取，按块加宽。
+//!
+//! Each (sequence, group) pair is one pass over its cached keys and values: scores of all its
+//! query rows against a block of [`KEY_BLOCK`] keys (four rows share each key load), the running
+//! maximum, the rescaled running sum and numerator (four rows share each value load). Masking is
+//! by position (row `r` of sequence `i` sees keys `0..=q_starts[i] + r % q_len`), so there is no
+//! mask tensor. Half-precision keys and values are read as stored and widened in registers (the
+//! queries and outputs are kept in the order that widening gives, see
+//! [`super::convert::Format::pair`]), never converted as a tensor.
+//!
+//! Where the pairs do not fill the pool (absorbed MLA at batch 1 is one pair), each pair's keys
+//! are split into ranges done in parallel, each giving a partial (max, sum, numerator) per row,
+//! combined at the end (the split-K of "flash decoding"); so one long context uses every thread.
+
+// the register kernels index several rows' slices with one loop variable
+#![allow(clippy::needless_range_loop)]
+
+use pulp::{Simd, WithSimd};
+use rayon::prelude::*;
+
+use super::convert::{permute_blocks, Bf16, Elems, Format, F16, F32};
+use super::gate::exp_neg;
+use super::Level;
+
+/// Keys scored together.
+pub const KEY_BLOCK: usize = 64;
+/// Query rows sharing one key or value load (twice as many on levels with 32 registers, see
+/// [`group_rows`]).
+const RG: usize = 4;
+/// Keys per split at least (a split shorter than this costs more to combine than it saves).
+const MIN_SPLIT_KEYS: usize = 256;
+
+/// Keys or values in storage: element `(i, j, t, c)` (sequence, group, position, column) is at
+/// `offset + i·strides[0] + j·strides[1] + t·strides[2] + c`.
+#[derive(Clone, Copy, Debug)]
+pub struct Cache<'a> {
+    /// The storage.
+    pub data: Elems<'a>,
+    /// Offset of element (0, 0, 0, 0).
+    pub offset: usize,
+    /// Sequence, group and position strides (columns are contiguous).
+    pub strides: [usize; 3],
+}
+
+/// One attention call: `rows` query rows per (sequence, group), already scaled.
+#[derive(Clone, Copy, Debug)]
+pub struct Problem<'a> {
+    /// Queries `[b, g, rows, dk]`, contiguous.
+    pub q: &'a [f32],
+    /// Sequences.
+    pub b: usize,
+    /// K/V groups.
+    pub g: usize,
+    /// Query rows per (sequence, group).
+    pub rows: usize,
+    /// Key width.
+    pub dk: usize,
+    /// Value width.
+    pub dv: usize,
+    /// Keys.
+    pub k: Cache<'a>,
+    /// Values; `None`: the first `dv` columns of the keys (absorbed MLA's latent cache).
+    pub v: Option<Cache<'a>>,
+    /// Position of each sequence's first query token.
+    pub q_starts: &'a [usize],
+    /// Query tokens per sequence (row `r` is token `r % q_len`).
+    pub q_len: usize,
+}
+
+/// The outputs `[b, g, rows, dv]` in f32, at `level`, on the rayon pool.
+pub fn attention(level: Level, p: &Problem<'_>) -> Vec<f32> {
+    let (b, g, rows, dk, dv) = (p.b, p.g, p.rows, p.dk, p.dv);
+    assert_eq!(
+        p.q.len(),
+        b * g * rows * dk,
+        "attention: q is not [b, g, rows, dk]"
+    );
+    assert_eq!(p.q_starts.len(), b, "attention: one start per sequence");
+    assert!(p.q_len > 0 && rows > 0, "attention: no query rows");
+    assert!(
+        p.v.is_some() || dv <= dk,
+        "attention: values inside keys need dv <= dk"
+    );
+    let pairs = b * g;
+    let threads = rayon::current_num_threads();
+    let n_keys = |bi: usize| p.q_starts[bi] + p.q_len.min(rows);
+    let longest = (0..b).map(n_keys).max().unwrap_or(0);
+    // splits per pair: enough tasks for every thread (twice, for balance), none shorter than
+    // MIN_SPLIT_KEYS
+    let splits = if pairs >= threads {
+        1
+    } else {
+        (2 * threads)
+            .div_ceil(pairs)
+            .min(longest.div_ceil(MIN_SPLIT_KEYS))
+            .max(1)
+    };
+    let parts: Vec<Partial> = (0..pairs * splits)
+        .into_par_iter()
+        .map(|t| {
+            let (pair, s) = (t / splits, t % splits);
+            let bi = pair / g;
+            let n = n_keys(bi);
+            let per = n.div_ceil(splits);
+            let range = ((s * per).min(n), ((s + 1) * per).min(n));
+            level.run(Task { p, pair, range })
+        })
+        .collect();
+    let mut out = vec![0f32; pairs * rows * dv];
+    for (pair, o) in out.chunks_mut(rows * dv).enumerate() {
+        combine(&parts[pair * splits..(pair + 1) * splits], rows, dv, o);
+    }
+    out
+}
+
+/// One key range's running statistics per row: max, sum, unnormalised numerator.
+struct Partial {
+    m: Vec<f32>,
+    l: Vec<f32>,
+    o: Vec<f32>,
+}
+
+/// The splits of one pair merged into normalised outputs.
+fn combine(parts: &[Partial], rows: usize, dv: usize, out: &mut [f32]) {
+    for r in 0..rows {
+        let m = parts
+            .iter()
+            .map(|p| p.m[r])
+            .fold(f32::NEG_INFINITY, f32::max);
+        let o = &mut out[r * dv..(r + 1) * dv];
+        let mut l = 0f32;
+        for p in parts {
+            if p.m[r] == f32::NEG_INFINITY {
+                continue;
+            }
+            let w = exp_neg(p.m[r] - m);
+            l += w * p.l[r];
+            for (a, x) in o.iter_mut().zip(&p.o[r * dv..(r + 1) * dv]) {
+                *a += w * x;
+            }
+        }
+        let inv = 1.0 / l;
+        o.iter_mut().for_each(|x| *x *= inv);
+    }
+}
+
+/// One (sequence, group) pair over keys `range.0..range.1`.
+struct Task<'a, 'b> {
+    p: &'b Problem<'a>,
+    pair: usize,
+    range: (usize, usize),
+}
+
+impl WithSimd for Task<'_, '_> {
+    type Output = Partial;
+
+    #[inline(always)]
+    fn with_simd<S: Simd>(self, simd: S) -> Partial {
+        match self.p.k.data {
+            Elems::F32(_) => self.run::<S, F32>(simd),
+            Elems::Bf16(_) => self.run::<S, Bf16>(simd),
+            Elems::F16(_) => self.run::<S, F16>(simd),
+        }
+    }
+}
+
+impl Task<'_, '_> {
+    /// The pass for keys and values stored in format `F` (read two vectors at a time, widened in
+    /// registers: [`Format::pair`]).
+    #[inline(always)]
+    fn run<S: Simd, F: Format>(self, simd: S) -> Partial {
+        let p = self.p;
+        let (rows, dk, dv) = (p.rows, p.dk, p.dv);
+        let l = S::F32_LANES;
+        let (bi, gi) = (self.pair / p.g, self.pair % p.g);
+        let pos: Vec<usize> = (0..rows).map(|r| p.q_starts[bi] + r % p.q_len).collect();
+        let vsrc = p.v.unwrap_or(p.k);
+        let (Some(kd), Some(vd)) = (F::slice(p.k.data), F::slice(vsrc.data)) else {
+            panic!("attention: keys and values must have one storage type");
+        };
+        // the queries in the order the pair loads give the keys (even, then odd elements of
+        // each block of two vectors, for 16-bit storage)
+        let mut q = p.q[self.pair * rows * dk..(self.pair + 1) * rows * dk].to_vec();
+        if F::PERMUTED {
+            permute_blocks(&mut q, rows, dk, l, false);
+        }
+        let kbase = p.k.offset + bi * p.k.strides[0] + gi * p.k.strides[1];
+        let vbase = vsrc.offset + bi * vsrc.strides[0] + gi * vsrc.strides[1];
+        let (kst, vst) = (p.k.strides[2], vsrc.strides[2]);
+        let mut m = vec![f32::NEG_INFINITY; rows];
+        let mut sums = vec![0f32; rows];
+        let mut o = vec![0f32; rows * dv];
+        let mut s = vec![0f32; rows * KEY_BLOCK];
+        let mut k0 = self.range.0;
+        while k0 < self.range.1 {
+            let k1 = (k0 + KEY_BLOCK).min(self.range.1);
+            let nb = k1 - k0;
+            let keys = Rows::<F> {
+                data: kd,
+                base: kbase + k0 * kst,
+                stride: kst,
+            };
+            scores(simd, &q, &keys, rows, dk, nb, &mut s);
+            // mask by position, then the online softmax per row
+            for r in 0..rows {
+                let sr = &mut s[r * KEY_BLOCK..r * KEY_BLOCK + nb];
+                let visible = (pos[r] + 1).saturating_sub(k0).min(nb);
+                let (m_new, corr, sum) = softmax_block(sr, visible, m[r]);
+                sums[r] = sums[r] * corr + sum;
+                if corr != 1.0 {
+                    o[r * dv..(r + 1) * dv].iter_mut().for_each(|x| *x *= corr);
+                }
+                m[r] = m_new;
+            }
+            let values = Rows::<F> {
+                data: vd,
+                base: vbase + k0 * vst,
+                stride: vst,
+            };
+            weighted_values(simd, &s, &values, rows, dv, nb, &mut o);
+            k0 = k1;
+        }
+        if F::PERMUTED {
+            permute_blocks(&mut o, rows, dv, l, true);
+        }
+        Partial { m, l: sums, o }
+    }
+}
+
+/// Stored rows: row `j` starts at `data[base + j·stride]`.
+struct Rows<'a, F: Format> {
+    data: &'a [F::Elem],
+    base: usize,
+    stride: usize,
+}
+
+impl<F: Format> Rows<'_, F> {
+    #[inline(always)]
+    fn at(&self, j: usize) -> usize {
+        self.base + j * self.stride
+    }
+}
+
+/// `s[r·KEY_BLOCK + j] = q_r · key_j` for every row and the block's `nb` keys.
+#[inline(always)]
+fn scores<S: Simd, F: Format>(
+    simd: S,
+    q: &[f32],
+    keys: &Rows<'_, F>,
+    rows: usize,
+    dk: usize,
+    nb: usize,
+    s: &mut [f32],
+) {
+    let mut r0 = 0;
+    while r0 < rows {
+        let g = (rows - r0).min(group_rows::<S>());
+        for j in 0..nb {
+            let at = keys.at(j);
+            let mut put = |d: &[f32]| {
+                for (i, v) in d.iter().enumerate() {
+                    s[(r0 + i) * KEY_BLOCK + j] = *v;
+                }
+            };
+            match g {
+                8 => put(&dots::<S, 8, F>(simd, q, r0, dk, keys.data, at)),
+                4..=7 => put(&dots::<S, 4, F>(simd, q, r0, dk, keys.data, at)),
+                3 => put(&dots::<S, 3, F>(simd, q, r0, dk, keys.data, at)),
+                2 => put(&dots::<S, 2, F>(simd, q, r0, dk, keys.data, at)),
+                _ => put(&dots::<S, 1, F>(simd, q, r0, dk, keys.data, at)),
+            }
+        }
+        r0 += if (4..8).contains(&g) { 4 } else { g };
+    }
+}
+
+/// Query rows sharing each key or value load: 8 where the level has 32 vector registers
+/// (AVX-512: 16 accumulators, two loaded vectors and a broadcast), else 4 ([`RG`]).
+#[inline(always)]
+fn group_rows<S: Simd>() -> usize {
+    if S::F32_LANES >= 16 {
+        2 * RG
+    } else {
+        RG
+    }
+}
+
+/// `q_{r0+i} · key` for `i < R`, `key` the `dk` stored values from `w[at..]`: one load of each
+/// pair of key vectors for the R rows. `q` holds rows of `dk` values, in the order
+/// [`Format::pair`] gives (permuted for 16-bit formats). Also the product of
+/// [`super::gemv::gemv_out_in`].
+#[inline(always)]
+pub(crate) fn dots<S: Simd, const R: usize, F: Format>(
+    simd: S,
+    q: &[f32],
+    r0: usize,
+    dk: usize,
+    w: &[F::Elem],
+    at: usize,
+) -> [f32; R] {
+    let width = 2 * S::F32_LANES;
+    let qs: [&[f32]; R] = std::array::from_fn(|i| &q[(r0 + i) * dk..(r0 + i + 1) * dk]);
+    let zero = simd.splat_f32s(0.0);
+    let mut acc = [[zero; 2]; R];
+    let mut c = 0;
+    while c + width <= dk {
+        let (k0, k1) = F::pair(simd, w, at + c);
+        for i in 0..R {
+            let (qv, _) = S::as_simd_f32s(&qs[i][c..c + width]);
+            acc[i][0] = simd.mul_add_f32s(qv[0], k0, acc[i][0]);
+            acc[i][1] = simd.mul_add_f32s(qv[1], k1, acc[i][1]);
+        }
+        c += width;
+    }
+    let tail = &w[at + c..at + dk];
+    let mut out = [0f32; R];
+    for i in 0..R {
+        let mut t = simd.reduce_sum_f32s(simd.add_f32s(acc[i][0], acc[i][1]));
+        for (a, b) in qs[i][c..].iter().zip(tail) {
+            t += a * F::one(*b);
+        }
+        out[i] = t;
+    }
+    out
+}
+
+/// One block of the online softmax over the first `visible` scores of `s` (the rest are masked
+/// and set to 0): with `m` the running maximum before the block, turns the visible scores into
+/// `exp(s - m_new)` and returns (`m_new`, the factor `exp(m - m_new)` for what was accumulated
+/// before, the block's sum). A row that sees none of the block keeps its statistics.
+#[inline(always)]
+fn softmax_block(s: &mut [f32], visible: usize, m: f32) -> (f32, f32, f32) {
+    let (vis, masked) = s.split_at_mut(visible);
+    masked.iter_mut().for_each(|x| *x = 0.0);
+    if vis.is_empty() {
+        return (m, 1.0, 0.0);
+    }
+    let block_max = vis.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let m_new = m.max(block_max);
+    let corr = if m == f32::NEG_INFINITY {
+        0.0
+    } else {
+        exp_neg(m - m_new)
+    };
+    for x in vis.iter_mut() {
+        *x = exp_neg(*x - m_new);
+    }
+    let mut part = [0f32; 8];
+    for (i, x) in vis.iter().enumerate() {
+        part[i % 8] += *x;
+    }
+    let sum =
+        ((part[0] + part[4]) + (part[1] + part[5])) + ((part[2] + part[6]) + (part[3] + part[7]));
+    (m_new, corr, sum)
+}
+
+/// `o_r += Σ_j s[r·KEY_BLOCK + j] · value_j` for every row (one load of each pair of value
+/// vectors for [`RG`] rows; the rows' outputs accumulate in registers over the block's keys, in
+/// the order [`Format::pair`] gives).
+#[inline(always)]
+fn weighted_values<S: Simd, F: Format>(
+    simd: S,
+    s: &[f32],
+    values: &Rows<'_, F>,
+    rows: usize,
+    dv: usize,
+    nb: usize,
+    o: &mut [f32],
+) {
+    let mut r0 = 0;
+    while r0 < rows {
+        let g = (rows - r0).min(group_rows::<S>());
+        let done = match g {
+            8 => accumulate::<S, 8, F>(simd, s, values, r0, dv, nb, o),
+            4..=7 => accumulate::<S, 4, F>(simd, s, values, r0, dv, nb, o),
+            3 => accumulate::<S, 3, F>(simd, s, values, r0, dv, nb, o),
+            2 => accumulate::<S, 2, F>(simd, s, values, r0, dv, nb, o),
+            _ => accumulate::<S, 1, F>(simd, s, values, r0, dv, nb, o),
+        };
+        r0 += done;
+    }
+}
+
+#[inline(always)]
+fn accumulate<S: Simd, const R: usize, F: Format>(
+    simd: S,
+    s: &[f32],
+    values: &Rows<'_, F>,
+    r0: usize,
+    dv: usize,
+    nb: usize,
+    o: &mut [f32],
+) -> usize {
+    let width = 2 * S::F32_LANES;
+    let ps: [&[f32]; R] = std::array::from_fn(|i| &s[(r0 + i) * KEY_BLOCK..][..nb]);
+    let mut c = 0;
+    while c + width <= dv {
+        let zero = simd.splat_f32s(0.0);
+        let mut acc = [[zero; 2]; R];
+        for j in 0..nb {
+            let (v0, v1) = F::pair(simd, values.data, values.at(j) + c);
+            for i in 0..R {
+                let pj = simd.splat_f32s(ps[i][j]);
+                acc[i][0] = simd.mul_add_f32s(pj, v0, acc[i][0]);
+                acc[i][1] = simd.mul_add_f32s(pj, v1, acc[i][1]);
+            }
+        }
+        for (i, a) in acc.iter().enumerate() {
+            let (ov, _) = S::as_mut_simd_f32s(&mut o[(r0 + i) * dv + c..][..width]);
+            ov[0] = simd.add_f32s(ov[0], a[0]);
+            ov[1] = simd.add_f32s(ov[1], a[1]);
+        }
+        c += width;
+    }
+    if c < dv {
+        for j in 0..nb {
+            let at = values.at(j);
+            let vr = &values.data[at + c..at + dv];
+            for i in 0..R {
+                let pj = ps[i][j];
+                for (a, v) in o[(r0 + i) * dv + c..(r0 + i + 1) * dv].iter_mut().zip(vr) {
+                    *a += pj * F::one(*v);
+                }
+            }
+        }
+    }
+    R
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rng::uniform;
+    use half::{bf16, f16};
+
+    /// Plain softmax attention in f64 over the stored (rounded) values.
+    fn reference(p: &Problem<'_>, kf: &[f32], vf: Option<&[f32]>) -> Vec<f32> {
+        let (b, g, rows, dk, dv) = (p.b, p.g, p.rows, p.dk, p.dv);
+        let mut out = vec![0f32; b * g * rows * dv];
+        for bi in 0..b {
+            for gi in 0..g {
+                for r in 0..rows {
+                    let pos = p.q_starts[bi] + r % p.q_len;
+                    let qr = &p.q[((bi * g + gi) * rows + r) * dk..][..dk];
+                    let key = |t: usize| {
+                        let at = p.k.offset
+                            + bi * p.k.strides[0]
+                            + gi * p.k.strides[1]
+                            + t * p.k.strides[2];
+                        &kf[at..at + dk]
+                    };
+                    let val = |t: usize| match (vf, p.v) {
+                        (Some(vf), Some(v)) => {
+                            let at =
+                                v.offset + bi * v.strides[0] + gi * v.strides[1] + t * v.strides[2];
+                            &vf[at..at + dv]
+                        }
+                        _ => &key(t)[..dv],
+                    };
+                    let sc: Vec<f64> = (0..=pos)
+                        .map(|t| {
+                            qr.iter()
+                                .zip(key(t))
+                                .map(|(a, b)| *a as f64 * *b as f64)
+                                .sum()
+                        })
+                        .collect();
+                    let mx = sc.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                    let e: Vec<f64> = sc.iter().map(|x| (x - mx).exp()).collect();
+                    let z: f64 = e.iter().sum();
+                    for c in 0..dv {
+                        let v: f64 = (0..=pos).map(|t| e[t] * val(t)[c] as f64).sum();
+                        out[((bi * g + gi) * rows + r) * dv + c] = (v / z) as f32;
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    fn round(x: &[f32], dtype: u8) -> Vec<f32> {
+        match dtype {
+            1 => x.iter().map(|&v| f16::from_f32(v).to_f32()).collect(),
+            2 => x.iter().map(|&v| bf16::from_f32(v).to_f32()).collect(),
+            _ => x.to_vec(),
+        }
+    }
+
+    /// Runs one shape at every level and storage type against the reference.
+    #[allow(clippy::too_many_arguments)]
+    fn check(
+        b: usize,
+        g: usize,
+        rows: usize,
+        dk: usize,
+        dv: usize,
+        cap: usize,
+        starts: &[usize],
+        q_len: usize,
+        shared: bool,
+    ) {
+        let q = uniform(b * g * rows * dk, 5);
+        // keys padded to a row stride larger than dk (a view of a wider cache)
+        let kst = dk + 3;
+        let kraw = uniform(b * g * cap * kst, 6);
+        let vraw = uniform(b * g * cap * dv, 7);
+        let (kh, vh): (Vec<f16>, Vec<f16>) = (
+            kraw.iter().map(|&v| f16::from_f32(v)).collect(),
+            vraw.iter().map(|&v| f16::from_f32(v)).collect(),
+        );
+        let (kb, vb): (Vec<bf16>, Vec<bf16>) = (
+            kraw.iter().map(|&v| bf16::from_f32(v)).collect(),
+            vraw.iter().map(|&v| bf16::from_f32(v)).collect(),
+        );
+        for level in Level::available() {
+            for dtype in 0..3u8 {
+                let kc = |data| Cache {
+                    data,
+                    offset: 0,
+                    strides: [g * cap * kst, cap * kst, kst],
+                };
+                let vc = |data| Cache {
+                    data,
+                    offset: 0,
+                    strides: [g * cap * dv, cap * dv, dv],
+                };
+                let (kf, vf) = (round(&kraw, dtype), round(&vraw, dtype));
+                let (ke, ve) = match dtype {
+                    1 => (Elems::F16(&kh), Elems::F16(&vh)),
+                    2 => (Elems::Bf16(&kb), Elems::Bf16(&vb)),
+                    _ => (Elems::F32(&kraw), Elems::F32(&vraw)),
+                };
+                let p = Problem {
+                    q: &q,
+                    b,
+                    g,
+                    rows,
+                    dk,
+                    dv,
+                    k: kc(ke),
+                    v: (!shared).then(|| vc(ve)),
+                    q_starts: starts,
+                    q_len,
+                };
+                let got = attention(level, &p);
+                let want = reference(&p, &kf, (!shared).then_some(&vf[..]));
+                for (i, (a, w)) in got.iter().zip(&want).enumerate() {
+                    assert!((a - w).abs() < 2e-5, "{level} dtype {dtype} [{i}]: {a} vs {w} (b {b} g {g} rows {rows} dk {dk} dv {dv})");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn decode_steps_match_the_reference_at_every_level_and_storage_type() {
+        // one row per pair, many pairs, odd widths (tails at every vector width)
+        check(3, 4, 1, 37, 29, 80, &[5, 70, 0], 1, false);
+        // absorbed MLA's shape: one group, many rows, values inside the keys, long context split
+        check(1, 1, 8, 40, 32, 1500, &[1400], 1, true);
+        // 13 rows: groups of 8 (AVX-512), 4 and 1
+        check(1, 1, 13, 72, 64, 300, &[299], 1, true);
+    }
+
+    #[test]
+    fn verify_steps_mask_each_row_by_its_own_position() {
+        // 3 tokens per sequence, 2 heads per group as rows (rows = heads x tokens)
+        check(2, 2, 6, 16, 16, 300, &[0, 290], 3, false);
+        // a row group of fewer than four rows, and a context shorter than one key block
+        check(1, 3, 3, 8, 8, 10, &[2], 3, false);
+    }
+}

@@ -1,0 +1,315 @@
+//! 半精度与 f32 之间的转换：按块加宽到 f32（留在 L1/L2 中供其它内核读取）与收窄输出。
+//!
+//! bf16 -> f32 is a 16-bit shift; f16 -> f32 is done with integer operations on the bits (the
+//! exponent re-biased by one multiplication by 2^112, which also normalises subnormals; infinities
+//! and NaNs get their exponent restored), so that the same loop vectorises at every level (F16C's
+//! `vcvtph2ps` is not reachable through the portable layer; the loop is a few integer operations
+//! per element and the kernels that call it are bound by memory, not by these). Narrowing rounds
+//! to nearest, ties to even (what `half` and PyTorch do).
+
+use half::{bf16, f16};
+use pulp::{Simd, WithSimd};
+
+use super::Level;
+
+/// A row of elements as they are stored.
+#[derive(Clone, Copy, Debug)]
+pub enum Elems<'a> {
+    /// f32.
+    F32(&'a [f32]),
+    /// IEEE half precision.
+    F16(&'a [f16]),
+    /// bfloat16.
+    Bf16(&'a [bf16]),
+}
+
+impl<'a> Elems<'a> {
+    /// Number of elements.
+    pub fn len(&self) -> usize {
+        match self {
+            Elems::F32(s) => s.len(),
+            Elems::F16(s) => s.len(),
+            Elems::Bf16(s) => s.len(),
+        }
+    }
+
+    /// Whether it has no elements.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Elements `a..b`.
+    pub fn range(&self, a: usize, b: usize) -> Elems<'a> {
+        match *self {
+            Elems::F32(s) => Elems::F32(&s[a..b]),
+            Elems::F16(s) => Elems::F16(&s[a..b]),
+            Elems::Bf16(s) => Elems::Bf16(&s[a..b]),
+        }
+    }
+
+    /// Bytes per element.
+    pub fn elem_bytes(&self) -> usize {
+        match self {
+            Elems::F32(_) => 4,
+            _ => 2,
+        }
+    }
+}
+
+/// f16 bits to f32, branch-free (see the module's notes).
+#[inline(always)]
+pub fn f16_bits_to_f32(h: u16) -> f32 {
+    let h = h as u32;
+    let sign = (h & 0x8000) << 16;
+    let em = h & 0x7fff;
+    // 2^112 re-biases the exponent (15 -> 127) and normalises subnormals exactly
+    let v = f32::from_bits(em << 13) * f32::from_bits(0x7780_0000);
+    let inf_nan = if em >= 0x7c00 { 0x7f80_0000 } else { 0 };
+    f32::from_bits(v.to_bits() | inf_nan | sign)
+}
+
+/// bf16 bits to f32.
+#[inline(always)]
+pub fn bf16_bits_to_f32(h: u16) -> f32 {
+    f32::from_bits((h as u32) << 16)
+}
+
+/// Widens `src` into `dst` (same length) at `level`.
+pub fn widen(level: Level, src: Elems<'_>, dst: &mut [f32]) {
+    assert_eq!(src.len(), dst.len(), "widen: lengths differ");
+    level.run(Widen { src, dst });
+}
+
+struct Widen<'a, 'b> {
+    src: Elems<'a>,
+    dst: &'b mut [f32],
+}
+
+impl WithSimd for Widen<'_, '_> {
+    type Output = ();
+    #[inline(always)]
+    fn with_simd<S: Simd>(self, _simd: S) -> Self::Output {
+        widen_body(self.src, self.dst);
+    }
+}
+
+/// The loops (inlined into each level's compiled body, where they vectorise).
+#[inline(always)]
+pub(crate) fn widen_body(src: Elems<'_>, dst: &mut [f32]) {
+    match src {
+        Elems::F32(s) => dst.copy_from_slice(s),
+        Elems::F16(s) => {
+            for (d, v) in dst.iter_mut().zip(s) {
+                *d = f16_bits_to_f32(v.to_bits());
+            }
+        }
+        Elems::Bf16(s) => {
+            for (d, v) in dst.iter_mut().zip(s) {
+                *d = bf16_bits_to_f32(v.to_bits());
+            }
+        }
+    }
+}
+
+/// f32 values narrowed to f16 (nearest, ties to even).
+pub fn to_f16(x: &[f32]) -> Vec<f16> {
+    x.iter().map(|&v| f16::from_f32(v)).collect()
+}
+
+/// f32 values narrowed to bf16 (nearest, ties to even; NaN stays NaN).
+pub fn to_bf16(x: &[f32]) -> Vec<bf16> {
+    x.iter().map(|&v| bf16::from_f32(v)).collect()
+}
+
+/// `src` widened to a new f32 vector.
+pub fn to_f32(level: Level, src: Elems<'_>) -> Vec<f32> {
+    let mut out = vec![0f32; src.len()];
+    widen(level, src, &mut out);
+    out
+}
+
+/// How weights are stored and read two vectors at a time.
+pub(crate) trait Format {
+    /// The stored element.
+    type Elem: Copy;
+    /// Whether [`Format::pair`] returns the even and the odd elements (else consecutive ones).
+    const PERMUTED: bool;
+    /// The `2 · F32_LANES` elements from `w[at..]` as two f32 vectors: elements `0..L` and
+    /// `L..2L` (f32), or the even and the odd elements (16-bit formats: one load of `L` 32-bit
+    /// words, widened in registers).
+    fn pair<S: Simd>(simd: S, w: &[Self::Elem], at: usize) -> (S::f32s, S::f32s);
+    /// One element as f32.
+    fn one(v: Self::Elem) -> f32;
+    /// The storage of `e` when it is of this format.
+    fn slice(e: Elems<'_>) -> Option<&[Self::Elem]>;
+}
+
+/// f32 storage.
+pub(crate) struct F32;
+/// bfloat16 storage (as bits).
+pub(crate) struct Bf16;
+/// IEEE half storage (as bits).
+pub(crate) struct F16;
+
+impl Format for F32 {
+    type Elem = f32;
+    const PERMUTED: bool = false;
+    #[inline(always)]
+    fn pair<S: Simd>(_simd: S, w: &[f32], at: usize) -> (S::f32s, S::f32s) {
+        let (v, _) = S::as_simd_f32s(&w[at..at + 2 * S::F32_LANES]);
+        (v[0], v[1])
+    }
+    #[inline(always)]
+    fn one(v: f32) -> f32 {
+        v
+    }
+    fn slice(e: Elems<'_>) -> Option<&[f32]> {
+        match e {
+            Elems::F32(s) => Some(s),
+            _ => None,
+        }
+    }
+}
+
+/// `2 · U32_LANES` 16-bit values from `w[at..]` as `U32_LANES` 32-bit words (little-endian: the
+/// even element in the low half).
+#[inline(always)]
+fn words<S: Simd>(w: &[u16], at: usize) -> S::u32s {
+    let src = &w[at..at + 2 * S::U32_LANES];
+    // SAFETY: `src` holds 2·U32_LANES u16 = size_of::<S::u32s>() bytes (the slice above is
+    // bounds-checked); `read_unaligned` has no alignment requirement, and `S::u32s` is `Pod`
+    // (every bit pattern is a value).
+    unsafe { std::ptr::read_unaligned(src.as_ptr() as *const S::u32s) }
+}
+
+impl Format for Bf16 {
+    type Elem = u16;
+    const PERMUTED: bool = true;
+    #[inline(always)]
+    fn pair<S: Simd>(simd: S, w: &[u16], at: usize) -> (S::f32s, S::f32s) {
+        let x = words::<S>(w, at);
+        let even = simd.wrapping_dyn_shl_u32s(x, simd.splat_u32s(16));
+        let odd = simd.and_u32s(x, simd.splat_u32s(0xffff_0000));
+        (
+            simd.transmute_f32s_u32s(even),
+            simd.transmute_f32s_u32s(odd),
+        )
+    }
+    #[inline(always)]
+    fn one(v: u16) -> f32 {
+        bf16_bits_to_f32(v)
+    }
+    fn slice(e: Elems<'_>) -> Option<&[u16]> {
+        use half::slice::HalfFloatSliceExt;
+        match e {
+            Elems::Bf16(s) => Some(s.reinterpret_cast()),
+            _ => None,
+        }
+    }
+}
+
+/// f16 bits in the low half of each word to f32 ([`f16_bits_to_f32`], lane-wise).
+#[inline(always)]
+fn f16s<S: Simd>(simd: S, h: S::u32s) -> S::f32s {
+    let splat = |v: u32| simd.splat_u32s(v);
+    let em = simd.and_u32s(h, splat(0x7fff));
+    let v = simd.mul_f32s(
+        simd.transmute_f32s_u32s(simd.wrapping_dyn_shl_u32s(em, splat(13))),
+        simd.splat_f32s(f32::from_bits(0x7780_0000)),
+    );
+    let inf_nan = simd.select_u32s(
+        simd.greater_than_or_equal_u32s(em, splat(0x7c00)),
+        splat(0x7f80_0000),
+        splat(0),
+    );
+    let sign = simd.wrapping_dyn_shl_u32s(simd.and_u32s(h, splat(0x8000)), splat(16));
+    let bits = simd.or_u32s(simd.or_u32s(simd.transmute_u32s_f32s(v), inf_nan), sign);
+    simd.transmute_f32s_u32s(bits)
+}
+
+impl Format for F16 {
+    type Elem = u16;
+    const PERMUTED: bool = true;
+    #[inline(always)]
+    fn pair<S: Simd>(simd: S, w: &[u16], at: usize) -> (S::f32s, S::f32s) {
+        let x = words::<S>(w, at);
+        let lo = simd.and_u32s(x, simd.splat_u32s(0xffff));
+        let hi = simd.wrapping_dyn_shr_u32s(x, simd.splat_u32s(16));
+        (f16s(simd, lo), f16s(simd, hi))
+    }
+    #[inline(always)]
+    fn one(v: u16) -> f32 {
+        f16_bits_to_f32(v)
+    }
+    fn slice(e: Elems<'_>) -> Option<&[u16]> {
+        use half::slice::HalfFloatSliceExt;
+        match e {
+            Elems::F16(s) => Some(s.reinterpret_cast()),
+            _ => None,
+        }
+    }
+}
+
+/// Within each full block of `2·l` columns of each row of `y` (`rows x n`): column order to
+/// "even columns, then odd ones" (`back`: the reverse).
+pub(crate) fn permute_blocks(y: &mut [f32], rows: usize, n: usize, l: usize, back: bool) {
+    let cols = 2 * l;
+    let full = n - n % cols;
+    let mut tmp = vec![0f32; cols];
+    for r in 0..rows {
+        for c in (0..full).step_by(cols) {
+            let blk = &mut y[r * n + c..r * n + c + cols];
+            tmp.copy_from_slice(blk);
+            for i in 0..l {
+                if back {
+                    blk[2 * i] = tmp[i];
+                    blk[2 * i + 1] = tmp[l + i];
+                } else {
+                    blk[i] = tmp[2 * i];
+                    blk[l + i] = tmp[2 * i + 1];
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_f16_and_bf16_bit_pattern_widens_as_half_does() {
+        for bits in 0..=u16::MAX {
+            let want = f16::from_bits(bits).to_f32();
+            let got = f16_bits_to_f32(bits);
+            assert!(
+                got.to_bits() == want.to_bits() || (got.is_nan() && want.is_nan()),
+                "f16 {bits:#06x}: {got} vs {want}"
+            );
+            let want = bf16::from_bits(bits).to_f32();
+            let got = bf16_bits_to_f32(bits);
+            assert!(
+                got.to_bits() == want.to_bits() || (got.is_nan() && want.is_nan()),
+                "bf16 {bits:#06x}"
+            );
+        }
+    }
+
+    #[test]
+    fn widening_agrees_at_every_level_with_tails() {
+        for level in Level::available() {
+            for n in [0usize, 1, 7, 8, 15, 16, 17, 33, 100] {
+                let xs: Vec<f32> = (0..n).map(|i| (i as f32 * 0.77).sin() * 1e3).collect();
+                let h: Vec<f16> = xs.iter().map(|&v| f16::from_f32(v)).collect();
+                let b: Vec<bf16> = xs.iter().map(|&v| bf16::from_f32(v)).collect();
+                let wh = to_f32(level, Elems::F16(&h));
+                let wb = to_f32(level, Elems::Bf16(&b));
+                for i in 0..n {
+                    assert_eq!(wh[i], h[i].to_f32(), "{level} f16 n={n} i={i}");
+                    assert_eq!(wb[i], b[i].to_f32(), "{level} bf16 n={n} i={i}");
+                }
+                assert_eq!(to_f32(level, Elems::F32(&xs)), xs);
+            }
+        }
+    }
+}

@@ -1,0 +1,284 @@
+//! CPU 内核模块：dsopt 在 CPU 后端上的全部快速路径（解码的矩阵-向量积、少行融合注意力、
+//! SwiGLU 门、带宽测量的读循环、半精度的加宽与收窄），在一个可移植的 SIMD 层（`pulp`）上只写
+//! 一遍，运行时按 CPU 选择指令集（AVX-512、AVX2+FMA、标量；aarch64 上为 NEON）。
+//!
+//! Why `pulp` (not `macerator`): both are already in the dependency tree (gemm uses pulp, burn-flex
+//! macerator), and pulp is compiled here with its `x86-v4` feature already (gemm's AVX-512
+//! kernels), so it adds no build time; its `Simd` trait gives vectors of the level's width
+//! (8 floats under AVX2, 16 under AVX-512, 4 under NEON, 1 for the scalar level) and its
+//! `Simd::vectorize` compiles the generic body once per level with that level's target features.
+//! The kernels are written once against that trait, as plain loops over `S::f32s`.
+//!
+//! Where this module is used: the model code (`nn/`) calls it through small functions on plain
+//! slices (no Burn types here); the adapters in `nn/` take the slices out of burn-flex tensors and
+//! fall back to Burn's own ops on every other backend. Every `unsafe` block of the CPU fast paths
+//! is in this module, with a `SAFETY:` comment.
+//!
+//! Levels: [`Level::detected`] is the best the CPU runs; [`Level::current`] is that, or lower where
+//! the environment variable `DSOPT_SIMD` (`avx512`, `avx2`, `neon` or `scalar`) asks for it (checked
+//! once, at start-up, by [`Level::from_env`]; a level the CPU does not have is an error, not a
+//! silent fallback). Every report records the level in use (`machine.simd`). Unit tests pass the
+//! level explicitly and run every level the build machine has ([`Level::available`]).
+//!
+//! Only x86-64 is built and tested here; the module compiles for aarch64 (NEON through pulp's
+//! `aarch64::Neon`) by construction, untested.
+
+pub mod attend;
+pub mod convert;
+pub mod gate;
+pub mod gemv;
+
+pub mod reduce;
+
+use std::sync::OnceLock;
+
+use serde::{Deserialize, Serialize};
+
+/// An instruction-set level the kernels are compiled for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Level {
+    /// Plain scalar code (one float per "vector"): every CPU.
+    Scalar,
+    /// aarch64 NEON (128-bit).
+    Neon,
+    /// x86-64-v3: AVX2 + FMA + F16C (256-bit).
+    Avx2,
+    /// x86-64-v4: AVX-512 F/BW/CD/DQ/VL (512-bit).
+    Avx512,
+}
+
+/// The environment variable that lowers the level for a run.
+pub const ENV: &str = "DSOPT_SIMD";
+
+impl Level {
+    /// Its name, as `DSOPT_SIMD` and the reports spell it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Level::Scalar => "scalar",
+            Level::Neon => "neon",
+            Level::Avx2 => "avx2",
+            Level::Avx512 => "avx512",
+        }
+    }
+
+    /// Parses a `DSOPT_SIMD` value.
+    pub fn parse(s: &str) -> Option<Level> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "scalar" => Some(Level::Scalar),
+            "neon" => Some(Level::Neon),
+            "avx2" => Some(Level::Avx2),
+            "avx512" => Some(Level::Avx512),
+            _ => None,
+        }
+    }
+
+    /// Whether this CPU runs the level.
+    pub fn is_available(self) -> bool {
+        match self {
+            Level::Scalar => true,
+            #[cfg(target_arch = "x86_64")]
+            Level::Avx2 => pulp::x86::V3::try_new().is_some(),
+            #[cfg(target_arch = "x86_64")]
+            Level::Avx512 => pulp::x86::V4::try_new().is_some(),
+            #[cfg(target_arch = "aarch64")]
+            Level::Neon => pulp::aarch64::Neon::try_new().is_some(),
+            #[allow(unreachable_patterns)]
+            _ => false,
+        }
+    }
+
+    /// Every level this CPU runs, lowest first (what the unit tests iterate over).
+    pub fn available() -> Vec<Level> {
+        [Level::Scalar, Level::Neon, Level::Avx2, Level::Avx512]
+            .into_iter()
+            .filter(|l| l.is_available())
+            .collect()
+    }
+
+    /// The best level this CPU runs.
+    pub fn detected() -> Level {
+        *Level::available().last().unwrap_or(&Level::Scalar)
+    }
+
+    /// The level `DSOPT_SIMD` asks for (the detected one when unset or empty), or why it cannot
+    /// be used: an unknown name, or a level this CPU does not run.
+    pub fn from_env() -> Result<Level, String> {
+        let detected = Level::detected();
+        let Ok(v) = std::env::var(ENV) else {
+            return Ok(detected);
+        };
+        if v.trim().is_empty() {
+            return Ok(detected);
+        }
+        let Some(l) = Level::parse(&v) else {
+            return Err(format!(
+                "{ENV}={v:?} is not a SIMD level; use one of avx512, avx2, neon, scalar \
+                 (or unset it for the best this CPU runs: {})",
+                detected.name()
+            ));
+        };
+        if !l.is_available() {
+            return Err(format!(
+                "{ENV}={v:?}: this CPU does not run {}; the best it runs is {} (levels it runs: {})",
+                l.name(),
+                detected.name(),
+                Level::available()
+                    .iter()
+                    .map(|l| l.name())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ));
+        }
+        Ok(l)
+    }
+
+    /// The level in use for this process: [`Level::from_env`], or the detected level when the
+    /// variable is invalid (the binary checks it at start-up and exits 2 before any kernel runs,
+    /// so the fallback only concerns library users).
+    pub fn current() -> Level {
+        static CURRENT: OnceLock<Level> = OnceLock::new();
+        *CURRENT.get_or_init(|| Level::from_env().unwrap_or_else(|_| Level::detected()))
+    }
+
+    /// Runs `op` compiled for this level (the level must be available: [`Level::is_available`];
+    /// an unavailable one runs the scalar code).
+    #[inline(always)]
+    pub(crate) fn run<Op: pulp::WithSimd>(self, op: Op) -> Op::Output {
+        use pulp::Simd;
+        match self {
+            #[cfg(target_arch = "x86_64")]
+            Level::Avx512 => match pulp::x86::V4::try_new() {
+                Some(s) => Simd::vectorize(s, op),
+                None => Simd::vectorize(pulp::Scalar::new(), op),
+            },
+            #[cfg(target_arch = "x86_64")]
+            Level::Avx2 => match pulp::x86::V3::try_new() {
+                Some(s) => Simd::vectorize(s, op),
+                None => Simd::vectorize(pulp::Scalar::new(), op),
+            },
+            #[cfg(target_arch = "aarch64")]
+            Level::Neon => match pulp::aarch64::Neon::try_new() {
+                Some(s) => Simd::vectorize(s, op),
+                None => Simd::vectorize(pulp::Scalar::new(), op),
+            },
+            _ => Simd::vectorize(pulp::Scalar::new(), op),
+        }
+    }
+}
+
+impl std::fmt::Display for Level {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn levels_parse_and_order() {
+        for l in [Level::Scalar, Level::Neon, Level::Avx2, Level::Avx512] {
+            assert_eq!(Level::parse(l.name()), Some(l));
+        }
+        assert_eq!(Level::parse(" AVX2 "), Some(Level::Avx2));
+        assert_eq!(Level::parse("sse"), None);
+        assert!(Level::Scalar < Level::Avx2 && Level::Avx2 < Level::Avx512);
+        let a = Level::available();
+        assert_eq!(a.first(), Some(&Level::Scalar));
+        assert_eq!(*a.last().unwrap(), Level::detected());
+        assert!(Level::Scalar.is_available());
+    }
+}
+
+/// Kernel timings at decode shapes, run by hand (`cargo test --release --lib -- --ignored
+/// kernel_timings --nocapture`): not a test of speed (timings on shared machines are noise), a
+/// measurement for the notes.
+#[cfg(test)]
+mod timings {
+    use super::convert::Elems;
+    use super::*;
+    use half::bf16;
+    use std::time::Instant;
+
+    fn best<F: FnMut()>(mut f: F) -> f64 {
+        f();
+        (0..7)
+            .map(|_| {
+                let t = Instant::now();
+                f();
+                t.elapsed().as_secs_f64()
+            })
+            .fold(f64::INFINITY, f64::min)
+    }
+
+    #[test]
+    #[ignore]
+    fn kernel_timings() {
+        let level = Level::current();
+        // gemv: 1 and 8 rows x [2048, 6144]
+        let (k, n) = (2048, 6144);
+        let w = crate::rng::uniform(k * n, 1);
+        let wb: Vec<bf16> = w.iter().map(|&v| bf16::from_f32(v)).collect();
+        for rows in [1, 8] {
+            let x = crate::rng::uniform(rows * k, 2);
+            let t32 = best(|| {
+                std::hint::black_box(gemv::gemv_rows(level, &x, Elems::F32(&w), rows, k, n));
+            });
+            let t16 = best(|| {
+                std::hint::black_box(gemv::gemv_rows(level, &x, Elems::Bf16(&wb), rows, k, n));
+            });
+            println!(
+                "gemv {rows} x [{k}, {n}] {level}: f32 {:.3} ms ({:.1} GB/s), bf16 {:.3} ms ({:.1} GB/s)",
+                t32 * 1e3,
+                (k * n * 4) as f64 / t32 / 1e9,
+                t16 * 1e3,
+                (k * n * 2) as f64 / t16 / 1e9
+            );
+        }
+        // attention: MHA (16 pairs x 1 row x 128) and absorbed MLA (1 pair x 16 rows x 576/512)
+        for (g, rows, dk, dv, shared) in [(16, 1, 128, 128, false), (1, 16, 576, 512, true)] {
+            let ctx = 8192;
+            let q = crate::rng::uniform(g * rows * dk, 3);
+            let kv = crate::rng::uniform(g * ctx * dk, 4);
+            let kvb: Vec<bf16> = kv.iter().map(|&v| bf16::from_f32(v)).collect();
+            let vv = crate::rng::uniform(g * ctx * dv, 5);
+            let vvb: Vec<bf16> = vv.iter().map(|&v| bf16::from_f32(v)).collect();
+            let starts = [ctx - 1];
+            let run = |k: Elems<'_>, v: Elems<'_>| {
+                let p = attend::Problem {
+                    q: &q,
+                    b: 1,
+                    g,
+                    rows,
+                    dk,
+                    dv,
+                    k: attend::Cache {
+                        data: k,
+                        offset: 0,
+                        strides: [g * ctx * dk, ctx * dk, dk],
+                    },
+                    v: (!shared).then_some(attend::Cache {
+                        data: v,
+                        offset: 0,
+                        strides: [g * ctx * dv, ctx * dv, dv],
+                    }),
+                    q_starts: &starts,
+                    q_len: 1,
+                };
+                std::hint::black_box(attend::attention(level, &p));
+            };
+            let t32 = best(|| run(Elems::F32(&kv), Elems::F32(&vv)));
+            let t16 = best(|| run(Elems::Bf16(&kvb), Elems::Bf16(&vvb)));
+            let bytes = |e: usize| (g * ctx * (dk + if shared { 0 } else { dv }) * e) as f64;
+            println!(
+                "attention g {g} rows {rows} dk {dk} dv {dv} ctx {ctx} {level}: f32 {:.3} ms ({:.1} GB/s), bf16 {:.3} ms ({:.1} GB/s)",
+                t32 * 1e3,
+                bytes(4) / t32 / 1e9,
+                t16 * 1e3,
+                bytes(2) / t16 / 1e9
+            );
+        }
+    }
+}
