@@ -27,7 +27,7 @@ pub mod attend;
 pub mod convert;
 pub mod gate;
 pub mod gemv;
-
+pub mod moe;
 pub mod reduce;
 
 use std::sync::OnceLock;

@@ -69,6 +69,11 @@ impl<B: Backend> SwiGlu<B> {
         ]
     }
 
+    /// The three linear layers `[w1 (gate), w2 (down), w3 (up)]`.
+    pub(crate) fn linears(&self) -> [&Linear<B>; 3] {
+        [&self.w1, &self.w2, &self.w3]
+    }
+
     /// Parameter count.
     pub fn params(dim: usize, inter: usize) -> usize {
         3 * dim * inter

@@ -128,9 +128,26 @@ impl<B: Backend> MoeLayer<B> {
     }
 
     /// Sorted dispatch for a given routing.
+    ///
+    /// On the CPU backend a decode step's routed experts run in the kernel module, on their own
+    /// weight rows (no gathered copies; see `nn::moe::cpu`); elsewhere the sorted dispatch.
     pub fn dispatch(&self, x: Tensor<B, 2>, routing: &Routing) -> Tensor<B, 2> {
+        if !self.shape_buckets {
+            if let Some(y) = super::cpu::routed(&x, routing, &self.experts) {
+                return self.with_shared(x, y);
+            }
+        }
         // (no module clones here: cloning a lazily initialised parameter draws new weights)
         self.dispatch_with(x, routing, &mut |e, xe| self.experts[e].forward(xe))
+    }
+
+    /// `y` plus the shared experts' output for `x` (`[t, dim]` both).
+    fn with_shared(&self, x: Tensor<B, 2>, y: Tensor<B, 2>) -> Tensor<B, 2> {
+        let [t, dim] = x.dims();
+        match &self.shared {
+            Some(shared) => y + shared.forward(x.reshape([1, t, dim])).reshape([t, dim]),
+            None => y,
+        }
     }
 
     /// Sorted dispatch; `expert(e, x)` applies routed expert `e` to its tokens `[1, n, dim]`
@@ -184,7 +201,7 @@ impl<B: Backend> MoeLayer<B> {
             outs.push(if nb > n { ye.slice([0..n, 0..dim]) } else { ye });
             i = j;
         }
-        let mut y = if outs.is_empty() {
+        let y = if outs.is_empty() {
             Tensor::zeros([t, dim], &device)
         } else {
             // inverse permutation: sorted position of each (token, slot)
@@ -201,10 +218,7 @@ impl<B: Backend> MoeLayer<B> {
                 .sum_dim(1)
                 .reshape([t, dim])
         };
-        if let Some(shared) = &self.shared {
-            y = y + shared.forward(x.reshape([1, t, dim])).reshape([t, dim]);
-        }
-        y
+        self.with_shared(x, y)
     }
 
     /// Reference: token by token, expert by expert (tests only; slow by design).
@@ -213,7 +227,7 @@ impl<B: Backend> MoeLayer<B> {
         let rows: Vec<Tensor<B, 2>> = (0..t)
             .map(|tok| {
                 let xt = x.clone().slice([tok..tok + 1, 0..dim]);
-                let mut acc = Tensor::<B, 2>::zeros([1, dim], &x.device());
+                let mut acc = Tensor::<B, 2>::zeros([1, dim], (&x.device(), x.dtype()));
                 for (&e, &w) in routing.experts[tok].iter().zip(&routing.weights[tok]) {
                     let o = self.experts[e].forward(xt.clone().reshape([1, 1, dim]));
                     acc = acc + o.reshape([1, dim]) * w;
@@ -235,6 +249,7 @@ mod tests {
     use crate::rng::uniform;
     use burn::backend::Flex;
     use burn::module::Module;
+    use burn::tensor::DType;
 
     type B = Flex;
 
@@ -274,6 +289,47 @@ mod tests {
                 20 * 3,
                 "dropless"
             );
+        }
+    }
+
+    #[test]
+    fn a_batch_8_decode_step_equals_the_per_token_reference_in_every_dtype() {
+        // 8 tokens: the CPU kernel path (nn::moe::cpu), f32 and half precision
+        let dev = Default::default();
+        B::seed(&dev, 4);
+        let layer = config(ScoreFunc::Sigmoid, 4).init::<B>(&dev);
+        let x = Tensor::<B, 2>::from_data(TensorData::new(uniform(8 * 16, 6), [8, 16]), &dev);
+        let routing = layer.router.route(x.clone());
+        assert!(
+            super::super::cpu::routed(&x, &routing, &layer.experts).is_some(),
+            "kernel path"
+        );
+        let want = layer.forward_reference(x.clone(), &routing);
+        let d: f32 = (layer.dispatch(x.clone(), &routing) - want.clone())
+            .abs()
+            .max()
+            .into_scalar();
+        assert!(d < 1e-5, "f32: max |diff| {d}");
+        for (dt, tol) in [(DType::F16, 4e-3), (DType::BF16, 3e-2)] {
+            let cast = |f: &SwiGlu<B>| {
+                let [w1, w2, w3] = f.linears().map(|l| burn::nn::Linear {
+                    weight: burn::module::Param::from_tensor(l.weight.val().cast(dt)),
+                    bias: None,
+                });
+                SwiGlu::from_linears(w1, w2, w3)
+            };
+            let lh = MoeLayer {
+                router: layer.router.clone(),
+                experts: layer.experts.iter().map(cast).collect(),
+                shared: layer.shared.as_ref().map(cast),
+                shape_buckets: false,
+            };
+            let xh = x.clone().cast(dt);
+            let want = lh.forward_reference(xh.clone(), &routing).cast(DType::F32);
+            let got = lh.dispatch(xh, &routing);
+            assert_eq!(got.dtype(), dt);
+            let d: f32 = (got.cast(DType::F32) - want).abs().max().into_scalar();
+            assert!(d < tol, "{dt:?}: max |diff| {d}");
         }
     }
 

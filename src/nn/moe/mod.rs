@@ -1,5 +1,6 @@
 //! DeepSeekMoE：路由器（`MoeRouter`）与 MoE 层（细粒度路由专家 + 常驻共享专家）。
 
+mod cpu;
 pub mod layer;
 pub mod offload;
 pub mod router;
