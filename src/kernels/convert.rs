@@ -23,7 +23,7 @@ pub enum Elems<'a> {
     Bf16(&'a [bf16]),
 }
 
-impl<'a> Elems<'a> {
+impl Elems<'_> {
     /// Number of elements.
     pub fn len(&self) -> usize {
         match self {
@@ -36,23 +36,6 @@ impl<'a> Elems<'a> {
     /// Whether it has no elements.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
-    }
-
-    /// Elements `a..b`.
-    pub fn range(&self, a: usize, b: usize) -> Elems<'a> {
-        match *self {
-            Elems::F32(s) => Elems::F32(&s[a..b]),
-            Elems::F16(s) => Elems::F16(&s[a..b]),
-            Elems::Bf16(s) => Elems::Bf16(&s[a..b]),
-        }
-    }
-
-    /// Bytes per element.
-    pub fn elem_bytes(&self) -> usize {
-        match self {
-            Elems::F32(_) => 4,
-            _ => 2,
-        }
     }
 }
 
