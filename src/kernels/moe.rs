@@ -44,36 +44,53 @@ pub fn routed(
     assert_eq!(x.len(), tokens * dim, "moe: x is not tokens x dim");
     let outs: Vec<Vec<f32>> = groups
         .par_iter()
-        .map(|(e, rows)| {
-            let ex = &experts[*e];
-            let n = rows.len();
-            let mut xe = vec![0f32; n * dim];
-            for (i, &(t, _)) in rows.iter().enumerate() {
-                xe[i * dim..(i + 1) * dim].copy_from_slice(&x[t * dim..(t + 1) * dim]);
-            }
-            let mut a = vec![0f32; n * inter];
-            let mut b = vec![0f32; n * inter];
-            gemv_band(level, &mut a, &xe, ex.w1, 0, inter, n, dim, inter);
-            gemv_band(level, &mut b, &xe, ex.w3, 0, inter, n, dim, inter);
-            let mut h = vec![0f32; n * inter];
-            gate::swiglu(level, &a, &b, &mut h);
-            let mut o = vec![0f32; n * dim];
-            gemv_band(level, &mut o, &h, ex.w2, 0, dim, n, inter, dim);
-            o
-        })
+        .map(|(e, rows)| expert_rows(level, x, dim, inter, &experts[*e], rows))
         .collect();
     let mut y = vec![0f32; tokens * dim];
     for ((_, rows), o) in groups.iter().zip(&outs) {
-        for (i, &(t, w)) in rows.iter().enumerate() {
-            for (a, v) in y[t * dim..(t + 1) * dim]
-                .iter_mut()
-                .zip(&o[i * dim..(i + 1) * dim])
-            {
-                *a += w * v;
-            }
-        }
+        accumulate(&mut y, dim, rows, o);
     }
     y
+}
+
+/// One expert's SwiGLU outputs `rows.len() x dim` for the token rows `rows` of `x` (`? x dim`,
+/// row-major f32), on the calling thread. [`routed`] runs it per expert on the pool; an expert
+/// streamed from storage runs it alone (`nn::moe::storage`), and with [`accumulate`] in the same
+/// expert order the sums are the same bits.
+pub fn expert_rows(
+    level: Level,
+    x: &[f32],
+    dim: usize,
+    inter: usize,
+    ex: &Expert<'_>,
+    rows: &[(usize, f32)],
+) -> Vec<f32> {
+    let n = rows.len();
+    let mut xe = vec![0f32; n * dim];
+    for (i, &(t, _)) in rows.iter().enumerate() {
+        xe[i * dim..(i + 1) * dim].copy_from_slice(&x[t * dim..(t + 1) * dim]);
+    }
+    let mut a = vec![0f32; n * inter];
+    let mut b = vec![0f32; n * inter];
+    gemv_band(level, &mut a, &xe, ex.w1, 0, inter, n, dim, inter);
+    gemv_band(level, &mut b, &xe, ex.w3, 0, inter, n, dim, inter);
+    let mut h = vec![0f32; n * inter];
+    gate::swiglu(level, &a, &b, &mut h);
+    let mut o = vec![0f32; n * dim];
+    gemv_band(level, &mut o, &h, ex.w2, 0, dim, n, inter, dim);
+    o
+}
+
+/// `y[t] += w · o[i]` for the `i`-th `(t, w)` of `rows` (`o`: one expert's [`expert_rows`]).
+pub fn accumulate(y: &mut [f32], dim: usize, rows: &[(usize, f32)], o: &[f32]) {
+    for (i, &(t, w)) in rows.iter().enumerate() {
+        for (a, v) in y[t * dim..(t + 1) * dim]
+            .iter_mut()
+            .zip(&o[i * dim..(i + 1) * dim])
+        {
+            *a += w * v;
+        }
+    }
 }
 
 #[cfg(test)]

@@ -96,6 +96,26 @@ impl DecoderConfig {
     /// parameters are lazy), and `host[layer][expert]` holds their weights, drawn from the
     /// Flex RNG (seed it first). Layers are indexed as in the model (dense layers get an
     /// empty list).
+    /// Builds the model on `device` without routed experts (none is materialised: Burn
+    /// parameters are lazy); they come from an expert source at run time
+    /// ([`Decoder::forward_hidden_streamed`]).
+    pub fn init_without_routed_experts<B: Backend>(&self, device: &B::Device) -> Decoder<B> {
+        let mut m = self.init::<B>(device);
+        for l in m.layers.iter_mut() {
+            if let Some(moe) = l.moe_mut() {
+                moe.experts.clear();
+            }
+        }
+        m
+    }
+
+    /// The model layers that have routed experts (MoE layers), in order.
+    pub fn moe_layer_indices(&self) -> Vec<usize> {
+        (0..self.n_layers)
+            .filter(|&i| self.moe.is_some() && self.is_moe_layer(i))
+            .collect()
+    }
+
     pub fn init_offloaded<B: Backend>(
         &self,
         device: &B::Device,
@@ -277,19 +297,21 @@ impl<B: Backend> Block<B> {
         lc: &mut LayerCache<B>,
         stats: Option<&mut Vec<LoadStats>>,
     ) -> Tensor<B, 3> {
-        self.forward_with(x, starts, lc, stats, None)
+        self.forward_with(x, starts, lc, stats, Experts::Own)
+            .expect("a layer's own experts do not fail")
     }
 
-    /// [`Block::forward`]; an MoE FFN takes its routed experts from `offload` (the store and
-    /// this block's MoE layer index) when given.
+    /// [`Block::forward`]; an MoE FFN takes its routed experts from `experts` (its own, a
+    /// device store's cache, or a streamed source). Only a streamed source can fail (a read or
+    /// checksum error).
     fn forward_with(
         &self,
         x: Tensor<B, 3>,
         starts: &[usize],
         lc: &mut LayerCache<B>,
         stats: Option<&mut Vec<LoadStats>>,
-        offload: Option<Offload<'_, B>>,
-    ) -> Tensor<B, 3> {
+        experts: Experts<'_, B>,
+    ) -> anyhow::Result<Tensor<B, 3>> {
         let h = self.attn_norm.forward(x.clone());
         let a = match &self.attn {
             Attention::Mha(m) => m.forward(h, starts, lc),
@@ -303,9 +325,12 @@ impl<B: Backend> Block<B> {
                 // tokens of every sequence routed together: [b, s, d] -> [b·s, d]
                 let [b, s, d] = h.dims();
                 let h = h.reshape([b * s, d]);
-                let (y, routing) = match offload {
-                    Some(o) => moe.forward_offloaded(h, o.layer, o.store, o.next),
-                    None => moe.forward(h),
+                let (y, routing) = match experts {
+                    Experts::Device(o) => moe.forward_offloaded(h, o.layer, o.store, o.next),
+                    Experts::Streamed { src, layer, next } => {
+                        moe.forward_streamed(h, layer, src, next)?
+                    }
+                    Experts::Own => moe.forward(h),
                 };
                 if let Some(st) = stats {
                     st.push(routing.load);
@@ -313,8 +338,23 @@ impl<B: Backend> Block<B> {
                 y.reshape([b, s, d])
             }
         };
-        x + f
+        Ok(x + f)
     }
+}
+
+/// Where an MoE block's routed experts come from.
+enum Experts<'a, B: Backend> {
+    /// The layer's own.
+    Own,
+    /// A device store's cache (experts on the host).
+    Device(Offload<'a, B>),
+    /// A streamed source (experts on storage, or all in memory), this block's index and the
+    /// next MoE block's index and router.
+    Streamed {
+        src: &'a mut dyn crate::nn::moe::ExpertSource,
+        layer: usize,
+        next: Option<(usize, &'a MoeRouter<B>)>,
+    },
 }
 
 /// The offload context of one block: the expert store, this block's index, and the next MoE
@@ -431,21 +471,52 @@ impl<B: Backend> Decoder<B> {
         let starts = vec![cache.len; b];
         let mut x = self.embed.forward(tokens);
         for (i, (layer, lc)) in self.layers.iter().zip(cache.layers.iter_mut()).enumerate() {
-            let next = self
-                .layers
-                .iter()
-                .enumerate()
-                .skip(i + 1)
-                .find_map(|(j, l)| l.moe().map(|m| (j, &m.router)));
+            let next = self.next_moe(i);
             let o = Offload {
                 store: &mut *store,
                 layer: i,
                 next,
             };
-            x = layer.forward_with(x, &starts, lc, None, Some(o));
+            x = layer
+                .forward_with(x, &starts, lc, None, Experts::Device(o))
+                .expect("a device store does not fail");
         }
         cache.len += s;
         self.norm.forward(x)
+    }
+
+    /// The MoE layer after layer `i`: its index and router (what prefetching predicts for).
+    fn next_moe(&self, i: usize) -> Option<(usize, &MoeRouter<B>)> {
+        self.layers
+            .iter()
+            .enumerate()
+            .skip(i + 1)
+            .find_map(|(j, l)| l.moe().map(|m| (j, &m.router)))
+    }
+
+    /// [`Decoder::forward_hidden`] for a model built without routed experts
+    /// ([`DecoderConfig::init_without_routed_experts`]) whose experts come from `src` as each
+    /// MoE layer reaches them (CPU backend: storage behind a cache, or all in memory). An error
+    /// is a read or checksum failure of the source.
+    pub fn forward_hidden_streamed(
+        &self,
+        tokens: Tensor<B, 2, Int>,
+        cache: &mut KvCache<B>,
+        src: &mut dyn crate::nn::moe::ExpertSource,
+    ) -> anyhow::Result<Tensor<B, 3>> {
+        let [b, s] = tokens.dims();
+        let starts = vec![cache.len; b];
+        let mut x = self.embed.forward(tokens);
+        for (i, (layer, lc)) in self.layers.iter().zip(cache.layers.iter_mut()).enumerate() {
+            let experts = Experts::Streamed {
+                src: &mut *src,
+                layer: i,
+                next: self.next_moe(i),
+            };
+            x = layer.forward_with(x, &starts, lc, None, experts)?;
+        }
+        cache.len += s;
+        Ok(self.norm.forward(x))
     }
 
     /// Gives every MoE layer the routed experts `experts[layer]` (the resident twin of an

@@ -391,3 +391,92 @@ fn decode_profile() {
         );
     }
 }
+
+#[test]
+fn experts_streamed_from_storage_equal_the_resident_model_through_evictions() {
+    use super::ffn::SwiGlu;
+    use super::moe::storage::{
+        self, ExpertFileSpec, ExpertSource, ResidentExperts, StreamedExperts,
+    };
+    use std::sync::Arc;
+    let c = moe_config(); // two MoE layers of 6 experts, top-2
+    let dev = Default::default();
+    let dir = tempfile::tempdir().unwrap();
+    let spec = ExpertFileSpec {
+        layers: c.moe_layer_indices(),
+        n_experts: 6,
+        dim: 32,
+        inter: 8,
+        dtype: crate::config::Dtype::F32,
+        seed: 5,
+    };
+    assert_eq!(spec.layers, [0, 1]);
+    let (file, written) = storage::ensure(dir.path(), &spec, false, false).unwrap();
+    assert!(written.is_some());
+    let file = Arc::new(file);
+    B::seed(&dev, 3);
+    let m = c.init_without_routed_experts::<B>(&dev);
+    let (b, p, steps) = (3, 4, 3);
+    let ids = tokens(b, p + steps, 2);
+    // a prefill chunk, then one token at a time: every step's hidden states
+    let run = |src: &mut dyn ExpertSource| -> Vec<Tensor<B, 3>> {
+        let mut cache = m.new_cache(b, p + steps);
+        let mut out = vec![m
+            .forward_hidden_streamed(ids.clone().slice([0..b, 0..p]), &mut cache, src)
+            .unwrap()];
+        for i in p..p + steps {
+            let t = ids.clone().slice([0..b, i..i + 1]);
+            out.push(m.forward_hidden_streamed(t, &mut cache, src).unwrap());
+        }
+        out
+    };
+    let mut all = ResidentExperts::load(&file).unwrap();
+    let want = run(&mut all);
+    for prefetch in [false, true] {
+        let mut st = StreamedExperts::new(file.clone(), 2, prefetch);
+        let got = run(&mut st);
+        for (i, (a, w)) in got.into_iter().zip(&want).enumerate() {
+            assert_eq!(max_diff(a, w.clone()), 0.0, "prefetch {prefetch}, step {i}");
+        }
+        let s = &st.stats;
+        assert!(s.evictions > 0 && s.misses > 0, "{s:?}");
+        assert!(s.max_resident <= 2, "{s:?}");
+        assert!(
+            s.bytes_read > 0 && s.bytes_read.is_multiple_of(spec.expert_bytes()),
+            "{s:?}"
+        );
+        if prefetch {
+            assert!(s.prefetched > 0, "{s:?}");
+        }
+    }
+    // the same model with the file's experts as its own modules (the standard path): the same
+    // hidden states (the prefill's experts go through Burn's matmul there: within rounding)
+    let mut std_m = m.clone(); // parameters initialised above, so the clone shares them
+    let experts: Vec<Vec<SwiGlu<B>>> = spec
+        .layers
+        .iter()
+        .map(|&l| {
+            (0..6)
+                .map(|e| {
+                    let [w1, w2, w3] = file.read(l, e).unwrap().to_f32();
+                    SwiGlu::from_data(
+                        TensorData::new(w1, [32, 8]),
+                        TensorData::new(w2, [8, 32]),
+                        TensorData::new(w3, [32, 8]),
+                        &dev,
+                    )
+                })
+                .collect()
+        })
+        .collect();
+    std_m.set_routed_experts(experts);
+    let mut cache = std_m.new_cache(b, p + steps);
+    let mut got = vec![std_m.forward_hidden(ids.clone().slice([0..b, 0..p]), &mut cache)];
+    for i in p..p + steps {
+        got.push(std_m.forward_hidden(ids.clone().slice([0..b, i..i + 1]), &mut cache));
+    }
+    for (i, (a, w)) in got.into_iter().zip(&want).enumerate() {
+        let d = max_diff(a, w.clone());
+        assert!(d < 1e-5, "standard path, step {i}: {d}");
+    }
+}

@@ -64,28 +64,63 @@ pub(crate) fn routed<B: Backend>(
             w3: flex::elems(w3, 0, dim * inter),
         })
         .collect();
-    let groups: Vec<Group> = order
-        .iter()
+    let groups: Vec<Group> = super::storage::groups(&routing.experts, &routing.weights)
+        .into_iter()
         .enumerate()
-        .map(|(i, &e)| {
-            let rows = routing
-                .experts
-                .iter()
-                .zip(&routing.weights)
-                .enumerate()
-                .flat_map(|(tok, (es, ws))| {
-                    es.iter()
-                        .zip(ws)
-                        .filter(|p| *p.0 == e)
-                        .map(move |p| (tok, *p.1))
-                })
-                .collect();
-            (i, rows)
-        })
+        .map(|(i, (_, rows))| (i, rows))
         .collect();
     let level = Level::current();
     let xf = xf.to_contiguous();
     let x32 = convert::to_f32(level, flex::elems(&xf, xf.layout().start_offset(), t * dim));
     let y = routed_kernel(level, &x32, t, dim, inter, &ex, &groups);
     Some(from_flex(flex::from_f32(y, Shape::from([t, dim]), dtype)))
+}
+
+/// `x` `[t, dim]` on flex as f32 values (widened once from f16/bf16), with its dtype; `None` on
+/// another backend or dtype.
+fn host_f32<B: Backend>(x: &Tensor<B, 2>) -> Option<(Vec<f32>, DType)> {
+    let [t, dim] = x.dims();
+    let xf = into_flex(x.clone()).ok()?;
+    let dtype = xf.dtype();
+    if !matches!(dtype, DType::F32 | DType::F16 | DType::BF16) {
+        return None;
+    }
+    let xf = xf.to_contiguous();
+    let level = Level::current();
+    Some((
+        convert::to_f32(level, flex::elems(&xf, xf.layout().start_offset(), t * dim)),
+        dtype,
+    ))
+}
+
+/// The routed experts' weighted sum `[t, dim]` for `x` `[t, dim]` on flex, each expert taken from
+/// `src` (storage through a cache, or all in memory) as the layer reaches it, in expert order: the
+/// same products and the same order of sums as [`routed`] for any number of tokens. `next` is
+/// the following MoE layer and its predicted experts (read ahead when `src` prefetches).
+pub(crate) fn streamed<B: Backend>(
+    x: &Tensor<B, 2>,
+    routing: &Routing,
+    layer: usize,
+    src: &mut dyn super::storage::ExpertSource,
+    next: Option<(usize, Vec<usize>)>,
+) -> anyhow::Result<Tensor<B, 2>> {
+    let [t, dim] = x.dims();
+    let (x32, dtype) = host_f32(x).ok_or_else(|| {
+        anyhow::anyhow!(
+            "experts streamed from storage run on the CPU backend (flex) in f32, f16 or bf16"
+        )
+    })?;
+    let groups = super::storage::groups(&routing.experts, &routing.weights);
+    let order: Vec<usize> = groups.iter().map(|g| g.0).collect();
+    src.begin_layer(layer, &order, next);
+    let level = Level::current();
+    let mut y = vec![0f32; t * dim];
+    for (e, rows) in &groups {
+        let buf = src.get(layer, *e)?;
+        let ex = buf.expert();
+        let inter = ex.w1.len() / dim;
+        let o = crate::kernels::moe::expert_rows(level, &x32, dim, inter, &ex, rows);
+        crate::kernels::moe::accumulate(&mut y, dim, rows, &o);
+    }
+    Ok(from_flex(flex::from_f32(y, Shape::from([t, dim]), dtype)))
 }

@@ -127,6 +127,30 @@ impl<B: Backend> MoeLayer<B> {
         (y, routing)
     }
 
+    /// [`MoeLayer::forward`] with the routed experts taken from `src` as the layer reaches them
+    /// (CPU backend: experts on storage behind a cache, or all in memory for the twin), each
+    /// expert's rows computed in the kernel module in expert order ([`super::cpu::streamed`]).
+    /// When `src` prefetches, `next`'s router is applied to this layer's input in the same pass
+    /// as this layer's routing, and its predicted experts (most votes first) are read ahead after
+    /// this layer's own.
+    pub fn forward_streamed(
+        &self,
+        x: Tensor<B, 2>,
+        layer: usize,
+        src: &mut dyn super::storage::ExpertSource,
+        next: Option<(usize, &MoeRouter<B>)>,
+    ) -> anyhow::Result<(Tensor<B, 2>, Routing)> {
+        let (routing, predicted) = match next.filter(|_| src.prefetching()) {
+            Some((nl, r)) => {
+                let (now, guess) = self.router.route_with_lookahead(x.clone(), r);
+                (now, Some((nl, by_votes(&guess))))
+            }
+            None => (self.router.route(x.clone()), None),
+        };
+        let y = super::cpu::streamed(&x, &routing, layer, src, predicted)?;
+        Ok((self.with_shared(x, y), routing))
+    }
+
     /// Sorted dispatch for a given routing.
     ///
     /// On the CPU backend a decode step's routed experts run in the kernel module, on their own
@@ -240,6 +264,17 @@ impl<B: Backend> MoeLayer<B> {
             .collect();
         Tensor::cat(rows, 0)
     }
+}
+
+/// The experts of `r`, most-routed first (ties: lower index first).
+pub(crate) fn by_votes(r: &Routing) -> Vec<usize> {
+    let mut votes: std::collections::BTreeMap<usize, usize> = Default::default();
+    for &e in r.experts.iter().flatten() {
+        *votes.entry(e).or_default() += 1;
+    }
+    let mut order: Vec<(usize, usize)> = votes.into_iter().collect();
+    order.sort_by_key(|&(e, v)| (std::cmp::Reverse(v), e));
+    order.into_iter().map(|(e, _)| e).collect()
 }
 
 #[cfg(test)]

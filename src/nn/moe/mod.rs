@@ -4,7 +4,11 @@ mod cpu;
 pub mod layer;
 pub mod offload;
 pub mod router;
+pub mod storage;
 
 pub use layer::{MoeConfig, MoeLayer};
 pub use offload::{ExpertStore, HostExpert, OffloadStats};
 pub use router::{LoadStats, MoeRouter, RouterConfig, Routing, ScoreFunc, TopkMethod};
+pub use storage::{
+    ExpertFile, ExpertFileSpec, ExpertSource, ResidentExperts, StreamStats, StreamedExperts,
+};

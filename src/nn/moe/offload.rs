@@ -174,12 +174,7 @@ impl<B: Backend> ExpertStore<B> {
         if !self.prefetch || layer >= self.host.len() || self.host[layer].is_empty() {
             return;
         }
-        let mut votes = vec![0usize; self.host[layer].len()];
-        for &e in predicted.experts.iter().flatten() {
-            votes[e] += 1;
-        }
-        let mut order: Vec<usize> = (0..votes.len()).filter(|&e| votes[e] > 0).collect();
-        order.sort_by_key(|&e| (std::cmp::Reverse(votes[e]), e));
+        let order = super::layer::by_votes(predicted);
         let room = self.capacity.saturating_sub(keep);
         for e in order.into_iter().take(room) {
             self.tick += 1;
