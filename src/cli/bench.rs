@@ -37,6 +37,7 @@ pub(super) fn overrides(o: &OverrideArgs) -> Result<Overrides, DsoptError> {
         config: o.config.clone(),
         dtype: o.dtype,
         prompts: o.prompts.clone(),
+        force: o.force,
     })
 }
 
@@ -167,6 +168,9 @@ fn check_moe_fits(m: &dsopt::config::scenario::MoeScenario) -> Result<(), DsoptE
     let Some(origin) = &m.model_origin else {
         return Ok(());
     };
+    if m.offload.as_ref().is_some_and(|o| o.only) {
+        return Ok(()); // SC-003b alone: its runner checks the resident twin against memory
+    }
     let elem = m.run.dtype.bytes() as u128;
     // u128: a config.json within the parser's limits can exceed u64 here
     let bytes_at = |layers: usize| -> u128 {

@@ -104,7 +104,6 @@ pub fn run(cli: &Cli) -> anyhow::Result<i32> {
         Command::Train {
             scenario,
             cache_dir,
-            force,
             overrides: o,
         } if o.model.is_some() || o.layers.is_some() || o.prompts.is_some() => {
             Err(DsoptError::Usage(
@@ -117,12 +116,11 @@ pub fn run(cli: &Cli) -> anyhow::Result<i32> {
         Command::Train {
             scenario,
             cache_dir,
-            force,
             overrides: o,
         } => train_cmd(
             scenario.as_deref(),
             cache_dir.as_deref(),
-            *force,
+            o.force,
             o,
             cli.quiet,
         ),

@@ -123,9 +123,6 @@ pub enum Command {
         /// Checkpoint cache folder (default: $DSOPT_CACHE, else ~/.cache/dsopt).
         #[arg(long, value_name = "DIR")]
         cache_dir: Option<PathBuf>,
-        /// Train again even if a matching checkpoint exists.
-        #[arg(long)]
-        force: bool,
         #[command(flatten)]
         overrides: OverrideArgs,
     },
@@ -228,6 +225,11 @@ pub struct OverrideArgs {
     /// the dense layers stay first.
     #[arg(long, value_name = "N")]
     pub layers: Option<usize>,
+    /// Rebuild a cached artefact even when a matching one exists: `train` trains the MTP
+    /// checkpoint again; `bench moe` (and `run`) on the CPU rewrites the expert file of
+    /// SC-003b's storage offload.
+    #[arg(long)]
+    pub force: bool,
 }
 
 /// stdout format.

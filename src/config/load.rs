@@ -209,6 +209,9 @@ impl Scenario {
                 if let Some(p) = &o.prompts {
                     s.run.prompts = Some(p.clone());
                 }
+                if let Some(off) = &mut s.offload {
+                    off.force = o.force;
+                }
                 set(&mut s.run.prefill_seq, o.seq);
                 set(&mut s.run.decode_batch, o.batch);
                 set(&mut s.run.repetitions, o.repetitions);

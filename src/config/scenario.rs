@@ -490,6 +490,13 @@ pub struct MoeOffload {
     /// 猜出下一层的专家，本层分发后先复制进来。判定以不预取的那一遍为准。
     #[serde(default = "default_true")]
     pub prefetch: bool,
+    /// 只测 SC-003b：不构建 SC-003a 的三个模型（模型大到三个无法同时放进内存时，例如
+    /// `scenarios/models/sc003b-deepseek-v2-lite-16l.toml`）；SC-003a 的两条标准记为未测量，判定因此是 error。
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub only: bool,
+    /// `--force`：CPU 上重写存储卸载的专家文件（即使缓存里已有匹配的）。不是场景键。
+    #[serde(skip)]
+    pub force: bool,
 }
 
 /// SC-003 阈值。
@@ -659,6 +666,8 @@ pub struct Overrides {
     /// `--dtype`：MLA/MTP/MoE 的 `run.dtype`、组合模型的 `optimization.dtype`（在 `--config`
     /// 之后应用）。校准场景总在 f32 中运行（与 f64 主机参考比较），给出时报用法错误。
     pub dtype: Option<Dtype>,
+    /// `--force`：MoE 场景在 CPU 上重写存储卸载的专家文件（[`MoeOffload::force`]）。
+    pub force: bool,
 }
 
 impl Scenario {

@@ -13,6 +13,7 @@ pub mod alloc;
 pub mod device;
 pub mod nvml;
 pub mod progress;
+pub mod rss;
 pub mod stats;
 
 use std::panic::{catch_unwind, AssertUnwindSafe};

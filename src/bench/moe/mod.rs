@@ -11,8 +11,10 @@
 //! with its routed experts on the host and a device LRU cache of `offload.cache_experts`
 //! experts; a real generation (a prefill chunk, then greedy decode steps through the LM head and
 //! an argmax fed back on the device) runs under the memory budget, the device pool's peak bytes
-//! are compared with it, and the outputs with the fully resident twin (same weights). On the CPU backend (flex)
-//! there is no separate device memory: offload does not apply and the report says so.
+//! are compared with it, and the outputs with the fully resident twin (same weights). On the CPU
+//! backend (flex) the tier below the budget is storage: the routed experts are streamed from an
+//! expert file through a cache of the same size, and the budget applies to the process's own
+//! memory (heap and resident peaks above a baseline; see `storage`).
 
 use std::time::Instant;
 
@@ -28,6 +30,7 @@ use crate::nn::moe::{ExpertStore, LoadStats, MoeConfig};
 use crate::report::{AnalyticMemory, Comparison, Criterion, VariantReport};
 
 mod offload;
+mod storage;
 use offload::{offload, sc003b_not_applicable};
 
 /// The notes that describe the three models: dimensions, FFN-level and whole-model active
@@ -521,13 +524,13 @@ fn sc003b<B: Backend>(
     ctx: &BackendContext<B>,
     monitor_cfg: &MonitorConfig,
     out: &mut RunOutput,
-) {
+) -> anyhow::Result<()> {
     let Some(o) = &s.offload else {
         out.criteria.extend(sc003b_not_applicable(
             s,
             "the scenario has no [offload] section",
         ));
-        return;
+        return Ok(());
     };
     if super::has_device_pool(ctx.selected.kind) {
         if is_trained(s) {
@@ -542,17 +545,42 @@ fn sc003b<B: Backend>(
         out.criteria.extend(c);
         out.notes.extend(n);
     } else {
-        // present, unmeasured and never a pass: half of SC-003 untested is not an SC-003 pass
-        let why = format!(
-            "backend {} computes in host memory, so there is no separate device memory to \
-             budget; run with --backend wgpu or cuda to measure it (or gate the rest with \
-             --require SC-003a-prefill,SC-003a-decode)",
-            ctx.selected.kind
-        );
-        out.notes
-            .push(format!("SC-003b (expert offload) does not apply: {why}"));
-        out.criteria.extend(sc003b_not_applicable(s, &why));
+        // the CPU: experts on storage, the budget on the process's own memory
+        let (v, c, n) = storage::storage_offload::<B>(s, o, ctx, monitor_cfg)?;
+        out.variants.extend(v);
+        out.criteria.extend(c);
+        out.notes.extend(n);
     }
+    Ok(())
+}
+
+/// `offload.only = true`: SC-003b alone (the three SC-003a models are not built; its two
+/// criteria are present and not measured, so the verdict is `error`, never a pass).
+fn offload_only<B: Backend>(
+    s: &MoeScenario,
+    o: &crate::config::scenario::MoeOffload,
+    ctx: &BackendContext<B>,
+    monitor_cfg: &MonitorConfig,
+) -> anyhow::Result<RunOutput> {
+    let why = "not measured: the scenario sets offload.only = true (SC-003b alone; the three \
+               SC-003a models are not built)";
+    let cfg = s.decoder_config(MoeVariant::Moe);
+    let moe = cfg.moe.clone().expect("the MoE variant has an MoE FFN");
+    let mut out = RunOutput {
+        notes: model_notes(s, &moe, &cfg),
+        active_fraction: Some(
+            super::strategy::active_params(&cfg) as f64 / cfg.params().max(1) as f64,
+        ),
+        ..Default::default()
+    };
+    out.notes.push(format!("SC-003a {why}"));
+    out.criteria = sc003a_criteria(s, [None, None], [Default::default(); 2]).to_vec();
+    for c in &mut out.criteria {
+        c.note = why.into();
+    }
+    debug_assert!(o.only);
+    sc003b(s, ctx, monitor_cfg, &mut out)?;
+    Ok(out)
 }
 
 /// Runs SC-003 on backend `B`: the three models built first, timed interleaved, each against
@@ -571,6 +599,9 @@ pub fn run<B: Backend>(
             p.display()
         ))
         .into());
+    }
+    if let Some(o) = s.offload.as_ref().filter(|o| o.only) {
+        return offload_only(s, o, ctx, &monitor_cfg);
     }
     // the limits every speed below is set against, measured in this run before the models
     // exist (the streaming read buffer is larger than the last-level cache)
@@ -654,7 +685,7 @@ pub fn run<B: Backend>(
     };
     let ev = [evidence(0, pre_total), evidence(1, dec_total)];
     out.criteria = sc003a_criteria(s, [pre_total, dec_total], ev).to_vec();
-    sc003b(s, ctx, &monitor_cfg, &mut out);
+    sc003b(s, ctx, &monitor_cfg, &mut out)?;
     Ok(out)
 }
 

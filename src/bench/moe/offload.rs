@@ -31,7 +31,7 @@ pub(super) fn sc003b_not_applicable(s: &MoeScenario, why: &str) -> [Criterion; 3
 }
 
 /// Prompt tokens of SC-003b's generation (one prefill chunk before the decode steps).
-const OFFLOAD_PROMPT: usize = 8;
+pub(super) const OFFLOAD_PROMPT: usize = 8;
 
 /// One generation, SC-003b's workload: `forward` (the model's normed hidden states for new
 /// tokens, appending to its cache) over the prompt, then `steps` greedy decode steps, each
@@ -40,15 +40,15 @@ const OFFLOAD_PROMPT: usize = 8;
 /// `[b, steps]` and the logits of the prefill's last position and of every step,
 /// `[b, steps + 1, vocab]` (a divergence of the generated tokens shows there as a logits
 /// difference at the step where the argmax differed).
-fn generate<B: Backend>(
+pub(super) fn generate<B: Backend>(
     model: &Decoder<B>,
     prompt: &Tensor<B, 2, Int>,
     steps: usize,
-    mut forward: impl FnMut(Tensor<B, 2, Int>) -> Tensor<B, 3>,
+    mut forward: impl FnMut(Tensor<B, 2, Int>) -> anyhow::Result<Tensor<B, 3>>,
     mut after_step: impl FnMut(),
-) -> (Tensor<B, 2, Int>, Tensor<B, 3>) {
+) -> anyhow::Result<(Tensor<B, 2, Int>, Tensor<B, 3>)> {
     let [b, p] = prompt.dims();
-    let h = forward(prompt.clone());
+    let h = forward(prompt.clone())?;
     let d = h.dims()[2];
     let mut logits = model.logits(h.slice([0..b, p - 1..p, 0..d]));
     after_step();
@@ -58,15 +58,15 @@ fn generate<B: Backend>(
         let next = logits.clone().argmax(2).reshape([b, 1]);
         out.push(next.clone());
         all.push(logits);
-        logits = model.logits(forward(next));
+        logits = model.logits(forward(next)?);
         after_step();
     }
     all.push(logits);
-    (Tensor::cat(out, 1), Tensor::cat(all, 1))
+    Ok((Tensor::cat(out, 1), Tensor::cat(all, 1)))
 }
 
 /// Max |difference| allowed between the offloaded and the resident model's outputs.
-const OFFLOAD_TOLERANCE: f64 = 1e-5;
+pub(super) const OFFLOAD_TOLERANCE: f64 = 1e-5;
 
 /// SC-003b: the MoE model with routed experts on the host and a device LRU cache, one
 /// generation ([`generate`]) under the budget; equivalence (same tokens, logits within the
@@ -132,9 +132,10 @@ pub(super) fn offload<B: Backend>(
                 &model,
                 &prompt,
                 steps,
-                |t| model.forward_hidden_offloaded(t, &mut c, &mut store),
+                |t| Ok(model.forward_hidden_offloaded(t, &mut c, &mut store)),
                 || probe.checkpoint("generation_step"),
-            );
+            )
+            .expect("a device store does not fail");
             per_run.push(store.stats.clone());
             Ok(out)
         });
@@ -190,13 +191,16 @@ pub(super) fn offload<B: Backend>(
     };
     let mut resident_peak = sample();
     let mut c = resident.new_cache(db, cap);
-    let want = Some(generate(
-        &resident,
-        &prompt,
-        steps,
-        |t| resident.forward_hidden(t, &mut c),
-        || resident_peak = resident_peak.max(sample()),
-    ));
+    let want = Some(
+        generate(
+            &resident,
+            &prompt,
+            steps,
+            |t| Ok(resident.forward_hidden(t, &mut c)),
+            || resident_peak = resident_peak.max(sample()),
+        )
+        .expect("a resident model does not fail"),
+    );
     drop(c);
     drop(resident);
     let tol = OFFLOAD_TOLERANCE;

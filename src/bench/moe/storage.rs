@@ -1,0 +1,497 @@
+//! CPU 上的 SC-003b：路由专家放在存储上（专家文件），内存里只留按预算定容量的 LRU 缓存；在预算下做
+//! 一次真实生成，用计数分配器的峰值与操作系统的常驻高水位（VmHWM）两种方式测进程内存高出基线的
+//! 部分；与全部专家驻留内存的孪生模型比较输出，并实测孪生模型的峰值（“需要两倍内存的模型”）。
+//! 同一次运行里测存储的顺序读速率，作为卸载运行的屋顶线。
+//!
+//! Order of the phases (each measured against the heap and resident baselines taken before the
+//! offloaded model is built): the expert file is ensured and the storage read rate measured;
+//! the offloaded model (no routed experts) is built and runs `repetitions` cold-cache generations
+//! per policy (reads on demand; reads ahead on a background thread with the next layer's
+//! prediction); the peak of both measures is taken; then every expert is read into memory (the
+//! resident twin: the same model, the same kernel, the experts in memory) and the same
+//! generation runs once, its peak measured the same way.
+
+use std::sync::Arc;
+
+use super::offload::{generate, OFFLOAD_PROMPT, OFFLOAD_TOLERANCE};
+use super::*;
+use crate::monitor::{alloc, rss::ResidentPeak};
+use crate::nn::moe::storage::{
+    self, ExpertFileSpec, ExpertSource, ResidentExperts, StreamStats, StreamedExperts, ALIGN,
+};
+
+/// Seed of the routed experts' random weights in the expert file.
+const EXPERT_SEED: u64 = 13;
+/// At most this much of the expert file is read sequentially for the storage read rate.
+const READ_RATE_BYTES: u64 = 512 << 20;
+
+/// The expert file's description for scenario `s`'s MoE model.
+pub(super) fn file_spec(s: &MoeScenario, cfg: &DecoderConfig) -> ExpertFileSpec {
+    ExpertFileSpec {
+        layers: cfg.moe_layer_indices(),
+        n_experts: s.moe.n_routed_experts,
+        dim: cfg.hidden,
+        inter: s.moe.moe_inter_dim,
+        dtype: s.run.dtype,
+        seed: EXPERT_SEED,
+    }
+}
+
+/// What must fit under the budget besides the cache: the model without its routed experts
+/// (attention, embeddings, head, shared experts, routers, norms) and the KV cache, in bytes.
+pub(super) fn resident_part_bytes(
+    cfg: &DecoderConfig,
+    spec: &ExpertFileSpec,
+    batch: usize,
+    cap: usize,
+) -> u64 {
+    let eb = spec.dtype.bytes() as u64;
+    let routed = spec.data_bytes() / eb;
+    (cfg.params() as u64 - routed) * eb + cfg.kv_cache_bytes(batch, cap, eb as usize)
+}
+
+/// The budget check before anything is built: the resident part plus `cache + 1` expert
+/// buffers (the cache, and the expert being computed while the cache takes the next one in)
+/// must fit, else bad input naming both keys to change.
+pub(super) fn check_budget(
+    budget: u64,
+    resident: u64,
+    spec: &ExpertFileSpec,
+    cache_experts: usize,
+) -> Result<(), crate::DsoptError> {
+    let slot = spec.expert_bytes() + 2 * ALIGN as u64;
+    let need = resident + (cache_experts as u64 + 1) * slot;
+    if cache_experts == 0 || need > budget {
+        return Err(crate::DsoptError::Usage(format!(
+            "[offload] memory_budget_gib = {:.4} ({budget} bytes) cannot hold the model's \
+             resident part ({resident} bytes: attention, embeddings, head, shared experts, \
+             routers, norms and the KV cache) plus {} expert buffers of {slot} bytes (offload.\
+             cache_experts = {cache_experts}, and the expert being computed): {need} bytes. \
+             Raise offload.memory_budget_gib to at least {:.4} or lower offload.cache_experts \
+             (at least 1)",
+            budget as f64 / (1u64 << 30) as f64,
+            cache_experts + 1,
+            (resident + 2 * slot) as f64 / (1u64 << 30) as f64,
+        )));
+    }
+    Ok(())
+}
+
+/// Refuses to start when the machine's available memory cannot hold the resident twin.
+fn check_ram(twin_bytes: u64) -> Result<(), crate::DsoptError> {
+    let avail = match sysinfo::System::new() {
+        Ok(mut sys) => {
+            sys.refresh_memory();
+            sys.available_memory()
+        }
+        Err(_) => 0, // not known: no refusal
+    };
+    let need = twin_bytes + twin_bytes / 20 + (256 << 20);
+    if avail > 0 && avail < need {
+        return Err(crate::DsoptError::CannotRun(format!(
+            "SC-003b's resident twin (every expert in memory) needs about {need} bytes and this \
+             machine has {avail} bytes available: run it on a machine with more memory, or use \
+             a scenario with fewer layers or experts"
+        )));
+    }
+    Ok(())
+}
+
+/// A generation's outputs on the host: the generated ids and every step's logits.
+type HostOutputs = (Vec<i64>, Vec<f32>);
+
+/// One generation through `src`, its outputs brought to the host.
+fn generation<B: Backend>(
+    model: &Decoder<B>,
+    prompt: &Tensor<B, 2, Int>,
+    steps: usize,
+    cap: usize,
+    src: &mut dyn ExpertSource,
+) -> anyhow::Result<HostOutputs> {
+    let [b, _] = prompt.dims();
+    let mut c = model.new_cache(b, cap);
+    let (ids, logits) = generate(
+        model,
+        prompt,
+        steps,
+        |t| model.forward_hidden_streamed(t, &mut c, &mut *src),
+        || {},
+    )?;
+    Ok((
+        ids.into_data()
+            .convert::<i64>()
+            .to_vec()
+            .unwrap_or_default(),
+        logits
+            .into_data()
+            .convert::<f32>()
+            .to_vec()
+            .unwrap_or_default(),
+    ))
+}
+
+/// One policy's timed runs (each from a cold cache).
+struct PolicyRun {
+    name: &'static str,
+    samples: Vec<f64>,
+    out: HostOutputs,
+    stats: StreamStats,
+}
+
+/// Peak memory of a phase above the baselines taken before the offloaded model was built.
+#[derive(Debug, Clone, Copy, Default)]
+struct Peaks {
+    /// The counting allocator's peak minus its baseline.
+    heap: Option<u64>,
+    /// VmHWM minus the resident baseline.
+    resident: Option<u64>,
+}
+
+impl Peaks {
+    fn worst(&self) -> Option<u64> {
+        match (self.heap, self.resident) {
+            (Some(a), Some(b)) => Some(a.max(b)),
+            (a, b) => a.or(b),
+        }
+    }
+}
+
+fn mib(b: Option<u64>) -> String {
+    b.map(|b| format!("{:.1} MiB", b as f64 / 1048576.0))
+        .unwrap_or_else(|| "not measured".into())
+}
+
+/// SC-003b on the CPU backend: see the module's notes. Errors: a budget that cannot hold the
+/// resident part and the cache (exit 2), too little disk or memory (exit 3), a truncated,
+/// foreign or corrupt expert file (exit 2).
+pub(super) fn storage_offload<B: Backend>(
+    s: &MoeScenario,
+    o: &crate::config::scenario::MoeOffload,
+    ctx: &BackendContext<B>,
+    monitor_cfg: &MonitorConfig,
+) -> anyhow::Result<(Vec<VariantReport>, Vec<Criterion>, Vec<String>)> {
+    let dev = &ctx.device;
+    let (db, steps) = (s.run.decode_batch, s.run.decode_steps);
+    let cap = OFFLOAD_PROMPT + steps;
+    let cfg = s.decoder_config(MoeVariant::Moe);
+    let spec = file_spec(s, &cfg);
+    let budget = (o.memory_budget_gib * (1u64 << 30) as f64) as u64;
+    let resident_part = resident_part_bytes(&cfg, &spec, db, cap);
+    check_budget(budget, resident_part, &spec, o.cache_experts)?;
+    check_ram(resident_part + spec.data_bytes())?;
+    let mut notes = Vec::new();
+    let dir = crate::train::default_cache_dir();
+    let (file, written) = storage::ensure(&dir, &spec, o.force, monitor_cfg.progress)?;
+    notes.push(match written {
+        Some(w) => format!(
+            "SC-003b expert file {} written in this run: {:.1} MiB in {:.1} s ({} experts of {} \
+                bytes, {}); kept for later runs (delete it, or --force, to rewrite it)",
+            file.path().display(),
+            w.bytes as f64 / 1048576.0,
+            w.seconds,
+            spec.layers.len() * spec.n_experts,
+            spec.expert_bytes(),
+            spec.dtype.as_str()
+        ),
+        None => format!(
+            "SC-003b expert file {} reused from the cache (checked: format, model key, layout, \
+                length; every expert's CRC32 is checked as it is read)",
+            file.path().display()
+        ),
+    });
+    let file = Arc::new(file);
+    crate::monitor::progress::trace(format!(
+        "SC-003b: expert file {} ready",
+        file.path().display()
+    ));
+    let read_rate = file.sequential_read_rate(READ_RATE_BYTES)?;
+    notes.push(format!(
+        "storage read rate measured in this run: {:.0} MiB/s (a sequential read of {:.0} MiB of \
+            the expert file in 4 MiB requests, {}): the roofline of the offloaded decode",
+        read_rate / 1048576.0,
+        spec.data_bytes().min(READ_RATE_BYTES) as f64 / 1048576.0,
+        if file.direct() {
+            "O_DIRECT, bypassing the page cache"
+        } else {
+            "NOT bypassing the page cache: the file system refused O_DIRECT, so these reads and \
+                the experts' may come from memory"
+        }
+    ));
+
+    // baselines: before the offloaded model is built
+    alloc::settle_thread_locals();
+    let rss = ResidentPeak::start();
+    let heap0 = alloc::current();
+    alloc::reset_peak();
+    let peaks_since = |rss: Option<ResidentPeak>| Peaks {
+        heap: alloc::peak().zip(heap0).map(|(p, b)| p.saturating_sub(b)),
+        resident: rss.and_then(|r| r.above_baseline()),
+    };
+    B::seed(dev, 11);
+    let model = cfg.init_without_routed_experts::<B>(dev);
+    let prompt = crate::bench::token_tensor::<B>(db, OFFLOAD_PROMPT, cfg.vocab_size, 10, dev);
+    let tokens = (db * steps) as f64;
+    let reps = s.run.repetitions.max(1);
+    let mut runs: Vec<PolicyRun> = Vec::new();
+    for (name, prefetch) in [("moe_offloaded", false), ("moe_offloaded_prefetch", true)] {
+        if prefetch && !o.prefetch {
+            continue;
+        }
+        crate::monitor::progress::trace(format!("SC-003b: {reps} offloaded generation(s), {name}"));
+        let mut store = StreamedExperts::new(file.clone(), o.cache_experts, prefetch);
+        let mut samples = Vec::new();
+        let mut last = None;
+        for _ in 0..reps {
+            store.reset();
+            let t0 = Instant::now();
+            let out = generation(&model, &prompt, steps, cap, &mut store)?;
+            samples.push(t0.elapsed().as_secs_f64());
+            last = Some(out);
+        }
+        runs.push(PolicyRun {
+            name,
+            samples,
+            out: last.expect("at least one repetition"),
+            stats: store.stats.clone(),
+        });
+    }
+    let offloaded = peaks_since(rss);
+    // the resident twin: every expert in memory, the same model and kernel
+    crate::monitor::rss::trim_heap();
+    alloc::reset_peak();
+    if let Some(r) = &rss {
+        r.reset_mark();
+    }
+    crate::monitor::progress::trace("SC-003b: the resident twin (every expert read into memory)");
+    let t0 = Instant::now();
+    let mut all = ResidentExperts::load(&file)?;
+    let load_s = t0.elapsed().as_secs_f64();
+    let t0 = Instant::now();
+    let want = generation(&model, &prompt, steps, cap, &mut all)?;
+    let twin_s = t0.elapsed().as_secs_f64();
+    let twin = peaks_since(rss);
+    drop(all);
+
+    let mut variants = Vec::new();
+    for r in &runs {
+        let mut v = VariantReport {
+            name: r.name.into(),
+            status: crate::report::VariantStatus::Ok,
+            error: None,
+            timings: crate::monitor::stats::Timings::from_samples(r.samples.clone(), vec![]),
+            memory: Default::default(),
+            metrics: Default::default(),
+            equivalence: Default::default(),
+            warnings: vec![],
+        };
+        v.memory.measured.host_baseline_bytes = heap0;
+        v.memory.measured.host_peak_bytes = offloaded.heap.zip(heap0).map(|(p, b)| p + b);
+        let t = v.timings.as_ref().map(|t| t.median_s);
+        let st = &r.stats;
+        let achieved = t.map(|t| st.bytes_read as f64 / t);
+        for (k, x) in [
+            ("generated_tokens_per_s", t.map(|t| tokens / t)),
+            ("hit_rate", st.hit_rate()),
+            ("hits", Some(st.hits as f64)),
+            ("misses", Some(st.misses as f64)),
+            ("read_waits", Some(st.waits as f64)),
+            ("evictions", Some(st.evictions as f64)),
+            ("bytes_read_per_token", Some(st.bytes_read as f64 / tokens)),
+            ("read_seconds", Some(st.read_seconds)),
+            ("read_wait_seconds", Some(st.wait_seconds)),
+            ("expert_read_bytes_per_s", achieved),
+            ("storage_read_bytes_per_s", Some(read_rate)),
+            (
+                "fraction_of_storage_read_rate",
+                achieved.map(|a| a / read_rate),
+            ),
+            ("cache_experts", Some(o.cache_experts as f64)),
+            ("max_resident_experts", Some(st.max_resident as f64)),
+            ("budget_bytes", Some(budget as f64)),
+            ("expert_file_bytes", Some(spec.data_bytes() as f64)),
+            (
+                "heap_peak_above_baseline_bytes",
+                offloaded.heap.map(|b| b as f64),
+            ),
+            (
+                "resident_peak_above_baseline_bytes",
+                offloaded.resident.map(|b| b as f64),
+            ),
+            ("direct_io", Some(if file.direct() { 1.0 } else { 0.0 })),
+        ] {
+            v.metrics.insert(k.into(), x);
+        }
+        if r.name.ends_with("prefetch") {
+            v.metrics
+                .insert("prefetched_experts".into(), Some(st.prefetched as f64));
+            v.metrics
+                .insert("prefetch_used".into(), Some(st.prefetch_used as f64));
+            v.metrics
+                .insert("prefetch_accuracy".into(), st.prefetch_accuracy());
+        }
+        v.memory.analytic = Some(AnalyticMemory {
+            weights_bytes: resident_part - cfg.kv_cache_bytes(db, cap, spec.dtype.bytes())
+                + o.cache_experts as u64 * spec.expert_bytes(),
+            kv_cache_bytes: cfg.kv_cache_bytes(db, cap, spec.dtype.bytes()),
+            activations_bytes: None,
+        });
+        let same = r.out.0 == want.0;
+        v.metrics.insert(
+            "identical_generated_tokens".into(),
+            Some(if same { 1.0 } else { 0.0 }),
+        );
+        let diff = (r.out.1.len() == want.1.len()).then(|| {
+            r.out
+                .1
+                .iter()
+                .zip(&want.1)
+                .map(|(a, b)| (a - b).abs() as f64)
+                .fold(0.0, f64::max)
+        });
+        let equal = diff.map(|d| d <= OFFLOAD_TOLERANCE);
+        v.equivalence = crate::report::Equivalence {
+            checked: diff.is_some(),
+            reference: Some(
+                "resident twin: the same model and kernel with every routed expert read into \
+                    memory from the same file"
+                    .into(),
+            ),
+            max_abs_diff: diff,
+            tolerance: Some(OFFLOAD_TOLERANCE),
+            passed: equal,
+        };
+        if equal != Some(true) {
+            v.fail("offloaded outputs differ from the resident twin");
+        }
+        notes.push(format!(
+            "SC-003b storage offload{}: {:.1} generated tokens/s (batch {db}: a prefill chunk of \
+                {OFFLOAD_PROMPT} tokens, then {steps} greedy steps; median of {reps} cold-cache \
+                runs), hit rate {}, {:.2} MiB read per token, experts read at {} = {} of the \
+                storage read rate, reader busy {:.2} s, compute waited {:.2} s{}; outputs vs \
+                resident max |diff| {}",
+            if r.name.ends_with("prefetch") {
+                " with read-ahead"
+            } else {
+                ""
+            },
+            t.map(|t| tokens / t).unwrap_or(f64::NAN),
+            st.hit_rate()
+                .map(|h| format!("{:.1} %", 100.0 * h))
+                .unwrap_or_else(|| "not measured".into()),
+            st.bytes_read as f64 / tokens / 1048576.0,
+            achieved
+                .map(|a| format!("{:.0} MiB/s", a / 1048576.0))
+                .unwrap_or_else(|| "not measured".into()),
+            achieved
+                .map(|a| format!("{:.0} %", 100.0 * a / read_rate))
+                .unwrap_or_else(|| "not measured".into()),
+            st.read_seconds,
+            st.wait_seconds,
+            if r.name.ends_with("prefetch") {
+                format!(
+                    ", {} experts read ahead on the next layer's prediction, {} of them used \
+                        before eviction",
+                    st.prefetched, st.prefetch_used
+                )
+            } else {
+                String::new()
+            },
+            diff.map(|d| format!("{d:.2e}"))
+                .unwrap_or_else(|| "not measured".into())
+        ));
+        variants.push(v);
+    }
+    notes.push(format!(
+        "SC-003b memory above the baseline taken before the offloaded model was built: offloaded \
+            runs (model build and every generation) heap peak {} and resident (VmHWM) peak {}; \
+            resident twin heap peak {} and resident peak {} (its {} experts read in {:.1} s, its \
+            generation {:.2} s); budget {}",
+        mib(offloaded.heap),
+        mib(offloaded.resident),
+        mib(twin.heap),
+        mib(twin.resident),
+        spec.layers.len() * spec.n_experts,
+        load_s,
+        twin_s,
+        mib(Some(budget))
+    ));
+    let plain = &variants[0];
+    let criteria = vec![
+        Criterion::evaluate(
+            "SC-003b",
+            "resident_twin_peak_over_budget",
+            Comparison::AtLeast,
+            s.thresholds.model_to_budget_ratio,
+            twin.heap.map(|p| p as f64 / budget as f64),
+            format!(
+                "measured: the resident twin (every routed expert read into memory) ran the same \
+                    generation with a heap peak of {} above the baseline (resident: {}) against a \
+                    budget of {} (its expert file alone: {:.1} MiB, {}); the offloaded model reads \
+                    its routed experts from storage into a cache of {} experts",
+                mib(twin.heap),
+                mib(twin.resident),
+                mib(Some(budget)),
+                spec.data_bytes() as f64 / 1048576.0,
+                spec.dtype.as_str(),
+                o.cache_experts
+            ),
+        ),
+        Criterion::evaluate(
+            "SC-003b-peak",
+            "process_peak_over_budget",
+            Comparison::AtMost,
+            1.0,
+            offloaded.worst().map(|p| p as f64 / budget as f64),
+            format!(
+                "the process's memory above its baseline before the offloaded model was built, \
+                    over the budget, the larger of two measures: the counting allocator's heap peak \
+                    ({}) and the OS's resident high-water mark VmHWM ({}), over the model build and \
+                    every offloaded generation",
+                mib(offloaded.heap),
+                mib(offloaded.resident)
+            ),
+        ),
+        Criterion::evaluate(
+            "SC-003b-eq",
+            "max_abs_diff_offloaded_vs_resident",
+            Comparison::AtMost,
+            OFFLOAD_TOLERANCE,
+            plain.equivalence.max_abs_diff,
+            "a generation (prefill chunk, greedy decode steps through the LM head and argmax): \
+                max |difference| of the logits of every step, experts streamed from storage (no \
+                read-ahead) vs every expert in memory, same file, same kernel",
+        ),
+    ];
+    Ok((variants, criteria, notes))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_budget_that_cannot_hold_the_resident_part_and_the_cache_is_bad_input() {
+        let s = match crate::config::Scenario::builtin(crate::config::ScenarioKind::Moe) {
+            crate::config::Scenario::Moe(s) => s,
+            _ => unreachable!(),
+        };
+        let cfg = s.decoder_config(MoeVariant::Moe);
+        let spec = file_spec(&s, &cfg);
+        let resident = resident_part_bytes(&cfg, &spec, 8, 24);
+        let slot = spec.expert_bytes() + 2 * ALIGN as u64;
+        assert!(resident > 0 && resident < spec.data_bytes());
+        let just = resident + 5 * slot;
+        assert!(check_budget(just, resident, &spec, 4).is_ok());
+        let e = check_budget(just - 1, resident, &spec, 4).unwrap_err();
+        assert_eq!(e.exit_code(), crate::error::EXIT_BAD_INPUT);
+        let msg = e.to_string();
+        assert!(
+            msg.contains("memory_budget_gib") && msg.contains("cache_experts"),
+            "{msg}"
+        );
+        assert!(
+            check_budget(u64::MAX, resident, &spec, 0).is_err(),
+            "no cache at all"
+        );
+    }
+}
