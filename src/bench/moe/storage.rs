@@ -6,8 +6,8 @@
 //! Order of the phases (each measured against the heap and resident baselines taken before the
 //! offloaded model is built): the expert file is ensured and the storage read rate measured;
 //! the offloaded model (no routed experts) is built and runs `repetitions` cold-cache generations
-//! per policy (reads on demand; reads ahead on a background thread with the next layer's
-//! prediction); the peak of both measures is taken; then every expert is read into memory (the
+//! per policy, the policies interleaved (reads on demand; reads ahead on a background thread
+//! with the next layer's prediction); the peak of both measures is taken; then every expert is read into memory (the
 //! resident twin: the same model, the same kernel, the experts in memory) and the same
 //! generation runs once, its peak measured the same way.
 
@@ -232,28 +232,34 @@ pub(super) fn storage_offload<B: Backend>(
     let prompt = crate::bench::token_tensor::<B>(db, OFFLOAD_PROMPT, cfg.vocab_size, 10, dev);
     let tokens = (db * steps) as f64;
     let reps = s.run.repetitions.max(1);
-    let mut runs: Vec<PolicyRun> = Vec::new();
-    for (name, prefetch) in [("moe_offloaded", false), ("moe_offloaded_prefetch", true)] {
-        if prefetch && !o.prefetch {
-            continue;
-        }
-        crate::monitor::progress::trace(format!("SC-003b: {reps} offloaded generation(s), {name}"));
-        let mut store = StreamedExperts::new(file.clone(), o.cache_experts, prefetch);
-        let mut samples = Vec::new();
-        let mut last = None;
-        for _ in 0..reps {
-            store.reset();
-            let t0 = Instant::now();
-            let out = generation(&model, &prompt, steps, cap, &mut store)?;
-            samples.push(t0.elapsed().as_secs_f64());
-            last = Some(out);
-        }
-        runs.push(PolicyRun {
+    // the policies interleaved, repetition by repetition, each run from a cold cache of its own
+    // (a store and its reader thread made for the run and dropped after it: one cache holds
+    // experts at a time, and the reader threads, one after another, reuse one malloc arena;
+    // two alive at once would each keep an arena of freed expert buffers resident)
+    let mut runs: Vec<PolicyRun> = [("moe_offloaded", false), ("moe_offloaded_prefetch", true)]
+        .into_iter()
+        .filter(|&(_, prefetch)| o.prefetch || !prefetch)
+        .map(|(name, _)| PolicyRun {
             name,
-            samples,
-            out: last.expect("at least one repetition"),
-            stats: store.stats.clone(),
-        });
+            samples: Vec::new(),
+            out: Default::default(),
+            stats: Default::default(),
+        })
+        .collect();
+    for rep in 0..reps {
+        for run in runs.iter_mut() {
+            crate::monitor::progress::trace(format!(
+                "SC-003b: offloaded generation {}/{reps}, {}",
+                rep + 1,
+                run.name
+            ));
+            let prefetch = run.name.ends_with("prefetch");
+            let mut store = StreamedExperts::new(file.clone(), o.cache_experts, prefetch);
+            let t0 = Instant::now();
+            run.out = generation(&model, &prompt, steps, cap, &mut store)?;
+            run.samples.push(t0.elapsed().as_secs_f64());
+            run.stats = store.stats.clone();
+        }
     }
     let offloaded = peaks_since(rss);
     // the resident twin: every expert in memory, the same model and kernel
@@ -366,8 +372,8 @@ pub(super) fn storage_offload<B: Backend>(
         notes.push(format!(
             "SC-003b storage offload{}: {:.1} generated tokens/s (batch {db}: a prefill chunk of \
                 {OFFLOAD_PROMPT} tokens, then {steps} greedy steps; median of {reps} cold-cache \
-                runs), hit rate {}, {:.2} MiB read per token, experts read at {} = {} of the \
-                storage read rate, reader busy {:.2} s, compute waited {:.2} s{}; outputs vs \
+                runs, the policies interleaved), hit rate {}, {:.2} MiB read per token, experts \
+                read at {} = {} of the storage read rate, reader busy {:.2} s, compute waited {:.2} s{}; outputs vs \
                 resident max |diff| {}",
             if r.name.ends_with("prefetch") {
                 " with read-ahead"
