@@ -532,14 +532,15 @@ fn sc003b<B: Backend>(
         ));
         return Ok(());
     };
+    if is_trained(s) {
+        out.notes.push(
+            "SC-003b's resident and offloaded twins are built from the scenario's shape (MHA \
+             attention, random weights; on the CPU their routed experts are a random expert file), \
+             not loaded from the checkpoint"
+                .into(),
+        );
+    }
     if super::has_device_pool(ctx.selected.kind) {
-        if is_trained(s) {
-            out.notes.push(
-                "SC-003b's resident and offloaded twins are built from the scenario's shape \
-                 (MHA attention, random weights), not loaded from the checkpoint"
-                    .into(),
-            );
-        }
         let (v, c, n) = offload::<B>(s, o, ctx, monitor_cfg, &mut out.memory_series);
         out.variants.extend(v);
         out.criteria.extend(c);

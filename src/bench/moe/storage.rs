@@ -161,6 +161,80 @@ fn mib(b: Option<u64>) -> String {
         .unwrap_or_else(|| "not measured".into())
 }
 
+/// What SC-003b's three criteria are decided from on the CPU (the measured figures, typed).
+#[derive(Debug, Clone)]
+struct Sc003bFigures {
+    /// The budget (bytes).
+    budget: u64,
+    /// The resident twin's peaks above the baseline.
+    twin: Peaks,
+    /// The offloaded runs' peaks above the same baseline (model build and every generation).
+    offloaded: Peaks,
+    /// Max |logits difference|, plain offloaded run vs twin.
+    eq_diff: Option<f64>,
+    /// Bytes of the expert file.
+    file_bytes: u64,
+    /// Element type name.
+    dtype: &'static str,
+    /// Experts the cache holds.
+    cache_experts: usize,
+}
+
+impl Sc003bFigures {
+    /// SC-003b (twin heap peak / budget >= `ratio`), SC-003b-peak (the larger of the two
+    /// measures of the offloaded runs / budget <= 1), SC-003b-eq (<= the tolerance).
+    fn criteria(&self, ratio: f64) -> [Criterion; 3] {
+        let (twin, off, budget) = (&self.twin, &self.offloaded, self.budget);
+        [
+            Criterion::evaluate(
+                "SC-003b",
+                "resident_twin_peak_over_budget",
+                Comparison::AtLeast,
+                ratio,
+                twin.heap.map(|p| p as f64 / budget as f64),
+                format!(
+                    "measured: the resident twin (every routed expert read into memory) ran the \
+                     same generation with a heap peak of {} above the baseline (resident: {}) \
+                     against a budget of {} (its expert file alone: {:.1} MiB, {}); the \
+                     offloaded model reads its routed experts from storage into a cache of {} \
+                     experts",
+                    mib(twin.heap),
+                    mib(twin.resident),
+                    mib(Some(budget)),
+                    self.file_bytes as f64 / 1048576.0,
+                    self.dtype,
+                    self.cache_experts
+                ),
+            ),
+            Criterion::evaluate(
+                "SC-003b-peak",
+                "process_peak_over_budget",
+                Comparison::AtMost,
+                1.0,
+                off.worst().map(|p| p as f64 / budget as f64),
+                format!(
+                    "the process's memory above its baseline before the offloaded model was \
+                     built, over the budget, the larger of two measures: the counting \
+                     allocator's heap peak ({}) and the OS's resident high-water mark VmHWM \
+                     ({}), over the model build and every offloaded generation",
+                    mib(off.heap),
+                    mib(off.resident)
+                ),
+            ),
+            Criterion::evaluate(
+                "SC-003b-eq",
+                "max_abs_diff_offloaded_vs_resident",
+                Comparison::AtMost,
+                OFFLOAD_TOLERANCE,
+                self.eq_diff,
+                "a generation (prefill chunk, greedy decode steps through the LM head and \
+                 argmax): max |difference| of the logits of every step, experts streamed from \
+                 storage (no read-ahead) vs every expert in memory, same file, same kernel",
+            ),
+        ]
+    }
+}
+
 /// SC-003b on the CPU backend: see the module's notes. Errors: a budget that cannot hold the
 /// resident part and the cache (exit 2), too little disk or memory (exit 3), a truncated,
 /// foreign or corrupt expert file (exit 2).
@@ -421,59 +495,75 @@ pub(super) fn storage_offload<B: Backend>(
         twin_s,
         mib(Some(budget))
     ));
-    let plain = &variants[0];
-    let criteria = vec![
-        Criterion::evaluate(
-            "SC-003b",
-            "resident_twin_peak_over_budget",
-            Comparison::AtLeast,
-            s.thresholds.model_to_budget_ratio,
-            twin.heap.map(|p| p as f64 / budget as f64),
-            format!(
-                "measured: the resident twin (every routed expert read into memory) ran the same \
-                    generation with a heap peak of {} above the baseline (resident: {}) against a \
-                    budget of {} (its expert file alone: {:.1} MiB, {}); the offloaded model reads \
-                    its routed experts from storage into a cache of {} experts",
-                mib(twin.heap),
-                mib(twin.resident),
-                mib(Some(budget)),
-                spec.data_bytes() as f64 / 1048576.0,
-                spec.dtype.as_str(),
-                o.cache_experts
-            ),
-        ),
-        Criterion::evaluate(
-            "SC-003b-peak",
-            "process_peak_over_budget",
-            Comparison::AtMost,
-            1.0,
-            offloaded.worst().map(|p| p as f64 / budget as f64),
-            format!(
-                "the process's memory above its baseline before the offloaded model was built, \
-                    over the budget, the larger of two measures: the counting allocator's heap peak \
-                    ({}) and the OS's resident high-water mark VmHWM ({}), over the model build and \
-                    every offloaded generation",
-                mib(offloaded.heap),
-                mib(offloaded.resident)
-            ),
-        ),
-        Criterion::evaluate(
-            "SC-003b-eq",
-            "max_abs_diff_offloaded_vs_resident",
-            Comparison::AtMost,
-            OFFLOAD_TOLERANCE,
-            plain.equivalence.max_abs_diff,
-            "a generation (prefill chunk, greedy decode steps through the LM head and argmax): \
-                max |difference| of the logits of every step, experts streamed from storage (no \
-                read-ahead) vs every expert in memory, same file, same kernel",
-        ),
-    ];
+    let figures = Sc003bFigures {
+        budget,
+        twin,
+        offloaded,
+        eq_diff: variants[0].equivalence.max_abs_diff,
+        file_bytes: spec.data_bytes(),
+        dtype: spec.dtype.as_str(),
+        cache_experts: o.cache_experts,
+    };
+    let criteria = figures
+        .criteria(s.thresholds.model_to_budget_ratio)
+        .to_vec();
     Ok((variants, criteria, notes))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::report::Outcome;
+
+    #[test]
+    fn sc003b_arithmetic_on_fixed_figures() {
+        let mib = 1u64 << 20;
+        let f = |twin: Option<u64>, heap: Option<u64>, rss: Option<u64>, eq: Option<f64>| {
+            Sc003bFigures {
+                budget: 64 * mib,
+                twin: Peaks {
+                    heap: twin,
+                    resident: twin.map(|t| t + mib),
+                },
+                offloaded: Peaks {
+                    heap,
+                    resident: rss,
+                },
+                eq_diff: eq,
+                file_bytes: 336 * mib,
+                dtype: "f32",
+                cache_experts: 16,
+            }
+            .criteria(2.0)
+        };
+        let [b, p, e] = f(Some(356 * mib), Some(44 * mib), Some(48 * mib), Some(0.0));
+        assert_eq!(
+            (b.id.as_str(), p.id.as_str(), e.id.as_str()),
+            ("SC-003b", "SC-003b-peak", "SC-003b-eq")
+        );
+        assert!((b.measured.unwrap() - 356.0 / 64.0).abs() < 1e-12);
+        assert!(
+            (p.measured.unwrap() - 48.0 / 64.0).abs() < 1e-12,
+            "the larger measure decides"
+        );
+        assert_eq!([b.outcome(), p.outcome(), e.outcome()], [Outcome::Pass; 3]);
+        // the OS sees more than the allocator (freed pages kept resident): that fails the peak
+        let [_, p, _] = f(Some(356 * mib), Some(44 * mib), Some(73 * mib), Some(0.0));
+        assert_eq!(p.outcome(), Outcome::Fail);
+        // a twin that fits the budget twice over is not "a model that needs twice the memory"
+        let [b, _, _] = f(Some(100 * mib), Some(44 * mib), Some(48 * mib), Some(0.0));
+        assert_eq!(b.outcome(), Outcome::Fail);
+        // one measure missing: the other decides; both missing, or no equivalence: not measured
+        let [_, p, _] = f(Some(356 * mib), Some(44 * mib), None, Some(0.0));
+        assert!((p.measured.unwrap() - 44.0 / 64.0).abs() < 1e-12);
+        let [b, p, e] = f(None, None, None, None);
+        assert_eq!(
+            [b.outcome(), p.outcome(), e.outcome()],
+            [Outcome::NotMeasured; 3]
+        );
+        let [_, _, e] = f(Some(356 * mib), Some(44 * mib), Some(48 * mib), Some(2e-5));
+        assert_eq!(e.outcome(), Outcome::Fail);
+    }
 
     #[test]
     fn a_budget_that_cannot_hold_the_resident_part_and_the_cache_is_bad_input() {
