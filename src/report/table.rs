@@ -115,6 +115,8 @@ pub fn criteria_table(r: &Report) -> Table {
             Cell::new(num_h(c.measured)),
             match c.outcome() {
                 Outcome::NotApplicable => Cell::new("N/A").fg(Color::Yellow),
+                // unmeasured is not a failed measurement: the verdict is ERROR, not FAIL
+                Outcome::NotMeasured => Cell::new("NOT MEASURED").fg(Color::Yellow),
                 Outcome::Marginal if c.passed => Cell::new("PASS (marginal)").fg(Color::Yellow),
                 Outcome::Inconclusive => Cell::new("INCONCLUSIVE").fg(Color::Yellow),
                 _ => verdict_cell(c.passed),
