@@ -1,5 +1,5 @@
 //! 路由专家放在存储上（CPU 上的 SC-003b）：专家权重写进一个 safetensors 格式的文件，运行时按需用
-//! 定位读（Linux 上 O_DIRECT，绕过页缓存）读进一个容量由预算决定的 LRU 缓存；每个专家的字节带
+//! 定位读（Linux 上 O_DIRECT，绕过页缓存）读进一个容量由预算决定的缓存（按层的循环淘汰：先丢下一次用到最晚的那一层已用完的专家，同层按 LRU）；每个专家的字节带
 //! CRC32 校验，读入时验证。预取模式下，读在后台线程上进行：本层要用而不在缓存里的专家按使用顺序
 //! 先排队，接着是用下一个 MoE 层的门控在本层输入上猜出的专家（与设备卸载同一个预门控），读与本层
 //! 计算重叠。缓存、预取只改变哪些专家在内存里、何时读入，不改变计算：每个专家在内核模块里按专家
@@ -761,7 +761,8 @@ enum Slot {
     },
 }
 
-/// Routed experts streamed from an [`ExpertFile`] through an LRU cache of `capacity` experts
+/// Routed experts streamed from an [`ExpertFile`] through a cache of `capacity` experts (evicting
+/// by [`StreamedExperts::victim`]: the layer that comes back last first, then LRU)
 /// (reads in flight count against it), read by one background thread. Without prefetching each
 /// miss is read when asked for; with it, a layer's misses are queued in the order the layer uses
 /// them, then the next layer's predicted experts, so that reading overlaps computing.
@@ -777,6 +778,8 @@ pub struct StreamedExperts {
     reader: Option<std::thread::JoinHandle<()>>,
     in_flight: usize,
     tick: u64,
+    /// The layer being computed (the last `begin_layer`).
+    current: Option<usize>,
     /// Statistics since the last [`StreamedExperts::reset`].
     pub stats: StreamStats,
 }
@@ -823,6 +826,7 @@ impl StreamedExperts {
             reader: Some(reader),
             in_flight: 0,
             tick: 0,
+            current: None,
             stats: StreamStats::default(),
         }
     }
@@ -844,6 +848,7 @@ impl StreamedExperts {
         self.slots.clear();
         self.want.clear();
         self.pinned.clear();
+        self.current = None;
         self.stats = StreamStats::default();
     }
 
@@ -892,16 +897,34 @@ impl StreamedExperts {
         Ok(key)
     }
 
-    /// The expert to drop first: among ready experts the current layer does not still need,
-    /// those not read on a prediction that is still to be used, least recently used first; then
-    /// the unused predictions (oldest first).
+    /// How many MoE layers ahead of the current one layer `l` comes next (decode steps visit the
+    /// layers in a cycle): 1 for the next layer, the number of MoE layers for the current one
+    /// (its experts that are not still needed come back only a whole step later).
+    fn layers_until(&self, l: usize) -> usize {
+        let layers = &self.file.spec().layers;
+        let n = layers.len().max(1);
+        let pos = |x: usize| layers.iter().position(|&y| y == x).unwrap_or(0);
+        match self.current {
+            Some(cur) => match (pos(l) + n - pos(cur)) % n {
+                0 => n,
+                d => d,
+            },
+            None => n,
+        }
+    }
+
+    /// The expert to drop first, among ready experts the current layer does not still need: not
+    /// an unused prediction; then the one whose layer comes back last (decode steps cycle through
+    /// the layers, so plain LRU would drop exactly the experts the next layers are about to use
+    /// whenever a step touches more experts than the cache holds); then the least recently used.
     fn victim(&self) -> Option<Key> {
         self.slots
             .iter()
             .filter_map(|(k, s)| match s {
-                Slot::Ready { used, guess, .. } if !self.pinned.contains(k) => {
-                    Some(((*guess, *used), *k))
-                }
+                Slot::Ready { used, guess, .. } if !self.pinned.contains(k) => Some((
+                    (*guess, std::cmp::Reverse(self.layers_until(k.0)), *used),
+                    *k,
+                )),
                 _ => None,
             })
             .min()
@@ -964,6 +987,7 @@ impl StreamedExperts {
 
 impl ExpertSource for StreamedExperts {
     fn begin_layer(&mut self, layer: usize, order: &[usize], next: Option<(usize, Vec<usize>)>) {
+        self.current = Some(layer);
         self.pinned = order.iter().map(|&e| (layer, e)).collect();
         // this layer's predictions that it does not use were wrong: ordinary cache entries now
         for (k, s) in self.slots.iter_mut() {
@@ -1177,6 +1201,28 @@ mod tests {
             ensure(dir.path(), &s, true, false).is_ok(),
             "--force rewrites it"
         );
+    }
+
+    #[test]
+    fn a_cache_smaller_than_a_step_keeps_the_experts_that_come_back_soonest() {
+        // two MoE layers, each step uses experts 0 and 1 of both: 4 per step, 3 slots. LRU would
+        // drop each expert just before its next use (0 hits in 16 lookups); dropping first the
+        // finished experts of the layer that comes back last keeps two of the four across each
+        // step (3 hits in the second step, 2 in each later one).
+        let dir = tempfile::tempdir().unwrap();
+        let s = spec(Dtype::F32, 2);
+        let (f, _) = ensure(dir.path(), &s, false, false).unwrap();
+        let mut st = StreamedExperts::new(Arc::new(f), 3, false);
+        for _ in 0..4 {
+            for l in [1, 2] {
+                st.begin_layer(l, &[0, 1], None);
+                for e in [0, 1] {
+                    st.get(l, e).unwrap();
+                    assert!(st.resident() <= 3);
+                }
+            }
+        }
+        assert_eq!((st.stats.hits, st.stats.misses), (7, 9), "{:?}", st.stats);
     }
 
     #[test]
