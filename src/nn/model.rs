@@ -112,7 +112,7 @@ impl DecoderConfig {
     /// The model layers that have routed experts (MoE layers), in order.
     pub fn moe_layer_indices(&self) -> Vec<usize> {
         (0..self.n_layers)
-            .filter(|&i| self.moe.is_some() && self.is_moe_layer(i))
+            .filter(|&i| self.is_moe_layer(i))
             .collect()
     }
 

@@ -25,18 +25,13 @@ pub(crate) fn routed<B: Backend>(
     if t == 0 || t > MAX_STREAM_ROWS || routing.experts.len() != t {
         return None;
     }
-    // touched experts in index order, and each one's (token, weight) rows
-    let mut order: Vec<usize> = routing.experts.iter().flatten().copied().collect();
-    order.sort_unstable();
-    order.dedup();
+    // touched experts in index order, each with its (token, weight) rows
+    let groups = super::storage::groups(&routing.experts, &routing.weights);
+    let order: Vec<usize> = groups.iter().map(|g| g.0).collect();
     if order.last().is_some_and(|&e| e >= experts.len()) {
         return None;
     }
-    let xf = into_flex(x.clone()).ok()?;
-    let dtype = xf.dtype();
-    if !matches!(dtype, DType::F32 | DType::F16 | DType::BF16) {
-        return None;
-    }
+    let (x32, dtype) = host_f32(x)?;
     let inter = experts[order.first().copied()?].linears()[0].weight.dims()[1];
     let mut weights: Vec<[FlexTensor; 3]> = Vec::with_capacity(order.len());
     for &e in &order {
@@ -64,14 +59,12 @@ pub(crate) fn routed<B: Backend>(
             w3: flex::elems(w3, 0, dim * inter),
         })
         .collect();
-    let groups: Vec<Group> = super::storage::groups(&routing.experts, &routing.weights)
+    let groups: Vec<Group> = groups
         .into_iter()
         .enumerate()
         .map(|(i, (_, rows))| (i, rows))
         .collect();
     let level = Level::current();
-    let xf = xf.to_contiguous();
-    let x32 = convert::to_f32(level, flex::elems(&xf, xf.layout().start_offset(), t * dim));
     let y = routed_kernel(level, &x32, t, dim, inter, &ex, &groups);
     Some(from_flex(flex::from_f32(y, Shape::from([t, dim]), dtype)))
 }

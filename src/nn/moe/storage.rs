@@ -1010,16 +1010,6 @@ impl ExpertSource for StreamedExperts {
 
     fn get(&mut self, layer: usize, e: usize) -> anyhow::Result<Arc<ExpertBuf>> {
         let key = (layer, e);
-        let order: Vec<usize> = {
-            let mut v: Vec<usize> = self
-                .pinned
-                .iter()
-                .filter(|k| k.0 == layer)
-                .map(|k| k.1)
-                .collect();
-            v.sort_unstable();
-            v
-        };
         match self.slots.get(&key) {
             // read ahead for this use: a miss that did not wait
             Some(Slot::Ready { fresh: true, .. }) => self.stats.misses += 1,
@@ -1036,6 +1026,14 @@ impl ExpertSource for StreamedExperts {
             None => {
                 self.stats.misses += 1;
                 self.stats.waits += 1;
+                // the layer's experts still to come, in order (the last resort of eviction)
+                let mut order: Vec<usize> = self
+                    .pinned
+                    .iter()
+                    .filter(|k| k.0 == layer)
+                    .map(|k| k.1)
+                    .collect();
+                order.sort_unstable();
                 while self.slots.len() >= self.capacity {
                     if !self.evict_one(&order) {
                         self.receive()?;
