@@ -20,7 +20,7 @@ use pulp::{Simd, WithSimd};
 use rayon::prelude::*;
 
 use super::convert::{permute_blocks, Bf16, Elems, Format, F16, F32};
-use super::gate::exp_neg;
+use super::gate::{exp_neg, exp_neg_simd};
 use super::Level;
 
 /// Keys scored together.
@@ -30,6 +30,15 @@ pub const KEY_BLOCK: usize = 64;
 const RG: usize = 4;
 /// Keys per split at least (a split shorter than this costs more to combine than it saves).
 const MIN_SPLIT_KEYS: usize = 256;
+/// Rows per task at most (prefill: a task copies its rows' queries and outputs).
+const MAX_TILE_ROWS: usize = 512;
+/// Rows per task at least when rows are split for parallelism (each task packs every key
+/// block it reads, see [`PACKED_ROWS`]).
+const MIN_TILE_ROWS: usize = 64;
+/// From this many rows on, a task scores each key block as a small matrix product against the
+/// block's keys packed transposed (widened once per block, every row's scores in vector lanes);
+/// below it, dot products per key ([`dots`]: no packing, a horizontal sum per row and key).
+pub const PACKED_ROWS: usize = 32;
 
 /// Keys or values in storage: element `(i, j, t, c)` (sequence, group, position, column) is at
 /// `offset + i·strides[0] + j·strides[1] + t·strides[2] + c`.
@@ -86,30 +95,52 @@ pub fn attention(level: Level, p: &Problem<'_>) -> Vec<f32> {
     let threads = rayon::current_num_threads();
     let n_keys = |bi: usize| p.q_starts[bi] + p.q_len.min(rows);
     let longest = (0..b).map(n_keys).max().unwrap_or(0);
-    // splits per pair: enough tasks for every thread (twice, for balance), none shorter than
-    // MIN_SPLIT_KEYS
-    let splits = if pairs >= threads {
+    // row tiles per pair: at most MAX_TILE_ROWS rows each (bounds a task's copies), and more
+    // where the pairs alone do not give every thread two tasks (prefill of one latent pair)
+    let tiles = rows.div_ceil(MAX_TILE_ROWS).max(if pairs < 2 * threads {
+        (2 * threads)
+            .div_ceil(pairs)
+            .min(rows.div_ceil(MIN_TILE_ROWS))
+    } else {
+        1
+    });
+    let per_tile = rows.div_ceil(tiles);
+    let tiles = rows.div_ceil(per_tile);
+    // key splits per tile: enough tasks for every thread (twice, for balance), none shorter
+    // than MIN_SPLIT_KEYS
+    let units = pairs * tiles;
+    let splits = if units >= threads {
         1
     } else {
         (2 * threads)
-            .div_ceil(pairs)
+            .div_ceil(units)
             .min(longest.div_ceil(MIN_SPLIT_KEYS))
             .max(1)
     };
-    let parts: Vec<Partial> = (0..pairs * splits)
+    let parts: Vec<Partial> = (0..units * splits)
         .into_par_iter()
         .map(|t| {
-            let (pair, s) = (t / splits, t % splits);
+            let (unit, s) = (t / splits, t % splits);
+            let (pair, tile) = (unit / tiles, unit % tiles);
             let bi = pair / g;
             let n = n_keys(bi);
             let per = n.div_ceil(splits);
             let range = ((s * per).min(n), ((s + 1) * per).min(n));
-            level.run(Task { p, pair, range })
+            let row_range = (tile * per_tile, ((tile + 1) * per_tile).min(rows));
+            level.run(Task {
+                p,
+                pair,
+                rows: row_range,
+                range,
+            })
         })
         .collect();
     let mut out = vec![0f32; pairs * rows * dv];
-    for (pair, o) in out.chunks_mut(rows * dv).enumerate() {
-        combine(&parts[pair * splits..(pair + 1) * splits], rows, dv, o);
+    for (unit, parts) in parts.chunks(splits).enumerate() {
+        let (pair, tile) = (unit / tiles, unit % tiles);
+        let r0 = pair * rows + tile * per_tile;
+        let n = parts[0].m.len();
+        combine(parts, n, dv, &mut out[r0 * dv..(r0 + n) * dv]);
     }
     out
 }
@@ -145,10 +176,11 @@ fn combine(parts: &[Partial], rows: usize, dv: usize, out: &mut [f32]) {
     }
 }
 
-/// One (sequence, group) pair over keys `range.0..range.1`.
+/// One (sequence, group) pair's rows `rows.0..rows.1` over keys `range.0..range.1`.
 struct Task<'a, 'b> {
     p: &'b Problem<'a>,
     pair: usize,
+    rows: (usize, usize),
     range: (usize, usize),
 }
 
@@ -171,20 +203,30 @@ impl Task<'_, '_> {
     #[inline(always)]
     fn run<S: Simd, F: Format>(self, simd: S) -> Partial {
         let p = self.p;
-        let (rows, dk, dv) = (p.rows, p.dk, p.dv);
+        let (dk, dv) = (p.dk, p.dv);
+        let (row0, rows) = (self.rows.0, self.rows.1 - self.rows.0);
         let l = S::F32_LANES;
         let (bi, gi) = (self.pair / p.g, self.pair % p.g);
-        let pos: Vec<usize> = (0..rows).map(|r| p.q_starts[bi] + r % p.q_len).collect();
+        let pos: Vec<usize> = (row0..row0 + rows)
+            .map(|r| p.q_starts[bi] + r % p.q_len)
+            .collect();
         let vsrc = p.v.unwrap_or(p.k);
         let (Some(kd), Some(vd)) = (F::slice(p.k.data), F::slice(vsrc.data)) else {
             panic!("attention: keys and values must have one storage type");
         };
         // the queries in the order the pair loads give the keys (even, then odd elements of
         // each block of two vectors, for 16-bit storage)
-        let mut q = p.q[self.pair * rows * dk..(self.pair + 1) * rows * dk].to_vec();
+        let first = self.pair * p.rows + row0;
+        let mut q = p.q[first * dk..(first + rows) * dk].to_vec();
         if F::PERMUTED {
             permute_blocks(&mut q, rows, dk, l, false);
         }
+        let packed = rows >= PACKED_ROWS;
+        let (mut row, mut kt) = if packed {
+            (vec![0f32; dk], vec![0f32; dk * KEY_BLOCK])
+        } else {
+            (Vec::new(), Vec::new())
+        };
         let kbase = p.k.offset + bi * p.k.strides[0] + gi * p.k.strides[1];
         let vbase = vsrc.offset + bi * vsrc.strides[0] + gi * vsrc.strides[1];
         let (kst, vst) = (p.k.strides[2], vsrc.strides[2]);
@@ -192,21 +234,30 @@ impl Task<'_, '_> {
         let mut sums = vec![0f32; rows];
         let mut o = vec![0f32; rows * dv];
         let mut s = vec![0f32; rows * KEY_BLOCK];
+        let mut vis = vec![0usize; rows];
         let mut k0 = self.range.0;
         while k0 < self.range.1 {
             let k1 = (k0 + KEY_BLOCK).min(self.range.1);
             let nb = k1 - k0;
+            // keys of the block each row sees (by position)
+            for (v, &ps) in vis.iter_mut().zip(&pos) {
+                *v = (ps + 1).saturating_sub(k0).min(nb);
+            }
             let keys = Rows::<F> {
                 data: kd,
                 base: kbase + k0 * kst,
                 stride: kst,
             };
-            scores(simd, &q, &keys, rows, dk, nb, &mut s);
-            // mask by position, then the online softmax per row
+            if packed {
+                pack_keys(simd, &keys, dk, nb, &mut row, &mut kt);
+                scores_packed(simd, &q, &kt, &vis, dk, &mut s);
+            } else {
+                scores(simd, &q, &keys, rows, dk, nb, &mut s);
+            }
+            // the online softmax per row (masked scores set to 0)
             for r in 0..rows {
                 let sr = &mut s[r * KEY_BLOCK..r * KEY_BLOCK + nb];
-                let visible = (pos[r] + 1).saturating_sub(k0).min(nb);
-                let (m_new, corr, sum) = softmax_block(sr, visible, m[r]);
+                let (m_new, corr, sum) = softmax_block(simd, sr, vis[r], m[r]);
                 sums[r] = sums[r] * corr + sum;
                 if corr != 1.0 {
                     o[r * dv..(r + 1) * dv].iter_mut().for_each(|x| *x *= corr);
@@ -218,7 +269,7 @@ impl Task<'_, '_> {
                 base: vbase + k0 * vst,
                 stride: vst,
             };
-            weighted_values(simd, &s, &values, rows, dv, nb, &mut o);
+            weighted_values(simd, &s, &values, &vis, dv, &mut o);
             k0 = k1;
         }
         if F::PERMUTED {
@@ -330,7 +381,7 @@ pub(crate) fn dots<S: Simd, const R: usize, F: Format>(
 /// `exp(s - m_new)` and returns (`m_new`, the factor `exp(m - m_new)` for what was accumulated
 /// before, the block's sum). A row that sees none of the block keeps its statistics.
 #[inline(always)]
-fn softmax_block(s: &mut [f32], visible: usize, m: f32) -> (f32, f32, f32) {
+fn softmax_block<S: Simd>(simd: S, s: &mut [f32], visible: usize, m: f32) -> (f32, f32, f32) {
     let (vis, masked) = s.split_at_mut(visible);
     masked.iter_mut().for_each(|x| *x = 0.0);
     if vis.is_empty() {
@@ -343,7 +394,12 @@ fn softmax_block(s: &mut [f32], visible: usize, m: f32) -> (f32, f32, f32) {
     } else {
         exp_neg(m - m_new)
     };
-    for x in vis.iter_mut() {
+    let (head, tail) = S::as_mut_simd_f32s(vis);
+    let mv = simd.splat_f32s(m_new);
+    for x in head.iter_mut() {
+        *x = exp_neg_simd(simd, simd.sub_f32s(*x, mv));
+    }
+    for x in tail.iter_mut() {
         *x = exp_neg(*x - m_new);
     }
     let mut part = [0f32; 8];
@@ -363,22 +419,135 @@ fn weighted_values<S: Simd, F: Format>(
     simd: S,
     s: &[f32],
     values: &Rows<'_, F>,
-    rows: usize,
+    vis: &[usize],
     dv: usize,
-    nb: usize,
     o: &mut [f32],
 ) {
+    let rows = vis.len();
     let mut r0 = 0;
     while r0 < rows {
         let g = (rows - r0).min(group_rows::<S>());
-        let done = match g {
-            8 => accumulate::<S, 8, F>(simd, s, values, r0, dv, nb, o),
-            4..=7 => accumulate::<S, 4, F>(simd, s, values, r0, dv, nb, o),
-            3 => accumulate::<S, 3, F>(simd, s, values, r0, dv, nb, o),
-            2 => accumulate::<S, 2, F>(simd, s, values, r0, dv, nb, o),
-            _ => accumulate::<S, 1, F>(simd, s, values, r0, dv, nb, o),
+        let r = if (4..8).contains(&g) { 4 } else { g };
+        // keys any row of the group sees (the scores past a row's own are 0)
+        let nb = vis[r0..r0 + r].iter().copied().max().unwrap_or(0);
+        if nb > 0 {
+            match r {
+                8 => accumulate::<S, 8, F>(simd, s, values, r0, dv, nb, o),
+                4 => accumulate::<S, 4, F>(simd, s, values, r0, dv, nb, o),
+                3 => accumulate::<S, 3, F>(simd, s, values, r0, dv, nb, o),
+                2 => accumulate::<S, 2, F>(simd, s, values, r0, dv, nb, o),
+                _ => accumulate::<S, 1, F>(simd, s, values, r0, dv, nb, o),
+            };
+        }
+        r0 += r;
+    }
+}
+
+/// The block's `nb` keys widened and packed transposed: `kt[c·KEY_BLOCK + j]` is column `c` of
+/// key `j` (columns in the order [`Format::pair`] gives, as the queries are), keys `nb..` zero.
+/// `row` is scratch of `dk` values.
+#[inline(always)]
+fn pack_keys<S: Simd, F: Format>(
+    simd: S,
+    keys: &Rows<'_, F>,
+    dk: usize,
+    nb: usize,
+    row: &mut [f32],
+    kt: &mut [f32],
+) {
+    let width = 2 * S::F32_LANES;
+    for j in 0..KEY_BLOCK {
+        if j < nb {
+            let at = keys.at(j);
+            let mut c = 0;
+            while c + width <= dk {
+                let (a, b) = F::pair(simd, keys.data, at + c);
+                let (rv, _) = S::as_mut_simd_f32s(&mut row[c..c + width]);
+                rv[0] = a;
+                rv[1] = b;
+                c += width;
+            }
+            for (x, w) in row[c..dk].iter_mut().zip(&keys.data[at + c..at + dk]) {
+                *x = F::one(*w);
+            }
+        } else {
+            row.fill(0.0);
+        }
+        for (c, x) in row.iter().enumerate() {
+            kt[c * KEY_BLOCK + j] = *x;
+        }
+    }
+}
+
+/// `s[r·KEY_BLOCK + j] = q_r · key_j` from the packed keys, for the keys each group of rows
+/// sees (`vis`): a small matrix product with the scores of [`TILE_ROWS`] rows and one or two
+/// full-width runs of keys in registers (every query value broadcast once per run). Scores past
+/// a group's last visible key are left as they are (the softmax zeroes them).
+#[inline(always)]
+fn scores_packed<S: Simd>(simd: S, q: &[f32], kt: &[f32], vis: &[usize], dk: usize, s: &mut [f32]) {
+    let rows = vis.len();
+    let l = S::F32_LANES;
+    // key vectors per run: four on levels with 32 registers (R x 4 accumulators), else two
+    let tv = if l >= 16 { 4 } else { 2 };
+    let run = (tv * l).min(KEY_BLOCK);
+    let mut r0 = 0;
+    while r0 < rows {
+        let r = match rows - r0 {
+            left if left >= TILE_ROWS => TILE_ROWS,
+            4.. => 4,
+            2 | 3 => 2,
+            _ => 1,
         };
-        r0 += done;
+        let nb = vis[r0..r0 + r].iter().copied().max().unwrap_or(0);
+        let mut j0 = 0;
+        while j0 < nb {
+            match (r, tv == 4) {
+                (TILE_ROWS, true) => score_run::<S, TILE_ROWS, 4>(simd, q, r0, dk, kt, j0, s),
+                (TILE_ROWS, false) => score_run::<S, TILE_ROWS, 2>(simd, q, r0, dk, kt, j0, s),
+                (4, true) => score_run::<S, 4, 4>(simd, q, r0, dk, kt, j0, s),
+                (4, false) => score_run::<S, 4, 2>(simd, q, r0, dk, kt, j0, s),
+                (2, true) => score_run::<S, 2, 4>(simd, q, r0, dk, kt, j0, s),
+                (2, false) => score_run::<S, 2, 2>(simd, q, r0, dk, kt, j0, s),
+                (_, true) => score_run::<S, 1, 4>(simd, q, r0, dk, kt, j0, s),
+                (_, false) => score_run::<S, 1, 2>(simd, q, r0, dk, kt, j0, s),
+            }
+            j0 += run;
+        }
+        r0 += r;
+    }
+}
+
+/// Rows scored together by [`scores_packed`] (6 x 4 accumulators on AVX-512, 6 x 2 on AVX2).
+const TILE_ROWS: usize = 6;
+
+/// Scores of rows `r0..r0 + R` against keys `j0..j0 + TV·lanes` of the packed block.
+#[inline(always)]
+fn score_run<S: Simd, const R: usize, const TV: usize>(
+    simd: S,
+    q: &[f32],
+    r0: usize,
+    dk: usize,
+    kt: &[f32],
+    j0: usize,
+    s: &mut [f32],
+) {
+    let l = S::F32_LANES;
+    let zero = simd.splat_f32s(0.0);
+    let mut acc = [[zero; TV]; R];
+    let qs: [&[f32]; R] = std::array::from_fn(|i| &q[(r0 + i) * dk..(r0 + i + 1) * dk]);
+    for c in 0..dk {
+        let (kv, _) = S::as_simd_f32s(&kt[c * KEY_BLOCK + j0..c * KEY_BLOCK + j0 + TV * l]);
+        let kv: [S::f32s; TV] = std::array::from_fn(|t| kv[t]);
+        for i in 0..R {
+            let qb = simd.splat_f32s(qs[i][c]);
+            for t in 0..TV {
+                acc[i][t] = simd.mul_add_f32s(qb, kv[t], acc[i][t]);
+            }
+        }
+    }
+    for (i, a) in acc.iter().enumerate() {
+        let (out, _) = S::as_mut_simd_f32s(&mut s[(r0 + i) * KEY_BLOCK + j0..][..TV * l]);
+        out[..TV].copy_from_slice(a);
     }
 }
 
@@ -568,5 +737,17 @@ mod tests {
         check(2, 2, 6, 16, 16, 300, &[0, 290], 3, false);
         // a row group of fewer than four rows, and a context shorter than one key block
         check(1, 3, 3, 8, 8, 10, &[2], 3, false);
+    }
+
+    #[test]
+    fn prefill_chunks_match_the_reference_at_every_level_and_storage_type() {
+        // packed key blocks (>= PACKED_ROWS rows), odd widths, rows past a block's keys skipped
+        check(2, 2, 40, 37, 29, 200, &[0, 150], 40, false);
+        // 2 heads x 35 tokens as rows, values inside the keys (absorbed MLA's prefill)
+        check(1, 1, 70, 72, 64, 300, &[200], 35, true);
+        // one pair, rows too few to tile: key ranges split, partials combined
+        check(1, 1, 40, 16, 16, 1500, &[1400], 40, false);
+        // rows tiled across tasks (more than MAX_TILE_ROWS), tiles of unequal fill
+        check(1, 1, 600, 16, 8, 650, &[40], 600, false);
     }
 }

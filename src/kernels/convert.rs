@@ -23,7 +23,16 @@ pub enum Elems<'a> {
     Bf16(&'a [bf16]),
 }
 
-impl Elems<'_> {
+impl<'a> Elems<'a> {
+    /// Elements `at..at + n`.
+    pub fn sub(&self, at: usize, n: usize) -> Elems<'a> {
+        match *self {
+            Elems::F32(s) => Elems::F32(&s[at..at + n]),
+            Elems::F16(s) => Elems::F16(&s[at..at + n]),
+            Elems::Bf16(s) => Elems::Bf16(&s[at..at + n]),
+        }
+    }
+
     /// Number of elements.
     pub fn len(&self) -> usize {
         match self {

@@ -28,6 +28,8 @@ pub mod convert;
 pub mod gate;
 pub mod gemv;
 pub mod moe;
+pub mod norm;
+pub mod panel;
 pub mod reduce;
 
 use std::sync::OnceLock;
@@ -278,6 +280,60 @@ mod timings {
                 bytes(4) / t32 / 1e9,
                 t16 * 1e3,
                 bytes(2) / t16 / 1e9
+            );
+        }
+    }
+
+    /// One prefill chunk's attention (512 tokens at keys 3584..4096, MHA 16 x 128 and absorbed
+    /// MLA 16 heads x 576/512 on one latent), in GFLOP/s of the causal work.
+    #[test]
+    #[ignore]
+    fn prefill_attention_timings() {
+        let level = Level::current();
+        let (q_len, start) = (512, 3584);
+        let ctx = start + q_len;
+        for (g, heads, dk, dv, shared) in [(16, 1, 128, 128, false), (1, 16, 576, 512, true)] {
+            let rows = heads * q_len;
+            let q = crate::rng::uniform(g * rows * dk, 3);
+            let kv = crate::rng::uniform(g * ctx * dk, 4);
+            let kvb: Vec<bf16> = kv.iter().map(|&v| bf16::from_f32(v)).collect();
+            let vv = crate::rng::uniform(g * ctx * dv, 5);
+            let vvb: Vec<bf16> = vv.iter().map(|&v| bf16::from_f32(v)).collect();
+            let starts = [start];
+            let run = |k: Elems<'_>, v: Elems<'_>| {
+                let p = attend::Problem {
+                    q: &q,
+                    b: 1,
+                    g,
+                    rows,
+                    dk,
+                    dv,
+                    k: attend::Cache {
+                        data: k,
+                        offset: 0,
+                        strides: [g * ctx * dk, ctx * dk, dk],
+                    },
+                    v: (!shared).then_some(attend::Cache {
+                        data: v,
+                        offset: 0,
+                        strides: [g * ctx * dv, ctx * dv, dv],
+                    }),
+                    q_starts: &starts,
+                    q_len,
+                };
+                std::hint::black_box(attend::attention(level, &p));
+            };
+            let t32 = best(|| run(Elems::F32(&kv), Elems::F32(&vv)));
+            let t16 = best(|| run(Elems::Bf16(&kvb), Elems::Bf16(&vvb)));
+            // keys seen per row: start + 1 .. start + q_len
+            let seen = (start as f64 + (q_len as f64 + 1.0) / 2.0) * (g * rows) as f64;
+            let flop = 2.0 * seen * (dk + dv) as f64;
+            println!(
+                "prefill attention g {g} rows {rows} dk {dk} dv {dv} keys {ctx} {level}: f32 {:.1} ms ({:.1} GFLOP/s), bf16 {:.1} ms ({:.1} GFLOP/s)",
+                t32 * 1e3,
+                flop / t32 / 1e9,
+                t16 * 1e3,
+                flop / t16 / 1e9
             );
         }
     }

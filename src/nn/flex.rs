@@ -75,8 +75,8 @@ pub(crate) fn from_f32(y: Vec<f32>, shape: Shape, dtype: DType) -> FlexTensor {
     }
 }
 
-/// `silu(a) · b` (SwiGLU's gate) in one pass on flex (f32, contiguous, same shape: the kernel
-/// [`crate::kernels::gate::swiglu`]), or both tensors back.
+/// `silu(a) · b` (SwiGLU's gate) in one pass on flex (f32, f16 or bf16, both contiguous, same
+/// shape and dtype: the kernel [`crate::kernels::gate::swiglu`]), or both tensors back.
 #[allow(clippy::type_complexity)]
 pub(crate) fn swiglu_gate<B: Backend, const D: usize>(
     a: Tensor<B, D>,
@@ -93,21 +93,75 @@ pub(crate) fn swiglu_gate<B: Backend, const D: usize>(
         Ok(f) => f,
         Err(b) => return Err((from_flex(af), b)),
     };
-    let plain = |t: &FlexTensor| t.dtype() == DType::F32 && t.layout().is_contiguous();
+    let dtype = af.dtype();
+    let plain = |t: &FlexTensor| {
+        t.dtype() == dtype
+            && matches!(dtype, DType::F32 | DType::F16 | DType::BF16)
+            && t.layout().is_contiguous()
+    };
     if !plain(&af) || !plain(&bf) {
         return Err((from_flex(af), from_flex(bf)));
     }
     let n = af.layout().num_elements();
-    let xa = &af.storage::<f32>()[af.layout().start_offset()..][..n];
-    let xb = &bf.storage::<f32>()[bf.layout().start_offset()..][..n];
+    let level = crate::kernels::Level::current();
     let mut out = vec![0f32; n];
-    crate::kernels::gate::swiglu(crate::kernels::Level::current(), xa, xb, &mut out);
-    let layout = Layout::contiguous(af.layout().shape().clone());
-    Ok(from_flex(FlexTensor::new(
-        Bytes::from_elems(out),
-        layout,
-        DType::F32,
-    )))
+    if dtype == DType::F32 {
+        let xa = &af.storage::<f32>()[af.layout().start_offset()..][..n];
+        let xb = &bf.storage::<f32>()[bf.layout().start_offset()..][..n];
+        crate::kernels::gate::swiglu(level, xa, xb, &mut out);
+    } else {
+        // half precision: both widened once, the product rounded once
+        let to32 = |t: &FlexTensor| {
+            crate::kernels::convert::to_f32(level, elems(t, t.layout().start_offset(), n))
+        };
+        crate::kernels::gate::swiglu(level, &to32(&af), &to32(&bf), &mut out);
+    }
+    Ok(from_flex(from_f32(out, af.layout().shape().clone(), dtype)))
+}
+
+/// RMSNorm of `x` over its last dimension on flex (f32/f16/bf16; rows of contiguous elements at
+/// one stride, as a slice of the last dimension gives): the kernel
+/// [`crate::kernels::norm::rms_norm`], the result contiguous in `x`'s dtype; or `x` back.
+pub(crate) fn rms_norm<B: Backend, const D: usize>(
+    x: Tensor<B, D>,
+    gamma: Tensor<B, 1>,
+    eps: f64,
+) -> Result<Tensor<B, D>, Tensor<B, D>> {
+    let xf = into_flex(x)?;
+    let Ok(gf) = into_flex(gamma) else {
+        return Err(from_flex(xf));
+    };
+    let known = |t: &FlexTensor| matches!(t.dtype(), DType::F32 | DType::F16 | DType::BF16);
+    let (shape, st) = (xf.layout().shape().clone(), xf.layout().strides().to_vec());
+    let d = shape[D - 1];
+    let rows = shape.num_elements() / d.max(1);
+    // rows at one stride: every outer stride is the next one's extent times its stride
+    let uniform = D >= 2
+        && st[D - 1] == 1
+        && (0..D - 2).all(|k| st[k] == shape[k + 1] as isize * st[k + 1])
+        && st[D - 2] >= d as isize;
+    if !known(&xf)
+        || !known(&gf)
+        || !uniform
+        || gf.layout().num_elements() != d
+        || rows == 0
+        || !gf.layout().is_contiguous()
+    {
+        return Err(from_flex(xf));
+    }
+    let stride = st[D - 2] as usize;
+    let start = xf.layout().start_offset();
+    let span = (rows - 1) * stride + d;
+    let mut out = vec![0f32; rows * d];
+    crate::kernels::norm::rms_norm(
+        crate::kernels::Level::current(),
+        elems(&xf, start, span),
+        stride,
+        elems(&gf, gf.layout().start_offset(), d),
+        eps as f32,
+        &mut out,
+    );
+    Ok(from_flex(from_f32(out, shape, xf.dtype())))
 }
 
 #[cfg(test)]
@@ -129,7 +183,56 @@ mod tests {
         let d: f32 = (got - want.clone()).abs().max().into_scalar();
         let scale: f32 = want.abs().max().into_scalar();
         assert!(d <= 2e-6 * scale, "{d} of {scale}");
+        // half precision: read as stored, rounded once
+        for (dt, tol) in [(DType::F16, 2e-3), (DType::BF16, 1.6e-2)] {
+            let (ah, bh) = (a.clone().cast(dt), b.clone().cast(dt));
+            let want = burn::tensor::activation::silu(ah.clone().cast(DType::F32))
+                * bh.clone().cast(DType::F32);
+            let got = swiglu_gate(ah, bh).unwrap_or_else(|_| panic!("flex path in {dt:?}"));
+            assert_eq!(got.dtype(), dt);
+            let d: f32 = (got.cast(DType::F32) - want).abs().max().into_scalar();
+            assert!(d <= tol * scale, "{dt:?}: {d} of {scale}");
+        }
         // a strided view keeps Burn's ops
         assert!(swiglu_gate(a.clone().swap_dims(0, 1), b.swap_dims(0, 1)).is_err());
+    }
+
+    #[test]
+    fn rms_norm_equals_burns_in_every_dtype_and_on_a_column_slice() {
+        use burn::backend::Flex;
+        use burn::nn::RmsNormConfig;
+        use burn::tensor::TensorData;
+        let dev = Default::default();
+        let n: burn::nn::RmsNorm<Flex> = RmsNormConfig::new(37).with_epsilon(1e-5).init(&dev);
+        let gamma =
+            Tensor::<Flex, 1>::from_data(TensorData::new(crate::rng::uniform(37, 2), [37]), &dev);
+        let n = burn::nn::RmsNorm {
+            gamma: burn::module::Param::from_tensor(gamma),
+            ..n
+        };
+        let raw = Tensor::<Flex, 3>::from_data(
+            TensorData::new(crate::rng::uniform(3 * 5 * 40, 4), [3, 5, 40]),
+            &dev,
+        );
+        // contiguous rows, and MLA's kv_norm input: the first 37 of 40 columns
+        for x in [
+            raw.clone().slice([0..3, 0..5, 0..37]),
+            raw.clone().slice([0..3, 0..5, 3..40]),
+        ] {
+            let want = n.forward(x.clone());
+            let got = crate::nn::rms_norm(&n, x.clone());
+            let d: f32 = (got - want).abs().max().into_scalar();
+            assert!(d <= 1e-5, "f32: {d}");
+            for (dt, tol) in [(DType::F16, 4e-3), (DType::BF16, 3e-2)] {
+                let xh = x.clone().cast(dt);
+                let want = n.forward(xh.clone().cast(DType::F32));
+                let got = rms_norm(xh, n.gamma.val(), n.epsilon).unwrap_or_else(|_| panic!("flex"));
+                assert_eq!(got.dtype(), dt);
+                let d: f32 = (got.cast(DType::F32) - want).abs().max().into_scalar();
+                assert!(d <= tol, "{dt:?}: {d}");
+            }
+        }
+        // a transposed view keeps Burn's ops
+        assert!(rms_norm(raw.swap_dims(1, 2), n.gamma.val(), n.epsilon).is_err());
     }
 }

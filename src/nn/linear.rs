@@ -1,6 +1,7 @@
 //! 线性层的前向：解码时只有几行输入乘一个大权重（矩阵-向量积），在 CPU 后端上交给内核模块的
-//! 流式矩阵-向量积（[`crate::kernels::gemv`]，f32、f16、bf16 权重按存储读取，f32 累加）；其余情况
-//! （预填充、GPU 后端、有偏置）仍用 Burn 的 `Linear::forward`。
+//! 流式矩阵-向量积（[`crate::kernels::gemv`]，f32、f16、bf16 权重按存储读取，f32 累加）；半精度的
+//! 预填充交给分块加宽的矩阵乘（[`crate::kernels::panel`]）；其余情况（f32 预填充、GPU 后端、
+//! 有偏置）仍用 Burn 的 `Linear::forward`。
 //!
 //! Why: a decode step is bound by how fast the weights stream from memory; burn-flex's GEMM is
 //! built for large products and, in bf16, widens the whole weight to f32 on every call (see the
@@ -11,10 +12,11 @@ use burn::nn::Linear;
 use burn::tensor::{backend::Backend, DType, Shape, Tensor};
 
 use super::flex::{self, from_flex, into_flex};
-use crate::kernels::{convert, gemv, Level};
+use crate::kernels::{convert, gemv, panel, Level};
 
 /// Inputs with at most this many rows (batch x tokens) take the streaming path: decode steps and
-/// speculative verify steps; prefill chunks are GEMMs and keep the GEMM.
+/// speculative verify steps. Prefill chunks are GEMMs: in f32 burn-flex's, in half precision the
+/// kernel module's panel product (weights widened panel by panel, [`crate::kernels::panel`]).
 pub const MAX_STREAM_ROWS: usize = 16;
 
 /// `lin.forward(x)`, with the streaming path where it applies.
@@ -25,8 +27,10 @@ pub fn forward<B: Backend, const D: usize>(lin: &Linear<B>, x: Tensor<B, D>) -> 
     let dims = x.dims();
     let rows: usize = dims[..D - 1].iter().product();
     let dtype = x.dtype();
+    // f32 prefill chunks keep burn-flex's GEMM; half-precision ones take the panel product
+    let many = rows > MAX_STREAM_ROWS;
     if rows == 0
-        || rows > MAX_STREAM_ROWS
+        || (many && dtype == DType::F32)
         || lin.bias.is_some()
         || !matches!(dtype, DType::F32 | DType::F16 | DType::BF16)
     {
@@ -38,8 +42,9 @@ pub fn forward<B: Backend, const D: usize>(lin: &Linear<B>, x: Tensor<B, D>) -> 
     }
 }
 
-/// The streaming product on flex; `x` back when it does not apply (another backend, a weight
-/// that is not a plain contiguous matrix of the input's dtype).
+/// The streaming product (few rows) or the panel product (many, half precision) on flex; `x` back
+/// when it does not apply (another backend, a weight that is not a plain contiguous matrix of
+/// the input's dtype).
 fn stream<B: Backend, const D: usize>(
     weight: &Tensor<B, 2>,
     x: Tensor<B, D>,
@@ -70,7 +75,11 @@ fn stream<B: Backend, const D: usize>(
         DType::F32 | DType::F16 | DType::BF16 => flex::elems(&w, 0, k * n),
         _ => return Err(from_flex(xf)),
     };
-    let y = gemv::gemv_rows(level, &xs, ws, rows, k, n);
+    let y = if rows > MAX_STREAM_ROWS {
+        panel::matmul(level, &xs, ws, rows, k, n)
+    } else {
+        gemv::gemv_rows(level, &xs, ws, rows, k, n)
+    };
     Ok(from_flex(flex::from_f32(y, Shape::from(out), dtype)))
 }
 
@@ -159,27 +168,7 @@ mod tests {
     }
 
     #[test]
-    fn f16_weights_stream_and_agree_with_the_gemm() {
-        let dev = Default::default();
-        let (k, n) = (512, 300);
-        let w = Tensor::<B, 2>::from_data(TensorData::new(uniform(k * n, 5), [k, n]), &dev);
-        let lin = Linear {
-            weight: burn::module::Param::from_tensor(w.cast(DType::F16)),
-            bias: None,
-        };
-        let x = Tensor::<B, 3>::from_data(TensorData::new(uniform(2 * k, 6), [1, 2, k]), &dev)
-            .cast(DType::F16);
-        let got = forward(&lin, x.clone());
-        assert_eq!(got.dtype(), DType::F16);
-        let want = lin.forward(x).cast(DType::F32);
-        let scale: f32 = want.clone().abs().max().into_scalar();
-        let d: f32 = (got.cast(DType::F32) - want).abs().max().into_scalar();
-        // both accumulate in f32 and round the result to f16: a few f16 ulps of the largest value
-        assert!(d <= 4.0 * 2f32.powi(-10) * scale, "{d} vs scale {scale}");
-    }
-
-    #[test]
-    fn many_rows_half_precision_and_biases_keep_burns_path() {
+    fn biases_and_f32_prefill_rows_keep_burns_path() {
         let dev = Default::default();
         let lin = LinearConfig::new(8, 4).with_bias(true).init::<B>(&dev);
         let x = Tensor::<B, 2>::from_data(TensorData::new(uniform(8, 1), [1, 8]), &dev);
@@ -230,22 +219,33 @@ mod tests {
     }
 
     #[test]
-    fn bf16_weights_stream_and_agree_with_the_gemm() {
+    fn half_precision_weights_agree_with_the_gemm_for_decode_and_prefill_rows() {
         let dev = Default::default();
         let (k, n) = (300, 517);
         let w = Tensor::<B, 2>::from_data(TensorData::new(uniform(k * n, 7), [k, n]), &dev);
-        let lin = Linear {
-            weight: burn::module::Param::from_tensor(w.cast(DType::BF16)),
-            bias: None,
-        };
-        let x = Tensor::<B, 3>::from_data(TensorData::new(uniform(3 * k, 8), [1, 3, k]), &dev)
-            .cast(DType::BF16);
-        let got = forward(&lin, x.clone());
-        assert_eq!(got.dtype(), DType::BF16);
-        let want = lin.forward(x).cast(DType::F32);
-        let scale: f32 = want.clone().abs().max().into_scalar();
-        let d: f32 = (got.cast(DType::F32) - want).abs().max().into_scalar();
-        // both accumulate in f32 and round to bf16 (8 bits of mantissa): two ulps of the largest
-        assert!(d <= 2.0 * 2f32.powi(-7) * scale, "{d} vs scale {scale}");
+        // both accumulate in f32 and round the result to the dtype: a few ulps of the largest
+        for (dt, tol) in [
+            (DType::F16, 4.0 * 2f32.powi(-10)),
+            (DType::BF16, 2.0 * 2f32.powi(-7)),
+        ] {
+            let lin = Linear {
+                weight: burn::module::Param::from_tensor(w.clone().cast(dt)),
+                bias: None,
+            };
+            // 3 rows: the streaming product; 40: the panel product
+            for rows in [3, 40] {
+                let x = Tensor::<B, 3>::from_data(
+                    TensorData::new(uniform(rows * k, 8), [1, rows, k]),
+                    &dev,
+                )
+                .cast(dt);
+                let got = forward(&lin, x.clone());
+                assert_eq!(got.dtype(), dt);
+                let want = lin.forward(x).cast(DType::F32);
+                let scale: f32 = want.clone().abs().max().into_scalar();
+                let d: f32 = (got.cast(DType::F32) - want).abs().max().into_scalar();
+                assert!(d <= tol * scale, "{dt:?} rows {rows}: {d} vs scale {scale}");
+            }
+        }
     }
 }

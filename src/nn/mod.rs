@@ -15,6 +15,21 @@ pub use attention::{Attention, AttentionConfig, AttentionKind, KvCache};
 pub use model::{Decoder, DecoderConfig};
 pub use mtp::{MtpModel, MtpPredictor};
 
+use burn::tensor::{backend::Backend, Tensor};
+
+/// `n.forward(x)` (RMSNorm over the last dimension): on the CPU backend one pass of the kernel
+/// module (rows read as stored, statistics in f32, see `kernels::norm`), Burn's ops elsewhere
+/// (other backends, autodiff).
+pub fn rms_norm<B: Backend, const D: usize>(
+    n: &burn::nn::RmsNorm<B>,
+    x: Tensor<B, D>,
+) -> Tensor<B, D> {
+    match flex::rms_norm(x, n.gamma.val(), n.epsilon) {
+        Ok(y) => y,
+        Err(x) => n.forward(x),
+    }
+}
+
 #[cfg(test)]
 mod tests;
 

@@ -312,13 +312,13 @@ impl<B: Backend> Block<B> {
         stats: Option<&mut Vec<LoadStats>>,
         experts: Experts<'_, B>,
     ) -> anyhow::Result<Tensor<B, 3>> {
-        let h = self.attn_norm.forward(x.clone());
+        let h = super::rms_norm(&self.attn_norm, x.clone());
         let a = match &self.attn {
             Attention::Mha(m) => m.forward(h, starts, lc),
             Attention::Mla(m) => m.forward(h, starts, lc),
         };
         let x = x + a;
-        let h = self.ffn_norm.forward(x.clone());
+        let h = super::rms_norm(&self.ffn_norm, x.clone());
         let f = match &self.ffn {
             Ffn::Dense(ffn) => ffn.forward(h),
             Ffn::Moe(moe) => {
@@ -435,7 +435,7 @@ impl<B: Backend> Decoder<B> {
         let starts = vec![cache.len; b];
         let x = self.forward_trunk(tokens, cache, &starts, stats);
         cache.len += s;
-        self.norm.forward(x)
+        super::rms_norm(&self.norm, x)
     }
 
     /// The residual stream after the last block, before the final norm, for `tokens` `[b, s]`
@@ -482,7 +482,7 @@ impl<B: Backend> Decoder<B> {
                 .expect("a device store does not fail");
         }
         cache.len += s;
-        self.norm.forward(x)
+        super::rms_norm(&self.norm, x)
     }
 
     /// The MoE layer after layer `i`: its index and router (what prefetching predicts for).
@@ -516,7 +516,7 @@ impl<B: Backend> Decoder<B> {
             x = layer.forward_with(x, &starts, lc, None, experts)?;
         }
         cache.len += s;
-        Ok(self.norm.forward(x))
+        Ok(super::rms_norm(&self.norm, x))
     }
 
     /// Gives every MoE layer the routed experts `experts[layer]` (the resident twin of an
@@ -531,7 +531,7 @@ impl<B: Backend> Decoder<B> {
 
     /// The final RMSNorm (before the output head). `[b, s, d] -> [b, s, d]`
     pub fn final_norm(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        self.norm.forward(x)
+        super::rms_norm(&self.norm, x)
     }
 
     /// Token embeddings (shared with the MTP modules). `[b, s] -> [b, s, d]`

@@ -135,15 +135,15 @@ impl<B: Backend> MtpPredictor<B> {
         cache: &mut LayerCache<B>,
     ) -> Tensor<B, 3> {
         let m = &self.modules[k];
-        let e = m.enorm.forward(main.embed(tokens_ahead));
-        let h = m.hnorm.forward(h_prev);
+        let e = super::rms_norm(&m.enorm, main.embed(tokens_ahead));
+        let h = super::rms_norm(&m.hnorm, h_prev);
         let x = super::linear::forward(&m.proj, Tensor::cat(vec![h, e], 2));
         m.block.forward(x, starts, cache, None)
     }
 
     /// 模块 `k` 经主模型共享输出头得到的 logits。`[b, s, d] -> [b, s, vocab]`
     pub fn logits(&self, k: usize, main: &Decoder<B>, h: Tensor<B, 3>) -> Tensor<B, 3> {
-        main.logits(self.modules[k].norm.forward(h))
+        main.logits(super::rms_norm(&self.modules[k].norm, h))
     }
 }
 

@@ -13,8 +13,7 @@ use std::rc::Rc;
 
 use serde::{Deserialize, Serialize};
 
-use burn::backend::flex::{FlexTensor, Layout};
-use burn::tensor::{backend::Backend, Bytes, DType, Shape, Tensor, TensorData};
+use burn::tensor::{backend::Backend, DType, Shape, Tensor, TensorData};
 
 use super::flex::{from_flex, into_flex};
 
@@ -153,8 +152,9 @@ fn portable<B: Backend>(x: Tensor<B, 4>, rows: &[usize], rope: Rope, scale: f32)
 
 /// The flex pass: reads `x` through its strides (any view whose pairs are adjacent) and writes
 /// a contiguous `[b, h, len, d]`; computes `(x0·cos − x1·sin)·scale` and `(x0·sin + x1·cos)·scale`
-/// in the same order as the tensor-op path. Gives `x` back when it does not apply (another
-/// backend, not f32, pairs not adjacent).
+/// in the same order as the tensor-op path (in f32: half precision is widened on reading and
+/// rounded once on writing, where the tensor-op path rounds every product). Gives `x` back when
+/// it does not apply (another backend, another dtype, pairs not adjacent).
 fn flex_rotate<B: Backend>(
     x: Tensor<B, 4>,
     rows: &[usize],
@@ -164,14 +164,23 @@ fn flex_rotate<B: Backend>(
     let [b, h, len, d] = x.dims();
     let xf = into_flex(x)?;
     let st = xf.layout().strides().to_vec();
-    if xf.dtype() != DType::F32 || st[3] != 1 || st.iter().any(|&s| s < 0) {
+    let known = matches!(xf.dtype(), DType::F32 | DType::F16 | DType::BF16);
+    if !known || st[3] != 1 || st.iter().any(|&s| s < 0) || b * h * len * d == 0 {
         return Err(from_flex(xf));
     }
     let st: Vec<usize> = st.iter().map(|&s| s as usize).collect();
     let half = d / 2;
     let (cos, sin) = host_tables(rows, len, d, rope);
-    let src: &[f32] = xf.storage();
     let off = xf.layout().start_offset();
+    // the last element any row reads, plus one
+    let span = off
+        + (0..4)
+            .map(|k| ([b, h, len, d][k] - 1) * st[k])
+            .sum::<usize>()
+        + 1;
+    let src = crate::nn::flex::elems(&xf, 0, span);
+    let level = crate::kernels::Level::current();
+    let mut xin = vec![0f32; d];
     let mut out = vec![0f32; b * h * len * d];
     for (o, chunk) in out.chunks_exact_mut(d).enumerate() {
         let (bh, li) = (o / len, o % len);
@@ -180,19 +189,16 @@ fn flex_rotate<B: Backend>(
         let t = (r * len + li) * half;
         let (c, s) = (&cos[t..t + half], &sin[t..t + half]);
         let i0 = off + bi * st[0] + hi * st[1] + li * st[2];
-        let xin = &src[i0..i0 + d];
+        // half precision widened once per row (f32: a copy)
+        crate::kernels::convert::widen(level, src.sub(i0, d), &mut xin);
         for i in 0..half {
             let (x0, x1) = (xin[2 * i], xin[2 * i + 1]);
             chunk[2 * i] = (x0 * c[i] - x1 * s[i]) * scale;
             chunk[2 * i + 1] = (x0 * s[i] + x1 * c[i]) * scale;
         }
     }
-    let layout = Layout::contiguous(Shape::from([b, h, len, d]));
-    Ok(from_flex(FlexTensor::new(
-        Bytes::from_elems(out),
-        layout,
-        DType::F32,
-    )))
+    let shape = Shape::from([b, h, len, d]);
+    Ok(from_flex(crate::nn::flex::from_f32(out, shape, xf.dtype())))
 }
 
 /// `apply4` for `[b, len, d]` (one head, e.g. MLA's shared RoPE key).
@@ -397,6 +403,19 @@ mod tests {
                     assert_eq!(fast.dims(), reference.dims());
                     let d: f32 = (fast - reference).abs().max().into_scalar();
                     assert!(d <= 1e-6, "view {v}, starts {starts:?}, scale {scale}: {d}");
+                    // half precision: read as stored, rotated in f32, rounded once
+                    for (dt, tol) in [(DType::F16, 1e-3), (DType::BF16, 8e-3)] {
+                        let xh = x.clone().cast(dt);
+                        let fast = apply4_scaled(xh.clone(), &starts, Rope::plain(10000.0), scale);
+                        assert_eq!(fast.dtype(), dt);
+                        let reference =
+                            portable(xh.cast(DType::F32), &rows, Rope::plain(10000.0), scale);
+                        let d: f32 = (fast.cast(DType::F32) - reference)
+                            .abs()
+                            .max()
+                            .into_scalar();
+                        assert!(d <= tol, "{dt:?} view {v}, starts {starts:?}: {d}");
+                    }
                 }
             }
         }

@@ -67,9 +67,10 @@ impl<B: Backend> QueryProjection<B> {
     fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         match self {
             QueryProjection::Direct(wq) => linear::forward(wq, x),
-            QueryProjection::LowRank(q) => {
-                linear::forward(&q.wq_b, q.q_norm.forward(linear::forward(&q.wq_a, x)))
-            }
+            QueryProjection::LowRank(q) => linear::forward(
+                &q.wq_b,
+                crate::nn::rms_norm(&q.q_norm, linear::forward(&q.wq_a, x)),
+            ),
         }
     }
 }
@@ -264,7 +265,7 @@ impl<B: Backend> MlaAttention<B> {
         let q_pe = rope::apply4(q.slice([0..b, 0..h, 0..s, dn..dn + dr]), starts, self.rope);
         // 潜向量与唯一的共享 RoPE 键：[b, s, dc + dr]
         let kv = linear::forward(&self.wkv_a, x);
-        let c_kv = self.kv_norm.forward(kv.clone().slice([0..b, 0..s, 0..dc]));
+        let c_kv = crate::nn::rms_norm(&self.kv_norm, kv.clone().slice([0..b, 0..s, 0..dc]));
         let k_pe = rope::apply(kv.slice([0..b, 0..s, dc..dc + dr]), starts, self.rope);
 
         let o = match self.implementation {
