@@ -55,8 +55,8 @@ pub struct Cache<'a> {
 /// One attention call: `rows` query rows per (sequence, group), already scaled.
 #[derive(Clone, Copy, Debug)]
 pub struct Problem<'a> {
-    /// Queries `[b, g, rows, dk]`, contiguous.
-    pub q: &'a [f32],
+    /// Queries `[b, g, rows, dk]`, contiguous, as stored (each task widens its own rows).
+    pub q: Elems<'a>,
     /// Sequences.
     pub b: usize,
     /// K/V groups.
@@ -79,6 +79,20 @@ pub struct Problem<'a> {
 
 /// The outputs `[b, g, rows, dv]` in f32, at `level`, on the rayon pool.
 pub fn attention(level: Level, p: &Problem<'_>) -> Vec<f32> {
+    let mut out = vec![0f32; p.b * p.g * p.rows * p.dv];
+    attention_into(level, p, &mut out, |src, dst| dst.copy_from_slice(src));
+    out
+}
+
+/// [`attention`] written into `out` (`[b, g, rows, dv]` of any element type): `put` stores
+/// each task's finished f32 rows into its part of `out` (a copy, or a rounding to the cache's
+/// dtype), so no f32 copy of the whole output exists at once.
+pub fn attention_into<T: Send>(
+    level: Level,
+    p: &Problem<'_>,
+    out: &mut [T],
+    put: impl Fn(&[f32], &mut [T]) + Sync,
+) {
     let (b, g, rows, dk, dv) = (p.b, p.g, p.rows, p.dk, p.dv);
     assert_eq!(
         p.q.len(),
@@ -117,32 +131,73 @@ pub fn attention(level: Level, p: &Problem<'_>) -> Vec<f32> {
             .min(longest.div_ceil(MIN_SPLIT_KEYS))
             .max(1)
     };
+    let key_range = |pair: usize, s: usize| {
+        let n = n_keys(pair / g);
+        let per = n.div_ceil(splits);
+        ((s * per).min(n), ((s + 1) * per).min(n))
+    };
+    let row_range = |tile: usize| (tile * per_tile, ((tile + 1) * per_tile).min(rows));
+    assert_eq!(
+        out.len(),
+        pairs * rows * dv,
+        "attention: out is not [b, g, rows, dv]"
+    );
+    if splits == 1 {
+        // each task owns its rows' outputs: accumulated, normalised and stored, no partials
+        out.par_chunks_mut(rows * dv)
+            .enumerate()
+            .for_each(|(pair, po)| {
+                po.par_chunks_mut(per_tile * dv)
+                    .enumerate()
+                    .for_each(|(tile, dst)| {
+                        let mut o = vec![0f32; dst.len()];
+                        let task = Task {
+                            p,
+                            pair,
+                            rows: row_range(tile),
+                            range: key_range(pair, 0),
+                            o: &mut o,
+                        };
+                        let (_, l) = level.run(task);
+                        normalise(&mut o, &l, dv);
+                        put(&o, dst);
+                    })
+            });
+        return;
+    }
     let parts: Vec<Partial> = (0..units * splits)
         .into_par_iter()
         .map(|t| {
             let (unit, s) = (t / splits, t % splits);
             let (pair, tile) = (unit / tiles, unit % tiles);
-            let bi = pair / g;
-            let n = n_keys(bi);
-            let per = n.div_ceil(splits);
-            let range = ((s * per).min(n), ((s + 1) * per).min(n));
-            let row_range = (tile * per_tile, ((tile + 1) * per_tile).min(rows));
-            level.run(Task {
+            let rows = row_range(tile);
+            let mut o = vec![0f32; (rows.1 - rows.0) * dv];
+            let (m, l) = level.run(Task {
                 p,
                 pair,
-                rows: row_range,
-                range,
-            })
+                rows,
+                range: key_range(pair, s),
+                o: &mut o,
+            });
+            Partial { m, l, o }
         })
         .collect();
-    let mut out = vec![0f32; pairs * rows * dv];
     for (unit, parts) in parts.chunks(splits).enumerate() {
         let (pair, tile) = (unit / tiles, unit % tiles);
         let r0 = pair * rows + tile * per_tile;
         let n = parts[0].m.len();
-        combine(parts, n, dv, &mut out[r0 * dv..(r0 + n) * dv]);
+        let mut o = vec![0f32; n * dv];
+        combine(parts, n, dv, &mut o);
+        put(&o, &mut out[r0 * dv..(r0 + n) * dv]);
     }
-    out
+}
+
+/// Rows of unnormalised outputs divided by their softmax sums.
+fn normalise(o: &mut [f32], l: &[f32], dv: usize) {
+    for (row, &sum) in o.chunks_mut(dv).zip(l) {
+        let inv = 1.0 / sum;
+        row.iter_mut().for_each(|x| *x *= inv);
+    }
 }
 
 /// One key range's running statistics per row: max, sum, unnormalised numerator.
@@ -176,19 +231,21 @@ fn combine(parts: &[Partial], rows: usize, dv: usize, out: &mut [f32]) {
     }
 }
 
-/// One (sequence, group) pair's rows `rows.0..rows.1` over keys `range.0..range.1`.
-struct Task<'a, 'b> {
+/// One (sequence, group) pair's rows `rows.0..rows.1` over keys `range.0..range.1`, adding the
+/// unnormalised outputs into `o` (`[rows, dv]`, zeroed); gives each row's (max, sum).
+struct Task<'a, 'b, 'c> {
     p: &'b Problem<'a>,
     pair: usize,
     rows: (usize, usize),
     range: (usize, usize),
+    o: &'c mut [f32],
 }
 
-impl WithSimd for Task<'_, '_> {
-    type Output = Partial;
+impl WithSimd for Task<'_, '_, '_> {
+    type Output = (Vec<f32>, Vec<f32>);
 
     #[inline(always)]
-    fn with_simd<S: Simd>(self, simd: S) -> Partial {
+    fn with_simd<S: Simd>(self, simd: S) -> Self::Output {
         match self.p.k.data {
             Elems::F32(_) => self.run::<S, F32>(simd),
             Elems::Bf16(_) => self.run::<S, Bf16>(simd),
@@ -197,11 +254,11 @@ impl WithSimd for Task<'_, '_> {
     }
 }
 
-impl Task<'_, '_> {
+impl Task<'_, '_, '_> {
     /// The pass for keys and values stored in format `F` (read two vectors at a time, widened in
     /// registers: [`Format::pair`]).
     #[inline(always)]
-    fn run<S: Simd, F: Format>(self, simd: S) -> Partial {
+    fn run<S: Simd, F: Format>(self, simd: S) -> (Vec<f32>, Vec<f32>) {
         let p = self.p;
         let (dk, dv) = (p.dk, p.dv);
         let (row0, rows) = (self.rows.0, self.rows.1 - self.rows.0);
@@ -217,7 +274,8 @@ impl Task<'_, '_> {
         // the queries in the order the pair loads give the keys (even, then odd elements of
         // each block of two vectors, for 16-bit storage)
         let first = self.pair * p.rows + row0;
-        let mut q = p.q[first * dk..(first + rows) * dk].to_vec();
+        let mut q = vec![0f32; rows * dk];
+        super::convert::widen_body(p.q.sub(first * dk, rows * dk), &mut q);
         if F::PERMUTED {
             permute_blocks(&mut q, rows, dk, l, false);
         }
@@ -232,7 +290,12 @@ impl Task<'_, '_> {
         let (kst, vst) = (p.k.strides[2], vsrc.strides[2]);
         let mut m = vec![f32::NEG_INFINITY; rows];
         let mut sums = vec![0f32; rows];
-        let mut o = vec![0f32; rows * dv];
+        let o = self.o;
+        assert_eq!(
+            o.len(),
+            rows * dv,
+            "attention: one output row per query row"
+        );
         let mut s = vec![0f32; rows * KEY_BLOCK];
         let mut vis = vec![0usize; rows];
         let mut k0 = self.range.0;
@@ -269,13 +332,13 @@ impl Task<'_, '_> {
                 base: vbase + k0 * vst,
                 stride: vst,
             };
-            weighted_values(simd, &s, &values, &vis, dv, &mut o);
+            weighted_values(simd, &s, &values, &vis, dv, o);
             k0 = k1;
         }
         if F::PERMUTED {
-            permute_blocks(&mut o, rows, dv, l, true);
+            permute_blocks(o, rows, dv, l, true);
         }
-        Partial { m, l: sums, o }
+        (m, sums)
     }
 }
 
@@ -611,7 +674,10 @@ mod tests {
             for gi in 0..g {
                 for r in 0..rows {
                     let pos = p.q_starts[bi] + r % p.q_len;
-                    let qr = &p.q[((bi * g + gi) * rows + r) * dk..][..dk];
+                    let Elems::F32(qall) = p.q else {
+                        panic!("f32 queries")
+                    };
+                    let qr = &qall[((bi * g + gi) * rows + r) * dk..][..dk];
                     let key = |t: usize| {
                         let at = p.k.offset
                             + bi * p.k.strides[0]
@@ -701,7 +767,7 @@ mod tests {
                     _ => (Elems::F32(&kraw), Elems::F32(&vraw)),
                 };
                 let p = Problem {
-                    q: &q,
+                    q: Elems::F32(&q),
                     b,
                     g,
                     rows,

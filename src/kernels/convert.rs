@@ -219,11 +219,48 @@ fn f16s<S: Simd>(simd: S, h: S::u32s) -> S::f32s {
     simd.transmute_f32s_u32s(bits)
 }
 
+/// The even and the odd f16 values of `w[at..at + 32]` widened by the conversion instruction of
+/// AVX-512F (`vcvtph2ps`, after `vpmovdw` picks each word's low or high half): 5 instructions
+/// for 32 values where the portable integer path takes about 20.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn f16_pair_v4(
+    v4: pulp::x86::V4,
+    w: &[u16],
+    at: usize,
+) -> (core::arch::x86_64::__m512, core::arch::x86_64::__m512) {
+    use core::arch::x86_64::__m512i;
+    let src = &w[at..at + 32];
+    // SAFETY: `src` holds 32 u16 = 64 bytes = size_of::<__m512i>() (bounds-checked slice);
+    // `read_unaligned` has no alignment requirement and every bit pattern is an `__m512i`.
+    let x: __m512i = unsafe { std::ptr::read_unaligned(src.as_ptr() as *const __m512i) };
+    let f = v4.avx512f;
+    let even = f._mm512_cvtepi32_epi16(x);
+    let odd = f._mm512_cvtepi32_epi16(f._mm512_srli_epi32::<16>(x));
+    (f._mm512_cvtph_ps(even), f._mm512_cvtph_ps(odd))
+}
+
 impl Format for F16 {
     type Elem = u16;
     const PERMUTED: bool = true;
     #[inline(always)]
     fn pair<S: Simd>(simd: S, w: &[u16], at: usize) -> (S::f32s, S::f32s) {
+        // AVX-512: the conversion instruction (the level's type is known when monomorphised,
+        // so the check folds away)
+        #[cfg(target_arch = "x86_64")]
+        if let Some(v4) = (&simd as &dyn std::any::Any).downcast_ref::<pulp::x86::V4>() {
+            let (even, odd) = f16_pair_v4(*v4, w, at);
+            const { assert!(size_of::<pulp::f32x16>() == size_of::<core::arch::x86_64::__m512>()) };
+            // SAFETY: `S` is `V4` (checked above), whose `f32s` is `pulp::f32x16`: sixteen f32,
+            // 64 bytes, the size of `__m512` (asserted at compile time); both are plain f32 lanes
+            // with every bit pattern valid.
+            return unsafe {
+                (
+                    std::mem::transmute_copy::<_, S::f32s>(&even),
+                    std::mem::transmute_copy::<_, S::f32s>(&odd),
+                )
+            };
+        }
         let x = words::<S>(w, at);
         let lo = simd.and_u32s(x, simd.splat_u32s(0xffff));
         let hi = simd.wrapping_dyn_shr_u32s(x, simd.splat_u32s(16));

@@ -250,7 +250,7 @@ mod timings {
             let starts = [ctx - 1];
             let run = |k: Elems<'_>, v: Elems<'_>| {
                 let p = attend::Problem {
-                    q: &q,
+                    q: Elems::F32(&q),
                     b: 1,
                     g,
                     rows,
@@ -302,7 +302,7 @@ mod timings {
             let starts = [start];
             let run = |k: Elems<'_>, v: Elems<'_>| {
                 let p = attend::Problem {
-                    q: &q,
+                    q: Elems::F32(&q),
                     b: 1,
                     g,
                     rows,
@@ -335,6 +335,82 @@ mod timings {
                 t16 * 1e3,
                 flop / t16 / 1e9
             );
+        }
+    }
+
+    /// Burn 0.21's own attention (`burn::tensor::module::attention`, burn-flex's flash path with
+    /// causal masking) against dsopt's kernel on the same MHA shapes: one prefill chunk (512
+    /// queries at keys 3584..4096) and one decode step (1 query, 8192 keys), 16 heads x 128.
+    #[test]
+    #[ignore]
+    fn burn_attention_timings() {
+        use burn::backend::Flex;
+        use burn::tensor::module::attention;
+        use burn::tensor::ops::AttentionModuleOptions;
+        use burn::tensor::{DType, Tensor, TensorData};
+        let level = Level::current();
+        let dev = Default::default();
+        let (g, d) = (16, 128);
+        for (q_len, ctx) in [(512, 4096), (1, 8192)] {
+            let q = crate::rng::uniform(g * q_len * d, 3);
+            let kv = crate::rng::uniform(g * ctx * d, 4);
+            let vv = crate::rng::uniform(g * ctx * d, 5);
+            let t = |v: &Vec<f32>, n: usize| {
+                Tensor::<Flex, 4>::from_data(TensorData::new(v.clone(), [1, g, n, d]), &dev)
+            };
+            let (tq, tk, tv) = (t(&q, q_len), t(&kv, ctx), t(&vv, ctx));
+            let opts = AttentionModuleOptions {
+                scale: Some(1.0),
+                softcap: None,
+                is_causal: true,
+            };
+            for dt in [DType::F32, DType::BF16] {
+                let (bq, bk, bv) = (
+                    tq.clone().cast(dt),
+                    tk.clone().cast(dt),
+                    tv.clone().cast(dt),
+                );
+                let burn_s = best(|| {
+                    let o = attention(bq.clone(), bk.clone(), bv.clone(), None, None, opts);
+                    std::hint::black_box(o.into_data());
+                });
+                let kb: Vec<bf16> = kv.iter().map(|&v| bf16::from_f32(v)).collect();
+                let vb: Vec<bf16> = vv.iter().map(|&v| bf16::from_f32(v)).collect();
+                let (ke, ve) = if dt == DType::F32 {
+                    (Elems::F32(&kv), Elems::F32(&vv))
+                } else {
+                    (Elems::Bf16(&kb), Elems::Bf16(&vb))
+                };
+                let starts = [ctx - q_len];
+                let ours = best(|| {
+                    let p = attend::Problem {
+                        q: Elems::F32(&q),
+                        b: 1,
+                        g,
+                        rows: q_len,
+                        dk: d,
+                        dv: d,
+                        k: attend::Cache {
+                            data: ke,
+                            offset: 0,
+                            strides: [g * ctx * d, ctx * d, d],
+                        },
+                        v: Some(attend::Cache {
+                            data: ve,
+                            offset: 0,
+                            strides: [g * ctx * d, ctx * d, d],
+                        }),
+                        q_starts: &starts,
+                        q_len,
+                    };
+                    std::hint::black_box(attend::attention(level, &p));
+                });
+                println!(
+                    "MHA attention {q_len} queries x {ctx} keys {dt:?}: burn::tensor::module::attention {:.2} ms, dsopt kernel {:.2} ms ({level})",
+                    burn_s * 1e3,
+                    ours * 1e3
+                );
+            }
         }
     }
 }

@@ -8,8 +8,9 @@
 //! kernel's notes). This file only takes the slices out of the flex tensors and puts the result
 //! back.
 
+use burn::backend::flex::{FlexTensor, Layout};
 use burn::nn::Linear;
-use burn::tensor::{backend::Backend, DType, Shape, Tensor};
+use burn::tensor::{backend::Backend, Bytes, DType, Shape, Tensor};
 
 use super::flex::{self, from_flex, into_flex};
 use crate::kernels::{convert, gemv, panel, Level};
@@ -87,14 +88,16 @@ fn stream<B: Backend, const D: usize>(
 /// per-head products with W_UK and W_UV), through the kernel module's products on flex where `w`'s
 /// rows or columns are contiguous (W_UK is a permuted view of `wkv_b`, output-major per head;
 /// W_UV a strided one, input-major): no copy of the weight, half precision read as stored.
-/// Burn's matmul elsewhere (many rows, another backend, other layouts).
+/// Many rows in half precision (a prefill chunk): one panel product per head, each head widened
+/// on its own. Burn's matmul elsewhere (many rows in f32, another backend, other layouts).
 ///
 /// # Shapes
 /// `x: [h, rows, k], w: [h, k, n] -> [h, rows, n]`
 pub fn matmul_few<B: Backend>(x: Tensor<B, 3>, w: &Tensor<B, 3>) -> Tensor<B, 3> {
     let [h, rows, k] = x.dims();
     let n = w.dims()[2];
-    if rows == 0 || rows > MAX_STREAM_ROWS || w.dims()[..2] != [h, k] {
+    let many = rows > MAX_STREAM_ROWS;
+    if rows == 0 || (many && x.dtype() == DType::F32) || w.dims()[..2] != [h, k] {
         return x.matmul(w.clone());
     }
     let wf = match into_flex(w.clone()) {
@@ -117,9 +120,32 @@ pub fn matmul_few<B: Backend>(x: Tensor<B, 3>, w: &Tensor<B, 3>) -> Tensor<B, 3>
     let level = Level::current();
     let xf = xf.to_contiguous();
     let xo = xf.layout().start_offset();
-    let x32 = convert::to_f32(level, flex::elems(&xf, xo, h * rows * k));
     let all = flex::elems(&wf, 0, wf.bytes().len() / dtype.size());
     let (sh, sk, sn) = (st[0] as usize, st[1] as usize, st[2] as usize);
+    if many {
+        let x = flex::elems(&xf, xo, h * rows * k);
+        let head = |hh: usize| {
+            let base = wf.layout().start_offset() + hh * sh;
+            per_head_panel(
+                level,
+                x.sub(hh * rows * k, rows * k),
+                all,
+                base,
+                sk,
+                sn,
+                k,
+                n,
+            )
+        };
+        let bytes = if dtype == DType::F16 {
+            Bytes::from_elems(narrow_heads::<burn::tensor::f16>(h, rows * n, head))
+        } else {
+            Bytes::from_elems(narrow_heads::<burn::tensor::bf16>(h, rows * n, head))
+        };
+        let layout = Layout::contiguous(Shape::from([h, rows, n]));
+        return from_flex(FlexTensor::new(bytes, layout, dtype));
+    }
+    let x32 = convert::to_f32(level, flex::elems(&xf, xo, h * rows * k));
     let mut y = Vec::with_capacity(h * rows * n);
     for hh in 0..h {
         let xh = &x32[hh * rows * k..(hh + 1) * rows * k];
@@ -132,6 +158,53 @@ pub fn matmul_few<B: Backend>(x: Tensor<B, 3>, w: &Tensor<B, 3>) -> Tensor<B, 3>
         y.extend_from_slice(&yh);
     }
     from_flex(flex::from_f32(y, Shape::from([h, rows, n]), dtype))
+}
+
+/// One head of [`matmul_few`] with many rows in half precision: its rows and its weight
+/// (`k x n` at `base`, row stride `sk`, column stride `sn`; one of them 1) widened on their own,
+/// one panel product: no f32 copy of the whole input, weight or output (Burn's bf16 matmul
+/// widens all three: in absorbed MLA's bf16 prefill that was the chunk's memory peak).
+#[allow(clippy::too_many_arguments)]
+fn per_head_panel(
+    level: Level,
+    x: convert::Elems<'_>,
+    w: convert::Elems<'_>,
+    base: usize,
+    sk: usize,
+    sn: usize,
+    k: usize,
+    n: usize,
+) -> Vec<f32> {
+    let rows = x.len() / k;
+    let x32 = convert::to_f32(level, x);
+    let mut w32 = vec![0f32; k * n];
+    if sn == 1 {
+        for (i, row) in w32.chunks_mut(n).enumerate() {
+            convert::widen(level, w.sub(base + i * sk, n), row);
+        }
+    } else {
+        let mut col = vec![0f32; k];
+        for j in 0..n {
+            convert::widen(level, w.sub(base + j * sn, k), &mut col);
+            for (i, v) in col.iter().enumerate() {
+                w32[i * n + j] = *v;
+            }
+        }
+    }
+    panel::matmul(level, &x32, convert::Elems::F32(&w32), rows, k, n)
+}
+
+/// `h` heads' f32 outputs of `per` values each, rounded into one buffer of `T` head by head.
+fn narrow_heads<T: Copy + Default>(h: usize, per: usize, head: impl Fn(usize) -> Vec<f32>) -> Vec<T>
+where
+    [T]: half::slice::HalfFloatSliceExt,
+{
+    use half::slice::HalfFloatSliceExt;
+    let mut out = vec![T::default(); h * per];
+    for (hh, o) in out.chunks_mut(per.max(1)).enumerate().take(h) {
+        o.convert_from_f32_slice(&head(hh));
+    }
+    out
 }
 
 #[cfg(test)]
@@ -189,18 +262,19 @@ mod tests {
     #[test]
     fn per_head_products_on_weight_views_equal_burns_matmul() {
         let dev = Default::default();
-        let (h, k, n, rows) = (3, 40, 24, 5);
+        let (h, k, n) = (3, 40, 24);
         // W_UK-like: a permuted view ([n, h, k] -> [h, k, n], output-major per head) and
         // W_UV-like: a swapped view ([k, h, n] -> [h, k, n], input-major at a stride)
         let a = Tensor::<B, 3>::from_data(TensorData::new(uniform(n * h * k, 11), [n, h, k]), &dev)
             .permute([1, 2, 0]);
         let c = Tensor::<B, 3>::from_data(TensorData::new(uniform(k * h * n, 12), [k, h, n]), &dev)
             .swap_dims(0, 1);
-        let x = Tensor::<B, 3>::from_data(
-            TensorData::new(uniform(h * rows * k, 13), [h, rows, k]),
-            &dev,
-        );
-        for w in [a, c] {
+        // 5 rows: the streaming products; 40: one panel product per head (half precision)
+        for (w, rows) in [(a.clone(), 5), (c.clone(), 5), (a, 40), (c, 40)] {
+            let x = Tensor::<B, 3>::from_data(
+                TensorData::new(uniform(h * rows * k, 13), [h, rows, k]),
+                &dev,
+            );
             for dt in [DType::F32, DType::F16, DType::BF16] {
                 let (xd, wd) = (x.clone().cast(dt), w.clone().cast(dt));
                 let got = matmul_few(xd.clone(), &wd);
@@ -213,7 +287,7 @@ mod tests {
                     DType::F16 => 4.0 * 2f32.powi(-10),
                     _ => 2.0 * 2f32.powi(-7),
                 };
-                assert!(d <= tol * scale, "{dt:?}: {d} vs scale {scale}");
+                assert!(d <= tol * scale, "{dt:?} rows {rows}: {d} vs scale {scale}");
             }
         }
     }

@@ -16,11 +16,11 @@
 //! the blocked tensor-op path took 7.7 s in f32 and 18-21 s in bf16 (burn-flex widens every key
 //! block and casts the scores per call); see the issue notes for the figures of this path.
 
-use burn::backend::flex::FlexTensor;
-use burn::tensor::{backend::Backend, bf16, f16, DType, Shape, Tensor};
+use burn::backend::flex::{FlexTensor, Layout};
+use burn::tensor::{backend::Backend, bf16, f16, Bytes, DType, Shape, Tensor};
 
 use crate::kernels::attend::{self, Cache, Problem};
-use crate::kernels::convert::{self, Elems};
+use crate::kernels::convert::Elems;
 use crate::kernels::Level;
 use crate::nn::flex::{self, from_flex, into_flex};
 
@@ -57,14 +57,15 @@ pub fn attention<B: Backend>(
     let level = Level::current();
     let qf = qf.to_contiguous();
     let qn = b * g * rows * dk;
-    let q32 = convert::to_f32(level, flex::elems(&qf, qf.layout().start_offset(), qn));
+    // read as stored: each task of the kernel widens its own rows
+    let q = flex::elems(&qf, qf.layout().start_offset(), qn);
     // absorbed MLA passes one tensor as keys and values (the values are its first dv columns)
     let v_in_k = kf.bytes().as_ptr() == vf.bytes().as_ptr()
         && kf.layout().start_offset() == vf.layout().start_offset()
         && kf.layout().strides() == vf.layout().strides()
         && dv <= dk;
     let p = Problem {
-        q: &q32,
+        q,
         b,
         g,
         rows,
@@ -75,12 +76,24 @@ pub fn attention<B: Backend>(
         q_starts,
         q_len,
     };
-    let out = attend::attention(level, &p);
-    Ok(from_flex(flex::from_f32(
-        out,
-        Shape::from([b, g, rows, dv]),
-        dtype,
-    )))
+    // the output in the cache's dtype, each task's rows rounded as they finish
+    use half::slice::HalfFloatSliceExt;
+    let n = b * g * rows * dv;
+    let bytes = match dtype {
+        DType::F16 => {
+            let mut out = vec![f16::ZERO; n];
+            attend::attention_into(level, &p, &mut out, |s, d| d.convert_from_f32_slice(s));
+            Bytes::from_elems(out)
+        }
+        DType::BF16 => {
+            let mut out = vec![bf16::ZERO; n];
+            attend::attention_into(level, &p, &mut out, |s, d| d.convert_from_f32_slice(s));
+            Bytes::from_elems(out)
+        }
+        _ => Bytes::from_elems(attend::attention(level, &p)),
+    };
+    let layout = Layout::contiguous(Shape::from([b, g, rows, dv]));
+    Ok(from_flex(FlexTensor::new(bytes, layout, dtype)))
 }
 
 /// A K or V tensor `[b, g, cap, d]` (non-negative strides, contiguous last dimension) as the
