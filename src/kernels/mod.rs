@@ -215,6 +215,55 @@ mod timings {
             .fold(f64::INFINITY, f64::min)
     }
 
+    /// Best-of-7 times of one attention call with f32 and with bf16 keys and values (`g` groups
+    /// of `rows` query rows, `ctx` keys, queries from `start`, `q_len` tokens per row group).
+    #[allow(clippy::too_many_arguments)]
+    fn time_attention(
+        level: Level,
+        g: usize,
+        rows: usize,
+        dk: usize,
+        dv: usize,
+        ctx: usize,
+        start: usize,
+        q_len: usize,
+        shared: bool,
+    ) -> (f64, f64) {
+        let q = crate::rng::uniform(g * rows * dk, 3);
+        let kv = crate::rng::uniform(g * ctx * dk, 4);
+        let kvb: Vec<bf16> = kv.iter().map(|&v| bf16::from_f32(v)).collect();
+        let vv = crate::rng::uniform(g * ctx * dv, 5);
+        let vvb: Vec<bf16> = vv.iter().map(|&v| bf16::from_f32(v)).collect();
+        let starts = [start];
+        let run = |k: Elems<'_>, v: Elems<'_>| {
+            let p = attend::Problem {
+                q: Elems::F32(&q),
+                b: 1,
+                g,
+                rows,
+                dk,
+                dv,
+                k: attend::Cache {
+                    data: k,
+                    offset: 0,
+                    strides: [g * ctx * dk, ctx * dk, dk],
+                },
+                v: (!shared).then_some(attend::Cache {
+                    data: v,
+                    offset: 0,
+                    strides: [g * ctx * dv, ctx * dv, dv],
+                }),
+                q_starts: &starts,
+                q_len,
+            };
+            std::hint::black_box(attend::attention(level, &p));
+        };
+        (
+            best(|| run(Elems::F32(&kv), Elems::F32(&vv))),
+            best(|| run(Elems::Bf16(&kvb), Elems::Bf16(&vvb))),
+        )
+    }
+
     #[test]
     #[ignore]
     fn kernel_timings() {
@@ -242,37 +291,7 @@ mod timings {
         // attention: MHA (16 pairs x 1 row x 128) and absorbed MLA (1 pair x 16 rows x 576/512)
         for (g, rows, dk, dv, shared) in [(16, 1, 128, 128, false), (1, 16, 576, 512, true)] {
             let ctx = 8192;
-            let q = crate::rng::uniform(g * rows * dk, 3);
-            let kv = crate::rng::uniform(g * ctx * dk, 4);
-            let kvb: Vec<bf16> = kv.iter().map(|&v| bf16::from_f32(v)).collect();
-            let vv = crate::rng::uniform(g * ctx * dv, 5);
-            let vvb: Vec<bf16> = vv.iter().map(|&v| bf16::from_f32(v)).collect();
-            let starts = [ctx - 1];
-            let run = |k: Elems<'_>, v: Elems<'_>| {
-                let p = attend::Problem {
-                    q: Elems::F32(&q),
-                    b: 1,
-                    g,
-                    rows,
-                    dk,
-                    dv,
-                    k: attend::Cache {
-                        data: k,
-                        offset: 0,
-                        strides: [g * ctx * dk, ctx * dk, dk],
-                    },
-                    v: (!shared).then_some(attend::Cache {
-                        data: v,
-                        offset: 0,
-                        strides: [g * ctx * dv, ctx * dv, dv],
-                    }),
-                    q_starts: &starts,
-                    q_len: 1,
-                };
-                std::hint::black_box(attend::attention(level, &p));
-            };
-            let t32 = best(|| run(Elems::F32(&kv), Elems::F32(&vv)));
-            let t16 = best(|| run(Elems::Bf16(&kvb), Elems::Bf16(&vvb)));
+            let (t32, t16) = time_attention(level, g, rows, dk, dv, ctx, ctx - 1, 1, shared);
             let bytes = |e: usize| (g * ctx * (dk + if shared { 0 } else { dv }) * e) as f64;
             println!(
                 "attention g {g} rows {rows} dk {dk} dv {dv} ctx {ctx} {level}: f32 {:.3} ms ({:.1} GB/s), bf16 {:.3} ms ({:.1} GB/s)",
@@ -294,37 +313,7 @@ mod timings {
         let ctx = start + q_len;
         for (g, heads, dk, dv, shared) in [(16, 1, 128, 128, false), (1, 16, 576, 512, true)] {
             let rows = heads * q_len;
-            let q = crate::rng::uniform(g * rows * dk, 3);
-            let kv = crate::rng::uniform(g * ctx * dk, 4);
-            let kvb: Vec<bf16> = kv.iter().map(|&v| bf16::from_f32(v)).collect();
-            let vv = crate::rng::uniform(g * ctx * dv, 5);
-            let vvb: Vec<bf16> = vv.iter().map(|&v| bf16::from_f32(v)).collect();
-            let starts = [start];
-            let run = |k: Elems<'_>, v: Elems<'_>| {
-                let p = attend::Problem {
-                    q: Elems::F32(&q),
-                    b: 1,
-                    g,
-                    rows,
-                    dk,
-                    dv,
-                    k: attend::Cache {
-                        data: k,
-                        offset: 0,
-                        strides: [g * ctx * dk, ctx * dk, dk],
-                    },
-                    v: (!shared).then_some(attend::Cache {
-                        data: v,
-                        offset: 0,
-                        strides: [g * ctx * dv, ctx * dv, dv],
-                    }),
-                    q_starts: &starts,
-                    q_len,
-                };
-                std::hint::black_box(attend::attention(level, &p));
-            };
-            let t32 = best(|| run(Elems::F32(&kv), Elems::F32(&vv)));
-            let t16 = best(|| run(Elems::Bf16(&kvb), Elems::Bf16(&vvb)));
+            let (t32, t16) = time_attention(level, g, rows, dk, dv, ctx, start, q_len, shared);
             // keys seen per row: start + 1 .. start + q_len
             let seen = (start as f64 + (q_len as f64 + 1.0) / 2.0) * (g * rows) as f64;
             let flop = 2.0 * seen * (dk + dv) as f64;
