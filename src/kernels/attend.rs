@@ -32,8 +32,9 @@ const RG: usize = 4;
 const MIN_SPLIT_KEYS: usize = 256;
 /// Rows per task at most (prefill: a task copies its rows' queries and outputs).
 const MAX_TILE_ROWS: usize = 512;
-/// Rows per task at least when rows are split for parallelism (each task packs every key
-/// block it reads, see [`PACKED_ROWS`]).
+/// Rows per task aimed at when rows are split for parallelism (each task packs every key block
+/// it reads, see [`PACKED_ROWS`]); tiles are of equal size, so a tile may hold fewer rows (and
+/// take the unpacked path below [`PACKED_ROWS`]: slower, not wrong).
 const MIN_TILE_ROWS: usize = 64;
 /// From this many rows on, a task scores each key block as a small matrix product against the
 /// block's keys packed transposed (widened once per block, every row's scores in vector lanes);
@@ -298,9 +299,15 @@ impl Task<'_, '_, '_> {
         );
         let mut s = vec![0f32; rows * KEY_BLOCK];
         let mut vis = vec![0usize; rows];
+        // no key after the tile's last position is seen by any of its rows (the first chunks of a
+        // prefill: later tiles' keys)
+        let end = self
+            .range
+            .1
+            .min(pos.iter().max().map_or(0, |&last| last + 1));
         let mut k0 = self.range.0;
-        while k0 < self.range.1 {
-            let k1 = (k0 + KEY_BLOCK).min(self.range.1);
+        while k0 < end {
+            let k1 = (k0 + KEY_BLOCK).min(end);
             let nb = k1 - k0;
             // keys of the block each row sees (by position)
             for (v, &ps) in vis.iter_mut().zip(&pos) {
@@ -543,8 +550,9 @@ fn pack_keys<S: Simd, F: Format>(
 }
 
 /// `s[r·KEY_BLOCK + j] = q_r · key_j` from the packed keys, for the keys each group of rows
-/// sees (`vis`): a small matrix product with the scores of [`TILE_ROWS`] rows and one or two
-/// full-width runs of keys in registers (every query value broadcast once per run). Scores past
+/// sees (`vis`): a small matrix product with the scores of [`TILE_ROWS`] rows and a run of keys
+/// in registers (four vectors of keys on levels with 16 lanes, two elsewhere; every query value
+/// broadcast once per run). Scores past
 /// a group's last visible key are left as they are (the softmax zeroes them).
 #[inline(always)]
 fn scores_packed<S: Simd>(simd: S, q: &[f32], kt: &[f32], vis: &[usize], dk: usize, s: &mut [f32]) {

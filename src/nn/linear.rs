@@ -129,6 +129,7 @@ pub fn matmul_few<B: Backend>(x: Tensor<B, 3>, w: &Tensor<B, 3>) -> Tensor<B, 3>
             per_head_panel(
                 level,
                 x.sub(hh * rows * k, rows * k),
+                rows,
                 all,
                 base,
                 sk,
@@ -160,7 +161,7 @@ pub fn matmul_few<B: Backend>(x: Tensor<B, 3>, w: &Tensor<B, 3>) -> Tensor<B, 3>
     from_flex(flex::from_f32(y, Shape::from([h, rows, n]), dtype))
 }
 
-/// One head of [`matmul_few`] with many rows in half precision: its rows and its weight
+/// One head of [`matmul_few`] with many rows in half precision: its `rows` rows and its weight
 /// (`k x n` at `base`, row stride `sk`, column stride `sn`; one of them 1) widened on their own,
 /// one panel product: no f32 copy of the whole input, weight or output (Burn's bf16 matmul
 /// widens all three: in absorbed MLA's bf16 prefill that was the chunk's memory peak).
@@ -168,6 +169,7 @@ pub fn matmul_few<B: Backend>(x: Tensor<B, 3>, w: &Tensor<B, 3>) -> Tensor<B, 3>
 fn per_head_panel(
     level: Level,
     x: convert::Elems<'_>,
+    rows: usize,
     w: convert::Elems<'_>,
     base: usize,
     sk: usize,
@@ -175,7 +177,6 @@ fn per_head_panel(
     k: usize,
     n: usize,
 ) -> Vec<f32> {
-    let rows = x.len() / k;
     let x32 = convert::to_f32(level, x);
     let mut w32 = vec![0f32; k * n];
     if sn == 1 {

@@ -36,7 +36,7 @@ pub fn attention<B: Backend>(
     q_len: usize,
 ) -> Result<Tensor<B, 4>, Tensor<B, 4>> {
     let [b, g, rows, dk] = q.dims();
-    if rows == 0 || q_len == 0 || q_starts.len() != b {
+    if rows == 0 || q_len == 0 || b == 0 || g == 0 || dv == 0 || q_starts.len() != b {
         return Err(q);
     }
     let qf = into_flex(q)?;
@@ -51,7 +51,13 @@ pub fn attention<B: Backend>(
         s[3] == 1 && s.iter().all(|&x| x >= 0)
     };
     let known = matches!(dtype, DType::F32 | DType::F16 | DType::BF16);
-    if !known || !same || !inner(&kf) || !inner(&vf) || kf.layout().shape()[3] < dk {
+    // the caches cover every query's position, keys dk and values dv wide
+    let last = q_starts.iter().max().map_or(0, |&st| st + q_len);
+    let covers = |t: &FlexTensor, d: usize| {
+        let sh = t.layout().shape();
+        sh[0] >= b && sh[1] >= g && sh[2] >= last && sh[3] >= d
+    };
+    if !known || !same || !inner(&kf) || !inner(&vf) || !covers(&kf, dk) || !covers(&vf, dv) {
         return Err(from_flex(qf));
     }
     let level = Level::current();
