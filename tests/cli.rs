@@ -1650,7 +1650,6 @@ fn bench_mtp_on_a_checkpoint_drafts_with_its_own_mtp_layer() {
     );
     let s = &v["scenario"];
     assert_eq!(s["model_origin"]["weights"], "checkpoint");
-    assert_eq!(s["mtp"]["num_nextn_predict_layers"], 1);
     assert_eq!(s["model"]["hidden_size"], 48);
     assert!(s.get("sweep").is_none_or(|w| w.is_null()), "{s}");
     let eq = v["criteria"]
@@ -1665,6 +1664,32 @@ fn bench_mtp_on_a_checkpoint_drafts_with_its_own_mtp_layer() {
     assert!(
         notes.contains("MTP layer read from the checkpoint"),
         "{notes}"
+    );
+    // the one MTP layer drafts the scenario's D = 3 tokens per step (applied recursively, its
+    // weights shared): 4 tokens per verify step, and the weights counted once
+    assert_eq!(s["mtp"]["num_nextn_predict_layers"], 3);
+    assert!(notes.contains("applied recursively 3 time(s)"), "{notes}");
+    let ids: Vec<String> = v["criteria"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["id"].as_str().unwrap().to_string())
+        .collect();
+    assert!(ids.iter().all(|i| !i.contains("tokens")), "{ids:?}");
+    let weights = |name: &str| {
+        v["variants"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|x| x["name"] == name)
+            .unwrap()["memory"]["analytic"]["weights_bytes"]
+            .as_f64()
+            .unwrap()
+    };
+    let layer = weights("speculative") - weights("greedy");
+    assert!(
+        layer > 0.0 && layer < weights("greedy") / 2.0,
+        "one MTP layer's bytes, not three: {layer}"
     );
     let refused = |args: &[&str], what: &str| {
         dsopt()

@@ -352,29 +352,64 @@ mod spec_tests {
     use crate::config::{Scenario, ScenarioKind};
     use crate::report::spec::{bind, operating_deviations};
 
-    /// The shipped default scenarios are at the spec's operating point (SC-003a's active fraction
-    /// from the MoE variant as built), so their reports carry the spec's ids.
+    /// The deviations of scenario `s` from the spec's operating point, with SC-003a's active
+    /// fraction taken from the MoE variant as built (what the runner measures).
+    fn deviations(s: &Scenario) -> Vec<(String, String)> {
+        let active_fraction = match s {
+            Scenario::Moe(m) => {
+                let c = m.decoder_config(crate::config::MoeVariant::Moe);
+                Some(strategy::active_params(&c) as f64 / c.params() as f64)
+            }
+            _ => None,
+        };
+        let out = RunOutput {
+            active_fraction,
+            ..Default::default()
+        };
+        operating_deviations(s.kind().as_str(), &operating_point(s, &out))
+    }
+
+    /// The shipped default scenarios are at the spec's operating point, so their reports carry
+    /// the spec's ids.
     #[test]
     fn the_default_scenarios_are_spec_conformant() {
         for kind in [ScenarioKind::Mla, ScenarioKind::Mtp, ScenarioKind::Moe] {
             let s = Scenario::builtin(kind);
-            let active_fraction = match &s {
-                Scenario::Moe(m) => {
-                    let c = m.decoder_config(crate::config::MoeVariant::Moe);
-                    Some(strategy::active_params(&c) as f64 / c.params() as f64)
-                }
-                _ => None,
-            };
-            let out = RunOutput {
-                active_fraction,
-                ..Default::default()
-            };
-            let op = operating_point(&s, &out);
-            assert!(
-                operating_deviations(kind.as_str(), &op).is_empty(),
-                "{kind:?}: {op:?}"
-            );
+            assert!(deviations(&s).is_empty(), "{kind:?}: {:?}", deviations(&s));
         }
+    }
+
+    /// The GPU scenarios (`scripts/gpu-check.sh`) are at the spec's operating point too (SC-003's
+    /// 13B / 1.3B model: whole-model active fraction in the 8-12 % band), except the pool smoke,
+    /// which is a smoke scenario and must say so.
+    #[test]
+    fn the_gpu_scenarios_are_spec_conformant() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("scenarios/gpu");
+        let mut seen = 0;
+        for e in std::fs::read_dir(&dir).unwrap() {
+            let path = e.unwrap().path();
+            if path.extension().and_then(|x| x.to_str()) != Some("toml") {
+                continue;
+            }
+            let s = Scenario::load(&path).unwrap();
+            let d = deviations(&s);
+            if path
+                .file_name()
+                .unwrap()
+                .to_string_lossy()
+                .contains("smoke")
+            {
+                assert!(
+                    d.iter().any(|(k, _)| k == "smoke"),
+                    "{}: {d:?}",
+                    path.display()
+                );
+            } else {
+                assert!(d.is_empty(), "{}: {d:?}", path.display());
+                seen += 1;
+            }
+        }
+        assert!(seen >= 2, "the SC-001 and SC-003 GPU scenarios");
     }
 
     /// A smoke scenario and a command-line override off the spec's point rename the criteria.

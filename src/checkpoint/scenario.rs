@@ -165,8 +165,9 @@ fn apply_to_mtp(
         )));
     }
     set_model_shape(&mut m.model, c);
-    // dsopt loads the first MTP layer (V3 has one): one draft per verify step
-    m.mtp.depth = 1;
+    // dsopt loads the first MTP layer (V3 publishes one) and applies it recursively, once per
+    // draft: the scenario's depth (3 by default: 4 tokens per verify step, the spec's point)
+    let depth = m.mtp.depth;
     let sweep = m.sweep.take().is_some();
     let what = format!(
         "{}'s own weights ({}), {} layers",
@@ -175,15 +176,19 @@ fn apply_to_mtp(
         c.num_hidden_layers
     );
     let note = format!(
-        "{what}: main model and MTP layer read from the checkpoint; D = 1 draft per step (the \
-         checkpoint's first MTP layer{}), not the spec's 3{}",
+        "{what}: main model and MTP layer read from the checkpoint; D = {depth} draft(s) per \
+         step: the checkpoint's first MTP layer{} applied recursively {depth} time(s), its \
+         weights shared (depth k reads depth k-1's hidden state and the embedding of token \
+         t+k: how serving engines — TensorRT-LLM's MTP Eagle mode, vLLM — draft more than one \
+         token with DeepSeek-V3's single MTP layer; the layer was trained for depth 1 only, so acceptance at depths 2 \
+         and 3 is expected to be lower){}",
         if c.num_nextn_predict_layers > 1 {
             format!(" of {}", c.num_nextn_predict_layers)
         } else {
             String::new()
         },
         if sweep {
-            "; the scenario's depth x batch sweep is not run (it needs D modules)"
+            "; the scenario's depth x batch sweep is not run on a checkpoint"
         } else {
             ""
         }

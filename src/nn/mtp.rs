@@ -64,6 +64,26 @@ impl<B: Backend> MtpPredictor<B> {
         MtpPredictor { modules }
     }
 
+    /// 把第一个模块递归地用 `depth` 次（权重共享，每个深度有自己的缓存层）：DeepSeek-V3 只发布
+    /// 一个 MTP 层，推理引擎（TensorRT-LLM 的 MTP Eagle 模式、vLLM）要每步多于一个草稿时就这样做。深度 k 的输入是深度
+    /// k-1 的隐藏状态和 token t+k 的嵌入，与 D 个独立模块的链式结构相同，只是权重相同。
+    ///
+    /// Clones share the parameters' storage (Burn's tensors are reference-counted); Burn's
+    /// `num_params` counts every depth, so the distinct weights are the first module's.
+    ///
+    /// # Panics
+    /// Without a module.
+    pub fn chained(self, depth: usize) -> Self {
+        let first = self
+            .modules
+            .into_iter()
+            .next()
+            .expect("a predictor with a module");
+        MtpPredictor {
+            modules: vec![first; depth.max(1)],
+        }
+    }
+
     /// 新建 `depth` 个模块，形状与 `c` 的 Transformer 块相同（没有自己的嵌入层和输出头）。
     pub fn new(c: &DecoderConfig, depth: usize, device: &B::Device) -> Self {
         let d = c.hidden;

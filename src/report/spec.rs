@@ -480,7 +480,7 @@ mod tests {
         assert_eq!(c[1].depends_on, vec!["SC-002-eq@batch1".to_string()]);
         assert_eq!(c[1].spec_id.as_deref(), Some("SC-002b"));
         assert!(c[1].off_spec.as_deref().unwrap().contains("batch 1"));
-        // D = 1 (a checkpoint's one MTP layer): 2 tokens per step
+        // D = 1 (`num_nextn_predict_layers = 1`): 2 tokens per step
         let mut c = mtp_criteria(1.0);
         bind("mtp", mtp_point(8, 2), &mut c);
         assert_eq!(c[0].id, "SC-002a@tokens2");

@@ -287,6 +287,17 @@ pub fn num_h(v: Option<f64>) -> String {
 /// Markdown summary with Chinese headings.
 pub fn to_markdown(r: &Report) -> String {
     let mut s = String::new();
+    md_header(&mut s, r);
+    md_criteria(&mut s, r);
+    md_variants(&mut s, r);
+    md_metrics(&mut s, r);
+    md_notes(&mut s, r);
+    md_machine(&mut s, &r.machine);
+    s
+}
+
+/// Title, overall verdict, time, tool, backend and scenario file.
+fn md_header(s: &mut String, r: &Report) {
     let id = r.scenario["id"].as_str().unwrap_or("?");
     let title = r.scenario["title"].as_str().unwrap_or("");
     let _ = writeln!(s, "# dsopt 报告：{id} — {title}\n");
@@ -310,6 +321,10 @@ pub fn to_markdown(r: &Report) -> String {
         r.backend.features.join(", "),
         r.scenario_file
     );
+}
+
+/// The operating point and the criteria table.
+fn md_criteria(s: &mut String, r: &Report) {
     let _ = writeln!(s, "## 验收标准\n");
     match &r.spec {
         Some(st) if st.conformant => {
@@ -350,6 +365,10 @@ pub fn to_markdown(r: &Report) -> String {
             c.note.replace('|', "/")
         );
     }
+}
+
+/// The variants table: status, timings, peaks, equivalence, key figures.
+fn md_variants(s: &mut String, r: &Report) {
     let _ = writeln!(s, "\n## 变体\n");
     let _ = writeln!(
         s,
@@ -393,6 +412,10 @@ pub fn to_markdown(r: &Report) -> String {
             super::table::key_figures(v).join("<br>"),
         );
     }
+}
+
+/// Every variant's metrics, and the analytic memory breakdown.
+fn md_metrics(s: &mut String, r: &Report) {
     let metrics: Vec<_> = r
         .variants
         .iter()
@@ -410,25 +433,28 @@ pub fn to_markdown(r: &Report) -> String {
     let analytic: Vec<_> = r
         .variants
         .iter()
-        .filter(|v| v.memory.analytic.is_some())
+        .filter_map(|v| v.memory.analytic.as_ref().map(|a| (&v.name, a)))
         .collect();
     if !analytic.is_empty() {
         let _ = writeln!(
             s,
             "\n## 内存解析分解\n\n| 变体 | 权重 | KV 缓存 | 激活 |\n|---|---|---|---|"
         );
-        for v in analytic {
-            let a = v.memory.analytic.as_ref().expect("filtered");
+        for (name, a) in analytic {
             let _ = writeln!(
                 s,
                 "| {} | {} | {} | {} |",
-                v.name,
+                name,
                 bytes_h(Some(a.weights_bytes)),
                 bytes_h(Some(a.kv_cache_bytes)),
                 bytes_h(a.activations_bytes)
             );
         }
     }
+}
+
+/// The variants' warnings and the report's notes.
+fn md_notes(s: &mut String, r: &Report) {
     let warns: Vec<String> = r
         .variants
         .iter()
@@ -441,7 +467,10 @@ pub fn to_markdown(r: &Report) -> String {
             let _ = writeln!(s, "- {w}");
         }
     }
-    let m = &r.machine;
+}
+
+/// The machine the report was measured on.
+fn md_machine(s: &mut String, m: &crate::backend::machine::MachineInfo) {
     let _ = writeln!(
         s,
         "\n## 机器\n\n- CPU：{}（{} 核；CPU 内核 SIMD 级别：{}）\n- 内存：{}\n- 操作系统：{}",
@@ -464,7 +493,6 @@ pub fn to_markdown(r: &Report) -> String {
             g.source
         );
     }
-    s
 }
 
 /// A fraction of a measured limit as the tables show it: `" · 46 % of read BW"`; a fraction

@@ -235,27 +235,16 @@ impl Sc003bFigures {
     }
 }
 
-/// SC-003b on the CPU backend: see the module's notes. Errors: a budget that cannot hold the
-/// resident part and the cache (exit 2), too little disk or memory (exit 3), a truncated,
-/// foreign or corrupt expert file (exit 2).
-pub(super) fn storage_offload<B: Backend>(
-    s: &MoeScenario,
+/// The expert file ensured (written, or reused after its checks) and the storage read rate
+/// measured on it; both described in `notes`.
+fn expert_file(
+    spec: &ExpertFileSpec,
     o: &crate::config::scenario::MoeOffload,
-    ctx: &BackendContext<B>,
-    monitor_cfg: &MonitorConfig,
-) -> anyhow::Result<(Vec<VariantReport>, Vec<Criterion>, Vec<String>)> {
-    let dev = &ctx.device;
-    let (db, steps) = (s.run.decode_batch, s.run.decode_steps);
-    let cap = OFFLOAD_PROMPT + steps;
-    let cfg = s.decoder_config(MoeVariant::Moe);
-    let spec = file_spec(s, &cfg);
-    let budget = (o.memory_budget_gib * (1u64 << 30) as f64) as u64;
-    let resident_part = resident_part_bytes(&cfg, &spec, db, cap);
-    check_budget(budget, resident_part, &spec, o.cache_experts)?;
-    check_ram(resident_part + spec.data_bytes())?;
-    let mut notes = Vec::new();
+    progress: bool,
+    notes: &mut Vec<String>,
+) -> anyhow::Result<(Arc<storage::ExpertFile>, f64)> {
     let dir = crate::train::default_cache_dir();
-    let (file, written) = storage::ensure(&dir, &spec, o.force, monitor_cfg.progress)?;
+    let (file, written) = storage::ensure(&dir, spec, o.force, progress)?;
     notes.push(match written {
         Some(w) => format!(
             "SC-003b expert file {} written in this run: {:.1} MiB in {:.1} s ({} experts of {} \
@@ -273,7 +262,6 @@ pub(super) fn storage_offload<B: Backend>(
             file.path().display()
         ),
     });
-    let file = Arc::new(file);
     crate::monitor::progress::trace(format!(
         "SC-003b: expert file {} ready",
         file.path().display()
@@ -291,25 +279,23 @@ pub(super) fn storage_offload<B: Backend>(
                 the experts' may come from memory"
         }
     ));
+    Ok((Arc::new(file), read_rate))
+}
 
-    // baselines: before the offloaded model is built
-    alloc::settle_thread_locals();
-    let rss = ResidentPeak::start();
-    let heap0 = alloc::current();
-    alloc::reset_peak();
-    let peaks_since = |rss: Option<ResidentPeak>| Peaks {
-        heap: alloc::peak().zip(heap0).map(|(p, b)| p.saturating_sub(b)),
-        resident: rss.and_then(|r| r.above_baseline()),
-    };
-    B::seed(dev, 11);
-    let model = cfg.init_without_routed_experts::<B>(dev);
-    let prompt = crate::bench::token_tensor::<B>(db, OFFLOAD_PROMPT, cfg.vocab_size, 10, dev);
-    let tokens = (db * steps) as f64;
+/// The policies' timed generations, interleaved repetition by repetition, each run from a cold
+/// cache of its own (a store and its reader thread made for the run and dropped after it: one
+/// cache holds experts at a time, and the reader threads, one after another, reuse one malloc
+/// arena; two alive at once would each keep an arena of freed expert buffers resident).
+fn policy_runs<B: Backend>(
+    model: &Decoder<B>,
+    prompt: &Tensor<B, 2, Int>,
+    s: &MoeScenario,
+    o: &crate::config::scenario::MoeOffload,
+    file: &Arc<storage::ExpertFile>,
+) -> anyhow::Result<Vec<PolicyRun>> {
+    let steps = s.run.decode_steps;
+    let cap = OFFLOAD_PROMPT + steps;
     let reps = s.run.repetitions.max(1);
-    // the policies interleaved, repetition by repetition, each run from a cold cache of its own
-    // (a store and its reader thread made for the run and dropped after it: one cache holds
-    // experts at a time, and the reader threads, one after another, reuse one malloc arena;
-    // two alive at once would each keep an arena of freed expert buffers resident)
     let mut runs: Vec<PolicyRun> = [("moe_offloaded", false), ("moe_offloaded_prefetch", true)]
         .into_iter()
         .filter(|&(_, prefetch)| o.prefetch || !prefetch)
@@ -330,11 +316,210 @@ pub(super) fn storage_offload<B: Backend>(
             let prefetch = run.name.ends_with("prefetch");
             let mut store = StreamedExperts::new(file.clone(), o.cache_experts, prefetch);
             let t0 = Instant::now();
-            run.out = generation(&model, &prompt, steps, cap, &mut store)?;
+            run.out = generation(model, prompt, steps, cap, &mut store)?;
             run.samples.push(t0.elapsed().as_secs_f64());
             run.stats = store.stats.clone();
         }
     }
+    Ok(runs)
+}
+
+/// What every storage-offload variant's report shares.
+struct StorageContext<'a> {
+    s: &'a MoeScenario,
+    o: &'a crate::config::scenario::MoeOffload,
+    cfg: &'a DecoderConfig,
+    spec: &'a ExpertFileSpec,
+    budget: u64,
+    resident_part: u64,
+    read_rate: f64,
+    direct: bool,
+    heap0: Option<u64>,
+    offloaded: Peaks,
+}
+
+impl StorageContext<'_> {
+    /// One policy's report: timings, stream figures against the storage read rate, memory,
+    /// and equivalence with the twin's outputs `want` (a mismatch fails it).
+    fn variant(&self, r: &PolicyRun, want: &HostOutputs) -> VariantReport {
+        let (s, o, spec) = (self.s, self.o, self.spec);
+        let (db, cap) = (s.run.decode_batch, OFFLOAD_PROMPT + s.run.decode_steps);
+        let tokens = (db * s.run.decode_steps) as f64;
+        let mut v = VariantReport {
+            name: r.name.into(),
+            status: crate::report::VariantStatus::Ok,
+            error: None,
+            timings: crate::monitor::stats::Timings::from_samples(r.samples.clone(), vec![]),
+            memory: Default::default(),
+            metrics: Default::default(),
+            equivalence: Default::default(),
+            warnings: vec![],
+        };
+        v.memory.measured.host_baseline_bytes = self.heap0;
+        v.memory.measured.host_peak_bytes = self.offloaded.heap.zip(self.heap0).map(|(p, b)| p + b);
+        let t = v.timings.as_ref().map(|t| t.median_s);
+        let st = &r.stats;
+        let achieved = t.map(|t| st.bytes_read as f64 / t);
+        let mut figures = vec![
+            ("generated_tokens_per_s", t.map(|t| tokens / t)),
+            ("hit_rate", st.hit_rate()),
+            ("hits", Some(st.hits as f64)),
+            ("misses", Some(st.misses as f64)),
+            ("read_waits", Some(st.waits as f64)),
+            ("evictions", Some(st.evictions as f64)),
+            ("bytes_read_per_token", Some(st.bytes_read as f64 / tokens)),
+            ("read_seconds", Some(st.read_seconds)),
+            ("read_wait_seconds", Some(st.wait_seconds)),
+            ("expert_read_bytes_per_s", achieved),
+            ("storage_read_bytes_per_s", Some(self.read_rate)),
+            (
+                "fraction_of_storage_read_rate",
+                achieved.map(|a| a / self.read_rate),
+            ),
+            ("cache_experts", Some(o.cache_experts as f64)),
+            ("max_resident_experts", Some(st.max_resident as f64)),
+            ("budget_bytes", Some(self.budget as f64)),
+            ("expert_file_bytes", Some(spec.data_bytes() as f64)),
+            (
+                "heap_peak_above_baseline_bytes",
+                self.offloaded.heap.map(|b| b as f64),
+            ),
+            (
+                "resident_peak_above_baseline_bytes",
+                self.offloaded.resident.map(|b| b as f64),
+            ),
+            ("direct_io", Some(if self.direct { 1.0 } else { 0.0 })),
+        ];
+        if r.name.ends_with("prefetch") {
+            figures.extend([
+                ("prefetched_experts", Some(st.prefetched as f64)),
+                ("prefetch_used", Some(st.prefetch_used as f64)),
+                ("prefetch_accuracy", st.prefetch_accuracy()),
+            ]);
+        }
+        for (k, x) in figures {
+            v.metrics.insert(k.into(), x);
+        }
+        let kv = self.cfg.kv_cache_bytes(db, cap, spec.dtype.bytes());
+        v.memory.analytic = Some(AnalyticMemory {
+            weights_bytes: self.resident_part - kv + o.cache_experts as u64 * spec.expert_bytes(),
+            kv_cache_bytes: kv,
+            activations_bytes: None,
+        });
+        equivalence(&mut v, &r.out, want);
+        v
+    }
+
+    /// The note of one policy's figures (its report `v` gives the median and the difference).
+    fn note(&self, r: &PolicyRun, v: &VariantReport) -> String {
+        let diff = v.equivalence.max_abs_diff;
+        let (db, steps) = (self.s.run.decode_batch, self.s.run.decode_steps);
+        let reps = self.s.run.repetitions.max(1);
+        let tokens = (db * steps) as f64;
+        let st = &r.stats;
+        let t = v.timings.as_ref().map(|t| t.median_s);
+        let achieved = t.map(|t| st.bytes_read as f64 / t);
+        let prefetch = r.name.ends_with("prefetch");
+        format!(
+            "SC-003b storage offload{}: {:.1} generated tokens/s (batch {db}: a prefill chunk of \
+                {OFFLOAD_PROMPT} tokens, then {steps} greedy steps; median of {reps} cold-cache \
+                runs, the policies interleaved), hit rate {}, {:.2} MiB read per token, experts \
+                read at {} = {} of the storage read rate, reader busy {:.2} s, compute waited \
+                {:.2} s{}; outputs vs resident max |diff| {}",
+            if prefetch { " with read-ahead" } else { "" },
+            t.map(|t| tokens / t).unwrap_or(f64::NAN),
+            st.hit_rate()
+                .map(|h| format!("{:.1} %", 100.0 * h))
+                .unwrap_or_else(|| "not measured".into()),
+            st.bytes_read as f64 / tokens / 1048576.0,
+            achieved
+                .map(|a| format!("{:.0} MiB/s", a / 1048576.0))
+                .unwrap_or_else(|| "not measured".into()),
+            achieved
+                .map(|a| format!("{:.0} %", 100.0 * a / self.read_rate))
+                .unwrap_or_else(|| "not measured".into()),
+            st.read_seconds,
+            st.wait_seconds,
+            if prefetch {
+                format!(
+                    ", {} experts read ahead on the next layer's prediction, {} of them used \
+                        before eviction",
+                    st.prefetched, st.prefetch_used
+                )
+            } else {
+                String::new()
+            },
+            diff.map(|d| format!("{d:.2e}"))
+                .unwrap_or_else(|| "not measured".into())
+        )
+    }
+}
+
+/// The same generated ids and every step's logits within the tolerance as the resident twin;
+/// a mismatch fails the variant.
+fn equivalence(v: &mut VariantReport, out: &HostOutputs, want: &HostOutputs) {
+    v.metrics.insert(
+        "identical_generated_tokens".into(),
+        Some(if out.0 == want.0 { 1.0 } else { 0.0 }),
+    );
+    let diff = (out.1.len() == want.1.len()).then(|| {
+        out.1
+            .iter()
+            .zip(&want.1)
+            .map(|(a, b)| (a - b).abs() as f64)
+            .fold(0.0, f64::max)
+    });
+    let equal = diff.map(|d| d <= OFFLOAD_TOLERANCE);
+    v.equivalence = crate::report::Equivalence {
+        checked: diff.is_some(),
+        reference: Some(
+            "resident twin: the same model and kernel with every routed expert read into \
+                memory from the same file"
+                .into(),
+        ),
+        max_abs_diff: diff,
+        tolerance: Some(OFFLOAD_TOLERANCE),
+        passed: equal,
+    };
+    if equal != Some(true) {
+        v.fail("offloaded outputs differ from the resident twin");
+    }
+}
+
+/// SC-003b on the CPU backend: see the module's notes. Errors: a budget that cannot hold the
+/// resident part and the cache (exit 2), too little disk or memory (exit 3), a truncated,
+/// foreign or corrupt expert file (exit 2).
+pub(super) fn storage_offload<B: Backend>(
+    s: &MoeScenario,
+    o: &crate::config::scenario::MoeOffload,
+    ctx: &BackendContext<B>,
+    monitor_cfg: &MonitorConfig,
+) -> anyhow::Result<(Vec<VariantReport>, Vec<Criterion>, Vec<String>)> {
+    let dev = &ctx.device;
+    let (db, steps) = (s.run.decode_batch, s.run.decode_steps);
+    let cap = OFFLOAD_PROMPT + steps;
+    let cfg = s.decoder_config(MoeVariant::Moe);
+    let spec = file_spec(s, &cfg);
+    let budget = (o.memory_budget_gib * (1u64 << 30) as f64) as u64;
+    let resident_part = resident_part_bytes(&cfg, &spec, db, cap);
+    check_budget(budget, resident_part, &spec, o.cache_experts)?;
+    check_ram(resident_part + spec.data_bytes())?;
+    let mut notes = Vec::new();
+    let (file, read_rate) = expert_file(&spec, o, monitor_cfg.progress, &mut notes)?;
+
+    // baselines: before the offloaded model is built
+    alloc::settle_thread_locals();
+    let rss = ResidentPeak::start();
+    let heap0 = alloc::current();
+    alloc::reset_peak();
+    let peaks_since = |rss: Option<ResidentPeak>| Peaks {
+        heap: alloc::peak().zip(heap0).map(|(p, b)| p.saturating_sub(b)),
+        resident: rss.and_then(|r| r.above_baseline()),
+    };
+    B::seed(dev, 11);
+    let model = cfg.init_without_routed_experts::<B>(dev);
+    let prompt = crate::bench::token_tensor::<B>(db, OFFLOAD_PROMPT, cfg.vocab_size, 10, dev);
+    let runs = policy_runs(&model, &prompt, s, o, &file)?;
     let offloaded = peaks_since(rss);
     // the resident twin: every expert in memory, the same model and kernel
     crate::monitor::rss::trim_heap();
@@ -352,134 +537,21 @@ pub(super) fn storage_offload<B: Backend>(
     let twin = peaks_since(rss);
     drop(all);
 
-    let mut variants = Vec::new();
-    for r in &runs {
-        let mut v = VariantReport {
-            name: r.name.into(),
-            status: crate::report::VariantStatus::Ok,
-            error: None,
-            timings: crate::monitor::stats::Timings::from_samples(r.samples.clone(), vec![]),
-            memory: Default::default(),
-            metrics: Default::default(),
-            equivalence: Default::default(),
-            warnings: vec![],
-        };
-        v.memory.measured.host_baseline_bytes = heap0;
-        v.memory.measured.host_peak_bytes = offloaded.heap.zip(heap0).map(|(p, b)| p + b);
-        let t = v.timings.as_ref().map(|t| t.median_s);
-        let st = &r.stats;
-        let achieved = t.map(|t| st.bytes_read as f64 / t);
-        for (k, x) in [
-            ("generated_tokens_per_s", t.map(|t| tokens / t)),
-            ("hit_rate", st.hit_rate()),
-            ("hits", Some(st.hits as f64)),
-            ("misses", Some(st.misses as f64)),
-            ("read_waits", Some(st.waits as f64)),
-            ("evictions", Some(st.evictions as f64)),
-            ("bytes_read_per_token", Some(st.bytes_read as f64 / tokens)),
-            ("read_seconds", Some(st.read_seconds)),
-            ("read_wait_seconds", Some(st.wait_seconds)),
-            ("expert_read_bytes_per_s", achieved),
-            ("storage_read_bytes_per_s", Some(read_rate)),
-            (
-                "fraction_of_storage_read_rate",
-                achieved.map(|a| a / read_rate),
-            ),
-            ("cache_experts", Some(o.cache_experts as f64)),
-            ("max_resident_experts", Some(st.max_resident as f64)),
-            ("budget_bytes", Some(budget as f64)),
-            ("expert_file_bytes", Some(spec.data_bytes() as f64)),
-            (
-                "heap_peak_above_baseline_bytes",
-                offloaded.heap.map(|b| b as f64),
-            ),
-            (
-                "resident_peak_above_baseline_bytes",
-                offloaded.resident.map(|b| b as f64),
-            ),
-            ("direct_io", Some(if file.direct() { 1.0 } else { 0.0 })),
-        ] {
-            v.metrics.insert(k.into(), x);
-        }
-        if r.name.ends_with("prefetch") {
-            v.metrics
-                .insert("prefetched_experts".into(), Some(st.prefetched as f64));
-            v.metrics
-                .insert("prefetch_used".into(), Some(st.prefetch_used as f64));
-            v.metrics
-                .insert("prefetch_accuracy".into(), st.prefetch_accuracy());
-        }
-        v.memory.analytic = Some(AnalyticMemory {
-            weights_bytes: resident_part - cfg.kv_cache_bytes(db, cap, spec.dtype.bytes())
-                + o.cache_experts as u64 * spec.expert_bytes(),
-            kv_cache_bytes: cfg.kv_cache_bytes(db, cap, spec.dtype.bytes()),
-            activations_bytes: None,
-        });
-        let same = r.out.0 == want.0;
-        v.metrics.insert(
-            "identical_generated_tokens".into(),
-            Some(if same { 1.0 } else { 0.0 }),
-        );
-        let diff = (r.out.1.len() == want.1.len()).then(|| {
-            r.out
-                .1
-                .iter()
-                .zip(&want.1)
-                .map(|(a, b)| (a - b).abs() as f64)
-                .fold(0.0, f64::max)
-        });
-        let equal = diff.map(|d| d <= OFFLOAD_TOLERANCE);
-        v.equivalence = crate::report::Equivalence {
-            checked: diff.is_some(),
-            reference: Some(
-                "resident twin: the same model and kernel with every routed expert read into \
-                    memory from the same file"
-                    .into(),
-            ),
-            max_abs_diff: diff,
-            tolerance: Some(OFFLOAD_TOLERANCE),
-            passed: equal,
-        };
-        if equal != Some(true) {
-            v.fail("offloaded outputs differ from the resident twin");
-        }
-        notes.push(format!(
-            "SC-003b storage offload{}: {:.1} generated tokens/s (batch {db}: a prefill chunk of \
-                {OFFLOAD_PROMPT} tokens, then {steps} greedy steps; median of {reps} cold-cache \
-                runs, the policies interleaved), hit rate {}, {:.2} MiB read per token, experts \
-                read at {} = {} of the storage read rate, reader busy {:.2} s, compute waited {:.2} s{}; outputs vs \
-                resident max |diff| {}",
-            if r.name.ends_with("prefetch") {
-                " with read-ahead"
-            } else {
-                ""
-            },
-            t.map(|t| tokens / t).unwrap_or(f64::NAN),
-            st.hit_rate()
-                .map(|h| format!("{:.1} %", 100.0 * h))
-                .unwrap_or_else(|| "not measured".into()),
-            st.bytes_read as f64 / tokens / 1048576.0,
-            achieved
-                .map(|a| format!("{:.0} MiB/s", a / 1048576.0))
-                .unwrap_or_else(|| "not measured".into()),
-            achieved
-                .map(|a| format!("{:.0} %", 100.0 * a / read_rate))
-                .unwrap_or_else(|| "not measured".into()),
-            st.read_seconds,
-            st.wait_seconds,
-            if r.name.ends_with("prefetch") {
-                format!(
-                    ", {} experts read ahead on the next layer's prediction, {} of them used \
-                        before eviction",
-                    st.prefetched, st.prefetch_used
-                )
-            } else {
-                String::new()
-            },
-            diff.map(|d| format!("{d:.2e}"))
-                .unwrap_or_else(|| "not measured".into())
-        ));
-        variants.push(v);
+    let sc = StorageContext {
+        s,
+        o,
+        cfg: &cfg,
+        spec: &spec,
+        budget,
+        resident_part,
+        read_rate,
+        direct: file.direct(),
+        heap0,
+        offloaded,
+    };
+    let variants: Vec<VariantReport> = runs.iter().map(|r| sc.variant(r, &want)).collect();
+    for (r, v) in runs.iter().zip(&variants) {
+        notes.push(sc.note(r, v));
     }
     notes.push(format!(
         "SC-003b memory above the baseline taken before the offloaded model was built: offloaded \

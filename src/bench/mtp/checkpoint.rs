@@ -1,6 +1,7 @@
 //! SC-002 on a checkpoint's own weights (`bench mtp --model DIR`): the main model and its MTP
 //! layer (DeepSeek-V3's `model.layers.{L}`) read from the folder; greedy decoding against
-//! self-speculative decoding with that layer drafting one token per step.
+//! self-speculative decoding with that layer drafting D tokens per step (the scenario's
+//! `[mtp] depth`, 3 by default: the layer applied recursively, its weights shared).
 
 use std::path::Path;
 
@@ -64,6 +65,9 @@ pub(super) fn run<B: Backend>(
         }
         .into());
     };
+    // the checkpoint's (first) MTP layer drafts D tokens per step, applied recursively
+    let mtp_params = burn::module::Module::num_params(&mtp);
+    let mtp = mtp.chained(s.mtp.depth);
     let (batch, plen, n) = (s.run.batch, s.run.prompt_len, s.run.new_tokens);
     let (prompts, prompt_note) = match &s.run.prompts {
         Some(f) => (
@@ -87,12 +91,15 @@ pub(super) fn run<B: Backend>(
         origin.note.clone(),
         format!(
             "dims: hidden {}, {} layers, {} heads, MLA kv_lora_rank {}, vocab {}; the MTP layer \
-             is one more block of the same shape; run in {}",
+             is one more block of the same shape ({} parameters), applied {} times per step; run \
+             in {}",
             c.hidden_size,
             c.num_hidden_layers,
             c.num_attention_heads,
             c.kv_lora_rank,
             c.vocab_size,
+            mtp_params,
+            s.mtp.depth,
             super::super::dtype_note(s.run.dtype)
         ),
         format!(
@@ -109,6 +116,7 @@ pub(super) fn run<B: Backend>(
         Models {
             main: &main,
             mtp: &mtp,
+            mtp_params,
             config: &dc,
             prompts: &prompts,
         },

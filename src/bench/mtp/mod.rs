@@ -413,6 +413,7 @@ pub fn run<B: Backend>(
         Models {
             main,
             mtp: &mtp,
+            mtp_params: burn::module::Module::num_params(&mtp),
             config: &meta.model,
             prompts: &prompts,
         },
@@ -442,32 +443,27 @@ pub(crate) struct Models<'a, B: Backend> {
     pub main: &'a Decoder<B>,
     /// The drafting MTP modules (depth = the scenario's D).
     pub mtp: &'a MtpPredictor<B>,
+    /// Distinct parameters of the drafting modules (a checkpoint's one MTP layer chained D times
+    /// holds one module's weights).
+    pub mtp_params: usize,
     /// The main model's configuration (analytic cache sizes, step costs).
     pub config: &'a DecoderConfig,
     /// `batch` prompts of `prompt_len` tokens.
     pub prompts: &'a [Vec<u32>],
 }
 
-/// Greedy against self-speculative decoding of the same prompts, interleaved, with every
-/// SC-002 criterion and the figures behind them.
-pub(crate) fn measure<B: Backend>(
-    s: &MtpScenario,
-    m: Models<'_, B>,
-    ctx: &BackendContext<B>,
-    monitor_cfg: MonitorConfig,
-    mut notes: Vec<String>,
-) -> anyhow::Result<RunOutput> {
-    use burn::module::Module;
-    let dev = &ctx.device;
-    let eb = s.run.dtype.bytes();
-    let depth = s.mtp.depth;
-    let (batch, plen, n) = (s.run.batch, s.run.prompt_len, s.run.new_tokens);
-    let (main, mtp, prompts) = (m.main, m.mtp, m.prompts);
+/// Per variant (greedy, speculative) the phases of every timed run, warm-up rounds first.
+type Phases = [std::cell::RefCell<Vec<decode::PhaseTimes>>; 2];
 
-    // both decoders on the same prompts, interleaved rounds; each run also records its
-    // prefill and decode phases (SC-002a is the whole job, SC-002b the decode phase alone)
-    let phases: [std::cell::RefCell<Vec<decode::PhaseTimes>>; 2] = Default::default();
-    let mut monitor = PerformanceMonitor::for_backend::<B>(monitor_cfg, dev, ctx.pool.clone());
+/// Both decoders on the same prompts, interleaved rounds; each run also records its prefill
+/// and decode phases (SC-002a is the whole job, SC-002b the decode phase alone).
+fn timed<B: Backend>(
+    m: &Models<'_, B>,
+    n: usize,
+    monitor: &mut PerformanceMonitor,
+    phases: &Phases,
+) -> Vec<crate::monitor::Measurement<Decoded>> {
+    let (main, mtp, prompts) = (m.main, m.mtp, m.prompts);
     let mut workloads: Vec<Workload<'_, Decoded>> = vec![
         Box::new(|probe| {
             let (out, ph) = decode::greedy_timed(main, prompts, n, PREFILL_CHUNK);
@@ -483,23 +479,32 @@ pub(crate) fn measure<B: Backend>(
             Ok((out, Some(st)))
         }),
     ];
-    let names = ["greedy", "speculative"];
-    let ms = monitor.measure_interleaved(&names, &mut workloads);
-    drop(workloads);
+    monitor.measure_interleaved(&["greedy", "speculative"], &mut workloads)
+}
+
+/// One report per decoder with its whole-job figures and analytic memory (the speculative
+/// decoder also holds the D modules and their caches). Returns them and the median seconds.
+fn variant_reports<B: Backend>(
+    s: &MtpScenario,
+    m: &Models<'_, B>,
+    ms: &[crate::monitor::Measurement<Decoded>],
+) -> (Vec<VariantReport>, Vec<Option<f64>>) {
+    use burn::module::Module;
+    let eb = s.run.dtype.bytes();
+    let depth = s.mtp.depth;
+    let (batch, plen, n) = (s.run.batch, s.run.prompt_len, s.run.new_tokens);
+    let main_params = m.main.num_params();
+    let layers = m.config.n_layers.max(1);
+    let per_layer = m.config.kv_cache_bytes(batch, plen + n + 2 * depth + 2, eb) / layers as u64;
     let mut variants = Vec::new();
     let mut secs = Vec::new();
-    let main_params = main.num_params();
     for (i, meas) in ms.iter().enumerate() {
         let mut v = VariantReport::from_measurement(meas);
-        // the speculative decoder also holds the D modules and their caches
         let (extra_w, extra_layers) = if i == 1 {
-            (mtp.num_params(), depth)
+            (m.mtp_params, depth)
         } else {
             (0, 0)
         };
-        let layers = m.config.n_layers.max(1);
-        let per_layer =
-            m.config.kv_cache_bytes(batch, plen + n + 2 * depth + 2, eb) / layers as u64;
         let t = v.timings.as_ref().map(|t| t.median_s);
         v.metrics.insert("generation_s".into(), t);
         v.metrics
@@ -512,15 +517,19 @@ pub(crate) fn measure<B: Backend>(
         secs.push(t);
         variants.push(v);
     }
-    let (identical, identical_fraction, stats) =
-        compare_outputs(&ms, prompts, &mut variants, &mut notes)?;
-    let (one, verify) = step_costs(s, main, m.config, ctx, &mut variants, &mut notes);
-    let ctx_len = plen + n / 2;
-    let (tg, ts) = (secs[0], secs[1]);
-    let reduction = tg.zip(ts).map(|(g, sp)| 1.0 - sp / g);
-    // decode-phase statistics of the timed rounds (the monitor's warm-up rounds come first),
-    // by the statistics module (one median for every figure)
-    let decode_stats = |i: usize| -> Option<crate::monitor::Timings> {
+    (variants, secs)
+}
+
+/// Decode-phase statistics of each decoder's timed rounds (the monitor's warm-up rounds come
+/// first and are skipped), by the statistics module (one median for every figure); their
+/// medians and decode tokens/s go into the variants.
+fn decode_phase(
+    variants: &mut [VariantReport],
+    phases: &Phases,
+    batch: usize,
+    n: usize,
+) -> [Option<crate::monitor::Timings>; 2] {
+    let stats = |i: usize| -> Option<crate::monitor::Timings> {
         let reps = variants
             .get(i)
             .and_then(|v: &VariantReport| v.timings.as_ref())
@@ -532,12 +541,9 @@ pub(crate) fn measure<B: Backend>(
             .collect();
         crate::monitor::Timings::from_samples(xs, Vec::new())
     };
-    let (dts, dss) = (decode_stats(0), decode_stats(1));
-    let (dg, ds) = (
-        dts.as_ref().map(|t| t.median_s),
-        dss.as_ref().map(|t| t.median_s),
-    );
-    for (i, d) in [dg, ds].into_iter().enumerate() {
+    let out = [stats(0), stats(1)];
+    for (i, t) in out.iter().enumerate() {
+        let d = t.as_ref().map(|t| t.median_s);
         if let Some(v) = variants.get_mut(i) {
             v.metrics.insert("decode_phase_s".into(), d);
             v.metrics.insert(
@@ -547,7 +553,65 @@ pub(crate) fn measure<B: Backend>(
             );
         }
     }
-    let ratio = dg.zip(ds).map(|(g, sp)| g / sp);
+    out
+}
+
+/// The note on the verify step's cost and the speculative run's own figures.
+fn verify_note(
+    s: &MtpScenario,
+    (one, verify): (f64, f64),
+    stats: Option<&SpecStats>,
+    spec: Option<&VariantReport>,
+) -> String {
+    let (batch, plen, n) = (s.run.batch, s.run.prompt_len, s.run.new_tokens);
+    let stat = |k: &str| spec.and_then(|v| v.metrics.get(k).copied().flatten());
+    let f = super::fmt_opt;
+    format!(
+        "verify step ({} tokens) costs {:.2}x a plain one-token step at batch {batch}, context {} \
+         ({:.2} ms vs {:.2} ms); acceptance per draft position (given the earlier ones were accepted): {}; \
+         mean tokens per verify step {}; on the real (per-sequence) path of the timed runs: \
+         verify {} ms/step, drafting {} ms/step (draft/verify {}), host read-backs per step {}",
+        s.mtp.depth + 1,
+        verify / one,
+        plen + n / 2,
+        verify * 1e3,
+        one * 1e3,
+        stats
+            .map(SpecStats::acceptance_text)
+            .unwrap_or_else(|| "not measured".into()),
+        f(stats.and_then(|s| s.mean_accepted_length()), 2),
+        f(stat("verify_s_per_step").map(|x| x * 1e3), 2),
+        f(stat("draft_s_per_step").map(|x| x * 1e3), 2),
+        f(stat("draft_over_verify"), 2),
+        f(stat("read_backs_per_step"), 2),
+    )
+}
+
+/// Greedy against self-speculative decoding of the same prompts, interleaved, with every
+/// SC-002 criterion and the figures behind them.
+pub(crate) fn measure<B: Backend>(
+    s: &MtpScenario,
+    m: Models<'_, B>,
+    ctx: &BackendContext<B>,
+    monitor_cfg: MonitorConfig,
+    mut notes: Vec<String>,
+) -> anyhow::Result<RunOutput> {
+    let (batch, n) = (s.run.batch, s.run.new_tokens);
+    let phases: Phases = Default::default();
+    let mut monitor =
+        PerformanceMonitor::for_backend::<B>(monitor_cfg, &ctx.device, ctx.pool.clone());
+    let ms = timed(&m, n, &mut monitor, &phases);
+    let (mut variants, secs) = variant_reports(s, &m, &ms);
+    let (identical, identical_fraction, stats) =
+        compare_outputs(&ms, m.prompts, &mut variants, &mut notes)?;
+    let costs = step_costs(s, m.main, m.config, ctx, &mut variants, &mut notes);
+    let (tg, ts) = (secs[0], secs[1]);
+    let reduction = tg.zip(ts).map(|(g, sp)| 1.0 - sp / g);
+    let [dts, dss] = decode_phase(&mut variants, &phases, batch, n);
+    let ratio = dts
+        .as_ref()
+        .zip(dss.as_ref())
+        .map(|(g, sp)| g.median_s / sp.median_s);
     let total = |i: usize| variants.get(i).and_then(|v| v.timings.clone());
     let evidence = [
         Evidence::of(
@@ -557,30 +621,7 @@ pub(crate) fn measure<B: Backend>(
         ),
         Evidence::of(dts.as_ref(), dss.as_ref(), ratio),
     ];
-    let spec_metrics = variants
-        .get(1)
-        .map(|v| v.metrics.clone())
-        .unwrap_or_default();
-    let stat = |k: &str| spec_metrics.get(k).copied().flatten();
-    notes.push(format!(
-        "verify step ({} tokens) costs {:.2}x a plain one-token step at batch {batch}, context {ctx_len} \
-         ({:.2} ms vs {:.2} ms); acceptance per draft position (given the earlier ones were accepted): {}; \
-         mean tokens per verify step {}; on the real (per-sequence) path of the timed runs: \
-         verify {} ms/step, drafting {} ms/step (draft/verify {}), host read-backs per step {}",
-        depth + 1,
-        verify / one,
-        verify * 1e3,
-        one * 1e3,
-        stats
-            .as_ref()
-            .map(SpecStats::acceptance_text)
-            .unwrap_or_else(|| "not measured".into()),
-        super::fmt_opt(stats.as_ref().and_then(|s| s.mean_accepted_length()), 2),
-        super::fmt_opt(stat("verify_s_per_step").map(|x| x * 1e3), 2),
-        super::fmt_opt(stat("draft_s_per_step").map(|x| x * 1e3), 2),
-        super::fmt_opt(stat("draft_over_verify"), 2),
-        super::fmt_opt(stat("read_backs_per_step"), 2),
-    ));
+    notes.push(verify_note(s, costs, stats.as_ref(), variants.get(1)));
     let criteria = criteria(
         s,
         [reduction, ratio],

@@ -23,11 +23,13 @@ use burn::tensor::{backend::Backend, Int, Tensor};
 use super::RunOutput;
 use crate::backend::BackendContext;
 use crate::config::{ModelScenario, OptimizationConfig};
-use crate::monitor::{MonitorConfig, PerformanceMonitor, Workload};
+use crate::monitor::{Measurement, MonitorConfig, PerformanceMonitor, Workload};
 use crate::nn::decode::{self, Drafter, SpecStats};
 use crate::nn::model::{Decoder, DecoderConfig};
 use crate::nn::mtp::{MtpModel, MtpPredictor};
-use crate::report::{AnalyticMemory, Comparison, Criterion, Equivalence, VariantReport};
+use crate::report::{AnalyticMemory, Equivalence, VariantReport};
+
+mod verdict;
 
 /// Output of one timed run: tokens and (speculative only) statistics.
 type Decoded = (Vec<Vec<u32>>, Option<SpecStats>);
@@ -106,14 +108,14 @@ fn kv_bytes_per_token(cfg: &DecoderConfig, eb: usize) -> usize {
 
 /// Greedy decoding against the argmax of one uncached full forward over prompt + generated
 /// tokens: the greedy variant's equivalence (it fails on any differing token). Returns the
-/// (agreement fraction, differing tokens) and whether all agree; None when not checked.
+/// (agreement fraction, differing tokens); None when not checked.
 fn check_greedy<B: Backend>(
     main: &Decoder<B>,
     prompts: &[Vec<u32>],
     greedy_out: Option<&Vec<Vec<u32>>>,
     n: usize,
     v: &mut VariantReport,
-) -> (Option<(f64, usize)>, Option<bool>) {
+) -> Option<verdict::Agreement> {
     let batch = prompts.len();
     // the untimed checks are isolated like the measured runs: a failure marks the variant
     let ff = match greedy_out {
@@ -145,7 +147,7 @@ fn check_greedy<B: Backend>(
             batch * n
         ));
     }
-    (ff_cmp, ff_ok)
+    ff_cmp
 }
 
 /// The notes that describe the model (attention, FFN, MTP depth, dtype), the untrained
@@ -305,6 +307,236 @@ fn roofline<B: Backend>(
     )
 }
 
+/// The timed variants, interleaved on the same prompts: `prefill`, `greedy` and (MTP depth > 0)
+/// `speculative`. Returns the names and the measurements.
+fn measure<B: Backend>(
+    model: &MtpModel<B>,
+    s: &ModelScenario,
+    prompts: &[Vec<u32>],
+    monitor: &mut PerformanceMonitor,
+    dev: &B::Device,
+) -> (Vec<&'static str>, Vec<Measurement<Decoded>>) {
+    let (main, mtp) = (&model.main, &model.mtp);
+    let (batch, plen, n) = (s.run.batch, s.run.prompt_len, s.run.new_tokens);
+    let chunk = s.optimization.prefill_chunk;
+    let drafter = Drafter::Mtp(mtp);
+    let mut names = vec!["prefill", "greedy"];
+    let mut workloads: Vec<Workload<'_, Decoded>> = vec![
+        Box::new(|probe| {
+            let mut cache = main.new_cache(batch, plen);
+            let ids = decode::id_tensor::<B>(prompts, dev);
+            let logits = main.prefill(ids, &mut cache, chunk, |_| {
+                probe.checkpoint("prefill_chunk")
+            });
+            Ok((decode::argmax_rows(logits), None))
+        }),
+        Box::new(|probe| {
+            let out = decode::greedy(main, prompts, n, chunk);
+            probe.checkpoint("decoded");
+            Ok((out, None))
+        }),
+    ];
+    if s.optimization.mtp_depth() > 0 {
+        names.push("speculative");
+        workloads.push(Box::new(|probe| {
+            let (out, st) = decode::speculative(main, &drafter, prompts, n, chunk);
+            probe.checkpoint("decoded");
+            Ok((out, Some(st)))
+        }));
+    }
+    let ms = monitor.measure_interleaved(&names, &mut workloads);
+    (names, ms)
+}
+
+/// The model-level figures every variant shares (analytic).
+struct ModelFigures {
+    weights_bytes: u64,
+    params_total: usize,
+    params_active: usize,
+    params_mtp: usize,
+    kv_bytes_per_token: usize,
+}
+
+/// One report per measured variant: analytic memory, parameter counts, and the median time as
+/// prefill or generation figures; decode-only tokens/s = the run minus the median prefill (the
+/// first token comes from it). Returns the reports and the median seconds of each.
+fn variant_reports(
+    s: &ModelScenario,
+    cfg: &DecoderConfig,
+    names: &[&str],
+    ms: &[Measurement<Decoded>],
+    mf: &ModelFigures,
+) -> (Vec<VariantReport>, Vec<Option<f64>>) {
+    let eb = s.optimization.dtype.bytes();
+    let depth = s.optimization.mtp_depth();
+    let (batch, plen, n) = (s.run.batch, s.run.prompt_len, s.run.new_tokens);
+    let per_layer = |cap: usize| cfg.kv_cache_bytes(batch, cap, eb) / cfg.n_layers.max(1) as u64;
+    let mut variants = Vec::new();
+    let mut secs = Vec::new();
+    for (name, m) in names.iter().zip(ms) {
+        let mut v = VariantReport::from_measurement(m);
+        let t = v.timings.as_ref().map(|t| t.median_s);
+        secs.push(t);
+        let kv = match *name {
+            "prefill" => cfg.kv_cache_bytes(batch, plen, eb),
+            "greedy" => cfg.kv_cache_bytes(batch, plen + n, eb),
+            // the speculative decoder's cache has room for a verify window and the drafter's
+            // padded pass, and every MTP module has a cache layer of its own
+            _ => per_layer(plen + n + 2 * depth + 2) * (cfg.n_layers + depth) as u64,
+        };
+        v.memory.analytic = Some(AnalyticMemory {
+            weights_bytes: mf.weights_bytes,
+            kv_cache_bytes: kv,
+            activations_bytes: None,
+        });
+        let timing: [(&str, Option<f64>); 2] = if *name == "prefill" {
+            [
+                ("prefill_s", t),
+                ("prefill_tokens_per_s", t.map(|t| (batch * plen) as f64 / t)),
+            ]
+        } else {
+            [
+                ("generation_s", t),
+                ("tokens_per_s", t.map(|t| (batch * n) as f64 / t)),
+            ]
+        };
+        for (k, x) in [
+            ("params_total", Some(mf.params_total as f64)),
+            ("params_active", Some(mf.params_active as f64)),
+            ("params_mtp", Some(mf.params_mtp as f64)),
+            (
+                "kv_bytes_per_token_analytic",
+                Some(mf.kv_bytes_per_token as f64),
+            ),
+        ]
+        .into_iter()
+        .chain(timing)
+        {
+            v.metrics.insert(k.into(), x);
+        }
+        variants.push(v);
+    }
+    let t_prefill = secs[0];
+    for (i, v) in variants.iter_mut().enumerate().skip(1) {
+        let decode_tps = secs[i]
+            .zip(t_prefill)
+            .filter(|(t, p)| n > 1 && t > p)
+            .map(|(t, p)| (batch * (n - 1)) as f64 / (t - p));
+        v.metrics.insert("decode_tokens_per_s".into(), decode_tps);
+    }
+    (variants, secs)
+}
+
+/// Untrained drafts are almost never accepted, which leaves the accept path unexercised: one
+/// more (untimed) speculative run whose drafts are the greedy continuation itself, so that every
+/// draft is accepted and each verify pass commits D+1 tokens at once. Returns its agreement
+/// with greedy and its statistics (None without MTP, without greedy tokens, or on a panic,
+/// which marks `v` failed).
+fn oracle_run<B: Backend>(
+    main: &Decoder<B>,
+    s: &ModelScenario,
+    prompts: &[Vec<u32>],
+    greedy: Option<&Vec<Vec<u32>>>,
+    v: Option<&mut VariantReport>,
+) -> Option<(verdict::Agreement, SpecStats)> {
+    let (d, plen) = (s.optimization.mtp_depth(), s.run.prompt_len);
+    let g = greedy.filter(|_| d > 0)?;
+    let f = |i: usize, seq: &[u32]| -> Vec<u32> {
+        (0..d)
+            .map(|j| g[i].get(seq.len() - plen + j).copied().unwrap_or(0))
+            .collect()
+    };
+    let drafter: Drafter<'_, B> = Drafter::Planted { depth: d, f: &f };
+    let (n, chunk) = (s.run.new_tokens, s.optimization.prefill_chunk);
+    let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        decode::speculative(main, &drafter, prompts, n, chunk)
+    }));
+    match run {
+        Ok((out, st)) => Some((agreement(g, &out), st)),
+        Err(_) => {
+            if let Some(v) = v {
+                v.fail("the perfect-draft speculative check panicked");
+            }
+            None
+        }
+    }
+}
+
+/// The speculative variant's equivalence (both speculative runs must reproduce greedy), its
+/// failure when they do not, and its figures (acceptance, oracle accepted length, speedup).
+fn speculative_report(
+    v: &mut VariantReport,
+    f: &verdict::Fr004Figures,
+    stats: Option<&SpecStats>,
+    secs: &[Option<f64>],
+) {
+    let spec_all = f.speculative_all();
+    let identical = spec_all.map(|(_, d)| d == 0);
+    v.equivalence = Equivalence {
+        checked: spec_all.is_some(),
+        reference: Some(
+            "greedy: token-for-token identical generated tokens, with the MTP drafts and with \
+             oracle drafts (the greedy continuation, every draft accepted)"
+                .into(),
+        ),
+        max_abs_diff: spec_all.map(|(_, d)| d as f64),
+        tolerance: Some(0.0),
+        passed: identical,
+    };
+    if identical == Some(false) {
+        v.fail(format!(
+            "speculative output differs from greedy: {} of {} tokens with MTP drafts, {} with \
+             oracle drafts",
+            f.speculative.map(|c| c.1).unwrap_or(0),
+            f.batch * f.new_tokens,
+            f.oracle.map(|o| o.1).unwrap_or(0)
+        ));
+    }
+    if f.oracle.is_some() {
+        v.metrics.insert(
+            "oracle_mean_accepted_length".into(),
+            f.oracle_accepted_length,
+        );
+    }
+    let ratio = secs[1].zip(secs[2]).map(|(g, sp)| g / sp);
+    v.metrics.insert("speedup_vs_greedy".into(), ratio);
+    if let Some(st) = stats {
+        st.insert_metrics(&mut v.metrics);
+    }
+}
+
+/// The figures note: median throughputs of every variant and the speculative statistics.
+fn figures_note(variants: &[VariantReport], depth: usize, stats: Option<&SpecStats>) -> String {
+    let get = |i: usize, k: &str| {
+        variants
+            .get(i)
+            .and_then(|v| v.metrics.get(k).copied().flatten())
+    };
+    let f = super::fmt_opt;
+    format!(
+        "figures (median): prefill {} tokens/s; greedy {} tokens/s end to end ({} decode-only); \
+         speculative {}",
+        f(get(0, "prefill_tokens_per_s"), 1),
+        f(get(1, "tokens_per_s"), 1),
+        f(get(1, "decode_tokens_per_s"), 1),
+        if depth > 0 {
+            format!(
+                "{} tokens/s end to end ({} decode-only), {}x greedy; mean tokens per verify \
+                 step {}; acceptance per draft position (given the earlier ones accepted) {}",
+                f(get(2, "tokens_per_s"), 1),
+                f(get(2, "decode_tokens_per_s"), 1),
+                f(get(2, "speedup_vs_greedy"), 2),
+                f(stats.and_then(|s| s.mean_accepted_length()), 2),
+                stats
+                    .map(SpecStats::acceptance_text)
+                    .unwrap_or_else(|| "not measured".into())
+            )
+        } else {
+            "not run (MTP depth 0)".to_string()
+        }
+    )
+}
+
 /// Runs a `model` scenario on backend `B`.
 pub fn run<B: Backend>(
     s: &ModelScenario,
@@ -319,246 +551,59 @@ pub fn run<B: Backend>(
         .decoder_config(&s.model)
         .with_shape_buckets(ctx.shape_buckets());
     let depth = o.mtp_depth();
-    let (batch, plen, n) = (s.run.batch, s.run.prompt_len, s.run.new_tokens);
-    let chunk = o.prefill_chunk;
     B::seed(dev, s.run.seed);
     let model = MtpModel::<B>::new(&cfg, depth, dev);
     model.visit(&mut Materialise);
     B::sync(dev).ok();
-    let (main, mtp) = (&model.main, &model.mtp);
-    let prompts = crate::rng::prompts(batch, plen, cfg.vocab_size, s.run.seed);
-    let drafter = Drafter::Mtp(mtp);
-
+    let main = &model.main;
+    let prompts = crate::rng::prompts(s.run.batch, s.run.prompt_len, cfg.vocab_size, s.run.seed);
     let mut monitor = PerformanceMonitor::for_backend::<B>(monitor_cfg, dev, ctx.pool.clone());
-    let mut names = vec!["prefill", "greedy"];
-    let mut workloads: Vec<Workload<'_, Decoded>> = vec![
-        Box::new(|probe| {
-            let mut cache = main.new_cache(batch, plen);
-            let ids = decode::id_tensor::<B>(&prompts, dev);
-            let logits = main.prefill(ids, &mut cache, chunk, |_| {
-                probe.checkpoint("prefill_chunk")
-            });
-            Ok((decode::argmax_rows(logits), None))
-        }),
-        Box::new(|probe| {
-            let out = decode::greedy(main, &prompts, n, chunk);
-            probe.checkpoint("decoded");
-            Ok((out, None))
-        }),
-    ];
-    if depth > 0 {
-        names.push("speculative");
-        workloads.push(Box::new(|probe| {
-            let (out, st) = decode::speculative(main, &drafter, &prompts, n, chunk);
-            probe.checkpoint("decoded");
-            Ok((out, Some(st)))
-        }));
-    }
-    let ms = monitor.measure_interleaved(&names, &mut workloads);
-    drop(workloads);
+    let (names, ms) = measure(&model, s, &prompts, &mut monitor, dev);
 
-    // model-level figures (analytic), shared by every variant
     let standard = OptimizationConfig::standard().decoder_config(&s.model);
-    let mtp_params = MtpPredictor::<B>::params(&cfg, depth);
-    let weights_bytes = ((cfg.params() + mtp_params) * eb) as u64;
-    let kv_tok = kv_bytes_per_token(&cfg, eb);
-    let kv_tok_std = kv_bytes_per_token(&standard, eb);
-    let per_layer = |cap: usize| cfg.kv_cache_bytes(batch, cap, eb) / cfg.n_layers.max(1) as u64;
-    let mut variants = Vec::new();
-    let mut secs = Vec::new();
-    for (i, m) in ms.iter().enumerate() {
-        let mut v = VariantReport::from_measurement(m);
-        let t = v.timings.as_ref().map(|t| t.median_s);
-        secs.push(t);
-        let kv = match names[i] {
-            "prefill" => cfg.kv_cache_bytes(batch, plen, eb),
-            "greedy" => cfg.kv_cache_bytes(batch, plen + n, eb),
-            // the speculative decoder's cache has room for a verify window and the drafter's
-            // padded pass, and every MTP module has a cache layer of its own
-            _ => per_layer(plen + n + 2 * depth + 2) * (cfg.n_layers + depth) as u64,
-        };
-        v.memory.analytic = Some(AnalyticMemory {
-            weights_bytes,
-            kv_cache_bytes: kv,
-            activations_bytes: None,
-        });
-        v.metrics
-            .insert("params_total".into(), Some(cfg.params() as f64));
-        v.metrics
-            .insert("params_active".into(), Some(active_params(&cfg) as f64));
-        v.metrics
-            .insert("params_mtp".into(), Some(mtp_params as f64));
-        v.metrics
-            .insert("kv_bytes_per_token_analytic".into(), Some(kv_tok as f64));
-        if names[i] == "prefill" {
-            v.metrics.insert("prefill_s".into(), t);
-            v.metrics.insert(
-                "prefill_tokens_per_s".into(),
-                t.map(|t| (batch * plen) as f64 / t),
-            );
-        } else {
-            v.metrics.insert("generation_s".into(), t);
-            v.metrics
-                .insert("tokens_per_s".into(), t.map(|t| (batch * n) as f64 / t));
-        }
-        variants.push(v);
-    }
-    // decode-only throughput: the run minus the median prefill (the first token comes from it)
-    let t_prefill = secs[0];
-    for (i, v) in variants.iter_mut().enumerate().skip(1) {
-        let decode_tps = secs[i]
-            .zip(t_prefill)
-            .filter(|(t, p)| n > 1 && t > p)
-            .map(|(t, p)| (batch * (n - 1)) as f64 / (t - p));
-        v.metrics.insert("decode_tokens_per_s".into(), decode_tps);
-    }
-
-    // correctness: greedy vs one full forward; speculative vs greedy
-    let greedy_out = ms[1].output.as_ref().map(|o| o.0.clone());
-    let (ff_cmp, ff_ok) = check_greedy(main, &prompts, greedy_out.as_ref(), n, &mut variants[1]);
-    let spec = ms.get(2).and_then(|m| m.output.as_ref());
-    let spec_cmp = greedy_out
-        .as_ref()
-        .zip(spec)
-        .map(|(g, sp)| agreement(g, &sp.0));
-    let stats = spec.and_then(|sp| sp.1.clone());
-    // untrained drafts are almost never accepted, which leaves the accept path unexercised:
-    // one more (untimed) speculative run whose drafts are the greedy continuation itself, so
-    // that every draft is accepted and each verify pass commits D+1 tokens at once
-    let oracle = match (&greedy_out, depth) {
-        (Some(g), d) if d > 0 => {
-            let f = |i: usize, seq: &[u32]| -> Vec<u32> {
-                (0..d)
-                    .map(|j| g[i].get(seq.len() - plen + j).copied().unwrap_or(0))
-                    .collect()
-            };
-            let drafter: Drafter<'_, B> = Drafter::Planted { depth: d, f: &f };
-            let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                decode::speculative(main, &drafter, &prompts, n, chunk)
-            }));
-            match run {
-                Ok((out, st)) => Some((agreement(g, &out), st)),
-                Err(_) => {
-                    if let Some(v) = variants.get_mut(2) {
-                        v.fail("the perfect-draft speculative check panicked");
-                    }
-                    None
-                }
-            }
-        }
-        _ => None,
+    let mf = ModelFigures {
+        weights_bytes: ((cfg.params() + MtpPredictor::<B>::params(&cfg, depth)) * eb) as u64,
+        params_total: cfg.params(),
+        params_active: active_params(&cfg),
+        params_mtp: MtpPredictor::<B>::params(&cfg, depth),
+        kv_bytes_per_token: kv_bytes_per_token(&cfg, eb),
     };
-    // both speculative runs must reproduce greedy; the measured value is the worse agreement
-    let spec_all = match (spec_cmp, &oracle) {
-        (Some((f, d)), Some(((fo, d_or), _))) => Some((f.min(*fo), d + d_or)),
-        _ => None,
+    let (mut variants, secs) = variant_reports(s, &cfg, &names, &ms, &mf);
+
+    // correctness: greedy vs one full forward; speculative (MTP and oracle drafts) vs greedy
+    let greedy_out = ms[1].output.as_ref().map(|o| o.0.clone());
+    let n = s.run.new_tokens;
+    let full_forward = check_greedy(main, &prompts, greedy_out.as_ref(), n, &mut variants[1]);
+    let spec = ms.get(2).and_then(|m| m.output.as_ref());
+    let stats = spec.and_then(|sp| sp.1.clone());
+    let oracle = oracle_run(main, s, &prompts, greedy_out.as_ref(), variants.get_mut(2));
+    let figs = verdict::Fr004Figures {
+        depth,
+        batch: s.run.batch,
+        new_tokens: n,
+        full_forward,
+        speculative: greedy_out
+            .as_ref()
+            .zip(spec)
+            .map(|(g, sp)| agreement(g, &sp.0)),
+        oracle: oracle.as_ref().map(|o| o.0),
+        oracle_accepted_length: oracle.as_ref().and_then(|o| o.1.mean_accepted_length()),
     };
     if let Some(v) = variants.get_mut(2) {
-        let identical = spec_all.map(|(_, d)| d == 0);
-        v.equivalence = Equivalence {
-            checked: spec_all.is_some(),
-            reference: Some(
-                "greedy: token-for-token identical generated tokens, with the MTP drafts and \
-                 with oracle drafts (the greedy continuation, every draft accepted)"
-                    .into(),
-            ),
-            max_abs_diff: spec_all.map(|(_, d)| d as f64),
-            tolerance: Some(0.0),
-            passed: identical,
-        };
-        if identical == Some(false) {
-            v.fail(format!(
-                "speculative output differs from greedy: {} of {} tokens with MTP drafts, {} with \
-                 oracle drafts",
-                spec_cmp.map(|c| c.1).unwrap_or(0),
-                batch * n,
-                oracle.as_ref().map(|o| o.0 .1).unwrap_or(0)
-            ));
-        }
-        if let Some((_, st)) = &oracle {
-            v.metrics.insert(
-                "oracle_mean_accepted_length".into(),
-                st.mean_accepted_length(),
-            );
-        }
-        let ratio = secs[1].zip(secs[2]).map(|(g, sp)| g / sp);
-        v.metrics.insert("speedup_vs_greedy".into(), ratio);
-        if let Some(st) = &stats {
-            st.insert_metrics(&mut v.metrics);
-        }
+        speculative_report(v, &figs, stats.as_ref(), &secs);
     }
 
-    let criterion = if depth > 0 {
-        Criterion::evaluate(
-            "FR-004",
-            "speculative_equals_greedy",
-            Comparison::AtLeast,
-            1.0,
-            // both checks in the measured value (the lower fraction), so the gate can recompute it
-            spec_all.zip(ff_cmp).map(|(sp, ff)| sp.0.min(ff.0)),
-            format!(
-                "fraction of the {} generated tokens (batch {batch} x {n}) identical between \
-                 self-speculative decoding (MTP depth {depth}) and plain greedy decoding, the \
-                 lower of two runs: the untrained MTP drafts ({}), and oracle drafts that are \
-                 all accepted ({} tokens per verify step); also requires greedy == argmax of a \
-                 full forward ({}). A correctness check, not a speed claim",
-                batch * n,
-                super::fmt_opt(spec_cmp.map(|c| c.0), 4),
-                super::fmt_opt(oracle.as_ref().and_then(|o| o.1.mean_accepted_length()), 2),
-                match ff_ok {
-                    Some(true) => "it is",
-                    Some(false) => "it is NOT",
-                    None => "not checked",
-                }
-            ),
-        )
-    } else {
-        Criterion::evaluate(
-            "FR-004",
-            "speculative_equals_greedy",
-            Comparison::AtLeast,
-            1.0,
-            ff_cmp.map(|c| c.0),
-            format!(
-                "MTP depth 0: no speculative decoder, so the fraction of the {} greedy tokens \
-                 (batch {batch} x {n}) that equal the argmax of one uncached full forward. A \
-                 correctness check, not a speed claim",
-                batch * n
-            ),
-        )
-    };
-
-    let mut notes = describe(s, &cfg, &standard, mtp_params, kv_tok, kv_tok_std);
+    let mut notes = describe(
+        s,
+        &cfg,
+        &standard,
+        mf.params_mtp,
+        mf.kv_bytes_per_token,
+        kv_bytes_per_token(&standard, eb),
+    );
     notes.extend(s.model_origin.as_ref().map(|o| o.note.clone()));
     notes.push(roofline(s, &cfg, main, ctx, &mut variants));
-    let tps = |i: usize, k: &str| {
-        variants
-            .get(i)
-            .and_then(|v| v.metrics.get(k).copied().flatten())
-    };
-    notes.push(format!(
-        "figures (median): prefill {} tokens/s; greedy {} tokens/s end to end ({} decode-only); \
-         speculative {}",
-        super::fmt_opt(tps(0, "prefill_tokens_per_s"), 1),
-        super::fmt_opt(tps(1, "tokens_per_s"), 1),
-        super::fmt_opt(tps(1, "decode_tokens_per_s"), 1),
-        if depth > 0 {
-            format!(
-                "{} tokens/s end to end ({} decode-only), {}x greedy; mean tokens per verify \
-                 step {}; acceptance per draft position (given the earlier ones accepted) {}",
-                super::fmt_opt(tps(2, "tokens_per_s"), 1),
-                super::fmt_opt(tps(2, "decode_tokens_per_s"), 1),
-                super::fmt_opt(tps(2, "speedup_vs_greedy"), 2),
-                super::fmt_opt(stats.as_ref().and_then(|s| s.mean_accepted_length()), 2),
-                stats
-                    .as_ref()
-                    .map(SpecStats::acceptance_text)
-                    .unwrap_or_else(|| "not measured".into())
-            )
-        } else {
-            "not run (MTP depth 0)".to_string()
-        }
-    ));
+    notes.push(figures_note(&variants, depth, stats.as_ref()));
     notes.push(
         "decode-only tokens/s = (new_tokens - 1) x batch over (run median - prefill median); \
          for speculative decoding that also charges the MTP modules' pass over the prompt"
@@ -571,7 +616,7 @@ pub fn run<B: Backend>(
     );
     Ok(RunOutput {
         variants,
-        criteria: vec![criterion],
+        criteria: vec![verdict::criterion(&figs)],
         notes,
         memory_series: monitor.series().to_vec(),
         series: Default::default(),
