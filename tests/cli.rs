@@ -1634,6 +1634,74 @@ fn a_checkpoint_config_drives_bench_moe() {
     );
 }
 
+/// `--prompt-text FILE`: text prompts made into ids by the checkpoint's own tokenizer.json
+/// (a copy of the V3-style fixture with the test tokenizer beside it); without a tokenizer.json,
+/// or with `--prompts` too, it is bad input.
+#[test]
+fn text_prompts_go_through_the_checkpoints_tokenizer() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("v3-tiny");
+    std::fs::create_dir(&model).unwrap();
+    for f in ["config.json", "model.safetensors"] {
+        std::fs::copy(repo("tests/fixtures/models/v3-tiny").join(f), model.join(f)).unwrap();
+    }
+    std::fs::copy(
+        repo("tests/fixtures/tokenizer/tokenizer.json"),
+        model.join("tokenizer.json"),
+    )
+    .unwrap();
+    let text = dir.path().join("prompts.txt");
+    let lines: Vec<String> = (0..8)
+        .map(|i| {
+            let w = ["the cat sat on the mat", "a big dog ran to the red house"][i % 2];
+            format!("{w} and slept in the sun")
+        })
+        .collect();
+    std::fs::write(&text, lines.join("\n")).unwrap();
+    let out = dir.path().join("out");
+    let (_, v) = run_one(
+        "flex",
+        "scenarios/smoke/sc002-mtp-smoke.toml",
+        &out,
+        &[
+            std::ffi::OsStr::new("--model"),
+            model.as_os_str(),
+            std::ffi::OsStr::new("--prompt-text"),
+            text.as_os_str(),
+        ],
+    );
+    let notes = v["notes"].to_string();
+    assert!(
+        notes.contains("one prompt per line, made into ids by") && notes.contains("tokenizer.json"),
+        "{notes}"
+    );
+    let eq = v["criteria"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["spec_id"] == "SC-002-eq")
+        .unwrap();
+    assert_eq!(eq["measured"], 1.0, "{eq}");
+    let bench = |model: &Path, extra: &[&str]| {
+        dsopt()
+            .args(["bench", "mtp", "--backend", "flex", "--scenario"])
+            .arg(repo("scenarios/smoke/sc002-mtp-smoke.toml"))
+            .arg("--model")
+            .arg(model)
+            .arg("--prompt-text")
+            .arg(&text)
+            .args(extra)
+            .assert()
+            .code(2)
+    };
+    // the fixture itself has no tokenizer.json
+    bench(&repo("tests/fixtures/models/v3-tiny"), &[]).stderr(
+        predicate::str::contains("tokenizer.json").and(predicate::str::contains("--prompts")),
+    );
+    bench(&model, &["--prompts", text.to_str().unwrap()])
+        .stderr(predicate::str::contains("cannot be used with"));
+}
+
 /// `bench mtp --model DIR`: SC-002 on a checkpoint's own main model and MTP layer (the V3-style
 /// fixture: MLA with query compression, MoE with noaux_tc routing, one MTP layer), with the
 /// speculative tokens equal to greedy's; a preset, a model without an MTP layer and --layers

@@ -313,6 +313,44 @@ pub fn read_prompts(
         .collect()
 }
 
+/// Prompt rows given by the user, and a sentence saying where they came from.
+pub type GivenPrompts = (Vec<Vec<u32>>, String);
+
+/// The prompts of a checkpoint run: the rows of `ids` (a file of token ids, [`read_prompts`]) or
+/// of `text` (one prompt per line, made into ids by `model_dir`'s own `tokenizer.json`), `batch`
+/// rows of `len` ids, with a sentence saying where they came from; `None` for neither (the run
+/// uses random ids). Both given: exit 2.
+pub fn checkpoint_prompts(
+    ids: Option<&std::path::Path>,
+    text: Option<&std::path::Path>,
+    model_dir: &std::path::Path,
+    batch: usize,
+    len: usize,
+    vocab: usize,
+) -> Result<Option<GivenPrompts>, crate::DsoptError> {
+    match (ids, text) {
+        (Some(a), Some(b)) => Err(crate::DsoptError::Usage(format!(
+            "run.prompts {} and run.prompt_text {}: give the prompts once, as token ids or as \
+             text",
+            a.display(),
+            b.display()
+        ))),
+        (Some(f), None) => Ok(Some((
+            read_prompts(f, batch, len, vocab)?,
+            format!("token ids from {}", f.display()),
+        ))),
+        (None, Some(f)) => Ok(Some((
+            crate::checkpoint::tokenizer::text_prompts(model_dir, f, batch, len, vocab)?,
+            format!(
+                "text from {}, one prompt per line, made into ids by {}",
+                f.display(),
+                model_dir.join("tokenizer.json").display()
+            ),
+        ))),
+        (None, None) => Ok(None),
+    }
+}
+
 /// `x` with `digits` decimals, or "not measured".
 pub(crate) fn fmt_opt(x: Option<f64>, digits: usize) -> String {
     x.map(|v| format!("{v:.digits$}"))

@@ -14,6 +14,7 @@ pub mod presets;
 pub mod reference;
 pub mod safetensors;
 mod scenario;
+pub mod tokenizer;
 pub mod verify;
 
 use std::path::{Path, PathBuf};

@@ -37,6 +37,7 @@ pub(super) fn overrides(o: &OverrideArgs) -> Result<Overrides, DsoptError> {
         config: o.config.clone(),
         dtype: o.dtype,
         prompts: o.prompts.clone(),
+        prompt_text: o.prompt_text.clone(),
         force: o.force,
     })
 }

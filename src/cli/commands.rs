@@ -105,9 +105,13 @@ pub fn run(cli: &Cli) -> anyhow::Result<i32> {
             scenario,
             cache_dir,
             overrides: o,
-        } if o.model.is_some() || o.layers.is_some() || o.prompts.is_some() => {
+        } if o.model.is_some()
+            || o.layers.is_some()
+            || o.prompts.is_some()
+            || o.prompt_text.is_some() =>
+        {
             Err(DsoptError::Usage(
-                "--model/--layers/--prompts: `dsopt train` trains the byte-level MTP model of an \
+                "--model/--layers/--prompts/--prompt-text: `dsopt train` trains the byte-level MTP model of an \
              SC-002 scenario; drop them"
                     .into(),
             )

@@ -219,8 +219,13 @@ pub struct OverrideArgs {
     pub model: Option<String>,
     /// Prompt token ids for `bench mtp --model DIR` (one prompt per line, ids separated by
     /// spaces or commas, or a JSON array of arrays); without it the prompts are random ids.
-    #[arg(long, value_name = "FILE")]
+    #[arg(long, value_name = "FILE", conflicts_with = "prompt_text")]
     pub prompts: Option<PathBuf>,
+    /// Prompts as text for `bench mtp|moe --model DIR`: one prompt per non-empty line, made into
+    /// token ids by the checkpoint's own tokenizer.json (as transformers' tokenizer does, BOS
+    /// included).
+    #[arg(long, value_name = "FILE")]
+    pub prompt_text: Option<PathBuf>,
     /// Keep the first N layers of the model (--model, or the scenario's [model] preset/path);
     /// the dense layers stay first.
     #[arg(long, value_name = "N")]

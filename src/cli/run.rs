@@ -64,6 +64,7 @@ pub(super) fn run_many(
                 // --prompts feeds the checkpoint runs of `mtp` and `moe` scenarios only
                 if !matches!(s.kind(), ScenarioKind::Mtp | ScenarioKind::Moe) {
                     o.prompts = None;
+                    o.prompt_text = None;
                 }
                 let o = &o;
                 let quiet_table = RunArgs {

@@ -98,12 +98,12 @@ impl Scenario {
         let mut scenario = scenario;
         // a relative prompts file is taken from the scenario file's folder, as [model] path is
         if let Some(dir) = path.parent() {
-            let prompts = match &mut scenario {
-                Scenario::Mtp(s) => s.run.prompts.as_mut(),
-                Scenario::Moe(s) => s.run.prompts.as_mut(),
-                _ => None,
+            let files = match &mut scenario {
+                Scenario::Mtp(s) => [s.run.prompts.as_mut(), s.run.prompt_text.as_mut()],
+                Scenario::Moe(s) => [s.run.prompts.as_mut(), s.run.prompt_text.as_mut()],
+                _ => [None, None],
             };
-            if let Some(p) = prompts.filter(|p| p.is_relative()) {
+            for p in files.into_iter().flatten().filter(|p| p.is_relative()) {
                 *p = dir.join(&*p);
             }
         }
@@ -170,17 +170,16 @@ impl Scenario {
                 }
             }
         }
-        if let (Some(p), false) = (
-            &o.prompts,
-            matches!(self, Scenario::Mtp(_) | Scenario::Moe(_)),
-        ) {
-            return Err(DsoptError::Usage(format!(
-                "--prompts {}: prompt token ids are for `bench mtp|moe --model DIR` (a checkpoint), \
-                 but {} is a `{}` scenario; drop --prompts",
-                p.display(),
-                path.display(),
-                self.kind().as_str()
-            )));
+        for (flag, p) in [("prompts", &o.prompts), ("prompt-text", &o.prompt_text)] {
+            if let (Some(p), false) = (p, matches!(self, Scenario::Mtp(_) | Scenario::Moe(_))) {
+                return Err(DsoptError::Usage(format!(
+                    "--{flag} {}: prompts are for `bench mtp|moe --model DIR` (a checkpoint), \
+                     but {} is a `{}` scenario; drop --{flag}",
+                    p.display(),
+                    path.display(),
+                    self.kind().as_str()
+                )));
+            }
         }
         match self {
             Scenario::Mla(s) => {
@@ -203,11 +202,21 @@ impl Scenario {
                 }
                 if let Some(p) = &o.prompts {
                     s.run.prompts = Some(p.clone());
+                    s.run.prompt_text = None;
+                }
+                if let Some(p) = &o.prompt_text {
+                    s.run.prompt_text = Some(p.clone());
+                    s.run.prompts = None;
                 }
             }
             Scenario::Moe(s) => {
                 if let Some(p) = &o.prompts {
                     s.run.prompts = Some(p.clone());
+                    s.run.prompt_text = None;
+                }
+                if let Some(p) = &o.prompt_text {
+                    s.run.prompt_text = Some(p.clone());
+                    s.run.prompts = None;
                 }
                 if let Some(off) = &mut s.offload {
                     off.force = o.force;

@@ -348,6 +348,10 @@ pub struct MtpRun {
     /// 模型的提示总取自留出文本。
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub prompts: Option<PathBuf>,
+    /// 提示的文本文件（只用于检查点，`--model DIR`；每个非空行一条提示，用检查点自己的
+    /// `tokenizer.json` 分词；`--prompt-text` 覆盖）。与 `prompts` 二选一。
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prompt_text: Option<PathBuf>,
 }
 
 /// 扫描设置。
@@ -476,6 +480,10 @@ pub struct MoeRun {
     /// 第 i 个 id。缺省：固定种子的随机 id。
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub prompts: Option<PathBuf>,
+    /// 提示的文本文件（只用于带权重的检查点；每个非空行一条，用检查点自己的 `tokenizer.json`
+    /// 分词，行的用法同 `prompts`；`--prompt-text` 覆盖）。与 `prompts` 二选一。
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prompt_text: Option<PathBuf>,
 }
 
 /// 专家卸载设置。
@@ -663,6 +671,8 @@ pub struct Overrides {
     pub config: Option<PathBuf>,
     /// `--prompts FILE`：MTP 与 MoE 的 `run.prompts`（只用于检查点：`bench mtp|moe --model DIR`）。
     pub prompts: Option<PathBuf>,
+    /// `--prompt-text FILE`：MTP 与 MoE 的 `run.prompt_text`（同上，文本用检查点的分词器）。
+    pub prompt_text: Option<PathBuf>,
     /// `--dtype`：MLA/MTP/MoE 的 `run.dtype`、组合模型的 `optimization.dtype`（在 `--config`
     /// 之后应用）。校准场景总在 f32 中运行（与 f64 主机参考比较），给出时报用法错误。
     pub dtype: Option<Dtype>,

@@ -63,13 +63,13 @@ fn model_notes(s: &MoeScenario, moe: &MoeConfig, whole: &DecoderConfig) -> Vec<S
                 100.0 * active as f64 / total as f64
             )
         },
-        if trained && s.run.prompts.is_none() {
+        if trained && s.run.prompts.is_none() && s.run.prompt_text.is_none() {
             "router: the checkpoint's own; prompts are random token ids, so the measured \
-             per-expert load is that router's on random ids, not on real text (give --prompts \
-             FILE with ids of real text)"
+             per-expert load is that router's on random ids, not on real text (give \
+             --prompt-text FILE with real text, or --prompts FILE with its ids)"
                 .into()
         } else if trained {
-            "router: the checkpoint's own, on the prompts of run.prompts".into()
+            "router: the checkpoint's own, on the run's prompts".into()
         } else {
             "router: untrained (random weights) — load spreads evenly, which is the harder case \
              for expert caching but typical for speed"
@@ -294,7 +294,8 @@ fn sc003a_criteria(
 type PhaseStats = [Option<crate::monitor::Timings>; 2];
 
 /// The prefill prompt (`[prefill_batch, prefill_seq]`) and the decode steps' ids
-/// (`decode_steps` x `[decode_batch, 1]`): random ids, or the rows of `run.prompts`.
+/// (`decode_steps` x `[decode_batch, 1]`): random ids, or the rows of `run.prompts` (token ids)
+/// or `run.prompt_text` (text through the checkpoint's tokenizer.json).
 #[allow(clippy::type_complexity)]
 fn inputs<B: Backend>(
     s: &MoeScenario,
@@ -304,7 +305,20 @@ fn inputs<B: Backend>(
     let (pb, ps) = (s.run.prefill_batch, s.run.prefill_seq);
     let (db, steps) = (s.run.decode_batch, s.run.decode_steps);
     let vocab = s.model.vocab_size;
-    let Some(f) = &s.run.prompts else {
+    let dir = s
+        .model_origin
+        .as_ref()
+        .map(|o| o.model.clone())
+        .unwrap_or_default();
+    let given = super::checkpoint_prompts(
+        s.run.prompts.as_deref(),
+        s.run.prompt_text.as_deref(),
+        std::path::Path::new(&dir),
+        pb.max(db),
+        ps.max(steps),
+        vocab,
+    )?;
+    let Some((rows, from)) = given else {
         return Ok((
             super::token_tensor::<B>(pb, ps, vocab, 3, dev),
             (0..steps)
@@ -312,7 +326,6 @@ fn inputs<B: Backend>(
                 .collect(),
         ));
     };
-    let rows = super::read_prompts(f, pb.max(db), ps.max(steps), vocab)?;
     let ids = |b: usize, from: usize, len: usize| {
         let v: Vec<i64> = rows[..b]
             .iter()
@@ -321,9 +334,8 @@ fn inputs<B: Backend>(
         Tensor::<B, 2, Int>::from_data(TensorData::new(v, [b, len]), dev)
     };
     notes.push(format!(
-        "prompts: token ids from {}: the prefill is the first {ps} ids of the first {pb} rows, \
-         decode step i feeds id i of the first {db} rows",
-        f.display()
+        "prompts: {from}: the prefill is the first {ps} ids of the first {pb} rows, decode \
+         step i feeds id i of the first {db} rows"
     ));
     Ok((ids(pb, 0, ps), (0..steps).map(|i| ids(db, i, 1)).collect()))
 }
@@ -593,9 +605,12 @@ pub fn run<B: Backend>(
 ) -> anyhow::Result<RunOutput> {
     let dev = &ctx.device;
     crate::backend::use_float_dtype::<B>(dev, s.run.dtype)?;
-    if let (Some(p), false) = (&s.run.prompts, is_trained(s)) {
+    if let (Some(p), false) = (
+        s.run.prompts.as_ref().or(s.run.prompt_text.as_ref()),
+        is_trained(s),
+    ) {
         return Err(crate::DsoptError::Usage(format!(
-            "run.prompts / --prompts {}: prompt token ids are for a checkpoint with weights \
+            "run.prompts / run.prompt_text {}: prompts are for a checkpoint with weights \
              (`--model DIR`); random weights route any ids alike: drop them",
             p.display()
         ))

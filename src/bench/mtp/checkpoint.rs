@@ -69,13 +69,18 @@ pub(super) fn run<B: Backend>(
     let mtp_params = burn::module::Module::num_params(&mtp);
     let mtp = mtp.chained(s.mtp.depth);
     let (batch, plen, n) = (s.run.batch, s.run.prompt_len, s.run.new_tokens);
-    let (prompts, prompt_note) = match &s.run.prompts {
-        Some(f) => (
-            crate::bench::read_prompts(f, batch, plen, c.vocab_size)?,
-            format!(
-                "prompts: the first {plen} ids of the first {batch} prompts of {}",
-                f.display()
-            ),
+    let given = crate::bench::checkpoint_prompts(
+        s.run.prompts.as_deref(),
+        s.run.prompt_text.as_deref(),
+        Path::new(&origin.model),
+        batch,
+        plen,
+        c.vocab_size,
+    )?;
+    let (prompts, prompt_note) = match given {
+        Some((rows, from)) => (
+            rows,
+            format!("prompts: the first {plen} ids of the first {batch} prompts ({from})"),
         ),
         None => (
             random_prompts(c.vocab_size, batch, plen, s.train.seed),
