@@ -7,6 +7,7 @@
 //! 检查点权重的加载（[`load`]：safetensors 单文件或分片、FP8 块缩放）由 `dsopt verify`
 //! 使用（[`reference`]：与 transformers 的参考 logits 比较）。
 
+pub mod fit;
 pub mod hf_config;
 pub mod load;
 pub mod model;
@@ -115,7 +116,7 @@ mod tests;
 /// Exit 3 before loading when the parameters (in the run's dtype; the MTP layer too when every
 /// layer is kept) and 1 GiB for the rest exceed this machine's memory, with the largest
 /// `--layers` that fits (`full` is the whole model's description, `layers` those kept;
-/// `fix_for_layers(n)` says how to use n layers).
+/// `fix_for_layers(n)` says how to use n layers). [`fit::Fit`] with the checkpoint's counts.
 pub fn check_fits(
     full: &DeepseekConfig,
     layers: usize,
@@ -124,27 +125,21 @@ pub fn check_fits(
     fix_for_layers: impl Fn(usize) -> String,
 ) -> Result<(), DsoptError> {
     let total = full.num_hidden_layers;
-    let bytes = |n: usize| -> u128 {
-        let counts = full.with_layers(n).param_count();
-        let mtp = if n == total { counts.mtp } else { 0 };
-        (counts.total + mtp) * dtype.bytes() as u128 + (1 << 30)
+    let fit = fit::Fit {
+        model,
+        layers,
+        total_layers: total,
+        min_layers: 1,
+        what: "its parameters",
+        dtype,
+        reserve: (fit::ONE_GIB, "1 GiB".into()),
     };
-    let ram = crate::backend::machine::MachineInfo::capture().ram_bytes as u128;
-    let need = bytes(layers);
-    if ram == 0 || need <= ram {
-        return Ok(());
-    }
-    let gib = |b: u128| format!("{:.2} GiB", b as f64 / (1u64 << 30) as f64);
-    // the parameter count is analytic: a scan over every layer count costs nothing
-    let fix = match (1..=total).rev().find(|&n| bytes(n) <= ram) {
-        Some(n) => fix_for_layers(n),
-        None => "use a machine with more memory".to_string(),
-    };
-    Err(DsoptError::CannotRun(format!(
-        "--model {model} with {layers} of {total} layers: its parameters need {} in {} plus 1 GiB, \
-         but this machine has {}\n  fix: {fix}",
-        gib(need - (1 << 30)),
-        dtype.as_str(),
-        gib(ram),
-    )))
+    fit.check(
+        |n| {
+            let counts = full.with_layers(n).param_count();
+            let mtp = if n == total { counts.mtp } else { 0 };
+            (counts.total + mtp) * dtype.bytes() as u128
+        },
+        fix_for_layers,
+    )
 }

@@ -7,6 +7,7 @@ use anyhow::Context;
 
 use dsopt::backend::{BackendContext, BackendJob, SelectedBackend};
 use dsopt::bench::{self, RunOutput};
+use dsopt::checkpoint::fit::Fit;
 use dsopt::config::{Overrides, Scenario};
 use dsopt::error::DsoptError;
 use dsopt::monitor::{progress, MonitorConfig};
@@ -70,148 +71,98 @@ fn monitor_config(s: &Scenario, quiet: bool) -> MonitorConfig {
     }
 }
 
-/// With `--model`, the largest variant's weights plus the capacity budget must fit this
-/// machine's memory before anything is built (exit 3 with the bytes and `--layers` as the fix).
+/// With `--model`, what the run keeps resident must fit this machine's memory before anything
+/// is built (exit 3 with the bytes and `--layers` as the fix; [`Fit`]): `mla` the largest
+/// variant's weights plus the capacity budget; `moe` its three variants together (measured
+/// interleaved) plus 1 GiB; `model` the combined model with its MTP modules plus 1 GiB.
 fn check_fits_in_memory(s: &Scenario) -> Result<(), DsoptError> {
-    if let Scenario::Moe(m) = s {
-        return check_moe_fits(m);
-    }
-    if let Scenario::Model(m) = s {
-        return check_model_fits(m);
-    }
-    let Scenario::Mla(m) = s else { return Ok(()) };
-    let Some(origin) = &m.model_origin else {
+    use dsopt::checkpoint::fit::ONE_GIB;
+    let one_gib = || (ONE_GIB, "1 GiB".to_string());
+    let (origin, layers, dtype) = match s {
+        Scenario::Mla(m) => (&m.model_origin, m.model.n_layers, m.run.dtype),
+        Scenario::Moe(m) if !m.offload.as_ref().is_some_and(|o| o.only) => {
+            (&m.model_origin, m.model.n_layers, m.run.dtype)
+        }
+        Scenario::Model(m) => (&m.model_origin, m.model.n_layers, m.optimization.dtype),
+        // SC-003b alone: its runner checks the resident twin against memory
+        _ => return Ok(()),
+    };
+    let Some(origin) = origin else {
         return Ok(());
     };
-    let elem = m.run.dtype.bytes() as u64;
-    let bytes_at = |layers: usize| -> u64 {
-        let mut m = m.clone();
-        m.model.n_layers = layers;
-        m.attention
-            .variants
-            .iter()
-            .map(|&v| m.decoder_config(v).params() as u64 * elem)
-            .max()
-            .unwrap_or(0)
+    let elem = dtype.bytes() as u128;
+    let fit = |what, min_layers, reserve| Fit {
+        model: &origin.model,
+        layers,
+        total_layers: origin.total_layers,
+        min_layers,
+        what,
+        dtype,
+        reserve,
     };
-    let weights = bytes_at(m.model.n_layers);
-    let budget = (m.capacity.memory_budget_gib * (1u64 << 30) as f64) as u64;
-    let ram = dsopt::backend::machine::MachineInfo::capture().ram_bytes;
-    if ram == 0 || weights + budget <= ram {
-        return Ok(());
+    match s {
+        Scenario::Mla(m) => {
+            let budget = (m.capacity.memory_budget_gib * ONE_GIB as f64) as u128;
+            let reserve = (budget, format!("the {} capacity budget", bytes_h(budget)));
+            fit("the largest variant's weights", 1, reserve).check(
+                |n| {
+                    let mut m = m.clone();
+                    m.model.n_layers = n;
+                    let params = |v| m.decoder_config(v).params() as u128;
+                    m.attention
+                        .variants
+                        .iter()
+                        .map(|&v| params(v))
+                        .max()
+                        .unwrap_or(0)
+                        * elem
+                },
+                |n| format!("--layers {n} or fewer"),
+            )
+        }
+        Scenario::Moe(m) => {
+            use dsopt::config::MoeVariant;
+            // an MoE layer must be kept: at least first_k_dense_replace + 1 layers
+            let first = m.moe.first_k_dense_replace + 1;
+            let what = "the three variants' weights (MoE, dense of equal total and of equal \
+                        active size, resident together)";
+            fit(what, first, one_gib()).check(
+                |n| {
+                    let mut m = m.clone();
+                    m.model.n_layers = n;
+                    let params = |v| m.decoder_config(v).params() as u128;
+                    MoeVariant::ALL.iter().map(|&v| params(v)).sum::<u128>() * elem
+                },
+                |n| format!("--layers {n} or fewer (at least {first}: the first MoE layer)"),
+            )
+        }
+        Scenario::Model(m) => {
+            let o = &m.optimization;
+            let first = match o.ffn {
+                dsopt::config::FfnKind::Moe => o.moe.first_k_dense_replace + 1,
+                dsopt::config::FfnKind::Dense => 1,
+            };
+            fit(
+                "the model's parameters (with its MTP modules)",
+                first,
+                one_gib(),
+            )
+            .check(
+                |n| {
+                    let mut shape = m.model.clone();
+                    shape.n_layers = n;
+                    let cfg = o.decoder_config(&shape);
+                    let mtp = dsopt::nn::mtp::MtpPredictor::<burn::backend::Flex>::params(
+                        &cfg,
+                        o.mtp_depth(),
+                    );
+                    (cfg.params() + mtp) as u128 * elem
+                },
+                |n| format!("--layers {n} (or fewer)"),
+            )
+        }
+        _ => Ok(()),
     }
-    let per_layer = bytes_at(2).saturating_sub(bytes_at(1)).max(1);
-    let fit = (ram.saturating_sub(budget + bytes_at(1))) / per_layer + 1;
-    Err(DsoptError::CannotRun(format!(
-        "--model {} with {} of {} layers: the largest variant's weights need {} in {} plus \
-         the {} capacity budget, but this machine has {} of memory\n  fix: --layers {} or \
-         fewer (each layer adds {})",
-        origin.model,
-        m.model.n_layers,
-        origin.total_layers,
-        report::write::bytes_h(Some(weights)),
-        m.run.dtype.as_str(),
-        report::write::bytes_h(Some(budget)),
-        report::write::bytes_h(Some(ram)),
-        fit.max(1),
-        report::write::bytes_h(Some(per_layer)),
-    )))
-}
-
-/// `bench model --model`: the model (with its MTP modules) in the run's dtype and 1 GiB for
-/// the rest must fit this machine's memory (exit 3 with the bytes and `--layers`).
-fn check_model_fits(m: &dsopt::config::ModelScenario) -> Result<(), DsoptError> {
-    let Some(origin) = &m.model_origin else {
-        return Ok(());
-    };
-    let o = &m.optimization;
-    let bytes_at = |layers: usize| -> u128 {
-        let mut shape = m.model.clone();
-        shape.n_layers = layers;
-        let cfg = o.decoder_config(&shape);
-        let mtp = dsopt::nn::mtp::MtpPredictor::<burn::backend::Flex>::params(&cfg, o.mtp_depth());
-        (cfg.params() + mtp) as u128 * o.dtype.bytes() as u128 + (1 << 30)
-    };
-    let ram = dsopt::backend::machine::MachineInfo::capture().ram_bytes as u128;
-    let need = bytes_at(m.model.n_layers);
-    if ram == 0 || need <= ram {
-        return Ok(());
-    }
-    let first = match o.ffn {
-        dsopt::config::FfnKind::Moe => o.moe.first_k_dense_replace + 1,
-        dsopt::config::FfnKind::Dense => 1,
-    };
-    let fix = match (first..m.model.n_layers)
-        .rev()
-        .find(|&n| bytes_at(n) <= ram)
-    {
-        Some(n) => format!("--layers {n} (or fewer)"),
-        None => "a machine with more memory".into(),
-    };
-    let gib = |b: u128| format!("{:.2} GiB", b as f64 / (1u64 << 30) as f64);
-    Err(DsoptError::CannotRun(format!(
-        "--model {} with {} of {} layers: the model's parameters need {} in {} plus 1 GiB, but \
-         this machine has {}\n  fix: {fix}",
-        origin.model,
-        m.model.n_layers,
-        origin.total_layers,
-        gib(need - (1 << 30)),
-        o.dtype.as_str(),
-        gib(ram)
-    )))
-}
-
-/// `bench moe --model`: the three variants are resident together (measured interleaved), so
-/// their weights add up; exit 3 with the bytes and a `--layers` that fits when they exceed this
-/// machine's memory (one GiB kept for activations and the rest of the process).
-fn check_moe_fits(m: &dsopt::config::scenario::MoeScenario) -> Result<(), DsoptError> {
-    use dsopt::config::MoeVariant;
-    let Some(origin) = &m.model_origin else {
-        return Ok(());
-    };
-    if m.offload.as_ref().is_some_and(|o| o.only) {
-        return Ok(()); // SC-003b alone: its runner checks the resident twin against memory
-    }
-    let elem = m.run.dtype.bytes() as u128;
-    // u128: a config.json within the parser's limits can exceed u64 here
-    let bytes_at = |layers: usize| -> u128 {
-        let mut m = m.clone();
-        m.model.n_layers = layers;
-        MoeVariant::ALL
-            .iter()
-            .map(|&v| m.decoder_config(v).params() as u128 * elem)
-            .sum::<u128>()
-            + (1 << 30)
-    };
-    let ram = dsopt::backend::machine::MachineInfo::capture().ram_bytes as u128;
-    let need = bytes_at(m.model.n_layers);
-    if ram == 0 || need <= ram {
-        return Ok(());
-    }
-    // an MoE layer must be kept: at least first_k_dense_replace + 1 layers
-    let first = m.moe.first_k_dense_replace + 1;
-    let fix = match (first..=origin.total_layers)
-        .rev()
-        .find(|&n| bytes_at(n) <= ram)
-    {
-        Some(n) => format!("--layers {n} or fewer (at least {first}: the first MoE layer)"),
-        None => format!(
-            "no --layers fits: the smallest choice ({first} layers) needs {} (half of it in bf16); \
-             use a machine with more memory",
-            bytes_h(bytes_at(first))
-        ),
-    };
-    Err(DsoptError::CannotRun(format!(
-        "--model {} with {} of {} layers: the three variants' weights (MoE, dense of equal total \
-         and of equal active size, resident together) need {} in {} plus 1 GiB, but this machine \
-         has {}\n  fix: {fix}",
-        origin.model,
-        m.model.n_layers,
-        origin.total_layers,
-        bytes_h(need - (1 << 30)),
-        m.run.dtype.as_str(),
-        bytes_h(ram),
-    )))
 }
 
 fn bytes_h(b: u128) -> String {
