@@ -50,6 +50,16 @@ fn run_one(backend: &str, scenario: &str, out: &Path, extra: &[&std::ffi::OsStr]
     run_one_with(dsopt(), backend, scenario, out, extra)
 }
 
+/// The criterion of report `v` that measures spec criterion `id` (whatever its `@` tag).
+fn criterion<'a>(v: &'a Value, id: &str) -> &'a Value {
+    v["criteria"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["spec_id"] == id)
+        .unwrap_or_else(|| panic!("{id} missing: {}", v["criteria"]))
+}
+
 /// [`run_one`] with a prepared command (environment).
 fn run_one_with(
     mut cmd: Command,
@@ -889,15 +899,7 @@ fn sc003b_resident_twin_exceeds_the_budget_and_the_offloaded_run_does_not() {
     let f = dir.path().join("sized.toml");
     std::fs::write(&f, sized).unwrap();
     let (_, v) = run_one("wgpu", f.to_str().unwrap(), dir.path(), &[]);
-    let crit = |id: &str| -> Value {
-        v["criteria"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|c| c["spec_id"] == id)
-            .unwrap_or_else(|| panic!("{id} missing: {}", v["criteria"]))
-            .clone()
-    };
+    let crit = |id: &str| -> Value { criterion(&v, id).clone() };
     let budget = 0.02 * (1u64 << 30) as f64;
     // the resident twin needs more than the budget (measured, bytes in use) ...
     let resident = crit("SC-003b");
@@ -1518,12 +1520,7 @@ fn model_presets_and_a_checkpoint_config_drive_bench_mla() {
     for c in v["criteria"].as_array().unwrap() {
         assert!(c["measured"].as_f64().is_some(), "{c}");
     }
-    let eq = v["criteria"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|c| c["spec_id"] == "SC-001-eq")
-        .unwrap();
+    let eq = criterion(&v, "SC-001-eq");
     assert_eq!(eq["passed"], true, "{eq}");
     // the same model named in the scenario file ([model] path + layers) gives the same run
     let smoke = std::fs::read_to_string(repo("scenarios/smoke/sc001-mla-smoke.toml")).unwrap();
@@ -1609,12 +1606,7 @@ fn a_checkpoint_config_drives_bench_moe() {
         .contains("first 1 layer(s) are dense"));
     // the speed criteria were measured, and the MoE variant has one dense and two MoE layers' parameters
     for id in ["SC-003a-prefill", "SC-003a-decode"] {
-        let c = v["criteria"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|c| c["spec_id"] == id)
-            .unwrap();
+        let c = criterion(&v, id);
         assert!(c["measured"].as_f64().is_some(), "{c}");
     }
     let params = |name: &str| {
@@ -1675,12 +1667,7 @@ fn text_prompts_go_through_the_checkpoints_tokenizer() {
         notes.contains("one prompt per line, made into ids by") && notes.contains("tokenizer.json"),
         "{notes}"
     );
-    let eq = v["criteria"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|c| c["spec_id"] == "SC-002-eq")
-        .unwrap();
+    let eq = criterion(&v, "SC-002-eq");
     assert_eq!(eq["measured"], 1.0, "{eq}");
     let bench = |model: &Path, extra: &[&str]| {
         dsopt()
@@ -1720,12 +1707,7 @@ fn bench_mtp_on_a_checkpoint_drafts_with_its_own_mtp_layer() {
     assert_eq!(s["model_origin"]["weights"], "checkpoint");
     assert_eq!(s["model"]["hidden_size"], 48);
     assert!(s.get("sweep").is_none_or(|w| w.is_null()), "{s}");
-    let eq = v["criteria"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|c| c["spec_id"] == "SC-002-eq")
-        .unwrap();
+    let eq = criterion(&v, "SC-002-eq");
     assert_eq!(eq["measured"], 1.0, "{eq}");
     let notes = v["notes"].to_string();
     assert!(notes.contains("random token ids"), "{notes}");

@@ -69,16 +69,19 @@ fn assert_every_path_passes(name: &str, dtype: &str) {
     assert_eq!(code, 0, "{name} {dtype}: {j}");
 }
 
+/// The committed fixtures (tests/fixtures/models).
+const FIXTURES: [&str; 5] = [
+    "v2-lite-tiny",
+    "v2-tiny",
+    "v3-tiny",
+    "moonlight-tiny",
+    "v3-fp8-tiny",
+];
+
 /// Every fixture, every path (naive and absorbed MLA, full forward and cached decode), f32.
 #[test]
 fn every_fixture_agrees_with_transformers_in_f32() {
-    for name in [
-        "v2-lite-tiny",
-        "v2-tiny",
-        "v3-tiny",
-        "moonlight-tiny",
-        "v3-fp8-tiny",
-    ] {
+    for name in FIXTURES {
         assert_every_path_passes(name, "f32");
     }
 }
@@ -89,13 +92,7 @@ fn every_fixture_agrees_with_transformers_in_f32() {
 /// DSOPT_SIMD=avx512, avx2 and scalar).
 #[test]
 fn fixtures_agree_with_transformers_in_bf16() {
-    for name in [
-        "v2-lite-tiny",
-        "v2-tiny",
-        "v3-tiny",
-        "moonlight-tiny",
-        "v3-fp8-tiny",
-    ] {
+    for name in FIXTURES {
         assert_every_path_passes(name, "bf16");
     }
 }

@@ -68,6 +68,36 @@ pub(super) fn generate<B: Backend>(
 /// Max |difference| allowed between the offloaded and the resident model's outputs.
 pub(super) const OFFLOAD_TOLERANCE: f64 = 1e-5;
 
+/// SC-003b-eq: the offloaded run computes what its resident twin computes — max |difference| of
+/// the logits of every step of one generation, `which` saying what was compared.
+pub(super) fn sc003b_eq(diff: Option<f64>, which: &str) -> Criterion {
+    Criterion::evaluate(
+        "SC-003b-eq",
+        "max_abs_diff_offloaded_vs_resident",
+        Comparison::AtMost,
+        OFFLOAD_TOLERANCE,
+        diff,
+        format!(
+            "a generation (prefill chunk, greedy decode steps through the LM head and argmax): \
+             max |difference| of the logits of every step, {which}"
+        ),
+    )
+}
+
+/// The figures of a prefetching policy: experts fetched ahead, how many of them were used before
+/// eviction, and that as a fraction.
+pub(super) fn prefetch_figures(
+    prefetched: u64,
+    used: u64,
+    accuracy: Option<f64>,
+) -> [(&'static str, Option<f64>); 3] {
+    [
+        ("prefetched_experts", Some(prefetched as f64)),
+        ("prefetch_used", Some(used as f64)),
+        ("prefetch_accuracy", accuracy),
+    ]
+}
+
 /// A generation's device outputs: the generated ids and every step's logits.
 type DeviceOutputs<B> = (Tensor<B, 2, Int>, Tensor<B, 3>);
 
@@ -131,17 +161,11 @@ impl DeviceSc003bFigures {
                  budget",
             ),
             // equivalence first: the offloaded model must compute what the resident twin computes
-            Criterion::evaluate(
-                "SC-003b-eq",
-                "max_abs_diff_offloaded_vs_resident",
-                Comparison::AtMost,
-                OFFLOAD_TOLERANCE,
+            sc003b_eq(
                 self.eq_diff,
-                "a generation (prefill chunk, greedy decode steps through the LM head and \
-                 argmax): max |difference| of the logits of every step, offloaded (no prefetch) \
-                 vs all experts resident, same weights (tokens that diverge show as a logits \
-                 difference at the step where the argmax differed; `identical_generated_tokens` \
-                 reports it too)",
+                "offloaded (no prefetch) vs all experts resident, same weights (tokens that \
+                 diverge show as a logits difference at the step where the argmax differed; \
+                 `identical_generated_tokens` reports it too)",
             ),
         ]
     }
@@ -237,11 +261,11 @@ impl<B: Backend> OffloadRun<'_, B> {
             ("host_expert_bytes", Some(store.host_bytes() as f64)),
         ];
         if prefetch {
-            figures.extend([
-                ("prefetched_experts", Some(stats.prefetched as f64)),
-                ("prefetch_used", Some(stats.prefetch_used as f64)),
-                ("prefetch_accuracy", stats.prefetch_accuracy()),
-            ]);
+            figures.extend(prefetch_figures(
+                stats.prefetched,
+                stats.prefetch_used,
+                stats.prefetch_accuracy(),
+            ));
         }
         for (k, x) in figures {
             v.metrics.insert(k.into(), x);

@@ -221,15 +221,10 @@ impl Sc003bFigures {
                     mib(off.resident)
                 ),
             ),
-            Criterion::evaluate(
-                "SC-003b-eq",
-                "max_abs_diff_offloaded_vs_resident",
-                Comparison::AtMost,
-                OFFLOAD_TOLERANCE,
+            super::offload::sc003b_eq(
                 self.eq_diff,
-                "a generation (prefill chunk, greedy decode steps through the LM head and \
-                 argmax): max |difference| of the logits of every step, experts streamed from \
-                 storage (no read-ahead) vs every expert in memory, same file, same kernel",
+                "experts streamed from storage (no read-ahead) vs every expert in memory, same \
+                 file, same kernel",
             ),
         ]
     }
@@ -391,11 +386,11 @@ impl StorageContext<'_> {
             ("direct_io", Some(if self.direct { 1.0 } else { 0.0 })),
         ];
         if r.name.ends_with("prefetch") {
-            figures.extend([
-                ("prefetched_experts", Some(st.prefetched as f64)),
-                ("prefetch_used", Some(st.prefetch_used as f64)),
-                ("prefetch_accuracy", st.prefetch_accuracy()),
-            ]);
+            figures.extend(super::offload::prefetch_figures(
+                st.prefetched,
+                st.prefetch_used,
+                st.prefetch_accuracy(),
+            ));
         }
         for (k, x) in figures {
             v.metrics.insert(k.into(), x);
