@@ -1687,6 +1687,15 @@ fn text_prompts_go_through_the_checkpoints_tokenizer() {
     );
     bench(&model, &["--prompts", text.to_str().unwrap()])
         .stderr(predicate::str::contains("cannot be used with"));
+    // dsopt's own byte-level model takes its prompts from held-out text
+    dsopt()
+        .args(["bench", "mtp", "--backend", "flex", "--scenario"])
+        .arg(repo("scenarios/smoke/sc002-mtp-smoke.toml"))
+        .arg("--prompt-text")
+        .arg(&text)
+        .assert()
+        .code(2)
+        .stderr(predicate::str::contains("held-out text"));
 }
 
 /// `bench mtp --model DIR`: SC-002 on a checkpoint's own main model and MTP layer (the V3-style
@@ -1715,10 +1724,10 @@ fn bench_mtp_on_a_checkpoint_drafts_with_its_own_mtp_layer() {
         notes.contains("MTP layer read from the checkpoint"),
         "{notes}"
     );
-    // the one MTP layer drafts the scenario's D = 3 tokens per step (applied recursively, its
+    // the one MTP layer drafts the scenario's D = 3 tokens per step (used at every depth, its
     // weights shared): 4 tokens per verify step, and the weights counted once
     assert_eq!(s["mtp"]["num_nextn_predict_layers"], 3);
-    assert!(notes.contains("applied recursively 3 time(s)"), "{notes}");
+    assert!(notes.contains("D = 3 drafts per step"), "{notes}");
     let ids: Vec<String> = v["criteria"]
         .as_array()
         .unwrap()

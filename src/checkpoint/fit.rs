@@ -26,6 +26,8 @@ pub struct Fit<'a> {
     pub dtype: Dtype,
     /// Bytes the run keeps besides the weights, and what they are for the message.
     pub reserve: (u128, String),
+    /// The advice when not even `min_layers` fit (default: a machine with more memory).
+    pub none_fits: Option<String>,
 }
 
 /// 1 GiB: what a run keeps for activations and the rest of the process besides its weights.
@@ -58,11 +60,14 @@ impl Fit<'_> {
         let min = self.min_layers.max(1);
         let fix = match (min..=self.total_layers).rev().find(|&n| need(n) <= ram) {
             Some(n) => fix(n),
-            None => format!(
-                "no --layers fits (the fewest this run can keep, {min}, need {} with the \
-                 reserve): use a machine with more memory",
-                bytes(need(min))
-            ),
+            None => match &self.none_fits {
+                Some(text) => text.clone(),
+                None => format!(
+                    "no --layers fits (the fewest this run can keep, {min}, need {} with the \
+                     reserve): use a machine with more memory",
+                    bytes(need(min))
+                ),
+            },
         };
         Err(DsoptError::CannotRun(format!(
             "--model {} with {} of {} layers: {} need {} in {} plus {}, but this machine has {}\n  \
@@ -92,6 +97,7 @@ mod tests {
             what: "its parameters",
             dtype: Dtype::Bf16,
             reserve: (ONE_GIB, "1 GiB".into()),
+            none_fits: None,
         }
     }
 
@@ -124,5 +130,11 @@ mod tests {
             msg.contains("no --layers fits") && msg.contains("6, need 7.00 GiB"),
             "{msg}"
         );
+        let own = Fit {
+            none_fits: Some("use a bigger machine".into()),
+            ..fit(10, 10)
+        };
+        let msg = own.check_against(6 * gib, w, fix).unwrap_err().to_string();
+        assert!(msg.ends_with("fix: use a bigger machine"), "{msg}");
     }
 }

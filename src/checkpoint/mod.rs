@@ -116,23 +116,27 @@ mod tests;
 /// Exit 3 before loading when the parameters (in the run's dtype; the MTP layer too when every
 /// layer is kept) and 1 GiB for the rest exceed this machine's memory, with the largest
 /// `--layers` that fits (`full` is the whole model's description, `layers` those kept;
-/// `fix_for_layers(n)` says how to use n layers). [`fit::Fit`] with the checkpoint's counts.
+/// `fix_for_layers(n)` says how to use n layers, at least `min_layers`; `none_fits` replaces the
+/// generic advice when not even those fit). [`fit::Fit`] with the checkpoint's counts.
 pub fn check_fits(
     full: &DeepseekConfig,
     layers: usize,
+    min_layers: usize,
     dtype: Dtype,
     model: &str,
     fix_for_layers: impl Fn(usize) -> String,
+    none_fits: Option<&str>,
 ) -> Result<(), DsoptError> {
     let total = full.num_hidden_layers;
     let fit = fit::Fit {
         model,
         layers,
         total_layers: total,
-        min_layers: 1,
+        min_layers,
         what: "its parameters",
         dtype,
         reserve: (fit::ONE_GIB, "1 GiB".into()),
+        none_fits: none_fits.map(str::to_string),
     };
     fit.check(
         |n| {

@@ -175,18 +175,27 @@ fn apply_to_mtp(
         dir.display(),
         c.num_hidden_layers
     );
+    let layer = if c.num_nextn_predict_layers > 1 {
+        format!(
+            "the checkpoint's first MTP layer (of {})",
+            c.num_nextn_predict_layers
+        )
+    } else {
+        "the checkpoint's MTP layer".to_string()
+    };
+    let drafts = if depth > 1 {
+        format!(
+            "D = {depth} drafts per step: {layer} used at every depth with its weights tied — \
+             the paper's chain of D modules (depth k reads depth k-1's hidden state and the \
+             embedding of token t+k, each depth with its own cache), not the one-cache chaining \
+             of serving engines (vLLM's EAGLE proposer); the layer was trained for depth 1 only, \
+             so acceptance at depths 2..={depth} is expected to be lower"
+        )
+    } else {
+        format!("D = 1 draft per step: {layer}, as it was trained")
+    };
     let note = format!(
-        "{what}: main model and MTP layer read from the checkpoint; D = {depth} draft(s) per \
-         step: the checkpoint's first MTP layer{} applied recursively {depth} time(s), its \
-         weights shared (depth k reads depth k-1's hidden state and the embedding of token \
-         t+k: how serving engines — TensorRT-LLM's MTP Eagle mode, vLLM — draft more than one \
-         token with DeepSeek-V3's single MTP layer; the layer was trained for depth 1 only, so acceptance at depths 2 \
-         and 3 is expected to be lower){}",
-        if c.num_nextn_predict_layers > 1 {
-            format!(" of {}", c.num_nextn_predict_layers)
-        } else {
-            String::new()
-        },
+        "{what}: main model and MTP layer read from the checkpoint; {drafts}{}",
         if sweep {
             "; the scenario's depth x batch sweep is not run on a checkpoint"
         } else {

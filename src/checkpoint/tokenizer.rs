@@ -1,7 +1,9 @@
 //! 检查点自己的分词器（`tokenizer.json`，Hugging Face tokenizers 库读）：把文本提示变成 token id，
 //! 与 transformers 的快速分词器 `tok(text)["input_ids"]` 相同（含 BOS 等后处理加的特殊 token）。
 //!
-//! `--prompt-text FILE`: one prompt per non-empty line of FILE (UTF-8), each encoded with the
+//! `--prompt-text FILE`: one prompt per non-empty line of FILE (UTF-8), each line as written
+//! (not trimmed: with a byte-level tokenizer its leading spaces are tokens, as `tok(line)` makes
+//! them), encoded with the
 //! special tokens the tokenizer's post-processor adds; the first `batch` lines are used, each cut
 //! to its first `len` ids. A missing or unreadable `tokenizer.json`, a line shorter than `len`
 //! tokens, too few lines, or an id outside the model's vocabulary exit 2 naming the file and the

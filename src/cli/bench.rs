@@ -99,6 +99,7 @@ fn check_fits_in_memory(s: &Scenario) -> Result<(), DsoptError> {
         what,
         dtype,
         reserve,
+        none_fits: None,
     };
     match s {
         Scenario::Mla(m) => {

@@ -88,6 +88,7 @@ pub fn verify_cmd(a: VerifyArgs<'_>) -> anyhow::Result<i32> {
     dsopt::checkpoint::check_fits(
         &resolve(a.model, None)?.config,
         c.num_hidden_layers,
+        1,
         dtype,
         a.model,
         |n| {
@@ -96,6 +97,7 @@ pub fn verify_cmd(a: VerifyArgs<'_>) -> anyhow::Result<i32> {
                  --layers {n} (or fewer)"
             )
         },
+        None,
     )?;
     let selected = backend::select(a.backend)?;
     let outcome = dispatch(

@@ -324,6 +324,24 @@ mod tests {
         }
     }
 
+    /// Every f16 bit pattern (NaN payloads aside) widens at every level as `half` does:
+    /// subnormals, infinities and signed zeros included.
+    #[test]
+    fn every_f16_bit_pattern_widens_alike_at_every_level() {
+        let all: Vec<f16> = (0..=u16::MAX).map(f16::from_bits).collect();
+        for level in Level::available() {
+            let got = to_f32(level, Elems::F16(&all));
+            for (h, g) in all.iter().zip(&got) {
+                let want = h.to_f32();
+                assert!(
+                    g.to_bits() == want.to_bits() || (g.is_nan() && want.is_nan()),
+                    "{level} f16 {:#06x}: {g} vs {want}",
+                    h.to_bits()
+                );
+            }
+        }
+    }
+
     #[test]
     fn widening_agrees_at_every_level_with_tails() {
         for level in Level::available() {

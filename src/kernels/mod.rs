@@ -288,6 +288,28 @@ mod timings {
                 (k * n * 2) as f64 / t16 / 1e9
             );
         }
+        // a prefill chunk's linear: 512 rows x [2048, 6144], weights f32 / bf16 / f16 (panels)
+        let m = 512;
+        let x = crate::rng::uniform(m * k, 6);
+        let wh: Vec<half::f16> = w.iter().map(|&v| half::f16::from_f32(v)).collect();
+        let time = |e: Elems<'_>| {
+            best(|| drop(std::hint::black_box(panel::matmul(level, &x, e, m, k, n))))
+        };
+        let (t32, tb, th) = (
+            time(Elems::F32(&w)),
+            time(Elems::Bf16(&wb)),
+            time(Elems::F16(&wh)),
+        );
+        let gf = |t: f64| (2 * m * k * n) as f64 / t / 1e9;
+        println!(
+            "panel matmul {m} x [{k}, {n}] {level}: f32 {:.2} ms ({:.0} GFLOP/s), bf16 {:.2} ms ({:.0}), f16 {:.2} ms ({:.0})",
+            t32 * 1e3,
+            gf(t32),
+            tb * 1e3,
+            gf(tb),
+            th * 1e3,
+            gf(th)
+        );
         // attention: MHA (16 pairs x 1 row x 128) and absorbed MLA (1 pair x 16 rows x 576/512)
         for (g, rows, dk, dv, shared) in [(16, 1, 128, 128, false), (1, 16, 576, 512, true)] {
             let ctx = 8192;

@@ -64,12 +64,14 @@ impl<B: Backend> MtpPredictor<B> {
         MtpPredictor { modules }
     }
 
-    /// 把第一个模块递归地用 `depth` 次（权重共享，每个深度有自己的缓存层）：DeepSeek-V3 只发布
-    /// 一个 MTP 层，推理引擎（TensorRT-LLM 的 MTP Eagle 模式、vLLM）要每步多于一个草稿时就这样做。深度 k 的输入是深度
-    /// k-1 的隐藏状态和 token t+k 的嵌入，与 D 个独立模块的链式结构相同，只是权重相同。
+    /// 把第一个模块在每个深度上都用一次（权重绑定，每个深度有自己的缓存层）：DeepSeek-V3 只发布
+    /// 一个 MTP 层。深度 k 的输入是深度 k-1 的隐藏状态和 token t+k 的嵌入，即论文中 D 个模块的
+    /// 链式结构，只是权重相同；不是推理引擎（vLLM 的 EAGLE 提议器）那种共用一个缓存、逐位置前移的用法。
     ///
-    /// Clones share the parameters' storage (Burn's tensors are reference-counted); Burn's
-    /// `num_params` counts every depth, so the distinct weights are the first module's.
+    /// The module's parameters must be initialised (loaded from a checkpoint): clones of an
+    /// initialised parameter share its storage (Burn's tensors are reference-counted), while a
+    /// lazy one would initialise each clone anew. Burn's `num_params` counts every depth, so the
+    /// distinct weights are the first module's.
     ///
     /// # Panics
     /// Without a module.

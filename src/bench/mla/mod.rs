@@ -393,8 +393,8 @@ fn capacity_metrics<B: Backend>(
     (capacity, capped)
 }
 
-/// Everything one variant shares with the others: scenario, backend, monitor settings, limits,
-/// the budget, and the runs before it (absorbed MLA decodes on naive MLA's tokens).
+/// Everything one variant shares with the others: scenario, backend, monitor settings, limits
+/// and the budget.
 struct Bench<'a, B: Backend> {
     s: &'a MlaScenario,
     ctx: &'a BackendContext<B>,

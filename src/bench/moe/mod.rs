@@ -619,6 +619,9 @@ pub fn run<B: Backend>(
     if let Some(o) = s.offload.as_ref().filter(|o| o.only) {
         return offload_only(s, o, ctx, &monitor_cfg);
     }
+    // the prompts first: a bad prompt file fails before minutes of loading
+    let mut prompt_notes = Vec::new();
+    let (prompt, step_ids) = inputs::<B>(s, dev, &mut prompt_notes)?;
     // the limits every speed below is set against, measured in this run before the models
     // exist (the streaming read buffer is larger than the last-level cache)
     let limits = super::roofline::measure(ctx);
@@ -642,7 +645,7 @@ pub fn run<B: Backend>(
         ..Default::default()
     };
     out.notes.extend(load_note);
-    let (prompt, step_ids) = inputs::<B>(s, dev, &mut out.notes)?;
+    out.notes.extend(prompt_notes);
     let t = time_variants(
         s,
         &models,

@@ -1,7 +1,8 @@
 //! SC-002 on a checkpoint's own weights (`bench mtp --model DIR`): the main model and its MTP
 //! layer (DeepSeek-V3's `model.layers.{L}`) read from the folder; greedy decoding against
 //! self-speculative decoding with that layer drafting D tokens per step (the scenario's
-//! `[mtp] depth`, 3 by default: the layer applied recursively, its weights shared).
+//! `[mtp] num_nextn_predict_layers`, 3 by default: the layer used at every depth, its weights
+//! tied).
 
 use std::path::Path;
 
@@ -43,31 +44,17 @@ pub(super) fn run<B: Backend>(
     let dev = &ctx.device;
     let spec = crate::checkpoint::resolve(&origin.model, None)?;
     let c = &spec.config;
-    crate::checkpoint::check_fits(c, c.num_hidden_layers, s.run.dtype, &origin.model, |_| {
-        "the MTP layer needs every layer: use a machine with more memory, or --dtype bf16".into()
-    })?;
-    let ckpt = Checkpoint::open(Path::new(&origin.model), c)?;
-    let dc = c
-        .decoder_config(MlaImpl::Absorbed)
-        .with_shape_buckets(ctx.shape_buckets());
-    let dtype = burn_dtype(s.run.dtype);
-    let (main, mut load) = load_decoder::<B>(&ckpt, &dc, dev, dtype, !monitor_cfg.progress)?;
-    let Some(mtp) = load_mtp::<B>(&ckpt, &dc, dev, dtype, &mut load)? else {
-        return Err(DsoptError::Model {
-            source_name: origin.model.clone(),
-            key: Some("num_nextn_predict_layers".into()),
-            message: format!(
-                "config.json declares {} MTP layer(s), but the checkpoint has no \
-                 model.layers.{}.eh_proj.weight (transformers drops the MTP layer when it saves)",
-                c.num_nextn_predict_layers, c.num_hidden_layers
-            ),
-            fix: "use the checkpoint as published (with its MTP layer), or drop --model".into(),
-        }
-        .into());
-    };
-    // the checkpoint's (first) MTP layer drafts D tokens per step, applied recursively
-    let mtp_params = burn::module::Module::num_params(&mtp);
-    let mtp = mtp.chained(s.mtp.depth);
+    // the MTP layer reads the last layer's output: every layer is kept
+    crate::checkpoint::check_fits(
+        c,
+        c.num_hidden_layers,
+        c.num_hidden_layers,
+        s.run.dtype,
+        &origin.model,
+        |_| String::new(),
+        Some("the MTP layer needs every layer: use a machine with more memory, or --dtype bf16"),
+    )?;
+    // the prompts first: a bad prompt file fails before minutes of loading
     let (batch, plen, n) = (s.run.batch, s.run.prompt_len, s.run.new_tokens);
     let given = crate::bench::checkpoint_prompts(
         s.run.prompts.as_deref(),
@@ -87,11 +74,33 @@ pub(super) fn run<B: Backend>(
             format!(
                 "prompts: {batch} x {plen} random token ids (uniform over the vocabulary, seed \
                  {}): the acceptance rate on random ids says little about real text (give \
-                 --prompts FILE with ids of real text)",
+                 --prompt-text FILE with real text, or --prompts FILE with its ids)",
                 s.train.seed
             ),
         ),
     };
+    let ckpt = Checkpoint::open(Path::new(&origin.model), c)?;
+    let dc = c
+        .decoder_config(MlaImpl::Absorbed)
+        .with_shape_buckets(ctx.shape_buckets());
+    let dtype = burn_dtype(s.run.dtype);
+    let (main, mut load) = load_decoder::<B>(&ckpt, &dc, dev, dtype, !monitor_cfg.progress)?;
+    let Some(mtp) = load_mtp::<B>(&ckpt, &dc, dev, dtype, &mut load)? else {
+        return Err(DsoptError::Model {
+            source_name: origin.model.clone(),
+            key: Some("num_nextn_predict_layers".into()),
+            message: format!(
+                "config.json declares {} MTP layer(s), but the checkpoint has no \
+                 model.layers.{}.eh_proj.weight (transformers drops the MTP layer when it saves)",
+                c.num_nextn_predict_layers, c.num_hidden_layers
+            ),
+            fix: "use the checkpoint as published (with its MTP layer), or drop --model".into(),
+        }
+        .into());
+    };
+    // the checkpoint's (first) MTP layer drafts D tokens per step, used at every depth
+    let mtp_params = burn::module::Module::num_params(&mtp);
+    let mtp = mtp.chained(s.mtp.depth);
     let notes = vec![
         origin.note.clone(),
         format!(

@@ -393,9 +393,9 @@ pub fn run<B: Backend>(
     if let Some(origin) = &s.model_origin {
         return checkpoint::run(s, origin, ctx, monitor_cfg);
     }
-    if let Some(p) = &s.run.prompts {
+    if let Some(p) = s.run.prompts.as_ref().or(s.run.prompt_text.as_ref()) {
         return Err(crate::DsoptError::Usage(format!(
-            "run.prompts / --prompts {}: prompt token ids are for a checkpoint (`--model DIR`); \
+            "run.prompts / run.prompt_text {}: prompts are for a checkpoint (`--model DIR`); \
              dsopt's own byte-level model takes its prompts from held-out text: drop them",
             p.display()
         ))
