@@ -643,3 +643,52 @@ fn a_reference_with_nan_logits_is_refused() {
     assert_eq!(e.exit_code(), EXIT_BAD_INPUT);
     assert!(e.to_string().contains("NaN"), "{e}");
 }
+
+/// verify's offloaded path (routed experts served from the host through a small LRU device
+/// cache) agrees with transformers on the V3-style fixture, puts the experts back, and fails when
+/// the store serves one expert's weights under another's index.
+#[test]
+fn the_offloaded_path_agrees_and_a_swapped_expert_fails_it() {
+    use burn::backend::Flex;
+    use burn::tensor::{Int, Tensor, TensorData};
+    let src = fixture_dir("v3-tiny");
+    let config = read_config_file(&src.join("config.json")).unwrap();
+    let reference = reference::Reference::read(&src.join("reference.safetensors")).unwrap();
+    let (b, s) = reference.dims();
+    let dc = config.decoder_config(crate::nn::MlaImpl::Absorbed);
+    let dev = Default::default();
+    let ck = load::Checkpoint::open(&src, &config).unwrap();
+    let (mut main, _) =
+        load::load_decoder::<Flex>(&ck, &dc, &dev, burn::tensor::DType::F32, true).unwrap();
+    let ids: Vec<i64> = reference
+        .input_ids
+        .iter()
+        .flatten()
+        .map(|&t| t as i64)
+        .collect();
+    let ids = Tensor::<Flex, 2, Int>::from_data(TensorData::new(ids, [b, s]), &dev);
+    let run = |m: &mut crate::nn::Decoder<Flex>, swap: bool| {
+        let (name, got) = verify::offloaded_decode(m, ids.clone(), b, s, &dev, |host| {
+            if swap {
+                let layer = host.iter_mut().find(|l| l.len() > 1).unwrap();
+                layer.swap(0, 1);
+            }
+        })
+        .expect("the fixture has routed experts");
+        (
+            name,
+            reference::compare("offloaded", &reference, &got, Dtype::F32),
+        )
+    };
+    let (name, ok) = run(&mut main, false);
+    assert!(ok.pass && ok.max_abs_diff < 1e-5, "{ok:?}");
+    assert!(
+        name.contains("evictions") && !name.contains(" 0 misses"),
+        "{name}"
+    );
+    // the experts are back: the resident cached decode still agrees
+    let again = verify::cached_decode(&main, ids.clone(), b, s);
+    assert!(reference::compare("resident", &reference, &again, Dtype::F32).pass);
+    let (_, bad) = run(&mut main, true);
+    assert!(!bad.pass && bad.max_abs_diff > 1e-3, "{bad:?}");
+}

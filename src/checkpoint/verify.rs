@@ -156,6 +156,12 @@ impl BackendJob for VerifyJob {
             ),
             (None, None) => {}
         }
+        // the routed experts served from the host through a device cache that holds half of one
+        // layer's experts (misses and evictions on every layer): the offloading path on the
+        // checkpoint's own weights
+        if let Some((name, got)) = offloaded_decode(&mut model, ids.clone(), b, s, &dev, |_| {}) {
+            paths.push(compare(&name, r, &got, self.dtype));
+        }
         let pass = paths.iter().all(|p| p.pass);
         Ok(VerifyOutcome {
             model: self.dir.display().to_string(),
@@ -189,7 +195,7 @@ fn full_forward<B: Backend>(
 }
 
 /// Every position's logits from one decode step per token (the cache carries the prefix).
-fn cached_decode<B: Backend>(
+pub(crate) fn cached_decode<B: Backend>(
     m: &Decoder<B>,
     ids: Tensor<B, 2, Int>,
     b: usize,
@@ -200,6 +206,53 @@ fn cached_decode<B: Backend>(
         .map(|t| m.decode_step(ids.clone().slice([0..b, t..t + 1]), &mut cache))
         .collect();
     to_host(Tensor::cat(steps, 1))
+}
+
+/// Every position's logits from one decode step per token with absorbed MLA and the routed
+/// experts moved off the model into an [`ExpertStore`] (LRU device cache of half of one layer's
+/// experts); the experts are put back afterwards. `None` for a model without routed experts.
+/// `edit` sees the host experts before the store is made (tests break them there).
+pub(crate) fn offloaded_decode<B: Backend>(
+    m: &mut Decoder<B>,
+    ids: Tensor<B, 2, Int>,
+    b: usize,
+    s: usize,
+    dev: &B::Device,
+    edit: impl FnOnce(&mut Vec<Vec<crate::nn::moe::HostExpert>>),
+) -> Option<(String, Vec<f32>)> {
+    let mut host = m.take_routed_experts();
+    edit(&mut host);
+    let per_layer = host.iter().map(Vec::len).max().unwrap_or(0);
+    let layers = host.iter().filter(|l| !l.is_empty()).count();
+    if per_layer == 0 {
+        m.set_routed_experts(Vec::new());
+        return None;
+    }
+    let capacity = (per_layer / 2).max(1);
+    let mut store = crate::nn::moe::ExpertStore::<B>::new(host, capacity, dev);
+    m.set_mla_impl(MlaImpl::Absorbed);
+    let mut cache = m.new_cache(b, s);
+    let steps: Vec<Tensor<B, 3>> = (0..s)
+        .map(|t| {
+            let h = m.forward_hidden_offloaded(
+                ids.clone().slice([0..b, t..t + 1]),
+                &mut cache,
+                &mut store,
+            );
+            m.logits(h)
+        })
+        .collect();
+    let got = to_host(Tensor::cat(steps, 1));
+    let st = store.stats.clone();
+    m.set_routed_experts(store.all_on_device());
+    Some((
+        format!(
+            "absorbed MLA, cached decode, routed experts offloaded (cache of {capacity} of \
+             {per_layer} x {layers}: {} misses, {} evictions)",
+            st.misses, st.evictions
+        ),
+        got,
+    ))
 }
 
 /// The MTP layer's logits at positions `0..S-1`: the main model's last hidden state (before its

@@ -519,6 +519,24 @@ impl<B: Backend> Decoder<B> {
         Ok(super::rms_norm(&self.norm, x))
     }
 
+    /// Takes every MoE layer's routed experts off the model, read back to the host
+    /// (`[layer][expert]`, empty for a dense layer): the host side of an [`ExpertStore`] over a
+    /// loaded model's own weights. [`Decoder::set_routed_experts`] puts them back.
+    pub fn take_routed_experts(&mut self) -> Vec<Vec<HostExpert>> {
+        self.layers
+            .iter_mut()
+            .map(|l| match l.moe_mut() {
+                Some(m) => std::mem::take(&mut m.experts)
+                    .iter()
+                    .map(|e| HostExpert {
+                        weights: e.to_data(),
+                    })
+                    .collect(),
+                None => Vec::new(),
+            })
+            .collect()
+    }
+
     /// Gives every MoE layer the routed experts `experts[layer]` (the resident twin of an
     /// offloaded model).
     pub fn set_routed_experts(&mut self, experts: Vec<Vec<SwiGlu<B>>>) {
