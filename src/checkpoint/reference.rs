@@ -161,6 +161,16 @@ impl Reference {
         (self.input_ids.len(), self.input_ids[0].len())
     }
 
+    /// `input_ids` as a `[B, S]` tensor on `device`.
+    pub fn ids_tensor<B: burn::tensor::backend::Backend>(
+        &self,
+        device: &B::Device,
+    ) -> burn::tensor::Tensor<B, 2, burn::tensor::Int> {
+        let (b, s) = self.dims();
+        let ids: Vec<i64> = self.input_ids.iter().flatten().map(|&t| t as i64).collect();
+        burn::tensor::Tensor::from_data(burn::tensor::TensorData::new(ids, [b, s]), device)
+    }
+
     /// The MTP layer's part as a reference of its own: positions `0..S-1`, its logits, and its
     /// routing stability (`mtp_route_stable`, else the main model's there).
     pub fn mtp(&self) -> Option<Reference> {

@@ -506,7 +506,6 @@ fn a_preset_gives_sc003_its_moe_layers_and_dense_first_layers() {
 #[test]
 fn the_mtp_layer_loads_in_its_own_order_and_a_swapped_eh_proj_fails() {
     use burn::backend::Flex;
-    use burn::tensor::{Int, Tensor, TensorData};
     let src = fixture_dir("v3-tiny");
     let config = read_config_file(&src.join("config.json")).unwrap();
     let reference = reference::Reference::read(&src.join("reference.safetensors")).unwrap();
@@ -522,13 +521,7 @@ fn the_mtp_layer_loads_in_its_own_order_and_a_swapped_eh_proj_fails() {
         let mtp = load::load_mtp::<Flex>(&ck, &dc, &dev, burn::tensor::DType::F32, &mut report)
             .unwrap()
             .expect("an MTP layer");
-        let ids: Vec<i64> = reference
-            .input_ids
-            .iter()
-            .flatten()
-            .map(|&t| t as i64)
-            .collect();
-        let ids = Tensor::<Flex, 2, Int>::from_data(TensorData::new(ids, [b, s]), &dev);
+        let ids = reference.ids_tensor::<Flex>(&dev);
         let got = verify::mtp_forward(&main, mtp, crate::nn::MlaImpl::Absorbed, ids, b, s);
         reference::compare("mtp", &mref, &got, Dtype::F32)
     };
@@ -650,7 +643,6 @@ fn a_reference_with_nan_logits_is_refused() {
 #[test]
 fn the_offloaded_path_agrees_and_a_swapped_expert_fails_it() {
     use burn::backend::Flex;
-    use burn::tensor::{Int, Tensor, TensorData};
     let src = fixture_dir("v3-tiny");
     let config = read_config_file(&src.join("config.json")).unwrap();
     let reference = reference::Reference::read(&src.join("reference.safetensors")).unwrap();
@@ -660,13 +652,7 @@ fn the_offloaded_path_agrees_and_a_swapped_expert_fails_it() {
     let ck = load::Checkpoint::open(&src, &config).unwrap();
     let (mut main, _) =
         load::load_decoder::<Flex>(&ck, &dc, &dev, burn::tensor::DType::F32, true).unwrap();
-    let ids: Vec<i64> = reference
-        .input_ids
-        .iter()
-        .flatten()
-        .map(|&t| t as i64)
-        .collect();
-    let ids = Tensor::<Flex, 2, Int>::from_data(TensorData::new(ids, [b, s]), &dev);
+    let ids = reference.ids_tensor::<Flex>(&dev);
     let run = |m: &mut crate::nn::Decoder<Flex>, swap: bool| {
         let (name, got) = verify::offloaded_decode(m, ids.clone(), b, s, &dev, |host| {
             if swap {

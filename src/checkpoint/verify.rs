@@ -6,7 +6,7 @@
 
 use std::path::PathBuf;
 
-use burn::tensor::{backend::Backend, Int, Tensor, TensorData};
+use burn::tensor::{backend::Backend, Int, Tensor};
 use serde::Serialize;
 
 use super::load::{load_decoder, load_mtp, Checkpoint, LoadReport};
@@ -98,8 +98,7 @@ impl BackendJob for VerifyJob {
         }
         let r = &self.reference;
         let (b, s) = r.dims();
-        let ids: Vec<i64> = r.input_ids.iter().flatten().map(|&t| t as i64).collect();
-        let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [b, s]), &dev);
+        let ids = r.ids_tensor::<B>(&dev);
         let mut paths = Vec::new();
         for (imp, name) in [
             (MlaImpl::Naive, "naive MLA"),
