@@ -4,12 +4,23 @@
 //!
 //! Weight layout (decided once, see the note of issue 28): PyTorch stores a linear weight as
 //! `[out, in]`; Burn's `Linear` keeps `[in, out]`, and dsopt's CPU decode kernels stream those
-//! rows. The transpose is done on the host while the tensor is widened/converted to the run's
-//! dtype (one pass, one tensor at a time), so a loaded model is the same kind of module as a
-//! randomly initialised one and every fast path applies to it unchanged. When the run's dtype is
-//! the file's, a tensor's bytes are read straight into its own buffer (the host holds the model
-//! plus a 16 MiB scratch); otherwise each tensor is widened to f32 and transposed (two f32 copies
-//! of one tensor at a time) before the conversion.
+//! rows. The transpose is done on the host while the tensor is loaded (one pass, one tensor at a
+//! time), so a loaded model is the same kind of module as a randomly initialised one and every
+//! fast path applies to it unchanged. When the run's dtype is the file's, each tensor is copied
+//! (or transposed in 64 x 64 tiles on the rayon pool) straight out of the file's memory map into
+//! its own freshly allocated buffer, and the map's pages are dropped behind it: the host holds
+//! the model plus the tensor being read. A run in f32 of an f16/bf16 checkpoint widens in the
+//! same single pass out of the map. Otherwise (FP8, or narrowing an f32 checkpoint) each tensor
+//! is widened to f32 and transposed (two f32 copies of one tensor at a time) before the
+//! conversion.
+//!
+//! Load time, 2-layer DeepSeek-V2-Lite-dimension bf16 checkpoint (2.17 GB, 2-core Xeon, warm
+//! page cache): 0.86-0.98 s, 2.5-3.4x a plain read of its files in the same run (was 1.7-2.0 s
+//! with positioned reads into a scratch buffer and a memset allocation); in f32 1.4-1.7 s (was
+//! 11.4 s: fresh memory for every intermediate copy is slow to fault in on this VM). What is left is mostly
+//! the first touch of 2.17 GB of fresh memory (page faults; transparent huge pages were slower on
+//! this VM) and the transpose's memory traffic; only kernels that read `[out, in]` rows would
+//! let a same-dtype load skip both (a map-backed model, no copy at all).
 
 use std::collections::BTreeMap;
 
@@ -331,6 +342,35 @@ impl Checkpoint {
         Ok(Some((d, bytes)))
     }
 
+    /// Tensor `name` (stored as F32, F16 or BF16) widened to f32 with the shape `shape`
+    /// (checked), `[rows, cols]` transposed to `[cols, rows]` when `transpose`: one pass out of the
+    /// file's memory map. `None` for another stored dtype or an unmapped file.
+    pub fn read_widened(
+        &self,
+        name: &str,
+        shape: &[usize],
+        transpose: bool,
+    ) -> Result<Option<(TensorData, u64)>, DsoptError> {
+        let f = self.file_of(name)?;
+        let info = f.info(name).expect("indexed").clone();
+        if !matches!(info.dtype, StDtype::F32 | StDtype::F16 | StDtype::BF16) {
+            return Ok(None);
+        }
+        self.check_shape(f, name, &info.shape, shape)?;
+        let Some(src) = f.mapped(name) else {
+            return Ok(None);
+        };
+        let (v, out_shape) = match *shape {
+            [r, c] if transpose => (widen_mapped(src, info.dtype, r, c, true), vec![c, r]),
+            _ => (
+                widen_mapped(src, info.dtype, 1, shape.iter().product(), false),
+                shape.to_vec(),
+            ),
+        };
+        f.release(name);
+        Ok(Some((TensorData::new(v, out_shape), info.end - info.start)))
+    }
+
     fn check_shape(
         &self,
         f: &SafeFile,
@@ -386,10 +426,8 @@ impl Checkpoint {
 }
 
 /// Tensor `name` of `rows x cols` elements of type `T` (as stored, little-endian), transposed to
-/// `cols x rows` when `transpose`: read in chunks of whole rows into a scratch buffer and
-/// written out through a 64 x 64 tile on the stack, one task per 64 output rows on the rayon
-/// pool (2.17 GB of V2-Lite weights: 0.54-0.7 s here, against 1.5 s for a strided write per
-/// element); without a transpose the bytes are read straight into the result.
+/// `cols x rows` when `transpose`: out of the file's memory map when it has one
+/// ([`from_mapped`]), else by positioned reads in chunks ([`read_chunked`]).
 fn read_typed<T: bytemuck::Pod + burn::tensor::Element>(
     f: &SafeFile,
     name: &str,
@@ -397,7 +435,154 @@ fn read_typed<T: bytemuck::Pod + burn::tensor::Element>(
     cols: usize,
     transpose: bool,
 ) -> Result<Vec<T>, DsoptError> {
-    read_chunked(f, name, rows, cols, transpose, READ_CHUNK)
+    match f.mapped(name) {
+        Some(src) => {
+            let v = from_mapped(src, rows, cols, transpose);
+            f.release(name);
+            Ok(v)
+        }
+        None => read_chunked(f, name, rows, cols, transpose, READ_CHUNK),
+    }
+}
+
+/// A zeroed host vector for a loaded tensor: `calloc`'s fresh pages, no memset; the first
+/// writes fault them in, in parallel where the writes are. (Measured on this VM and not kept:
+/// transparent huge pages made a first load 2.5-6x slower — the 2 MiB blocks are the ones the
+/// hypervisor had taken back — and `MADV_POPULATE_WRITE` ahead of the writes was 10-20 % slower.)
+fn host_vec<T: bytemuck::Pod>(n: usize) -> Vec<T> {
+    bytemuck::allocation::zeroed_vec(n)
+}
+
+/// Tensor bytes `src` (`rows x cols` little-endian elements of `T`, any alignment) as a `Vec<T>`,
+/// transposed to `cols x rows` when `transpose`. Both run on the rayon pool: the copy in 4 MiB
+/// pieces, the transpose one task per 64 output rows (source columns), each walking the source
+/// in 64 x 64 tiles whose rows stay in L1 while the tile's 64 output runs are written.
+fn from_mapped<T: bytemuck::Pod>(src: &[u8], rows: usize, cols: usize, transpose: bool) -> Vec<T> {
+    let mut dest: Vec<T> = host_vec(rows * cols);
+    let out: &mut [u8] = bytemuck::cast_slice_mut(&mut dest);
+    debug_assert_eq!(out.len(), src.len());
+    if !transpose {
+        const PIECE: usize = 4 << 20;
+        out.par_chunks_mut(PIECE)
+            .zip(src.par_chunks(PIECE))
+            .for_each(|(d, s)| d.copy_from_slice(s));
+        return dest;
+    }
+    match std::mem::size_of::<T>() {
+        2 => transpose_into::<[u8; 2]>(
+            bytemuck::cast_slice(src),
+            bytemuck::cast_slice_mut(out),
+            rows,
+            cols,
+        ),
+        4 => transpose_into::<[u8; 4]>(
+            bytemuck::cast_slice(src),
+            bytemuck::cast_slice_mut(out),
+            rows,
+            cols,
+        ),
+        n => unreachable!("{n}-byte elements are widened before loading"),
+    }
+    dest
+}
+
+/// Tensor bytes `src` stored as `dtype` (F32, F16 or BF16; `rows x cols`, any alignment) widened
+/// to f32, transposed to `cols x rows` when `transpose`: one pass out of the map into the
+/// tensor's own buffer (no widened copy in between).
+fn widen_mapped(src: &[u8], dtype: StDtype, rows: usize, cols: usize, transpose: bool) -> Vec<f32> {
+    let mut dest: Vec<f32> = host_vec(rows * cols);
+    let bf16 = |b: [u8; 2]| f32::from_bits((u16::from_le_bytes(b) as u32) << 16);
+    let f16 = |b: [u8; 2]| half::f16::from_bits(u16::from_le_bytes(b)).to_f32();
+    match dtype {
+        StDtype::BF16 => widen_into(
+            bytemuck::cast_slice(src),
+            &mut dest,
+            rows,
+            cols,
+            transpose,
+            bf16,
+        ),
+        StDtype::F16 => widen_into(
+            bytemuck::cast_slice(src),
+            &mut dest,
+            rows,
+            cols,
+            transpose,
+            f16,
+        ),
+        StDtype::F32 => widen_into(
+            bytemuck::cast_slice(src),
+            &mut dest,
+            rows,
+            cols,
+            transpose,
+            f32::from_le_bytes,
+        ),
+        other => unreachable!("{} is not widened from the map", other.name()),
+    }
+    dest
+}
+
+fn widen_into<S, F>(src: &[S], dest: &mut [f32], rows: usize, cols: usize, transpose: bool, f: F)
+where
+    S: bytemuck::Pod + Send + Sync,
+    F: Fn(S) -> f32 + Sync,
+{
+    if transpose {
+        return transpose_map(src, dest, rows, cols, f);
+    }
+    const PIECE: usize = 1 << 20;
+    dest.par_chunks_mut(PIECE)
+        .zip(src.par_chunks(PIECE))
+        .for_each(|(d, s)| d.iter_mut().zip(s).for_each(|(o, &x)| *o = f(x)));
+}
+
+/// `dest` (`cols x rows`) = the transpose of `src` (`rows x cols`), on the rayon pool: each
+/// task owns 64 output rows (source columns) and walks the source in 64 x 64 tiles, copying the
+/// tile's 64 source row pieces (one page each) into a stack tile and writing its 64 output runs
+/// from there, so a tile costs 128 page-table lookups rather than one per element. (8 x 8 SSE2
+/// blocks in place of the element loop were tried and not kept: 10944 x 2048 bf16 in 10.3-12.0
+/// ms either way, the memory traffic is the limit.)
+fn transpose_into<E: bytemuck::Pod + Send + Sync>(
+    src: &[E],
+    dest: &mut [E],
+    rows: usize,
+    cols: usize,
+) {
+    transpose_map(src, dest, rows, cols, |x| x);
+}
+
+/// [`transpose_into`] with each element passed through `f` on its way (widening, say).
+fn transpose_map<S, D, F>(src: &[S], dest: &mut [D], rows: usize, cols: usize, f: F)
+where
+    S: bytemuck::Pod + Send + Sync,
+    D: Send,
+    F: Fn(S) -> D + Sync,
+{
+    const TILE: usize = 64;
+    dest.par_chunks_mut(TILE * rows)
+        .enumerate()
+        .for_each(|(t, block)| {
+            let c0 = t * TILE;
+            let w = block.len() / rows;
+            let mut tile = [[S::zeroed(); TILE]; TILE];
+            for r0 in (0..rows).step_by(TILE) {
+                let h = TILE.min(rows - r0);
+                for (dr, trow) in tile.iter_mut().enumerate().take(h) {
+                    let at = (r0 + dr) * cols + c0;
+                    if w == TILE {
+                        *trow = src[at..at + TILE].try_into().expect("a full tile row");
+                    } else {
+                        trow[..w].copy_from_slice(&src[at..at + w]);
+                    }
+                }
+                for (dc, run) in block.chunks_exact_mut(rows).enumerate() {
+                    for (o, trow) in run[r0..r0 + h].iter_mut().zip(&tile) {
+                        *o = f(trow[dc]);
+                    }
+                }
+            }
+        });
 }
 
 /// [`read_typed`] with reads of at most `chunk_bytes` (tests use small ones).
@@ -498,18 +683,20 @@ impl<B: Backend> Reader<'_, B> {
             self.report.bytes_read += bytes;
             return Ok(d);
         }
+        if self.dtype == DType::F32 {
+            if let Some((d, bytes)) = self.ckpt.read_widened(name, shape, transpose)? {
+                self.report.bytes_read += bytes;
+                return Ok(d);
+            }
+        }
         let (v, bytes) = self.ckpt.read(name, shape)?;
         self.report.bytes_read += bytes;
         if !transpose || shape.len() != 2 {
             return Ok(TensorData::new(v, shape.to_vec()).convert_dtype(self.dtype));
         }
         let [out, inp] = [shape[0], shape[1]];
-        let mut t = vec![0f32; v.len()];
-        for (o, row) in v.chunks_exact(inp).enumerate() {
-            for (i, &x) in row.iter().enumerate() {
-                t[i * out + o] = x;
-            }
-        }
+        let mut t: Vec<f32> = host_vec(v.len());
+        transpose_into(&v, &mut t, out, inp);
         drop(v);
         Ok(TensorData::new(t, [inp, out]).convert_dtype(self.dtype))
     }
@@ -760,7 +947,8 @@ mod tests {
     use super::*;
 
     /// Transposing reads in chunks of a few rows and 64 x 64 tiles with cropped edges equal a
-    /// plain transpose, for 2- and 4-byte elements; without a transpose the bytes are as stored.
+    /// plain transpose, for 2- and 4-byte elements; without a transpose the bytes are as stored;
+    /// the same out of the file's memory map.
     #[test]
     fn chunked_tiled_transpose_is_a_transpose() {
         let (rows, cols) = (70, 133);
@@ -768,11 +956,15 @@ mod tests {
         let b: Vec<half::bf16> = v.iter().map(|&x| half::bf16::from_f32(x)).collect();
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("t.safetensors");
+        let h: Vec<half::f16> = v.iter().map(|&x| half::f16::from_f32(x)).collect();
         let mut data: Vec<u8> = bytemuck::cast_slice(&v).to_vec();
         let n32 = data.len();
         data.extend_from_slice(bytemuck::cast_slice(&b));
+        let n16 = data.len();
+        data.extend_from_slice(bytemuck::cast_slice(&h));
+        // the header's length is left unpadded: the tensors start at odd offsets
         let header = format!(
-            r#"{{"a":{{"dtype":"F32","shape":[{rows},{cols}],"data_offsets":[0,{n32}]}},"b":{{"dtype":"BF16","shape":[{rows},{cols}],"data_offsets":[{n32},{}]}}}}"#,
+            r#"{{"a":{{"dtype":"F32","shape":[{rows},{cols}],"data_offsets":[0,{n32}]}},"b":{{"dtype":"BF16","shape":[{rows},{cols}],"data_offsets":[{n32},{n16}]}},"c":{{"dtype":"F16","shape":[{rows},{cols}],"data_offsets":[{n16},{}]}}}}"#,
             data.len()
         );
         let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
@@ -795,6 +987,37 @@ mod tests {
             assert_eq!(t, w, "bf16, chunk {chunk}");
             let t: Vec<f32> = read_chunked(&f, "a", 1, rows * cols, false, chunk).unwrap();
             assert_eq!(t, v, "untransposed, chunk {chunk}");
+        }
+        assert!(f.mapped("a").is_some(), "the file is mapped");
+        let t: Vec<f32> = read_typed(&f, "a", rows, cols, true).unwrap();
+        assert_eq!(t, want, "mapped f32");
+        let t: Vec<half::bf16> = read_typed(&f, "b", rows, cols, true).unwrap();
+        assert!(
+            t.iter()
+                .zip(&want)
+                .all(|(x, &w)| x.to_f32() == half::bf16::from_f32(w).to_f32()),
+            "mapped bf16"
+        );
+        let t: Vec<f32> = read_typed(&f, "a", rows, cols, false).unwrap();
+        assert_eq!(t, v, "mapped, untransposed");
+        // widened to f32 on the way out of the map (the values are exact in every dtype)
+        for (name, dtype) in [
+            ("a", StDtype::F32),
+            ("b", StDtype::BF16),
+            ("c", StDtype::F16),
+        ] {
+            let src = f.mapped(name).unwrap();
+            let rounded = |x: f32| match dtype {
+                StDtype::BF16 => half::bf16::from_f32(x).to_f32(),
+                StDtype::F16 => half::f16::from_f32(x).to_f32(),
+                _ => x,
+            };
+            let t = widen_mapped(src, dtype, rows, cols, true);
+            let w: Vec<f32> = want.iter().map(|&x| rounded(x)).collect();
+            assert_eq!(t, w, "{name} widened and transposed");
+            let t = widen_mapped(src, dtype, rows, cols, false);
+            let w: Vec<f32> = v.iter().map(|&x| rounded(x)).collect();
+            assert_eq!(t, w, "{name} widened");
         }
     }
 }

@@ -2,9 +2,11 @@
 //! 再按需用定位读取（`read_exact_at`）取出单个张量——不把整个文件读进内存，也不按头部声明的
 //! 尺寸预先分配。FP8 e4m3 权重按 `weight_scale_inv` 的 128×128 块缩放反量化。
 //!
-//! Why positioned reads and not a memory map: each tensor is converted anyway (to the run's
-//! dtype and, for linear weights, to Burn's `[in, out]` layout), so a map would only add page
-//! faults; a read of exactly the tensor's bytes keeps the host peak at the model plus one tensor.
+//! Tensors are read out of a read-only memory map of the file (no read buffer in between: a
+//! transposed linear weight is rearranged straight out of the page cache); positioned reads
+//! (`read_exact_at`) serve the small reads and the rare case where a file cannot be mapped.
+//! A file truncated or rewritten by another process while dsopt reads it can end the process
+//! with SIGBUS, as it can every mapped safetensors reader (Hugging Face's `safe_open` maps too).
 //!
 //! Format: 8 bytes little-endian header length N, N bytes of JSON
 //! `{name: {dtype, shape, data_offsets: [begin, end]}, "__metadata__": {str: str}}`, then the
@@ -97,6 +99,7 @@ impl TensorInfo {
 pub struct SafeFile {
     path: PathBuf,
     file: File,
+    map: Option<memmap2::Mmap>,
     tensors: BTreeMap<String, TensorInfo>,
     metadata: BTreeMap<String, String>,
 }
@@ -153,9 +156,14 @@ impl SafeFile {
             .map_err(|e| bad(path, None, format!("has a header that is not JSON: {e}")))?;
         let data_start = 8 + n;
         let (tensors, metadata) = parse_header(path, &json, len - data_start, data_start)?;
+        // SAFETY: a private read-only map of a file opened read-only; its bytes are only read
+        // through `mapped`, in ranges `parse_header` checked against the file's length. Another
+        // process truncating the file while it is mapped can raise SIGBUS (module docs).
+        let map = unsafe { memmap2::Mmap::map(&file) }.ok();
         Ok(SafeFile {
             path: path.to_path_buf(),
             file,
+            map,
             tensors,
             metadata,
         })
@@ -179,6 +187,32 @@ impl SafeFile {
     /// The header's `__metadata__`.
     pub fn metadata(&self) -> &BTreeMap<String, String> {
         &self.metadata
+    }
+
+    /// Tensor `name`'s bytes in the file's memory map (`None` when the file could not be
+    /// mapped or has no such tensor).
+    pub fn mapped(&self, name: &str) -> Option<&[u8]> {
+        let info = self.info(name)?;
+        let map = self.map.as_ref()?;
+        map.get(info.start as usize..info.end as usize)
+    }
+
+    /// Drops tensor `name`'s pages from this process's map once it has been read (the page
+    /// cache keeps them), so that the process's resident size holds the loaded model and not the
+    /// file beside it.
+    pub fn release(&self, name: &str) {
+        if let (Some(info), Some(map)) = (self.info(name), self.map.as_ref()) {
+            // SAFETY: the map is private and read-only: MADV_DONTNEED drops this process's page
+            // table entries for the range and the next access reads the same file bytes back, so
+            // a slice still borrowed from `mapped` keeps its contents.
+            let _ = unsafe {
+                map.unchecked_advise_range(
+                    memmap2::UncheckedAdvice::DontNeed,
+                    info.start as usize,
+                    (info.end - info.start) as usize,
+                )
+            };
+        }
     }
 
     /// The raw bytes of tensor `name` (one positioned read of exactly its size).

@@ -678,3 +678,67 @@ fn the_offloaded_path_agrees_and_a_swapped_expert_fails_it() {
     let (_, bad) = run(&mut main, true);
     assert!(!bad.pass && bad.max_abs_diff > 1e-3, "{bad:?}");
 }
+
+/// Load timing against reading the same files, run by hand on a checkpoint folder
+/// (`DSOPT_LOAD_DIR=DIR cargo test --release --lib -- --ignored load_timings --nocapture`):
+/// not a test of speed, a measurement the note of issue 28 quotes. Three rounds, each a plain
+/// sequential read of every file (1 MiB `read` calls, like `cat`) and then a load in the
+/// checkpoint's dtype, interleaved so the two see the same page cache and machine phase.
+#[test]
+#[ignore]
+fn load_timings() {
+    use burn::backend::Flex;
+    use std::io::Read;
+    let Ok(dir) = std::env::var("DSOPT_LOAD_DIR") else {
+        eprintln!("set DSOPT_LOAD_DIR to a checkpoint folder");
+        return;
+    };
+    let dir = std::path::PathBuf::from(dir);
+    let config = read_config_file(&dir.join("config.json")).unwrap();
+    let dc = config.decoder_config(crate::nn::MlaImpl::Absorbed);
+    let dtype = config.dtype.unwrap_or_default();
+    let dev = Default::default();
+    crate::backend::use_float_dtype::<Flex>(&dev, dtype).unwrap();
+    let dtype = crate::backend::burn_dtype(dtype);
+    let files: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+        .collect();
+    for round in 0..3 {
+        let t = std::time::Instant::now();
+        let mut buf = vec![0u8; 1 << 20];
+        let mut n = 0u64;
+        for p in &files {
+            let mut f = std::fs::File::open(p).unwrap();
+            loop {
+                let k = f.read(&mut buf).unwrap();
+                if k == 0 {
+                    break;
+                }
+                n += k as u64;
+            }
+        }
+        let read_s = t.elapsed().as_secs_f64();
+        let ck = load::Checkpoint::open(&dir, &config).unwrap();
+        let (model, r) = load::load_decoder::<Flex>(&ck, &dc, &dev, dtype, true).unwrap();
+        let t = std::time::Instant::now();
+        drop(model);
+        let drop_s = t.elapsed().as_secs_f64();
+        let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+        let hwm = status
+            .lines()
+            .find(|l| l.starts_with("VmHWM"))
+            .unwrap_or("");
+        eprintln!(
+            "round {round}: read {:.1} MB in {read_s:.3} s ({:.2} GB/s); load {} tensors, {:.1} MB \
+             in {:.3} s ({:.2}x the read; drop {drop_s:.3} s); process {hwm}",
+            n as f64 / 1e6,
+            n as f64 / 1e9 / read_s,
+            r.tensors,
+            r.model_bytes as f64 / 1e6,
+            r.seconds,
+            r.seconds / read_s
+        );
+    }
+}
