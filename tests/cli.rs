@@ -1825,6 +1825,19 @@ fn bench_moe_on_a_checkpoint_loads_its_router_and_experts() {
     let notes = v["notes"].to_string();
     assert!(notes.contains("MoE variant loaded from"), "{notes}");
     assert!(notes.contains("(MLA)"), "{notes}");
+    // SC-003b (experts on storage) runs the checkpoint too: its routed experts in the expert
+    // file, served to the loaded model, equal to the resident twin
+    assert!(
+        notes.contains("SC-003b model: the checkpoint's own weights"),
+        "{notes}"
+    );
+    let eq = v["criteria"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["id"].as_str().unwrap().starts_with("SC-003b-eq"))
+        .unwrap();
+    assert_eq!(eq["passed"], true, "{eq}");
     // prompts from a file: 8 rows of 16 ids cover the smoke prefill (2 x 8) and decode (8 x 2)
     let ids = dir.path().join("ids.txt");
     let rows: Vec<String> = (0..8)
@@ -1853,6 +1866,13 @@ fn bench_moe_on_a_checkpoint_loads_its_router_and_experts() {
         "{}",
         p["notes"]
     );
+    assert!(
+        p["notes"]
+            .to_string()
+            .contains("SC-003b prompts: the first"),
+        "{}",
+        p["notes"]
+    );
     // a folder with only its config.json stays random, as before
     let cfg_only = tempfile::tempdir().unwrap();
     std::fs::copy(
@@ -1868,6 +1888,13 @@ fn bench_moe_on_a_checkpoint_loads_its_router_and_experts() {
         &[std::ffi::OsStr::new("--model"), cfg_only.path().as_os_str()],
     );
     assert_eq!(w["scenario"]["model_origin"]["weights"], "random");
+    assert!(
+        w["notes"]
+            .to_string()
+            .contains("SC-003b model: the scenario's MoE model with random"),
+        "{}",
+        w["notes"]
+    );
 }
 
 /// `bench model --model`: the combined model's dimensions, routing and dense-first layers from

@@ -371,6 +371,90 @@ impl Checkpoint {
         Ok(Some((TensorData::new(v, out_shape), info.end - info.start)))
     }
 
+    /// Tensor `name` of PyTorch shape `shape` in `dtype`, transposed (`[out, in]` to
+    /// `[in, out]`) when `transpose`: read as stored when the dtypes agree, widened in one pass
+    /// for f32, else widened to f32, transposed and converted one tensor at a time. Returns the
+    /// data and the bytes read from the files.
+    pub fn data(
+        &self,
+        name: &str,
+        shape: &[usize],
+        transpose: bool,
+        dtype: DType,
+    ) -> Result<(TensorData, u64), DsoptError> {
+        if let Some(r) = self.read_as_stored(name, shape, dtype, transpose)? {
+            return Ok(r);
+        }
+        if dtype == DType::F32 {
+            if let Some(r) = self.read_widened(name, shape, transpose)? {
+                return Ok(r);
+            }
+        }
+        let (v, bytes) = self.read(name, shape)?;
+        if !transpose || shape.len() != 2 {
+            return Ok((
+                TensorData::new(v, shape.to_vec()).convert_dtype(dtype),
+                bytes,
+            ));
+        }
+        let [out, inp] = [shape[0], shape[1]];
+        let mut t: Vec<f32> = host_vec(v.len());
+        transpose_into(&v, &mut t, out, inp);
+        drop(v);
+        Ok((TensorData::new(t, [inp, out]).convert_dtype(dtype), bytes))
+    }
+
+    /// Routed expert `e` of model layer `layer` as dsopt's expert file stores it: `w1` (gate),
+    /// `w2` (down), `w3` (up) in Burn's `[in, out]` layout (`[dim, inter]`, `[inter, dim]`,
+    /// `[dim, inter]`), in `dtype`, little-endian, one after the other.
+    pub fn routed_expert_bytes(
+        &self,
+        layer: usize,
+        e: usize,
+        dim: usize,
+        inter: usize,
+        dtype: DType,
+    ) -> Result<Vec<u8>, DsoptError> {
+        let p = format!("model.layers.{layer}.mlp.experts.{e}");
+        let mut out = Vec::new();
+        for (w, shape) in [
+            ("gate_proj", [inter, dim]),
+            ("down_proj", [dim, inter]),
+            ("up_proj", [inter, dim]),
+        ] {
+            let (d, _) = self.data(&format!("{p}.{w}.weight"), &shape, true, dtype)?;
+            out.extend_from_slice(d.as_bytes());
+        }
+        Ok(out)
+    }
+
+    /// What identifies this checkpoint's weights for a cache keyed on them: its folder and
+    /// every file's name, size and modification time.
+    pub fn identity(&self) -> String {
+        let mut id = self
+            .dir
+            .canonicalize()
+            .unwrap_or_else(|_| self.dir.clone())
+            .display()
+            .to_string();
+        for f in &self.files {
+            let meta = std::fs::metadata(f.path()).ok();
+            let size = meta.as_ref().map(|m| m.len()).unwrap_or(0);
+            let mtime = meta
+                .and_then(|m| m.modified().ok())
+                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                .map(|d| d.as_nanos())
+                .unwrap_or(0);
+            let name = f
+                .path()
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            id.push_str(&format!("|{name}:{size}:{mtime}"));
+        }
+        id
+    }
+
     fn check_shape(
         &self,
         f: &SafeFile,
@@ -650,6 +734,8 @@ struct Reader<'a, B: Backend> {
     device: &'a B::Device,
     dtype: DType,
     report: LoadReport,
+    /// Leave the MoE layers' routed experts out (they are served from elsewhere).
+    skip_routed: bool,
 }
 
 impl<B: Backend> Reader<'_, B> {
@@ -676,29 +762,9 @@ impl<B: Backend> Reader<'_, B> {
         shape: &[usize],
         transpose: bool,
     ) -> Result<TensorData, DsoptError> {
-        if let Some((d, bytes)) = self
-            .ckpt
-            .read_as_stored(name, shape, self.dtype, transpose)?
-        {
-            self.report.bytes_read += bytes;
-            return Ok(d);
-        }
-        if self.dtype == DType::F32 {
-            if let Some((d, bytes)) = self.ckpt.read_widened(name, shape, transpose)? {
-                self.report.bytes_read += bytes;
-                return Ok(d);
-            }
-        }
-        let (v, bytes) = self.ckpt.read(name, shape)?;
+        let (d, bytes) = self.ckpt.data(name, shape, transpose, self.dtype)?;
         self.report.bytes_read += bytes;
-        if !transpose || shape.len() != 2 {
-            return Ok(TensorData::new(v, shape.to_vec()).convert_dtype(self.dtype));
-        }
-        let [out, inp] = [shape[0], shape[1]];
-        let mut t: Vec<f32> = host_vec(v.len());
-        transpose_into(&v, &mut t, out, inp);
-        drop(v);
-        Ok(TensorData::new(t, [inp, out]).convert_dtype(self.dtype))
+        Ok(d)
     }
 
     fn tensor<const D: usize>(
@@ -845,7 +911,8 @@ impl<B: Backend> Reader<'_, B> {
         } else {
             vec![0.0; e]
         };
-        let experts = (0..e)
+        let n_loaded = if self.skip_routed { 0 } else { e };
+        let experts = (0..n_loaded)
             .map(|j| self.swiglu(&format!("{p}.experts.{j}"), d, m.moe_inter_dim))
             .collect::<Result<Vec<_>, _>>()?;
         let shared = (m.n_shared_experts > 0)
@@ -885,6 +952,7 @@ pub fn load_mtp<B: Backend>(
         device,
         dtype,
         report: LoadReport::default(),
+        skip_routed: false,
     };
     let mtp = MtpPredictor::from_modules(vec![r.mtp_module(c)?]);
     report.tensors += r.report.tensors;
@@ -906,6 +974,29 @@ pub fn load_decoder<B: Backend>(
     dtype: DType,
     quiet: bool,
 ) -> Result<(Decoder<B>, LoadReport), DsoptError> {
+    load_decoder_with(ckpt, c, device, dtype, quiet, false)
+}
+
+/// [`load_decoder`] without the MoE layers' routed experts (never read: they are served from an
+/// expert store), as [`DecoderConfig::init_without_routed_experts`] builds a random one.
+pub fn load_decoder_without_routed_experts<B: Backend>(
+    ckpt: &Checkpoint,
+    c: &DecoderConfig,
+    device: &B::Device,
+    dtype: DType,
+    quiet: bool,
+) -> Result<(Decoder<B>, LoadReport), DsoptError> {
+    load_decoder_with(ckpt, c, device, dtype, quiet, true)
+}
+
+fn load_decoder_with<B: Backend>(
+    ckpt: &Checkpoint,
+    c: &DecoderConfig,
+    device: &B::Device,
+    dtype: DType,
+    quiet: bool,
+    skip_routed: bool,
+) -> Result<(Decoder<B>, LoadReport), DsoptError> {
     let t0 = Instant::now();
     let heap0 = crate::monitor::alloc::reset_peak();
     let mut r = Reader::<B> {
@@ -913,6 +1004,7 @@ pub fn load_decoder<B: Backend>(
         device,
         dtype,
         report: LoadReport::default(),
+        skip_routed,
     };
     let (d, v) = (c.hidden, c.vocab_size);
     let embed = Embedding {

@@ -409,6 +409,7 @@ fn experts_streamed_from_storage_equal_the_resident_model_through_evictions() {
         inter: 8,
         dtype: crate::config::Dtype::F32,
         seed: 5,
+        origin: None,
     };
     assert_eq!(spec.layers, [0, 1]);
     let (file, written) = storage::ensure(dir.path(), &spec, false, false).unwrap();

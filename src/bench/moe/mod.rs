@@ -544,15 +544,16 @@ fn sc003b<B: Backend>(
         ));
         return Ok(());
     };
-    if is_trained(s) {
+    let device_pool = super::has_device_pool(ctx.selected.kind);
+    if is_trained(s) && device_pool {
         out.notes.push(
-            "SC-003b's resident and offloaded twins are built from the scenario's shape (MHA \
-             attention, random weights; on the CPU their routed experts are a random expert file), \
-             not loaded from the checkpoint"
+            "SC-003b on this backend: the resident and offloaded twins are built from the \
+             scenario's shape (MHA attention, random weights), not loaded from the checkpoint \
+             (on the CPU backend they are the checkpoint's own)"
                 .into(),
         );
     }
-    if super::has_device_pool(ctx.selected.kind) {
+    if device_pool {
         let (v, c, n) = offload::<B>(s, o, ctx, monitor_cfg, &mut out.memory_series);
         out.variants.extend(v);
         out.criteria.extend(c);

@@ -25,15 +25,168 @@ const EXPERT_SEED: u64 = 13;
 /// At most this much of the expert file is read sequentially for the storage read rate.
 const READ_RATE_BYTES: u64 = 512 << 20;
 
-/// The expert file's description for scenario `s`'s MoE model.
+/// The expert file's description for scenario `s`'s MoE model `cfg`.
 pub(super) fn file_spec(s: &MoeScenario, cfg: &DecoderConfig) -> ExpertFileSpec {
+    let moe = cfg.moe.as_ref().expect("the MoE variant has an MoE FFN");
     ExpertFileSpec {
         layers: cfg.moe_layer_indices(),
-        n_experts: s.moe.n_routed_experts,
+        n_experts: moe.router.n_routed_experts,
         dim: cfg.hidden,
-        inter: s.moe.moe_inter_dim,
+        inter: moe.moe_inter_dim,
         dtype: s.run.dtype,
         seed: EXPERT_SEED,
+        origin: None,
+    }
+}
+
+/// The MoE model SC-003b runs: the scenario's, random (`init_without_routed_experts`, its
+/// routed experts drawn into the expert file from [`EXPERT_SEED`]), or — with `--model DIR` and
+/// its weights — the checkpoint itself (MLA, dense-first layers, trained routers and shared
+/// experts loaded; its routed experts copied into the expert file in Burn's layout).
+enum Sc003bModel {
+    Random,
+    Checkpoint(crate::checkpoint::load::Checkpoint),
+}
+
+impl Sc003bModel {
+    /// The model's configuration and its expert file's description.
+    fn of<B: Backend>(
+        s: &MoeScenario,
+        ctx: &BackendContext<B>,
+    ) -> anyhow::Result<(Sc003bModel, DecoderConfig, ExpertFileSpec)> {
+        if !is_trained(s) {
+            let cfg = s.decoder_config(MoeVariant::Moe);
+            let spec = file_spec(s, &cfg);
+            return Ok((Sc003bModel::Random, cfg, spec));
+        }
+        let o = s.model_origin.as_ref().expect("a checkpoint");
+        let c = crate::checkpoint::resolve(&o.model, Some(s.model.n_layers))?.config;
+        let ckpt = crate::checkpoint::load::Checkpoint::open(std::path::Path::new(&o.model), &c)?;
+        let cfg = c
+            .decoder_config(crate::nn::attention::MlaImpl::Absorbed)
+            .with_shape_buckets(ctx.shape_buckets());
+        let mut spec = file_spec(s, &cfg);
+        spec.origin = Some(ckpt.identity());
+        Ok((Sc003bModel::Checkpoint(ckpt), cfg, spec))
+    }
+
+    /// Expert `(slot, e)`'s bytes for the expert file.
+    fn expert_bytes(
+        &self,
+        spec: &ExpertFileSpec,
+        slot: usize,
+        e: usize,
+    ) -> anyhow::Result<Vec<u8>> {
+        match self {
+            Sc003bModel::Random => Ok(spec.expert_bytes_of(slot, e)),
+            Sc003bModel::Checkpoint(ck) => Ok(ck.routed_expert_bytes(
+                spec.layers[slot],
+                e,
+                spec.dim,
+                spec.inter,
+                crate::backend::burn_dtype(spec.dtype),
+            )?),
+        }
+    }
+
+    /// The model without its routed experts.
+    fn build<B: Backend>(
+        &self,
+        cfg: &DecoderConfig,
+        s: &MoeScenario,
+        dev: &B::Device,
+        quiet: bool,
+    ) -> anyhow::Result<Decoder<B>> {
+        match self {
+            Sc003bModel::Random => {
+                B::seed(dev, 11);
+                Ok(cfg.init_without_routed_experts::<B>(dev))
+            }
+            Sc003bModel::Checkpoint(ck) => Ok(
+                crate::checkpoint::load::load_decoder_without_routed_experts::<B>(
+                    ck,
+                    cfg,
+                    dev,
+                    crate::backend::burn_dtype(s.run.dtype),
+                    quiet,
+                )?
+                .0,
+            ),
+        }
+    }
+
+    /// The offloaded generation's prompt (`[batch, OFFLOAD_PROMPT]`): the first ids of the run's
+    /// prompts for a checkpoint when it has some, else random ids.
+    fn prompt<B: Backend>(
+        &self,
+        s: &MoeScenario,
+        cfg: &DecoderConfig,
+        dev: &B::Device,
+        notes: &mut Vec<String>,
+    ) -> anyhow::Result<Tensor<B, 2, Int>> {
+        let db = s.run.decode_batch;
+        let dir = s
+            .model_origin
+            .as_ref()
+            .map(|o| o.model.clone())
+            .unwrap_or_default();
+        let given = match self {
+            Sc003bModel::Random => None,
+            Sc003bModel::Checkpoint(_) => crate::bench::checkpoint_prompts(
+                s.run.prompts.as_deref(),
+                s.run.prompt_text.as_deref(),
+                std::path::Path::new(&dir),
+                db,
+                OFFLOAD_PROMPT,
+                cfg.vocab_size,
+            )?,
+        };
+        let Some((rows, from)) = given else {
+            if matches!(self, Sc003bModel::Checkpoint(_)) {
+                notes.push(
+                    "SC-003b on the checkpoint's weights with random token ids as prompts: the \
+                     expert cache's hits depend on the routing, which random ids do not show \
+                     (give --prompt-text FILE or --prompts FILE)"
+                        .into(),
+                );
+            }
+            return Ok(crate::bench::token_tensor::<B>(
+                db,
+                OFFLOAD_PROMPT,
+                cfg.vocab_size,
+                10,
+                dev,
+            ));
+        };
+        notes.push(format!(
+            "SC-003b prompts: the first {OFFLOAD_PROMPT} ids of the first {db} rows of {from}"
+        ));
+        let v: Vec<i64> = rows[..db]
+            .iter()
+            .flat_map(|r| r[..OFFLOAD_PROMPT].iter().map(|&t| t as i64))
+            .collect();
+        Ok(Tensor::from_data(
+            TensorData::new(v, [db, OFFLOAD_PROMPT]),
+            dev,
+        ))
+    }
+
+    /// One sentence on where the model's weights come from.
+    fn note(&self, spec: &ExpertFileSpec) -> String {
+        match self {
+            Sc003bModel::Random => format!(
+                "SC-003b model: the scenario's MoE model with random weights (routed experts \
+                 drawn from seed {EXPERT_SEED} into the expert file)"
+            ),
+            Sc003bModel::Checkpoint(_) => format!(
+                "SC-003b model: the checkpoint's own weights (MLA, routers, shared experts loaded; \
+                 its {} routed experts of {} MoE layers copied into the expert file in Burn's \
+                 [in, out] layout, {}) and its trained routers choosing them",
+                spec.layers.len() * spec.n_experts,
+                spec.layers.len(),
+                spec.dtype.as_str()
+            ),
+        }
     }
 }
 
@@ -236,10 +389,13 @@ fn expert_file(
     spec: &ExpertFileSpec,
     o: &crate::config::scenario::MoeOffload,
     progress: bool,
+    model: &Sc003bModel,
     notes: &mut Vec<String>,
 ) -> anyhow::Result<(Arc<storage::ExpertFile>, f64)> {
     let dir = crate::train::default_cache_dir();
-    let (file, written) = storage::ensure(&dir, spec, o.force, progress)?;
+    let (file, written) = storage::ensure_with(&dir, spec, o.force, progress, &|slot, e| {
+        model.expert_bytes(spec, slot, e)
+    })?;
     notes.push(match written {
         Some(w) => format!(
             "SC-003b expert file {} written in this run: {:.1} MiB in {:.1} s ({} experts of {} \
@@ -493,14 +649,14 @@ pub(super) fn storage_offload<B: Backend>(
     let dev = &ctx.device;
     let (db, steps) = (s.run.decode_batch, s.run.decode_steps);
     let cap = OFFLOAD_PROMPT + steps;
-    let cfg = s.decoder_config(MoeVariant::Moe);
-    let spec = file_spec(s, &cfg);
+    let (source, cfg, spec) = Sc003bModel::of(s, ctx)?;
     let budget = (o.memory_budget_gib * (1u64 << 30) as f64) as u64;
     let resident_part = resident_part_bytes(&cfg, &spec, db, cap);
     check_budget(budget, resident_part, &spec, o.cache_experts)?;
     check_ram(resident_part + spec.data_bytes())?;
-    let mut notes = Vec::new();
-    let (file, read_rate) = expert_file(&spec, o, monitor_cfg.progress, &mut notes)?;
+    let mut notes = vec![source.note(&spec)];
+    let prompt = source.prompt::<B>(s, &cfg, dev, &mut notes)?;
+    let (file, read_rate) = expert_file(&spec, o, monitor_cfg.progress, &source, &mut notes)?;
 
     // baselines: before the offloaded model is built
     alloc::settle_thread_locals();
@@ -511,9 +667,7 @@ pub(super) fn storage_offload<B: Backend>(
         heap: alloc::peak().zip(heap0).map(|(p, b)| p.saturating_sub(b)),
         resident: rss.and_then(|r| r.above_baseline()),
     };
-    B::seed(dev, 11);
-    let model = cfg.init_without_routed_experts::<B>(dev);
-    let prompt = crate::bench::token_tensor::<B>(db, OFFLOAD_PROMPT, cfg.vocab_size, 10, dev);
+    let model = source.build::<B>(&cfg, s, dev, !monitor_cfg.progress)?;
     let runs = policy_runs(&model, &prompt, s, o, &file)?;
     let offloaded = peaks_since(rss);
     // the resident twin: every expert in memory, the same model and kernel
@@ -581,6 +735,84 @@ pub(super) fn storage_offload<B: Backend>(
 mod tests {
     use super::*;
     use crate::report::Outcome;
+
+    /// A checkpoint's routed experts copied into an expert file (Burn's layout) and served from
+    /// it by the resident twin's store give the model that loaded them all in memory: same ids,
+    /// logits within 1e-5 over a generation. The same file with two experts of the first MoE
+    /// layer exchanged does not (so the copy is checked expert by expert, not just in size).
+    #[test]
+    fn a_checkpoint_s_experts_from_the_expert_file_equal_the_loaded_model() {
+        use crate::checkpoint::load::{load_decoder, load_decoder_without_routed_experts};
+        use burn::backend::Flex;
+        use burn::tensor::DType;
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/models/v2-lite-tiny");
+        let config = crate::checkpoint::read_config_file(&dir.join("config.json")).unwrap();
+        let ck = crate::checkpoint::load::Checkpoint::open(&dir, &config).unwrap();
+        let cfg = config.decoder_config(crate::nn::attention::MlaImpl::Absorbed);
+        let moe = cfg.moe.clone().unwrap();
+        let spec = ExpertFileSpec {
+            layers: cfg.moe_layer_indices(),
+            n_experts: moe.router.n_routed_experts,
+            dim: cfg.hidden,
+            inter: moe.moe_inter_dim,
+            dtype: crate::config::Dtype::F32,
+            seed: 0,
+            origin: Some(ck.identity()),
+        };
+        let dev = Default::default();
+        let (full, _) = load_decoder::<Flex>(&ck, &cfg, &dev, DType::F32, true).unwrap();
+        let (part, _) =
+            load_decoder_without_routed_experts::<Flex>(&ck, &cfg, &dev, DType::F32, true).unwrap();
+        let (b, steps) = (2, 6);
+        let cap = OFFLOAD_PROMPT + steps;
+        let prompt =
+            crate::bench::token_tensor::<Flex>(b, OFFLOAD_PROMPT, cfg.vocab_size, 10, &dev);
+        let mut c = full.new_cache(b, cap);
+        let (ids, logits) = generate(
+            &full,
+            &prompt,
+            steps,
+            |t| Ok(full.forward_hidden(t, &mut c)),
+            || {},
+        )
+        .unwrap();
+        let want: HostOutputs = (
+            ids.into_data().convert::<i64>().to_vec().unwrap(),
+            logits.into_data().convert::<f32>().to_vec().unwrap(),
+        );
+        let served = |swap: bool| {
+            let tmp = tempfile::tempdir().unwrap();
+            let (file, written) = storage::ensure_with(tmp.path(), &spec, false, false, &|s, e| {
+                let e = match (swap, s, e) {
+                    (true, 0, 0) => 1,
+                    (true, 0, 1) => 0,
+                    _ => e,
+                };
+                Ok(ck.routed_expert_bytes(spec.layers[s], e, spec.dim, spec.inter, DType::F32)?)
+            })
+            .unwrap();
+            assert!(written.is_some());
+            let mut all = ResidentExperts::load(&file).unwrap();
+            generation(&part, &prompt, steps, cap, &mut all).unwrap()
+        };
+        let diff = |got: &HostOutputs| {
+            got.1
+                .iter()
+                .zip(&want.1)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max)
+        };
+        let got = served(false);
+        assert_eq!(got.0, want.0, "generated ids");
+        assert!(diff(&got) < 1e-5, "max |diff| {}", diff(&got));
+        let swapped = served(true);
+        assert!(
+            diff(&swapped) > 1e-3,
+            "a swapped expert went unnoticed: {}",
+            diff(&swapped)
+        );
+    }
 
     #[test]
     fn sc003b_arithmetic_on_fixed_figures() {

@@ -52,8 +52,11 @@ pub struct ExpertFileSpec {
     pub inter: usize,
     /// Element type.
     pub dtype: Dtype,
-    /// Seed of the weights.
+    /// Seed of the weights (random ones, when `origin` is `None`).
     pub seed: u64,
+    /// Where the weights come from when they are not random: a checkpoint's identity (its
+    /// folder and every file's name, size and modification time), part of the file's key.
+    pub origin: Option<String>,
 }
 
 impl ExpertFileSpec {
@@ -74,7 +77,7 @@ impl ExpertFileSpec {
 
     /// A hash of everything the weights depend on (FNV-1a over the description).
     pub fn key(&self) -> String {
-        let text = format!(
+        let mut text = format!(
             "{FORMAT}|{:?}|{}|{}|{}|{}|{}",
             self.layers,
             self.n_experts,
@@ -83,6 +86,9 @@ impl ExpertFileSpec {
             self.dtype.as_str(),
             self.seed
         );
+        if let Some(o) = &self.origin {
+            text.push_str(&format!("|from {o}"));
+        }
         let mut h: u64 = 0xcbf2_9ce4_8422_2325;
         for b in text.bytes() {
             h ^= b as u64;
@@ -145,7 +151,7 @@ impl ExpertFileSpec {
     /// Expert `(slot, e)`'s weights as stored: `w1`, `w2`, `w3` drawn from [`crate::rng::uniform`]
     /// scaled by `1/sqrt(d_in)` (the bound of Burn's default `Linear` initialisation), in the
     /// file's dtype, little-endian.
-    fn expert_bytes_of(&self, slot: usize, e: usize) -> Vec<u8> {
+    pub fn expert_bytes_of(&self, slot: usize, e: usize) -> Vec<u8> {
         let n = self.matrix_elems();
         let base = self
             .seed
@@ -257,6 +263,24 @@ pub fn ensure(
     force: bool,
     progress: bool,
 ) -> anyhow::Result<(ExpertFile, Option<WriteSummary>)> {
+    ensure_with(dir, spec, force, progress, &|s, e| {
+        Ok(spec.expert_bytes_of(s, e))
+    })
+}
+
+/// Expert `(slot, e)`'s bytes as the file stores them ([`ExpertFileSpec::expert_bytes_of`]'s
+/// layout): what a file is written from.
+pub type ExpertBytes<'a> = dyn Fn(usize, usize) -> anyhow::Result<Vec<u8>> + Sync + 'a;
+
+/// [`ensure`] with the experts' bytes from `experts` (a checkpoint's, say) when the file is
+/// written.
+pub fn ensure_with(
+    dir: &Path,
+    spec: &ExpertFileSpec,
+    force: bool,
+    progress: bool,
+    experts: &ExpertBytes<'_>,
+) -> anyhow::Result<(ExpertFile, Option<WriteSummary>)> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let path = dir.join(spec.file_name());
     let _lock = FileLock::acquire(&dir.join(format!("{}.lock", spec.file_name())))?;
@@ -281,16 +305,21 @@ pub fn ensure(
             .into());
         }
     }
-    let summary = write(&path, spec, progress)?;
+    let summary = write(&path, spec, progress, experts)?;
     Ok((ExpertFile::open(&path, spec)?, Some(summary)))
 }
 
 /// Writes the expert file for `spec` at `path` (through `<path>.partial`, renamed when complete;
 /// the partial file is removed on any error, a full disk included).
-pub fn write(path: &Path, spec: &ExpertFileSpec, progress: bool) -> anyhow::Result<WriteSummary> {
+pub fn write(
+    path: &Path,
+    spec: &ExpertFileSpec,
+    progress: bool,
+    experts: &ExpertBytes<'_>,
+) -> anyhow::Result<WriteSummary> {
     let tmp = path.with_extension("safetensors.partial");
     let t0 = Instant::now();
-    let r = write_to(&tmp, spec, progress);
+    let r = write_to(&tmp, spec, progress, experts);
     let r = r.and_then(|bytes| {
         std::fs::rename(&tmp, path)
             .with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
@@ -322,7 +351,12 @@ pub fn write(path: &Path, spec: &ExpertFileSpec, progress: bool) -> anyhow::Resu
     }
 }
 
-fn write_to(tmp: &Path, spec: &ExpertFileSpec, progress: bool) -> anyhow::Result<u64> {
+fn write_to(
+    tmp: &Path,
+    spec: &ExpertFileSpec,
+    progress: bool,
+    experts: &ExpertBytes<'_>,
+) -> anyhow::Result<u64> {
     use rayon::prelude::*;
     let n = spec.layers.len() * spec.n_experts;
     let mut f = File::create(tmp).with_context(|| format!("creating {}", tmp.display()))?;
@@ -339,8 +373,18 @@ fn write_to(tmp: &Path, spec: &ExpertFileSpec, progress: bool) -> anyhow::Result
     for part in all.chunks(chunk) {
         let bufs: Vec<Vec<u8>> = part
             .par_iter()
-            .map(|&(s, e)| spec.expert_bytes_of(s, e))
-            .collect();
+            .map(|&(s, e)| {
+                let b = experts(s, e)?;
+                anyhow::ensure!(
+                    b.len() as u64 == spec.expert_bytes(),
+                    "expert {e} of layer {}: {} bytes where the file stores {}",
+                    spec.layers[s],
+                    b.len(),
+                    spec.expert_bytes()
+                );
+                Ok(b)
+            })
+            .collect::<anyhow::Result<_>>()?;
         for b in &bufs {
             crcs.push_str(&format!("{:08x}", crc32fast::hash(b)));
             out.write_all(b)
@@ -1110,6 +1154,7 @@ mod tests {
             inter: 20,
             dtype,
             seed,
+            origin: None,
         }
     }
 
