@@ -286,6 +286,14 @@ impl Task<'_, '_, '_> {
         } else {
             (Vec::new(), Vec::new())
         };
+        // many rows over f16 values: each block's values widened once into `vw` (in the order
+        // the pair loads give) rather than once per group of rows ([`Format::WIDEN_BLOCKS`])
+        let widen_values = packed && F::WIDEN_BLOCKS;
+        let mut vw = if widen_values {
+            vec![0f32; dv * KEY_BLOCK]
+        } else {
+            Vec::new()
+        };
         let kbase = p.k.offset + bi * p.k.strides[0] + gi * p.k.strides[1];
         let vbase = vsrc.offset + bi * vsrc.strides[0] + gi * vsrc.strides[1];
         let (kst, vst) = (p.k.strides[2], vsrc.strides[2]);
@@ -339,7 +347,19 @@ impl Task<'_, '_, '_> {
                 base: vbase + k0 * vst,
                 stride: vst,
             };
-            weighted_values(simd, &s, &values, &vis, dv, o);
+            if widen_values {
+                for j in 0..nb {
+                    widen_row(simd, &values, j, &mut vw[j * dv..(j + 1) * dv]);
+                }
+                let widened = Rows::<F32> {
+                    data: &vw,
+                    base: 0,
+                    stride: dv,
+                };
+                weighted_values(simd, &s, &widened, &vis, dv, o);
+            } else {
+                weighted_values(simd, &s, &values, &vis, dv, o);
+            }
             k0 = k1;
         }
         if F::PERMUTED {
@@ -513,6 +533,25 @@ fn weighted_values<S: Simd, F: Format>(
     }
 }
 
+/// Stored row `j` widened into `out` (its length is the row's): whole pairs of vectors in the
+/// order [`Format::pair`] gives, the tail in natural order (as [`accumulate`] reads it).
+#[inline(always)]
+fn widen_row<S: Simd, F: Format>(simd: S, rows: &Rows<'_, F>, j: usize, out: &mut [f32]) {
+    let width = 2 * S::F32_LANES;
+    let (at, n) = (rows.at(j), out.len());
+    let mut c = 0;
+    while c + width <= n {
+        let (a, b) = F::pair(simd, rows.data, at + c);
+        let (rv, _) = S::as_mut_simd_f32s(&mut out[c..c + width]);
+        rv[0] = a;
+        rv[1] = b;
+        c += width;
+    }
+    for (x, w) in out[c..].iter_mut().zip(&rows.data[at + c..at + n]) {
+        *x = F::one(*w);
+    }
+}
+
 /// The block's `nb` keys widened and packed transposed: `kt[c·KEY_BLOCK + j]` is column `c` of
 /// key `j` (columns in the order [`Format::pair`] gives, as the queries are), keys `nb..` zero.
 /// `row` is scratch of `dk` values.
@@ -525,21 +564,9 @@ fn pack_keys<S: Simd, F: Format>(
     row: &mut [f32],
     kt: &mut [f32],
 ) {
-    let width = 2 * S::F32_LANES;
     for j in 0..KEY_BLOCK {
         if j < nb {
-            let at = keys.at(j);
-            let mut c = 0;
-            while c + width <= dk {
-                let (a, b) = F::pair(simd, keys.data, at + c);
-                let (rv, _) = S::as_mut_simd_f32s(&mut row[c..c + width]);
-                rv[0] = a;
-                rv[1] = b;
-                c += width;
-            }
-            for (x, w) in row[c..dk].iter_mut().zip(&keys.data[at + c..at + dk]) {
-                *x = F::one(*w);
-            }
+            widen_row(simd, keys, j, &mut row[..dk]);
         } else {
             row.fill(0.0);
         }

@@ -126,6 +126,12 @@ pub(crate) trait Format {
     type Elem: Copy;
     /// Whether [`Format::pair`] returns the even and the odd elements (else consecutive ones).
     const PERMUTED: bool;
+    /// Whether a block of values read by many rows is better widened once into f32 than in
+    /// registers at every use: true for f16, whose widening takes several instructions per
+    /// vector (the prefill attention's values: f16 1.18-1.29x slower than bf16 when widened at
+    /// every use, equal when widened once); false for bf16 (a shift: widening once was 4-10 %
+    /// slower, the f32 copy's loads cost more than the shift).
+    const WIDEN_BLOCKS: bool = false;
     /// The `2 · F32_LANES` elements from `w[at..]` as two f32 vectors: elements `0..L` and
     /// `L..2L` (f32), or the even and the odd elements (16-bit formats: one load of `L` 32-bit
     /// words, widened in registers).
@@ -243,6 +249,7 @@ fn f16_pair_v4(
 impl Format for F16 {
     type Elem = u16;
     const PERMUTED: bool = true;
+    const WIDEN_BLOCKS: bool = true;
     #[inline(always)]
     fn pair<S: Simd>(simd: S, w: &[u16], at: usize) -> (S::f32s, S::f32s) {
         // AVX-512: the conversion instruction (the level's type is known when monomorphised,

@@ -228,12 +228,14 @@ mod timings {
         start: usize,
         q_len: usize,
         shared: bool,
-    ) -> (f64, f64) {
+    ) -> (f64, f64, f64) {
         let q = crate::rng::uniform(g * rows * dk, 3);
         let kv = crate::rng::uniform(g * ctx * dk, 4);
         let kvb: Vec<bf16> = kv.iter().map(|&v| bf16::from_f32(v)).collect();
         let vv = crate::rng::uniform(g * ctx * dv, 5);
         let vvb: Vec<bf16> = vv.iter().map(|&v| bf16::from_f32(v)).collect();
+        let kvh: Vec<half::f16> = kv.iter().map(|&v| half::f16::from_f32(v)).collect();
+        let vvh: Vec<half::f16> = vv.iter().map(|&v| half::f16::from_f32(v)).collect();
         let starts = [start];
         let run = |k: Elems<'_>, v: Elems<'_>| {
             let p = attend::Problem {
@@ -261,6 +263,7 @@ mod timings {
         (
             best(|| run(Elems::F32(&kv), Elems::F32(&vv))),
             best(|| run(Elems::Bf16(&kvb), Elems::Bf16(&vvb))),
+            best(|| run(Elems::F16(&kvh), Elems::F16(&vvh))),
         )
     }
 
@@ -313,14 +316,16 @@ mod timings {
         // attention: MHA (16 pairs x 1 row x 128) and absorbed MLA (1 pair x 16 rows x 576/512)
         for (g, rows, dk, dv, shared) in [(16, 1, 128, 128, false), (1, 16, 576, 512, true)] {
             let ctx = 8192;
-            let (t32, t16) = time_attention(level, g, rows, dk, dv, ctx, ctx - 1, 1, shared);
+            let (t32, t16, th) = time_attention(level, g, rows, dk, dv, ctx, ctx - 1, 1, shared);
             let bytes = |e: usize| (g * ctx * (dk + if shared { 0 } else { dv }) * e) as f64;
             println!(
-                "attention g {g} rows {rows} dk {dk} dv {dv} ctx {ctx} {level}: f32 {:.3} ms ({:.1} GB/s), bf16 {:.3} ms ({:.1} GB/s)",
+                "attention g {g} rows {rows} dk {dk} dv {dv} ctx {ctx} {level}: f32 {:.3} ms ({:.1} GB/s), bf16 {:.3} ms ({:.1} GB/s), f16 {:.3} ms ({:.1} GB/s)",
                 t32 * 1e3,
                 bytes(4) / t32 / 1e9,
                 t16 * 1e3,
-                bytes(2) / t16 / 1e9
+                bytes(2) / t16 / 1e9,
+                th * 1e3,
+                bytes(2) / th / 1e9
             );
         }
     }
@@ -335,16 +340,18 @@ mod timings {
         let ctx = start + q_len;
         for (g, heads, dk, dv, shared) in [(16, 1, 128, 128, false), (1, 16, 576, 512, true)] {
             let rows = heads * q_len;
-            let (t32, t16) = time_attention(level, g, rows, dk, dv, ctx, start, q_len, shared);
+            let (t32, t16, th) = time_attention(level, g, rows, dk, dv, ctx, start, q_len, shared);
             // keys seen per row: start + 1 .. start + q_len
             let seen = (start as f64 + (q_len as f64 + 1.0) / 2.0) * (g * rows) as f64;
             let flop = 2.0 * seen * (dk + dv) as f64;
             println!(
-                "prefill attention g {g} rows {rows} dk {dk} dv {dv} keys {ctx} {level}: f32 {:.1} ms ({:.1} GFLOP/s), bf16 {:.1} ms ({:.1} GFLOP/s)",
+                "prefill attention g {g} rows {rows} dk {dk} dv {dv} keys {ctx} {level}: f32 {:.1} ms ({:.1} GFLOP/s), bf16 {:.1} ms ({:.1} GFLOP/s), f16 {:.1} ms ({:.1} GFLOP/s)",
                 t32 * 1e3,
                 flop / t32 / 1e9,
                 t16 * 1e3,
-                flop / t16 / 1e9
+                flop / t16 / 1e9,
+                th * 1e3,
+                flop / th / 1e9
             );
         }
     }
