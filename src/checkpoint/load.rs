@@ -8,11 +8,11 @@
 //! time), so a loaded model is the same kind of module as a randomly initialised one and every
 //! fast path applies to it unchanged. When the run's dtype is the file's, each tensor is copied
 //! (or transposed in 64 x 64 tiles on the rayon pool) straight out of the file's memory map into
-//! its own freshly allocated buffer, and the map's pages are dropped behind it: the host holds
-//! the model plus the tensor being read. A run in f32 of an f16/bf16 checkpoint widens in the
-//! same single pass out of the map. Otherwise (FP8, or narrowing an f32 checkpoint) each tensor
-//! is widened to f32 and transposed (two f32 copies of one tensor at a time) before the
-//! conversion.
+//! its own freshly allocated buffer, and the map's pages are dropped behind it band by band
+//! (16 MiB of the file at a time): the host holds the model plus one band of the file. A run in f32 of an f16/bf16 checkpoint widens in the
+//! same single pass out of the map. Otherwise (FP8, an f32 checkpoint run in half precision,
+//! bf16 <-> f16) each tensor is widened to f32 and transposed (two f32 copies of one tensor at a
+//! time) before the conversion.
 //!
 //! Load time, 2-layer DeepSeek-V2-Lite-dimension bf16 checkpoint (2.17 GB, 2-core Xeon, warm
 //! page cache): 0.86-0.98 s, 2.5-3.4x a plain read of its files in the same run (was 1.7-2.0 s
@@ -357,17 +357,16 @@ impl Checkpoint {
             return Ok(None);
         }
         self.check_shape(f, name, &info.shape, shape)?;
-        let Some(src) = f.mapped(name) else {
-            return Ok(None);
-        };
         let (v, out_shape) = match *shape {
-            [r, c] if transpose => (widen_mapped(src, info.dtype, r, c, true), vec![c, r]),
+            [r, c] if transpose => (widen_mapped(f, name, info.dtype, r, c, true), vec![c, r]),
             _ => (
-                widen_mapped(src, info.dtype, 1, shape.iter().product(), false),
+                widen_mapped(f, name, info.dtype, 1, shape.iter().product(), false),
                 shape.to_vec(),
             ),
         };
-        f.release(name);
+        let Some(v) = v else {
+            return Ok(None);
+        };
         Ok(Some((TensorData::new(v, out_shape), info.end - info.start)))
     }
 
@@ -416,7 +415,7 @@ impl Checkpoint {
         dtype: DType,
     ) -> Result<Vec<u8>, DsoptError> {
         let p = format!("model.layers.{layer}.mlp.experts.{e}");
-        let mut out = Vec::new();
+        let mut out = Vec::with_capacity(3 * dim * inter * dtype.size());
         for (w, shape) in [
             ("gate_proj", [inter, dim]),
             ("down_proj", [dim, inter]),
@@ -429,7 +428,7 @@ impl Checkpoint {
     }
 
     /// What identifies this checkpoint's weights for a cache keyed on them: its folder and
-    /// every file's name, size and modification time.
+    /// its `config.json`'s and every weight file's name, size and modification time.
     pub fn identity(&self) -> String {
         let mut id = self
             .dir
@@ -437,16 +436,17 @@ impl Checkpoint {
             .unwrap_or_else(|_| self.dir.clone())
             .display()
             .to_string();
-        for f in &self.files {
-            let meta = std::fs::metadata(f.path()).ok();
+        let paths = std::iter::once(self.dir.join("config.json"))
+            .chain(self.files.iter().map(|f| f.path().to_path_buf()));
+        for path in paths {
+            let meta = std::fs::metadata(&path).ok();
             let size = meta.as_ref().map(|m| m.len()).unwrap_or(0);
             let mtime = meta
                 .and_then(|m| m.modified().ok())
                 .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
                 .map(|d| d.as_nanos())
                 .unwrap_or(0);
-            let name = f
-                .path()
+            let name = path
                 .file_name()
                 .map(|n| n.to_string_lossy().into_owned())
                 .unwrap_or_default();
@@ -519,12 +519,8 @@ fn read_typed<T: bytemuck::Pod + burn::tensor::Element>(
     cols: usize,
     transpose: bool,
 ) -> Result<Vec<T>, DsoptError> {
-    match f.mapped(name) {
-        Some(src) => {
-            let v = from_mapped(src, rows, cols, transpose);
-            f.release(name);
-            Ok(v)
-        }
+    match from_mapped(f, name, rows, cols, transpose) {
+        Some(v) => Ok(v),
         None => read_chunked(f, name, rows, cols, transpose, READ_CHUNK),
     }
 }
@@ -537,88 +533,112 @@ fn host_vec<T: bytemuck::Pod>(n: usize) -> Vec<T> {
     bytemuck::allocation::zeroed_vec(n)
 }
 
-/// Tensor bytes `src` (`rows x cols` little-endian elements of `T`, any alignment) as a `Vec<T>`,
-/// transposed to `cols x rows` when `transpose`. Both run on the rayon pool: the copy in 4 MiB
-/// pieces, the transpose one task per 64 output rows (source columns), each walking the source
-/// in 64 x 64 tiles whose rows stay in L1 while the tile's 64 output runs are written.
-fn from_mapped<T: bytemuck::Pod>(src: &[u8], rows: usize, cols: usize, transpose: bool) -> Vec<T> {
+/// Tensor `name` of file `f` (`rows x cols` little-endian elements of `T`, any alignment) out of
+/// the file's memory map as a `Vec<T>`, transposed to `cols x rows` when `transpose`
+/// ([`Mover::run`]); `None` when the file is not mapped.
+fn from_mapped<T: bytemuck::Pod>(
+    f: &SafeFile,
+    name: &str,
+    rows: usize,
+    cols: usize,
+    transpose: bool,
+) -> Option<Vec<T>> {
+    let src = f.mapped(name)?;
     let mut dest: Vec<T> = host_vec(rows * cols);
     let out: &mut [u8] = bytemuck::cast_slice_mut(&mut dest);
     debug_assert_eq!(out.len(), src.len());
-    if !transpose {
-        const PIECE: usize = 4 << 20;
-        out.par_chunks_mut(PIECE)
-            .zip(src.par_chunks(PIECE))
-            .for_each(|(d, s)| d.copy_from_slice(s));
-        return dest;
-    }
+    let m = Mover {
+        f,
+        name,
+        rows,
+        cols,
+        transpose,
+    };
     match std::mem::size_of::<T>() {
-        2 => transpose_into::<[u8; 2]>(
-            bytemuck::cast_slice(src),
-            bytemuck::cast_slice_mut(out),
-            rows,
-            cols,
-        ),
-        4 => transpose_into::<[u8; 4]>(
-            bytemuck::cast_slice(src),
-            bytemuck::cast_slice_mut(out),
-            rows,
-            cols,
-        ),
+        2 => m.run::<[u8; 2], _, _>(src, bytemuck::cast_slice_mut(out), |x| x),
+        4 => m.run::<[u8; 4], _, _>(src, bytemuck::cast_slice_mut(out), |x| x),
         n => unreachable!("{n}-byte elements are widened before loading"),
     }
-    dest
+    Some(dest)
 }
 
-/// Tensor bytes `src` stored as `dtype` (F32, F16 or BF16; `rows x cols`, any alignment) widened
-/// to f32, transposed to `cols x rows` when `transpose`: one pass out of the map into the
-/// tensor's own buffer (no widened copy in between).
-fn widen_mapped(src: &[u8], dtype: StDtype, rows: usize, cols: usize, transpose: bool) -> Vec<f32> {
+/// Tensor `name` of file `f` stored as `dtype` (F32, F16 or BF16; `rows x cols`, any alignment)
+/// widened to f32, transposed to `cols x rows` when `transpose`: one pass out of the map into the
+/// tensor's own buffer (no widened copy in between); `None` when the file is not mapped.
+fn widen_mapped(
+    f: &SafeFile,
+    name: &str,
+    dtype: StDtype,
+    rows: usize,
+    cols: usize,
+    transpose: bool,
+) -> Option<Vec<f32>> {
+    let src = f.mapped(name)?;
     let mut dest: Vec<f32> = host_vec(rows * cols);
+    let m = Mover {
+        f,
+        name,
+        rows,
+        cols,
+        transpose,
+    };
     let bf16 = |b: [u8; 2]| f32::from_bits((u16::from_le_bytes(b) as u32) << 16);
     let f16 = |b: [u8; 2]| half::f16::from_bits(u16::from_le_bytes(b)).to_f32();
     match dtype {
-        StDtype::BF16 => widen_into(
-            bytemuck::cast_slice(src),
-            &mut dest,
-            rows,
-            cols,
-            transpose,
-            bf16,
-        ),
-        StDtype::F16 => widen_into(
-            bytemuck::cast_slice(src),
-            &mut dest,
-            rows,
-            cols,
-            transpose,
-            f16,
-        ),
-        StDtype::F32 => widen_into(
-            bytemuck::cast_slice(src),
-            &mut dest,
-            rows,
-            cols,
-            transpose,
-            f32::from_le_bytes,
-        ),
+        StDtype::BF16 => m.run(src, &mut dest, bf16),
+        StDtype::F16 => m.run(src, &mut dest, f16),
+        StDtype::F32 => m.run(src, &mut dest, f32::from_le_bytes),
         other => unreachable!("{} is not widened from the map", other.name()),
     }
-    dest
+    Some(dest)
 }
 
-fn widen_into<S, F>(src: &[S], dest: &mut [f32], rows: usize, cols: usize, transpose: bool, f: F)
-where
-    S: bytemuck::Pod + Send + Sync,
-    F: Fn(S) -> f32 + Sync,
-{
-    if transpose {
-        return transpose_map(src, dest, rows, cols, f);
+/// One mapped tensor moved into its buffer: `rows x cols` elements of tensor `name` of `f`.
+struct Mover<'a> {
+    f: &'a SafeFile,
+    name: &'a str,
+    rows: usize,
+    cols: usize,
+    transpose: bool,
+}
+
+impl Mover<'_> {
+    /// `dest` = `conv` of every element of `src` (the tensor's mapped bytes), transposed when
+    /// asked, in bands of about [`READ_CHUNK`] source bytes on the rayon pool (a copy in 1 MiB
+    /// pieces, a transpose by [`transpose_map`]); each band's pages are dropped from the map as
+    /// soon as it is written, so the process holds the model and at most one band of the file,
+    /// not a whole tensor (a 400 MiB output head) beside it.
+    fn run<S, D, F>(&self, src: &[u8], dest: &mut [D], conv: F)
+    where
+        S: bytemuck::Pod + Send + Sync,
+        D: Send,
+        F: Fn(S) -> D + Sync,
+    {
+        let es = std::mem::size_of::<S>();
+        let src: &[S] = bytemuck::cast_slice(src);
+        let release = |from: usize, n: usize| {
+            self.f
+                .release_range(self.name, (from * es) as u64, (n * es) as u64)
+        };
+        if self.transpose {
+            let (rows, cols) = (self.rows, self.cols);
+            let band = (READ_CHUNK / (cols * es).max(1)).max(1);
+            for r0 in (0..rows).step_by(band) {
+                let r1 = (r0 + band).min(rows);
+                transpose_map(&src[r0 * cols..r1 * cols], dest, rows, cols, r0, &conv);
+                release(r0 * cols, (r1 - r0) * cols);
+            }
+            return;
+        }
+        const PIECE: usize = 1 << 20;
+        let band = (READ_CHUNK / es).max(1);
+        for (i, (d, s)) in dest.chunks_mut(band).zip(src.chunks(band)).enumerate() {
+            d.par_chunks_mut(PIECE)
+                .zip(s.par_chunks(PIECE))
+                .for_each(|(d, s)| d.iter_mut().zip(s).for_each(|(o, &x)| *o = conv(x)));
+            release(i * band, s.len());
+        }
     }
-    const PIECE: usize = 1 << 20;
-    dest.par_chunks_mut(PIECE)
-        .zip(src.par_chunks(PIECE))
-        .for_each(|(d, s)| d.iter_mut().zip(s).for_each(|(o, &x)| *o = f(x)));
 }
 
 /// `dest` (`cols x rows`) = the transpose of `src` (`rows x cols`), on the rayon pool: each
@@ -633,35 +653,43 @@ fn transpose_into<E: bytemuck::Pod + Send + Sync>(
     rows: usize,
     cols: usize,
 ) {
-    transpose_map(src, dest, rows, cols, |x| x);
+    transpose_map(src, dest, rows, cols, 0, |x| x);
 }
 
-/// [`transpose_into`] with each element passed through `f` on its way (widening, say).
-fn transpose_map<S, D, F>(src: &[S], dest: &mut [D], rows: usize, cols: usize, f: F)
+/// [`transpose_into`] of the band of source rows `first..first + band.len() / cols` (`band`
+/// holds those rows) into their places in `dest` (`cols x rows`), each element passed through
+/// `f` on its way (widening, say).
+fn transpose_map<S, D, F>(band: &[S], dest: &mut [D], rows: usize, cols: usize, first: usize, f: F)
 where
     S: bytemuck::Pod + Send + Sync,
     D: Send,
     F: Fn(S) -> D + Sync,
 {
     const TILE: usize = 64;
+    let n = band.len() / cols;
+    assert!(
+        first + n <= rows && n * cols == band.len(),
+        "a band of whole rows"
+    );
     dest.par_chunks_mut(TILE * rows)
         .enumerate()
         .for_each(|(t, block)| {
             let c0 = t * TILE;
             let w = block.len() / rows;
             let mut tile = [[S::zeroed(); TILE]; TILE];
-            for r0 in (0..rows).step_by(TILE) {
-                let h = TILE.min(rows - r0);
+            for r0 in (0..n).step_by(TILE) {
+                let h = TILE.min(n - r0);
                 for (dr, trow) in tile.iter_mut().enumerate().take(h) {
                     let at = (r0 + dr) * cols + c0;
                     if w == TILE {
-                        *trow = src[at..at + TILE].try_into().expect("a full tile row");
+                        *trow = band[at..at + TILE].try_into().expect("a full tile row");
                     } else {
-                        trow[..w].copy_from_slice(&src[at..at + w]);
+                        trow[..w].copy_from_slice(&band[at..at + w]);
                     }
                 }
                 for (dc, run) in block.chunks_exact_mut(rows).enumerate() {
-                    for (o, trow) in run[r0..r0 + h].iter_mut().zip(&tile) {
+                    let run = &mut run[first + r0..first + r0 + h];
+                    for (o, trow) in run.iter_mut().zip(&tile) {
                         *o = f(trow[dc]);
                     }
                 }
@@ -1098,16 +1126,15 @@ mod tests {
             ("b", StDtype::BF16),
             ("c", StDtype::F16),
         ] {
-            let src = f.mapped(name).unwrap();
             let rounded = |x: f32| match dtype {
                 StDtype::BF16 => half::bf16::from_f32(x).to_f32(),
                 StDtype::F16 => half::f16::from_f32(x).to_f32(),
                 _ => x,
             };
-            let t = widen_mapped(src, dtype, rows, cols, true);
+            let t = widen_mapped(&f, name, dtype, rows, cols, true).unwrap();
             let w: Vec<f32> = want.iter().map(|&x| rounded(x)).collect();
             assert_eq!(t, w, "{name} widened and transposed");
-            let t = widen_mapped(src, dtype, rows, cols, false);
+            let t = widen_mapped(&f, name, dtype, rows, cols, false).unwrap();
             let w: Vec<f32> = v.iter().map(|&x| rounded(x)).collect();
             assert_eq!(t, w, "{name} widened");
         }

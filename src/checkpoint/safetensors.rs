@@ -1,12 +1,13 @@
 //! safetensors 文件的读取：先完整检查头部（长度、偏移、重叠、dtype 与形状对字节数），
-//! 再按需用定位读取（`read_exact_at`）取出单个张量——不把整个文件读进内存，也不按头部声明的
-//! 尺寸预先分配。FP8 e4m3 权重按 `weight_scale_inv` 的 128×128 块缩放反量化。
+//! 再从文件的只读内存映射（映射不了时用定位读取 `read_exact_at`）按需取出单个张量——不把整个文件
+//! 读进内存，也不按头部声明的尺寸预先分配。FP8 e4m3 权重按 `weight_scale_inv` 的 128×128 块缩放反量化。
 //!
 //! Tensors are read out of a read-only memory map of the file (no read buffer in between: a
 //! transposed linear weight is rearranged straight out of the page cache); positioned reads
 //! (`read_exact_at`) serve the small reads and the rare case where a file cannot be mapped.
-//! A file truncated or rewritten by another process while dsopt reads it can end the process
-//! with SIGBUS, as it can every mapped safetensors reader (Hugging Face's `safe_open` maps too).
+//! A file truncated by another process while dsopt reads it, or a read error of the disk or a
+//! network file system (EIO), ends the process with SIGBUS instead of an exit-2 error, as it
+//! does every mapped safetensors reader (Hugging Face's `safe_open` maps too).
 //!
 //! Format: 8 bytes little-endian header length N, N bytes of JSON
 //! `{name: {dtype, shape, data_offsets: [begin, end]}, "__metadata__": {str: str}}`, then the
@@ -156,9 +157,10 @@ impl SafeFile {
             .map_err(|e| bad(path, None, format!("has a header that is not JSON: {e}")))?;
         let data_start = 8 + n;
         let (tensors, metadata) = parse_header(path, &json, len - data_start, data_start)?;
-        // SAFETY: a private read-only map of a file opened read-only; its bytes are only read
-        // through `mapped`, in ranges `parse_header` checked against the file's length. Another
-        // process truncating the file while it is mapped can raise SIGBUS (module docs).
+        // SAFETY: a read-only (shared) map of a file opened read-only; its bytes are only read
+        // through `mapped`, in ranges `parse_header` checked against the file's length (and
+        // `get` against the map's). Another process truncating the file while it is mapped can
+        // raise SIGBUS (module docs).
         let map = unsafe { memmap2::Mmap::map(&file) }.ok();
         Ok(SafeFile {
             path: path.to_path_buf(),
@@ -197,22 +199,33 @@ impl SafeFile {
         map.get(info.start as usize..info.end as usize)
     }
 
-    /// Drops tensor `name`'s pages from this process's map once it has been read (the page
-    /// cache keeps them), so that the process's resident size holds the loaded model and not the
-    /// file beside it.
-    pub fn release(&self, name: &str) {
-        if let (Some(info), Some(map)) = (self.info(name), self.map.as_ref()) {
-            // SAFETY: the map is private and read-only: MADV_DONTNEED drops this process's page
-            // table entries for the range and the next access reads the same file bytes back, so
-            // a slice still borrowed from `mapped` keeps its contents.
-            let _ = unsafe {
-                map.unchecked_advise_range(
-                    memmap2::UncheckedAdvice::DontNeed,
-                    info.start as usize,
-                    (info.end - info.start) as usize,
-                )
-            };
+    /// Drops bytes `offset..offset + len` of tensor `name` from this process's map once they
+    /// have been read (the page cache keeps them), so that the process's resident size holds the
+    /// loaded model and not the file beside it. Does nothing for a range outside the tensor or
+    /// the map.
+    pub fn release_range(&self, name: &str, offset: u64, len: u64) {
+        let (Some(info), Some(map)) = (self.info(name), self.map.as_ref()) else {
+            return;
+        };
+        let start = info.start + offset;
+        let inside = offset
+            .checked_add(len)
+            .is_some_and(|end| info.start + end <= info.end);
+        if !inside || len == 0 || map.get(start as usize..(start + len) as usize).is_none() {
+            return;
         }
+        // SAFETY: the map is read-only (a shared map of a file opened read-only) and the range
+        // lies inside it (checked above; the kernel widens it to whole pages, still inside the
+        // map): MADV_DONTNEED only drops this process's page-table entries, and the next access
+        // reads the same file bytes back, so a slice still borrowed from `mapped` keeps its
+        // contents.
+        let _ = unsafe {
+            map.unchecked_advise_range(
+                memmap2::UncheckedAdvice::DontNeed,
+                start as usize,
+                len as usize,
+            )
+        };
     }
 
     /// The raw bytes of tensor `name` (one positioned read of exactly its size).
