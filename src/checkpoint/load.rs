@@ -100,7 +100,8 @@ impl DeepseekConfig {
 /// `inference/model.py`) build them with the default 1e-6 whatever `rms_norm_eps` says.
 const LATENT_EPS: f64 = 1e-6;
 
-/// The largest single read while loading (and the scratch a transposing read needs).
+/// The band of a mapped tensor moved (and then released from the map) at a time, and the
+/// largest positioned read when a file is not mapped (the scratch a transposing read needs).
 pub const READ_CHUNK: usize = 16 << 20;
 
 /// The safetensors files of a checkpoint directory, and which file holds each tensor.
@@ -295,8 +296,9 @@ impl Checkpoint {
 
     /// Tensor `name` as stored, when its dtype is `dtype` and its shape `shape` (checked):
     /// `[rows, cols]` transposed to `[cols, rows]` when `transpose`. The bytes go straight into
-    /// the buffer the tensor keeps (read in chunks of at most [`READ_CHUNK`] and scattered when
-    /// transposing), so the host holds no other copy. `None` when the stored dtype is another.
+    /// the buffer the tensor keeps (out of the file's map in bands of [`READ_CHUNK`], or by
+    /// positioned reads of at most that when the file is not mapped), so the host holds no other
+    /// copy. `None` when the stored dtype is another.
     pub fn read_as_stored(
         &self,
         name: &str,

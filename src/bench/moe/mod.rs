@@ -98,15 +98,10 @@ fn checkpoint_models<B: Backend>(
     ctx: &BackendContext<B>,
     quiet: bool,
 ) -> anyhow::Result<(Vec<DecoderConfig>, Vec<Decoder<B>>, String)> {
-    use crate::checkpoint::load::{load_decoder, Checkpoint};
+    use crate::checkpoint::load::load_decoder;
     let o = s.model_origin.as_ref().expect("checked by the caller");
     let dev = &ctx.device;
-    let spec = crate::checkpoint::resolve(&o.model, Some(s.model.n_layers))?;
-    let c = &spec.config;
-    let ckpt = Checkpoint::open(std::path::Path::new(&o.model), c)?;
-    let moe_cfg = c
-        .decoder_config(crate::nn::attention::MlaImpl::Absorbed)
-        .with_shape_buckets(ctx.shape_buckets());
+    let (ckpt, c, moe_cfg) = open_checkpoint(s, ctx)?;
     let moe = moe_cfg
         .moe
         .clone()
@@ -293,6 +288,64 @@ fn sc003a_criteria(
 /// for a failed variant.
 type PhaseStats = [Option<crate::monitor::Timings>; 2];
 
+/// The run's prompts for a checkpoint (`run.prompts` ids or `run.prompt_text` through the
+/// checkpoint's tokenizer.json), `batch` rows of at least `len` ids, and where they came from;
+/// `None` when the scenario gives none.
+fn given_prompts(
+    s: &MoeScenario,
+    batch: usize,
+    len: usize,
+    vocab: usize,
+) -> Result<Option<super::GivenPrompts>, crate::DsoptError> {
+    let dir = s
+        .model_origin
+        .as_ref()
+        .map(|o| o.model.clone())
+        .unwrap_or_default();
+    super::checkpoint_prompts(
+        s.run.prompts.as_deref(),
+        s.run.prompt_text.as_deref(),
+        std::path::Path::new(&dir),
+        batch,
+        len,
+        vocab,
+    )
+}
+
+/// Ids `from..from + len` of the first `b` prompt rows as a `[b, len]` tensor.
+fn prompt_ids<B: Backend>(
+    rows: &[Vec<u32>],
+    b: usize,
+    from: usize,
+    len: usize,
+    dev: &B::Device,
+) -> Tensor<B, 2, Int> {
+    let v: Vec<i64> = rows[..b]
+        .iter()
+        .flat_map(|row| row[from..from + len].iter().map(|&t| t as i64))
+        .collect();
+    Tensor::<B, 2, Int>::from_data(TensorData::new(v, [b, len]), dev)
+}
+
+/// The checkpoint of `s`'s `--model DIR` (its first `s.model.n_layers` layers): the open files,
+/// its description, and its decoder (absorbed MLA, the backend's shape buckets).
+fn open_checkpoint<B: Backend>(
+    s: &MoeScenario,
+    ctx: &BackendContext<B>,
+) -> anyhow::Result<(
+    crate::checkpoint::load::Checkpoint,
+    crate::checkpoint::model::DeepseekConfig,
+    DecoderConfig,
+)> {
+    let o = s.model_origin.as_ref().expect("checked by the caller");
+    let c = crate::checkpoint::resolve(&o.model, Some(s.model.n_layers))?.config;
+    let ckpt = crate::checkpoint::load::Checkpoint::open(std::path::Path::new(&o.model), &c)?;
+    let cfg = c
+        .decoder_config(crate::nn::attention::MlaImpl::Absorbed)
+        .with_shape_buckets(ctx.shape_buckets());
+    Ok((ckpt, c, cfg))
+}
+
 /// The prefill prompt (`[prefill_batch, prefill_seq]`) and the decode steps' ids
 /// (`decode_steps` x `[decode_batch, 1]`): random ids, or the rows of `run.prompts` (token ids)
 /// or `run.prompt_text` (text through the checkpoint's tokenizer.json).
@@ -305,19 +358,7 @@ fn inputs<B: Backend>(
     let (pb, ps) = (s.run.prefill_batch, s.run.prefill_seq);
     let (db, steps) = (s.run.decode_batch, s.run.decode_steps);
     let vocab = s.model.vocab_size;
-    let dir = s
-        .model_origin
-        .as_ref()
-        .map(|o| o.model.clone())
-        .unwrap_or_default();
-    let given = super::checkpoint_prompts(
-        s.run.prompts.as_deref(),
-        s.run.prompt_text.as_deref(),
-        std::path::Path::new(&dir),
-        pb.max(db),
-        ps.max(steps),
-        vocab,
-    )?;
+    let given = given_prompts(s, pb.max(db), ps.max(steps), vocab)?;
     let Some((rows, from)) = given else {
         return Ok((
             super::token_tensor::<B>(pb, ps, vocab, 3, dev),
@@ -326,13 +367,7 @@ fn inputs<B: Backend>(
                 .collect(),
         ));
     };
-    let ids = |b: usize, from: usize, len: usize| {
-        let v: Vec<i64> = rows[..b]
-            .iter()
-            .flat_map(|row| row[from..from + len].iter().map(|&t| t as i64))
-            .collect();
-        Tensor::<B, 2, Int>::from_data(TensorData::new(v, [b, len]), dev)
-    };
+    let ids = |b: usize, from: usize, len: usize| prompt_ids::<B>(&rows, b, from, len, dev);
     notes.push(format!(
         "prompts: {from}: the prefill is the first {ps} ids of the first {pb} rows, decode \
          step i feeds id i of the first {db} rows"

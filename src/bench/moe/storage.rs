@@ -59,12 +59,7 @@ impl Sc003bModel {
             let spec = file_spec(s, &cfg);
             return Ok((Sc003bModel::Random, cfg, spec));
         }
-        let o = s.model_origin.as_ref().expect("a checkpoint");
-        let c = crate::checkpoint::resolve(&o.model, Some(s.model.n_layers))?.config;
-        let ckpt = crate::checkpoint::load::Checkpoint::open(std::path::Path::new(&o.model), &c)?;
-        let cfg = c
-            .decoder_config(crate::nn::attention::MlaImpl::Absorbed)
-            .with_shape_buckets(ctx.shape_buckets());
+        let (ckpt, _, cfg) = open_checkpoint(s, ctx)?;
         let mut spec = file_spec(s, &cfg);
         spec.origin = Some(ckpt.identity());
         Ok((Sc003bModel::Checkpoint(ckpt), cfg, spec))
@@ -125,21 +120,9 @@ impl Sc003bModel {
         notes: &mut Vec<String>,
     ) -> anyhow::Result<Tensor<B, 2, Int>> {
         let db = s.run.decode_batch;
-        let dir = s
-            .model_origin
-            .as_ref()
-            .map(|o| o.model.clone())
-            .unwrap_or_default();
         let given = match self {
             Sc003bModel::Random => None,
-            Sc003bModel::Checkpoint(_) => crate::bench::checkpoint_prompts(
-                s.run.prompts.as_deref(),
-                s.run.prompt_text.as_deref(),
-                std::path::Path::new(&dir),
-                db,
-                OFFLOAD_PROMPT,
-                cfg.vocab_size,
-            )?,
+            Sc003bModel::Checkpoint(_) => given_prompts(s, db, OFFLOAD_PROMPT, cfg.vocab_size)?,
         };
         let Some((rows, from)) = given else {
             if matches!(self, Sc003bModel::Checkpoint(_)) {
@@ -161,14 +144,7 @@ impl Sc003bModel {
         notes.push(format!(
             "SC-003b prompts: the first {OFFLOAD_PROMPT} ids of the first {db} rows of {from}"
         ));
-        let v: Vec<i64> = rows[..db]
-            .iter()
-            .flat_map(|r| r[..OFFLOAD_PROMPT].iter().map(|&t| t as i64))
-            .collect();
-        Ok(Tensor::from_data(
-            TensorData::new(v, [db, OFFLOAD_PROMPT]),
-            dev,
-        ))
+        Ok(prompt_ids::<B>(&rows, db, 0, OFFLOAD_PROMPT, dev))
     }
 
     /// One sentence on where the model's weights come from.
