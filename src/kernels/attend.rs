@@ -2,8 +2,10 @@
 //! softmax（f32 统计量），键值以存储的精度（f32、f16、bf16）读取，按块加宽。
 //!
 //! Each (sequence, group) pair is one pass over its cached keys and values: scores of all its
-//! query rows against a block of [`KEY_BLOCK`] keys (four rows share each key load), the running
-//! maximum, the rescaled running sum and numerator (four rows share each value load). Masking is
+//! query rows against a block of [`KEY_BLOCK`] keys (a register tile of four rows by four keys,
+//! two below AVX-512, shares each query and key load), the running
+//! maximum, the rescaled running sum and numerator (four rows, eight on AVX-512, share each
+//! value load). Masking is
 //! by position (row `r` of sequence `i` sees keys `0..=q_starts[i] + r % q_len`), so there is no
 //! mask tensor. Half-precision keys and values are read as stored and widened in registers (the
 //! queries and outputs are kept in the order that widening gives, see
@@ -25,7 +27,7 @@ use super::Level;
 
 /// Keys scored together.
 pub const KEY_BLOCK: usize = 64;
-/// Query rows sharing one key or value load (twice as many on levels with 32 registers, see
+/// Query rows sharing one value load (twice as many on levels with 32 registers, see
 /// [`group_rows`]).
 const RG: usize = 4;
 /// Keys per split at least (a split shorter than this costs more to combine than it saves).
@@ -281,6 +283,11 @@ impl Task<'_, '_, '_> {
             permute_blocks(&mut q, rows, dk, l, false);
         }
         let packed = rows >= PACKED_ROWS;
+        // few rows: each row group's query vectors side by side, chunk by chunk (one base
+        // address and constant offsets in the dot products' loop, see [`group_queries`])
+        if !packed {
+            q = group_queries::<S>(&q, rows, dk);
+        }
         let (mut row, mut kt) = if packed {
             (vec![0f32; dk], vec![0f32; dk * KEY_BLOCK])
         } else {
@@ -383,7 +390,9 @@ impl<F: Format> Rows<'_, F> {
     }
 }
 
-/// `s[r·KEY_BLOCK + j] = q_r · key_j` for every row and the block's `nb` keys.
+/// `s[r·KEY_BLOCK + j] = q_r · key_j` for every row and the block's `nb` keys; `q` in the layout
+/// of [`group_queries`]. Groups of [`SCORE_ROWS`] rows take the block's keys [`key_tile`] at a
+/// time ([`tile_dots`]); the keys left over, and smaller groups, one at a time.
 #[inline(always)]
 fn scores<S: Simd, F: Format>(
     simd: S,
@@ -394,29 +403,191 @@ fn scores<S: Simd, F: Format>(
     nb: usize,
     s: &mut [f32],
 ) {
-    let mut r0 = 0;
-    while r0 < rows {
-        let g = (rows - r0).min(group_rows::<S>());
-        for j in 0..nb {
+    let kt = key_tile::<S>();
+    for (r0, r) in score_groups(rows) {
+        let qg = &q[r0 * dk..(r0 + r) * dk];
+        let mut j = 0;
+        if r == SCORE_ROWS {
+            while j + kt <= nb {
+                let mut put = |d: &[[f32; 4]; SCORE_ROWS], n: usize| {
+                    for (i, dr) in d.iter().enumerate() {
+                        s[(r0 + i) * KEY_BLOCK + j..][..n].copy_from_slice(&dr[..n]);
+                    }
+                };
+                if kt == 4 {
+                    let ats = [keys.at(j), keys.at(j + 1), keys.at(j + 2), keys.at(j + 3)];
+                    put(&tile_dots::<S, 4, F>(simd, qg, dk, keys.data, ats), 4);
+                } else {
+                    let ats = [keys.at(j), keys.at(j + 1)];
+                    put(&tile_dots::<S, 2, F>(simd, qg, dk, keys.data, ats), 2);
+                }
+                j += kt;
+            }
+        }
+        for j in j..nb {
             let at = keys.at(j);
             let mut put = |d: &[f32]| {
                 for (i, v) in d.iter().enumerate() {
                     s[(r0 + i) * KEY_BLOCK + j] = *v;
                 }
             };
-            match g {
-                8 => put(&dots::<S, 8, F>(simd, q, r0, dk, keys.data, at)),
-                4..=7 => put(&dots::<S, 4, F>(simd, q, r0, dk, keys.data, at)),
-                3 => put(&dots::<S, 3, F>(simd, q, r0, dk, keys.data, at)),
-                2 => put(&dots::<S, 2, F>(simd, q, r0, dk, keys.data, at)),
-                _ => put(&dots::<S, 1, F>(simd, q, r0, dk, keys.data, at)),
+            match r {
+                4 => put(&grouped_dots::<S, 4, F>(simd, qg, dk, keys.data, at)),
+                3 => put(&grouped_dots::<S, 3, F>(simd, qg, dk, keys.data, at)),
+                2 => put(&grouped_dots::<S, 2, F>(simd, qg, dk, keys.data, at)),
+                _ => put(&grouped_dots::<S, 1, F>(simd, qg, dk, keys.data, at)),
             }
         }
-        r0 += if (4..8).contains(&g) { 4 } else { g };
     }
 }
 
-/// Query rows sharing each key or value load: 8 where the level has 32 vector registers
+/// Query rows scored together against a tile of keys ([`tile_dots`]).
+const SCORE_ROWS: usize = 4;
+
+/// Keys scored together by [`tile_dots`]: 4 where the level has 32 vector registers (16
+/// accumulators, 8 key vectors), else 2.
+#[inline(always)]
+fn key_tile<S: Simd>() -> usize {
+    if S::F32_LANES >= 16 {
+        4
+    } else {
+        2
+    }
+}
+
+/// The groups of rows [`scores`] takes, as (first row, rows): [`SCORE_ROWS`] at a time, then
+/// what is left.
+fn score_groups(rows: usize) -> impl Iterator<Item = (usize, usize)> {
+    (0..rows)
+        .step_by(SCORE_ROWS)
+        .map(move |r0| (r0, (rows - r0).min(SCORE_ROWS)))
+}
+
+/// The groups of rows that share each key or value load in [`weighted_values`], as (first row,
+/// rows): as many of [`group_rows`] as fit, then 4, then what is left (3, 2 or 1).
+#[inline(always)]
+fn row_groups<S: Simd>(rows: usize) -> impl Iterator<Item = (usize, usize)> {
+    let mut r0 = 0;
+    std::iter::from_fn(move || {
+        if r0 >= rows {
+            return None;
+        }
+        let g = (rows - r0).min(group_rows::<S>());
+        let r = if (4..8).contains(&g) { 4 } else { g };
+        r0 += r;
+        Some((r0 - r, r))
+    })
+}
+
+/// `q` (`rows` rows of `dk` values) regrouped for [`tile_dots`] and [`grouped_dots`]: per group
+/// of [`score_groups`] (`r` rows from `r0`, in the same `r0·dk..(r0 + r)·dk` span), the rows'
+/// first pairs of vectors side by side, then their second pairs, and so on; then each row's tail
+/// (`dk` mod the pair's width) in turn. The loop over a key then reads every row's vectors at
+/// constant offsets from one address (the rows' own addresses were spilled to the stack).
+fn group_queries<S: Simd>(q: &[f32], rows: usize, dk: usize) -> Vec<f32> {
+    let width = 2 * S::F32_LANES;
+    let (full, tail) = (dk / width, dk % width);
+    let mut out = vec![0f32; q.len()];
+    for (r0, r) in score_groups(rows) {
+        let (src, dst) = (&q[r0 * dk..(r0 + r) * dk], &mut out[r0 * dk..(r0 + r) * dk]);
+        for i in 0..r {
+            let row = &src[i * dk..(i + 1) * dk];
+            for c in 0..full {
+                dst[(c * r + i) * width..][..width].copy_from_slice(&row[c * width..][..width]);
+            }
+            dst[full * r * width + i * tail..][..tail].copy_from_slice(&row[full * width..]);
+        }
+    }
+    out
+}
+
+/// `q_i · key_t` for the [`SCORE_ROWS`] rows of one group (`qg` in the layout of
+/// [`group_queries`]) and `K` keys (the `dk` stored values from `w[ats[t]..]`): each pair of
+/// query vectors loaded once for the K keys, each pair of key vectors once for the rows (a
+/// register tile of `SCORE_ROWS x K` accumulators): at AVX-512, 8 + 8 loads per 32
+/// multiply-adds, where one key at a time for 8 rows took 18 loads per 16.
+#[inline(always)]
+fn tile_dots<S: Simd, const K: usize, F: Format>(
+    simd: S,
+    qg: &[f32],
+    dk: usize,
+    w: &[F::Elem],
+    ats: [usize; K],
+) -> [[f32; 4]; SCORE_ROWS] {
+    const R: usize = SCORE_ROWS;
+    let width = 2 * S::F32_LANES;
+    let (full, tail) = (dk / width, dk % width);
+    let zero = simd.splat_f32s(0.0);
+    let mut acc = [[zero; K]; R];
+    for c in 0..full {
+        // a loop, not `array::from_fn`: a closure is not inlined into the level's
+        // target-feature context, and the widening intrinsics became calls
+        let mut kv = [(zero, zero); K];
+        for t in 0..K {
+            kv[t] = F::pair(simd, w, ats[t] + c * width);
+        }
+        let (qv, _) = S::as_simd_f32s(&qg[c * R * width..(c + 1) * R * width]);
+        let qv = &qv[..2 * R];
+        for i in 0..R {
+            for t in 0..K {
+                acc[i][t] = simd.mul_add_f32s(qv[2 * i], kv[t].0, acc[i][t]);
+                acc[i][t] = simd.mul_add_f32s(qv[2 * i + 1], kv[t].1, acc[i][t]);
+            }
+        }
+    }
+    let qt = &qg[full * R * width..];
+    let mut out = [[0f32; 4]; R];
+    for i in 0..R {
+        for t in 0..K {
+            let mut x = simd.reduce_sum_f32s(acc[i][t]);
+            let kt = &w[ats[t] + full * width..ats[t] + dk];
+            for (a, b) in qt[i * tail..(i + 1) * tail].iter().zip(kt) {
+                x += a * F::one(*b);
+            }
+            out[i][t] = x;
+        }
+    }
+    out
+}
+
+/// `q_i · key` for the `R` rows of one group (`qg`: `R·dk` values in the layout of
+/// [`group_queries`]), `key` the `dk` stored values from `w[at..]`: one load of each pair of key
+/// vectors for the R rows.
+#[inline(always)]
+fn grouped_dots<S: Simd, const R: usize, F: Format>(
+    simd: S,
+    qg: &[f32],
+    dk: usize,
+    w: &[F::Elem],
+    at: usize,
+) -> [f32; R] {
+    let width = 2 * S::F32_LANES;
+    let (full, tail) = (dk / width, dk % width);
+    let zero = simd.splat_f32s(0.0);
+    let mut acc = [[zero; 2]; R];
+    for c in 0..full {
+        let (k0, k1) = F::pair(simd, w, at + c * width);
+        let (qv, _) = S::as_simd_f32s(&qg[c * R * width..(c + 1) * R * width]);
+        let qv = &qv[..2 * R];
+        for i in 0..R {
+            acc[i][0] = simd.mul_add_f32s(qv[2 * i], k0, acc[i][0]);
+            acc[i][1] = simd.mul_add_f32s(qv[2 * i + 1], k1, acc[i][1]);
+        }
+    }
+    let kt = &w[at + full * width..at + dk];
+    let qt = &qg[full * R * width..];
+    let mut out = [0f32; R];
+    for i in 0..R {
+        let mut t = simd.reduce_sum_f32s(simd.add_f32s(acc[i][0], acc[i][1]));
+        for (a, b) in qt[i * tail..(i + 1) * tail].iter().zip(kt) {
+            t += a * F::one(*b);
+        }
+        out[i] = t;
+    }
+    out
+}
+
+/// Query rows sharing each value load: 8 where the level has 32 vector registers
 /// (AVX-512: 16 accumulators, two loaded vectors and a broadcast), else 4 ([`RG`]).
 #[inline(always)]
 fn group_rows<S: Simd>() -> usize {
@@ -513,11 +684,7 @@ fn weighted_values<S: Simd, F: Format>(
     dv: usize,
     o: &mut [f32],
 ) {
-    let rows = vis.len();
-    let mut r0 = 0;
-    while r0 < rows {
-        let g = (rows - r0).min(group_rows::<S>());
-        let r = if (4..8).contains(&g) { 4 } else { g };
+    for (r0, r) in row_groups::<S>(vis.len()) {
         // keys any row of the group sees (the scores past a row's own are 0)
         let nb = vis[r0..r0 + r].iter().copied().max().unwrap_or(0);
         if nb > 0 {
@@ -529,7 +696,6 @@ fn weighted_values<S: Simd, F: Format>(
                 _ => accumulate::<S, 1, F>(simd, s, values, r0, dv, nb, o),
             };
         }
-        r0 += r;
     }
 }
 
@@ -660,7 +826,9 @@ fn accumulate<S: Simd, const R: usize, F: Format>(
     o: &mut [f32],
 ) -> usize {
     let width = 2 * S::F32_LANES;
-    let ps: [&[f32]; R] = std::array::from_fn(|i| &s[(r0 + i) * KEY_BLOCK..][..nb]);
+    assert!(nb <= KEY_BLOCK);
+    // the rows' scores from one address at constant offsets (row i's at i·KEY_BLOCK)
+    let ps = &s[r0 * KEY_BLOCK..(r0 + R) * KEY_BLOCK];
     let mut c = 0;
     while c + width <= dv {
         let zero = simd.splat_f32s(0.0);
@@ -668,7 +836,7 @@ fn accumulate<S: Simd, const R: usize, F: Format>(
         for j in 0..nb {
             let (v0, v1) = F::pair(simd, values.data, values.at(j) + c);
             for i in 0..R {
-                let pj = simd.splat_f32s(ps[i][j]);
+                let pj = simd.splat_f32s(ps[i * KEY_BLOCK + j]);
                 acc[i][0] = simd.mul_add_f32s(pj, v0, acc[i][0]);
                 acc[i][1] = simd.mul_add_f32s(pj, v1, acc[i][1]);
             }
@@ -685,7 +853,7 @@ fn accumulate<S: Simd, const R: usize, F: Format>(
             let at = values.at(j);
             let vr = &values.data[at + c..at + dv];
             for i in 0..R {
-                let pj = ps[i][j];
+                let pj = ps[i * KEY_BLOCK + j];
                 for (a, v) in o[(r0 + i) * dv + c..(r0 + i + 1) * dv].iter_mut().zip(vr) {
                     *a += pj * F::one(*v);
                 }
@@ -830,6 +998,9 @@ mod tests {
         check(1, 1, 8, 40, 32, 1500, &[1400], 1, true);
         // 13 rows: groups of 8 (AVX-512), 4 and 1
         check(1, 1, 13, 72, 64, 300, &[299], 1, true);
+        // 5 rows: one tile of four rows, scored four (two) keys at a time, and a single row; 67
+        // keys: a block of 64, then one of 3 keys (fewer than a key tile)
+        check(1, 1, 5, 37, 29, 67, &[66], 1, true);
     }
 
     #[test]
