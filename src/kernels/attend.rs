@@ -275,11 +275,11 @@ impl Task<'_, '_, '_> {
             panic!("attention: keys and values must have one storage type");
         };
         // the queries in the order the pair loads give the keys (even, then odd elements of
-        // each block of two vectors, for 16-bit storage)
+        // each block of two vectors where the format's pairs are permuted)
         let first = self.pair * p.rows + row0;
         let mut q = vec![0f32; rows * dk];
         super::convert::widen_body(p.q.sub(first * dk, rows * dk), &mut q);
-        if F::PERMUTED {
+        if F::permuted::<S>() {
             permute_blocks(&mut q, rows, dk, l, false);
         }
         let packed = rows >= PACKED_ROWS;
@@ -369,7 +369,7 @@ impl Task<'_, '_, '_> {
             }
             k0 = k1;
         }
-        if F::PERMUTED {
+        if F::permuted::<S>() {
             permute_blocks(o, rows, dv, l, true);
         }
         (m, sums)

@@ -124,17 +124,21 @@ pub fn to_f32(level: Level, src: Elems<'_>) -> Vec<f32> {
 pub(crate) trait Format {
     /// The stored element.
     type Elem: Copy;
-    /// Whether [`Format::pair`] returns the even and the odd elements (else consecutive ones).
-    const PERMUTED: bool;
+    /// Whether [`Format::pair`] at level `S` returns the even and the odd elements (else
+    /// consecutive ones).
+    fn permuted<S: Simd>() -> bool;
     /// Whether a block of values read by many rows is better widened once into f32 than in
-    /// registers at every use: true for f16, whose widening takes several instructions per
-    /// vector (the prefill attention's values: f16 1.18-1.29x slower than bf16 when widened at
-    /// every use, equal when widened once); false for bf16 (a shift: widening once was 4-10 %
-    /// slower, the f32 copy's loads cost more than the shift).
+    /// registers at every use: true for f16 (the prefill attention's values: f16 1.18-1.29x
+    /// slower than bf16 when widened at every use through `vpmovdw` + `vcvtph2ps`, equal when
+    /// widened once; with one `vcvtph2ps` per vector, 2026-12-07, widening once still gave
+    /// 87.7-88.8 ms against 95.3-95.5 for MHA's 512-row chunk, and the same for absorbed MLA);
+    /// false for bf16 (a shift: widening once was 4-10 % slower, the f32 copy's loads cost more
+    /// than the shift).
     const WIDEN_BLOCKS: bool = false;
     /// The `2 · F32_LANES` elements from `w[at..]` as two f32 vectors: elements `0..L` and
-    /// `L..2L` (f32), or the even and the odd elements (16-bit formats: one load of `L` 32-bit
-    /// words, widened in registers).
+    /// `L..2L` (f32; f16 on AVX-512, by the conversion instruction), or the even and the odd
+    /// elements (bf16, and f16 below AVX-512: one load of `L` 32-bit words, widened in
+    /// registers); [`Format::permuted`] says which.
     fn pair<S: Simd>(simd: S, w: &[Self::Elem], at: usize) -> (S::f32s, S::f32s);
     /// One element as f32.
     fn one(v: Self::Elem) -> f32;
@@ -151,7 +155,10 @@ pub(crate) struct F16;
 
 impl Format for F32 {
     type Elem = f32;
-    const PERMUTED: bool = false;
+    #[inline(always)]
+    fn permuted<S: Simd>() -> bool {
+        false
+    }
     #[inline(always)]
     fn pair<S: Simd>(_simd: S, w: &[f32], at: usize) -> (S::f32s, S::f32s) {
         let (v, _) = S::as_simd_f32s(&w[at..at + 2 * S::F32_LANES]);
@@ -182,7 +189,10 @@ fn words<S: Simd>(w: &[u16], at: usize) -> S::u32s {
 
 impl Format for Bf16 {
     type Elem = u16;
-    const PERMUTED: bool = true;
+    #[inline(always)]
+    fn permuted<S: Simd>() -> bool {
+        true
+    }
     #[inline(always)]
     fn pair<S: Simd>(simd: S, w: &[u16], at: usize) -> (S::f32s, S::f32s) {
         let x = words::<S>(w, at);
@@ -225,9 +235,10 @@ fn f16s<S: Simd>(simd: S, h: S::u32s) -> S::f32s {
     simd.transmute_f32s_u32s(bits)
 }
 
-/// The even and the odd f16 values of `w[at..at + 32]` widened by the conversion instruction of
-/// AVX-512F (`vcvtph2ps`, after `vpmovdw` picks each word's low or high half): 5 instructions
-/// for 32 values where the portable integer path takes about 20.
+/// The f16 values `w[at..at + 16]` and `w[at + 16..at + 32]` widened by the conversion
+/// instruction of AVX-512F (`vcvtph2ps` from memory): two instructions for 32 values, in their
+/// own order (the even/odd split through `vpmovdw` took five, the portable integer path about
+/// twenty).
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
 fn f16_pair_v4(
@@ -235,36 +246,59 @@ fn f16_pair_v4(
     w: &[u16],
     at: usize,
 ) -> (core::arch::x86_64::__m512, core::arch::x86_64::__m512) {
-    use core::arch::x86_64::__m512i;
+    use core::arch::x86_64::__m256i;
     let src = &w[at..at + 32];
-    // SAFETY: `src` holds 32 u16 = 64 bytes = size_of::<__m512i>() (bounds-checked slice);
-    // `read_unaligned` has no alignment requirement and every bit pattern is an `__m512i`.
-    let x: __m512i = unsafe { std::ptr::read_unaligned(src.as_ptr() as *const __m512i) };
+    // SAFETY: `src` holds 32 u16 = 64 bytes (bounds-checked slice), two `__m256i` of 32 bytes
+    // each at offsets 0 and 16 elements; `read_unaligned` has no alignment requirement and every
+    // bit pattern is an `__m256i`.
+    let (lo, hi): (__m256i, __m256i) = unsafe {
+        let p = src.as_ptr() as *const __m256i;
+        (
+            std::ptr::read_unaligned(p),
+            std::ptr::read_unaligned(p.add(1)),
+        )
+    };
     let f = v4.avx512f;
-    let even = f._mm512_cvtepi32_epi16(x);
-    let odd = f._mm512_cvtepi32_epi16(f._mm512_srli_epi32::<16>(x));
-    (f._mm512_cvtph_ps(even), f._mm512_cvtph_ps(odd))
+    (f._mm512_cvtph_ps(lo), f._mm512_cvtph_ps(hi))
+}
+
+/// Whether `S` is AVX-512 (pulp's `V4`), known when monomorphised.
+#[inline(always)]
+fn is_v4<S: Simd>() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::any::TypeId::of::<S>() == std::any::TypeId::of::<pulp::x86::V4>()
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
 }
 
 impl Format for F16 {
     type Elem = u16;
-    const PERMUTED: bool = true;
     const WIDEN_BLOCKS: bool = true;
+    /// Consecutive on AVX-512 (the conversion instruction), even/odd elsewhere (the integer
+    /// path widens the low and the high halves of 32-bit words).
+    #[inline(always)]
+    fn permuted<S: Simd>() -> bool {
+        !is_v4::<S>()
+    }
     #[inline(always)]
     fn pair<S: Simd>(simd: S, w: &[u16], at: usize) -> (S::f32s, S::f32s) {
         // AVX-512: the conversion instruction (the level's type is known when monomorphised,
         // so the check folds away)
         #[cfg(target_arch = "x86_64")]
         if let Some(v4) = (&simd as &dyn std::any::Any).downcast_ref::<pulp::x86::V4>() {
-            let (even, odd) = f16_pair_v4(*v4, w, at);
+            let (first, second) = f16_pair_v4(*v4, w, at);
             const { assert!(size_of::<pulp::f32x16>() == size_of::<core::arch::x86_64::__m512>()) };
             // SAFETY: `S` is `V4` (checked above), whose `f32s` is `pulp::f32x16`: sixteen f32,
             // 64 bytes, the size of `__m512` (asserted at compile time); both are plain f32 lanes
             // with every bit pattern valid.
             return unsafe {
                 (
-                    std::mem::transmute_copy::<_, S::f32s>(&even),
-                    std::mem::transmute_copy::<_, S::f32s>(&odd),
+                    std::mem::transmute_copy::<_, S::f32s>(&first),
+                    std::mem::transmute_copy::<_, S::f32s>(&second),
                 )
             };
         }

@@ -9,8 +9,9 @@
 //! [`K_BLOCK`] weight rows at a time (8 concurrent streams, which the hardware prefetchers follow),
 //! a block of two vectors of output columns for up to [`ROWS`] input rows accumulated in
 //! registers, added into the thread's partial output once per block. Half-precision weights are
-//! widened in registers (one load of 32-bit words gives a vector of even and a vector of odd
-//! elements: bf16 by a shift and a mask, f16 by integer operations on the bits), never converted
+//! widened in registers (bf16: one load of 32-bit words gives a vector of even and a vector of odd
+//! elements, by a shift and a mask; f16: the conversion instruction on AVX-512, integer operations
+//! on the bits elsewhere), never converted
 //! as a tensor; memory carries their own two bytes per element. Partial outputs of the bands are summed at the
 //! end; the result equals the GEMM's up to the order of summation.
 //!
@@ -244,7 +245,7 @@ impl OutIn<'_> {
         let w = F::slice(w).expect("format matches storage");
         // the inputs in the order the weight rows are widened (see `Format::pair`)
         let mut xp = x.to_vec();
-        if F::PERMUTED {
+        if F::permuted::<S>() {
             permute_blocks(&mut xp, rows, k, S::F32_LANES, false);
         }
         let width = c1 - c0;
@@ -314,9 +315,10 @@ impl Band<'_> {
             k1,
             ..
         } = self;
-        // half precision accumulates each full block of columns as its even then its odd
-        // columns (see `Format::pair`): `y`'s own values into that order first, back at the end
-        if F::PERMUTED {
+        // a permuted format (bf16; f16 below AVX-512) accumulates each full block of columns as
+        // its even then its odd columns (see `Format::pair`): `y`'s own values into that order
+        // first, back at the end
+        if F::permuted::<S>() {
             permute_blocks(y, rows, n, S::F32_LANES, false);
         }
         let mut kb = k0;
@@ -340,7 +342,7 @@ impl Band<'_> {
             }
             kb = ke;
         }
-        if F::PERMUTED {
+        if F::permuted::<S>() {
             permute_blocks(y, rows, n, S::F32_LANES, true);
         }
     }

@@ -275,6 +275,7 @@ mod timings {
         let (k, n) = (2048, 6144);
         let w = crate::rng::uniform(k * n, 1);
         let wb: Vec<bf16> = w.iter().map(|&v| bf16::from_f32(v)).collect();
+        let wh: Vec<half::f16> = w.iter().map(|&v| half::f16::from_f32(v)).collect();
         for rows in [1, 8] {
             let x = crate::rng::uniform(rows * k, 2);
             let t32 = best(|| {
@@ -283,18 +284,22 @@ mod timings {
             let t16 = best(|| {
                 std::hint::black_box(gemv::gemv_rows(level, &x, Elems::Bf16(&wb), rows, k, n));
             });
+            let th = best(|| {
+                std::hint::black_box(gemv::gemv_rows(level, &x, Elems::F16(&wh), rows, k, n));
+            });
             println!(
-                "gemv {rows} x [{k}, {n}] {level}: f32 {:.3} ms ({:.1} GB/s), bf16 {:.3} ms ({:.1} GB/s)",
+                "gemv {rows} x [{k}, {n}] {level}: f32 {:.3} ms ({:.1} GB/s), bf16 {:.3} ms ({:.1} GB/s), f16 {:.3} ms ({:.1} GB/s)",
                 t32 * 1e3,
                 (k * n * 4) as f64 / t32 / 1e9,
                 t16 * 1e3,
-                (k * n * 2) as f64 / t16 / 1e9
+                (k * n * 2) as f64 / t16 / 1e9,
+                th * 1e3,
+                (k * n * 2) as f64 / th / 1e9
             );
         }
         // a prefill chunk's linear: 512 rows x [2048, 6144], weights f32 / bf16 / f16 (panels)
         let m = 512;
         let x = crate::rng::uniform(m * k, 6);
-        let wh: Vec<half::f16> = w.iter().map(|&v| half::f16::from_f32(v)).collect();
         let time = |e: Elems<'_>| {
             best(|| drop(std::hint::black_box(panel::matmul(level, &x, e, m, k, n))))
         };
