@@ -278,7 +278,7 @@ impl Task<'_, '_, '_> {
         // each block of two vectors where the format's pairs are permuted)
         let first = self.pair * p.rows + row0;
         let mut q = vec![0f32; rows * dk];
-        super::convert::widen_body(p.q.sub(first * dk, rows * dk), &mut q);
+        super::convert::widen_simd(simd, p.q.sub(first * dk, rows * dk), &mut q);
         if F::permuted::<S>() {
             permute_blocks(&mut q, rows, dk, l, false);
         }

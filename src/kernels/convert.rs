@@ -1,11 +1,11 @@
 //! 半精度与 f32 之间的转换：按块加宽到 f32（留在 L1/L2 中供其它内核读取）与收窄输出。
 //!
-//! bf16 -> f32 is a 16-bit shift; f16 -> f32 is done with integer operations on the bits (the
+//! bf16 -> f32 is a 16-bit shift; f16 -> f32 is the conversion instruction on AVX-512
+//! (`vcvtph2ps`, through pulp's `V4` token) and elsewhere integer operations on the bits (the
 //! exponent re-biased by one multiplication by 2^112, which also normalises subnormals; infinities
-//! and NaNs get their exponent restored), so that the same loop vectorises at every level (F16C's
-//! `vcvtph2ps` is not reachable through the portable layer; the loop is a few integer operations
-//! per element and the kernels that call it are bound by memory, not by these). Narrowing rounds
-//! to nearest, ties to even (what `half` and PyTorch do).
+//! and NaNs get their exponent restored), a loop that vectorises at every level (F16C's 256-bit
+//! `vcvtph2ps` is not reachable through pulp's AVX2 level, which does not enable `f16c`).
+//! Narrowing rounds to nearest, ties to even (what `half` and PyTorch do).
 
 use half::{bf16, f16};
 use pulp::{Simd, WithSimd};
@@ -80,8 +80,30 @@ struct Widen<'a, 'b> {
 impl WithSimd for Widen<'_, '_> {
     type Output = ();
     #[inline(always)]
-    fn with_simd<S: Simd>(self, _simd: S) -> Self::Output {
-        widen_body(self.src, self.dst);
+    fn with_simd<S: Simd>(self, simd: S) -> Self::Output {
+        widen_simd(simd, self.src, self.dst);
+    }
+}
+
+/// [`widen_body`] at level `S`, with f16 on AVX-512 through the conversion instruction (two
+/// vectors at a time, [`Format::pair`]; the tail by the portable loop).
+#[inline(always)]
+pub(crate) fn widen_simd<S: Simd>(simd: S, src: Elems<'_>, dst: &mut [f32]) {
+    match src {
+        Elems::F16(s) if !F16::permuted::<S>() => {
+            use half::slice::HalfFloatSliceExt;
+            let bits: &[u16] = s.reinterpret_cast();
+            let width = 2 * S::F32_LANES;
+            let full = s.len() - s.len() % width;
+            for (c, d) in dst[..full].chunks_exact_mut(width).enumerate() {
+                let (a, b) = F16::pair(simd, bits, c * width);
+                let (dv, _) = S::as_mut_simd_f32s(d);
+                dv[0] = a;
+                dv[1] = b;
+            }
+            widen_body(Elems::F16(&s[full..]), &mut dst[full..]);
+        }
+        _ => widen_body(src, dst),
     }
 }
 
