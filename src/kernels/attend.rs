@@ -600,8 +600,8 @@ fn group_rows<S: Simd>() -> usize {
 
 /// `q_{r0+i} · key` for `i < R`, `key` the `dk` stored values from `w[at..]`: one load of each
 /// pair of key vectors for the R rows. `q` holds rows of `dk` values, in the order
-/// [`Format::pair`] gives (permuted for 16-bit formats). Also the product of
-/// [`super::gemv::gemv_out_in`].
+/// [`Format::pair`] gives ([`Format::permuted`]). The product of [`super::gemv::gemv_out_in`]
+/// (the attention's scores take [`tile_dots`] and [`grouped_dots`]).
 #[inline(always)]
 pub(crate) fn dots<S: Simd, const R: usize, F: Format>(
     simd: S,
