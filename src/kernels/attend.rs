@@ -444,7 +444,7 @@ fn scores<S: Simd, F: Format>(
 /// Query rows scored together against a tile of keys ([`tile_dots`]).
 const SCORE_ROWS: usize = 4;
 
-/// Keys scored together by [`tile_dots`]: 4 where the level has 32 vector registers (16
+/// Keys scored together by [`tile_dots`]: 4 on 16-lane levels (AVX-512, 32 vector registers: 16
 /// accumulators, 8 key vectors), else 2.
 #[inline(always)]
 fn key_tile<S: Simd>() -> usize {
@@ -587,7 +587,7 @@ fn grouped_dots<S: Simd, const R: usize, F: Format>(
     out
 }
 
-/// Query rows sharing each value load: 8 where the level has 32 vector registers
+/// Query rows sharing each value load: 8 on 16-lane levels (AVX-512, 32 vector registers)
 /// (AVX-512: 16 accumulators, two loaded vectors and a broadcast), else 4 ([`RG`]).
 #[inline(always)]
 fn group_rows<S: Simd>() -> usize {
@@ -870,16 +870,13 @@ mod tests {
     use half::{bf16, f16};
 
     /// Plain softmax attention in f64 over the stored (rounded) values.
-    fn reference(p: &Problem<'_>, kf: &[f32], vf: Option<&[f32]>) -> Vec<f32> {
+    fn reference(p: &Problem<'_>, qall: &[f32], kf: &[f32], vf: Option<&[f32]>) -> Vec<f32> {
         let (b, g, rows, dk, dv) = (p.b, p.g, p.rows, p.dk, p.dv);
         let mut out = vec![0f32; b * g * rows * dv];
         for bi in 0..b {
             for gi in 0..g {
                 for r in 0..rows {
                     let pos = p.q_starts[bi] + r % p.q_len;
-                    let Elems::F32(qall) = p.q else {
-                        panic!("f32 queries")
-                    };
                     let qr = &qall[((bi * g + gi) * rows + r) * dk..][..dk];
                     let key = |t: usize| {
                         let at = p.k.offset
@@ -939,6 +936,9 @@ mod tests {
         shared: bool,
     ) {
         let q = uniform(b * g * rows * dk, 5);
+        // queries stored like the cache (as the model gives them)
+        let qh: Vec<f16> = q.iter().map(|&v| f16::from_f32(v)).collect();
+        let qb: Vec<bf16> = q.iter().map(|&v| bf16::from_f32(v)).collect();
         // keys padded to a row stride larger than dk (a view of a wider cache)
         let kst = dk + 3;
         let kraw = uniform(b * g * cap * kst, 6);
@@ -964,13 +964,13 @@ mod tests {
                     strides: [g * cap * dv, cap * dv, dv],
                 };
                 let (kf, vf) = (round(&kraw, dtype), round(&vraw, dtype));
-                let (ke, ve) = match dtype {
-                    1 => (Elems::F16(&kh), Elems::F16(&vh)),
-                    2 => (Elems::Bf16(&kb), Elems::Bf16(&vb)),
-                    _ => (Elems::F32(&kraw), Elems::F32(&vraw)),
+                let (qe, ke, ve) = match dtype {
+                    1 => (Elems::F16(&qh), Elems::F16(&kh), Elems::F16(&vh)),
+                    2 => (Elems::Bf16(&qb), Elems::Bf16(&kb), Elems::Bf16(&vb)),
+                    _ => (Elems::F32(&q), Elems::F32(&kraw), Elems::F32(&vraw)),
                 };
                 let p = Problem {
-                    q: Elems::F32(&q),
+                    q: qe,
                     b,
                     g,
                     rows,
@@ -982,7 +982,7 @@ mod tests {
                     q_len,
                 };
                 let got = attention(level, &p);
-                let want = reference(&p, &kf, (!shared).then_some(&vf[..]));
+                let want = reference(&p, &round(&q, dtype), &kf, (!shared).then_some(&vf[..]));
                 for (i, (a, w)) in got.iter().zip(&want).enumerate() {
                     assert!((a - w).abs() < 2e-5, "{level} dtype {dtype} [{i}]: {a} vs {w} (b {b} g {g} rows {rows} dk {dk} dv {dv})");
                 }
@@ -1001,6 +1001,9 @@ mod tests {
         // 5 rows: one tile of four rows, scored four (two) keys at a time, and a single row; 67
         // keys: a block of 64, then one of 3 keys (fewer than a key tile)
         check(1, 1, 5, 37, 29, 67, &[66], 1, true);
+        // 7 rows (a tile and a group of 3 after it), dk a whole number of pairs (no tail: absorbed
+        // MLA's 576 is one)
+        check(1, 1, 7, 64, 64, 67, &[66], 1, true);
     }
 
     #[test]

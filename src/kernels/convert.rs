@@ -89,6 +89,7 @@ impl WithSimd for Widen<'_, '_> {
 /// vectors at a time, [`Format::pair`]; the tail by the portable loop).
 #[inline(always)]
 pub(crate) fn widen_simd<S: Simd>(simd: S, src: Elems<'_>, dst: &mut [f32]) {
+    debug_assert_eq!(src.len(), dst.len(), "widen: lengths differ");
     match src {
         Elems::F16(s) if !F16::permuted::<S>() => {
             use half::slice::HalfFloatSliceExt;
@@ -310,8 +311,12 @@ impl Format for F16 {
     fn pair<S: Simd>(simd: S, w: &[u16], at: usize) -> (S::f32s, S::f32s) {
         // AVX-512: the conversion instruction (the level's type is known when monomorphised,
         // so the check folds away)
+        // (the same test as `permuted`, so the order it reports is the order given here)
         #[cfg(target_arch = "x86_64")]
-        if let Some(v4) = (&simd as &dyn std::any::Any).downcast_ref::<pulp::x86::V4>() {
+        if is_v4::<S>() {
+            let v4 = (&simd as &dyn std::any::Any)
+                .downcast_ref::<pulp::x86::V4>()
+                .expect("is_v4");
             let (first, second) = f16_pair_v4(*v4, w, at);
             const { assert!(size_of::<pulp::f32x16>() == size_of::<core::arch::x86_64::__m512>()) };
             // SAFETY: `S` is `V4` (checked above), whose `f32s` is `pulp::f32x16`: sixteen f32,
@@ -368,6 +373,65 @@ pub(crate) fn permute_blocks(y: &mut [f32], rows: usize, n: usize, l: usize, bac
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `Format::pair` at every level gives the stored values widened, in natural order or in the
+    /// even/odd order of `permute_blocks`, exactly as `Format::permuted` says.
+    #[test]
+    fn pairs_come_in_the_order_permuted_reports_at_every_level() {
+        struct Pairs<'a>(&'a [u16], bool);
+        impl WithSimd for Pairs<'_> {
+            type Output = (Vec<f32>, bool);
+            #[inline(always)]
+            fn with_simd<S: Simd>(self, simd: S) -> Self::Output {
+                let width = 2 * S::F32_LANES;
+                let n = self.0.len() / width * width;
+                let mut out = vec![0f32; n];
+                for (c, d) in out.chunks_exact_mut(width).enumerate() {
+                    let (a, b) = if self.1 {
+                        F16::pair(simd, self.0, c * width)
+                    } else {
+                        Bf16::pair(simd, self.0, c * width)
+                    };
+                    let (dv, _) = S::as_mut_simd_f32s(d);
+                    dv[0] = a;
+                    dv[1] = b;
+                }
+                let permuted = if self.1 {
+                    F16::permuted::<S>()
+                } else {
+                    Bf16::permuted::<S>()
+                };
+                (out, permuted)
+            }
+        }
+        let xs: Vec<f32> = (0..96).map(|i| i as f32 * 0.25 - 7.0).collect();
+        let h: Vec<u16> = xs.iter().map(|&v| f16::from_f32(v).to_bits()).collect();
+        let b: Vec<u16> = xs.iter().map(|&v| bf16::from_f32(v).to_bits()).collect();
+        for level in Level::available() {
+            for (bits, is_f16) in [(&h, true), (&b, false)] {
+                let (got, permuted) = level.run(Pairs(bits, is_f16));
+                let mut want = xs[..got.len()].to_vec();
+                if permuted {
+                    let l = level_lanes(level);
+                    let n = want.len();
+                    permute_blocks(&mut want, 1, n, l, false);
+                }
+                assert_eq!(got, want, "{level} f16 {is_f16} permuted {permuted}");
+            }
+        }
+    }
+
+    /// f32 lanes of `level`'s vectors.
+    fn level_lanes(level: Level) -> usize {
+        struct Lanes;
+        impl WithSimd for Lanes {
+            type Output = usize;
+            fn with_simd<S: Simd>(self, _simd: S) -> usize {
+                S::F32_LANES
+            }
+        }
+        level.run(Lanes)
+    }
 
     #[test]
     fn every_f16_and_bf16_bit_pattern_widens_as_half_does() {
