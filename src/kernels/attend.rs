@@ -40,7 +40,8 @@ const MAX_TILE_ROWS: usize = 512;
 const MIN_TILE_ROWS: usize = 64;
 /// From this many rows on, a task scores each key block as a small matrix product against the
 /// block's keys packed transposed (widened once per block, every row's scores in vector lanes);
-/// below it, dot products per key ([`dots`]: no packing, a horizontal sum per row and key).
+/// below it, dot products per key ([`tile_dots`], [`grouped_dots`]: no packing, a horizontal sum
+/// per row and key).
 pub const PACKED_ROWS: usize = 32;
 
 /// Keys or values in storage: element `(i, j, t, c)` (sequence, group, position, column) is at
@@ -457,7 +458,7 @@ fn key_tile<S: Simd>() -> usize {
 
 /// The groups of rows [`scores`] takes, as (first row, rows): [`SCORE_ROWS`] at a time, then
 /// what is left.
-fn score_groups(rows: usize) -> impl Iterator<Item = (usize, usize)> {
+pub(crate) fn score_groups(rows: usize) -> impl Iterator<Item = (usize, usize)> {
     (0..rows)
         .step_by(SCORE_ROWS)
         .map(move |r0| (r0, (rows - r0).min(SCORE_ROWS)))
@@ -484,7 +485,7 @@ fn row_groups<S: Simd>(rows: usize) -> impl Iterator<Item = (usize, usize)> {
 /// first pairs of vectors side by side, then their second pairs, and so on; then each row's tail
 /// (`dk` mod the pair's width) in turn. The loop over a key then reads every row's vectors at
 /// constant offsets from one address (the rows' own addresses were spilled to the stack).
-fn group_queries<S: Simd>(q: &[f32], rows: usize, dk: usize) -> Vec<f32> {
+pub(crate) fn group_queries<S: Simd>(q: &[f32], rows: usize, dk: usize) -> Vec<f32> {
     let width = 2 * S::F32_LANES;
     let (full, tail) = (dk / width, dk % width);
     let mut out = vec![0f32; q.len()];
@@ -552,9 +553,9 @@ fn tile_dots<S: Simd, const K: usize, F: Format>(
 
 /// `q_i · key` for the `R` rows of one group (`qg`: `R·dk` values in the layout of
 /// [`group_queries`]), `key` the `dk` stored values from `w[at..]`: one load of each pair of key
-/// vectors for the R rows.
+/// vectors for the R rows. Also the product of [`super::gemv::gemv_out_in`].
 #[inline(always)]
-fn grouped_dots<S: Simd, const R: usize, F: Format>(
+pub(crate) fn grouped_dots<S: Simd, const R: usize, F: Format>(
     simd: S,
     qg: &[f32],
     dk: usize,
@@ -596,45 +597,6 @@ fn group_rows<S: Simd>() -> usize {
     } else {
         RG
     }
-}
-
-/// `q_{r0+i} · key` for `i < R`, `key` the `dk` stored values from `w[at..]`: one load of each
-/// pair of key vectors for the R rows. `q` holds rows of `dk` values, in the order
-/// [`Format::pair`] gives ([`Format::permuted`]). The product of [`super::gemv::gemv_out_in`]
-/// (the attention's scores take [`tile_dots`] and [`grouped_dots`]).
-#[inline(always)]
-pub(crate) fn dots<S: Simd, const R: usize, F: Format>(
-    simd: S,
-    q: &[f32],
-    r0: usize,
-    dk: usize,
-    w: &[F::Elem],
-    at: usize,
-) -> [f32; R] {
-    let width = 2 * S::F32_LANES;
-    let qs: [&[f32]; R] = std::array::from_fn(|i| &q[(r0 + i) * dk..(r0 + i + 1) * dk]);
-    let zero = simd.splat_f32s(0.0);
-    let mut acc = [[zero; 2]; R];
-    let mut c = 0;
-    while c + width <= dk {
-        let (k0, k1) = F::pair(simd, w, at + c);
-        for i in 0..R {
-            let (qv, _) = S::as_simd_f32s(&qs[i][c..c + width]);
-            acc[i][0] = simd.mul_add_f32s(qv[0], k0, acc[i][0]);
-            acc[i][1] = simd.mul_add_f32s(qv[1], k1, acc[i][1]);
-        }
-        c += width;
-    }
-    let tail = &w[at + c..at + dk];
-    let mut out = [0f32; R];
-    for i in 0..R {
-        let mut t = simd.reduce_sum_f32s(simd.add_f32s(acc[i][0], acc[i][1]));
-        for (a, b) in qs[i][c..].iter().zip(tail) {
-            t += a * F::one(*b);
-        }
-        out[i] = t;
-    }
-    out
 }
 
 /// One block of the online softmax over the first `visible` scores of `s` (the rest are masked

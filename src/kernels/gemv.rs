@@ -27,7 +27,7 @@ use rayon::prelude::*;
 
 use half::slice::HalfFloatSliceExt;
 
-use super::attend::dots;
+use super::attend::{group_queries, grouped_dots, score_groups};
 use super::convert::{permute_blocks, Bf16, Elems, Format, F16, F32};
 use super::Level;
 
@@ -244,29 +244,29 @@ impl OutIn<'_> {
         } = self;
         let w = F::slice(w).expect("format matches storage");
         // the inputs in the order the weight rows are widened (see `Format::pair`)
+        // and grouped four rows at a time like the attention's queries (`group_queries`)
         let mut xp = x.to_vec();
         if F::permuted::<S>() {
             permute_blocks(&mut xp, rows, k, S::F32_LANES, false);
         }
+        let xg = group_queries::<S>(&xp, rows, k);
         let width = c1 - c0;
         let mut y = vec![0f32; rows * width];
         for c in c0..c1 {
             let at = off + c * ws;
-            let mut r0 = 0;
-            while r0 < rows {
-                let g = (rows - r0).min(4);
+            for (r0, g) in score_groups(rows) {
+                let xr = &xg[r0 * k..(r0 + g) * k];
                 let mut put = |d: &[f32]| {
                     for (i, v) in d.iter().enumerate() {
                         y[(r0 + i) * width + c - c0] = *v;
                     }
                 };
                 match g {
-                    4 => put(&dots::<S, 4, F>(simd, &xp, r0, k, w, at)),
-                    3 => put(&dots::<S, 3, F>(simd, &xp, r0, k, w, at)),
-                    2 => put(&dots::<S, 2, F>(simd, &xp, r0, k, w, at)),
-                    _ => put(&dots::<S, 1, F>(simd, &xp, r0, k, w, at)),
+                    4 => put(&grouped_dots::<S, 4, F>(simd, xr, k, w, at)),
+                    3 => put(&grouped_dots::<S, 3, F>(simd, xr, k, w, at)),
+                    2 => put(&grouped_dots::<S, 2, F>(simd, xr, k, w, at)),
+                    _ => put(&grouped_dots::<S, 1, F>(simd, xr, k, w, at)),
                 }
-                r0 += g;
             }
         }
         y
