@@ -110,6 +110,7 @@ pub fn attention_into<T: Send>(
         "attention: values inside keys need dv <= dk"
     );
     let pairs = b * g;
+    let dot = uses_bf16_dot(level, p);
     let threads = rayon::current_num_threads();
     let n_keys = |bi: usize| p.q_starts[bi] + p.q_len.min(rows);
     let longest = (0..b).map(n_keys).max().unwrap_or(0);
@@ -157,6 +158,7 @@ pub fn attention_into<T: Send>(
                         let mut o = vec![0f32; dst.len()];
                         let task = Task {
                             p,
+                            dot,
                             pair,
                             rows: row_range(tile),
                             range: key_range(pair, 0),
@@ -178,6 +180,7 @@ pub fn attention_into<T: Send>(
             let mut o = vec![0f32; (rows.1 - rows.0) * dv];
             let (m, l) = level.run(Task {
                 p,
+                dot,
                 pair,
                 rows,
                 range: key_range(pair, s),
@@ -193,6 +196,29 @@ pub fn attention_into<T: Send>(
         let mut o = vec![0f32; n * dv];
         combine(parts, n, dv, &mut o);
         put(&o, &mut out[r0 * dv..(r0 + n) * dv]);
+    }
+}
+
+/// Whether the few-row tasks ([`PACKED_ROWS`]) of `p` at `level` take the bf16 dot products
+/// ([`super::bf16dot`]): level [`Level::Avx512Bf16`] on a CPU that has it, queries, keys and
+/// values all bf16, key and value widths multiples of 32 (every DeepSeek shape: 576/512, 192,
+/// 128).
+pub fn uses_bf16_dot(level: Level, p: &Problem<'_>) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let bf16 = |e: Elems<'_>| matches!(e, Elems::Bf16(_));
+        level == Level::Avx512Bf16
+            && super::bf16dot::available()
+            && bf16(p.q)
+            && bf16(p.k.data)
+            && p.v.is_none_or(|v| bf16(v.data))
+            && p.dk.is_multiple_of(super::bf16dot::CHUNK)
+            && p.dv.is_multiple_of(super::bf16dot::CHUNK)
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (level, p);
+        false
     }
 }
 
@@ -239,6 +265,8 @@ fn combine(parts: &[Partial], rows: usize, dv: usize, out: &mut [f32]) {
 /// unnormalised outputs into `o` (`[rows, dv]`, zeroed); gives each row's (max, sum).
 struct Task<'a, 'b, 'c> {
     p: &'b Problem<'a>,
+    /// Few-row tasks take the bf16 dot products ([`uses_bf16_dot`]).
+    dot: bool,
     pair: usize,
     rows: (usize, usize),
     range: (usize, usize),
@@ -251,9 +279,51 @@ impl WithSimd for Task<'_, '_, '_> {
     #[inline(always)]
     fn with_simd<S: Simd>(self, simd: S) -> Self::Output {
         match self.p.k.data {
+            #[cfg(target_arch = "x86_64")]
+            Elems::Bf16(_) if self.dot && self.rows.1 - self.rows.0 < PACKED_ROWS => {
+                self.run_bf16_dot(simd)
+            }
             Elems::F32(_) => self.run::<S, F32>(simd),
             Elems::Bf16(_) => self.run::<S, Bf16>(simd),
             Elems::F16(_) => self.run::<S, F16>(simd),
+        }
+    }
+}
+
+/// What a task's pass derives from the problem: each row's position, the values' storage, where
+/// the pair's keys and values start and their position strides, and the end of its key range.
+struct Frame<'a> {
+    pos: Vec<usize>,
+    vsrc: Cache<'a>,
+    kbase: usize,
+    vbase: usize,
+    kst: usize,
+    vst: usize,
+    end: usize,
+}
+
+impl<'a> Task<'a, '_, '_> {
+    fn frame(&self) -> Frame<'a> {
+        let p = self.p;
+        let (bi, gi) = (self.pair / p.g, self.pair % p.g);
+        let pos: Vec<usize> = (self.rows.0..self.rows.1)
+            .map(|r| p.q_starts[bi] + r % p.q_len)
+            .collect();
+        let vsrc = p.v.unwrap_or(p.k);
+        // no key after the tile's last position is seen by any of its rows (the first chunks of a
+        // prefill: later tiles' keys)
+        let end = self
+            .range
+            .1
+            .min(pos.iter().max().map_or(0, |&last| last + 1));
+        Frame {
+            kbase: p.k.offset + bi * p.k.strides[0] + gi * p.k.strides[1],
+            vbase: vsrc.offset + bi * vsrc.strides[0] + gi * vsrc.strides[1],
+            kst: p.k.strides[2],
+            vst: vsrc.strides[2],
+            pos,
+            vsrc,
+            end,
         }
     }
 }
@@ -267,11 +337,15 @@ impl Task<'_, '_, '_> {
         let (dk, dv) = (p.dk, p.dv);
         let (row0, rows) = (self.rows.0, self.rows.1 - self.rows.0);
         let l = S::F32_LANES;
-        let (bi, gi) = (self.pair / p.g, self.pair % p.g);
-        let pos: Vec<usize> = (row0..row0 + rows)
-            .map(|r| p.q_starts[bi] + r % p.q_len)
-            .collect();
-        let vsrc = p.v.unwrap_or(p.k);
+        let Frame {
+            pos,
+            vsrc,
+            kbase,
+            vbase,
+            kst,
+            vst,
+            end,
+        } = self.frame();
         let (Some(kd), Some(vd)) = (F::slice(p.k.data), F::slice(vsrc.data)) else {
             panic!("attention: keys and values must have one storage type");
         };
@@ -302,9 +376,6 @@ impl Task<'_, '_, '_> {
         } else {
             Vec::new()
         };
-        let kbase = p.k.offset + bi * p.k.strides[0] + gi * p.k.strides[1];
-        let vbase = vsrc.offset + bi * vsrc.strides[0] + gi * vsrc.strides[1];
-        let (kst, vst) = (p.k.strides[2], vsrc.strides[2]);
         let mut m = vec![f32::NEG_INFINITY; rows];
         let mut sums = vec![0f32; rows];
         let o = self.o;
@@ -315,12 +386,6 @@ impl Task<'_, '_, '_> {
         );
         let mut s = vec![0f32; rows * KEY_BLOCK];
         let mut vis = vec![0usize; rows];
-        // no key after the tile's last position is seen by any of its rows (the first chunks of a
-        // prefill: later tiles' keys)
-        let end = self
-            .range
-            .1
-            .min(pos.iter().max().map_or(0, |&last| last + 1));
         let mut k0 = self.range.0;
         while k0 < end {
             let k1 = (k0 + KEY_BLOCK).min(end);
@@ -340,16 +405,7 @@ impl Task<'_, '_, '_> {
             } else {
                 scores(simd, &q, &keys, rows, dk, nb, &mut s);
             }
-            // the online softmax per row (masked scores set to 0)
-            for r in 0..rows {
-                let sr = &mut s[r * KEY_BLOCK..r * KEY_BLOCK + nb];
-                let (m_new, corr, sum) = softmax_block(simd, sr, vis[r], m[r]);
-                sums[r] = sums[r] * corr + sum;
-                if corr != 1.0 {
-                    o[r * dv..(r + 1) * dv].iter_mut().for_each(|x| *x *= corr);
-                }
-                m[r] = m_new;
-            }
+            online_softmax(simd, &mut s, &vis, nb, &mut m, &mut sums, o, dv);
             let values = Rows::<F> {
                 data: vd,
                 base: vbase + k0 * vst,
@@ -374,6 +430,110 @@ impl Task<'_, '_, '_> {
             permute_blocks(o, rows, dv, l, true);
         }
         (m, sums)
+    }
+}
+
+impl Task<'_, '_, '_> {
+    /// The pass for bf16 queries, keys and values by bf16 dot products ([`super::bf16dot`]; only
+    /// where [`uses_bf16_dot`] said so): scores, the online softmax in f32, the weights rounded to
+    /// bf16, the weighted values; outputs in column order.
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    fn run_bf16_dot<S: Simd>(self, simd: S) -> (Vec<f32>, Vec<f32>) {
+        use super::bf16dot::{self, Rows as Bf16Rows};
+        let p = self.p;
+        let (dk, dv) = (p.dk, p.dv);
+        let (row0, rows) = (self.rows.0, self.rows.1 - self.rows.0);
+        let Frame {
+            pos,
+            vsrc,
+            kbase,
+            vbase,
+            kst,
+            vst,
+            end,
+        } = self.frame();
+        let (Some(qd), Some(kd), Some(vd)) = (
+            Bf16::slice(p.q),
+            Bf16::slice(p.k.data),
+            Bf16::slice(vsrc.data),
+        ) else {
+            panic!("attention: the bf16 dot products need bf16 queries, keys and values");
+        };
+        let first = self.pair * p.rows + row0;
+        let qg = bf16dot::group_queries(&qd[first * dk..(first + rows) * dk], rows, dk);
+        let mut m = vec![f32::NEG_INFINITY; rows];
+        let mut sums = vec![0f32; rows];
+        let o = self.o;
+        assert_eq!(
+            o.len(),
+            rows * dv,
+            "attention: one output row per query row"
+        );
+        let mut s = vec![0f32; rows * KEY_BLOCK];
+        let mut w = vec![0u32; rows * KEY_BLOCK / 2];
+        let mut vis = vec![0usize; rows];
+        let mut k0 = self.range.0;
+        while k0 < end {
+            let k1 = (k0 + KEY_BLOCK).min(end);
+            let nb = k1 - k0;
+            for (v, &ps) in vis.iter_mut().zip(&pos) {
+                *v = (ps + 1).saturating_sub(k0).min(nb);
+            }
+            let keys = Bf16Rows {
+                data: kd,
+                base: kbase + k0 * kst,
+                stride: kst,
+            };
+            // SAFETY: `self.dot` is set only where `uses_bf16_dot` found `bf16dot::available()`
+            // (AVX-512 F/BW and AVX512_BF16 on this CPU).
+            unsafe { bf16dot::scores(&qg, rows, dk, keys, nb, &mut s, KEY_BLOCK) };
+            online_softmax(simd, &mut s, &vis, nb, &mut m, &mut sums, o, dv);
+            // weights past the block's keys (left from an earlier block) are zero
+            if nb < KEY_BLOCK {
+                for r in 0..rows {
+                    s[r * KEY_BLOCK + nb..(r + 1) * KEY_BLOCK].fill(0.0);
+                }
+            }
+            let values = Bf16Rows {
+                data: vd,
+                base: vbase + k0 * vst,
+                stride: vst,
+            };
+            // SAFETY: as for the scores above.
+            unsafe {
+                bf16dot::weight_pairs(&s, rows, KEY_BLOCK, &mut w);
+                bf16dot::weighted_values(&w, KEY_BLOCK, values, &vis, dv, o);
+            }
+            k0 = k1;
+        }
+        (m, sums)
+    }
+}
+
+/// The online softmax of one block of `nb` keys for every row (scores `s[r·KEY_BLOCK..][..nb]`,
+/// row `r` seeing the first `vis[r]`): the scores become the block's weights (masked ones 0), the
+/// running maxima `m` and sums `sums` are updated and the rows' outputs `o` (`dv` wide) rescaled.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn online_softmax<S: Simd>(
+    simd: S,
+    s: &mut [f32],
+    vis: &[usize],
+    nb: usize,
+    m: &mut [f32],
+    sums: &mut [f32],
+    o: &mut [f32],
+    dv: usize,
+) {
+    for r in 0..vis.len() {
+        let sr = &mut s[r * KEY_BLOCK..r * KEY_BLOCK + nb];
+        let (m_new, corr, sum) = softmax_block(simd, sr, vis[r], m[r]);
+        sums[r] = sums[r] * corr + sum;
+        if corr != 1.0 {
+            o[r * dv..(r + 1) * dv].iter_mut().for_each(|x| *x *= corr);
+        }
+        m[r] = m_new;
     }
 }
 
@@ -945,8 +1105,21 @@ mod tests {
                 };
                 let got = attention(level, &p);
                 let want = reference(&p, &round(&q, dtype), &kf, (!shared).then_some(&vf[..]));
+                // the bf16 dot products round the softmax weights to bf16: each output is off
+                // by at most 2^-9 of the largest value it averages
+                let dot = uses_bf16_dot(level, &p);
+                let widths = dk.is_multiple_of(32) && dv.is_multiple_of(32);
+                assert_eq!(
+                    dot,
+                    level == Level::Avx512Bf16 && dtype == 2 && widths,
+                    "{level} dtype {dtype} dk {dk} dv {dv}: bf16 dot products taken or not"
+                );
+                let vmax = (if shared { &kf } else { &vf })
+                    .iter()
+                    .fold(0f32, |a, x| a.max(x.abs()));
+                let tol = if dot { vmax / 512.0 + 2e-5 } else { 2e-5 };
                 for (i, (a, w)) in got.iter().zip(&want).enumerate() {
-                    assert!((a - w).abs() < 2e-5, "{level} dtype {dtype} [{i}]: {a} vs {w} (b {b} g {g} rows {rows} dk {dk} dv {dv})");
+                    assert!((a - w).abs() < tol, "{level} dtype {dtype} [{i}]: {a} vs {w} (b {b} g {g} rows {rows} dk {dk} dv {dv})");
                 }
             }
         }
@@ -966,6 +1139,20 @@ mod tests {
         // 7 rows (a tile and a group of 3 after it), dk a whole number of pairs (no tail: absorbed
         // MLA's 576 is one)
         check(1, 1, 7, 64, 64, 67, &[66], 1, true);
+    }
+
+    #[test]
+    fn bf16_dot_products_match_the_reference_at_deepseek_widths() {
+        // absorbed MLA: 16 heads on one latent (576 / 512), 300 keys (blocks of 64 and an odd 44)
+        check(1, 1, 16, 576, 512, 300, &[299], 1, true);
+        // MHA decode of two sequences (128-wide heads, separate values), 13 rows (groups of
+        // 8, 4 and 1 for the values; 4, 4, 4 and 1 for the scores), an odd last block
+        check(2, 4, 1, 128, 128, 200, &[150, 7], 1, false);
+        check(1, 1, 13, 64, 64, 131, &[130], 1, true);
+        // a verify step: 3 tokens per sequence, each row masked at its own position (odd counts)
+        check(2, 2, 6, 64, 32, 300, &[0, 290], 3, false);
+        // DeepSeek-V2-Lite / V3 MHA head width 192 against values of 128
+        check(1, 2, 3, 192, 128, 90, &[88], 1, false);
     }
 
     #[test]

@@ -15,7 +15,7 @@
 //! is in this module, with a `SAFETY:` comment.
 //!
 //! Levels: [`Level::detected`] is the best the CPU runs; [`Level::current`] is that, or lower where
-//! the environment variable `DSOPT_SIMD` (`avx512`, `avx2`, `neon` or `scalar`) asks for it (checked
+//! the environment variable `DSOPT_SIMD` (`avx512bf16`, `avx512`, `avx2`, `neon` or `scalar`) asks for it (checked
 //! once, at start-up, by [`Level::from_env`]; a level the CPU does not have is an error, not a
 //! silent fallback). Every report records the level in use (`machine.simd`). Unit tests pass the
 //! level explicitly and run every level the build machine has ([`Level::available`]).
@@ -24,6 +24,8 @@
 //! `aarch64::Neon`) by construction, untested.
 
 pub mod attend;
+#[cfg(target_arch = "x86_64")]
+pub mod bf16dot;
 pub mod convert;
 pub mod gate;
 pub mod gemv;
@@ -48,6 +50,9 @@ pub enum Level {
     Avx2,
     /// x86-64-v4: AVX-512 F/BW/CD/DQ/VL (512-bit).
     Avx512,
+    /// x86-64-v4 with AVX512_BF16: [`Level::Avx512`]'s code, and the few-row attention on bf16
+    /// caches by bf16 dot products ([`bf16dot`]).
+    Avx512Bf16,
 }
 
 /// The environment variable that lowers the level for a run.
@@ -61,6 +66,7 @@ impl Level {
             Level::Neon => "neon",
             Level::Avx2 => "avx2",
             Level::Avx512 => "avx512",
+            Level::Avx512Bf16 => "avx512bf16",
         }
     }
 
@@ -71,6 +77,7 @@ impl Level {
             "neon" => Some(Level::Neon),
             "avx2" => Some(Level::Avx2),
             "avx512" => Some(Level::Avx512),
+            "avx512bf16" => Some(Level::Avx512Bf16),
             _ => None,
         }
     }
@@ -83,6 +90,8 @@ impl Level {
             Level::Avx2 => pulp::x86::V3::try_new().is_some(),
             #[cfg(target_arch = "x86_64")]
             Level::Avx512 => pulp::x86::V4::try_new().is_some(),
+            #[cfg(target_arch = "x86_64")]
+            Level::Avx512Bf16 => pulp::x86::V4::try_new().is_some() && bf16dot::available(),
             #[cfg(target_arch = "aarch64")]
             Level::Neon => pulp::aarch64::Neon::try_new().is_some(),
             #[allow(unreachable_patterns)]
@@ -92,10 +101,16 @@ impl Level {
 
     /// Every level this CPU runs, lowest first (what the unit tests iterate over).
     pub fn available() -> Vec<Level> {
-        [Level::Scalar, Level::Neon, Level::Avx2, Level::Avx512]
-            .into_iter()
-            .filter(|l| l.is_available())
-            .collect()
+        [
+            Level::Scalar,
+            Level::Neon,
+            Level::Avx2,
+            Level::Avx512,
+            Level::Avx512Bf16,
+        ]
+        .into_iter()
+        .filter(|l| l.is_available())
+        .collect()
     }
 
     /// The best level this CPU runs.
@@ -115,7 +130,7 @@ impl Level {
         }
         let Some(l) = Level::parse(&v) else {
             return Err(format!(
-                "{ENV}={v:?} is not a SIMD level; use one of avx512, avx2, neon, scalar \
+                "{ENV}={v:?} is not a SIMD level; use one of avx512bf16, avx512, avx2, neon, scalar \
                  (or unset it for the best this CPU runs: {})",
                 detected.name()
             ));
@@ -150,7 +165,7 @@ impl Level {
         use pulp::Simd;
         match self {
             #[cfg(target_arch = "x86_64")]
-            Level::Avx512 => match pulp::x86::V4::try_new() {
+            Level::Avx512 | Level::Avx512Bf16 => match pulp::x86::V4::try_new() {
                 Some(s) => Simd::vectorize(s, op),
                 None => Simd::vectorize(pulp::Scalar::new(), op),
             },
@@ -181,12 +196,21 @@ mod tests {
 
     #[test]
     fn levels_parse_and_order() {
-        for l in [Level::Scalar, Level::Neon, Level::Avx2, Level::Avx512] {
+        for l in [
+            Level::Scalar,
+            Level::Neon,
+            Level::Avx2,
+            Level::Avx512,
+            Level::Avx512Bf16,
+        ] {
             assert_eq!(Level::parse(l.name()), Some(l));
         }
         assert_eq!(Level::parse(" AVX2 "), Some(Level::Avx2));
         assert_eq!(Level::parse("sse"), None);
         assert!(Level::Scalar < Level::Avx2 && Level::Avx2 < Level::Avx512);
+        assert!(Level::Avx512 < Level::Avx512Bf16);
+        // AVX512_BF16 comes with AVX-512 only
+        assert!(!Level::Avx512Bf16.is_available() || Level::Avx512.is_available());
         let a = Level::available();
         assert_eq!(a.first(), Some(&Level::Scalar));
         assert_eq!(*a.last().unwrap(), Level::detected());
@@ -236,10 +260,18 @@ mod timings {
         let vvb: Vec<bf16> = vv.iter().map(|&v| bf16::from_f32(v)).collect();
         let kvh: Vec<half::f16> = kv.iter().map(|&v| half::f16::from_f32(v)).collect();
         let vvh: Vec<half::f16> = vv.iter().map(|&v| half::f16::from_f32(v)).collect();
+        // queries stored like the cache (as the model gives them)
+        let qb: Vec<bf16> = q.iter().map(|&v| bf16::from_f32(v)).collect();
+        let qh: Vec<half::f16> = q.iter().map(|&v| half::f16::from_f32(v)).collect();
         let starts = [start];
         let run = |k: Elems<'_>, v: Elems<'_>| {
+            let q = match k {
+                Elems::Bf16(_) => Elems::Bf16(&qb),
+                Elems::F16(_) => Elems::F16(&qh),
+                Elems::F32(_) => Elems::F32(&q),
+            };
             let p = attend::Problem {
-                q: Elems::F32(&q),
+                q,
                 b: 1,
                 g,
                 rows,

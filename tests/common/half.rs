@@ -18,7 +18,10 @@ fn config(kind: AttentionKind, mla_impl: MlaImpl) -> DecoderConfig {
     a.n_kv_heads = if kind == AttentionKind::Gqa { 2 } else { 4 };
     a.kv_lora_rank = 64;
     a.qk_nope_head_dim = 32;
-    a.qk_rope_head_dim = 16;
+    // key widths 32 (MHA, GQA), 64 (naive MLA: 32 + 32) and 96 (absorbed: 64 + 32), value
+    // widths 32 and 64: multiples of 32, so bf16 on a CPU with AVX512_BF16 takes the attention's
+    // bf16 dot products (`kernels::bf16dot`) at every variant
+    a.qk_rope_head_dim = 32;
     a.v_head_dim = 32;
     a.mla_impl = mla_impl;
     a.key_block = 16;
