@@ -1106,7 +1106,7 @@ mod tests {
                 let got = attention(level, &p);
                 let want = reference(&p, &round(&q, dtype), &kf, (!shared).then_some(&vf[..]));
                 // the bf16 dot products round the softmax weights to bf16: each output is off
-                // by at most 2^-9 of the largest value it averages
+                // by at most 2^-8 (bf16's unit roundoff) of the largest value it averages
                 let dot = uses_bf16_dot(level, &p);
                 let widths = dk.is_multiple_of(32) && dv.is_multiple_of(32);
                 assert_eq!(
@@ -1117,7 +1117,7 @@ mod tests {
                 let vmax = (if shared { &kf } else { &vf })
                     .iter()
                     .fold(0f32, |a, x| a.max(x.abs()));
-                let tol = if dot { vmax / 512.0 + 2e-5 } else { 2e-5 };
+                let tol = if dot { vmax / 256.0 + 2e-5 } else { 2e-5 };
                 for (i, (a, w)) in got.iter().zip(&want).enumerate() {
                     assert!((a - w).abs() < tol, "{level} dtype {dtype} [{i}]: {a} vs {w} (b {b} g {g} rows {rows} dk {dk} dv {dv})");
                 }
@@ -1143,16 +1143,87 @@ mod tests {
 
     #[test]
     fn bf16_dot_products_match_the_reference_at_deepseek_widths() {
-        // absorbed MLA: 16 heads on one latent (576 / 512), 300 keys (blocks of 64 and an odd 44)
-        check(1, 1, 16, 576, 512, 300, &[299], 1, true);
-        // MHA decode of two sequences (128-wide heads, separate values), 13 rows (groups of
-        // 8, 4 and 1 for the values; 4, 4, 4 and 1 for the scores), an odd last block
+        // absorbed MLA: 16 heads on one latent (576 / 512), 301 keys (split in key ranges on
+        // two or more threads: blocks of 64 and an odd last one)
+        check(1, 1, 16, 576, 512, 301, &[300], 1, true);
+        // MHA decode of two sequences (128-wide heads, separate values): one row per pair, an
+        // odd last block (151 keys)
         check(2, 4, 1, 128, 128, 200, &[150, 7], 1, false);
+        // 13 rows: value groups of 8, 4 and 1, score groups of 4, 4, 4 and 1; 131 keys
         check(1, 1, 13, 64, 64, 131, &[130], 1, true);
-        // a verify step: 3 tokens per sequence, each row masked at its own position (odd counts)
+        // a verify step: 3 tokens per sequence, each row masked at its own position (rows that
+        // see none of a block's last keys; odd counts)
         check(2, 2, 6, 64, 32, 300, &[0, 290], 3, false);
         // DeepSeek-V2-Lite / V3 MHA head width 192 against values of 128
         check(1, 2, 3, 192, 128, 90, &[88], 1, false);
+    }
+
+    /// Flat scores (every key equally likely) over equal values: the rounding of the weights
+    /// to bf16 does not cancel across keys, the case the 2^-8 bound is for.
+    #[test]
+    fn bf16_dot_products_stay_within_the_bound_on_flat_scores() {
+        let (rows, dk, dv, n) = (5, 32, 32, 200);
+        let qb = vec![bf16::ZERO; rows * dk];
+        let kv: Vec<bf16> = (0..n * dk)
+            .map(|i| bf16::from_f32(if i % dk < dv { 0.75 } else { 0.1 }))
+            .collect();
+        let starts = [n - 1];
+        let p = Problem {
+            q: Elems::Bf16(&qb),
+            b: 1,
+            g: 1,
+            rows,
+            dk,
+            dv,
+            k: Cache {
+                data: Elems::Bf16(&kv),
+                offset: 0,
+                strides: [n * dk, n * dk, dk],
+            },
+            v: None,
+            q_starts: &starts,
+            q_len: 1,
+        };
+        for level in Level::available() {
+            for (i, x) in attention(level, &p).iter().enumerate() {
+                // weights exp(0) = 1 are exact in bf16: the average of equal values is exact
+                assert!((x - 0.75).abs() < 1e-6, "{level} [{i}]: {x}");
+            }
+        }
+        // scores spread so that most weights round (exp(-s) for s in [0, 2)): within 2^-8
+        let q: Vec<bf16> = (0..rows * dk)
+            .map(|i| bf16::from_f32(if i % dk == 0 { 1.0 } else { 0.0 }))
+            .collect();
+        let kv: Vec<bf16> = (0..n * dk)
+            .map(|i| {
+                let (t, c) = (i / dk, i % dk);
+                bf16::from_f32(if c == 0 {
+                    -(((t * 37) % 200) as f32) / 100.0
+                } else {
+                    0.5
+                })
+            })
+            .collect();
+        let p = Problem {
+            q: Elems::Bf16(&q),
+            k: Cache {
+                data: Elems::Bf16(&kv),
+                ..p.k
+            },
+            ..p
+        };
+        for level in Level::available() {
+            let got = attention(level, &p);
+            for r in 0..rows {
+                // column 0 holds the keys' own first element; every other column is 0.5
+                for (c, x) in got[r * dv..(r + 1) * dv].iter().enumerate().skip(1) {
+                    assert!(
+                        (x - 0.5).abs() <= 0.5 / 256.0 + 1e-6,
+                        "{level} row {r} column {c}: {x}"
+                    );
+                }
+            }
+        }
     }
 
     #[test]

@@ -5,14 +5,18 @@
 //! [`super::Level::Avx512Bf16`]: `vdpbf16ps` multiplies 32 bf16 pairs exactly and adds them, two
 //! at a time, into 16 f32 accumulators — twice the multiply-adds of widening to f32 and using
 //! f32 FMAs, with no widening. At absorbed MLA's decode shape (16 query rows per key) the
-//! attention is bound by arithmetic, not by the cache's bytes, so halving the bytes alone did not
-//! make bf16 faster than f32; this does.
+//! attention is bound by arithmetic, not by the cache's bytes: halving the bytes left bf16 at
+//! 2.2-2.4 ms per call against 1.9-2.8 for f32; with the dot products it took 0.85-1.1 ms (2-core
+//! AMD EPYC, `kernel_timings`, docs/benchmarks.md 2026-12-07 (三)).
 //!
-//! What it rounds: the queries and keys are bf16 already (the scores are the exact products
-//! summed in f32, as in the widening path); the softmax weights `exp(s - m)` are rounded to
-//! bf16 (round to nearest even) before they multiply the values, as PyTorch's bf16 attention
-//! does (`softmax(..., dtype=float32).type_as(v)` in DeepSeek's reference): each output differs
-//! from the f32-weight sum by at most 2^-9 of the largest value it averages.
+//! What it rounds: the queries and keys are bf16 already (the scores are the products summed in
+//! f32 as in the widening path, except that the instructions flush subnormal inputs and results
+//! to zero); the softmax weights `exp(s - m)` (unnormalised, per block) are rounded to bf16
+//! (nearest, ties to even) before they multiply the values, while the softmax sums add the
+//! unrounded weights: each output differs from the f32-weight result by at most 2^-8 (bf16's unit
+//! roundoff) of the largest value it averages — a rounding of the same size as PyTorch's bf16
+//! attention, which rounds the normalised probabilities to bf16 before they multiply the values
+//! (`softmax(..., dtype=float32).type_as(v)` in DeepSeek's reference).
 //!
 //! Layouts: the query rows of a group of [`super::attend::score_groups`] side by side per
 //! 32-element chunk ([`group_queries`]); the values of two keys interleaved in registers
@@ -254,7 +258,12 @@ pub fn weighted_values(
     o: &mut [f32],
 ) {
     let rows = vis.len();
-    assert!(dv.is_multiple_of(CHUNK) && o.len() == rows * dv && w.len() >= rows * kb / 2);
+    assert!(
+        dv.is_multiple_of(CHUNK)
+            && kb.is_multiple_of(2)
+            && o.len() == rows * dv
+            && w.len() >= rows * kb / 2
+    );
     let mut r0 = 0;
     while r0 < rows {
         let r = match rows - r0 {

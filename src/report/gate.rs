@@ -523,10 +523,33 @@ pub fn baseline_mismatch(cur: &Report, base: &Report) -> Option<String> {
             // the CPU kernels' SIMD level (DSOPT_SIMD lowers it); a report without one (written
             // before it was recorded) is not compared on it
             match (&cur.machine.simd, &base.machine.simd) {
-                (Some(c), Some(b)) => field("SIMD level", c.clone(), b.clone()),
+                (Some(c), Some(b)) => field(
+                    "SIMD level",
+                    compared_level(c, &cur.scenario),
+                    compared_level(b, &base.scenario),
+                ),
                 _ => None,
             }
         })
+}
+
+/// The SIMD level as baselines compare it: `avx512bf16` counts as `avx512` for a run whose
+/// scenario has no bf16 `dtype` (the two levels differ only in the attention on bf16 caches).
+fn compared_level(level: &str, scenario: &serde_json::Value) -> String {
+    fn has_bf16(v: &serde_json::Value) -> bool {
+        match v {
+            serde_json::Value::Object(o) => o
+                .iter()
+                .any(|(k, x)| (k == "dtype" && x.as_str() == Some("bf16")) || has_bf16(x)),
+            serde_json::Value::Array(a) => a.iter().any(has_bf16),
+            _ => false,
+        }
+    }
+    if level == "avx512bf16" && !has_bf16(scenario) {
+        "avx512".into()
+    } else {
+        level.into()
+    }
 }
 
 /// Regressions of `cur` against `base` (same scenario id only; [`gate`] has already refused
@@ -712,6 +735,23 @@ mod tests {
             .filter(|r| r.id == "off-spec")
             .map(|r| r.metric.clone())
             .collect()
+    }
+
+    #[test]
+    fn avx512bf16_is_avx512_for_a_baseline_unless_the_run_is_bf16() {
+        let with = |simd: &str, dtype: &str| {
+            let mut r = mla(8192, false, 0.4, good_b());
+            r.machine.simd = Some(simd.into());
+            r.scenario = serde_json::json!({"id": "SC", "kind": "mla", "run": {"dtype": dtype}});
+            r
+        };
+        assert_eq!(
+            baseline_mismatch(&with("avx512bf16", "f32"), &with("avx512", "f32")),
+            None
+        );
+        let why = baseline_mismatch(&with("avx512bf16", "bf16"), &with("avx512", "bf16"));
+        assert!(why.is_some_and(|w| w.contains("SIMD level")));
+        assert!(baseline_mismatch(&with("avx2", "f32"), &with("avx512", "f32")).is_some());
     }
 
     #[test]
