@@ -199,7 +199,7 @@ pub fn attention_into<T: Send>(
     }
 }
 
-/// Whether the few-row tasks ([`PACKED_ROWS`]) of `p` at `level` take the bf16 dot products
+/// Whether the tasks of `p` at `level` take the bf16 dot products
 /// ([`super::bf16dot`]): level [`Level::Avx512Bf16`] on a CPU that has it, queries, keys and
 /// values all bf16, key and value widths multiples of 32 (every DeepSeek shape: 576/512, 192,
 /// 128).
@@ -265,7 +265,7 @@ fn combine(parts: &[Partial], rows: usize, dv: usize, out: &mut [f32]) {
 /// unnormalised outputs into `o` (`[rows, dv]`, zeroed); gives each row's (max, sum).
 struct Task<'a, 'b, 'c> {
     p: &'b Problem<'a>,
-    /// Few-row tasks take the bf16 dot products ([`uses_bf16_dot`]).
+    /// The task takes the bf16 dot products ([`uses_bf16_dot`]).
     dot: bool,
     pair: usize,
     rows: (usize, usize),
@@ -280,9 +280,7 @@ impl WithSimd for Task<'_, '_, '_> {
     fn with_simd<S: Simd>(self, simd: S) -> Self::Output {
         match self.p.k.data {
             #[cfg(target_arch = "x86_64")]
-            Elems::Bf16(_) if self.dot && self.rows.1 - self.rows.0 < PACKED_ROWS => {
-                self.run_bf16_dot(simd)
-            }
+            Elems::Bf16(_) if self.dot => self.run_bf16_dot(simd),
             Elems::F32(_) => self.run::<S, F32>(simd),
             Elems::Bf16(_) => self.run::<S, Bf16>(simd),
             Elems::F16(_) => self.run::<S, F16>(simd),
@@ -461,7 +459,23 @@ impl Task<'_, '_, '_> {
             panic!("attention: the bf16 dot products need bf16 queries, keys and values");
         };
         let first = self.pair * p.rows + row0;
-        let qg = bf16dot::group_queries(&qd[first * dk..(first + rows) * dk], rows, dk);
+        let qrows = &qd[first * dk..(first + rows) * dk];
+        // many rows: the keys of each block packed once as column pairs, every row's scores in
+        // vector lanes (`bf16dot::scores_packed`); few rows: dot products per key
+        let packed = rows >= PACKED_ROWS;
+        let (qg, qp, mut kt) = if packed {
+            (
+                Vec::new(),
+                bf16dot::pairs(qrows, rows, dk),
+                vec![0u32; dk / 2 * KEY_BLOCK],
+            )
+        } else {
+            (
+                bf16dot::group_queries(qrows, rows, dk),
+                Vec::new(),
+                Vec::new(),
+            )
+        };
         let mut m = vec![f32::NEG_INFINITY; rows];
         let mut sums = vec![0f32; rows];
         let o = self.o;
@@ -485,9 +499,15 @@ impl Task<'_, '_, '_> {
                 base: kbase + k0 * kst,
                 stride: kst,
             };
-            // SAFETY: `self.dot` is set only where `uses_bf16_dot` found `bf16dot::available()`
-            // (AVX-512 F/BW and AVX512_BF16 on this CPU).
-            unsafe { bf16dot::scores(&qg, rows, dk, keys, nb, &mut s, KEY_BLOCK) };
+            if packed {
+                bf16dot::pack_keys(keys, dk, nb, KEY_BLOCK, &mut kt);
+                // SAFETY: `self.dot` is set only where `uses_bf16_dot` found
+                // `bf16dot::available()` (AVX-512 F/BW and AVX512_BF16 on this CPU).
+                unsafe { bf16dot::scores_packed(&qp, &vis, dk, &kt, KEY_BLOCK, &mut s) };
+            } else {
+                // SAFETY: as above.
+                unsafe { bf16dot::scores(&qg, rows, dk, keys, nb, &mut s, KEY_BLOCK) };
+            }
             online_softmax(simd, &mut s, &vis, nb, &mut m, &mut sums, o, dv);
             // weights past the block's keys (left from an earlier block) are zero
             if nb < KEY_BLOCK {
@@ -1156,6 +1176,11 @@ mod tests {
         check(2, 2, 6, 64, 32, 300, &[0, 290], 3, false);
         // DeepSeek-V2-Lite / V3 MHA head width 192 against values of 128
         check(1, 2, 3, 192, 128, 90, &[88], 1, false);
+        // prefill chunks (many rows: keys packed as column pairs): 2 heads x 35 tokens on one
+        // latent; separate values with rows past a block's keys; tiles of many rows
+        check(1, 1, 70, 96, 64, 300, &[200], 35, true);
+        check(2, 2, 40, 64, 32, 200, &[0, 150], 40, false);
+        check(1, 1, 600, 32, 32, 650, &[40], 600, false);
     }
 
     /// Flat scores (every key equally likely) over equal values: the rounding of the weights

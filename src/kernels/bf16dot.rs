@@ -134,6 +134,114 @@ pub fn scores(
     }
 }
 
+/// Rows of `dk` bf16 values (`dk` even) as pairs: `out[r·dk/2 + c]` holds columns `2c` (low half)
+/// and `2c + 1` of row `r` (the 32-bit words of the row as stored, little-endian).
+pub fn pairs(q: &[u16], rows: usize, dk: usize) -> Vec<u32> {
+    assert!(dk.is_multiple_of(2) && q.len() >= rows * dk);
+    q[..rows * dk]
+        .chunks_exact(2)
+        .map(|w| w[0] as u32 | (w[1] as u32) << 16)
+        .collect()
+}
+
+/// The block's keys `0..nb` packed for [`scores_packed`]: `kt[c·kb + j]` holds columns `2c` and
+/// `2c + 1` of key `j` as one 32-bit pair (`c < dk/2`), keys `nb..kb` zero.
+pub fn pack_keys(keys: Rows<'_>, dk: usize, nb: usize, kb: usize, kt: &mut [u32]) {
+    assert!(dk.is_multiple_of(2) && nb <= kb && kt.len() >= dk / 2 * kb);
+    for j in 0..kb {
+        if j < nb {
+            let row = &keys.data[keys.base + j * keys.stride..][..dk];
+            for (c, w) in row.chunks_exact(2).enumerate() {
+                kt[c * kb + j] = w[0] as u32 | (w[1] as u32) << 16;
+            }
+        } else {
+            for c in 0..dk / 2 {
+                kt[c * kb + j] = 0;
+            }
+        }
+    }
+}
+
+/// `s[r·kb + j] = q_r · key_j` for many rows from the packed keys (`qp` from [`pairs`], `kt`
+/// from [`pack_keys`], `kb` a multiple of 64): a small matrix product with six rows by 64 keys
+/// in registers (24 accumulators, one 32-bit broadcast of a query pair per row and column pair),
+/// the keys in vector lanes, so no lane sums. Every group of rows takes the keys up to the last
+/// one it sees (`vis`), in runs of 64 (packed keys past `nb` are zero); scores past the run are
+/// left as they are.
+///
+/// # Safety
+/// The CPU must have AVX-512 F/BW and AVX512_BF16 ([`available`]).
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+pub fn scores_packed(qp: &[u32], vis: &[usize], dk: usize, kt: &[u32], kb: usize, s: &mut [f32]) {
+    let rows = vis.len();
+    let half = dk / 2;
+    assert!(kb.is_multiple_of(64) && qp.len() >= rows * half && kt.len() >= half * kb);
+    assert!(s.len() >= rows * kb);
+    let mut r0 = 0;
+    while r0 < rows {
+        let r = (rows - r0).min(PACKED_TILE_ROWS);
+        let nb = vis[r0..r0 + r].iter().copied().max().unwrap_or(0);
+        let mut j0 = 0;
+        while j0 < nb {
+            let q = &qp[r0 * half..(r0 + r) * half];
+            let out = &mut s[r0 * kb..(r0 + r) * kb];
+            match r {
+                6 => packed_run::<6>(q, half, kt, kb, j0, out),
+                5 => packed_run::<5>(q, half, kt, kb, j0, out),
+                4 => packed_run::<4>(q, half, kt, kb, j0, out),
+                3 => packed_run::<3>(q, half, kt, kb, j0, out),
+                2 => packed_run::<2>(q, half, kt, kb, j0, out),
+                _ => packed_run::<1>(q, half, kt, kb, j0, out),
+            }
+            j0 += 64;
+        }
+        r0 += r;
+    }
+}
+
+/// Rows scored together by [`scores_packed`].
+const PACKED_TILE_ROWS: usize = 6;
+
+/// Scores of `R` rows (`q`: `R` rows of `half` pairs) against keys `j0..j0 + 64` of the packed
+/// block, into `out` (`R` rows of `kb`).
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+fn packed_run<const R: usize>(
+    q: &[u32],
+    half: usize,
+    kt: &[u32],
+    kb: usize,
+    j0: usize,
+    out: &mut [f32],
+) {
+    let mut acc = [[_mm512_setzero_ps(); 4]; R];
+    for c in 0..half {
+        let kr = &kt[c * kb + j0..][..64];
+        let mut kv = [cast_bh(_mm512_setzero_si512()); 4];
+        for t in 0..4 {
+            // SAFETY: `kr` holds 64 u32 (four `__m512bh` of 16 words at offsets 0, 16, 32, 48),
+            // a bounds-checked slice; an unaligned read of plain bits.
+            kv[t] = unsafe { std::ptr::read_unaligned(kr[16 * t..].as_ptr() as *const __m512bh) };
+        }
+        for i in 0..R {
+            let qb = cast_bh(_mm512_set1_epi32(q[i * half + c] as i32));
+            for t in 0..4 {
+                acc[i][t] = _mm512_dpbf16_ps(acc[i][t], qb, kv[t]);
+            }
+        }
+    }
+    for i in 0..R {
+        let dst = &mut out[i * kb + j0..][..64];
+        for t in 0..4 {
+            // SAFETY: `dst` holds 64 f32 (four `__m512` at offsets 0, 16, 32, 48), a
+            // bounds-checked slice; an unaligned write of plain bits.
+            unsafe {
+                std::ptr::write_unaligned(dst[16 * t..].as_mut_ptr() as *mut __m512, acc[i][t])
+            };
+        }
+    }
+}
+
 /// Four rows (`q`: `4·dk` values grouped) by four keys: the 16 dot products, row-major.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
@@ -413,6 +521,49 @@ mod tests {
                 s[r * kb + nb].is_nan(),
                 "row {r}: wrote past the block's keys"
             );
+        }
+    }
+
+    #[test]
+    fn packed_scores_are_the_dot_products_of_the_stored_values() {
+        if !available() {
+            return;
+        }
+        // 13 rows (tiles of 6, 6 and 1), keys seen per row from 1 to 100 of a 128-key block
+        let (rows, dk, nb, kb, stride) = (13, 96, 100, 128, 99);
+        let q = bits(&crate::rng::uniform(rows * dk, 1));
+        let k = bits(&crate::rng::uniform(nb * stride, 2));
+        let vis: Vec<usize> = (0..rows).map(|r| [100, 1, 64, 65, 17][r % 5]).collect();
+        let mut kt = vec![u32::MAX; dk / 2 * kb];
+        let keys = Rows {
+            data: &k,
+            base: 0,
+            stride,
+        };
+        pack_keys(keys, dk, nb, kb, &mut kt);
+        let mut s = vec![f32::NAN; rows * kb];
+        // SAFETY: `available()` checked above.
+        unsafe { scores_packed(&pairs(&q, rows, dk), &vis, dk, &kt, kb, &mut s) };
+        for r in 0..rows {
+            // the row's tile sees up to its widest row's keys
+            let t0 = r / 6 * 6;
+            let seen = vis[t0..(t0 + 6).min(rows)].iter().copied().max().unwrap();
+            for j in 0..vis[r] {
+                let want: f64 = (0..dk)
+                    .map(|c| f(q[r * dk + c]) * f(k[j * stride + c]))
+                    .sum();
+                let got = s[r * kb + j] as f64;
+                assert!(
+                    (got - want).abs() < 1e-5,
+                    "row {r} key {j}: {got} vs {want}"
+                );
+            }
+            // keys past `nb` in the run score 0 (zero packed keys); runs past `seen` untouched
+            let run_end = seen.div_ceil(64) * 64;
+            for j in nb.min(run_end)..run_end {
+                assert_eq!(s[r * kb + j], 0.0, "row {r} key {j}");
+            }
+            assert!(s[r * kb + run_end..(r + 1) * kb].iter().all(|x| x.is_nan()));
         }
     }
 
