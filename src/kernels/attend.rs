@@ -39,7 +39,8 @@ const MAX_TILE_ROWS: usize = 512;
 /// take the unpacked path below [`PACKED_ROWS`]: slower, not wrong).
 const MIN_TILE_ROWS: usize = 64;
 /// From this many rows on, a task scores each key block as a small matrix product against the
-/// block's keys packed transposed (widened once per block, every row's scores in vector lanes);
+/// block's keys packed transposed (widened once per block, or as bf16 column pairs for the bf16
+/// dot products; every row's scores in vector lanes);
 /// below it, dot products per key ([`tile_dots`], [`grouped_dots`]: no packing, a horizontal sum
 /// per row and key).
 pub const PACKED_ROWS: usize = 32;
@@ -1181,6 +1182,8 @@ mod tests {
         check(1, 1, 70, 96, 64, 300, &[200], 35, true);
         check(2, 2, 40, 64, 32, 200, &[0, 150], 40, false);
         check(1, 1, 600, 32, 32, 650, &[40], 600, false);
+        // one pair of 40 rows, key ranges split (partials combined) on two or more threads
+        check(1, 1, 40, 64, 32, 1500, &[1400], 40, false);
     }
 
     /// Flat scores (every key equally likely) over equal values: the rounding of the weights

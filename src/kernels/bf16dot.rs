@@ -1,7 +1,8 @@
-//! bf16 点积（AVX512_BF16 的 `vdpbf16ps`）：少行注意力在 bf16 缓存上的打分与加权求和。
+//! bf16 点积（AVX512_BF16 的 `vdpbf16ps`）：注意力（解码、验证与预填充）在 bf16 缓存上的打分与加权求和。
 //! 一条指令做 32 次 bf16 乘法、按对加到 16 个 f32 累加器上，是先加宽再用 f32 FMA 的两倍。
 //!
-//! The few-row attention ([`super::attend`]) on bf16 queries, keys and values at the level
+//! The attention ([`super::attend`]: decode and verify steps, prefill chunks) on bf16 queries,
+//! keys and values at the level
 //! [`super::Level::Avx512Bf16`]: `vdpbf16ps` multiplies 32 bf16 pairs exactly and adds them, two
 //! at a time, into 16 f32 accumulators — twice the multiply-adds of widening to f32 and using
 //! f32 FMAs, with no widening. At absorbed MLA's decode shape (16 query rows per key) the
@@ -18,8 +19,12 @@
 //! attention, which rounds the normalised probabilities to bf16 before they multiply the values
 //! (`softmax(..., dtype=float32).type_as(v)` in DeepSeek's reference).
 //!
-//! Layouts: the query rows of a group of [`super::attend::score_groups`] side by side per
-//! 32-element chunk ([`group_queries`]); the values of two keys interleaved in registers
+//! Layouts: few rows (decode, verify): the query rows of a group of
+//! [`super::attend::score_groups`] side by side per 32-element chunk ([`group_queries`]), dot
+//! products per key summed across lanes; many rows (prefill, [`super::attend::PACKED_ROWS`]):
+//! each key block packed once as column pairs, transposed ([`pack_keys`]), each query pair one
+//! 32-bit broadcast ([`pairs`]), every row's scores in vector lanes ([`scores_packed`]). Values
+//! (both): the values of two keys interleaved in registers
 //! (`vpunpck{l,h}wd`), so each 32-bit lane holds one column of both keys and the pair of weights
 //! is one 32-bit broadcast; the accumulators come out in the unpacking's order and are put back
 //! in column order (`vpermt2ps`) once per block.
@@ -176,7 +181,7 @@ pub fn scores_packed(qp: &[u32], vis: &[usize], dk: usize, kt: &[u32], kb: usize
     let rows = vis.len();
     let half = dk / 2;
     assert!(kb.is_multiple_of(64) && qp.len() >= rows * half && kt.len() >= half * kb);
-    assert!(s.len() >= rows * kb);
+    assert!(s.len() >= rows * kb && vis.iter().all(|&v| v <= kb));
     let mut r0 = 0;
     while r0 < rows {
         let r = (rows - r0).min(PACKED_TILE_ROWS);
@@ -529,8 +534,15 @@ mod tests {
         if !available() {
             return;
         }
-        // 13 rows (tiles of 6, 6 and 1), keys seen per row from 1 to 100 of a 128-key block
-        let (rows, dk, nb, kb, stride) = (13, 96, 100, 128, 99);
+        // 1 to 13 rows (every tile size: 6, 6 and 1 at 13), keys seen per row from 1 to 100 of
+        // a 128-key block
+        for rows in 1..=13 {
+            packed_scores_case(rows);
+        }
+    }
+
+    fn packed_scores_case(rows: usize) {
+        let (dk, nb, kb, stride) = (96, 100, 128, 99);
         let q = bits(&crate::rng::uniform(rows * dk, 1));
         let k = bits(&crate::rng::uniform(nb * stride, 2));
         let vis: Vec<usize> = (0..rows).map(|r| [100, 1, 64, 65, 17][r % 5]).collect();

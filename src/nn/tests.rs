@@ -324,8 +324,8 @@ fn yarn_with_query_compression_keeps_every_equivalence() {
 }
 
 /// A decode-only run at `scenarios/sc001-mla.toml`'s dimensions for profiling by hand
-/// (`DSOPT_PROFILE_DTYPE=bf16 perf record target/release/deps/dsopt-… --ignored
-/// decode_profile`; one test per process: the device's dtype is set once).
+/// (`DSOPT_PROFILE_DTYPE=bf16 DSOPT_PROFILE_KIND=mla perf record target/release/deps/dsopt-…
+/// --ignored decode_profile`; one test per process: the device's dtype is set once).
 #[test]
 #[ignore]
 fn decode_profile() {
@@ -336,10 +336,18 @@ fn decode_profile() {
     };
     let dev = Default::default();
     crate::backend::use_float_dtype::<B>(&dev, dtype).unwrap();
+    // DSOPT_PROFILE_KIND=mha or mla profiles one of the two alone
+    let only = std::env::var("DSOPT_PROFILE_KIND").ok();
     for (kind, imp) in [
         (AttentionKind::Mha, MlaImpl::Absorbed),
         (AttentionKind::Mla, MlaImpl::Absorbed),
     ] {
+        if only
+            .as_deref()
+            .is_some_and(|k| !format!("{kind:?}").eq_ignore_ascii_case(k))
+        {
+            continue;
+        }
         let mut a = AttentionConfig::mha(16, 128);
         a.kind = kind;
         a.mla_impl = imp;
