@@ -667,9 +667,19 @@ fn row_groups<S: Simd>(rows: usize) -> impl Iterator<Item = (usize, usize)> {
 /// (`dk` mod the pair's width) in turn. The loop over a key then reads every row's vectors at
 /// constant offsets from one address (the rows' own addresses were spilled to the stack).
 pub(crate) fn group_queries<S: Simd>(q: &[f32], rows: usize, dk: usize) -> Vec<f32> {
-    let width = 2 * S::F32_LANES;
+    group_chunks(q, rows, dk, 2 * S::F32_LANES)
+}
+
+/// [`group_queries`]' layout for chunks of `width` elements of any type (also the bf16 dot
+/// products' queries, `width` 32).
+pub(crate) fn group_chunks<T: Copy + Default>(
+    q: &[T],
+    rows: usize,
+    dk: usize,
+    width: usize,
+) -> Vec<T> {
     let (full, tail) = (dk / width, dk % width);
-    let mut out = vec![0f32; q.len()];
+    let mut out = vec![T::default(); q.len()];
     for (r0, r) in score_groups(rows) {
         let (src, dst) = (&q[r0 * dk..(r0 + r) * dk], &mut out[r0 * dk..(r0 + r) * dk]);
         for i in 0..r {

@@ -61,17 +61,7 @@ fn load(w: &[u16], at: usize) -> __m512bh {
 /// so on.
 pub fn group_queries(q: &[u16], rows: usize, dk: usize) -> Vec<u16> {
     assert_eq!(dk % CHUNK, 0, "bf16 dot: dk must be a multiple of {CHUNK}");
-    let mut out = vec![0u16; q.len()];
-    for (r0, r) in super::attend::score_groups(rows) {
-        let (src, dst) = (&q[r0 * dk..(r0 + r) * dk], &mut out[r0 * dk..(r0 + r) * dk]);
-        for i in 0..r {
-            for c in 0..dk / CHUNK {
-                dst[(c * r + i) * CHUNK..][..CHUNK]
-                    .copy_from_slice(&src[i * dk + c * CHUNK..][..CHUNK]);
-            }
-        }
-    }
-    out
+    super::attend::group_chunks(q, rows, dk, CHUNK)
 }
 
 /// Stored bf16 rows: row `j` starts at `data[base + j·stride]`.
