@@ -3,8 +3,11 @@
 //! bf16 -> f32 is a 16-bit shift; f16 -> f32 is the conversion instruction on AVX-512
 //! (`vcvtph2ps`, through pulp's `V4` token) and elsewhere integer operations on the bits (the
 //! exponent re-biased by one multiplication by 2^112, which also normalises subnormals; infinities
-//! and NaNs get their exponent restored), a loop that vectorises at every level (F16C's 256-bit
-//! `vcvtph2ps` is not reachable through pulp's AVX2 level, which does not enable `f16c`).
+//! and NaNs get their exponent restored), a loop that vectorises at every level; on AVX2 F16C's
+//! 256-bit `vcvtph2ps` (pulp's AVX2 level does not enable `f16c`: [`Level::run`] compiles that
+//! level's bodies with it).
+//!
+//! [`Level::run`]: super::Level
 //! Narrowing rounds to nearest, ties to even (what `half` and PyTorch do).
 
 use half::{bf16, f16};
@@ -85,7 +88,7 @@ impl WithSimd for Widen<'_, '_> {
     }
 }
 
-/// [`widen_body`] at level `S`, with f16 on AVX-512 through the conversion instruction (two
+/// [`widen_body`] at level `S`, with f16 on AVX-512 and AVX2 through the conversion instructions (two
 /// vectors at a time, [`Format::pair`]; the tail by the portable loop).
 #[inline(always)]
 pub(crate) fn widen_simd<S: Simd>(simd: S, src: Elems<'_>, dst: &mut [f32]) {
@@ -159,7 +162,7 @@ pub(crate) trait Format {
     /// than the shift).
     const WIDEN_BLOCKS: bool = false;
     /// The `2 · F32_LANES` elements from `w[at..]` as two f32 vectors: elements `0..L` and
-    /// `L..2L` (f32; f16 on AVX-512, by the conversion instruction), or the even and the odd
+    /// `L..2L` (f32; f16 on AVX-512 and AVX2, by the conversion instructions), or the even and the odd
     /// elements (bf16, and f16 below AVX-512: one load of `L` 32-bit words, widened in
     /// registers); [`Format::permuted`] says which.
     fn pair<S: Simd>(simd: S, w: &[Self::Elem], at: usize) -> (S::f32s, S::f32s);
@@ -285,6 +288,44 @@ fn f16_pair_v4(
     (f._mm512_cvtph_ps(lo), f._mm512_cvtph_ps(hi))
 }
 
+/// The f16 values `w[at..at + 8]` and `w[at + 8..at + 16]` widened by F16C's `vcvtph2ps`
+/// (256-bit), for pulp's AVX2 level: reached only through [`Level::run`], whose AVX2 body is
+/// compiled with F16C (`avx2_f16c`), so the call is inlined there.
+///
+/// # Safety
+/// The CPU must have AVX and F16C.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx,f16c")]
+fn f16_pair_v3(w: &[u16], at: usize) -> (core::arch::x86_64::__m256, core::arch::x86_64::__m256) {
+    use core::arch::x86_64::{__m128i, _mm256_cvtph_ps};
+    let src = &w[at..at + 16];
+    // SAFETY: `src` holds 16 u16 = 32 bytes (bounds-checked slice), two `__m128i` of 16 bytes
+    // each at offsets 0 and 8 elements; `read_unaligned` has no alignment requirement and every
+    // bit pattern is an `__m128i`.
+    let (lo, hi): (__m128i, __m128i) = unsafe {
+        let p = src.as_ptr() as *const __m128i;
+        (
+            std::ptr::read_unaligned(p),
+            std::ptr::read_unaligned(p.add(1)),
+        )
+    };
+    (_mm256_cvtph_ps(lo), _mm256_cvtph_ps(hi))
+}
+
+/// Whether `S` is AVX2 (pulp's `V3`), known when monomorphised.
+#[inline(always)]
+fn is_v3<S: Simd>() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::any::TypeId::of::<S>() == std::any::TypeId::of::<pulp::x86::V3>()
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
 /// Whether `S` is AVX-512 (pulp's `V4`), known when monomorphised.
 #[inline(always)]
 fn is_v4<S: Simd>() -> bool {
@@ -301,11 +342,11 @@ fn is_v4<S: Simd>() -> bool {
 impl Format for F16 {
     type Elem = u16;
     const WIDEN_BLOCKS: bool = true;
-    /// Consecutive on AVX-512 (the conversion instruction), even/odd elsewhere (the integer
-    /// path widens the low and the high halves of 32-bit words).
+    /// Consecutive on AVX-512 and AVX2 (the conversion instructions), even/odd elsewhere (the
+    /// integer path widens the low and the high halves of 32-bit words).
     #[inline(always)]
     fn permuted<S: Simd>() -> bool {
-        !is_v4::<S>()
+        !(is_v4::<S>() || is_v3::<S>())
     }
     #[inline(always)]
     fn pair<S: Simd>(simd: S, w: &[u16], at: usize) -> (S::f32s, S::f32s) {
@@ -321,6 +362,23 @@ impl Format for F16 {
             const { assert!(size_of::<pulp::f32x16>() == size_of::<core::arch::x86_64::__m512>()) };
             // SAFETY: `S` is `V4` (checked above), whose `f32s` is `pulp::f32x16`: sixteen f32,
             // 64 bytes, the size of `__m512` (asserted at compile time); both are plain f32 lanes
+            // with every bit pattern valid.
+            return unsafe {
+                (
+                    std::mem::transmute_copy::<_, S::f32s>(&first),
+                    std::mem::transmute_copy::<_, S::f32s>(&second),
+                )
+            };
+        }
+        // AVX2: F16C's conversion instruction (`Level::run` compiles the AVX2 body with F16C)
+        #[cfg(target_arch = "x86_64")]
+        if is_v3::<S>() {
+            // SAFETY: `V3` code runs only through `Level::run`, which requires F16C (and
+            // `V3`'s own features, AVX among them) on this CPU.
+            let (first, second) = unsafe { f16_pair_v3(w, at) };
+            const { assert!(size_of::<pulp::f32x8>() == size_of::<core::arch::x86_64::__m256>()) };
+            // SAFETY: `S` is `V3` (checked above), whose `f32s` is `pulp::f32x8`: eight f32,
+            // 32 bytes, the size of `__m256` (asserted at compile time); both are plain f32 lanes
             // with every bit pattern valid.
             return unsafe {
                 (

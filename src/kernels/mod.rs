@@ -87,7 +87,9 @@ impl Level {
         match self {
             Level::Scalar => true,
             #[cfg(target_arch = "x86_64")]
-            Level::Avx2 => pulp::x86::V3::try_new().is_some(),
+            Level::Avx2 => {
+                pulp::x86::V3::try_new().is_some() && std::is_x86_feature_detected!("f16c")
+            }
             #[cfg(target_arch = "x86_64")]
             Level::Avx512 => pulp::x86::V4::try_new().is_some(),
             #[cfg(target_arch = "x86_64")]
@@ -171,8 +173,10 @@ impl Level {
             },
             #[cfg(target_arch = "x86_64")]
             Level::Avx2 => match pulp::x86::V3::try_new() {
-                Some(s) => Simd::vectorize(s, op),
-                None => Simd::vectorize(pulp::Scalar::new(), op),
+                // SAFETY: the CPU has every feature of pulp's `V3` (the token exists) and F16C
+                // (checked here), the features `avx2_f16c` is compiled for.
+                Some(s) if std::is_x86_feature_detected!("f16c") => unsafe { avx2_f16c(s, op) },
+                _ => Simd::vectorize(pulp::Scalar::new(), op),
             },
             #[cfg(target_arch = "aarch64")]
             Level::Neon => match pulp::aarch64::Neon::try_new() {
@@ -182,6 +186,18 @@ impl Level {
             _ => Simd::vectorize(pulp::Scalar::new(), op),
         }
     }
+}
+
+/// `op` at pulp's AVX2 level (`V3`) compiled with F16C as well, which `V3` does not enable: its
+/// body (every kernel's `with_simd`, inlined) may then use F16C's conversion instructions inline
+/// (f16 widened by `vcvtph2ps`, [`convert`]). Every AVX2 CPU has F16C (x86-64-v3 includes it);
+/// [`Level::Avx2`] requires it, and every `V3` kernel runs through here.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(
+    enable = "sse,sse2,fxsr,sse3,ssse3,sse4.1,sse4.2,popcnt,avx,avx2,bmi1,bmi2,fma,lzcnt,f16c"
+)]
+fn avx2_f16c<Op: pulp::WithSimd>(simd: pulp::x86::V3, op: Op) -> Op::Output {
+    op.with_simd(simd)
 }
 
 impl std::fmt::Display for Level {
