@@ -357,6 +357,42 @@ mod timings {
             time(Elems::F16(&wh)),
         );
         let gf = |t: f64| (2 * m * k * n) as f64 / t / 1e9;
+        // the reference: one call of gemm's f32 product over the whole f32 weight (what an f32
+        // prefill chunk's linear runs)
+        let whole = best(|| {
+            let mut y = vec![0f32; m * n];
+            // SAFETY: y is m x n (row stride n), x m x k (stride k), w k x n (stride n), separate
+            // buffers; gemm writes only y's m x n elements (read_dst false).
+            unsafe {
+                gemm::gemm(
+                    m,
+                    n,
+                    k,
+                    y.as_mut_ptr(),
+                    1,
+                    n as isize,
+                    false,
+                    x.as_ptr(),
+                    1,
+                    k as isize,
+                    w.as_ptr(),
+                    1,
+                    n as isize,
+                    0.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    gemm::Parallelism::Rayon(0),
+                );
+            }
+            std::hint::black_box(y);
+        });
+        println!(
+            "whole-weight f32 gemm {m} x [{k}, {n}]: {:.2} ms ({:.0} GFLOP/s)",
+            whole * 1e3,
+            gf(whole)
+        );
         println!(
             "panel matmul {m} x [{k}, {n}] {level}: f32 {:.2} ms ({:.0} GFLOP/s), bf16 {:.2} ms ({:.0}), f16 {:.2} ms ({:.0})",
             t32 * 1e3,
