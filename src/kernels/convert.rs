@@ -129,14 +129,132 @@ pub(crate) fn widen_body(src: Elems<'_>, dst: &mut [f32]) {
     }
 }
 
-/// f32 values narrowed to f16 (nearest, ties to even).
-pub fn to_f16(x: &[f32]) -> Vec<f16> {
-    x.iter().map(|&v| f16::from_f32(v)).collect()
+/// f32 values narrowed to f16 at `level` (nearest, ties to even, as `half` does): the conversion
+/// instruction on AVX-512 and AVX2 (`vcvtps2ph`, 16 or 8 values at a time), `half`'s conversion
+/// elsewhere and for the tail.
+pub fn to_f16(level: Level, x: &[f32]) -> Vec<f16> {
+    let mut out = vec![f16::ZERO; x.len()];
+    level.run(NarrowF16 {
+        src: x,
+        dst: &mut out,
+    });
+    out
 }
 
-/// f32 values narrowed to bf16 (nearest, ties to even; NaN stays NaN).
-pub fn to_bf16(x: &[f32]) -> Vec<bf16> {
-    x.iter().map(|&v| bf16::from_f32(v)).collect()
+/// f32 values narrowed to bf16 at `level` (nearest, ties to even; a NaN stays a NaN, quietened:
+/// bit for bit what `half` gives), by integer operations that vectorise at every level.
+pub fn to_bf16(level: Level, x: &[f32]) -> Vec<bf16> {
+    let mut out = vec![bf16::ZERO; x.len()];
+    level.run(NarrowBf16 {
+        src: x,
+        dst: &mut out,
+    });
+    out
+}
+
+/// f32 bits rounded to bf16 bits: nearest, ties to even (adding `0x7fff` plus the kept part's
+/// lowest bit carries exactly when the dropped half is above a half, or a half with an odd kept
+/// part); a NaN keeps its top bits, quietened. `half::bf16::from_f32`'s rule, branch-free.
+#[inline(always)]
+pub fn bf16_round_bits(x: u32) -> u16 {
+    let rounded = (x.wrapping_add(0x7fff + ((x >> 16) & 1)) >> 16) as u16;
+    let nan = (x & 0x7fff_ffff) > 0x7f80_0000;
+    if nan {
+        ((x >> 16) as u16) | 0x0040
+    } else {
+        rounded
+    }
+}
+
+struct NarrowBf16<'a, 'b> {
+    src: &'a [f32],
+    dst: &'b mut [bf16],
+}
+
+impl WithSimd for NarrowBf16<'_, '_> {
+    type Output = ();
+    #[inline(always)]
+    fn with_simd<S: Simd>(self, _simd: S) {
+        // a plain loop, inlined into the level's compiled body, where it vectorises
+        for (d, v) in self.dst.iter_mut().zip(self.src) {
+            *d = bf16::from_bits(bf16_round_bits(v.to_bits()));
+        }
+    }
+}
+
+struct NarrowF16<'a, 'b> {
+    src: &'a [f32],
+    dst: &'b mut [f16],
+}
+
+impl WithSimd for NarrowF16<'_, '_> {
+    type Output = ();
+    #[inline(always)]
+    fn with_simd<S: Simd>(self, _simd: S) {
+        let NarrowF16 { src, dst } = self;
+        let mut done = 0;
+        #[cfg(target_arch = "x86_64")]
+        {
+            use half::slice::HalfFloatSliceExt;
+            let bits: &mut [u16] = dst.reinterpret_cast_mut();
+            if is_v4::<S>() {
+                done = src.len() / 16 * 16;
+                for (s, d) in src[..done].chunks_exact(16).zip(bits.chunks_exact_mut(16)) {
+                    // SAFETY: `S` is pulp's `V4` (checked), whose token exists only on a CPU with
+                    // AVX-512F, the feature `f16x16_v4` needs.
+                    unsafe { f16x16_v4(s, d) };
+                }
+            } else if is_v3::<S>() {
+                done = src.len() / 8 * 8;
+                for (s, d) in src[..done].chunks_exact(8).zip(bits.chunks_exact_mut(8)) {
+                    // SAFETY: `V3` code runs only through `Level::run`, which requires F16C (and
+                    // `V3`'s AVX) on this CPU.
+                    unsafe { f16x8_v3(s, d) };
+                }
+            }
+        }
+        for (d, v) in dst[done..].iter_mut().zip(&src[done..]) {
+            *d = f16::from_f32(*v);
+        }
+    }
+}
+
+/// 16 f32 to f16 bits by AVX-512F's `vcvtps2ph` (nearest, ties to even).
+///
+/// # Safety
+/// The CPU must have AVX-512F.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx512f")]
+fn f16x16_v4(src: &[f32], dst: &mut [u16]) {
+    use core::arch::x86_64::*;
+    assert!(src.len() >= 16 && dst.len() >= 16);
+    // SAFETY: 16 f32 (64 bytes) read from and 16 u16 (32 bytes) written to bounds-checked
+    // slices of at least that length; unaligned accesses of plain bits.
+    unsafe {
+        let v = std::ptr::read_unaligned(src.as_ptr() as *const __m512);
+        let h = _mm512_cvtps_ph::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(v);
+        std::ptr::write_unaligned(dst.as_mut_ptr() as *mut __m256i, h);
+    }
+}
+
+/// 8 f32 to f16 bits by F16C's `vcvtps2ph` (nearest, ties to even).
+///
+/// # Safety
+/// The CPU must have AVX and F16C.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx,f16c")]
+fn f16x8_v3(src: &[f32], dst: &mut [u16]) {
+    use core::arch::x86_64::*;
+    assert!(src.len() >= 8 && dst.len() >= 8);
+    // SAFETY: 8 f32 (32 bytes) read from and 8 u16 (16 bytes) written to bounds-checked slices
+    // of at least that length; unaligned accesses of plain bits.
+    unsafe {
+        let v = std::ptr::read_unaligned(src.as_ptr() as *const __m256);
+        let h = _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(v);
+        std::ptr::write_unaligned(dst.as_mut_ptr() as *mut __m128i, h);
+    }
 }
 
 /// `src` widened to a new f32 vector.
@@ -489,6 +607,54 @@ mod tests {
             }
         }
         level.run(Lanes)
+    }
+
+    /// Narrowing at every level gives `half`'s bits (for a NaN: a NaN), on special values, the
+    /// rounding boundaries and random values, with lengths that leave tails.
+    #[test]
+    fn narrowing_matches_half_at_every_level() {
+        let mut x: Vec<f32> = vec![
+            0.0,
+            -0.0,
+            1.0,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            f32::NAN,
+            -f32::NAN,
+            f32::from_bits(0x7f80_0001), // a signalling NaN
+            f32::MAX,
+            f32::MIN_POSITIVE,
+            1e-8,                        // an f16 subnormal
+            1e-10,                       // below f16's range
+            65504.0,                     // f16's largest
+            65520.0,                     // rounds to f16 infinity
+            f32::from_bits(0x3f80_8000), // a bf16 tie, even kept part
+            f32::from_bits(0x3f81_8000), // a bf16 tie, odd kept part
+            f32::from_bits(0x3f80_8001),
+            f32::from_bits(0x3f80_7fff),
+            f32::from_bits(0x7f7f_ffff), // rounds to bf16 infinity
+            f32::from_bits(0x3f80_1000), // an f16 tie (1 + 2^-11)
+            f32::from_bits(0x3f80_3000), // an f16 tie, odd kept part
+        ];
+        x.extend(crate::rng::uniform(1000, 7).iter().map(|v| v * 70000.0));
+        x.extend(crate::rng::uniform(100, 8).iter().map(|v| v * 1e-6));
+        for level in Level::available() {
+            for len in [0, 1, 7, 8, 15, 16, 17, 33, x.len()] {
+                let src = &x[..len];
+                let h = to_f16(level, src);
+                let b = to_bf16(level, src);
+                for (i, v) in src.iter().enumerate() {
+                    let (wh, wb) = (f16::from_f32(*v), bf16::from_f32(*v));
+                    if v.is_nan() {
+                        assert!(h[i].is_nan() && b[i].is_nan(), "{level} NaN [{i}]");
+                        assert_eq!(b[i].to_bits(), wb.to_bits(), "{level} bf16 NaN [{i}]");
+                    } else {
+                        assert_eq!(h[i].to_bits(), wh.to_bits(), "{level} f16 of {v:e} [{i}]");
+                        assert_eq!(b[i].to_bits(), wb.to_bits(), "{level} bf16 of {v:e} [{i}]");
+                    }
+                }
+            }
+        }
     }
 
     #[test]

@@ -69,8 +69,16 @@ pub(crate) fn from_f32(y: Vec<f32>, shape: Shape, dtype: DType) -> FlexTensor {
     use crate::kernels::convert;
     let layout = Layout::contiguous(shape);
     match dtype {
-        DType::F16 => FlexTensor::new(Bytes::from_elems(convert::to_f16(&y)), layout, dtype),
-        DType::BF16 => FlexTensor::new(Bytes::from_elems(convert::to_bf16(&y)), layout, dtype),
+        DType::F16 => FlexTensor::new(
+            Bytes::from_elems(convert::to_f16(crate::kernels::Level::current(), &y)),
+            layout,
+            dtype,
+        ),
+        DType::BF16 => FlexTensor::new(
+            Bytes::from_elems(convert::to_bf16(crate::kernels::Level::current(), &y)),
+            layout,
+            dtype,
+        ),
         _ => FlexTensor::new(Bytes::from_elems(y), layout, DType::F32),
     }
 }
