@@ -192,6 +192,7 @@ impl WithSimd for NarrowF16<'_, '_> {
     #[inline(always)]
     fn with_simd<S: Simd>(self, _simd: S) {
         let NarrowF16 { src, dst } = self;
+        #[allow(unused_mut)] // assigned on x86-64 only
         let mut done = 0;
         #[cfg(target_arch = "x86_64")]
         {
@@ -280,9 +281,9 @@ pub(crate) trait Format {
     /// than the shift).
     const WIDEN_BLOCKS: bool = false;
     /// The `2 · F32_LANES` elements from `w[at..]` as two f32 vectors: elements `0..L` and
-    /// `L..2L` (f32; f16 on AVX-512 and AVX2, by the conversion instructions), or the even and the odd
-    /// elements (bf16, and f16 below AVX-512: one load of `L` 32-bit words, widened in
-    /// registers); [`Format::permuted`] says which.
+    /// `L..2L` (f32; f16 on AVX-512 and AVX2, by the conversion instructions), or the even and the
+    /// odd elements (bf16, and f16 at the scalar and NEON levels: one load of `L` 32-bit words,
+    /// widened in registers); [`Format::permuted`] says which.
     fn pair<S: Simd>(simd: S, w: &[Self::Elem], at: usize) -> (S::f32s, S::f32s);
     /// One element as f32.
     fn one(v: Self::Elem) -> f32;
@@ -609,7 +610,7 @@ mod tests {
         level.run(Lanes)
     }
 
-    /// Narrowing at every level gives `half`'s bits (for a NaN: a NaN), on special values, the
+    /// Narrowing at every level gives `half`'s bits (for an f16 NaN: a NaN), on special values, the
     /// rounding boundaries and random values, with lengths that leave tails.
     #[test]
     fn narrowing_matches_half_at_every_level() {
@@ -644,7 +645,9 @@ mod tests {
                 let h = to_f16(level, src);
                 let b = to_bf16(level, src);
                 for (i, v) in src.iter().enumerate() {
-                    let (wh, wb) = (f16::from_f32(*v), bf16::from_f32(*v));
+                    // half's software conversions (`from_f32` itself uses F16C where the CPU
+                    // has it: the instruction under test)
+                    let (wh, wb) = (f16::from_f32_const(*v), bf16::from_f32_const(*v));
                     if v.is_nan() {
                         assert!(h[i].is_nan() && b[i].is_nan(), "{level} NaN [{i}]");
                         assert_eq!(b[i].to_bits(), wb.to_bits(), "{level} bf16 NaN [{i}]");

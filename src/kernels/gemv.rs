@@ -10,8 +10,8 @@
 //! a block of two vectors of output columns for up to [`ROWS`] input rows accumulated in
 //! registers, added into the thread's partial output once per block. Half-precision weights are
 //! widened in registers (bf16: one load of 32-bit words gives a vector of even and a vector of odd
-//! elements, by a shift and a mask; f16: the conversion instruction on AVX-512, integer operations
-//! on the bits elsewhere), never converted
+//! elements, by a shift and a mask; f16: the conversion instruction on AVX-512 and AVX2, integer
+//! operations on the bits elsewhere), never converted
 //! as a tensor; memory carries their own two bytes per element. Partial outputs of the bands are summed at the
 //! end; the result equals the GEMM's up to the order of summation.
 //!
@@ -315,7 +315,7 @@ impl Band<'_> {
             k1,
             ..
         } = self;
-        // a permuted format (bf16; f16 below AVX-512) accumulates each full block of columns as
+        // a permuted format (bf16; f16 at the scalar and NEON levels) accumulates each full block of columns as
         // its even then its odd columns (see `Format::pair`): `y`'s own values into that order
         // first, back at the end
         if F::permuted::<S>() {

@@ -162,6 +162,10 @@ impl Level {
 
     /// Runs `op` compiled for this level (the level must be available: [`Level::is_available`];
     /// an unavailable one runs the scalar code).
+    ///
+    /// The only place in the crate that makes a pulp token and runs code with it: the kernels'
+    /// AVX2 code uses F16C on the strength of the check here (see `avx2_f16c`), so no other
+    /// code may call `pulp::x86::V3::try_new`, `Simd::vectorize` or `with_simd` on its own.
     #[inline(always)]
     pub(crate) fn run<Op: pulp::WithSimd>(self, op: Op) -> Op::Output {
         use pulp::Simd;

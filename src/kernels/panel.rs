@@ -21,7 +21,9 @@ use rayon::prelude::*;
 use super::convert::{self, Elems};
 use super::Level;
 
-/// f32 bytes of one widened weight panel at most.
+/// f32 bytes of the widened weight panels in use at once (shared among the pool's threads;
+/// more only where a thread's share holds fewer than 16 columns: then 16 columns, `64·k` bytes,
+/// per thread).
 pub const PANEL_BYTES: usize = 4 << 20;
 
 /// `x · w` (`x`: `[m, k]` f32, contiguous; `w`: `[k, n]` as stored, contiguous) as `[m, n]` f32.
@@ -32,9 +34,11 @@ pub fn matmul(level: Level, x: &[f32], w: Elems<'_>, m: usize, k: usize, n: usiz
     if m == 0 || n == 0 || k == 0 {
         return y;
     }
-    // one panel per task, each pool thread widening its own and running gemm on it alone:
-    // PANEL_BYTES in all (a 1/threads share each), a multiple of 16 columns, at least 16, and
-    // at least one panel per thread where n allows
+    // one panel per task, each pool thread widening its own and running gemm on it alone: a
+    // 1/threads share of PANEL_BYTES each (a multiple of 16 columns, at least 16), and at least
+    // one panel per thread where n allows. The closure calls nothing on the pool, so a thread
+    // holds one panel at a time (rayon may allocate one per split of the range; each is freed
+    // when its split is done)
     let threads = rayon::current_num_threads().max(1);
     let cols = (PANEL_BYTES / threads / (4 * k)).max(16) / 16 * 16;
     let cols = cols.min(n.div_ceil(threads).next_multiple_of(16)).min(n);
@@ -112,7 +116,8 @@ mod tests {
         let w = crate::rng::uniform(k * n, 2);
         let wh: Vec<f16> = w.iter().map(|&v| f16::from_f32(v)).collect();
         let wb: Vec<bf16> = w.iter().map(|&v| bf16::from_f32(v)).collect();
-        assert!(PANEL_BYTES / (4 * k) < n, "more than one panel");
+        let threads = rayon::current_num_threads().max(1);
+        assert!(PANEL_BYTES / threads / (4 * k) < n, "more than one panel");
         for level in Level::available() {
             for (we, wr) in [
                 (
