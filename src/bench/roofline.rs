@@ -539,3 +539,18 @@ mod tests {
         assert!(host_read_gb_per_s(0, 2).is_none());
     }
 }
+
+/// The streaming read limit at a few buffer sizes, on the pool and on one thread, by hand
+/// (`cargo test --release --lib -- --ignored read_probe --nocapture`).
+#[cfg(test)]
+mod read_probe {
+    #[test]
+    #[ignore]
+    fn read_probe() {
+        for mb in [16usize, 64, 256, 512] {
+            let a = super::host_read_gb_per_s(mb << 20, rayon::current_num_threads());
+            let b = super::host_read_gb_per_s(mb << 20, 1);
+            println!("{mb} MiB: pool {a:?} one thread {b:?}");
+        }
+    }
+}
