@@ -200,4 +200,96 @@ mod tests {
             }
         }
     }
+
+    /// The routed experts of one decode step at `scenarios/sc003-moe.toml`'s shape (512 x 256
+    /// experts, 112 of them, 8 tokens x top-6, f32), timed alone against the streaming read
+    /// limit measured in the same process, by hand
+    /// (`cargo test --release --lib -- --ignored moe_step_timings --nocapture`).
+    #[test]
+    #[ignore]
+    fn moe_step_timings() {
+        let (dim, inter, n_exp, tokens, top) = (512, 256, 112, 8, 6);
+        let w: Vec<[Vec<f32>; 3]> = (0..n_exp as u64)
+            .map(|e| {
+                [
+                    uniform(dim * inter, 3 * e + 1),
+                    uniform(inter * dim, 3 * e + 2),
+                    uniform(dim * inter, 3 * e + 3),
+                ]
+            })
+            .collect();
+        let ex: Vec<Expert<'_>> = w
+            .iter()
+            .map(|[a, b, c]| Expert {
+                w1: Elems::F32(a),
+                w2: Elems::F32(b),
+                w3: Elems::F32(c),
+            })
+            .collect();
+        let x = uniform(tokens * dim, 99);
+        let level = Level::current();
+        for round in 0..3u64 {
+            // each token's top-6 distinct experts, drawn afresh each round
+            let mut groups: Vec<Group> = Vec::new();
+            let mut state = 12345 + round;
+            for t in 0..tokens {
+                let mut picked: Vec<usize> = Vec::new();
+                while picked.len() < top {
+                    state = state
+                        .wrapping_mul(6364136223846793005)
+                        .wrapping_add(1442695040888963407);
+                    let e = (state >> 33) as usize % n_exp;
+                    if !picked.contains(&e) {
+                        picked.push(e);
+                    }
+                }
+                for e in picked {
+                    match groups.iter_mut().find(|(g, _)| *g == e) {
+                        Some((_, rows)) => rows.push((t, 1.0 / top as f32)),
+                        None => groups.push((e, vec![(t, 1.0 / top as f32)])),
+                    }
+                }
+            }
+            let bytes = (groups.len() * 3 * dim * inter * 4) as f64;
+            let mut best = f64::INFINITY;
+            for _ in 0..20 {
+                let t0 = std::time::Instant::now();
+                std::hint::black_box(routed(level, &x, tokens, dim, inter, &ex, &groups));
+                best = best.min(t0.elapsed().as_secs_f64());
+            }
+            // the same bytes read by the same tasks (one expert per task), summed instead of
+            // multiplied: the rate this access pattern allows
+            let mut best_read = f64::INFINITY;
+            for _ in 0..20 {
+                let t0 = std::time::Instant::now();
+                let total: u64 = groups
+                    .par_iter()
+                    .map(|(e, _)| {
+                        w[*e].iter().fold(0u64, |acc, m| {
+                            let words: &[u64] = bytemuck::cast_slice(m);
+                            acc.wrapping_add(super::super::reduce::sum_words(level, words))
+                        })
+                    })
+                    .reduce(|| 0, u64::wrapping_add);
+                std::hint::black_box(total);
+                best_read = best_read.min(t0.elapsed().as_secs_f64());
+            }
+            println!(
+                "  the same experts' bytes only summed, one expert per task: {:.3} ms = {:.1} GB/s",
+                best_read * 1e3,
+                bytes / best_read / 1e9
+            );
+            let limit =
+                crate::bench::roofline::host_read_gb_per_s(512 << 20, rayon::current_num_threads())
+                    .unwrap_or(f64::NAN);
+            println!(
+                "moe step {level}: {} experts touched, {:.1} MB, best {:.3} ms = {:.1} GB/s; streaming read limit {:.1} GB/s",
+                groups.len(),
+                bytes / 1e6,
+                best * 1e3,
+                bytes / best / 1e9,
+                limit
+            );
+        }
+    }
 }
