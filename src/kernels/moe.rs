@@ -99,6 +99,30 @@ mod tests {
     use crate::rng::uniform;
     use half::bf16;
 
+    /// `n` experts' random f32 weights `[w1, w2, w3]` (`w1`, `w3`: `dim x inter`; `w2`: `inter x dim`).
+    fn random_experts(dim: usize, inter: usize, n: usize) -> Vec<[Vec<f32>; 3]> {
+        (0..n as u64)
+            .map(|e| {
+                [
+                    uniform(dim * inter, 3 * e + 1),
+                    uniform(inter * dim, 3 * e + 2),
+                    uniform(dim * inter, 3 * e + 3),
+                ]
+            })
+            .collect()
+    }
+
+    /// The kernel's view of f32 expert weights.
+    fn f32_experts(w: &[[Vec<f32>; 3]]) -> Vec<Expert<'_>> {
+        w.iter()
+            .map(|[a, b, c]| Expert {
+                w1: Elems::F32(a),
+                w2: Elems::F32(b),
+                w3: Elems::F32(c),
+            })
+            .collect()
+    }
+
     /// Token by token, expert by expert, in f64.
     fn reference(
         x: &[f32],
@@ -134,15 +158,7 @@ mod tests {
     #[test]
     fn a_batch_of_tokens_equals_the_per_token_reference_at_every_level() {
         let (dim, inter, n_exp, tokens) = (40, 24, 6, 8);
-        let w: Vec<[Vec<f32>; 3]> = (0..n_exp as u64)
-            .map(|e| {
-                [
-                    uniform(dim * inter, 3 * e + 1),
-                    uniform(inter * dim, 3 * e + 2),
-                    uniform(dim * inter, 3 * e + 3),
-                ]
-            })
-            .collect();
+        let w = random_experts(dim, inter, n_exp);
         let x = uniform(tokens * dim, 99);
         // each token: 2 experts (some shared between tokens, expert 5 unused)
         let routes: Vec<Vec<(usize, f32)>> = (0..tokens)
@@ -161,14 +177,7 @@ mod tests {
         }
         let want = reference(&x, dim, inter, &w, &routes);
         for level in Level::available() {
-            let ex: Vec<Expert<'_>> = w
-                .iter()
-                .map(|[a, b, c]| Expert {
-                    w1: Elems::F32(a),
-                    w2: Elems::F32(b),
-                    w3: Elems::F32(c),
-                })
-                .collect();
+            let ex = f32_experts(&w);
             let y = routed(level, &x, tokens, dim, inter, &ex, &groups);
             for (i, (a, b)) in y.iter().zip(&want).enumerate() {
                 assert!((a - b).abs() < 1e-4, "{level} f32 [{i}]: {a} vs {b}");
@@ -209,23 +218,8 @@ mod tests {
     #[ignore]
     fn moe_step_timings() {
         let (dim, inter, n_exp, tokens, top) = (512, 256, 112, 8, 6);
-        let w: Vec<[Vec<f32>; 3]> = (0..n_exp as u64)
-            .map(|e| {
-                [
-                    uniform(dim * inter, 3 * e + 1),
-                    uniform(inter * dim, 3 * e + 2),
-                    uniform(dim * inter, 3 * e + 3),
-                ]
-            })
-            .collect();
-        let ex: Vec<Expert<'_>> = w
-            .iter()
-            .map(|[a, b, c]| Expert {
-                w1: Elems::F32(a),
-                w2: Elems::F32(b),
-                w3: Elems::F32(c),
-            })
-            .collect();
+        let w = random_experts(dim, inter, n_exp);
+        let ex = f32_experts(&w);
         let x = uniform(tokens * dim, 99);
         let level = Level::current();
         for round in 0..3u64 {
