@@ -779,6 +779,45 @@ mod tests {
         assert!(p.measured.is_none() && !p.passed);
     }
 
+    /// Profiling harness (ignored): the shipped scenario's decode (batch `decode_batch`,
+    /// `decode_steps` steps from an empty cache, as `bench moe` times it) of one variant,
+    /// `DSOPT_PROFILE_KIND=moe|dense_equal_total|dense_equal_active` (default moe), 40 rounds
+    /// after 2; for `perf record`.
+    #[test]
+    #[ignore]
+    fn moe_decode_profile() {
+        type B = burn::backend::Flex;
+        let s = scenario();
+        let dev = Default::default();
+        let kind = std::env::var("DSOPT_PROFILE_KIND").unwrap_or_else(|_| "moe".into());
+        let v = MoeVariant::ALL
+            .into_iter()
+            .find(|v| v.as_str() == kind)
+            .expect("DSOPT_PROFILE_KIND: moe, dense_equal_total or dense_equal_active");
+        let cfg = s.decoder_config(v);
+        B::seed(&dev, 11);
+        let model: Decoder<B> = cfg.init(&dev);
+        let (db, steps) = (s.run.decode_batch, s.run.decode_steps);
+        let ids: Vec<_> = (0..steps as u64)
+            .map(|i| super::super::token_tensor::<B>(db, 1, cfg.vocab_size, i, &dev))
+            .collect();
+        let mut timed = std::time::Duration::ZERO;
+        for round in 0..42 {
+            let mut cache = model.new_cache(db, steps);
+            let t = Instant::now();
+            for x in &ids {
+                let _ = model.forward_hidden(x.clone(), &mut cache).into_data();
+            }
+            if round >= 2 {
+                timed += t.elapsed();
+            }
+        }
+        println!(
+            "{kind}: {:.3} ms per step (batch {db}, {steps} steps per round)",
+            timed.as_secs_f64() * 1e3 / (40 * steps) as f64
+        );
+    }
+
     #[test]
     fn the_default_scenario_is_at_the_spec_active_fraction() {
         let s = scenario();
