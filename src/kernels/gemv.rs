@@ -15,11 +15,11 @@
 //! as a tensor; memory carries their own two bytes per element. Partial outputs of the bands are summed at the
 //! end; the result equals the GEMM's up to the order of summation.
 //!
-//! Narrow weights with few input rows (a fine-grained MoE expert: rows of 1-2 KiB, one to three
-//! tokens) are read row after row instead ([`RowStream`]), every column of a row in registers:
-//! interleaved streams only a row long each are too short for the prefetchers. A decode step's
-//! experts at `scenarios/sc003-moe.toml` (2-core EPYC, f32, weights from memory): the kernel's
-//! share of the step 6.1-6.5 → 5.3-5.4 ms.
+//! Narrow weights with few input rows (a fine-grained MoE expert's `[512, 256]` f32 rows of
+//! 1 KiB, one to three tokens) are read row after row instead ([`RowStream`]), the whole row's
+//! columns in registers: interleaved streams only a row long each are too short for the
+//! prefetchers. A decode step's experts at `scenarios/sc003-moe.toml` (2-core EPYC, f32, weights
+//! from memory): the kernel's share of the step 6.1-6.5 → 5.3-5.4 ms.
 //!
 //! Measured for the f32 design this replaces (2-core EPYC, one row, 2048 x 6144 f32 weights from
 //! memory): 8 rows per pass 1.2 ms, 16 rows 1.8 ms, 32 rows 2.7 ms, one stream per weight row
@@ -42,13 +42,17 @@ pub const K_BLOCK: usize = 8;
 /// Input rows accumulated together: 6 rows x 2 vectors of accumulators + 2 weight vectors + 1
 /// broadcast = 15 of AVX2's 16 registers (the shape of `gemm`'s own f32 micro-kernel).
 pub const ROWS: usize = 6;
-/// Weight rows of at most this many bytes are read whole, one after another, when there are at
-/// most [`NARROW_ROWS`] input rows ([`RowStream`]): the block path's interleaved streams would be
-/// only a row long each (a fine-grained MoE expert's rows are 1-2 KiB), too short for the
-/// hardware prefetchers to follow.
-pub const NARROW_ROW_BYTES: usize = 2048;
-/// Input rows at most for [`NARROW_ROW_BYTES`]'s path (each holds a tile of accumulators).
+/// Input rows at most for which weight rows that fit one tile of accumulators (AVX-512: 16
+/// vectors for one input row, 8 for two, 4 for three or four; half that below) are read whole,
+/// one after another ([`RowStream`]): the block path's interleaved streams would be only a row
+/// long each (a fine-grained MoE expert's `[512, 256]` f32 rows are 1 KiB), too short for the
+/// hardware prefetchers to follow. Rows wider than a tile keep the block path: split into tiles
+/// they were read in strided pieces, and that was no faster (`[256, 512]`, `[2048, 1024]` bf16
+/// for one input row: slower).
 pub const NARROW_ROWS: usize = 4;
+/// Weight rows per block of that path (a row narrower than the tile's width, read in two-vector
+/// pieces, stays within a short stretch of memory).
+pub const NARROW_BLOCK: usize = 16;
 /// Output columns per pass over a block's weight rows at most.
 pub const COL_TILE: usize = 8192;
 
@@ -335,7 +339,15 @@ impl Band<'_> {
             permute_blocks(y, rows, n, S::F32_LANES, false);
         }
         let l = S::F32_LANES;
-        if rows <= NARROW_ROWS && n * std::mem::size_of::<F::Elem>() <= NARROW_ROW_BYTES {
+        let wide = l >= 16;
+        // accumulator vectors per input row in one tile: 16 of AVX-512's 32 registers (8 of 16)
+        let t_max = match (rows, wide) {
+            (1, true) => 16,
+            (1, false) | (2, true) => 8,
+            (2, false) | (_, true) => 4,
+            _ => 2,
+        };
+        if rows <= NARROW_ROWS && n <= t_max * l {
             // narrow weights, few rows: every weight row read whole, one after another
             let body = n / (2 * l) * (2 * l);
             let rs = RowStream::<F> {
@@ -348,7 +360,6 @@ impl Band<'_> {
                 k0,
                 k1,
             };
-            let wide = l >= 16;
             match (rows, wide) {
                 (1, true) => rs.tiles::<S, 1, 16>(simd, y, body),
                 (1, false) => rs.tiles::<S, 1, 8>(simd, y, body),
@@ -424,32 +435,44 @@ struct RowStream<'a, F: Format> {
 }
 
 impl<F: Format> RowStream<'_, F> {
-    /// Columns `0..body` (`body` a multiple of two vectors) of all `R` rows: tiles of `T`
-    /// vectors, the last ones of two.
+    /// Columns `0..body` (`body` a multiple of two vectors) of all `R` rows: blocks of
+    /// [`NARROW_BLOCK`] weight rows, each through tiles of `T` vectors (the last ones of two), so
+    /// that a row wider than one tile is still read within a short stretch of memory.
     #[inline(always)]
     fn tiles<S: Simd, const R: usize, const T: usize>(&self, simd: S, y: &mut [f32], body: usize) {
         let l = S::F32_LANES;
-        let mut c = 0;
-        while c + T * l <= body {
-            self.tile::<S, R, T>(simd, y, c);
-            c += T * l;
-        }
-        while c < body {
-            self.tile::<S, R, 2>(simd, y, c);
-            c += 2 * l;
+        let mut kb = self.k0;
+        while kb < self.k1 {
+            let ke = (kb + NARROW_BLOCK).min(self.k1);
+            let mut c = 0;
+            while c + T * l <= body {
+                self.tile::<S, R, T>(simd, y, c, kb, ke);
+                c += T * l;
+            }
+            while c < body {
+                self.tile::<S, R, 2>(simd, y, c, kb, ke);
+                c += 2 * l;
+            }
+            kb = ke;
         }
     }
 
-    /// Rows `0..R`, `T` vectors of columns from column `c` (`T` even): every weight row of the
-    /// band in turn, the accumulators in registers, added into `y` once.
+    /// Rows `0..R`, `T` vectors of columns from column `c` (`T` even), weight rows `kb..ke` one
+    /// after another, the accumulators in registers, added into `y` once.
     #[inline(always)]
-    fn tile<S: Simd, const R: usize, const T: usize>(&self, simd: S, y: &mut [f32], c: usize) {
+    fn tile<S: Simd, const R: usize, const T: usize>(
+        &self,
+        simd: S,
+        y: &mut [f32],
+        c: usize,
+        kb: usize,
+        ke: usize,
+    ) {
         let l = S::F32_LANES;
         let zero = simd.splat_f32s(0.0);
         let mut acc = [[zero; T]; R];
-        let xs: [&[f32]; R] =
-            std::array::from_fn(|r| &self.x[r * self.k + self.k0..][..self.k1 - self.k0]);
-        for (i, kk) in (self.k0..self.k1).enumerate() {
+        let xs: [&[f32]; R] = std::array::from_fn(|r| &self.x[r * self.k + kb..][..ke - kb]);
+        for (i, kk) in (kb..ke).enumerate() {
             let at = self.off + kk * self.ws + c;
             let xv: [S::f32s; R] = std::array::from_fn(|r| simd.splat_f32s(xs[r][i]));
             for t in 0..T / 2 {
@@ -584,14 +607,19 @@ mod tests {
                 (7, 65, 100),
                 (16, 96, 33),
                 (2, 3, 1),
-                // the row-streaming path (at most NARROW_ROWS rows, narrow weights): full tiles
-                // of every width, two-vector tiles, tails, two bands (k >= 128)
-                (1, 140, 300),
-                (2, 33, 200),
-                (3, 17, 90),
-                (4, 130, 130),
-                // f32 rows too wide for it, bf16/f16 rows narrow enough
-                (2, 50, 600),
+                // the row-streaming path (at most NARROW_ROWS rows, a row within one tile): full
+                // tiles of every width at AVX-512 and AVX2, two-vector pieces, tails, two bands
+                // (k >= 128); and rows just too wide for it
+                (1, 140, 256),
+                (1, 70, 250),
+                (1, 20, 64),
+                (2, 33, 128),
+                (2, 20, 32),
+                (3, 17, 64),
+                (4, 130, 64),
+                (4, 20, 16),
+                (3, 9, 90),
+                (1, 30, 300),
             ] {
                 let x = uniform(rows * k, 1);
                 let w = uniform(k * n, 2);
