@@ -347,7 +347,18 @@ impl Band<'_> {
             (2, false) | (_, true) => 4,
             _ => 2,
         };
-        if rows <= NARROW_ROWS && n <= t_max * l {
+        // K_BLOCK (or fewer) weight rows from row `kb`
+        let block = |kb: usize| Block::<F> {
+            x,
+            k,
+            kx: kb,
+            nk: (kb + K_BLOCK).min(k1) - kb,
+            w,
+            at: off + kb * ws,
+            ws,
+            n,
+        };
+        if (1..=NARROW_ROWS).contains(&rows) && n <= t_max * l {
             // narrow weights, few rows: every weight row read whole, one after another
             let body = n / (2 * l) * (2 * l);
             let rs = RowStream::<F> {
@@ -372,21 +383,8 @@ impl Band<'_> {
             }
             // the last columns (fewer than two vectors): the block path's plain loops
             if body < n {
-                let mut kb = k0;
-                while kb < k1 {
-                    let ke = (kb + K_BLOCK).min(k1);
-                    let blk = Block::<F> {
-                        x,
-                        k,
-                        kx: kb,
-                        nk: ke - kb,
-                        w,
-                        at: off + kb * ws,
-                        ws,
-                        n,
-                    };
-                    blk.columns(simd, y, rows, body, n);
-                    kb = ke;
+                for kb in (k0..k1).step_by(K_BLOCK) {
+                    block(kb).columns(simd, y, rows, body, n);
                 }
             }
             if F::permuted::<S>() {
@@ -394,26 +392,14 @@ impl Band<'_> {
             }
             return;
         }
-        let mut kb = k0;
-        while kb < k1 {
-            let ke = (kb + K_BLOCK).min(k1);
-            let blk = Block::<F> {
-                x,
-                k,
-                kx: kb,
-                nk: ke - kb,
-                w,
-                at: off + kb * ws,
-                ws,
-                n,
-            };
+        for kb in (k0..k1).step_by(K_BLOCK) {
+            let blk = block(kb);
             let mut c0 = 0;
             while c0 < n {
                 let c1 = (c0 + COL_TILE).min(n);
                 blk.columns(simd, y, rows, c0, c1);
                 c0 = c1;
             }
-            kb = ke;
         }
         if F::permuted::<S>() {
             permute_blocks(y, rows, n, S::F32_LANES, true);
@@ -726,5 +712,10 @@ mod tests {
             3,
         );
         assert_eq!(y, vec![7.0, 2.0, 2.0]);
+        // no input rows: no outputs, at every level
+        for level in Level::available() {
+            let y = gemv_rows(level, &[], Elems::F32(&[1.0; 6]), 0, 2, 3);
+            assert!(y.is_empty(), "{level}");
+        }
     }
 }
