@@ -421,9 +421,10 @@ struct RowStream<'a, F: Format> {
 }
 
 impl<F: Format> RowStream<'_, F> {
-    /// Columns `0..body` (`body` a multiple of two vectors) of all `R` rows: blocks of
-    /// [`NARROW_BLOCK`] weight rows, each through tiles of `T` vectors (the last ones of two), so
-    /// that a row wider than one tile is still read within a short stretch of memory.
+    /// Columns `0..body` (`body` a multiple of two vectors, at most `T` vectors) of all `R` rows:
+    /// blocks of [`NARROW_BLOCK`] weight rows, each through one tile of `T` vectors or, for a
+    /// narrower row, two-vector pieces (so that its pieces are read within a short stretch of
+    /// memory).
     #[inline(always)]
     fn tiles<S: Simd, const R: usize, const T: usize>(&self, simd: S, y: &mut [f32], body: usize) {
         let l = S::F32_LANES;
