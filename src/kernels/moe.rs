@@ -256,15 +256,17 @@ mod tests {
         for round in 0..3 {
             let (mut kernel, mut read, mut touched) = (Vec::new(), Vec::new(), 0);
             for rep in 0..24 {
-                let groups = route(rep % layers);
+                // kernel and read alternate over the layers (kernel 0, read 1, kernel 2, read 3,
+                // …): neither follows a pass over its own layer's bytes
+                let groups = route((2 * rep) % layers);
                 touched += groups.len();
                 let bytes = (groups.len() * 3 * dim * inter * 4) as f64;
                 let t0 = std::time::Instant::now();
                 std::hint::black_box(routed(level, &x, tokens, dim, inter, &ex, &groups));
                 kernel.push(bytes / t0.elapsed().as_secs_f64() / 1e9);
-                // the same kind of step's bytes (the next layer's, not yet in cache) read by the
-                // same tasks (one expert per task), summed instead of multiplied
-                let groups = route((rep + 1) % layers);
+                // the same kind of step's bytes (another layer's, not in cache) read by the same
+                // tasks (one expert per task), summed instead of multiplied
+                let groups = route((2 * rep + 1) % layers);
                 let bytes = (groups.len() * 3 * dim * inter * 4) as f64;
                 let t0 = std::time::Instant::now();
                 let total: u64 = groups
