@@ -19,7 +19,11 @@
 //! 1 KiB, one to three tokens) are read row after row instead ([`RowStream`]), the whole row's
 //! columns in registers: interleaved streams only a row long each are too short for the
 //! prefetchers. A decode step's experts at `scenarios/sc003-moe.toml` (2-core EPYC, f32, weights
-//! from memory): the kernel's share of the step 6.1-6.5 → 5.3-5.4 ms.
+//! from memory): the kernel's share of the step 6.1-6.5 → 5.3-5.4 ms. Narrow rows that stay on
+//! the block path (more input rows, or rows wider than a tile: the experts' `[256, 512]` down
+//! projection) have the next block's lines prefetched by the kernel itself
+//! ([`PREFETCH_ROW_BYTES`]): the cold experts of a step 17-24 → 26-42 GB/s, the whole MoE step
+//! 8.1-9.0 → 6.5-6.8 ms.
 //!
 //! Measured for the f32 design this replaces (2-core EPYC, one row, 2048 x 6144 f32 weights from
 //! memory): 8 rows per pass 1.2 ms, 16 rows 1.8 ms, 32 rows 2.7 ms, one stream per weight row
@@ -55,6 +59,27 @@ pub const NARROW_ROWS: usize = 4;
 pub const NARROW_BLOCK: usize = 16;
 /// Output columns per pass over a block's weight rows at most.
 pub const COL_TILE: usize = 8192;
+
+/// Weight rows at most this long (bytes) are prefetched a block ahead in the block path: the
+/// prefetchers follow longer streams well enough (`[2048, 6144]`, 24 KiB f32 and 12 KiB bf16
+/// rows: within noise with and without), shorter ones not (`prefetch_timings`, 2-core EPYC:
+/// `[2048, 2048]` f32, 8 KiB rows, one input row +9-25 %; 2 KiB rows 1.3-1.9x).
+pub const PREFETCH_ROW_BYTES: usize = 8192;
+
+/// A cache line, bytes (x86-64; prefetching one address per line).
+const LINE_BYTES: usize = 64;
+
+/// The timing harness's switch: no prefetching while set (tests only).
+#[cfg(test)]
+static PREFETCH_OFF: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+#[inline(always)]
+fn prefetch_off() -> bool {
+    #[cfg(test)]
+    return PREFETCH_OFF.load(std::sync::atomic::Ordering::Relaxed);
+    #[cfg(not(test))]
+    false
+}
 
 /// `y[r, :] = Σ_k x[r, k] · w[k, :]` for `rows` input rows (`x`: `rows x k` row-major, `w`:
 /// `k x n` row-major), accumulated in f32 at `level`: the weight rows are split into one
@@ -339,6 +364,10 @@ impl Band<'_> {
             permute_blocks(y, rows, n, S::F32_LANES, false);
         }
         let l = S::F32_LANES;
+        // narrow rows (MoE experts, the narrower projections): the block path's K_BLOCK streams
+        // are one row each, too short for the hardware prefetchers, so it asks for the next
+        // block's lines itself (docs/benchmarks.md, 2026-12-07（六）)
+        let prefetch = n * size_of::<F::Elem>() <= PREFETCH_ROW_BYTES && !prefetch_off();
         let wide = l >= 16;
         // accumulator vectors per input row in one tile: 16 of AVX-512's 32 registers (8 of 16)
         let t_max = match (rows, wide) {
@@ -357,6 +386,7 @@ impl Band<'_> {
             at: off + kb * ws,
             ws,
             n,
+            prefetch,
         };
         if (1..=NARROW_ROWS).contains(&rows) && n <= t_max * l {
             // narrow weights, few rows: every weight row read whole, one after another
@@ -489,6 +519,8 @@ struct Block<'a, F: Format> {
     at: usize,
     ws: usize,
     n: usize,
+    /// Prefetch the next block's rows while reading this one (narrow rows only).
+    prefetch: bool,
 }
 
 impl<F: Format> Block<'_, F> {
@@ -537,7 +569,16 @@ impl<F: Format> Block<'_, F> {
         let mut acc = [[zero; 2]; R];
         let xs: [&[f32]; R] =
             std::array::from_fn(|r| &self.x[(r0 + r) * self.k + self.kx..][..self.nk]);
+        let pair_bytes = 2 * l * size_of::<F::Elem>();
         for kk in 0..self.nk {
+            // the same columns K_BLOCK weight rows on: the next block's (first group only; once
+            // per line where two vectors are shorter than one)
+            if self.prefetch && r0 == 0 && (c * size_of::<F::Elem>()) % LINE_BYTES < pair_bytes {
+                let ahead = self.at + (kk + K_BLOCK) * self.ws + c;
+                for o in (0..2 * l).step_by(LINE_BYTES / size_of::<F::Elem>()) {
+                    super::prefetch(self.w, ahead + o);
+                }
+            }
             let (w0, w1) = F::pair(simd, self.w, self.at + kk * self.ws + c);
             for r in 0..R {
                 let xv = simd.splat_f32s(xs[r][kk]);
@@ -717,6 +758,68 @@ mod tests {
         for level in Level::available() {
             let y = gemv_rows(level, &[], Elems::F32(&[1.0; 6]), 0, 2, 3);
             assert!(y.is_empty(), "{level}");
+        }
+    }
+
+    /// Cold single products with and without the block path's prefetching, alternated in one
+    /// process (`--ignored --nocapture`): the shapes of the benchmarks' narrow weights.
+    #[test]
+    #[ignore]
+    fn prefetch_timings() {
+        use std::sync::atomic::Ordering::Relaxed;
+        let level = Level::current();
+        // (rows, k, n, bf16?)
+        let shapes = [
+            (1, 2048, 2048, false),
+            (8, 2048, 2048, false),
+            (1, 2048, 512, false),
+            (1, 2048, 576, false),
+            (1, 2048, 1024, false),
+            (1, 2048, 2048, true),
+            (8, 2048, 512, false),
+            (2, 256, 512, false),
+            (8, 28928, 512, false),
+            (1, 512, 2048, true),
+        ];
+        for (rows, k, n, half) in shapes {
+            // copies enough for 256 MiB, so that every call reads from memory
+            let bytes = k * n * if half { 2 } else { 4 };
+            let copies = ((256usize << 20) / bytes).max(4);
+            let w: Vec<Vec<f32>> = (0..copies).map(|c| uniform(k * n, c as u64)).collect();
+            let wb: Vec<Vec<bf16>> = if half {
+                w.iter()
+                    .map(|v| v.iter().map(|&x| bf16::from_f32(x)).collect())
+                    .collect()
+            } else {
+                Vec::new()
+            };
+            let x = uniform(rows * k, 7);
+            let (mut on, mut off) = (Vec::new(), Vec::new());
+            for rep in 0..copies {
+                for (flag, out) in [(false, &mut on), (true, &mut off)] {
+                    PREFETCH_OFF.store(flag, Relaxed);
+                    let c = (2 * rep + flag as usize) % copies;
+                    let e = if half {
+                        Elems::Bf16(&wb[c])
+                    } else {
+                        Elems::F32(&w[c])
+                    };
+                    let t0 = std::time::Instant::now();
+                    std::hint::black_box(gemv_rows(level, &x, e, rows, k, n));
+                    out.push(bytes as f64 / t0.elapsed().as_secs_f64() / 1e9);
+                }
+            }
+            PREFETCH_OFF.store(false, Relaxed);
+            let med = |mut v: Vec<f64>| {
+                v.sort_by(f64::total_cmp);
+                v[v.len() / 2]
+            };
+            println!(
+                "{rows} x [{k}, {n}] {}: prefetch {:.1} GB/s, none {:.1} GB/s ({copies} calls each)",
+                if half { "bf16" } else { "f32" },
+                med(on),
+                med(off)
+            );
         }
     }
 }
