@@ -44,8 +44,9 @@ const MIN_TILE_ROWS: usize = 64;
 /// below it, dot products per key ([`tile_dots`], [`grouped_dots`]: no packing, a horizontal sum
 /// per row and key).
 pub const PACKED_ROWS: usize = 32;
-/// Query rows per (sequence, group) at most for which the few-row pass over separate keys and
-/// values prefetches them (MHA decode: one row per head; GQA: a group's heads). Measured
+/// Query rows per task at most (a task: one (sequence, group) pair's rows, or a tile of them in
+/// a long prefill) for which the few-row pass over separate keys and values prefetches them
+/// (MHA decode: one row per head; GQA: a group's heads). Measured
 /// (`kernel_timings`, MHA decode 16 heads x 8192 keys, 2-core EPYC, five alternations): f32
 /// 6.1-6.6 ms against 7.0-8.2 without, f16 2.7-3.6 against 3.2-4.2; absorbed MLA's shape was
 /// slower with it. `decode_profile`, MHA, one layer at 8192 (four alternations): f32 12.3-13.3 ms
