@@ -129,27 +129,89 @@ pub(crate) fn widen_body(src: Elems<'_>, dst: &mut [f32]) {
     }
 }
 
+/// Elements from which a conversion is split over the rayon pool (a prefill chunk's activations:
+/// narrowing or widening them on one thread left the pool idle; below this, one call is cheaper
+/// than the split).
+pub const PAR_ELEMS: usize = 1 << 16;
+
+/// Elements per pool task of a split conversion (64 KiB of f32).
+const PAR_CHUNK: usize = 1 << 14;
+
 /// f32 values narrowed to f16 at `level` (nearest, ties to even, as `half` does): the conversion
 /// instruction on AVX-512 and AVX2 (`vcvtps2ph`, 16 or 8 values at a time), `half`'s conversion
-/// elsewhere and for the tail.
+/// elsewhere and for the tail. Split over the rayon pool from [`PAR_ELEMS`] values.
 pub fn to_f16(level: Level, x: &[f32]) -> Vec<f16> {
     let mut out = vec![f16::ZERO; x.len()];
-    level.run(NarrowF16 {
-        src: x,
-        dst: &mut out,
-    });
+    narrow(level, x, Stored::F16(&mut out));
     out
 }
 
 /// f32 values narrowed to bf16 at `level` (nearest, ties to even; a NaN stays a NaN, quietened:
-/// bit for bit what `half` gives), by integer operations that vectorise at every level.
+/// bit for bit what `half` gives), by integer operations that vectorise at every level. Split
+/// over the rayon pool from [`PAR_ELEMS`] values.
 pub fn to_bf16(level: Level, x: &[f32]) -> Vec<bf16> {
     let mut out = vec![bf16::ZERO; x.len()];
-    level.run(NarrowBf16 {
-        src: x,
-        dst: &mut out,
-    });
+    narrow(level, x, Stored::Bf16(&mut out));
     out
+}
+
+/// A destination of elements in one storage type.
+#[derive(Debug)]
+pub enum Stored<'a> {
+    /// f32.
+    F32(&'a mut [f32]),
+    /// IEEE half precision.
+    F16(&'a mut [f16]),
+    /// bfloat16.
+    Bf16(&'a mut [bf16]),
+}
+
+impl Stored<'_> {
+    /// Number of elements.
+    pub fn len(&self) -> usize {
+        match self {
+            Stored::F32(s) => s.len(),
+            Stored::F16(s) => s.len(),
+            Stored::Bf16(s) => s.len(),
+        }
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The destination cut into pieces of `n` elements (the last may be shorter).
+    pub fn chunks(&mut self, n: usize) -> Vec<Stored<'_>> {
+        match self {
+            Stored::F32(s) => s.chunks_mut(n).map(Stored::F32).collect(),
+            Stored::F16(s) => s.chunks_mut(n).map(Stored::F16).collect(),
+            Stored::Bf16(s) => s.chunks_mut(n).map(Stored::Bf16).collect(),
+        }
+    }
+}
+
+/// `src` narrowed (or copied, for f32) into `dst` (same length) at `level`: nearest, ties to even,
+/// as [`to_f16`] and [`to_bf16`]; split over the rayon pool from [`PAR_ELEMS`] values.
+pub fn narrow(level: Level, src: &[f32], mut dst: Stored<'_>) {
+    use rayon::prelude::*;
+    assert_eq!(src.len(), dst.len(), "narrow: lengths differ");
+    if src.len() < PAR_ELEMS {
+        return narrow_one(level, src, dst);
+    }
+    dst.chunks(PAR_CHUNK)
+        .into_par_iter()
+        .enumerate()
+        .for_each(|(i, d)| narrow_one(level, &src[i * PAR_CHUNK..][..d.len()], d));
+}
+
+/// [`narrow`] on the calling thread.
+fn narrow_one(level: Level, src: &[f32], dst: Stored<'_>) {
+    match dst {
+        Stored::F32(d) => d.copy_from_slice(src),
+        Stored::F16(dst) => level.run(NarrowF16 { src, dst }),
+        Stored::Bf16(dst) => level.run(NarrowBf16 { src, dst }),
+    }
 }
 
 /// f32 bits rounded to bf16 bits: nearest, ties to even (adding `0x7fff` plus the kept part's
@@ -258,10 +320,17 @@ fn f16x8_v3(src: &[f32], dst: &mut [u16]) {
     }
 }
 
-/// `src` widened to a new f32 vector.
+/// `src` widened to a new f32 vector (split over the rayon pool from [`PAR_ELEMS`] values).
 pub fn to_f32(level: Level, src: Elems<'_>) -> Vec<f32> {
+    use rayon::prelude::*;
     let mut out = vec![0f32; src.len()];
-    widen(level, src, &mut out);
+    if src.len() < PAR_ELEMS {
+        widen(level, src, &mut out);
+    } else {
+        out.par_chunks_mut(PAR_CHUNK)
+            .enumerate()
+            .for_each(|(i, d)| widen(level, src.sub(i * PAR_CHUNK, d.len()), d));
+    }
     out
 }
 
@@ -656,6 +725,40 @@ mod tests {
                         assert_eq!(b[i].to_bits(), wb.to_bits(), "{level} bf16 of {v:e} [{i}]");
                     }
                 }
+            }
+        }
+    }
+
+    /// Lengths from [`PAR_ELEMS`] are split over the pool: the same bits as one call per
+    /// element, the last piece a short one.
+    #[test]
+    fn split_conversions_equal_the_elementwise_ones() {
+        let n = PAR_ELEMS + PAR_CHUNK + 13;
+        let x: Vec<f32> = crate::rng::uniform(n, 9).iter().map(|v| v * 3e4).collect();
+        for level in Level::available() {
+            let (h, b) = (to_f16(level, &x), to_bf16(level, &x));
+            let mut f = vec![0f32; n];
+            narrow(level, &x, Stored::F32(&mut f));
+            assert_eq!(f, x, "{level}");
+            for i in 0..n {
+                assert_eq!(
+                    h[i].to_bits(),
+                    f16::from_f32_const(x[i]).to_bits(),
+                    "{level} [{i}]"
+                );
+                assert_eq!(
+                    b[i].to_bits(),
+                    bf16::from_f32_const(x[i]).to_bits(),
+                    "{level} [{i}]"
+                );
+            }
+            let (wh, wb) = (
+                to_f32(level, Elems::F16(&h)),
+                to_f32(level, Elems::Bf16(&b)),
+            );
+            for i in 0..n {
+                assert_eq!(wh[i], h[i].to_f32(), "{level} [{i}]");
+                assert_eq!(wb[i], b[i].to_f32(), "{level} [{i}]");
             }
         }
     }

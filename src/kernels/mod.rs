@@ -27,6 +27,7 @@ pub mod attend;
 #[cfg(target_arch = "x86_64")]
 pub mod bf16dot;
 pub mod convert;
+pub mod eltwise;
 pub mod gate;
 pub mod gemv;
 pub mod moe;

@@ -10,6 +10,9 @@ use std::any::Any;
 use burn::backend::flex::{FlexTensor, Layout};
 use burn::tensor::{backend::Backend, Bytes, DType, Shape, Tensor, TensorPrimitive};
 
+use crate::kernels::convert::Stored;
+use crate::kernels::eltwise::{self, Op};
+
 /// The flex tensor inside `t`, or `t` back when `B` is another backend.
 ///
 /// The primitive is moved out, not cloned (its buffer keeps one owner, which is what lets a
@@ -84,11 +87,67 @@ pub(crate) fn from_f32(y: Vec<f32>, shape: Shape, dtype: DType) -> FlexTensor {
 }
 
 /// `silu(a) · b` (SwiGLU's gate) in one pass on flex (f32, f16 or bf16, both contiguous, same
-/// shape and dtype: the kernel [`crate::kernels::gate::swiglu`]), or both tensors back.
+/// shape and dtype: [`crate::kernels::eltwise`] with the kernel [`crate::kernels::gate::swiglu`]),
+/// or both tensors back.
 #[allow(clippy::type_complexity)]
 pub(crate) fn swiglu_gate<B: Backend, const D: usize>(
     a: Tensor<B, D>,
     b: Tensor<B, D>,
+) -> Result<Tensor<B, D>, (Tensor<B, D>, Tensor<B, D>)> {
+    binary(a, b, Op::SwiGlu, &[DType::F32, DType::F16, DType::BF16])
+}
+
+/// `a + b` on flex in half precision (f16 or bf16, both contiguous, same shape and dtype): the
+/// sum in f32, rounded once, as Burn's op gives it, in one pass split over the pool
+/// ([`crate::kernels::eltwise`]); or both tensors back (f32 keeps Burn's add, already a
+/// vectorised pass).
+#[allow(clippy::type_complexity)]
+pub(crate) fn add_half<B: Backend, const D: usize>(
+    a: Tensor<B, D>,
+    b: Tensor<B, D>,
+) -> Result<Tensor<B, D>, (Tensor<B, D>, Tensor<B, D>)> {
+    binary(a, b, Op::Add, &[DType::F16, DType::BF16])
+}
+
+/// `x · s` on flex in half precision (f16 or bf16, contiguous): `s` rounded to `x`'s type and
+/// the product rounded once, bit for bit Burn's `x * s`, in one pass split over the pool
+/// ([`crate::kernels::eltwise::scale`]); or `x` back (f32 keeps Burn's op).
+pub(crate) fn scale_half<B: Backend, const D: usize>(
+    x: Tensor<B, D>,
+    s: f64,
+) -> Result<Tensor<B, D>, Tensor<B, D>> {
+    use burn::tensor::{bf16, f16};
+    let xf = into_flex(x)?;
+    let dtype = xf.dtype();
+    if !matches!(dtype, DType::F16 | DType::BF16) || !xf.layout().is_contiguous() {
+        return Err(from_flex(xf));
+    }
+    let n = xf.layout().num_elements();
+    let level = crate::kernels::Level::current();
+    let x = elems(&xf, xf.layout().start_offset(), n);
+    let layout = Layout::contiguous(xf.layout().shape().clone());
+    let bytes = if dtype == DType::F16 {
+        let mut y = vec![f16::ZERO; n];
+        let s = f16::from_f32(s as f32).to_f32();
+        eltwise::scale(level, x, s, Stored::F16(&mut y));
+        Bytes::from_elems(y)
+    } else {
+        let mut y = vec![bf16::ZERO; n];
+        let s = bf16::from_f32(s as f32).to_f32();
+        eltwise::scale(level, x, s, Stored::Bf16(&mut y));
+        Bytes::from_elems(y)
+    };
+    Ok(from_flex(FlexTensor::new(bytes, layout, dtype)))
+}
+
+/// `op(a, b)` on flex where both are contiguous with the same shape and one of the `dtypes`, the
+/// result contiguous in that dtype; or both tensors back.
+#[allow(clippy::type_complexity)]
+fn binary<B: Backend, const D: usize>(
+    a: Tensor<B, D>,
+    b: Tensor<B, D>,
+    op: Op,
+    dtypes: &[DType],
 ) -> Result<Tensor<B, D>, (Tensor<B, D>, Tensor<B, D>)> {
     if a.dims() != b.dims() {
         return Err((a, b));
@@ -103,28 +162,36 @@ pub(crate) fn swiglu_gate<B: Backend, const D: usize>(
     };
     let dtype = af.dtype();
     let plain = |t: &FlexTensor| {
-        t.dtype() == dtype
-            && matches!(dtype, DType::F32 | DType::F16 | DType::BF16)
-            && t.layout().is_contiguous()
+        t.dtype() == dtype && dtypes.contains(&dtype) && t.layout().is_contiguous()
     };
     if !plain(&af) || !plain(&bf) {
         return Err((from_flex(af), from_flex(bf)));
     }
     let n = af.layout().num_elements();
     let level = crate::kernels::Level::current();
-    let mut out = vec![0f32; n];
-    if dtype == DType::F32 {
-        let xa = &af.storage::<f32>()[af.layout().start_offset()..][..n];
-        let xb = &bf.storage::<f32>()[bf.layout().start_offset()..][..n];
-        crate::kernels::gate::swiglu(level, xa, xb, &mut out);
-    } else {
-        // half precision: both widened once, the product rounded once
-        let to32 = |t: &FlexTensor| {
-            crate::kernels::convert::to_f32(level, elems(t, t.layout().start_offset(), n))
-        };
-        crate::kernels::gate::swiglu(level, &to32(&af), &to32(&bf), &mut out);
-    }
-    Ok(from_flex(from_f32(out, af.layout().shape().clone(), dtype)))
+    let (xa, xb) = (
+        elems(&af, af.layout().start_offset(), n),
+        elems(&bf, bf.layout().start_offset(), n),
+    );
+    let layout = Layout::contiguous(af.layout().shape().clone());
+    let bytes = match dtype {
+        DType::F16 => {
+            let mut y = vec![burn::tensor::f16::ZERO; n];
+            eltwise::binary(level, op, xa, xb, Stored::F16(&mut y));
+            Bytes::from_elems(y)
+        }
+        DType::BF16 => {
+            let mut y = vec![burn::tensor::bf16::ZERO; n];
+            eltwise::binary(level, op, xa, xb, Stored::Bf16(&mut y));
+            Bytes::from_elems(y)
+        }
+        _ => {
+            let mut y = vec![0f32; n];
+            eltwise::binary(level, op, xa, xb, Stored::F32(&mut y));
+            Bytes::from_elems(y)
+        }
+    };
+    Ok(from_flex(FlexTensor::new(bytes, layout, dtype)))
 }
 
 /// RMSNorm of `x` over its last dimension on flex (f32/f16/bf16; rows of contiguous elements at
@@ -203,6 +270,61 @@ mod tests {
         }
         // a strided view keeps Burn's ops
         assert!(swiglu_gate(a.clone().swap_dims(0, 1), b.swap_dims(0, 1)).is_err());
+    }
+
+    #[test]
+    fn half_precision_adds_equal_burns_bit_for_bit() {
+        use burn::backend::Flex;
+        use burn::tensor::TensorData;
+        let dev = Default::default();
+        let n = 3 * 5 * 37;
+        let t = |seed| {
+            let v: Vec<f32> = crate::rng::uniform(n, seed)
+                .iter()
+                .map(|x| x * 50.0)
+                .collect();
+            Tensor::<Flex, 3>::from_data(TensorData::new(v, [3, 5, 37]), &dev)
+        };
+        let (a, b) = (t(1), t(2));
+        for dt in [DType::F16, DType::BF16] {
+            let (ah, bh) = (a.clone().cast(dt), b.clone().cast(dt));
+            let want = ah.clone() + bh.clone();
+            let got = add_half(ah, bh).unwrap_or_else(|_| panic!("flex path in {dt:?}"));
+            assert_eq!(got.dtype(), dt);
+            assert_eq!(got.into_data(), want.into_data(), "{dt:?}");
+        }
+        // f32 and strided views keep Burn's add; crate::nn::add gives the same either way
+        assert!(add_half(a.clone(), b.clone()).is_err());
+        let (ah, bh) = (a.cast(DType::F16), b.cast(DType::F16));
+        assert!(add_half(ah.clone().swap_dims(0, 1), bh.clone().swap_dims(0, 1)).is_err());
+        let want = (ah.clone() + bh.clone()).swap_dims(0, 1).into_data();
+        let got = crate::nn::add(ah.swap_dims(0, 1), bh.swap_dims(0, 1)).into_data();
+        assert_eq!(got, want);
+    }
+
+    #[test]
+    fn half_precision_scaling_equals_burns_bit_for_bit() {
+        use burn::backend::Flex;
+        use burn::tensor::TensorData;
+        let dev = Default::default();
+        let v: Vec<f32> = crate::rng::uniform(4 * 37, 5)
+            .iter()
+            .map(|x| x * 300.0)
+            .collect();
+        let a = Tensor::<Flex, 2>::from_data(TensorData::new(v, [4, 37]), &dev);
+        let s = 1.0 / (192f64).sqrt();
+        for dt in [DType::F16, DType::BF16] {
+            let ah = a.clone().cast(dt);
+            let want = (ah.clone() * s).into_data();
+            let got = scale_half(ah.clone(), s).unwrap_or_else(|_| panic!("flex path in {dt:?}"));
+            assert_eq!(got.dtype(), dt);
+            assert_eq!(got.into_data(), want, "{dt:?}");
+            // a strided view keeps Burn's op; crate::nn::scale gives the same either way
+            assert!(scale_half(ah.clone().swap_dims(0, 1), s).is_err());
+            let want = (ah.clone().swap_dims(0, 1) * s).into_data();
+            assert_eq!(crate::nn::scale(ah.swap_dims(0, 1), s).into_data(), want);
+        }
+        assert!(scale_half(a, s).is_err());
     }
 
     #[test]

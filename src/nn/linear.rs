@@ -13,6 +13,8 @@ use burn::nn::Linear;
 use burn::tensor::{backend::Backend, Bytes, DType, Shape, Tensor};
 
 use super::flex::{self, from_flex, into_flex};
+use rayon::prelude::*;
+
 use crate::kernels::{convert, gemv, panel, Level};
 
 /// Inputs with at most this many rows (batch x tokens) take the streaming path: decode steps and
@@ -124,8 +126,9 @@ pub fn matmul_few<B: Backend>(x: Tensor<B, 3>, w: &Tensor<B, 3>) -> Tensor<B, 3>
     let (sh, sk, sn) = (st[0] as usize, st[1] as usize, st[2] as usize);
     if many {
         let x = flex::elems(&xf, xo, h * rows * k);
+        let w0 = wf.layout().start_offset();
         let head = |hh: usize| {
-            let base = wf.layout().start_offset() + hh * sh;
+            let base = w0 + hh * sh;
             per_head_panel(
                 level,
                 x.sub(hh * rows * k, rows * k),
@@ -138,10 +141,20 @@ pub fn matmul_few<B: Backend>(x: Tensor<B, 3>, w: &Tensor<B, 3>) -> Tensor<B, 3>
                 n,
             )
         };
+        // heads on the pool (each also splits its own product), each rounded into its place
+        let per = rows * n;
         let bytes = if dtype == DType::F16 {
-            Bytes::from_elems(narrow_heads::<burn::tensor::f16>(h, rows * n, head))
+            let mut out = vec![burn::tensor::f16::ZERO; h * per];
+            out.par_chunks_mut(per.max(1))
+                .enumerate()
+                .for_each(|(hh, o)| convert::narrow(level, &head(hh), convert::Stored::F16(o)));
+            Bytes::from_elems(out)
         } else {
-            Bytes::from_elems(narrow_heads::<burn::tensor::bf16>(h, rows * n, head))
+            let mut out = vec![burn::tensor::bf16::ZERO; h * per];
+            out.par_chunks_mut(per.max(1))
+                .enumerate()
+                .for_each(|(hh, o)| convert::narrow(level, &head(hh), convert::Stored::Bf16(o)));
+            Bytes::from_elems(out)
         };
         let layout = Layout::contiguous(Shape::from([h, rows, n]));
         return from_flex(FlexTensor::new(bytes, layout, dtype));
@@ -193,19 +206,6 @@ fn per_head_panel(
         }
     }
     panel::matmul(level, &x32, convert::Elems::F32(&w32), rows, k, n)
-}
-
-/// `h` heads' f32 outputs of `per` values each, rounded into one buffer of `T` head by head.
-fn narrow_heads<T: Copy + Default>(h: usize, per: usize, head: impl Fn(usize) -> Vec<f32>) -> Vec<T>
-where
-    [T]: half::slice::HalfFloatSliceExt,
-{
-    use half::slice::HalfFloatSliceExt;
-    let mut out = vec![T::default(); h * per];
-    for (hh, o) in out.chunks_mut(per.max(1)).enumerate().take(h) {
-        o.convert_from_f32_slice(&head(hh));
-    }
-    out
 }
 
 #[cfg(test)]

@@ -30,6 +30,25 @@ pub fn rms_norm<B: Backend, const D: usize>(
     }
 }
 
+/// `a + b` (the residual adds): on the CPU backend in half precision one pass of the kernel
+/// module (f32 sums rounded once, as Burn's op; split over the pool, see `kernels::eltwise`),
+/// Burn's op elsewhere (f32, other backends, autodiff).
+pub fn add<B: Backend, const D: usize>(a: Tensor<B, D>, b: Tensor<B, D>) -> Tensor<B, D> {
+    match flex::add_half(a, b) {
+        Ok(y) => y,
+        Err((a, b)) => a + b,
+    }
+}
+
+/// `x * s`: on the CPU backend in half precision one pass of the kernel module (bit for bit
+/// Burn's op, split over the pool, see `kernels::eltwise`), Burn's op elsewhere.
+pub fn scale<B: Backend, const D: usize>(x: Tensor<B, D>, s: f64) -> Tensor<B, D> {
+    match flex::scale_half(x, s) {
+        Ok(y) => y,
+        Err(x) => x * s,
+    }
+}
+
 #[cfg(test)]
 mod tests;
 

@@ -317,7 +317,7 @@ impl<B: Backend> Block<B> {
             Attention::Mha(m) => m.forward(h, starts, lc),
             Attention::Mla(m) => m.forward(h, starts, lc),
         };
-        let x = x + a;
+        let x = super::add(x, a);
         let h = super::rms_norm(&self.ffn_norm, x.clone());
         let f = match &self.ffn {
             Ffn::Dense(ffn) => ffn.forward(h),
@@ -338,7 +338,7 @@ impl<B: Backend> Block<B> {
                 y.reshape([b, s, d])
             }
         };
-        Ok(x + f)
+        Ok(super::add(x, f))
     }
 }
 

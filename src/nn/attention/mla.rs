@@ -286,7 +286,7 @@ impl<B: Backend> MlaAttention<B> {
                     .v
                     .get_or_insert_with(|| cache_write::zeros([b, h, cap, dv], &v.device()));
                 append(vc, v, starts);
-                let q = Tensor::cat(vec![q_nope, q_pe], 3) * self.scale;
+                let q = crate::nn::scale(Tensor::cat(vec![q_nope, q_pe], 3), self.scale);
                 blocked::attention(
                     q,
                     &cache.k,
@@ -311,12 +311,8 @@ impl<B: Backend> MlaAttention<B> {
                     linear::matmul_few(q_nope.swap_dims(0, 1).reshape([h, b * s, dn]), &w_uk);
                 let q_abs = q_abs.reshape([h, b, s, dc]).swap_dims(0, 1); // [b, h, s, dc]
                                                                           // 每个（头, 位置）一行查询，所有头共享同一潜向量：[b, 1, h·s, dc+dr]
-                let q = (Tensor::cat(vec![q_abs, q_pe], 3) * self.scale).reshape([
-                    b,
-                    1,
-                    h * s,
-                    dc + dr,
-                ]);
+                let q = Tensor::cat(vec![q_abs, q_pe], 3);
+                let q = crate::nn::scale(q, self.scale).reshape([b, 1, h * s, dc + dr]);
                 let entry = Tensor::cat(vec![c_kv, k_pe], 2).unsqueeze_dim::<4>(1); // [b, 1, s, dc+dr]
                 append(&mut cache.k, entry, starts);
                 let latent = &cache.k;

@@ -169,7 +169,9 @@ impl<B: Backend> MoeLayer<B> {
     fn with_shared(&self, x: Tensor<B, 2>, y: Tensor<B, 2>) -> Tensor<B, 2> {
         let [t, dim] = x.dims();
         match &self.shared {
-            Some(shared) => y + shared.forward(x.reshape([1, t, dim])).reshape([t, dim]),
+            Some(shared) => {
+                crate::nn::add(y, shared.forward(x.reshape([1, t, dim])).reshape([t, dim]))
+            }
             None => y,
         }
     }
