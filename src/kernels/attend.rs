@@ -589,10 +589,13 @@ fn online_softmax<S: Simd>(
 }
 
 /// Asks for the cache lines of `n` stored rows of `width` elements, row `j` at
-/// `data[base + j·stride..]` (a hint: see [`super::prefetch`]).
+/// `data[base + j·stride..]` (a hint: see [`super::prefetch`]). One address per line from each
+/// row's start: a row that starts inside a line may end in one line more, which for the
+/// contiguous rows of a key block is the next row's first (so only the block's last row leaves
+/// a line out).
 #[inline(always)]
 fn prefetch_rows<T>(data: &[T], base: usize, stride: usize, n: usize, width: usize) {
-    let per = (64 / size_of::<T>()).max(1);
+    let per = (super::LINE_BYTES / size_of::<T>()).max(1);
     for j in 0..n {
         for c in (0..width).step_by(per) {
             super::prefetch(data, base + j * stride + c);

@@ -66,9 +66,6 @@ pub const COL_TILE: usize = 8192;
 /// `[2048, 2048]` f32, 8 KiB rows, one input row +9-25 %; 2 KiB rows 1.3-1.9x).
 pub const PREFETCH_ROW_BYTES: usize = 8192;
 
-/// A cache line, bytes (x86-64; prefetching one address per line).
-const LINE_BYTES: usize = 64;
-
 /// The timing harness's switch: no prefetching while set (tests only).
 #[cfg(test)]
 static PREFETCH_OFF: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
@@ -573,9 +570,12 @@ impl<F: Format> Block<'_, F> {
         for kk in 0..self.nk {
             // the same columns K_BLOCK weight rows on: the next block's (first group only; once
             // per line where two vectors are shorter than one)
-            if self.prefetch && r0 == 0 && (c * size_of::<F::Elem>()) % LINE_BYTES < pair_bytes {
+            if self.prefetch
+                && r0 == 0
+                && (c * size_of::<F::Elem>()) % super::LINE_BYTES < pair_bytes
+            {
                 let ahead = self.at + (kk + K_BLOCK) * self.ws + c;
-                for o in (0..2 * l).step_by(LINE_BYTES / size_of::<F::Elem>()) {
+                for o in (0..2 * l).step_by(super::LINE_BYTES / size_of::<F::Elem>()) {
                     super::prefetch(self.w, ahead + o);
                 }
             }

@@ -499,6 +499,9 @@ mod timings {
     }
 }
 
+/// A cache line, bytes (x86-64; the prefetching kernels ask for one address per line).
+pub(crate) const LINE_BYTES: usize = 64;
+
 /// Asks the CPU to bring the cache line holding `s[at]` into its caches ahead of use (into L2 and
 /// below: `prefetcht1`); nothing where `at` is past the end or on other architectures. Only a
 /// hint: it changes no value.
