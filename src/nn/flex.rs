@@ -293,13 +293,39 @@ mod tests {
             assert_eq!(got.dtype(), dt);
             assert_eq!(got.into_data(), want.into_data(), "{dt:?}");
         }
-        // f32 and strided views keep Burn's add; crate::nn::add gives the same either way
+        // f32 and strided views keep Burn's add; crate::nn::add gives the f32 sum rounded once
+        // either way (checked against a sum taken in f32)
         assert!(add_half(a.clone(), b.clone()).is_err());
-        let (ah, bh) = (a.cast(DType::F16), b.cast(DType::F16));
+        let (ah, bh) = (a.clone().cast(DType::F16), b.clone().cast(DType::F16));
         assert!(add_half(ah.clone().swap_dims(0, 1), bh.clone().swap_dims(0, 1)).is_err());
-        let want = (ah.clone() + bh.clone()).swap_dims(0, 1).into_data();
-        let got = crate::nn::add(ah.swap_dims(0, 1), bh.swap_dims(0, 1)).into_data();
-        assert_eq!(got, want);
+        let in_f32 = |x: Tensor<Flex, 3>, y: Tensor<Flex, 3>| {
+            (x.cast(DType::F32) + y.cast(DType::F32)).cast(DType::F16)
+        };
+        let want = in_f32(ah.clone(), bh.clone()).swap_dims(0, 1).into_data();
+        let got = crate::nn::add(ah.clone().swap_dims(0, 1), bh.clone().swap_dims(0, 1));
+        assert_eq!(got.into_data(), want);
+        // a contiguous view that starts past the buffer's first element, and a tensor large
+        // enough to be split over the pool
+        let r = [1..3, 0..5, 0..37];
+        let (av, bv) = (ah.clone().slice(r.clone()), bh.clone().slice(r));
+        let want = in_f32(av.clone(), bv.clone()).into_data();
+        assert_eq!(
+            add_half(av, bv)
+                .unwrap_or_else(|_| panic!("view"))
+                .into_data(),
+            want
+        );
+        let big = |seed| {
+            let n = 3 * 64 * 512;
+            let v: Vec<f32> = crate::rng::uniform(n, seed)
+                .iter()
+                .map(|x| x * 50.0)
+                .collect();
+            Tensor::<Flex, 3>::from_data(TensorData::new(v, [3, 64, 512]), &dev).cast(DType::F16)
+        };
+        let (x, y) = (big(3), big(4));
+        let want = in_f32(x.clone(), y.clone()).into_data();
+        assert_eq!(crate::nn::add(x, y).into_data(), want);
     }
 
     #[test]

@@ -145,15 +145,15 @@ pub fn matmul_few<B: Backend>(x: Tensor<B, 3>, w: &Tensor<B, 3>) -> Tensor<B, 3>
         let per = rows * n;
         let bytes = if dtype == DType::F16 {
             let mut out = vec![burn::tensor::f16::ZERO; h * per];
-            out.par_chunks_mut(per.max(1))
-                .enumerate()
-                .for_each(|(hh, o)| convert::narrow(level, &head(hh), convert::Stored::F16(o)));
+            by_heads(&mut out, per, head, |y, o| {
+                convert::narrow(level, y, convert::Stored::F16(o))
+            });
             Bytes::from_elems(out)
         } else {
             let mut out = vec![burn::tensor::bf16::ZERO; h * per];
-            out.par_chunks_mut(per.max(1))
-                .enumerate()
-                .for_each(|(hh, o)| convert::narrow(level, &head(hh), convert::Stored::Bf16(o)));
+            by_heads(&mut out, per, head, |y, o| {
+                convert::narrow(level, y, convert::Stored::Bf16(o))
+            });
             Bytes::from_elems(out)
         };
         let layout = Layout::contiguous(Shape::from([h, rows, n]));
@@ -172,6 +172,23 @@ pub fn matmul_few<B: Backend>(x: Tensor<B, 3>, w: &Tensor<B, 3>) -> Tensor<B, 3>
         y.extend_from_slice(&yh);
     }
     from_flex(flex::from_f32(y, Shape::from([h, rows, n]), dtype))
+}
+
+/// `out` in heads of `per` elements, head `i` from `narrow(&head(i), ..)`, on the pool; at most as
+/// many heads in flight as the pool has threads (a thread waiting inside one head's product
+/// would otherwise start another, and every started head's f32 copies would be live at once).
+fn by_heads<T: Send>(
+    out: &mut [T],
+    per: usize,
+    head: impl Fn(usize) -> Vec<f32> + Sync,
+    narrow: impl Fn(&[f32], &mut [T]) + Sync,
+) {
+    let group = rayon::current_num_threads().max(1);
+    for (g, og) in out.chunks_mut((per * group).max(1)).enumerate() {
+        og.par_chunks_mut(per.max(1))
+            .enumerate()
+            .for_each(|(i, o)| narrow(&head(g * group + i), o));
+    }
 }
 
 /// One head of [`matmul_few`] with many rows in half precision: its `rows` rows and its weight
