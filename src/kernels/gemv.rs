@@ -193,7 +193,8 @@ fn sum_partials(partials: Vec<Vec<f32>>, len: usize) -> Vec<f32> {
 /// `y[r, c] = Σ_i x[r, i] · w[c, i]` for a weight stored output-major (PyTorch's `[out, in]`
 /// layout: row `c` is `w[off + c·ws..][..k]`), accumulated in f32 at `level`: each output is a
 /// dot product of a weight row with every input row (four input rows share each load of the
-/// weight row); the output rows are split into one band per pool thread.
+/// weight row); the output rows are split into one band per pool thread ([`gemv_heads`] with one
+/// head).
 #[allow(clippy::too_many_arguments)]
 pub fn gemv_out_in(
     level: Level,
@@ -205,26 +206,124 @@ pub fn gemv_out_in(
     k: usize,
     n: usize,
 ) -> Vec<f32> {
-    assert_eq!(x.len(), rows * k, "gemv: x is not rows x k");
-    if k == 0 || n == 0 {
-        return vec![0.0; rows * n];
+    gemv_heads(level, x, w, off, 0, 1, ws, 1, rows, k, n)
+}
+
+/// `x` (`rows x k`) in the order the weight rows are widened (see `Format::pair`) and grouped
+/// four rows at a time like the attention's queries (`group_queries`): the inputs of [`dots`].
+#[inline(always)]
+fn dot_inputs<S: Simd, F: Format>(x: &[f32], rows: usize, k: usize) -> Vec<f32> {
+    let mut xp = x.to_vec();
+    if F::permuted::<S>() {
+        permute_blocks(&mut xp, rows, k, S::F32_LANES, false);
+    }
+    group_queries::<S>(&xp, rows, k)
+}
+
+/// `put(r, xg_r · w[at..at + k])` for every input row `r` (`xg` from [`dot_inputs`]).
+#[inline(always)]
+fn dots<S: Simd, F: Format>(
+    simd: S,
+    xg: &[f32],
+    rows: usize,
+    k: usize,
+    w: &[F::Elem],
+    at: usize,
+    mut put: impl FnMut(usize, f32),
+) {
+    for (r0, g) in score_groups(rows) {
+        let xr = &xg[r0 * k..(r0 + g) * k];
+        let mut out = |d: &[f32]| {
+            for (i, v) in d.iter().enumerate() {
+                put(r0 + i, *v);
+            }
+        };
+        match g {
+            4 => out(&grouped_dots::<S, 4, F>(simd, xr, k, w, at)),
+            3 => out(&grouped_dots::<S, 3, F>(simd, xr, k, w, at)),
+            2 => out(&grouped_dots::<S, 2, F>(simd, xr, k, w, at)),
+            _ => out(&grouped_dots::<S, 1, F>(simd, xr, k, w, at)),
+        }
+    }
+}
+
+/// Per-head products over one weight whose heads lie side by side in each stored row (absorbed
+/// MLA's W_UK and W_UV, views of `wkv_b`, stored `[d_c, h·(d_nope + d_v)]`): for `h` heads,
+/// `y[hh, r, j] = Σ_i x[hh, r, i] · W_hh[i, j]`, `W_hh[i, j] = w[off + hh·hs + i·si + j·sj]`,
+/// `si` or `sj` 1 (`x`: `[h, rows, k]`, `y`: `[h, rows, n]`), accumulated in f32 at `level`.
+///
+/// The stored rows are split into one band per pool thread and each band is streamed once, every
+/// head's piece of a row done before the next row (a product per head, one head after another,
+/// read each head's short piece of every row: 512 bytes at a 16 KiB stride at V2-Lite's
+/// dimensions). Input-major (`sj == 1`, W_UV): a band of the `k` input rows, blocks of
+/// [`HEAD_BLOCK`] rows through [`Band`]'s kernels head by head, partial outputs summed; else
+/// output-major (`si == 1`, W_UK): a band of the `n` outputs, each a dot product per head and row.
+#[allow(clippy::too_many_arguments)]
+pub fn gemv_heads(
+    level: Level,
+    x: &[f32],
+    w: Elems<'_>,
+    off: usize,
+    hs: usize,
+    si: usize,
+    sj: usize,
+    h: usize,
+    rows: usize,
+    k: usize,
+    n: usize,
+) -> Vec<f32> {
+    assert_eq!(x.len(), h * rows * k, "gemv_heads: x is not h x rows x k");
+    assert!(
+        si == 1 || sj == 1,
+        "gemv_heads: neither rows nor columns contiguous"
+    );
+    if h == 0 || rows == 0 || k == 0 || n == 0 {
+        return vec![0.0; h * rows * n];
     }
     assert!(
-        w.len() >= off + (n - 1) * ws + k,
-        "gemv: w too short for n x k at stride ws"
+        w.len() > off + (h - 1) * hs + (k - 1) * si + (n - 1) * sj,
+        "gemv_heads: w too short for the heads at these strides"
     );
-    let bands = rayon::current_num_threads().min(n / 16).max(1);
+    let threads = rayon::current_num_threads();
+    if sj == 1 {
+        let bands = threads.min(k / 64).max(1);
+        let band = k.div_ceil(bands);
+        let partials: Vec<Vec<f32>> = (0..bands)
+            .into_par_iter()
+            .map(|b| {
+                let mut y = vec![0.0f32; h * rows * n];
+                level.run(HeadsBand {
+                    y: &mut y,
+                    x,
+                    w,
+                    off,
+                    hs,
+                    ws: si,
+                    h,
+                    rows,
+                    k,
+                    n,
+                    k0: (b * band).min(k),
+                    k1: ((b + 1) * band).min(k),
+                });
+                y
+            })
+            .collect();
+        return sum_partials(partials, h * rows * n);
+    }
+    let bands = threads.min(n / 16).max(1);
     let band = n.div_ceil(bands);
-    // each band's outputs [rows, c0..c1], written into y afterwards
     let parts: Vec<(usize, Vec<f32>)> = (0..bands)
         .into_par_iter()
         .map(|b| {
             let (c0, c1) = ((b * band).min(n), ((b + 1) * band).min(n));
-            let y = level.run(OutIn {
+            let y = level.run(HeadsOutIn {
                 x,
                 w,
                 off,
-                ws,
+                hs,
+                ws: sj,
+                h,
                 rows,
                 k,
                 c0,
@@ -233,29 +332,126 @@ pub fn gemv_out_in(
             (c0, y)
         })
         .collect();
-    let mut y = vec![0f32; rows * n];
+    let mut y = vec![0f32; h * rows * n];
     for (c0, part) in parts {
-        let width = part.len() / rows.max(1);
-        for r in 0..rows {
-            y[r * n + c0..r * n + c0 + width].copy_from_slice(&part[r * width..(r + 1) * width]);
+        let width = part.len() / (h * rows);
+        for (r, pr) in part.chunks(width.max(1)).enumerate().take(h * rows) {
+            y[r * n + c0..r * n + c0 + width].copy_from_slice(pr);
         }
     }
     y
 }
 
-/// Output columns `c0..c1` of [`gemv_out_in`], as `[rows, c1 - c0]`.
-struct OutIn<'a> {
+/// Stored rows per block of [`gemv_heads`]' input-major band: every head's piece of these rows
+/// before the next block's (whose pieces are prefetched meanwhile).
+pub const HEAD_BLOCK: usize = 8;
+
+/// Stored rows ahead whose pieces [`gemv_heads`]' output-major band prefetches. Each head's piece
+/// of a row is a few lines, then a gap (the other half of the head's columns), which the
+/// hardware prefetchers follow poorly: `heads_timings`, W_UK from memory at V2-Lite's shape,
+/// f32, 2-core EPYC: 0.62-0.68 ms without, 0.46-0.49 with (noisy: the day's read limit swung 2x).
+pub const HEAD_AHEAD: usize = 2;
+
+/// Input rows `k0..k1` of [`gemv_heads`] (input-major) for every head, added into `y`.
+struct HeadsBand<'a> {
+    y: &'a mut [f32],
     x: &'a [f32],
     w: Elems<'a>,
     off: usize,
+    hs: usize,
     ws: usize,
+    h: usize,
+    rows: usize,
+    k: usize,
+    n: usize,
+    k0: usize,
+    k1: usize,
+}
+
+impl WithSimd for HeadsBand<'_> {
+    type Output = ();
+
+    #[inline(always)]
+    fn with_simd<S: Simd>(self, simd: S) {
+        match self.w {
+            Elems::F32(w) => self.run::<S, F32>(simd, w),
+            Elems::Bf16(w) => self.run::<S, Bf16>(simd, w.reinterpret_cast()),
+            Elems::F16(w) => self.run::<S, F16>(simd, w.reinterpret_cast()),
+        }
+    }
+}
+
+impl HeadsBand<'_> {
+    #[inline(always)]
+    fn run<S: Simd, F: Format>(self, simd: S, w: &[F::Elem]) {
+        let HeadsBand {
+            y,
+            x,
+            w: elems,
+            off,
+            hs,
+            ws,
+            h,
+            rows,
+            k,
+            n,
+            k0,
+            k1,
+        } = self;
+        // every head's outputs into the pairs' order once (see `Band::run`)
+        if F::permuted::<S>() {
+            permute_blocks(y, h * rows, n, S::F32_LANES, false);
+        }
+        let per = super::LINE_BYTES / size_of::<F::Elem>();
+        for kb in (k0..k1).step_by(HEAD_BLOCK) {
+            let ke = (kb + HEAD_BLOCK).min(k1);
+            // the next block's pieces (each head's few lines of a row are too short a stream
+            // for the hardware prefetchers)
+            for kk in ke..(ke + HEAD_BLOCK).min(k1) {
+                for hh in 0..h {
+                    let at = off + hh * hs + kk * ws;
+                    for c in (0..n).step_by(per) {
+                        super::prefetch(w, at + c);
+                    }
+                }
+            }
+            for (hh, yh) in y.chunks_mut(rows * n).enumerate() {
+                Band {
+                    y: yh,
+                    x: &x[hh * rows * k..(hh + 1) * rows * k],
+                    w: elems,
+                    off: off + hh * hs,
+                    ws,
+                    rows,
+                    k,
+                    n,
+                    k0: kb,
+                    k1: ke,
+                }
+                .body::<S, F>(simd, w);
+            }
+        }
+        if F::permuted::<S>() {
+            permute_blocks(y, h * rows, n, S::F32_LANES, true);
+        }
+    }
+}
+
+/// Outputs `c0..c1` of [`gemv_heads`] (output-major) for every head, as `[h, rows, c1 - c0]`.
+struct HeadsOutIn<'a> {
+    x: &'a [f32],
+    w: Elems<'a>,
+    off: usize,
+    hs: usize,
+    ws: usize,
+    h: usize,
     rows: usize,
     k: usize,
     c0: usize,
     c1: usize,
 }
 
-impl WithSimd for OutIn<'_> {
+impl WithSimd for HeadsOutIn<'_> {
     type Output = Vec<f32>;
 
     #[inline(always)]
@@ -268,44 +464,44 @@ impl WithSimd for OutIn<'_> {
     }
 }
 
-impl OutIn<'_> {
+impl HeadsOutIn<'_> {
     #[inline(always)]
     fn run<S: Simd, F: Format>(self, simd: S) -> Vec<f32> {
-        let OutIn {
+        let HeadsOutIn {
             x,
             w,
             off,
+            hs,
             ws,
+            h,
             rows,
             k,
             c0,
             c1,
         } = self;
         let w = F::slice(w).expect("format matches storage");
-        // the inputs in the order the weight rows are widened (see `Format::pair`)
-        // and grouped four rows at a time like the attention's queries (`group_queries`)
-        let mut xp = x.to_vec();
-        if F::permuted::<S>() {
-            permute_blocks(&mut xp, rows, k, S::F32_LANES, false);
-        }
-        let xg = group_queries::<S>(&xp, rows, k);
+        let xg: Vec<Vec<f32>> = x
+            .chunks(rows * k)
+            .map(|xh| dot_inputs::<S, F>(xh, rows, k))
+            .collect();
         let width = c1 - c0;
-        let mut y = vec![0f32; rows * width];
+        let mut y = vec![0f32; h * rows * width];
+        let per = super::LINE_BYTES / size_of::<F::Elem>();
         for c in c0..c1 {
-            let at = off + c * ws;
-            for (r0, g) in score_groups(rows) {
-                let xr = &xg[r0 * k..(r0 + g) * k];
-                let mut put = |d: &[f32]| {
-                    for (i, v) in d.iter().enumerate() {
-                        y[(r0 + i) * width + c - c0] = *v;
+            // the pieces HEAD_AHEAD rows on (see `HeadsBand::run`)
+            if c + HEAD_AHEAD < c1 {
+                for hh in 0..h {
+                    let at = off + hh * hs + (c + HEAD_AHEAD) * ws;
+                    for i in (0..k).step_by(per) {
+                        super::prefetch(w, at + i);
                     }
-                };
-                match g {
-                    4 => put(&grouped_dots::<S, 4, F>(simd, xr, k, w, at)),
-                    3 => put(&grouped_dots::<S, 3, F>(simd, xr, k, w, at)),
-                    2 => put(&grouped_dots::<S, 2, F>(simd, xr, k, w, at)),
-                    _ => put(&grouped_dots::<S, 1, F>(simd, xr, k, w, at)),
                 }
+            }
+            for (hh, xh) in xg.iter().enumerate() {
+                let yh = &mut y[hh * rows * width..];
+                dots::<S, F>(simd, xh, rows, k, w, off + hh * hs + c * ws, |r, v| {
+                    yh[r * width + c - c0] = v
+                });
             }
         }
         y
@@ -339,9 +535,26 @@ impl WithSimd for Band<'_> {
     }
 }
 
-impl Band<'_> {
+impl<'a> Band<'a> {
     #[inline(always)]
     fn run<S: Simd, F: Format>(self, simd: S, w: &[F::Elem]) {
+        let (rows, n) = (self.rows, self.n);
+        // a permuted format (bf16; f16 at the scalar and NEON levels) accumulates each full block of columns as
+        // its even then its odd columns (see `Format::pair`): `y`'s own values into that order
+        // first, back at the end
+        if F::permuted::<S>() {
+            permute_blocks(self.y, rows, n, S::F32_LANES, false);
+        }
+        let y = self.body::<S, F>(simd, w);
+        if F::permuted::<S>() {
+            permute_blocks(y, rows, n, S::F32_LANES, true);
+        }
+    }
+
+    /// The band's products into `y` (returned), in the order a permuted format's pairs give
+    /// (the caller permutes `y` before and after).
+    #[inline(always)]
+    fn body<S: Simd, F: Format>(self, simd: S, w: &[F::Elem]) -> &'a mut [f32] {
         let Band {
             y,
             x,
@@ -354,12 +567,6 @@ impl Band<'_> {
             k1,
             ..
         } = self;
-        // a permuted format (bf16; f16 at the scalar and NEON levels) accumulates each full block of columns as
-        // its even then its odd columns (see `Format::pair`): `y`'s own values into that order
-        // first, back at the end
-        if F::permuted::<S>() {
-            permute_blocks(y, rows, n, S::F32_LANES, false);
-        }
         let l = S::F32_LANES;
         // narrow rows (MoE experts, the narrower projections): the block path's K_BLOCK streams
         // are one row each, too short for the hardware prefetchers, so it asks for the next
@@ -414,10 +621,7 @@ impl Band<'_> {
                     block(kb).columns(simd, y, rows, body, n);
                 }
             }
-            if F::permuted::<S>() {
-                permute_blocks(y, rows, n, l, true);
-            }
-            return;
+            return y;
         }
         for kb in (k0..k1).step_by(K_BLOCK) {
             let blk = block(kb);
@@ -428,9 +632,7 @@ impl Band<'_> {
                 c0 = c1;
             }
         }
-        if F::permuted::<S>() {
-            permute_blocks(y, rows, n, S::F32_LANES, true);
-        }
+        y
     }
 }
 
@@ -743,6 +945,101 @@ mod tests {
     }
 
     #[test]
+    fn heads_side_by_side_in_each_row_match_the_reference() {
+        // heads interleaved in the stored rows as in `wkv_b` (each head's row piece then a gap,
+        // the other half of its columns), and heads one after another (a plain batched weight)
+        for level in Level::available() {
+            for (h, rows, k, n) in [
+                (3, 1, 70, 33),
+                (4, 2, 64, 130),
+                (2, 5, 130, 20),
+                (1, 8, 17, 64),
+                (5, 3, 200, 9),
+            ] {
+                let x = uniform(h * rows * k, 11);
+                for interleaved in [true, false] {
+                    for input_major in [true, false] {
+                        // W_hh[i, j] at off + hh·hs + i·si + j·sj
+                        let off = 3;
+                        let (inner, outer) = if input_major { (n, k) } else { (k, n) };
+                        let (hs, so) = if interleaved {
+                            (2 * inner + 1, h * (2 * inner + 1) + 2)
+                        } else {
+                            (outer * (inner + 2), inner + 2)
+                        };
+                        let (si, sj) = if input_major { (so, 1) } else { (1, so) };
+                        let len = off + (h - 1) * hs + (k - 1) * si + (n - 1) * sj + 1;
+                        let buf = uniform(len, 12);
+                        let bh: Vec<f16> = buf.iter().map(|&v| f16::from_f32(v)).collect();
+                        let bb: Vec<bf16> = buf.iter().map(|&v| bf16::from_f32(v)).collect();
+                        for (name, e, q) in [
+                            ("f32", Elems::F32(&buf), buf.clone()),
+                            (
+                                "f16",
+                                Elems::F16(&bh),
+                                bh.iter().map(|v| v.to_f32()).collect(),
+                            ),
+                            (
+                                "bf16",
+                                Elems::Bf16(&bb),
+                                bb.iter().map(|v| v.to_f32()).collect::<Vec<_>>(),
+                            ),
+                        ] {
+                            let y = gemv_heads(level, &x, e, off, hs, si, sj, h, rows, k, n);
+                            assert_eq!(y.len(), h * rows * n);
+                            for hh in 0..h {
+                                let dense: Vec<f32> = (0..k * n)
+                                    .map(|t| q[off + hh * hs + (t / n) * si + (t % n) * sj])
+                                    .collect();
+                                let want =
+                                    reference(&x[hh * rows * k..][..rows * k], &dense, rows, k, n);
+                                close(
+                                    &y[hh * rows * n..][..rows * n],
+                                    &want,
+                                    k,
+                                    &format!(
+                                        "{level} {name} h {h} rows {rows} k {k} n {n} head {hh} \
+                                         interleaved {interleaved} input-major {input_major}"
+                                    ),
+                                );
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        // nothing to do: zeros of the output's size
+        let y = gemv_heads(
+            Level::Scalar,
+            &[],
+            Elems::F32(&[0.0; 8]),
+            0,
+            4,
+            1,
+            2,
+            2,
+            0,
+            2,
+            2,
+        );
+        assert!(y.is_empty());
+        let y = gemv_heads(
+            Level::Scalar,
+            &[],
+            Elems::F32(&[0.0; 8]),
+            0,
+            4,
+            1,
+            2,
+            2,
+            1,
+            0,
+            2,
+        );
+        assert_eq!(y, vec![0.0; 4]);
+    }
+
+    #[test]
     fn by_hand() {
         // [1 2] · [[1 0 2], [3 1 0]] = [7 2 2]
         let y = gemv_rows(
@@ -758,6 +1055,77 @@ mod tests {
         for level in Level::available() {
             let y = gemv_rows(level, &[], Elems::F32(&[1.0; 6]), 0, 2, 3);
             assert!(y.is_empty(), "{level}");
+        }
+    }
+
+    /// [`gemv_heads`] at V2-Lite's absorbed shapes (`wkv_b` `[512, 16·256]`, one input row per
+    /// head): W_UK (output-major) and W_UV (input-major) from memory (a 64 MiB buffer read
+    /// between calls), against the per-head loop it replaced; best of 7 (`--ignored
+    /// --nocapture`).
+    #[test]
+    #[ignore]
+    fn heads_timings() {
+        use std::time::Instant;
+        let level = Level::current();
+        let (dc, h, dn, dv) = (512, 16, 128, 128);
+        let row = h * (dn + dv);
+        let w = uniform(dc * row, 1);
+        let wh: Vec<f16> = w.iter().map(|&v| f16::from_f32(v)).collect();
+        let x = uniform(h * dc, 2);
+        let flush = vec![1u64; 8 << 20];
+        let time = |f: &dyn Fn()| {
+            (0..7)
+                .map(|_| {
+                    std::hint::black_box(flush.iter().sum::<u64>());
+                    let t = Instant::now();
+                    f();
+                    t.elapsed().as_secs_f64() * 1e3
+                })
+                .fold(f64::INFINITY, f64::min)
+        };
+        for (name, e) in [("f32", Elems::F32(&w)), ("f16", Elems::F16(&wh))] {
+            // W_UK: [h, dn, dc], strides [dn + dv, 1, row]; W_UV: [h, dc, dv] at dn, strides
+            // [dn + dv, row, 1]
+            let uk = time(&|| {
+                drop(gemv_heads(
+                    level,
+                    &x[..h * dn],
+                    e,
+                    0,
+                    dn + dv,
+                    1,
+                    row,
+                    h,
+                    1,
+                    dn,
+                    dc,
+                ))
+            });
+            let uv = time(&|| drop(gemv_heads(level, &x, e, dn, dn + dv, row, 1, h, 1, dc, dv)));
+            let uk_old = time(&|| {
+                for hh in 0..h {
+                    let xh = &x[hh * dn..(hh + 1) * dn];
+                    drop(gemv_out_in(level, xh, e, hh * (dn + dv), row, 1, dn, dc));
+                }
+            });
+            let uv_old = time(&|| {
+                for hh in 0..h {
+                    let xh = &x[hh * dc..(hh + 1) * dc];
+                    drop(gemv_strided(
+                        level,
+                        xh,
+                        e,
+                        dn + hh * (dn + dv),
+                        row,
+                        1,
+                        dc,
+                        dv,
+                    ));
+                }
+            });
+            println!(
+                "{name} {level}: W_UK heads {uk:.3} ms (per head {uk_old:.3}), W_UV heads {uv:.3} ms (per head {uv_old:.3})"
+            );
         }
     }
 

@@ -424,6 +424,33 @@ mod timings {
         }
     }
 
+    /// Absorbed MLA's decode attention alone (16 heads x 576/512 on one latent, 8192 keys or
+    /// `DSOPT_PROFILE_CTX`), five times, in GFLOP/s of its multiply-adds: the shape whose f16
+    /// decode is bound by arithmetic (for `perf`; a short context keeps the cache in L2).
+    #[test]
+    #[ignore]
+    fn absorbed_attention_timings() {
+        let level = Level::current();
+        let ctx: usize = std::env::var("DSOPT_PROFILE_CTX")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(8192);
+        let (rows, dk, dv) = (16, 576, 512);
+        let flop = (2 * rows * ctx * (dk + dv)) as f64;
+        for _ in 0..5 {
+            let (t32, tb, th) = time_attention(level, 1, rows, dk, dv, ctx, ctx - 1, 1, true);
+            println!(
+                "absorbed attention {level}: f32 {:.3} ms ({:.0} GFLOP/s), bf16 {:.3} ms ({:.0}), f16 {:.3} ms ({:.0})",
+                t32 * 1e3,
+                flop / t32 / 1e9,
+                tb * 1e3,
+                flop / tb / 1e9,
+                th * 1e3,
+                flop / th / 1e9
+            );
+        }
+    }
+
     /// One prefill chunk's attention (512 tokens at keys 3584..4096, MHA 16 x 128 and absorbed
     /// MLA 16 heads x 576/512 on one latent), in GFLOP/s of the causal work.
     #[test]

@@ -159,18 +159,11 @@ pub fn matmul_few<B: Backend>(x: Tensor<B, 3>, w: &Tensor<B, 3>) -> Tensor<B, 3>
         let layout = Layout::contiguous(Shape::from([h, rows, n]));
         return from_flex(FlexTensor::new(bytes, layout, dtype));
     }
+    // every head in one pass over the stored rows (W_UK and W_UV keep the heads side by side in
+    // each row of `wkv_b`)
     let x32 = convert::to_f32(level, flex::elems(&xf, xo, h * rows * k));
-    let mut y = Vec::with_capacity(h * rows * n);
-    for hh in 0..h {
-        let xh = &x32[hh * rows * k..(hh + 1) * rows * k];
-        let off = wf.layout().start_offset() + hh * sh;
-        let yh = if sn == 1 {
-            gemv::gemv_strided(level, xh, all, off, sk, rows, k, n)
-        } else {
-            gemv::gemv_out_in(level, xh, all, off, sn, rows, k, n)
-        };
-        y.extend_from_slice(&yh);
-    }
+    let off = wf.layout().start_offset();
+    let y = gemv::gemv_heads(level, &x32, all, off, sh, sk, sn, h, rows, k, n);
     from_flex(flex::from_f32(y, Shape::from([h, rows, n]), dtype))
 }
 
