@@ -18,6 +18,8 @@
 // the register kernels index several rows' slices with one loop variable
 #![allow(clippy::needless_range_loop)]
 
+use std::borrow::Cow;
+
 use pulp::{Simd, WithSimd};
 use rayon::prelude::*;
 
@@ -169,6 +171,8 @@ pub fn attention_into<T: Send>(
                         let task = Task {
                             p,
                             dot,
+                            prepared: None,
+                            prepared_bf16: None,
                             pair,
                             rows: row_range(tile),
                             range: key_range(pair, 0),
@@ -181,7 +185,45 @@ pub fn attention_into<T: Send>(
             });
         return;
     }
-    let parts: Vec<Partial> = (0..units * splits)
+    // each row tile's queries prepared once for its key splits (widened and grouped; for the
+    // bf16 dot products grouped as stored, where the rows are few)
+    #[cfg(target_arch = "x86_64")]
+    let prepared_bf16: Vec<Vec<u16>> = match Bf16::slice(p.q) {
+        Some(qd) if dot => (0..units)
+            .into_par_iter()
+            .map(|unit| {
+                let (r0, r1) = row_range(unit % tiles);
+                let first = (unit / tiles) * rows + r0;
+                if r1 - r0 < PACKED_ROWS {
+                    super::bf16dot::group_queries(
+                        &qd[first * dk..(first + r1 - r0) * dk],
+                        r1 - r0,
+                        dk,
+                    )
+                } else {
+                    Vec::new()
+                }
+            })
+            .collect(),
+        _ => Vec::new(),
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let prepared_bf16: Vec<Vec<u16>> = Vec::new();
+    let prepared: Vec<Vec<f32>> = if dot {
+        Vec::new()
+    } else {
+        (0..units)
+            .into_par_iter()
+            .map(|unit| {
+                level.run(Prepare {
+                    p,
+                    pair: unit / tiles,
+                    rows: row_range(unit % tiles),
+                })
+            })
+            .collect()
+    };
+    let mut parts: Vec<Partial> = (0..units * splits)
         .into_par_iter()
         .map(|t| {
             let (unit, s) = (t / splits, t % splits);
@@ -191,6 +233,11 @@ pub fn attention_into<T: Send>(
             let (m, l) = level.run(Task {
                 p,
                 dot,
+                prepared: prepared.get(unit).map(|q| q.as_slice()),
+                prepared_bf16: prepared_bf16
+                    .get(unit)
+                    .filter(|q| !q.is_empty())
+                    .map(|q| q.as_slice()),
                 pair,
                 rows,
                 range: key_range(pair, s),
@@ -199,13 +246,11 @@ pub fn attention_into<T: Send>(
             Partial { m, l, o }
         })
         .collect();
-    for (unit, parts) in parts.chunks(splits).enumerate() {
+    for (unit, parts) in parts.chunks_mut(splits).enumerate() {
         let (pair, tile) = (unit / tiles, unit % tiles);
         let r0 = pair * rows + tile * per_tile;
         let n = parts[0].m.len();
-        let mut o = vec![0f32; n * dv];
-        combine(parts, n, dv, &mut o);
-        put(&o, &mut out[r0 * dv..(r0 + n) * dv]);
+        put(combine(parts, n, dv), &mut out[r0 * dv..(r0 + n) * dv]);
     }
 }
 
@@ -247,16 +292,21 @@ struct Partial {
     o: Vec<f32>,
 }
 
-/// The splits of one pair merged into normalised outputs.
-fn combine(parts: &[Partial], rows: usize, dv: usize, out: &mut [f32]) {
+/// The splits of one pair merged into normalised outputs, in the first split's buffer.
+fn combine(parts: &mut [Partial], rows: usize, dv: usize) -> &[f32] {
+    let (first, rest) = parts.split_first_mut().expect("at least one split");
     for r in 0..rows {
-        let m = parts
-            .iter()
-            .map(|p| p.m[r])
-            .fold(f32::NEG_INFINITY, f32::max);
-        let o = &mut out[r * dv..(r + 1) * dv];
-        let mut l = 0f32;
-        for p in parts {
+        let m = rest.iter().map(|p| p.m[r]).fold(first.m[r], f32::max);
+        let o = &mut first.o[r * dv..(r + 1) * dv];
+        // the first split's share (nothing where it saw no key: its numerator is 0)
+        let w0 = if first.m[r] == f32::NEG_INFINITY {
+            0.0
+        } else {
+            exp_neg(first.m[r] - m)
+        };
+        let mut l = w0 * first.l[r];
+        o.iter_mut().for_each(|x| *x *= w0);
+        for p in rest.iter() {
             if p.m[r] == f32::NEG_INFINITY {
                 continue;
             }
@@ -269,6 +319,7 @@ fn combine(parts: &[Partial], rows: usize, dv: usize, out: &mut [f32]) {
         let inv = 1.0 / l;
         o.iter_mut().for_each(|x| *x *= inv);
     }
+    &first.o
 }
 
 /// One (sequence, group) pair's rows `rows.0..rows.1` over keys `range.0..range.1`, adding the
@@ -277,6 +328,11 @@ struct Task<'a, 'b, 'c> {
     p: &'b Problem<'a>,
     /// The task takes the bf16 dot products ([`uses_bf16_dot`]).
     dot: bool,
+    /// Its rows' queries as [`prepare_queries`] gives them, where several tasks share them (the
+    /// key splits of one row tile); the task prepares its own when `None`.
+    prepared: Option<&'c [f32]>,
+    /// The same for the bf16 dot products' few rows ([`super::bf16dot::group_queries`]).
+    prepared_bf16: Option<&'c [u16]>,
     pair: usize,
     rows: (usize, usize),
     range: (usize, usize),
@@ -336,6 +392,81 @@ impl<'a> Task<'a, '_, '_> {
     }
 }
 
+/// Rows `rows.0..rows.1` of `pair`'s queries as [`Task::run`] reads them for keys stored in
+/// format `F`: widened to f32, in the order the format's pairs load the keys (even, then odd
+/// elements of each block of two vectors where they are permuted) and, for few rows
+/// (< [`PACKED_ROWS`]), each row group's vectors side by side ([`group_queries`]).
+#[inline(always)]
+fn prepare_queries<S: Simd, F: Format>(
+    simd: S,
+    p: &Problem<'_>,
+    pair: usize,
+    rows: (usize, usize),
+) -> Vec<f32> {
+    let (dk, n) = (p.dk, rows.1 - rows.0);
+    let first = pair * p.rows + rows.0;
+    let src = p.q.sub(first * dk, n * dk);
+    if n < PACKED_ROWS {
+        // widened straight into the grouped layout (one buffer, not two)
+        let width = 2 * S::F32_LANES;
+        let (full, tail) = (dk / width, dk % width);
+        let mut out = vec![0f32; n * dk];
+        for (r0, r) in score_groups(n) {
+            let dst = &mut out[r0 * dk..(r0 + r) * dk];
+            for i in 0..r {
+                let row = (r0 + i) * dk;
+                for c in 0..full {
+                    let d = &mut dst[(c * r + i) * width..][..width];
+                    super::convert::widen_simd(simd, src.sub(row + c * width, width), d);
+                }
+                let d = &mut dst[full * r * width + i * tail..][..tail];
+                super::convert::widen_simd(simd, src.sub(row + full * width, tail), d);
+            }
+        }
+        if F::permuted::<S>() {
+            permute_grouped::<S>(&mut out, n, dk);
+        }
+        return out;
+    }
+    let mut q = vec![0f32; n * dk];
+    super::convert::widen_simd(simd, src, &mut q);
+    if F::permuted::<S>() {
+        permute_blocks(&mut q, n, dk, S::F32_LANES, false);
+    }
+    q
+}
+
+/// [`permute_blocks`] (to the pairs' order) on rows already in [`group_queries`]' layout: every
+/// full chunk of two vectors is one row's block; the tails stay in natural order.
+pub(crate) fn permute_grouped<S: Simd>(g: &mut [f32], rows: usize, dk: usize) {
+    let width = 2 * S::F32_LANES;
+    let full = dk / width;
+    for (r0, r) in score_groups(rows) {
+        let chunks = &mut g[r0 * dk..r0 * dk + full * r * width];
+        permute_blocks(chunks, full * r, width, S::F32_LANES, false);
+    }
+}
+
+/// [`prepare_queries`] for the format the keys are stored in.
+struct Prepare<'a, 'b> {
+    p: &'b Problem<'a>,
+    pair: usize,
+    rows: (usize, usize),
+}
+
+impl WithSimd for Prepare<'_, '_> {
+    type Output = Vec<f32>;
+
+    #[inline(always)]
+    fn with_simd<S: Simd>(self, simd: S) -> Vec<f32> {
+        match self.p.k.data {
+            Elems::F32(_) => prepare_queries::<S, F32>(simd, self.p, self.pair, self.rows),
+            Elems::Bf16(_) => prepare_queries::<S, Bf16>(simd, self.p, self.pair, self.rows),
+            Elems::F16(_) => prepare_queries::<S, F16>(simd, self.p, self.pair, self.rows),
+        }
+    }
+}
+
 impl Task<'_, '_, '_> {
     /// The pass for keys and values stored in format `F` (read two vectors at a time, widened in
     /// registers: [`Format::pair`]).
@@ -343,7 +474,7 @@ impl Task<'_, '_, '_> {
     fn run<S: Simd, F: Format>(self, simd: S) -> (Vec<f32>, Vec<f32>) {
         let p = self.p;
         let (dk, dv) = (p.dk, p.dv);
-        let (row0, rows) = (self.rows.0, self.rows.1 - self.rows.0);
+        let rows = self.rows.1 - self.rows.0;
         let l = S::F32_LANES;
         let Frame {
             pos,
@@ -357,20 +488,15 @@ impl Task<'_, '_, '_> {
         let (Some(kd), Some(vd)) = (F::slice(p.k.data), F::slice(vsrc.data)) else {
             panic!("attention: keys and values must have one storage type");
         };
-        // the queries in the order the pair loads give the keys (even, then odd elements of
-        // each block of two vectors where the format's pairs are permuted)
-        let first = self.pair * p.rows + row0;
-        let mut q = vec![0f32; rows * dk];
-        super::convert::widen_simd(simd, p.q.sub(first * dk, rows * dk), &mut q);
-        if F::permuted::<S>() {
-            permute_blocks(&mut q, rows, dk, l, false);
-        }
+        let own;
+        let q = match self.prepared {
+            Some(q) => q,
+            None => {
+                own = prepare_queries::<S, F>(simd, p, self.pair, self.rows);
+                own.as_slice()
+            }
+        };
         let packed = rows >= PACKED_ROWS;
-        // few rows: each row group's query vectors side by side, chunk by chunk (one base
-        // address and constant offsets in the dot products' loop, see [`group_queries`])
-        if !packed {
-            q = group_queries::<S>(&q, rows, dk);
-        }
         let (mut row, mut kt) = if packed {
             (vec![0f32; dk], vec![0f32; dk * KEY_BLOCK])
         } else {
@@ -417,9 +543,9 @@ impl Task<'_, '_, '_> {
             }
             if packed {
                 pack_keys(simd, &keys, dk, nb, &mut row, &mut kt);
-                scores_packed(simd, &q, &kt, &vis, dk, &mut s);
+                scores_packed(simd, q, &kt, &vis, dk, &mut s);
             } else {
-                scores(simd, &q, &keys, rows, dk, nb, &mut s);
+                scores(simd, q, &keys, rows, dk, nb, &mut s);
             }
             online_softmax(simd, &mut s, &vis, nb, &mut m, &mut sums, o, dv);
             if prefetch && k1 < end {
@@ -487,13 +613,16 @@ impl Task<'_, '_, '_> {
         let packed = rows >= PACKED_ROWS;
         let (qg, qp, mut kt) = if packed {
             (
-                Vec::new(),
+                Cow::Owned(Vec::new()),
                 bf16dot::pairs(qrows, rows, dk),
                 vec![0u32; dk / 2 * KEY_BLOCK],
             )
         } else {
             (
-                bf16dot::group_queries(qrows, rows, dk),
+                match self.prepared_bf16 {
+                    Some(q) => Cow::Borrowed(q),
+                    None => Cow::Owned(bf16dot::group_queries(qrows, rows, dk)),
+                },
                 Vec::new(),
                 Vec::new(),
             )

@@ -213,11 +213,11 @@ pub fn gemv_out_in(
 /// four rows at a time like the attention's queries (`group_queries`): the inputs of [`dots`].
 #[inline(always)]
 fn dot_inputs<S: Simd, F: Format>(x: &[f32], rows: usize, k: usize) -> Vec<f32> {
-    let mut xp = x.to_vec();
+    let mut g = group_queries::<S>(x, rows, k);
     if F::permuted::<S>() {
-        permute_blocks(&mut xp, rows, k, S::F32_LANES, false);
+        super::attend::permute_grouped::<S>(&mut g, rows, k);
     }
-    group_queries::<S>(&xp, rows, k)
+    g
 }
 
 /// `put(r, xg_r · w[at..at + k])` for every input row `r` (`xg` from [`dot_inputs`]).
