@@ -18,6 +18,7 @@
 // the register kernels index several rows' slices with one loop variable
 #![allow(clippy::needless_range_loop)]
 
+#[cfg(target_arch = "x86_64")]
 use std::borrow::Cow;
 
 use pulp::{Simd, WithSimd};
@@ -331,7 +332,9 @@ struct Task<'a, 'b, 'c> {
     /// Its rows' queries as [`prepare_queries`] gives them, where several tasks share them (the
     /// key splits of one row tile); the task prepares its own when `None`.
     prepared: Option<&'c [f32]>,
-    /// The same for the bf16 dot products' few rows ([`super::bf16dot::group_queries`]).
+    /// The same for the bf16 dot products' few rows ([`super::bf16dot::group_queries`]; read on
+    /// x86-64 only, where those exist).
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     prepared_bf16: Option<&'c [u16]>,
     pair: usize,
     rows: (usize, usize),
