@@ -411,21 +411,10 @@ fn prepare_queries<S: Simd, F: Format>(
     let src = p.q.sub(first * dk, n * dk);
     if n < PACKED_ROWS {
         // widened straight into the grouped layout (one buffer, not two)
-        let width = 2 * S::F32_LANES;
-        let (full, tail) = (dk / width, dk % width);
         let mut out = vec![0f32; n * dk];
-        for (r0, r) in score_groups(n) {
-            let dst = &mut out[r0 * dk..(r0 + r) * dk];
-            for i in 0..r {
-                let row = (r0 + i) * dk;
-                for c in 0..full {
-                    let d = &mut dst[(c * r + i) * width..][..width];
-                    super::convert::widen_simd(simd, src.sub(row + c * width, width), d);
-                }
-                let d = &mut dst[full * r * width + i * tail..][..tail];
-                super::convert::widen_simd(simd, src.sub(row + full * width, tail), d);
-            }
-        }
+        fill_grouped(&mut out, n, dk, 2 * S::F32_LANES, |at, d| {
+            super::convert::widen_simd(simd, src.sub(at, d.len()), d)
+        });
         if F::permuted::<S>() {
             permute_grouped::<S>(&mut out, n, dk);
         }
@@ -855,19 +844,38 @@ pub(crate) fn group_chunks<T: Copy + Default>(
     dk: usize,
     width: usize,
 ) -> Vec<T> {
-    let (full, tail) = (dk / width, dk % width);
     let mut out = vec![T::default(); q.len()];
+    fill_grouped(&mut out, rows, dk, width, |at, dst| {
+        dst.copy_from_slice(&q[at..at + dst.len()])
+    });
+    out
+}
+
+/// Fills `out` (`rows x dk`) in [`group_queries`]' layout for chunks of `width`: `put(at, dst)`
+/// writes the `dst.len()` source elements from row-major offset `at` (a row's full chunk or its
+/// tail) into their place.
+#[inline(always)]
+fn fill_grouped<T>(
+    out: &mut [T],
+    rows: usize,
+    dk: usize,
+    width: usize,
+    mut put: impl FnMut(usize, &mut [T]),
+) {
+    let (full, tail) = (dk / width, dk % width);
     for (r0, r) in score_groups(rows) {
-        let (src, dst) = (&q[r0 * dk..(r0 + r) * dk], &mut out[r0 * dk..(r0 + r) * dk]);
+        let dst = &mut out[r0 * dk..(r0 + r) * dk];
         for i in 0..r {
-            let row = &src[i * dk..(i + 1) * dk];
+            let row = (r0 + i) * dk;
             for c in 0..full {
-                dst[(c * r + i) * width..][..width].copy_from_slice(&row[c * width..][..width]);
+                put(row + c * width, &mut dst[(c * r + i) * width..][..width]);
             }
-            dst[full * r * width + i * tail..][..tail].copy_from_slice(&row[full * width..]);
+            put(
+                row + full * width,
+                &mut dst[full * r * width + i * tail..][..tail],
+            );
         }
     }
-    out
 }
 
 /// `q_i · key_t` for the [`SCORE_ROWS`] rows of one group (`qg` in the layout of
