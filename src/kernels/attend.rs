@@ -172,8 +172,7 @@ pub fn attention_into<T: Send>(
                         let task = Task {
                             p,
                             dot,
-                            prepared: None,
-                            prepared_bf16: None,
+                            prepared: Prepared::Own,
                             pair,
                             rows: row_range(tile),
                             range: key_range(pair, 0),
@@ -234,11 +233,12 @@ pub fn attention_into<T: Send>(
             let (m, l) = level.run(Task {
                 p,
                 dot,
-                prepared: prepared.get(unit).map(|q| q.as_slice()),
-                prepared_bf16: prepared_bf16
-                    .get(unit)
-                    .filter(|q| !q.is_empty())
-                    .map(|q| q.as_slice()),
+                prepared: match (prepared.get(unit), prepared_bf16.get(unit)) {
+                    (Some(q), _) => Prepared::F32(q),
+                    #[cfg(target_arch = "x86_64")]
+                    (_, Some(q)) if !q.is_empty() => Prepared::Bf16(q),
+                    _ => Prepared::Own,
+                },
                 pair,
                 rows,
                 range: key_range(pair, s),
@@ -329,17 +329,25 @@ struct Task<'a, 'b, 'c> {
     p: &'b Problem<'a>,
     /// The task takes the bf16 dot products ([`uses_bf16_dot`]).
     dot: bool,
-    /// Its rows' queries as [`prepare_queries`] gives them, where several tasks share them (the
-    /// key splits of one row tile); the task prepares its own when `None`.
-    prepared: Option<&'c [f32]>,
-    /// The same for the bf16 dot products' few rows ([`super::bf16dot::group_queries`]; read on
-    /// x86-64 only, where those exist).
-    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
-    prepared_bf16: Option<&'c [u16]>,
+    /// Its rows' queries, where several tasks share them (the key splits of one row tile).
+    prepared: Prepared<'c>,
     pair: usize,
     rows: (usize, usize),
     range: (usize, usize),
     o: &'c mut [f32],
+}
+
+/// A row tile's queries prepared once for the tasks that share them.
+#[derive(Clone, Copy)]
+enum Prepared<'c> {
+    /// None shared: the task prepares its own.
+    Own,
+    /// As [`prepare_queries`] gives them.
+    F32(&'c [f32]),
+    /// The bf16 dot products' few rows ([`super::bf16dot::group_queries`]; x86-64 only, where
+    /// those exist).
+    #[cfg(target_arch = "x86_64")]
+    Bf16(&'c [u16]),
 }
 
 impl WithSimd for Task<'_, '_, '_> {
@@ -482,8 +490,8 @@ impl Task<'_, '_, '_> {
         };
         let own;
         let q = match self.prepared {
-            Some(q) => q,
-            None => {
+            Prepared::F32(q) => q,
+            _ => {
                 own = prepare_queries::<S, F>(simd, p, self.pair, self.rows);
                 own.as_slice()
             }
@@ -611,9 +619,9 @@ impl Task<'_, '_, '_> {
             )
         } else {
             (
-                match self.prepared_bf16 {
-                    Some(q) => Cow::Borrowed(q),
-                    None => Cow::Owned(bf16dot::group_queries(qrows, rows, dk)),
+                match self.prepared {
+                    Prepared::Bf16(q) => Cow::Borrowed(q),
+                    _ => Cow::Owned(bf16dot::group_queries(qrows, rows, dk)),
                 },
                 Vec::new(),
                 Vec::new(),

@@ -116,29 +116,20 @@ pub fn gemv_strided(
         w.len() >= off + (k - 1) * ws + n,
         "gemv: w too short for k x n at stride ws"
     );
-    let bands = rayon::current_num_threads().min(k / 64).max(1);
-    let band = k.div_ceil(bands);
-    let partials: Vec<Vec<f32>> = (0..bands)
-        .into_par_iter()
-        .map(|b| {
-            let (k0, k1) = ((b * band).min(k), ((b + 1) * band).min(k));
-            let mut y = vec![0.0f32; rows * n];
-            level.run(Band {
-                y: &mut y,
-                x,
-                w,
-                off,
-                ws,
-                rows,
-                k,
-                n,
-                k0,
-                k1,
-            });
-            y
+    in_bands(k, rows * n, |y, k0, k1| {
+        level.run(Band {
+            y,
+            x,
+            w,
+            off,
+            ws,
+            rows,
+            k,
+            n,
+            k0,
+            k1,
         })
-        .collect();
-    sum_partials(partials, rows * n)
+    })
 }
 
 /// `y += x · w` on the calling thread (one band over all `k` weight rows; no pool tasks): for
@@ -176,6 +167,23 @@ pub fn gemv_band(
         k0: 0,
         k1: k,
     });
+}
+
+/// An input-major product split over the pool: the `k` input rows in one band per pool thread
+/// (at least 64 rows each), `band(y, k0, k1)` adding rows `k0..k1`' contribution into a zeroed
+/// `y` of `len` outputs, the bands' outputs summed.
+fn in_bands(k: usize, len: usize, band: impl Fn(&mut [f32], usize, usize) + Sync) -> Vec<f32> {
+    let bands = rayon::current_num_threads().min(k / 64).max(1);
+    let size = k.div_ceil(bands);
+    let partials: Vec<Vec<f32>> = (0..bands)
+        .into_par_iter()
+        .map(|b| {
+            let mut y = vec![0.0f32; len];
+            band(&mut y, (b * size).min(k), ((b + 1) * size).min(k));
+            y
+        })
+        .collect();
+    sum_partials(partials, len)
 }
 
 /// The bands' partial outputs summed.
@@ -284,34 +292,27 @@ pub fn gemv_heads(
         w.len() > off + (h - 1) * hs + (k - 1) * si + (n - 1) * sj,
         "gemv_heads: w too short for the heads at these strides"
     );
-    let threads = rayon::current_num_threads();
     if sj == 1 {
-        let bands = threads.min(k / 64).max(1);
-        let band = k.div_ceil(bands);
-        let partials: Vec<Vec<f32>> = (0..bands)
-            .into_par_iter()
-            .map(|b| {
-                let mut y = vec![0.0f32; h * rows * n];
-                level.run(HeadsBand {
-                    y: &mut y,
+        return in_bands(k, h * rows * n, |y, k0, k1| {
+            level.run(HeadsBand {
+                band: Band {
+                    y,
                     x,
                     w,
                     off,
-                    hs,
                     ws: si,
-                    h,
                     rows,
                     k,
                     n,
-                    k0: (b * band).min(k),
-                    k1: ((b + 1) * band).min(k),
-                });
-                y
+                    k0,
+                    k1,
+                },
+                hs,
+                h,
             })
-            .collect();
-        return sum_partials(partials, h * rows * n);
+        });
     }
-    let bands = threads.min(n / 16).max(1);
+    let bands = rayon::current_num_threads().min(n / 16).max(1);
     let band = n.div_ceil(bands);
     let parts: Vec<(usize, Vec<f32>)> = (0..bands)
         .into_par_iter()
@@ -352,20 +353,13 @@ pub const HEAD_BLOCK: usize = 8;
 /// f32, 2-core EPYC: 0.62-0.68 ms without, 0.46-0.49 with (noisy: the day's read limit swung 2x).
 pub const HEAD_AHEAD: usize = 2;
 
-/// Input rows `k0..k1` of [`gemv_heads`] (input-major) for every head, added into `y`.
+/// Input rows `k0..k1` of [`gemv_heads`] (input-major) for every head, added into `y`: `band`
+/// is head 0's band with every head's `y` (`[h, rows, n]`) and `x` (`[h, rows, k]`); head `hh`'s
+/// weight starts `hh·hs` after `band.off`.
 struct HeadsBand<'a> {
-    y: &'a mut [f32],
-    x: &'a [f32],
-    w: Elems<'a>,
-    off: usize,
+    band: Band<'a>,
     hs: usize,
-    ws: usize,
     h: usize,
-    rows: usize,
-    k: usize,
-    n: usize,
-    k0: usize,
-    k1: usize,
 }
 
 impl WithSimd for HeadsBand<'_> {
@@ -373,7 +367,7 @@ impl WithSimd for HeadsBand<'_> {
 
     #[inline(always)]
     fn with_simd<S: Simd>(self, simd: S) {
-        match self.w {
+        match self.band.w {
             Elems::F32(w) => self.run::<S, F32>(simd, w),
             Elems::Bf16(w) => self.run::<S, Bf16>(simd, w.reinterpret_cast()),
             Elems::F16(w) => self.run::<S, F16>(simd, w.reinterpret_cast()),
@@ -384,20 +378,19 @@ impl WithSimd for HeadsBand<'_> {
 impl HeadsBand<'_> {
     #[inline(always)]
     fn run<S: Simd, F: Format>(self, simd: S, w: &[F::Elem]) {
-        let HeadsBand {
+        let HeadsBand { band, hs, h } = self;
+        let Band {
             y,
             x,
             w: elems,
             off,
-            hs,
             ws,
-            h,
             rows,
             k,
             n,
             k0,
             k1,
-        } = self;
+        } = band;
         // every head's outputs into the pairs' order once (see `Band::run`)
         if F::permuted::<S>() {
             permute_blocks(y, h * rows, n, S::F32_LANES, false);
