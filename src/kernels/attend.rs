@@ -327,7 +327,9 @@ fn combine(parts: &mut [Partial], rows: usize, dv: usize) -> &[f32] {
 /// unnormalised outputs into `o` (`[rows, dv]`, zeroed); gives each row's (max, sum).
 struct Task<'a, 'b, 'c> {
     p: &'b Problem<'a>,
-    /// The task takes the bf16 dot products ([`uses_bf16_dot`]).
+    /// The task takes the bf16 dot products ([`uses_bf16_dot`]; read on x86-64 only, where
+    /// those exist).
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     dot: bool,
     /// Its rows' queries, where several tasks share them (the key splits of one row tile).
     prepared: Prepared<'c>,

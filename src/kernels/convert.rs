@@ -503,6 +503,10 @@ fn f16_pair_v3(w: &[u16], at: usize) -> (core::arch::x86_64::__m256, core::arch:
 
 /// Whether `S` is AVX2 (pulp's `V3`), known when monomorphised.
 #[inline(always)]
+#[cfg_attr(
+    not(target_arch = "x86_64"),
+    allow(clippy::extra_unused_type_parameters)
+)]
 fn is_v3<S: Simd>() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
@@ -516,6 +520,10 @@ fn is_v3<S: Simd>() -> bool {
 
 /// Whether `S` is AVX-512 (pulp's `V4`), known when monomorphised.
 #[inline(always)]
+#[cfg_attr(
+    not(target_arch = "x86_64"),
+    allow(clippy::extra_unused_type_parameters)
+)]
 fn is_v4<S: Simd>() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
