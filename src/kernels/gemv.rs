@@ -1053,7 +1053,9 @@ mod tests {
 
     /// [`gemv_heads`] at V2-Lite's absorbed shapes (`wkv_b` `[512, 16·256]`, one input row per
     /// head): W_UK (output-major) and W_UV (input-major) from memory (a 64 MiB buffer read
-    /// between calls), against the per-head loop it replaced; best of 7 (`--ignored
+    /// between calls), against the per-head loop it replaced, two other layouts of `wkv_b` (each
+    /// row's K parts before its V parts; PyTorch's `[out, in]`, where each head's parts are
+    /// contiguous) and one contiguous product of the same bytes; best of 7 (`--ignored
     /// --nocapture`).
     #[test]
     #[ignore]
@@ -1095,6 +1097,73 @@ mod tests {
                 ))
             });
             let uv = time(&|| drop(gemv_heads(level, &x, e, dn, dn + dv, row, 1, h, 1, dc, dv)));
+            // the same products if each row held all heads' K parts, then all V parts (a layout
+            // dsopt does not use), and a contiguous matrix of one product's bytes
+            let uk_s = time(&|| {
+                drop(gemv_heads(
+                    level,
+                    &x[..h * dn],
+                    e,
+                    0,
+                    dn,
+                    1,
+                    row,
+                    h,
+                    1,
+                    dn,
+                    dc,
+                ))
+            });
+            let uv_s = time(&|| drop(gemv_heads(level, &x, e, h * dn, dv, row, 1, h, 1, dc, dv)));
+            // PyTorch's [out, in] layout of wkv_b ([h·(dn + dv), dc]): W_UK input-major, W_UV
+            // output-major, each head's parts contiguous
+            let uk_t = time(&|| {
+                drop(gemv_heads(
+                    level,
+                    &x[..h * dn],
+                    e,
+                    0,
+                    (dn + dv) * dc,
+                    dc,
+                    1,
+                    h,
+                    1,
+                    dn,
+                    dc,
+                ))
+            });
+            let uv_t = time(&|| {
+                drop(gemv_heads(
+                    level,
+                    &x,
+                    e,
+                    dn * dc,
+                    (dn + dv) * dc,
+                    1,
+                    dc,
+                    h,
+                    1,
+                    dc,
+                    dv,
+                ))
+            });
+            let half = match e {
+                Elems::F32(v) => Elems::F32(&v[..dc * h * dv]),
+                Elems::F16(v) => Elems::F16(&v[..dc * h * dv]),
+                Elems::Bf16(v) => Elems::Bf16(&v[..dc * h * dv]),
+            };
+            let flat = time(&|| {
+                drop(gemv_strided(
+                    level,
+                    &x[..dc],
+                    half,
+                    0,
+                    h * dv,
+                    1,
+                    dc,
+                    h * dv,
+                ))
+            });
             let uk_old = time(&|| {
                 for hh in 0..h {
                     let xh = &x[hh * dn..(hh + 1) * dn];
@@ -1117,7 +1186,9 @@ mod tests {
                 }
             });
             println!(
-                "{name} {level}: W_UK heads {uk:.3} ms (per head {uk_old:.3}), W_UV heads {uv:.3} ms (per head {uv_old:.3})"
+                "{name} {level}: W_UK heads {uk:.3} ms (per head {uk_old:.3}), W_UV heads {uv:.3} ms (per head {uv_old:.3}); \
+                 K and V parts split: W_UK {uk_s:.3}, W_UV {uv_s:.3}; [out, in]: W_UK {uk_t:.3}, W_UV {uv_t:.3}; \
+                 contiguous, same bytes {flat:.3} ms"
             );
         }
     }
