@@ -14,10 +14,12 @@
 # to the usual target directory, under target/aarch64-unknown-linux-gnu/.
 set -euo pipefail
 
+cd "$(dirname "$0")/.."
 T=aarch64-unknown-linux-gnu
 missing=()
-rustup target list --installed 2>/dev/null | grep -qx "$T" || missing+=("rustup target add $T")
-command -v aarch64-linux-gnu-gcc >/dev/null || missing+=("apt-get install gcc-aarch64-linux-gnu libc6-dev-arm64-cross")
+rustup target list --installed 2>/dev/null | grep -x "$T" >/dev/null || missing+=("rustup target add $T")
+command -v aarch64-linux-gnu-gcc >/dev/null || missing+=("apt-get install gcc-aarch64-linux-gnu")
+[ -e /usr/aarch64-linux-gnu/lib/libc.so.6 ] || missing+=("apt-get install libc6-dev-arm64-cross")
 command -v qemu-aarch64 >/dev/null || missing+=("apt-get install qemu-user")
 if [ ${#missing[@]} -gt 0 ]; then
     echo "aarch64-check: missing tools; install them first:" >&2
@@ -31,7 +33,8 @@ export CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_RUNNER="qemu-aarch64 -L /usr/aarch
 echo "== clippy (aarch64, -D warnings)"
 cargo clippy --release --all-targets --target "$T" -- -D warnings
 echo "== library tests under qemu-aarch64"
-# skipped: the resident-peak test re-runs its own binary as a child process (current_exe), which
-# under qemu-user is the emulator, not the test binary
+# skipped: the resident-peak test re-runs its own binary as a child process (current_exe); under
+# qemu-user here that child fails without output (most likely no binfmt handler for aarch64, so
+# the child does not go through qemu)
 cargo test --release --lib --target "$T" -- \
     --skip monitor::rss::tests::a_leaked_buffer_that_was_written_shows_above_the_baseline "$@"
